@@ -1,0 +1,1 @@
+"""The agent: the LangGraph loop that chooses imgrag's tools, checkpointing, and the command line."""

@@ -1,0 +1,89 @@
+"""What every command shares: the Typer app, the consoles, settings from flags, and JSON output.
+
+Contract (DESIGN.md): with ``--json`` a command prints exactly one JSON document on stdout and
+nothing else there; progress and logs go to stderr. A user mistake prints one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from imgrag.errors import UserError
+from imgrag.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    name="imgrag",
+    help=(
+        "Retrieval-augmented image generation on local models: SDXL draws, Qwen2.5-VL judges what is "
+        "missing, your own image collection (CLIP + Chroma) supplies references, IP-Adapter redraws."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+# stdout is reserved for results (and for the single JSON document with --json).
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ProfileOpt = Annotated[
+    str | None,
+    typer.Option("--profile", "-p", help="default (real checkpoints), tiny (offline kit) or a .toml file.",
+                 envvar="IMGRAG_PROFILE", show_envvar=False),
+]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A TOML file layered over the profile.")]
+StoreOpt = Annotated[str | None, typer.Option("--store", help="Store directory, or http://host:port for a Chroma server.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
+
+TINY_WARNING = ("tiny profile: random-weight models — the images are noise and the verdicts junk; "
+                "this checks the plumbing, not quality.")
+
+
+def settings_from_flags(
+    profile: str | None, config: Path | None = None, **overrides: Any
+) -> Settings:
+    """Resolve settings with the command's flags as the top layer (None means 'not given')."""
+    try:
+        return load_settings(profile=profile, config=config, overrides=_nest(overrides))
+    except SettingsError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"generation.steps": 4}`` -> ``{"generation": {"steps": 4}}``."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        target = nested
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    return nested
+
+
+def prepare_models(settings: Settings) -> None:
+    """Make sure the profile's models exist; the tiny profile builds its kit on first use."""
+    if settings.is_tiny:
+        from imgrag.tiny_kit import ensure_tiny_kit
+
+        err.print(f"[yellow]{TINY_WARNING}[/]")
+        ensure_tiny_kit(Path(settings.tiny_kit_dir), progress=lambda msg: err.print(f"[dim]tiny kit: {msg}[/]"))
+
+
+def print_json(document: Any) -> None:
+    """The one JSON document of a ``--json`` command."""
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def not_available(command: str, issue: str) -> None:
+    """A command of the contract whose part of imgrag has not been built yet: say so, never pretend."""
+    err.print(f"[red]error:[/] 'imgrag {command}' is not available yet: it arrives with {issue}.")
+    raise typer.Exit(2)
