@@ -31,7 +31,9 @@ app.add_typer(models_app, name="models")
 
 @models_app.command("build-tiny")
 def build_tiny(
-    directory: Annotated[Path | None, typer.Argument(help="Where to write the kit (default: the tiny profile's).")] = None,
+    directory: Annotated[
+        Path | None, typer.Argument(help="Where to write the kit (default: the tiny profile's).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a current kit is there.")] = False,
     as_json: JsonOpt = False,
@@ -80,7 +82,9 @@ def _checkpoint_status(ref: str) -> str:
 
 
 @app.command()
-def doctor(profile: ProfileOpt = None, config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+def doctor(
+    profile: ProfileOpt = None, config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = False
+) -> None:
     """Show the resolved settings: device and memory, each checkpoint and whether it is here, the store."""
     import torch
 

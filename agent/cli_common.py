@@ -39,7 +39,9 @@ ProfileOpt = Annotated[
                  envvar="IMGRAG_PROFILE", show_envvar=False),
 ]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A TOML file layered over the profile.")]
-StoreOpt = Annotated[str | None, typer.Option("--store", help="Store directory, or http://host:port for a Chroma server.")]
+StoreOpt = Annotated[
+    str | None, typer.Option("--store", help="Store directory, or http://host:port for a Chroma server.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
 
 TINY_WARNING = ("tiny profile: random-weight models — the images are noise and the verdicts junk; "

@@ -1,0 +1,211 @@
+"""The agent's graph, top to bottom:
+
+    START → plan ──(a tool call)──► tools ──► plan ...
+              └──(match, finish or budget)──► finalize → END
+
+``plan`` asks the LLM for the next tool call (or, with ``--planner fixed`` and whenever the LLM
+fails repeatedly, the deterministic policy); ``tools`` runs the call(s); ``finalize`` picks the
+best candidate. Budgets are counters in the state, checked by ``plan`` before every step.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langgraph.graph import END, START, StateGraph
+from langgraph.prebuilt import ToolNode
+
+import prompts
+from agent.policy import latest_candidate, next_step
+from agent.state import AgentState
+from tools.context import ToolContext
+from tools.image_tools import TOOL_NAMES, make_tools
+
+
+@dataclass
+class Runtime:
+    """What the nodes need beyond the state: the tools' context and the wall clock of this process."""
+
+    ctx: ToolContext
+    started: float = field(default_factory=time.monotonic)
+    seconds_before: float = 0.0  # spent by earlier processes on this thread (a resumed run)
+
+    def elapsed(self) -> float:
+        return self.seconds_before + (time.monotonic() - self.started)
+
+
+# ----- helpers the nodes share -----
+
+def best_candidate(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's answer: the candidate named by finish, else a judge match, else the best CLIP score."""
+    candidates = state.get("candidates") or {}
+    finished = state.get("finished")
+    if finished and finished.get("candidate_id") in candidates:
+        return candidates[finished["candidate_id"]]
+    if not candidates:
+        return None
+    return max(candidates.values(),
+               key=lambda c: (bool((c.get("verdict") or {}).get("match")), c.get("clip_score") or 0.0, -c["round"]))
+
+
+def stop_reason(state: dict[str, Any], elapsed: float) -> str | None:
+    """Why the run must stop now, or None to go on."""
+    if state.get("finished"):
+        return "finished"
+    latest = latest_candidate(state)
+    if latest and (latest.get("verdict") or {}).get("match"):
+        return "matched"
+    budget = state["budget"]
+    if state.get("tool_calls", 0) >= budget["max_tool_calls"]:
+        return "tool-call budget spent"
+    if elapsed >= budget["max_seconds"]:
+        return "time budget spent"
+    # The last picture still deserves its verdict before the round budget ends the run.
+    if state.get("rounds", 0) >= budget["max_rounds"] and (latest is None or latest.get("verdict")):
+        return "round budget spent"
+    return None
+
+
+def _status_summary(state: dict[str, Any]) -> str:
+    """The run so far in a few lines, so the LLM does not repeat a failed step blindly."""
+    budget = state["budget"]
+    lines = [f"Rounds used: {state.get('rounds', 0)} of {budget['max_rounds']}; "
+             f"tool calls: {state.get('tool_calls', 0)} of {budget['max_tool_calls']}."]
+    for cid, c in sorted((state.get("candidates") or {}).items(), key=lambda kv: int(kv[0][1:])):
+        v = c.get("verdict")
+        verdict = "not critiqued" if v is None else ("MATCH" if v["match"] else f"missing {v['missing']}")
+        refs = f", references {c['reference_ids']} at scale {c['ip_scale']}" if c.get("reference_ids") else ""
+        lines.append(f"- {cid}: seed {c['seed']}{refs}; clip {c['clip_score']}; {verdict}")
+    refs = state.get("references") or {}
+    if refs:
+        lines.append("References retrieved: " + "; ".join(
+            f"{rid} ({r.get('caption') or r.get('query')})" for rid, r in refs.items()))
+    return "\n".join(lines)
+
+
+def _tool_failures(messages: list[BaseMessage]) -> bool:
+    """Whether the last batch of tool results were all errors (a failed step by the planner)."""
+    trailing = []
+    for message in reversed(messages):
+        if not isinstance(message, ToolMessage):
+            break
+        trailing.append(message)
+    return bool(trailing) and all(m.status == "error" for m in trailing)
+
+
+def _check_reply(reply: AIMessage) -> str | None:
+    """Why an LLM reply is unusable as a step, or None if it is a valid set of tool calls."""
+    if reply.invalid_tool_calls:
+        bad = reply.invalid_tool_calls[0]
+        return f"a malformed tool call ({bad.get('error') or bad.get('args')!s:.200})"
+    if not reply.tool_calls:
+        return "no tool call"
+    unknown = [c["name"] for c in reply.tool_calls if c["name"] not in TOOL_NAMES]
+    if unknown:
+        return f"unknown tool {unknown[0]!r} (tools: {', '.join(TOOL_NAMES)})"
+    return None
+
+
+def _policy_message(state: dict[str, Any], runtime: Runtime) -> AIMessage | None:
+    step = next_step(state, runtime.ctx.settings.generation.ip_scale)
+    if step is None:
+        return None
+    name, args = step
+    call = {"name": name, "args": args, "id": f"policy-{uuid.uuid4().hex[:12]}", "type": "tool_call"}
+    return AIMessage(content="", tool_calls=[call], name="policy")
+
+
+# ----- the graph -----
+
+def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
+    """The agent as a StateGraph over AgentState; compile it with a checkpointer to run it."""
+    ctx = runtime.ctx
+    tools = make_tools(ctx)
+
+    def plan(state: AgentState) -> dict[str, Any]:
+        """Choose the next step: stop, an LLM tool call, or the policy's step."""
+        elapsed = runtime.elapsed()
+        reason = stop_reason(state, elapsed)
+        if reason:
+            return {"stop_reason": reason, "seconds": elapsed}
+        failures = state.get("failures", 0) + 1 if _tool_failures(state.get("messages", [])) else 0
+        limit = ctx.settings.budget.max_llm_failures
+        if state["planner"] == "agent" and failures < limit:
+            reply, failures = _ask_llm(state, failures, limit)
+            if reply is not None:
+                return {"messages": [reply], "failures": failures, "seconds": runtime.elapsed()}
+        message = _policy_message(state, runtime)
+        if message is None:
+            return {"stop_reason": "the policy has no step left", "seconds": runtime.elapsed()}
+        if state["planner"] == "agent":
+            ctx.record.append_step({"planner": "policy", "reason": f"{failures} unusable LLM steps in a row",
+                                    "tool": message.tool_calls[0]["name"], "ok": True, "seconds": 0.0})
+        return {"messages": [message], "failures": 0, "seconds": runtime.elapsed(),
+                "fallback_steps": 1 if state["planner"] == "agent" else 0}
+
+    def _ask_llm(state: AgentState, failures: int, limit: int) -> tuple[AIMessage | None, int]:
+        """Ask the LLM; an unusable reply goes back to it as an error until ``limit`` failures in a row."""
+        system = SystemMessage(prompts.render(
+            "agent_system", prompt=state["prompt"], max_rounds=str(state["budget"]["max_rounds"]),
+            status=_status_summary(state)))
+        feedback: list[BaseMessage] = []
+        while failures < limit:
+            ctx.on_event({"event": "llm_start", "attempt": failures + 1})
+            start = time.perf_counter()
+            with ctx.manager.use(chat_model_name) as llm:
+                reply = llm.bind_tools(tools).invoke([system, *state["messages"], *feedback])
+            problem = _check_reply(reply)
+            seconds = round(time.perf_counter() - start, 3)
+            ctx.record.append_step({"planner": "llm", "ok": problem is None, "seconds": seconds,
+                                    "tool": ",".join(c["name"] for c in reply.tool_calls) or None,
+                                    "error": problem, "raw": str(reply.content)[:500]})
+            if problem is None:
+                return reply, failures
+            failures += 1
+            feedback += [AIMessage(content=str(reply.content)[:2000]),
+                         HumanMessage(f"Error: your reply had {problem}. Answer with exactly one tool call, "
+                                      f"<tool_call>{{\"name\": ..., \"arguments\": {{...}}}}</tool_call>, using one "
+                                      f"of: {', '.join(TOOL_NAMES)}.")]
+        return None, failures
+
+    def route(state: AgentState) -> Literal["tools", "finalize"]:
+        """After plan: run the tool calls it produced, or finish when it produced none."""
+        last = state["messages"][-1] if state.get("messages") else None
+        if state.get("stop_reason") or not isinstance(last, AIMessage) or not last.tool_calls:
+            return "finalize"
+        return "tools"
+
+    def finalize(state: AgentState) -> dict[str, Any]:
+        """Pick the answer and the status: matched, budget_exhausted, or failed (nothing drawn)."""
+        best = best_candidate(state)
+        if best is None:
+            status = "failed"
+        elif (best.get("verdict") or {}).get("match"):
+            status = "matched"
+        else:
+            status = "budget_exhausted"
+        return {"status": status, "final_candidate": best["id"] if best else None, "seconds": runtime.elapsed()}
+
+    graph = StateGraph(AgentState)
+    graph.add_node("plan", plan)
+    graph.add_node("tools", ToolNode(tools))
+    graph.add_node("finalize", finalize)
+    graph.add_edge(START, "plan")
+    graph.add_conditional_edges("plan", route)
+    graph.add_edge("tools", "plan")
+    graph.add_edge("finalize", END)
+    return graph
+
+
+def initial_state(prompt: str, *, seed: int, run_id: str, run_dir: str, planner: str,
+                  budget: dict[str, float]) -> dict[str, Any]:
+    return {"messages": [HumanMessage(prompt)], "prompt": prompt, "seed": seed, "run_id": run_id,
+            "run_dir": run_dir, "planner": planner, "budget": budget, "candidates": {}, "references": {},
+            "retrievals": [], "rounds": 0, "tool_calls": 0, "failures": 0, "fallback_steps": 0, "seconds": 0.0,
+            "finished": None, "status": None, "stop_reason": None, "final_candidate": None}
+
+

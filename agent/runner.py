@@ -1,0 +1,224 @@
+"""Running the graph: one prompt (``imgrag run``), a resumed thread, or a batch of prompts.
+
+A ``Runner`` holds one model manager and one checkpointer for its whole life, so a batch loads each
+model once. Every run has a thread id (= its run id) in the SQLite checkpointer; a killed run
+continues from its last checkpoint with ``resume``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from langgraph.checkpoint.sqlite import SqliteSaver
+
+from agent.graph import Runtime, build_graph, initial_state
+from imgrag.errors import UserError
+from imgrag.runs import RUN_ID_PATTERN, RunRecord, new_run_id, write_json_atomic
+from imgrag.settings import Settings
+from tools.context import EventSink, ToolContext
+
+PLANNERS = ("agent", "fixed")
+TINY_NOTE = ("tiny profile: random-weight models; the pictures are noise, the verdicts junk, and the fixed "
+             "policy drives most steps because the tiny LLM cannot call tools. This checks the plumbing only.")
+
+
+def open_checkpointer(path: str | Path) -> SqliteSaver:
+    """The SQLite checkpointer shared by runs, batches and chat threads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), check_same_thread=False)
+    return SqliteSaver(conn)
+
+
+class Runner:
+    """Runs prompts through the agent graph with models loaded once."""
+
+    def __init__(self, settings: Settings, manager: Any = None, on_event: EventSink | None = None,
+                 checkpointer: SqliteSaver | None = None, reference_store: Any = None) -> None:
+        if manager is None:
+            from imgrag.engine import build_manager
+
+            manager = build_manager(settings)
+        self.settings = settings
+        self.manager = manager
+        self.on_event = on_event or (lambda event: None)
+        self.checkpointer = checkpointer or open_checkpointer(settings.threads_db)
+        self.reference_store = reference_store  # None: opened from settings.store on first retrieval
+
+    # ----- one run -----
+    def run(self, prompt: str, *, seed: int | None = None, max_rounds: int | None = None, planner: str = "agent",
+            run_id: str | None = None) -> dict[str, Any]:
+        """Run one prompt to a match or the budget; return result.json's document."""
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise UserError("the prompt is empty")
+        if planner not in PLANNERS:
+            raise UserError(f"unknown planner {planner!r} (use {' or '.join(PLANNERS)})")
+        if max_rounds is not None and max_rounds < 1:
+            raise UserError(f"--max-rounds must be at least 1, got {max_rounds}")
+        run_id = run_id or new_run_id()
+        if not RUN_ID_PATTERN.match(run_id):
+            raise UserError(f"run id {run_id!r} may hold only letters, digits, '.', '_' and '-'")
+        run_dir = Path(self.settings.output_dir) / run_id
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(f"run {run_id} already exists in {run_dir}; use --resume {run_id} to continue it")
+        b = self.settings.budget
+        budget = {"max_rounds": max_rounds or b.max_rounds, "max_tool_calls": b.max_tool_calls,
+                  "max_seconds": b.max_seconds}
+        state = initial_state(prompt, seed=self.settings.generation.seed if seed is None else seed, run_id=run_id,
+                              run_dir=str(run_dir), planner=planner, budget=budget)
+        record = RunRecord(run_dir)
+        record.append_step({"event": "start", "prompt": prompt, "planner": planner, "budget": budget,
+                            "seed": state["seed"], "profile": self.settings.profile})
+        return self._drive(state, run_id, record)
+
+    def resume(self, run_id: str) -> dict[str, Any]:
+        """Continue a run from its last checkpoint; finished steps are not redone."""
+        config = {"configurable": {"thread_id": run_id}}
+        snapshot = self._compile(None).get_state(config)
+        if not snapshot.values:
+            raise UserError(f"no run with thread id {run_id!r} in {self.settings.threads_db}")
+        record = RunRecord(snapshot.values["run_dir"])
+        record.append_step({"event": "resume", "from_checkpoint": snapshot.config["configurable"].get("checkpoint_id")})
+        return self._drive(None, run_id, record, snapshot.values)
+
+    def _compile(self, runtime: Runtime | None):
+        runtime = runtime or Runtime(ToolContext(self.settings, self.manager, RunRecord(self.settings.output_dir)))
+        return build_graph(runtime).compile(checkpointer=self.checkpointer)
+
+    def _drive(self, state: dict[str, Any] | None, run_id: str, record: RunRecord,
+               previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Stream the graph from ``state`` (or from the checkpoint when None) and write result.json."""
+        values = state or previous or {}
+        budget = dataclasses.replace(self.settings.budget, max_rounds=int(values["budget"]["max_rounds"]))
+        settings = dataclasses.replace(self.settings, budget=budget)
+        ctx = ToolContext(settings, self.manager, record, on_event=self.on_event, reference_store=self.reference_store)
+        runtime = Runtime(ctx, seconds_before=float(values.get("seconds") or 0.0))
+        graph = self._compile(runtime)
+        config = {"configurable": {"thread_id": run_id},
+                  "recursion_limit": 4 * int(values["budget"]["max_tool_calls"]) + 20}
+        self.on_event({"event": "run_start", "run_id": run_id, "run_dir": str(record.dir)})
+        for _ in graph.stream(state, config, stream_mode="updates"):
+            pass
+        self.reference_store = ctx.reference_store  # keep the opened store for the next run of a batch
+        final = graph.get_state(config).values
+        result = self._result(final, record)
+        record.append_step({"event": "end", "status": result["status"], "final_image": result["final_image"]})
+        record.write_result(result)
+        self.on_event({"event": "run_end", **{k: result[k] for k in ("run_id", "status", "final_image")}})
+        return result
+
+    def _result(self, state: dict[str, Any], record: RunRecord) -> dict[str, Any]:
+        """result.json, following DESIGN.md's contract (plus candidates and references for reports)."""
+        candidates = sorted((state.get("candidates") or {}).values(), key=lambda c: int(c["id"][1:]))
+        final = (state.get("candidates") or {}).get(state.get("final_candidate") or "")
+        steps = [{k: s.get(k) for k in ("tool", "args", "ok", "seconds")}
+                 for s in record.read_steps() if "tool" in s and "args" in s]
+        result = {
+            "run_id": state["run_id"],
+            "status": state.get("status") or "failed",
+            "final_image": final["path"] if final else None,
+            "final_candidate": state.get("final_candidate"),
+            "prompt": state["prompt"],
+            "rounds": state.get("rounds", 0),
+            "stop_reason": state.get("stop_reason"),
+            "planner": state["planner"],
+            "fallback_steps": state.get("fallback_steps", 0),
+            "steps": steps,
+            "model_loads": self.manager.load_counts(),
+            "model_stats": self.manager.stats(),
+            "seconds": round(float(state.get("seconds") or 0.0), 3),
+            "candidates": candidates,
+            "references": state.get("references") or {},
+            "run_dir": str(record.dir),
+            "profile": self.settings.profile,
+        }
+        if self.settings.is_tiny:
+            result["note"] = TINY_NOTE
+        return result
+
+    # ----- batches -----
+    def batch(self, path: str | Path, *, resume: bool = False, planner: str = "agent",
+              max_rounds: int | None = None, on_item: Callable[[dict], None] | None = None) -> dict[str, Any]:
+        """Run every prompt of a .txt (one a line) or .jsonl file; resumable, one failure never stops the rest."""
+        path = Path(path)
+        items = read_prompt_file(path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+        root = Path(self.settings.output_dir)
+        existing = sorted(root.glob(f"batch-{path.stem}-{digest}-*")) if root.exists() else []
+        if resume and existing:
+            batch_dir = existing[-1]
+            state = json.loads((batch_dir / "batch.json").read_text(encoding="utf-8"))
+        else:
+            batch_dir = root / f"batch-{path.stem}-{digest}-{time.strftime('%Y%m%d-%H%M%S')}"
+            batch_dir.mkdir(parents=True, exist_ok=True)
+            state = {"file": str(path), "items": [{**item, "index": i, "run_id": None, "status": "pending"}
+                                                  for i, item in enumerate(items)]}
+            write_json_atomic(batch_dir / "batch.json", state)
+        start = time.perf_counter()
+        for item in state["items"]:
+            if item["status"] in ("matched", "budget_exhausted"):
+                continue  # finished in an earlier process
+            try:
+                if item["run_id"] and item["status"] == "running":
+                    result = self.resume(item["run_id"])
+                else:
+                    item["run_id"] = f"{batch_dir.name}-{item['index']:03d}"
+                    item["status"] = "running"
+                    write_json_atomic(batch_dir / "batch.json", state)
+                    result = self.run(item["prompt"], seed=item.get("seed"),
+                                      max_rounds=item.get("max_rounds") or max_rounds, planner=planner,
+                                      run_id=item["run_id"])
+                item.update(status=result["status"], final_image=result["final_image"], rounds=result["rounds"],
+                            seconds=result["seconds"], error=None)
+            except UserError as exc:
+                item.update(status="failed", error=str(exc))
+            except Exception as exc:  # one broken prompt must not stop the batch; the error is kept
+                item.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            write_json_atomic(batch_dir / "batch.json", state)
+            if on_item:
+                on_item(item)
+        summary = {"batch_dir": str(batch_dir), "file": str(path), "items": state["items"],
+                   "model_loads": self.manager.load_counts(), "seconds": round(time.perf_counter() - start, 3)}
+        write_json_atomic(batch_dir / "summary.json", summary)
+        return summary
+
+
+def read_prompt_file(path: Path) -> list[dict[str, Any]]:
+    """Prompts from .txt (one per line; blank lines and # comments skipped) or .jsonl objects
+    ({"prompt", "seed"?, "max_rounds"?}). Errors name the file and line."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read as text ({exc})") from None
+    items: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or not str(obj.get("prompt", "")).strip():
+                raise UserError(f"{path}:{number}: each line needs an object with a non-empty \"prompt\"")
+            for key in ("seed", "max_rounds"):
+                if key in obj and not isinstance(obj[key], int):
+                    raise UserError(f"{path}:{number}: \"{key}\" must be an integer")
+            items.append({"prompt": obj["prompt"].strip(), "seed": obj.get("seed"),
+                          "max_rounds": obj.get("max_rounds")})
+        else:
+            items.append({"prompt": line, "seed": None, "max_rounds": None})
+    if not items:
+        raise UserError(f"{path}: no prompts in the file")
+    return items

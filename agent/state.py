@@ -1,0 +1,40 @@
+"""The graph's state: ids, paths, numbers and strings only, never pixels, so every step checkpoints.
+
+Keys that tools update carry a reducer, because the LLM may call several tools in one turn and
+LangGraph runs them in parallel threads; their updates are merged, not overwritten.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Annotated, Any, TypedDict
+
+from langchain_core.messages import AnyMessage
+from langgraph.graph.message import add_messages
+
+
+def merge_records(left: dict[str, Any] | None, right: dict[str, Any] | None) -> dict[str, Any]:
+    """Merge id -> record maps; a record written later replaces the earlier one with the same id."""
+    return {**(left or {}), **(right or {})}
+
+
+class AgentState(TypedDict, total=False):
+    messages: Annotated[list[AnyMessage], add_messages]
+    prompt: str  # what the user asked for; the judge always checks against this
+    seed: int
+    run_id: str
+    run_dir: str
+    planner: str  # "agent" (the LLM chooses) or "fixed" (the deterministic policy alone)
+    budget: dict[str, float]  # max_rounds, max_tool_calls, max_seconds for this run
+    candidates: Annotated[dict[str, dict], merge_records]  # "c0" -> {path, prompt, seed, verdict, clip_score, ...}
+    references: Annotated[dict[str, dict], merge_records]  # store id -> {path, caption, score, query}
+    retrievals: Annotated[list[dict], operator.add]  # {for: candidate id, queries, reference_ids}
+    rounds: Annotated[int, operator.add]  # pictures drawn
+    tool_calls: Annotated[int, operator.add]
+    failures: int  # planner steps in a row that produced nothing usable
+    fallback_steps: Annotated[int, operator.add]  # steps the fixed policy took for a failing LLM
+    seconds: float  # wall time spent, kept across resumes
+    finished: dict | None  # set by the finish tool: {candidate_id, reason}
+    status: str | None  # matched | budget_exhausted | failed, once the run ends
+    stop_reason: str | None
+    final_candidate: str | None

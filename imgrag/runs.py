@@ -1,0 +1,86 @@
+"""Run records: one directory per run, written so that a crash loses at most the step in flight.
+
+    <output_dir>/<run_id>/
+        candidates/c0.png, c1.png, ...   every picture the run drew
+        trace.jsonl                      one JSON line per step, flushed and fsynced as it happens
+        result.json                      the final summary, replaced atomically (never half-written)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def new_run_id() -> str:
+    """A sortable, readable id: date, time and a short random suffix."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def write_json_atomic(path: Path, document: Any) -> None:
+    """Write JSON to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(document, fh, indent=2, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunRecord:
+    """The files of one run. Safe to reopen: a resumed run appends to the same trace. Nothing is
+    created on disk until something is written."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+        self.candidates_dir = self.dir / "candidates"
+        self.trace_path = self.dir / "trace.jsonl"
+        self.result_path = self.dir / "result.json"
+
+    def candidate_path(self, candidate_id: str) -> Path:
+        """Where a candidate's picture goes (the folder is made on demand)."""
+        self.candidates_dir.mkdir(parents=True, exist_ok=True)
+        return self.candidates_dir / f"{candidate_id}.png"
+
+    def append_step(self, step: dict[str, Any]) -> None:
+        """Append one step to trace.jsonl and make it durable before returning."""
+        line = json.dumps({"time": round(time.time(), 3), **step}, default=str)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with self.trace_path.open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_steps(self) -> list[dict[str, Any]]:
+        """Every complete line of the trace; a torn last line (a crash mid-write) is ignored."""
+        if not self.trace_path.exists():
+            return []
+        steps = []
+        for line in self.trace_path.read_text(encoding="utf-8").splitlines():
+            try:
+                steps.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return steps
+
+    def write_result(self, result: dict[str, Any]) -> None:
+        write_json_atomic(self.result_path, result)
+
+    def read_result(self) -> dict[str, Any] | None:
+        if not self.result_path.exists():
+            return None
+        return json.loads(self.result_path.read_text(encoding="utf-8"))

@@ -1,0 +1,139 @@
+"""Small scripted stand-ins for unit-testing the agent's decision logic (no model is loaded).
+
+Integration tests use the tiny real models instead; these exist so that a test can say
+"the judge matches in round 3" and check what the graph does about it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage
+from PIL import Image
+
+
+class ScriptedChatModel(GenericFakeChatModel):
+    """GenericFakeChatModel raises on bind_tools; a scripted LLM just ignores the tools."""
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> ScriptedChatModel:
+        return self
+
+
+def call(name: str, **args: Any) -> AIMessage:
+    """An AIMessage with one tool call, as a real LLM reply would parse to."""
+    return AIMessage(content="", tool_calls=[{"name": name, "args": args, "id": f"call-{name}-{id(args)}"}])
+
+
+@dataclass
+class FakeVerdict:
+    match: bool
+    missing: list[str] = field(default_factory=list)
+    reason: str = ""
+    raw: str = ""
+    parsed: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"match": self.match, "missing": self.missing, "reason": self.reason, "raw": self.raw,
+                "parsed": self.parsed}
+
+
+class ScriptedJudge:
+    """Answers with the scripted verdicts in order, repeating the last one."""
+
+    def __init__(self, verdicts: list[FakeVerdict]) -> None:
+        self.verdicts = list(verdicts)
+        self.calls = 0
+
+    def judge(self, image: Image.Image, prompt: str) -> FakeVerdict:
+        verdict = self.verdicts[min(self.calls, len(self.verdicts) - 1)]
+        self.calls += 1
+        return verdict
+
+
+class FakeGenerator:
+    """A flat-colour picture whose colour depends on seed and references, so calls are traceable."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def generate(self, prompt: str, *, seed: int, references: list | None = None, ip_scale: float | None = None,
+                 on_step: Any = None, **_: Any) -> Image.Image:
+        self.calls.append({"prompt": prompt, "seed": seed, "references": len(references or []), "ip_scale": ip_scale})
+        return Image.new("RGB", (16, 16), (seed * 40 % 256, 10 * len(references or []), 99))
+
+
+class FakeEmbedder:
+    model_id = "fake"
+    dim = 4
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        # Redder pictures score higher against any text: a controllable CLIP score.
+        rows = [[im.getpixel((0, 0))[0] / 255.0, 1.0, 0.0, 0.0] for im in images]
+        vectors = np.array(rows, dtype=np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return np.array([[0.6, 0.8, 0.0, 0.0]] * len(texts), dtype=np.float32)
+
+
+@dataclass
+class FakeReference:
+    id: str
+    path: str
+    score: float
+    caption: str
+    query: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "path": self.path, "score": self.score, "caption": self.caption, "query": self.query}
+
+
+class MemoryStore:
+    """Returns one reference per query from a fixed list of image files."""
+
+    def __init__(self, folder: Path, names: tuple[str, ...] = ("cradle", "retriever", "rocket")) -> None:
+        self.refs = []
+        for i, name in enumerate(names):
+            path = folder / f"{name}.png"
+            Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(path)
+            self.refs.append((f"ref-{name}", str(path), name))
+        self.queries: list[list[str]] = []
+
+    def count(self) -> int:
+        return len(self.refs)
+
+    def retrieve(self, embedder: Any, queries: list[str], k: int = 2, avoid: Any = None, **_: Any) -> list:
+        self.queries.append(list(queries))
+        out = []
+        for q in queries:
+            rid, path, name = next((r for r in self.refs if r[2] in q), self.refs[0])
+            out.append(FakeReference(rid, path, 0.9, f"a photo of a {name}", q))
+        return out
+
+
+class FakeManager:
+    """The model manager's interface over fakes; counts loads like the real one."""
+
+    def __init__(self, models: dict[str, Any]) -> None:
+        self.models = models
+        self.loads: dict[str, int] = {}
+        self.lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[Any]:
+        with self.lock:
+            self.loads.setdefault(name, 1)
+            yield self.models[name]
+
+    def load_counts(self) -> dict[str, int]:
+        return dict(self.loads)
+
+    def stats(self) -> dict[str, dict]:
+        return {name: {"loads": n, "evictions": 0, "load_seconds": 0.0} for name, n in self.loads.items()}
