@@ -1,19 +1,154 @@
-"""Commands of the agent (issue #5) — not built yet; each says so and exits 2."""
+"""``imgrag run`` and ``imgrag batch``: the agent from the command line, with live progress on stderr."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 
-from agent.cli_common import app, not_available
+from agent.cli_common import (
+    TINY_WARNING,
+    ConfigOpt,
+    JsonOpt,
+    ProfileOpt,
+    StoreOpt,
+    app,
+    err,
+    out,
+    prepare_models,
+    print_json,
+    settings_from_flags,
+)
 
-_STUB = {"allow_extra_args": True, "ignore_unknown_options": True}
+PlannerOpt = Annotated[
+    str, typer.Option("--planner", help="agent: the LLM chooses each tool; fixed: ImageRAG's pipeline, no LLM loaded.")
+]
+MaxRoundsOpt = Annotated[
+    int | None, typer.Option("--max-rounds", min=1, help="Pictures the run may draw (default: budget.max_rounds).")
+]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Directory for run folders (default: output_dir).")]
 
 
-@app.command(context_settings=_STUB)
-def run(ctx: typer.Context) -> None:
-    """Not available yet: arrives with the agent (issue #5)."""
-    not_available("run", "the agent (issue #5)")
+class ProgressPrinter:
+    """Turns the runner's events into one live status line and a line per finished tool on stderr."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.round = 0
+        self.status = err.status("starting", spinner="dots")
+
+    def __enter__(self) -> ProgressPrinter:
+        self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.status.__exit__(*exc)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        elapsed = f"{time.monotonic() - self.start:6.1f}s"
+        kind = event["event"]
+        if kind == "run_start":
+            err.print(f"[dim]run {event['run_id']} → {event['run_dir']}[/]")
+        elif kind == "tool_start":
+            self.round = event.get("round", self.round)
+            self.status.update(f"{elapsed}  round {self.round}  {event['tool']} …")
+        elif kind == "denoise":
+            self.status.update(f"{elapsed}  round {self.round}  drawing step {event['step']}/{event['total']}")
+        elif kind == "llm_start":
+            self.status.update(f"{elapsed}  round {self.round}  the LLM chooses the next step (try {event['attempt']})")
+        elif kind == "tool_end":
+            mark = "[green]✓[/]" if event["ok"] else "[red]✗[/]"
+            err.print(f"{elapsed}  {mark} {event['tool']:<10} {event['seconds']:6.2f}s  [dim]{event['message'][:110]}[/]",
+                      soft_wrap=True)
+        elif kind == "run_end":
+            err.print(f"{elapsed}  {event['status']}: {event['final_image']}")
 
 
-@app.command(context_settings=_STUB)
-def batch(ctx: typer.Context) -> None:
-    """Not available yet: arrives with the agent (issue #5)."""
-    not_available("batch", "the agent (issue #5)")
+def _make_runner(profile, config, store, out_dir, on_event):
+    settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
+    prepare_models(settings)
+    from agent.runner import Runner
+
+    return Runner(settings, on_event=on_event), settings
+
+
+@app.command()
+def run(
+    prompt: Annotated[str | None, typer.Argument(help="What the picture should show.")] = None,
+    max_rounds: MaxRoundsOpt = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the first drawing.")] = None,
+    planner: PlannerOpt = "agent",
+    out_dir: OutOpt = None,
+    resume: Annotated[str | None, typer.Option("--resume", help="Continue a killed run by its thread (run) id.")] = None,
+    profile: ProfileOpt = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw, judge, retrieve references for what is missing, and redraw until the judge reports a match
+    or the budget is spent; the best picture wins.
+
+    Writes a run folder (candidates/, trace.jsonl, result.json). With --json, prints result.json.
+    """
+    from imgrag.errors import UserError
+
+    if planner not in ("agent", "fixed"):
+        raise UserError(f"--planner must be agent or fixed, got {planner!r}")
+    if resume is None and not prompt:
+        raise UserError("give a PROMPT, or --resume RUN_ID to continue a run")
+    with ProgressPrinter() as progress:
+        runner, settings = _make_runner(profile, config, store, out_dir, progress)
+        if resume:
+            result = runner.resume(resume)
+        else:
+            result = runner.run(prompt or "", seed=seed, max_rounds=max_rounds, planner=planner)
+    if as_json:
+        print_json(result)
+        return
+    out.print(f"[bold]{result['status']}[/] after {result['rounds']} round(s): {result['final_image']}")
+    out.print(f"run folder: {result['run_dir']}   model loads: {result['model_loads']}")
+    if settings.is_tiny:
+        out.print(f"[yellow]{TINY_WARNING}[/]")
+
+
+@app.command()
+def batch(
+    file: Annotated[Path, typer.Argument(help=".txt (one prompt a line) or .jsonl ({\"prompt\", \"seed\", \"max_rounds\"}).")],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the latest batch of this file; finished "
+                                         "prompts are skipped.")] = False,
+    max_rounds: MaxRoundsOpt = None,
+    planner: PlannerOpt = "agent",
+    out_dir: OutOpt = None,
+    profile: ProfileOpt = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run every prompt of a file in one process (models load once). One failing prompt never stops the batch."""
+    from agent.runner import read_prompt_file
+    from imgrag.errors import UserError
+
+    if planner not in ("agent", "fixed"):
+        raise UserError(f"--planner must be agent or fixed, got {planner!r}")
+    read_prompt_file(file)  # a bad file fails before any model loads
+
+    with ProgressPrinter() as progress:
+        runner, settings = _make_runner(profile, config, store, out_dir, progress)
+        summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
+                               on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
+    if as_json:
+        print_json(summary)
+        return
+    table = Table(title=f"batch {summary['batch_dir']}")
+    for column in ("#", "prompt", "status", "rounds", "seconds", "image or error"):
+        table.add_column(column)
+    for item in summary["items"]:
+        table.add_row(str(item["index"] + 1), item["prompt"][:40], item["status"], str(item.get("rounds", "")),
+                      str(item.get("seconds", "")), item.get("error") or item.get("final_image") or "")
+    out.print(table)
+    out.print(f"model loads: {summary['model_loads']}")
+    if settings.is_tiny:
+        out.print(f"[yellow]{TINY_WARNING}[/]")

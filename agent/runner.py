@@ -170,7 +170,9 @@ class Runner:
                 if item["run_id"] and item["status"] == "running":
                     result = self.resume(item["run_id"])
                 else:
-                    item["run_id"] = f"{batch_dir.name}-{item['index']:03d}"
+                    attempt = item.get("attempts", 0) + 1  # a failed prompt is retried under a fresh run id
+                    item["attempts"] = attempt
+                    item["run_id"] = f"{batch_dir.name}-{item['index']:03d}" + (f"-r{attempt}" if attempt > 1 else "")
                     item["status"] = "running"
                     write_json_atomic(batch_dir / "batch.json", state)
                     result = self.run(item["prompt"], seed=item.get("seed"),
