@@ -50,7 +50,8 @@ def _check_prompt(prompt: str) -> str:
 
 
 def _check_budget(ctx: ToolContext, state: dict) -> None:
-    used, limit = state.get("rounds", 0), ctx.settings.budget.max_rounds
+    used = state.get("rounds", 0)
+    limit = int((state.get("budget") or {}).get("max_rounds", ctx.settings.budget.max_rounds))
     if used >= limit:
         raise ToolArgumentError(f"the drawing budget is spent ({used} of {limit} rounds); call finish with the best "
                                 "candidate")
