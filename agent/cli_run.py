@@ -61,8 +61,8 @@ class ProgressPrinter:
             self.status.update(f"{elapsed}  round {self.round}  the LLM chooses the next step (try {event['attempt']})")
         elif kind == "tool_end":
             mark = "[green]✓[/]" if event["ok"] else "[red]✗[/]"
-            err.print(f"{elapsed}  {mark} {event['tool']:<10} {event['seconds']:6.2f}s  [dim]{event['message'][:110]}[/]",
-                      soft_wrap=True)
+            line = f"{elapsed}  {mark} {event['tool']:<10} {event['seconds']:6.2f}s  [dim]{event['message'][:110]}[/]"
+            err.print(line, soft_wrap=True)
         elif kind == "run_end":
             err.print(f"{elapsed}  {event['status']}: {event['final_image']}")
 
@@ -82,7 +82,9 @@ def run(
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the first drawing.")] = None,
     planner: PlannerOpt = "agent",
     out_dir: OutOpt = None,
-    resume: Annotated[str | None, typer.Option("--resume", help="Continue a killed run by its thread (run) id.")] = None,
+    resume: Annotated[
+        str | None, typer.Option("--resume", help="Continue a killed run by its thread (run) id.")
+    ] = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -116,7 +118,9 @@ def run(
 
 @app.command()
 def batch(
-    file: Annotated[Path, typer.Argument(help=".txt (one prompt a line) or .jsonl ({\"prompt\", \"seed\", \"max_rounds\"}).")],
+    file: Annotated[
+        Path, typer.Argument(help='.txt (one prompt a line) or .jsonl ({"prompt", "seed", "max_rounds"}).')
+    ],
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest batch of this file; finished "
                                          "prompts are skipped.")] = False,
     max_rounds: MaxRoundsOpt = None,

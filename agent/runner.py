@@ -96,7 +96,8 @@ class Runner:
                previous: dict[str, Any] | None = None) -> dict[str, Any]:
         """Stream the graph from ``state`` (or from the checkpoint when None) and write result.json."""
         values = state or previous or {}
-        ctx = ToolContext(self.settings, self.manager, record, on_event=self.on_event, reference_store=self.reference_store)
+        ctx = ToolContext(self.settings, self.manager, record, on_event=self.on_event,
+                          reference_store=self.reference_store)
         runtime = Runtime(ctx, seconds_before=float(values.get("seconds") or 0.0))
         graph = self._compile(runtime)
         config = {"configurable": {"thread_id": run_id},
