@@ -1,0 +1,588 @@
+"""The tiny-model kit: miniature, randomly initialised copies of every model imgrag runs.
+
+No machine of this project can download real checkpoints, so the ``tiny`` settings profile points at
+this kit instead. Each model here has the REAL architecture and is saved in the REAL on-disk format
+(``save_pretrained`` folders, the h94/IP-Adapter repository layout, open_clip's ``local-dir:``
+schema), so imgrag's real loading code runs on it unchanged. The weights are random: every image
+drawn is noise, every judgement and every chat answer is gibberish. The kit only proves that the
+plumbing (loading, shapes, prompts, chat templates, generation calls) works.
+
+Layout under ``out_dir``::
+
+    sdxl/                  StableDiffusionXLPipeline.save_pretrained (AutoPipelineForText2Image loads it)
+    ip-adapter/            like h94/IP-Adapter: sdxl_models/ip-adapter_sdxl_vit-h.safetensors
+                           + models/image_encoder/ (CLIPVisionModelWithProjection)
+    qwen2.5-vl/            Qwen2_5_VLForConditionalGeneration + Qwen2_5_VLProcessor
+    qwen2.5-instruct/      Qwen2ForCausalLM + Qwen2.5-Instruct tokenizer (tool-calling chat template)
+    open-clip/             open_clip_config.json + open_clip_model.safetensors ("local-dir:<dir>")
+    kit.json               marker, written last: {"version", "seed", "models"}
+
+Builds are seeded and deterministic (same seed, same bytes), write only safetensors, and take a
+few seconds on a 2-core CPU. Each model is built in a temporary sibling folder and renamed into
+place; the marker is removed first and written last (atomically), so an interrupted build is
+detected and redone by :func:`ensure_tiny_kit`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+KIT_VERSION = 1
+DEFAULT_SEED = 0
+MARKER_NAME = "kit.json"
+LOCK_NAME = ".kit.lock"
+
+# Folder of each model under the kit directory, keyed by the settings' model names.
+MODEL_DIRS: dict[str, str] = {
+    "generator": "sdxl",
+    "ip_adapter": "ip-adapter",
+    "judge": "qwen2.5-vl",
+    "llm": "qwen2.5-instruct",
+    "embedder": "open-clip",
+}
+
+# IP-Adapter files, where the real h94/IP-Adapter repository keeps the SDXL ViT-H adapter.
+IP_ADAPTER_SUBFOLDER = "sdxl_models"
+IP_ADAPTER_WEIGHT_NAME = "ip-adapter_sdxl_vit-h.safetensors"
+IP_ADAPTER_IMAGE_ENCODER_FOLDER = "models/image_encoder"
+IP_ADAPTER_NUM_TOKENS = 4  # image_proj.proj maps one CLIP embedding to 4 cross-attention tokens
+
+# --- SDXL: two CLIP text encoders whose hidden sizes add up to the UNet's cross-attention width ---
+# (the real ones are 768 and 1280 wide; they differ here too, so nothing can assume they match)
+SDXL_TEXT_ENCODER_1 = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, projection_dim=32)
+SDXL_TEXT_ENCODER_2 = dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, projection_dim=48)
+SDXL_TEXT_LAYERS = 2
+SDXL_ADDITION_TIME_EMBED_DIM = 8
+# (original size, crop top-left, target size) = 6 time ids, plus text_encoder_2's pooled projection
+SDXL_ADDITION_EMBED_INPUT_DIM = 6 * SDXL_ADDITION_TIME_EMBED_DIM + SDXL_TEXT_ENCODER_2["projection_dim"]
+SDXL_UNET = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4),
+    "transformer_layers_per_block": (1, 1),
+    "use_linear_projection": True,
+    "norm_num_groups": 8,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": SDXL_ADDITION_TIME_EMBED_DIM,
+    "projection_class_embeddings_input_dim": SDXL_ADDITION_EMBED_INPUT_DIM,
+    "cross_attention_dim": SDXL_TEXT_ENCODER_1["hidden_size"] + SDXL_TEXT_ENCODER_2["hidden_size"],
+}
+SDXL_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": (8, 16),
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+    "scaling_factor": 0.13025,  # the real SDXL VAE's
+}
+SDXL_SCHEDULER = {  # the real SDXL base scheduler_config.json
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+CLIP_MAX_LENGTH = 77
+CLIP_TOY_MERGES = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
+
+# --- IP-Adapter image encoder (the real one is CLIP ViT-H/14, projection 1024) ---
+IP_IMAGE_ENCODER = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "image_size": 32,
+    "patch_size": 8,
+    "projection_dim": 16,
+}
+
+# --- Qwen tokenizer: a small byte-level BPE with the real Qwen2.5 special tokens ---
+QWEN_BPE_VOCAB_SIZE = 400
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+# Qwen2.5 ships these as added but NOT special tokens (skip_special_tokens=True keeps them).
+QWEN_NON_SPECIAL_TOKENS = [
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+    "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+]  # fmt: skip
+QWEN_BPE_CORPUS = [
+    "a photo of a cat sitting on a red chair",
+    "the image shows a dog in a park",
+    "score: 7 / 10. the prompt adherence is good",
+    '{"name": "search_images", "arguments": {"query": "cat"}}',
+    "You are a helpful assistant. Describe the image and judge its quality.",
+    "retrieve reference images then regenerate with ip adapter",
+    "yes no true false 0 1 2 3 4 5 6 7 8 9",
+]
+
+# Qwen2.5-VL-Instruct's chat template (chat_template.json of the real repository).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen2.5-Instruct's tool-calling chat template (tokenizer_config.json of the real repository).
+QWEN_LLM_CHAT_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n\
+You are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments \
+within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": \
+<args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. \
+You are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or \
+(message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+# --- Qwen2.5-VL: text hidden 64 (head_dim 16, so mrope_section sums to 8); vision out = text hidden ---
+QWEN_VL_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+}
+QWEN_VL_VISION = {
+    "depth": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "in_channels": 3,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "fullatt_block_indexes": [1],
+    "out_hidden_size": QWEN_VL_TEXT["hidden_size"],
+}
+QWEN_VL_MIN_PIXELS = 28 * 28 * 4  # 2x2 merged patches at least
+QWEN_VL_MAX_PIXELS = 28 * 28 * 16  # 4x4 merged patches at most
+
+# --- Qwen2.5-Instruct LLM ---
+QWEN_LLM = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+}
+
+# --- open_clip: a tiny ViT; the text tower keeps open_clip's own 49408-token BPE vocabulary ---
+OPEN_CLIP_MODEL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+OPEN_CLIP_PREPROCESS_CFG = {  # what laion/CLIP-ViT-B-32-laion2B-s34B-b79K ships (OpenAI CLIP statistics)
+    "mean": [0.48145466, 0.4578275, 0.40821073],
+    "std": [0.26862954, 0.26130258, 0.27577711],
+}
+OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS_NAME = "open_clip_model.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def tiny_kit_paths(out_dir: Path) -> dict[str, Path]:
+    """Where each model of the kit lives under ``out_dir`` (nothing is built or checked)."""
+    out_dir = Path(out_dir)
+    return {key: out_dir / name for key, name in MODEL_DIRS.items()}
+
+
+def build_tiny_kit(
+    out_dir: Path,
+    *,
+    seed: int = DEFAULT_SEED,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Path]:
+    """Build the whole kit into ``out_dir`` and return :func:`tiny_kit_paths`.
+
+    Without ``force``, a kit already there with a current marker and the same seed is kept as is.
+    ``progress`` is called once per model with its folder name ("sdxl", "ip-adapter", ...).
+    Only the kit's own folders under ``out_dir`` are replaced; other files there are left alone.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _kit_lock(out_dir):
+        marker = _read_marker(out_dir)
+        if not force and marker is not None and marker.get("seed") == seed:
+            return tiny_kit_paths(out_dir)
+        return _build_locked(out_dir, seed, progress)
+
+
+def ensure_tiny_kit(out_dir: Path, progress: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Return the kit's paths, building it (DEFAULT_SEED) only when the marker is missing or stale.
+
+    A current kit of any seed is kept. Concurrent callers wait on a file lock; one of them builds.
+    """
+    out_dir = Path(out_dir)
+    if _read_marker(out_dir) is not None:
+        return tiny_kit_paths(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _kit_lock(out_dir):
+        if _read_marker(out_dir) is not None:  # another process built it while we waited
+            return tiny_kit_paths(out_dir)
+        return _build_locked(out_dir, DEFAULT_SEED, progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestration
+# ----------------------------------------------------------------------------------------------
+
+
+def _kit_lock(out_dir: Path) -> Any:
+    from filelock import FileLock
+
+    return FileLock(str(out_dir / LOCK_NAME))
+
+
+def _read_marker(out_dir: Path) -> dict[str, Any] | None:
+    """The marker if it is current (this KIT_VERSION, every model folder present), else None."""
+    try:
+        marker = json.loads((out_dir / MARKER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("version") != KIT_VERSION:
+        return None
+    if not all(path.is_dir() for path in tiny_kit_paths(out_dir).values()):
+        return None
+    return marker
+
+
+def _build_locked(out_dir: Path, seed: int, progress: Callable[[str], None] | None) -> dict[str, Path]:
+    (out_dir / MARKER_NAME).unlink(missing_ok=True)  # an interrupted build must look unbuilt
+    builders: dict[str, Callable[[Path, int], None]] = {
+        "generator": _build_sdxl,
+        "ip_adapter": _build_ip_adapter,
+        "judge": _build_qwen_vl,
+        "llm": _build_qwen_llm,
+        "embedder": _build_open_clip,
+    }
+    paths = tiny_kit_paths(out_dir)
+    with _quiet_progress_bars():
+        for key, builder in builders.items():
+            if progress is not None:
+                progress(MODEL_DIRS[key])
+            _build_into(paths[key], lambda tmp, builder=builder: builder(tmp, seed))
+    _write_marker(out_dir, seed)
+    return paths
+
+
+@contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """Silence transformers' "Writing model shards" bars (the caller has ``progress``), then restore them."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _build_into(final: Path, build: Callable[[Path], None]) -> None:
+    """Run ``build`` on a temporary sibling folder of ``final``, then swap it into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the kit is ordinary readable files
+        build(tmp)
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old / final.name)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_marker(out_dir: Path, seed: int) -> None:
+    marker = {"version": KIT_VERSION, "seed": seed, "models": dict(MODEL_DIRS)}
+    tmp = out_dir / f".{MARKER_NAME}.tmp"
+    tmp.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / MARKER_NAME)
+
+
+# ----------------------------------------------------------------------------------------------
+# One builder per model. Each seeds torch itself, so it gives the same bytes on its own or in a kit.
+# ----------------------------------------------------------------------------------------------
+
+
+def _build_sdxl(dest: Path, seed: int) -> None:
+    """StableDiffusionXLPipeline: two CLIP text encoders, VAE, UNet, Euler scheduler."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = _clip_tokenizer()
+
+    def text_config(dims: dict[str, int]) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer), num_hidden_layers=SDXL_TEXT_LAYERS, hidden_act="gelu",
+            bos_token_id=0, eos_token_id=1, pad_token_id=1, max_position_embeddings=CLIP_MAX_LENGTH, **dims,
+        )  # fmt: skip
+
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**SDXL_VAE),
+        text_encoder=CLIPTextModel(text_config(SDXL_TEXT_ENCODER_1)),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(SDXL_TEXT_ENCODER_2)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=UNet2DConditionModel(**SDXL_UNET),
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        image_encoder=None,
+        feature_extractor=None,
+    )
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
+def _clip_tokenizer() -> Any:
+    """A CLIP BPE tokenizer built in memory: the 256 byte symbols, their word-final forms, a few merges."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(symbol, len(vocab))
+    for left, right in CLIP_TOY_MERGES:
+        vocab.setdefault(left + right, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=list(CLIP_TOY_MERGES), model_max_length=CLIP_MAX_LENGTH)
+
+
+def _build_ip_adapter(dest: Path, seed: int) -> None:
+    """IP-Adapter (SDXL, ViT-H flavour) for the kit's UNet, in the h94/IP-Adapter layout."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**IP_IMAGE_ENCODER))
+    encoder.save_pretrained(dest / IP_ADAPTER_IMAGE_ENCODER_FOLDER, safe_serialization=True)
+
+    cross = SDXL_UNET["cross_attention_dim"]
+    embed = IP_IMAGE_ENCODER["projection_dim"]
+    state = {
+        "image_proj.proj.weight": torch.randn(IP_ADAPTER_NUM_TOKENS * cross, embed) * 0.02,
+        "image_proj.proj.bias": torch.zeros(IP_ADAPTER_NUM_TOKENS * cross),
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
+    # Keys as diffusers' loader reads them: the cross-attention processors in unet.attn_processors
+    # order, numbered 1, 3, 5, ... (the self-attention ones would take the even numbers).
+    unet = UNet2DConditionModel(**SDXL_UNET)
+    cross_attention = [n for n in unet.attn_processors if not n.endswith("attn1.processor")]
+    for key_id, name in zip(range(1, 2 * len(cross_attention), 2), cross_attention, strict=True):
+        hidden = unet.get_submodule(name.removesuffix(".processor")).to_q.in_features
+        state[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross) * 0.02
+        state[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross) * 0.02
+    weights = dest / IP_ADAPTER_SUBFOLDER / IP_ADAPTER_WEIGHT_NAME
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+
+
+def _qwen_tokenizer(chat_template: str) -> Any:
+    """Qwen2Tokenizer over a small byte-level BPE trained here, with Qwen2.5's added tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=QWEN_BPE_VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"], show_progress=False,
+    )  # fmt: skip
+    bpe.train_from_iterator(QWEN_BPE_CORPUS * 20, trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+
+    tokenizer = Qwen2Tokenizer(
+        vocab=model["vocab"], merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", errors="replace", model_max_length=32768,
+    )  # fmt: skip
+    # transformers 5 spells additional special tokens "extra_special_tokens".
+    extra_special = [t for t in QWEN_SPECIAL_TOKENS if t != "<|endoftext|>"]  # pad is set already
+    tokenizer.add_special_tokens({"extra_special_tokens": extra_special})
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_NON_SPECIAL_TOKENS])
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _qwen_generation_config(tokenizer: Any) -> Any:
+    """Like the real Qwen2.5 generation_config.json (stop on <|im_end|> or <|endoftext|>), but greedy."""
+    from transformers import GenerationConfig
+
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return GenerationConfig(bos_token_id=endoftext, pad_token_id=endoftext, eos_token_id=[im_end, endoftext])
+
+
+def _build_qwen_vl(dest: Path, seed: int) -> None:
+    """Qwen2_5_VLForConditionalGeneration + Qwen2_5_VLProcessor (small min/max pixels)."""
+    import torch
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = _qwen_tokenizer(QWEN_VL_CHAT_TEMPLATE)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            QWEN_VL_TEXT, vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(QWEN_VL_VISION),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )  # fmt: skip
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = _qwen_generation_config(tokenizer)
+    model.save_pretrained(dest, safe_serialization=True)
+
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=QWEN_VL_MIN_PIXELS, max_pixels=QWEN_VL_MAX_PIXELS),
+        video_processor=Qwen2VLVideoProcessor(),  # required by the processor even for images only
+        tokenizer=tokenizer,
+        chat_template=QWEN_VL_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(dest)
+
+
+def _build_qwen_llm(dest: Path, seed: int) -> None:
+    """Qwen2ForCausalLM + the Qwen2.5-Instruct tokenizer with its tool-calling chat template."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = _qwen_tokenizer(QWEN_LLM_CHAT_TEMPLATE)
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), bos_token_id=endoftext, pad_token_id=endoftext,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), **QWEN_LLM,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = _qwen_generation_config(tokenizer)
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+
+
+def _build_open_clip(dest: Path, seed: int) -> None:
+    """open_clip's local-dir schema: open_clip_config.json + open_clip_model.safetensors."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**OPEN_CLIP_MODEL_CFG)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(dest / OPEN_CLIP_WEIGHTS_NAME))
+    config = {"model_cfg": OPEN_CLIP_MODEL_CFG, "preprocess_cfg": OPEN_CLIP_PREPROCESS_CFG}
+    (dest / OPEN_CLIP_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
