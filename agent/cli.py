@@ -110,6 +110,10 @@ def doctor(
         role: {"ref": ref, "status": "remote endpoint" if "@" in ref else _checkpoint_status(ref)}
         for role, ref in checkpoints.items()
     }
+    if settings.is_tiny:
+        for info in report["checkpoints"].values():
+            if info["status"].startswith("MISSING"):
+                info["status"] = "not built yet: `imgrag models build-tiny` (or any --profile tiny command) builds it"
     store_info: dict = {"location": settings.store}
     if settings.store.startswith(("http://", "https://")):
         store_info["kind"] = "chroma server"
