@@ -32,7 +32,9 @@ def test_tiny_profile_points_at_the_kit(tmp_path: Path) -> None:
 
 
 def test_precedence_toml_then_env_then_flags(tmp_path: Path) -> None:
-    cfg = write(tmp_path / "c.toml", "device = 'cpu'\n[generation]\nsteps = 11\nwidth = 512\n[budget]\nmax_rounds = 5\n")
+    cfg = write(
+        tmp_path / "c.toml", "device = 'cpu'\n[generation]\nsteps = 11\nwidth = 512\n[budget]\nmax_rounds = 5\n"
+    )
     env = {"IMGRAG_GENERATION_STEPS": "12", "IMGRAG_BUDGET_MAX_ROUNDS": "6"}
     s = load_settings(config=cfg, environ=env, overrides={"budget": {"max_rounds": 7}, "store": None})
     assert s.device == "cpu"  # from the file
