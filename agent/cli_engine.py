@@ -1,19 +1,190 @@
-"""Commands of the engine (issue #3) — not built yet; each says so and exits 2."""
+"""``imgrag generate`` and ``imgrag critique``: one model each, straight from the command line.
+
+Both check every input (prompt, size, reference files, image) before loading any model, so a typo
+costs nothing; models come from the engine's model manager like everywhere else. Results go to
+stdout (one JSON document with ``--json``), the denoising bar and messages to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agent.cli_common import app, not_available
+from agent.cli_common import (
+    TINY_WARNING,
+    ConfigOpt,
+    JsonOpt,
+    ProfileOpt,
+    app,
+    err,
+    out,
+    prepare_models,
+    print_json,
+    settings_from_flags,
+)
+from imgrag.errors import UserError
+from imgrag.images import open_image
 
-_STUB = {"allow_extra_args": True, "ignore_unknown_options": True}
+# Formats Pillow writes from the file name alone.
+OUTPUT_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
-@app.command(context_settings=_STUB)
-def generate(ctx: typer.Context) -> None:
-    """Not available yet: arrives with the engine (issue #3)."""
-    not_available("generate", "the engine (issue #3)")
+def parse_size(text: str | None) -> tuple[int | None, int | None]:
+    """``"1024x768"`` -> (1024, 768); None -> the profile's size. Multiples of 8 are checked by the generator."""
+    if text is None:
+        return None, None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX\u00d7]\s*(\d+)\s*", text)
+    if m is None:
+        raise UserError(f"--size must look like WIDTHxHEIGHT (e.g. 1024x1024), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
 
 
-@app.command(context_settings=_STUB)
-def critique(ctx: typer.Context) -> None:
-    """Not available yet: arrives with the engine (issue #3)."""
-    not_available("critique", "the engine (issue #3)")
+class _StepBar:
+    """A rich bar of denoising steps on a terminal; on a pipe, nothing per step (logs stay short)."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+        self.task: Any = None
+
+    def __call__(self, step: int, total: int) -> None:
+        if not err.is_terminal:
+            return
+        if self.bar is None:
+            self.bar = Progress(TextColumn("drawing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                console=err, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("denoise", total=total)
+        self.bar.update(self.task, completed=step, total=total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _save_atomically(image: Any, path: Path) -> None:
+    """Write next to the target and rename, so a crash never leaves half a picture under the name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the picture (.png, .jpg, .webp).")],
+    ref: Annotated[list[Path] | None, typer.Option(
+        "--ref", help="A reference image to guide the drawing through IP-Adapter; repeat for several.")] = None,
+    ip_scale: Annotated[float | None, typer.Option(
+        "--ip-scale", help="How strongly the references steer, 0..2 (default: generation.ip_scale).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same picture (default: generation.seed).")]
+    = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: generation.steps).")] = None,
+    size: Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT, multiples of 8 (default: the profile's).")]
+    = None,
+    profile: ProfileOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw one picture with SDXL; with --ref, guided by reference images (IP-Adapter)."""
+    from imgrag.generator import validate_request
+
+    width, height = parse_size(size)
+    settings = settings_from_flags(profile, config, **{
+        "generation.seed": seed, "generation.steps": steps, "generation.ip_scale": ip_scale,
+        "generation.width": width, "generation.height": height})
+    g = settings.generation
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise UserError(f"{output}: the output must end in one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
+    if output.is_dir():
+        raise UserError(f"{output}: is a directory; give a file name such as {output / 'out.png'}")
+    references = [open_image(path) for path in ref or []]
+    validate_request(prompt, g.width, g.height, g.steps, g.ip_scale, references)
+
+    prepare_models(settings)
+    from imgrag.engine import build_manager
+
+    manager = build_manager(settings)
+    start = time.perf_counter()
+    bar = _StepBar()
+    try:
+        with manager.use("generator") as generator:
+            image = generator.generate(prompt, seed=g.seed, references=references or None, ip_scale=g.ip_scale,
+                                       width=g.width, height=g.height, steps=g.steps, guidance=g.guidance,
+                                       on_step=bar)
+    finally:
+        bar.close()
+    _save_atomically(image, output)
+    seconds = round(time.perf_counter() - start, 3)
+    result: dict[str, Any] = {
+        "output": str(output), "prompt": prompt, "seed": g.seed, "steps": g.steps, "width": g.width,
+        "height": g.height, "guidance": g.guidance, "references": [str(p) for p in ref or []],
+        "ip_scale": g.ip_scale if references else None, "seconds": seconds, "model_loads": manager.load_counts(),
+        "profile": settings.profile,
+    }
+    if settings.is_tiny:
+        result["warning"] = TINY_WARNING
+    if as_json:
+        print_json(result)
+        return
+    guided = f", guided by {len(references)} reference(s) at scale {g.ip_scale:g}" if references else ""
+    out.print(f"wrote {output} ({g.width}x{g.height}, {g.steps} steps, seed {g.seed}{guided}) in {seconds} s",
+              markup=False)
+    if settings.is_tiny:
+        out.print(f"note: {TINY_WARNING}", markup=False, soft_wrap=True)
+
+
+@app.command()
+def critique(
+    image: Annotated[Path, typer.Argument(help="The picture to judge.")],
+    prompt: Annotated[str, typer.Argument(help="The prompt it was drawn for.")],
+    profile: ProfileOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask the vision judge whether IMAGE shows everything PROMPT asks for, and what is missing."""
+    if not prompt.strip():
+        raise UserError("the prompt is empty: say what the picture should show")
+    settings = settings_from_flags(profile, config)
+    picture = open_image(image)
+
+    prepare_models(settings)
+    from imgrag.engine import build_manager
+
+    manager = build_manager(settings)
+    with err.status("judging …", spinner="dots") if err.is_terminal else nullcontext():
+        with manager.use("judge") as judge:
+            verdict = judge.judge(picture, prompt)
+    if as_json:
+        document: dict[str, Any] = {"match": verdict.match, "missing": verdict.missing, "reason": verdict.reason,
+                                    "parsed": verdict.parsed, "raw": verdict.raw}
+        if settings.is_tiny:
+            document["warning"] = TINY_WARNING
+        print_json(document)
+        return
+    if not verdict.parsed:
+        out.print("verdict: unknown — the judge's answer could not be parsed")
+        out.print(f"raw answer: {verdict.raw!r}", soft_wrap=True, markup=False)
+    else:
+        out.print(f"verdict: {'MATCH' if verdict.match else 'NO MATCH'}")
+        missing = ", ".join(verdict.missing) if verdict.missing else "(nothing)"
+        out.print(f"missing: {missing}", soft_wrap=True, markup=False)
+        if verdict.reason:
+            out.print(f"reason:  {verdict.reason}", soft_wrap=True, markup=False)
+    if settings.is_tiny:
+        out.print(f"note: {TINY_WARNING}", markup=False, soft_wrap=True)
+
+

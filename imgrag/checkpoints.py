@@ -1,0 +1,103 @@
+"""Turning every way a checkpoint can be wrong into one ``ModelLoadError`` that names it.
+
+Loaders of transformers and diffusers fail with many exception types and multi-line messages
+(``OSError``, ``ValueError``, hub errors, ``KeyError`` for a foreign ``model_type``...). The command
+line promises one line naming the path and what was expected there, so every wrapper loads inside
+:func:`loading`, which also keeps the libraries' progress bars and warnings off stderr while it runs.
+:func:`qwen_dtype` picks the dtype the Qwen models are loaded in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from imgrag.errors import ModelLoadError, UserError
+from imgrag.settings import Settings
+
+
+def looks_local(ref: str) -> bool:
+    """A reference the user meant as a directory (not a hub id like ``org/name``)."""
+    return ref.startswith(("/", ".", "~")) or Path(ref).expanduser().exists()
+
+
+def check_exists(ref: str, role: str, expected: str) -> None:
+    """Fail early, with a clear message, on a local path that is not there (no hub lookup for it)."""
+    if not ref.strip():
+        raise ModelLoadError(f"no checkpoint configured for the {role} (expected {expected})")
+    if looks_local(ref) and not Path(ref).expanduser().exists():
+        raise ModelLoadError(f"{role} checkpoint not found: {ref} (expected {expected})")
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
+@contextmanager
+def loading(role: str, ref: str, expected: str) -> Iterator[None]:
+    """Run a loader quietly; anything it raises (but a UserError) becomes a one-line ``ModelLoadError``."""
+    check_exists(ref, role, expected)
+    try:
+        with quiet_libraries():
+            yield
+    except UserError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the {role} from {ref} (expected {expected}): "
+                             f"{type(exc).__name__}: {first_line(exc)}") from exc
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """While loading: no "Loading weights" bars and no library warnings on stderr, then restore them.
+
+    The command line owns stderr (its own progress, the tiny-kit warning); diffusers also warns
+    spuriously on every IP-Adapter load ("modules ... should be kept in float32: []").
+    """
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    saved = (dlog.get_verbosity(), tlog.get_verbosity(), dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(saved[0])
+        tlog.set_verbosity(saved[1])
+        if saved[2]:
+            dlog.enable_progress_bar()
+        if saved[3]:
+            tlog.enable_progress_bar()
+
+
+def check_model_type(ref: str, role: str, expected: str, allowed: set[str]) -> str:
+    """Read the checkpoint's ``config.json`` and refuse another architecture before loading weights.
+
+    transformers would otherwise load a foreign checkpoint with a warning and random weights.
+    """
+    from transformers import AutoConfig
+
+    with loading(role, ref, expected):
+        model_type = AutoConfig.from_pretrained(ref, trust_remote_code=False).model_type
+    if model_type not in allowed:
+        raise ModelLoadError(f"{ref} holds a {model_type!r} model, not the {role} (expected {expected})")
+    return model_type
+
+
+def qwen_dtype(settings: Settings, device: str) -> Any:
+    """The dtype for a Qwen model: the settings', except that "auto" on a GPU means bfloat16 where supported.
+
+    Qwen2.5 is trained in bf16 and can overflow in float16 (inf/NaN logits, then garbage text);
+    "auto" gives float16 for SDXL, which is what SDXL wants.
+    """
+    import torch
+
+    if settings.dtype == "auto" and device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return settings.torch_dtype() if device.startswith("cuda") or settings.dtype != "auto" else torch.float32

@@ -1,0 +1,287 @@
+"""The judge: Qwen2.5-VL looks at a picture and its prompt and says what is missing.
+
+Its answer is free text from a small model, so :func:`parse_verdict` accepts every shape seen in
+practice: JSON (bare, in code fences, inside prose, truncated by the token limit), Python-literal
+pseudo-JSON, synonyms for the keys, "yes"/"no" answers, and the free-text forms of ImageRAG and
+TinyIMGRAG ("The different conception is a X", "<Content matches>"). An answer it cannot read gives
+``parsed=False`` with the raw text kept; the caller then retrieves with the prompt itself
+(ImageRAG's own fallback). It never raises.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from PIL import Image
+
+import prompts
+from imgrag.checkpoints import check_model_type, loading, qwen_dtype
+from imgrag.settings import Settings
+
+JUDGE_EXPECTED = "a Qwen2.5-VL checkpoint (Qwen2_5_VLForConditionalGeneration + its processor)"
+
+_MATCH_KEYS = ("match", "matches", "matched", "is_match", "content_matches", "answer", "verdict")
+_MISSING_KEYS = ("missing", "missing_concepts", "missing_objects", "missing_elements", "differences", "concepts")
+_REASON_KEYS = ("reason", "explanation", "rationale", "reasoning", "why", "comment")
+_TRUE_WORDS = {"yes", "y", "true", "match", "matches", "matched", "1"}
+_FALSE_WORDS = {"no", "n", "false", "mismatch", "no match", "does not match", "0"}
+_NOTHING = {"", "none", "nothing", "n/a", "na", "null", "[]", "-", "no", "nothing missing"}
+
+
+@dataclass
+class Verdict:
+    """The judge's answer: does the picture match, which concepts are missing, and why."""
+
+    match: bool
+    missing: list[str] = field(default_factory=list)
+    reason: str = ""
+    raw: str = ""
+    parsed: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_verdict(text: str) -> Verdict:
+    """Read a judge's answer in any of the shapes the module docstring lists; never raises."""
+    raw = text if isinstance(text, str) else str(text)
+    try:
+        cleaned = _clean(raw)
+        for candidate in _object_candidates(cleaned):
+            mapping = _load_mapping(candidate)
+            verdict = _from_mapping(mapping, raw) if mapping is not None else None
+            if verdict is not None:
+                return verdict
+        verdict = _from_keys(cleaned, raw) or _from_free_text(cleaned, raw)
+        if verdict is not None:
+            return verdict
+    except Exception:  # a parser bug must not stop a run; the raw answer is kept for the record
+        pass
+    return Verdict(match=False, missing=[], reason="the judge's answer could not be parsed", raw=raw, parsed=False)
+
+
+def _clean(text: str) -> str:
+    text = re.sub(r"<think>.*?</think>", " ", text, flags=re.S | re.I)  # reasoning models think aloud first
+    return text.replace("\u201c", '"').replace("\u201d", '"').replace("\u2018", "'").replace("\u2019", "'").strip()
+
+
+def _object_candidates(text: str) -> list[str]:
+    """Text that may hold the verdict object: fenced blocks, then each balanced {...}, then a truncated tail."""
+    found = [m.group(1) for m in re.finditer(r"```(?:json|JSON|python)?\s*(.*?)```", text, flags=re.S)]
+    start = text.find("{")
+    while start != -1:
+        end = _matching_brace(text, start)
+        if end == -1:
+            found.append(text[start:] + "}")  # cut off by the token limit: try closing it
+            break
+        found.append(text[start:end + 1])
+        start = text.find("{", end + 1)
+    return found
+
+
+def _matching_brace(text: str, start: int) -> int:
+    depth, quote, escaped = 0, "", False
+    for i in range(start, len(text)):
+        ch = text[i]
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1
+
+
+def _load_mapping(candidate: str) -> dict | None:
+    """JSON, then a Python literal (single quotes, True/False), then both after removing trailing commas."""
+    candidate = candidate.strip()
+    repaired = re.sub(r",\s*([}\]])", r"\1", candidate)
+    pythonic = re.sub(r"\btrue\b", "True", re.sub(r"\bfalse\b", "False", re.sub(r"\bnull\b", "None", repaired)))
+    for attempt in (candidate, repaired):
+        try:
+            value = json.loads(attempt)
+            return value if isinstance(value, dict) else None
+        except ValueError:
+            pass
+    for attempt in (repaired, pythonic):
+        try:
+            value = ast.literal_eval(attempt)
+            return value if isinstance(value, dict) else None
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            pass
+    return None
+
+
+def _from_mapping(mapping: dict, raw: str) -> Verdict | None:
+    lowered = {str(k).strip().lower().replace(" ", "_"): v for k, v in mapping.items()}
+    match = next((m for k in _MATCH_KEYS if k in lowered and (m := _as_bool(lowered[k])) is not None), None)
+    missing_value = next((lowered[k] for k in _MISSING_KEYS if k in lowered), None)
+    missing = _as_concepts(missing_value)
+    if match is None and missing_value is None:
+        # {"verdict": {...}} or {"result": {...}}: look one level down.
+        for value in mapping.values():
+            if isinstance(value, dict) and (inner := _from_mapping(value, raw)) is not None:
+                return inner
+        return None
+    if match is None:
+        match = not missing
+    reason = next((str(lowered[k]) for k in _REASON_KEYS if k in lowered and lowered[k] is not None), "")
+    # A "match" that still names missing concepts contradicts itself; trust the concrete list.
+    return Verdict(match=bool(match) and not missing, missing=missing, reason=reason.strip(), raw=raw)
+
+
+def _from_keys(text: str, raw: str) -> Verdict | None:
+    """A broken object (a missing quote, a stray word) whose "match" key is still readable."""
+    m = re.search(r"[\"']?match(?:es)?[\"']?\s*[:=]\s*[\"']?(true|false|yes|no)\b", text, flags=re.I)
+    if m is None:
+        return None
+    missing: list[str] = []
+    block = re.search(r"[\"']?missing[\"']?\s*[:=]\s*\[(.*?)(?:\]|$)", text, flags=re.I | re.S)
+    if block:
+        missing = _as_concepts(re.findall(r"[\"']([^\"']+)[\"']", block.group(1)))
+    reason = re.search(r"[\"']?reason[\"']?\s*[:=]\s*[\"']([^\"']*)", text, flags=re.I)
+    match = m.group(1).lower() in ("true", "yes")
+    return Verdict(match=match and not missing, missing=missing, reason=reason.group(1).strip() if reason else "",
+                   raw=raw)
+
+
+def _from_free_text(text: str, raw: str) -> Verdict | None:
+    differences = re.findall(r"the different conceptions? (?:is|are)\s*:?\s*([^\n.;]+)", text, flags=re.I)
+    if differences:
+        missing = _as_concepts(",".join(differences))
+        return Verdict(match=False, missing=missing, reason="the judge named different concepts", raw=raw)
+    if re.search(r"<\s*content\s+matches\s*>", text, flags=re.I):
+        return Verdict(match=True, missing=[], reason="content matches", raw=raw)
+    listed = re.search(r"missing(?: concepts| objects| elements)?\s*:\s*(.+)", text, flags=re.I | re.S)
+    first = re.match(r"[\s*_#>`\"']*(yes|no)\b[\s.,!:;-]*(.*)", text, flags=re.I | re.S)
+    if listed and _as_concepts(_first_block(listed.group(1))):
+        return Verdict(match=False, missing=_as_concepts(_first_block(listed.group(1))),
+                       reason=first.group(2).strip() if first else "", raw=raw)
+    if first:
+        rest = first.group(2).strip()
+        return Verdict(match=first.group(1).lower() == "yes", missing=[], reason=rest, raw=raw)
+    return None
+
+
+def _first_block(text: str) -> str:
+    """The list after "Missing:": up to a blank line (a bullet list keeps its line breaks)."""
+    return re.split(r"\n\s*\n", text.strip(), maxsplit=1)[0]
+
+
+def _as_bool(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().strip(".!").lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+    return None
+
+
+def _as_concepts(value: Any) -> list[str]:
+    """A list, a comma/semicolon/newline separated string, or dicts of those -> clean unique phrases."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items: list[Any] = re.split(r"[,;\n]", value)
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    elif isinstance(value, dict):
+        items = list(value.values())
+    else:
+        items = [value]
+    concepts: list[str] = []
+    for item in items:
+        if isinstance(item, dict):  # [{"concept": "a cat", "why": ...}]: the first text field names it
+            item = next((v for v in item.values() if isinstance(v, str)), "")
+        phrase = clean_phrase(str(item))
+        if phrase.lower() not in _NOTHING and phrase not in concepts:
+            concepts.append(phrase)
+    return concepts
+
+
+def clean_phrase(text: str) -> str:
+    """Strip bullets, numbering, quotes, brackets and end punctuation from a concept phrase."""
+    text = re.sub(r"^\s*(?:[-*\u2022]+\s*|\d+[.)]\s+)+", "", text)  # "2.5 m pole" keeps its number
+    return text.strip().strip("\"'`[]").strip().rstrip(".!").strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+class Judge:
+    """Qwen2.5-VL with its processor; greedy decoding, images resized within the settings' pixel bounds."""
+
+    def __init__(self, model: Any, processor: Any, settings: Settings) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.settings = settings
+
+    @classmethod
+    def from_pretrained(cls, settings: Settings, device: str | None = None) -> Judge:
+        """Load ``settings.models.judge`` (safetensors only, no remote code) onto ``device``."""
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        ref = settings.models.judge
+        device = device or settings.resolved_device()
+        check_model_type(ref, "judge", JUDGE_EXPECTED, {"qwen2_5_vl"})
+        with loading("judge", ref, JUDGE_EXPECTED):
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                ref, dtype=qwen_dtype(settings, device), trust_remote_code=False, use_safetensors=True)
+            processor = AutoProcessor.from_pretrained(ref, trust_remote_code=False)
+        return cls(model, processor, settings).to(device)
+
+    def to(self, device: str) -> Judge:
+        self.model.to(device)
+        return self
+
+    def judge(self, image: Image.Image, prompt: str) -> Verdict:
+        """Ask whether ``image`` shows everything ``prompt`` asks for."""
+        return parse_verdict(self.ask(image, prompts.render("judge", prompt=prompt)))
+
+    def ask(self, image: Image.Image, question: str) -> str:
+        """The model's raw answer to ``question`` about ``image`` (greedy, ``judge.max_new_tokens``)."""
+        import torch
+        from qwen_vl_utils import process_vision_info
+
+        bounds = self.settings.judge
+        messages = [{"role": "user", "content": [
+            {"type": "image", "image": image.convert("RGB"), "min_pixels": bounds.min_pixels,
+             "max_pixels": bounds.max_pixels},
+            {"type": "text", "text": question},
+        ]}]
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        images, _ = process_vision_info(messages)  # resized to multiples of 28 within the bounds
+        # The processor resizes again within its own bounds; give it ours so both agree.
+        inputs = self.processor(text=[text], images=images, padding=True, return_tensors="pt",
+                                size={"shortest_edge": bounds.min_pixels, "longest_edge": bounds.max_pixels})
+        inputs = inputs.to(self.model.device)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, max_new_tokens=bounds.max_new_tokens, do_sample=False)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        return self.processor.batch_decode(new_tokens, skip_special_tokens=True,
+                                           clean_up_tokenization_spaces=False)[0].strip()
