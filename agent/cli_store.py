@@ -1,19 +1,192 @@
-"""Commands of the reference store (issue #4) — not built yet; each says so and exits 2."""
+"""``imgrag index`` and ``imgrag search``: the reference store from the command line.
+
+The embedder comes from the engine's model manager, like everywhere else; results go to stdout (one
+JSON document with ``--json``), progress and messages to stderr.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
 
-from agent.cli_common import app, not_available
+from agent.cli_common import (
+    ConfigOpt,
+    JsonOpt,
+    ProfileOpt,
+    StoreOpt,
+    app,
+    err,
+    out,
+    prepare_models,
+    print_json,
+    settings_from_flags,
+)
+from imgrag.errors import UserError
+from imgrag.settings import Settings
 
-_STUB = {"allow_extra_args": True, "ignore_unknown_options": True}
+MAX_K = 1000
+MAX_BATCH = 1024
 
 
-@app.command(context_settings=_STUB)
-def index(ctx: typer.Context) -> None:
-    """Not available yet: arrives with the reference store (issue #4)."""
-    not_available("index", "the reference store (issue #4)")
+@contextmanager
+def _embedder(settings: Settings) -> Iterator[Any]:
+    """The embedder under the model manager (the same lock and device handling as a run)."""
+    from imgrag.engine import build_manager
+
+    manager = build_manager(settings)
+    with manager.use("embedder") as embedder:
+        yield embedder
 
 
-@app.command(context_settings=_STUB)
-def search(ctx: typer.Context) -> None:
-    """Not available yet: arrives with the reference store (issue #4)."""
-    not_available("search", "the reference store (issue #4)")
+class _RateColumn(ProgressColumn):
+    """Images per second, over the whole task so far."""
+
+    def render(self, task: Any) -> Text:
+        elapsed = task.elapsed or 0.0
+        rate = task.completed / elapsed if elapsed > 0 else 0.0
+        return Text(f"{rate:7.1f} img/s", style="cyan")
+
+
+class _IndexProgress:
+    """A rich bar on a terminal; on a pipe (CI, scripts, logs) one plain line per batch instead."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+        self.task: Any = None
+        self.start = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if total == 0:
+            return
+        if done == 0:
+            self.start = time.perf_counter()  # the rate counts from the first file, not from model loading
+        if not err.is_terminal:
+            if done:
+                rate = done / max(time.perf_counter() - self.start, 1e-9)
+                err.print(f"indexed {done}/{total} images ({rate:.1f} img/s)", highlight=False)
+            return
+        if self.bar is None:
+            self.bar = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                                TimeElapsedColumn(), console=err, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("index", total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@app.command()
+def index(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (walked recursively).",
+                                                show_default=False)],
+    prune: Annotated[bool, typer.Option("--prune", help="Forget pictures under PATHs whose files are gone.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Pictures embedded and written per batch.")] = 32,
+    profile: ProfileOpt = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add your pictures to the reference store (incremental: unchanged files are not read again).
+
+    Takes the common image types; a caption beside a picture (rocket.jpg + rocket.txt) is stored with
+    it. Unusable files are skipped with a reason. Exits 0 when anything usable was indexed (or all of
+    it was already there and unchanged), 1 when nothing usable was found.
+    """
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise UserError(f"--batch-size must be between 1 and {MAX_BATCH}, got {batch_size}")
+    for path in paths:
+        if not path.expanduser().exists() and not prune:
+            raise UserError(f"{path}: no such file or folder")
+    settings = settings_from_flags(profile, config, store=store)
+    prepare_models(settings)
+    from imgrag.store import ReferenceStore
+
+    progress = _IndexProgress()
+    try:
+        with _embedder(settings) as embedder:
+            ref_store = ReferenceStore.open(settings, embedder.model_id, embedder.dim, for_writing=True)
+            summary = ref_store.index(paths, embedder, prune=prune, progress=progress, batch_size=batch_size,
+                                      on_wait=lambda msg: err.print(f"[yellow]{msg}[/]", soft_wrap=True))
+    finally:
+        progress.close()
+
+    usable = summary["added"] + summary["updated"] + summary["unchanged"]
+    if as_json:
+        print_json(summary)
+    else:
+        _print_summary(summary, ref_store.location)
+    if usable == 0 and not (prune and summary["removed"] and not summary["skipped"]):
+        err.print(f"[red]error:[/] no usable image under {', '.join(str(p) for p in paths)}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _print_summary(summary: dict[str, Any], location: str) -> None:
+    table = Table(title=f"indexed into {location}", show_header=False)
+    for key in ("added", "updated", "unchanged", "removed"):
+        table.add_row(key, str(summary[key]))
+    table.add_row("skipped", str(len(summary["skipped"])))
+    table.add_row("pictures in store", str(summary["total"]))
+    table.add_row("seconds", f"{summary['seconds']:.2f}")
+    out.print(table)
+    for item in summary["skipped"][:50]:
+        # markup off: a path may contain [brackets]
+        err.print(f"skipped {item['path']}: {item['reason']}", style="yellow", soft_wrap=True, markup=False)
+    if len(summary["skipped"]) > 50:
+        err.print(f"[yellow]... and {len(summary['skipped']) - 50} more skipped (--json lists them all)[/]")
+
+
+@app.command()
+def search(
+    text: Annotated[str | None, typer.Argument(help="What to look for (leave out with --image).")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="How many results.")] = 5,
+    image: Annotated[Path | None, typer.Option("--image", help="Find pictures like this one instead.")] = None,
+    profile: ProfileOpt = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find pictures in the reference store by text, or by a picture with --image (score: cosine similarity)."""
+    from imgrag.images import open_image
+
+    text = (text or "").strip() or None
+    if text is None and image is None:
+        raise UserError("give a TEXT to search for, or --image PATH")
+    if text is not None and image is not None:
+        raise UserError("give a TEXT or --image, not both")
+    if not 1 <= k <= MAX_K:
+        raise UserError(f"-k must be between 1 and {MAX_K}, got {k}")
+    query_image = open_image(image) if image is not None else None  # a bad file fails before any model loads
+    settings = settings_from_flags(profile, config, store=store)
+    prepare_models(settings)
+    from imgrag.store import ReferenceStore
+
+    with _embedder(settings) as embedder:
+        ref_store = ReferenceStore.open(settings, embedder.model_id, embedder.dim)
+        if ref_store.count() == 0:
+            raise UserError(f"the store at {ref_store.location} holds no pictures yet: add some with "
+                            "`imgrag index PATH`")
+        if query_image is not None:
+            results = ref_store.search_image(embedder, query_image, k)
+        else:
+            results = ref_store.search_text(embedder, text or "", k)
+
+    if as_json:
+        print_json({"results": [{"id": r.id, "path": r.path, "score": round(r.score, 6)} for r in results]})
+        return
+    table = Table(title=f"{len(results)} of {ref_store.count()} pictures for "
+                        f"{('image ' + str(image)) if image else repr(text)}")
+    for column in ("#", "score", "path", "caption"):
+        table.add_column(column, overflow="fold")
+    for rank, ref in enumerate(results, 1):
+        table.add_row(str(rank), f"{ref.score:.3f}", ref.path, ref.caption[:60])
+    out.print(table)

@@ -1,0 +1,219 @@
+"""The image/text embedder: an open_clip model that turns pictures and text into comparable vectors.
+
+Every vector it returns is float32 and L2-normalised, so a dot product is the cosine similarity.
+The reference store keys its collections by :attr:`Embedder.model_id`: vectors from two different
+models are not comparable, and the store refuses to mix them.
+
+Checkpoints are named the open_clip way (``settings.models.embedder``):
+
+- ``hf-hub:org/repo``: a Hugging Face repository (read from the local cache when offline);
+- ``local-dir:/path``: a folder with ``open_clip_config.json`` and the weights (the tiny kit's format);
+- ``ARCH`` (``ViT-B-32``) with ``settings.models.embedder_pretrained`` set to a weights file or a tag.
+
+open_clip itself only *warns* when a ``local-dir:`` or ``hf-hub:`` checkpoint has no weights and then
+builds a random model; we check first and raise :class:`~imgrag.errors.ModelLoadError` instead, because
+random embeddings would silently fill the store with garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from imgrag.errors import ModelLoadError
+from imgrag.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+# Bytes hashed at each end of a local weights file for its fingerprint: enough to tell two trainings
+# (or two random seeds) apart, cheap enough for a 600 MB checkpoint on every load.
+_FINGERPRINT_SPAN = 1 << 20
+
+
+class Embedder:
+    """An open_clip model with its preprocessing and tokenizer; see the module docstring."""
+
+    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, model_id: str, device: str = "cpu") -> None:
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.device = device
+        self.dim = _output_dim(model)
+        self.context_length = int(getattr(tokenizer, "context_length", 0) or 0)
+
+    # ----- loading -----
+    @classmethod
+    def from_pretrained(cls, settings: Settings, device: str | None = None) -> Embedder:
+        """Load ``settings.models.embedder`` onto ``device`` (default: the settings' device and dtype)."""
+        import open_clip
+
+        name = settings.models.embedder.strip()
+        pretrained = settings.models.embedder_pretrained.strip() or None
+        if not name:
+            raise ModelLoadError("models.embedder is empty: name an open_clip checkpoint")
+        model_id = _model_identity(name, pretrained)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=None if name.startswith((LOCAL_DIR, HF_HUB)) else pretrained)
+            tokenizer = open_clip.get_tokenizer(name)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # open_clip raises RuntimeError/ValueError/FileNotFoundError/hub errors
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ModelLoadError(f"cannot load the embedder {name!r}: {first_line}") from exc
+        embedder = cls(model, preprocess, tokenizer, model_id)
+        device = device or settings.resolved_device()
+        dtype = settings.torch_dtype() if device.startswith("cuda") else None
+        return embedder.to(device, dtype)
+
+    def to(self, device: str, dtype: Any = None) -> Embedder:
+        """Move the model (the model manager calls this to evict to CPU and bring back); returns self."""
+        self.model.to(device=device, dtype=dtype) if dtype is not None else self.model.to(device)
+        self.device = str(device)
+        return self
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the weights: what the model manager budgets for."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    # ----- embedding -----
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """Embed pictures with the model's own preprocessing: float32 [n, dim], rows of length 1."""
+        import torch
+
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        rows: list[np.ndarray] = []
+        dtype = self._dtype()
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([self.preprocess(im) for im in images[start:start + batch_size]])
+            with torch.inference_mode():
+                vectors = self.model.encode_image(batch.to(self.device, dtype))
+            rows.append(vectors.float().cpu().numpy())
+        return _normalise(rows, self.dim)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts: float32 [n, dim], rows of length 1. Text beyond the context is cut, with a warning."""
+        import torch
+
+        texts = [str(t) for t in texts]
+        for text in texts:
+            count = self._token_count(text)
+            if count is not None and self.context_length and count > self.context_length:
+                log.warning("text of %d tokens cut to the embedder's %d: %.60r...", count, self.context_length, text)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        tokens = self.tokenizer(texts)
+        with torch.inference_mode():
+            vectors = self.model.encode_text(tokens.to(self.device))
+        return _normalise([vectors.float().cpu().numpy()], self.dim)
+
+    # ----- helpers -----
+    def _dtype(self) -> Any:
+        return next(self.model.parameters()).dtype
+
+    def _token_count(self, text: str) -> int | None:
+        """Tokens the text needs, start and end markers included; None when the tokenizer cannot say."""
+        tok = self.tokenizer
+        try:
+            if hasattr(tok, "encode"):  # open_clip's SimpleTokenizer (CLIP's BPE)
+                return len(tok.encode(text)) + 2
+            inner = getattr(tok, "tokenizer", None)  # HFTokenizer / SigLipTokenizer wrap a transformers one
+            if inner is not None:
+                return len(inner(text)["input_ids"])
+        except Exception:  # a count is only for the warning; never fail an embedding over it
+            return None
+        return None
+
+
+def _normalise(chunks: list[np.ndarray], dim: int) -> np.ndarray:
+    if not chunks:
+        return np.zeros((0, dim), dtype=np.float32)
+    vectors = np.concatenate(chunks).astype(np.float32, copy=False)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def _output_dim(model: Any) -> int:
+    """The embedding width, from the model's own attributes (a dummy forward pass as a last resort)."""
+    projection = getattr(model, "text_projection", None)
+    if projection is not None and hasattr(projection, "shape"):
+        return int(projection.shape[-1])
+    visual_dim = getattr(getattr(model, "visual", None), "output_dim", None)
+    if visual_dim:
+        return int(visual_dim)
+    import torch
+
+    with torch.inference_mode():
+        return int(model.encode_text(torch.zeros(1, 77, dtype=torch.long)).shape[-1])
+
+
+def _model_identity(name: str, pretrained: str | None) -> str:
+    """A stable identity for the checkpoint, checking on the way that its weights are really there.
+
+    Hub names and pretrained tags name fixed weights, so the name is the identity. A local folder or
+    file can be moved or rebuilt with other weights under the same path, so its identity is its base
+    name plus a fingerprint of its content (config and both ends of the weights file).
+    """
+    if name.startswith(LOCAL_DIR):
+        folder = Path(name[len(LOCAL_DIR):]).expanduser()
+        if not folder.is_dir():
+            raise ModelLoadError(f"embedder checkpoint folder not found: {folder}")
+        config = folder / "open_clip_config.json"
+        if not config.is_file():
+            raise ModelLoadError(f"embedder checkpoint {folder} has no open_clip_config.json")
+        weights = sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+        if not weights:
+            raise ModelLoadError(f"embedder checkpoint {folder} has no weights file (*.safetensors, *.bin, *.pth)")
+        return f"local-dir:{folder.resolve().name}@{_fingerprint([config, *weights])}"
+    if name.startswith(HF_HUB):
+        repo = name[len(HF_HUB):]
+        from open_clip.pretrained import download_pretrained_from_hf
+
+        try:
+            download_pretrained_from_hf(repo)  # the local cache when HF_HUB_OFFLINE=1
+        except Exception as exc:
+            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+            hint = " (offline: download it first, or point models.embedder at a local-dir: copy)" if offline else ""
+            raise ModelLoadError(f"embedder weights for {name!r} are not available{hint}") from exc
+        return name
+    import open_clip
+
+    if name.replace("/", "-") not in open_clip.list_models():
+        raise ModelLoadError(f"unknown open_clip architecture {name!r} (see open_clip.list_models(); or use "
+                             "hf-hub:org/repo or local-dir:/path)")
+    if not pretrained:
+        raise ModelLoadError(
+            f"models.embedder {name!r} names an architecture without weights: set models.embedder_pretrained "
+            "to a weights file or an open_clip tag, or use hf-hub:/local-dir:")
+    if any(sep in pretrained for sep in ("/", os.sep)) or pretrained.endswith(_WEIGHT_SUFFIXES):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"embedder weights file not found: {path}")
+        return f"{name}@{path.name}@{_fingerprint([path])}"
+    return f"{name}/{pretrained}"
+
+
+def _fingerprint(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}:".encode())
+        with path.open("rb") as fh:
+            digest.update(fh.read(_FINGERPRINT_SPAN))
+            if size > 2 * _FINGERPRINT_SPAN:
+                fh.seek(-_FINGERPRINT_SPAN, os.SEEK_END)
+                digest.update(fh.read(_FINGERPRINT_SPAN))
+    return digest.hexdigest()[:12]
