@@ -36,6 +36,8 @@ def build_tiny(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a current kit is there.")] = False,
+    scale: Annotated[str, typer.Option("--scale", help="tiny (seconds, MBs) or full: the real models' sizes "
+                                       "(~32 GB; for GPU benchmarks).")] = "tiny",
     as_json: JsonOpt = False,
 ) -> None:
     """Build random-weight models of every real architecture, saved in the real on-disk formats.
@@ -45,16 +47,21 @@ def build_tiny(
     """
     from imgrag.tiny_kit import build_tiny_kit
 
+    if scale not in ("tiny", "full"):
+        raise UserError(f"--scale must be tiny or full, got {scale!r}")
+    if scale == "full" and directory is None:
+        raise UserError("--scale full needs a DIRECTORY (about 32 GB); the tiny profile's kit is left alone")
     target = directory or Path(settings_from_flags("tiny").tiny_kit_dir)
     start = time.perf_counter()
-    paths = build_tiny_kit(target, seed=seed, force=force, progress=lambda msg: err.print(f"[dim]built {msg}[/]"))
+    paths = build_tiny_kit(target, seed=seed, force=force, scale=scale,
+                           progress=lambda msg: err.print(f"[dim]built {msg}[/]"))
     seconds = round(time.perf_counter() - start, 2)
     if as_json:
         print_json({"directory": str(target), "models": {k: str(v) for k, v in paths.items()}, "seconds": seconds})
         return
     for role, path in paths.items():
         out.print(f"{role:10} {path}")
-    err.print(f"tiny kit ready in {target} ({seconds} s). Random weights: outputs are noise.")
+    err.print(f"{scale} kit ready in {target} ({seconds} s). Random weights: outputs are noise.")
 
 
 def _dir_size(path: Path) -> int:

@@ -50,6 +50,7 @@ class ModelSettings:
     # open_clip name: "hf-hub:org/repo", "local-dir:/path", or "ARCH" with embedder_pretrained.
     embedder: str = "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
     embedder_pretrained: str = ""
+    dino: str = ""  # DINOv2 checkpoint for `imgrag eval`'s image-image scores (AutoModel); empty: no DINO score
 
 
 @dataclass
