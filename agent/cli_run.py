@@ -64,7 +64,8 @@ class ProgressPrinter:
             line = f"{elapsed}  {mark} {event['tool']:<10} {event['seconds']:6.2f}s  [dim]{event['message'][:110]}[/]"
             err.print(line, soft_wrap=True)
         elif kind == "run_end":
-            err.print(f"{elapsed}  {event['status']}: {event['final_image']}")
+            reason = f" ({event['stop_reason']})" if event.get("stop_reason") else ""
+            err.print(f"{elapsed}  {event['status']}{reason}: {event['final_image']}", soft_wrap=True)
 
 
 def _make_runner(profile, config, store, out_dir, on_event):

@@ -110,7 +110,8 @@ class Runner:
         result = self._result(final, record)
         record.append_step({"event": "end", "status": result["status"], "final_image": result["final_image"]})
         record.write_result(result)
-        self.on_event({"event": "run_end", **{k: result[k] for k in ("run_id", "status", "final_image")}})
+        ends = ("run_id", "status", "stop_reason", "final_image")
+        self.on_event({"event": "run_end", **{k: result[k] for k in ends}})
         return result
 
     def _result(self, state: dict[str, Any], record: RunRecord) -> dict[str, Any]:
@@ -150,7 +151,8 @@ class Runner:
         items = read_prompt_file(path)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
         root = Path(self.settings.output_dir)
-        existing = sorted(root.glob(f"batch-{path.stem}-{digest}-*")) if root.exists() else []
+        # The batch's runs live beside it under names with the same prefix: only a folder with batch.json counts.
+        existing = sorted(p.parent for p in root.glob(f"batch-{path.stem}-{digest}-*/batch.json"))
         if resume and existing:
             batch_dir = existing[-1]
             state = json.loads((batch_dir / "batch.json").read_text(encoding="utf-8"))
