@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgrag.errors import UserError
 
@@ -37,7 +37,10 @@ def probe_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[i
         raise
     except PermissionError:
         raise UserError(f"{path}: permission denied") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise UserError(f"{path}: its header claims more pixels than Pillow's safety limit "
+                        "(a decompression bomb, or a picture too large to use)") from None
+    except UnidentifiedImageError:
         raise UserError(f"{path}: not an image file (or a format Pillow cannot read)") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
@@ -50,14 +53,15 @@ def probe_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[i
 
 
 def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open, fully decode and convert to RGB; raise UserError naming the file on any problem."""
+    """Open, fully decode, turn upright per its EXIF orientation and convert to RGB; raise UserError naming
+    the file on any problem. (A phone photo stored sideways must be seen upright by CLIP and IP-Adapter.)"""
     probe_image(path, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
-                return im.convert("RGB")
+                return ImageOps.exif_transpose(im).convert("RGB")
     except (OSError, SyntaxError, ValueError) as exc:
         # Truncated or corrupt data shows up only when the pixels are decoded.
         raise UserError(f"{path}: corrupt or truncated image ({exc})") from None

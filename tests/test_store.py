@@ -350,7 +350,7 @@ def test_bad_files_are_skipped_with_reasons(tmp_path: Path, monkeypatch: pytest.
     assert "truncated" in reasons["truncated.jpg"]
     assert "not an image" in reasons["text.png"]
     # Pillow refuses a 1.6-gigapixel header outright; images.probe_image words that as "not an image".
-    assert "40000x40000" in reasons["bomb.png"] or "not an image" in reasons["bomb.png"]
+    assert "decompression bomb" in reasons["bomb.png"]
     assert "10000x10000 exceeds the 64 megapixel limit" in reasons["huge.png"]
     assert "too large" in reasons["large.png"]
     assert "broken symlink" in reasons["broken.png"]
