@@ -111,8 +111,8 @@ def run(
     if as_json:
         print_json(result)
         return
-    out.print(f"[bold]{result['status']}[/] after {result['rounds']} round(s): {result['final_image']}")
-    out.print(f"run folder: {result['run_dir']}   model loads: {result['model_loads']}")
+    out.print(f"[bold]{result['status']}[/] after {result['rounds']} round(s): {result['final_image']}", soft_wrap=True)
+    out.print(f"run folder: {result['run_dir']}   model loads: {result['model_loads']}", soft_wrap=True)
     if settings.is_tiny:
         out.print(f"[yellow]{TINY_WARNING}[/]")
 
