@@ -89,3 +89,34 @@ def not_available(command: str, issue: str) -> None:
     """A command of the contract whose part of imgrag has not been built yet: say so, never pretend."""
     err.print(f"[red]error:[/] 'imgrag {command}' is not available yet: it arrives with {issue}.")
     raise typer.Exit(2)
+
+
+class TerminalBar:
+    """A transient rich progress bar on stderr, shown only when stderr is a terminal.
+
+    Call it with (done, total); ``close()`` removes it. On a pipe it draws nothing: the caller decides
+    what, if anything, a log should get instead.
+    """
+
+    def __init__(self, label: str, *extra_columns: Any) -> None:
+        self.label = label
+        self.extra_columns = extra_columns
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not err.is_terminal:
+            return
+        if self.bar is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), *self.extra_columns,
+                                TimeElapsedColumn(), console=err, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None

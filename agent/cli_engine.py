@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agent.cli_common import (
     TINY_WARNING,
     ConfigOpt,
     JsonOpt,
     ProfileOpt,
+    TerminalBar,
     app,
     err,
     out,
@@ -45,28 +45,6 @@ def parse_size(text: str | None) -> tuple[int | None, int | None]:
     if m is None:
         raise UserError(f"--size must look like WIDTHxHEIGHT (e.g. 1024x1024), got {text!r}")
     return int(m.group(1)), int(m.group(2))
-
-
-class _StepBar:
-    """A rich bar of denoising steps on a terminal; on a pipe, nothing per step (logs stay short)."""
-
-    def __init__(self) -> None:
-        self.bar: Progress | None = None
-        self.task: Any = None
-
-    def __call__(self, step: int, total: int) -> None:
-        if not err.is_terminal:
-            return
-        if self.bar is None:
-            self.bar = Progress(TextColumn("drawing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                console=err, transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("denoise", total=total)
-        self.bar.update(self.task, completed=step, total=total)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _save_atomically(image: Any, path: Path) -> None:
@@ -119,7 +97,7 @@ def generate(
 
     manager = build_manager(settings)
     start = time.perf_counter()
-    bar = _StepBar()
+    bar = TerminalBar("drawing")  # on a pipe, nothing per step: logs stay short
     try:
         with manager.use("generator") as generator:
             image = generator.generate(prompt, seed=g.seed, references=references or None, ip_scale=g.ip_scale,

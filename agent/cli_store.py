@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import ProgressColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -22,6 +22,7 @@ from agent.cli_common import (
     JsonOpt,
     ProfileOpt,
     StoreOpt,
+    TerminalBar,
     app,
     err,
     out,
@@ -59,8 +60,7 @@ class _IndexProgress:
     """A rich bar on a terminal; on a pipe (CI, scripts, logs) one plain line per batch instead."""
 
     def __init__(self) -> None:
-        self.bar: Progress | None = None
-        self.task: Any = None
+        self.bar = TerminalBar("indexing", _RateColumn())
         self.start = 0.0
 
     def __call__(self, done: int, total: int) -> None:
@@ -68,21 +68,14 @@ class _IndexProgress:
             return
         if done == 0:
             self.start = time.perf_counter()  # the rate counts from the first file, not from model loading
-        if not err.is_terminal:
-            if done:
-                rate = done / max(time.perf_counter() - self.start, 1e-9)
-                err.print(f"indexed {done}/{total} images ({rate:.1f} img/s)", highlight=False)
-            return
-        if self.bar is None:
-            self.bar = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                                TimeElapsedColumn(), console=err, transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("index", total=total)
-        self.bar.update(self.task, completed=done, total=total)
+        if err.is_terminal:
+            self.bar(done, total)
+        elif done:
+            rate = done / max(time.perf_counter() - self.start, 1e-9)
+            err.print(f"indexed {done}/{total} images ({rate:.1f} img/s)", highlight=False)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        self.bar.close()
 
 
 @app.command()

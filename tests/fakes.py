@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,8 @@ import numpy as np
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from PIL import Image
+
+from imgrag.judge import Verdict
 
 
 class ScriptedChatModel(GenericFakeChatModel):
@@ -31,17 +33,8 @@ def call(name: str, **args: Any) -> AIMessage:
     return AIMessage(content="", tool_calls=[{"name": name, "args": args, "id": f"call-{name}-{id(args)}"}])
 
 
-@dataclass
-class FakeVerdict:
-    match: bool
-    missing: list[str] = field(default_factory=list)
-    reason: str = ""
-    raw: str = ""
-    parsed: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"match": self.match, "missing": self.missing, "reason": self.reason, "raw": self.raw,
-                "parsed": self.parsed}
+# The judge's real Verdict: scripted judges return the same dataclass the agent reads.
+FakeVerdict = Verdict
 
 
 class ScriptedJudge:
