@@ -79,13 +79,11 @@ def _checkpoint_status(ref: str) -> str:
         return "local directory"
     if ref.startswith(("/", ".", "~")):
         return "MISSING (no such directory)"
-    try:
-        from huggingface_hub import snapshot_download
+    from imgrag.checkpoints import hub_cached
 
-        snapshot_download(ref, local_files_only=True)
+    if hub_cached(ref):
         return "in the local hub cache"
-    except Exception:
-        return "not downloaded (needs the hub, or point the profile at a local copy)"
+    return f"not downloaded (`hf download {ref}`, or point the profile at a local copy)"
 
 
 @app.command()

@@ -23,12 +23,37 @@ def looks_local(ref: str) -> bool:
     return ref.startswith(("/", ".", "~")) or Path(ref).expanduser().exists()
 
 
+def hub_cached(repo_id: str) -> bool:
+    """Whether a hub repository is complete in the local Hugging Face cache (no network is touched)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not cached, or not a valid repo id
+        return False
+    return True
+
+
+def download_hint(repo_id: str) -> str:
+    return (f"{repo_id} is not in the local Hugging Face cache; imgrag never downloads on its own: fetch it once "
+            f"with `hf download {repo_id}`, or set the profile's checkpoint to a local folder")
+
+
 def check_exists(ref: str, role: str, expected: str) -> None:
-    """Fail early, with a clear message, on a local path that is not there (no hub lookup for it)."""
+    """Fail early, with a clear message, on a local path that is not there or a hub id that is not cached.
+
+    Without the cache check, an offline machine spends about a minute in the hub client's retries and then
+    reports a misleading "no model_index.json"; and imgrag runs on local models, so it never fetches gigabytes
+    behind the user's back.
+    """
     if not ref.strip():
         raise ModelLoadError(f"no checkpoint configured for the {role} (expected {expected})")
-    if looks_local(ref) and not Path(ref).expanduser().exists():
-        raise ModelLoadError(f"{role} checkpoint not found: {ref} (expected {expected})")
+    if looks_local(ref):
+        if not Path(ref).expanduser().exists():
+            raise ModelLoadError(f"{role} checkpoint not found: {ref} (expected {expected})")
+        return
+    if not hub_cached(ref):
+        raise ModelLoadError(f"{role}: {download_hint(ref)}")
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

@@ -180,14 +180,10 @@ def _model_identity(name: str, pretrained: str | None) -> str:
         return f"local-dir:{folder.resolve().name}@{_fingerprint([config, *weights])}"
     if name.startswith(HF_HUB):
         repo = name[len(HF_HUB):]
-        from open_clip.pretrained import download_pretrained_from_hf
+        from imgrag.checkpoints import download_hint, hub_cached
 
-        try:
-            download_pretrained_from_hf(repo)  # the local cache when HF_HUB_OFFLINE=1
-        except Exception as exc:
-            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-            hint = " (offline: download it first, or point models.embedder at a local-dir: copy)" if offline else ""
-            raise ModelLoadError(f"embedder weights for {name!r} are not available{hint}") from exc
+        if not hub_cached(repo):
+            raise ModelLoadError(f"embedder: {download_hint(repo)} (a local-dir: copy also works)")
         return name
     import open_clip
 

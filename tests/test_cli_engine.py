@@ -137,3 +137,16 @@ def test_bad_checkpoint_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str
     assert code == 1
     line = error_line(err)
     assert expected in line and path in line
+
+
+def test_a_hub_id_not_in_the_cache_fails_at_once_with_the_download_command(capsys, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    # Even with the network allowed, imgrag never fetches a checkpoint behind the user's back.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.setenv("IMGRAG_MODELS_GENERATOR", "nobody/no-such-sdxl")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "a cat", "-o", str(tmp_path / "x.png"), "--profile", "default"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert "hf download nobody/no-such-sdxl" in err and "Traceback" not in err

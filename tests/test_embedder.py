@@ -56,7 +56,7 @@ def test_model_id_is_stable_and_follows_the_weights(kit_clip: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("name, pretrained, message", [
     ("local-dir:/no/such/dir", "", "checkpoint folder not found: /no/such/dir"),
-    ("hf-hub:nobody/no-such-clip", "", "'hf-hub:nobody/no-such-clip' are not available"),
+    ("hf-hub:nobody/no-such-clip", "", "nobody/no-such-clip is not in the local Hugging Face cache"),
     ("ViT-B-32", "", "names an architecture without weights"),
     ("ViT-B-32", "/no/such/weights.safetensors", "weights file not found: /no/such/weights.safetensors"),
     ("No-Such-Arch", "x.pt", "unknown open_clip architecture 'No-Such-Arch'"),
