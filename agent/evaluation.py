@@ -256,7 +256,7 @@ class Evaluation:
         """The agent's run on the same prompt and seed; its own folder sits beside the eval folder."""
         run_id = f"{eval_dir.name}-{index:03d}"
         out["run_id"] = run_id
-        result = self.runner.run(item["prompt"], seed=seed, max_rounds=item.get("max_rounds") or self.max_rounds,
+        result = self.runner.run(item["prompt"], seed=seed, max_rounds=self.max_rounds or item.get("max_rounds"),
                                  planner=self.planner, run_id=run_id)
         final = next((c for c in result.get("candidates") or [] if c["id"] == result.get("final_candidate")), None)
         by_tool: dict[str, float] = {}

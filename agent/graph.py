@@ -1,11 +1,14 @@
 """The agent's graph, top to bottom:
 
     START → plan ──(a tool call)──► tools ──► plan ...
+              ├──(a regenerate, with approve on)──► review ──► tools
               └──(match, finish or budget)──► finalize → END
 
 ``plan`` asks the LLM for the next tool call (or, with ``--planner fixed`` and whenever the LLM
 fails repeatedly, the deterministic policy); ``tools`` runs the call(s); ``finalize`` picks the
 best candidate. Budgets are counters in the state, checked by ``plan`` before every step.
+``review`` exists for the terminal chat's ``/approve on``: it pauses the thread with ``interrupt()``
+so the user accepts, drops or replaces a redraw's references; a plain run never goes there.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, Literal
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langgraph.graph import END, START, StateGraph
 from langgraph.prebuilt import ToolNode
+from langgraph.types import interrupt
 
 import prompts
 from agent.policy import latest_candidate, next_step
@@ -40,8 +44,14 @@ class Runtime:
 
 # ----- helpers the nodes share -----
 
+def is_stale(candidate: dict[str, Any]) -> bool:
+    """Whether the candidate's only verdict was given against an earlier prompt (a chat refinement changed it)."""
+    return candidate.get("verdict") is None and bool(candidate.get("stale_verdict"))
+
+
 def best_candidate(state: dict[str, Any]) -> dict[str, Any] | None:
-    """The run's answer: the candidate named by finish, else a judge match, else the best CLIP score."""
+    """The run's answer: the candidate named by finish, else a judge match, else the best CLIP score.
+    Candidates judged only against an earlier prompt of a chat thread come last."""
     candidates = state.get("candidates") or {}
     finished = state.get("finished")
     if finished and finished.get("candidate_id") in candidates:
@@ -49,7 +59,40 @@ def best_candidate(state: dict[str, Any]) -> dict[str, Any] | None:
     if not candidates:
         return None
     return max(candidates.values(),
-               key=lambda c: (bool((c.get("verdict") or {}).get("match")), c.get("clip_score") or 0.0, -c["round"]))
+               key=lambda c: (bool((c.get("verdict") or {}).get("match")), not is_stale(c), c.get("clip_score") or 0.0,
+                              -c["round"]))
+
+
+def outcome(state: dict[str, Any]) -> dict[str, Any]:
+    """The run's status and answer as finalize writes them: matched, budget_exhausted, or failed (nothing drawn)."""
+    best = best_candidate(state)
+    if best is None:
+        status = "failed"
+    elif (best.get("verdict") or {}).get("match"):
+        status = "matched"
+    else:
+        status = "budget_exhausted"
+    return {"status": status, "final_candidate": best["id"] if best else None}
+
+
+def working_view(state: dict[str, Any]) -> dict[str, Any]:
+    """The state as the stop rules and the fixed policy read it.
+
+    A chat follow-up continues from the thread's best candidate (``continue_from``), which need not be the last
+    one drawn: the candidates drawn after it in earlier requests are set aside here, so the next step repairs
+    the best picture. When the follow-up changed the prompt, the retrievals made for the old prompt are set
+    aside too (``retrievals_from``), so the repair retrieves for what the judge now misses. Everything stays in
+    the state, on disk, and in what the LLM is shown.
+    """
+    focus = state.get("continue_from") or {}
+    candidates = state.get("candidates") or {}
+    view = dict(state)
+    if focus.get("candidate_id") in candidates:
+        low, high = candidates[focus["candidate_id"]]["round"], focus["rounds"]
+        view["candidates"] = {cid: c for cid, c in candidates.items() if not low < c["round"] <= high}
+    if focus.get("retrievals_from") is not None:
+        view["retrievals"] = (state.get("retrievals") or [])[focus["retrievals_from"]:]
+    return view
 
 
 def stop_reason(state: dict[str, Any], elapsed: float) -> str | None:
@@ -78,12 +121,17 @@ def _status_summary(state: dict[str, Any]) -> str:
     for cid, c in sorted((state.get("candidates") or {}).items(), key=lambda kv: int(kv[0][1:])):
         v = c.get("verdict")
         verdict = "not critiqued" if v is None else ("MATCH" if v["match"] else f"missing {v['missing']}")
+        if is_stale(c):
+            verdict = "not critiqued against the current prompt"
         refs = f", references {c['reference_ids']} at scale {c['ip_scale']}" if c.get("reference_ids") else ""
         lines.append(f"- {cid}: seed {c['seed']}{refs}; clip {c['clip_score']}; {verdict}")
+    focus = (state.get("continue_from") or {}).get("candidate_id")
+    if focus in (state.get("candidates") or {}):
+        lines.append(f"Best so far: {focus}; continue from it.")
     refs = state.get("references") or {}
-    if refs:
+    if refs:  # numbered as the chat's /refs numbers them, so "use the second reference" means the same here
         lines.append("References retrieved: " + "; ".join(
-            f"{rid} ({r.get('caption') or r.get('query')})" for rid, r in refs.items()))
+            f"[{n}] {rid} ({r.get('caption') or r.get('query')})" for n, (rid, r) in enumerate(refs.items(), 1)))
     return "\n".join(lines)
 
 
@@ -129,7 +177,8 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
     def plan(state: AgentState) -> dict[str, Any]:
         """Choose the next step: stop, an LLM tool call, or the policy's step."""
         elapsed = runtime.elapsed()
-        reason = stop_reason(state, elapsed)
+        view = working_view(state)
+        reason = stop_reason(view, elapsed)
         if reason:
             return {"stop_reason": reason, "seconds": elapsed}
         failures = state.get("failures", 0) + 1 if _tool_failures(state.get("messages", [])) else 0
@@ -138,7 +187,7 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
             reply, failures = _ask_llm(state, failures, limit)
             if reply is not None:
                 return {"messages": [reply], "failures": failures, "seconds": runtime.elapsed()}
-        message = _policy_message(state, runtime)
+        message = _policy_message(view, runtime)
         if message is None:
             return {"stop_reason": "the policy has no step left", "seconds": runtime.elapsed()}
         if state["planner"] == "agent":
@@ -172,40 +221,67 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
                                       f"of: {', '.join(TOOL_NAMES)}.")]
         return None, failures
 
-    def route(state: AgentState) -> Literal["tools", "finalize"]:
-        """After plan: run the tool calls it produced, or finish when it produced none."""
+    def route(state: AgentState) -> Literal["tools", "review", "finalize"]:
+        """After plan: run the tool calls it produced (through review when the user approves redraws), or
+        finish when it produced none."""
         last = state["messages"][-1] if state.get("messages") else None
         if state.get("stop_reason") or not isinstance(last, AIMessage) or not last.tool_calls:
             return "finalize"
+        if state.get("approve") and any(c["name"] == "regenerate" for c in last.tool_calls):
+            return "review"
         return "tools"
+
+    def review(state: AgentState) -> dict[str, Any]:
+        """Human in the loop: pause before each regenerate with ``interrupt()`` and draw with the references the
+        user approves. The answer (``Command(resume=...)``) is ``{"reference_ids": [...], "references": {id:
+        record}}``: the ids to draw with, plus records for files the user named; no ids left turns the call into
+        a plain generate. The node re-runs from the top on resume, so it changes nothing before the last pause."""
+        last = state["messages"][-1]
+        calls, added, approved = [], {}, []
+        for call in last.tool_calls:
+            if call["name"] != "regenerate":
+                calls.append(call)
+                continue
+            args = call["args"]
+            proposed = list(args.get("reference_ids") or [])
+            answer = interrupt({"tool_call_id": call["id"], "prompt": args.get("prompt"),
+                                "ip_scale": args.get("ip_scale"), "reference_ids": proposed})
+            answer = answer if isinstance(answer, dict) else {}
+            added.update(answer.get("references") or {})
+            ids = list(answer.get("reference_ids", proposed))
+            approved.append({"proposed": proposed, "approved": ids})
+            if ids:
+                calls.append({**call, "args": {**args, "reference_ids": ids}})
+            else:
+                plain = {"prompt": args.get("prompt"), "seed": args.get("seed")}
+                calls.append({**call, "name": "generate", "args": plain})
+        ctx.record.append_step({"event": "review", "calls": approved})
+        # Same message id: add_messages replaces the planner's message, so the tools run the approved calls.
+        return {"messages": [last.model_copy(update={"tool_calls": calls})], "references": added}
 
     def finalize(state: AgentState) -> dict[str, Any]:
         """Pick the answer and the status: matched, budget_exhausted, or failed (nothing drawn)."""
-        best = best_candidate(state)
-        if best is None:
-            status = "failed"
-        elif (best.get("verdict") or {}).get("match"):
-            status = "matched"
-        else:
-            status = "budget_exhausted"
-        return {"status": status, "final_candidate": best["id"] if best else None, "seconds": runtime.elapsed()}
+        return {**outcome(state), "seconds": runtime.elapsed()}
 
     graph = StateGraph(AgentState)
     graph.add_node("plan", plan)
+    graph.add_node("review", review)
     graph.add_node("tools", ToolNode(tools))
     graph.add_node("finalize", finalize)
     graph.add_edge(START, "plan")
     graph.add_conditional_edges("plan", route)
+    graph.add_edge("review", "tools")
     graph.add_edge("tools", "plan")
     graph.add_edge("finalize", END)
     return graph
 
 
 def initial_state(prompt: str, *, seed: int, run_id: str, run_dir: str, planner: str,
-                  budget: dict[str, float]) -> dict[str, Any]:
+                  budget: dict[str, float], approve: bool = False) -> dict[str, Any]:
     return {"messages": [HumanMessage(prompt)], "prompt": prompt, "seed": seed, "run_id": run_id,
             "run_dir": run_dir, "planner": planner, "budget": budget, "candidates": {}, "references": {},
             "retrievals": [], "rounds": 0, "tool_calls": 0, "failures": 0, "fallback_steps": 0, "seconds": 0.0,
-            "finished": None, "status": None, "stop_reason": None, "final_candidate": None}
+            "finished": None, "status": None, "stop_reason": None, "final_candidate": None,
+            "approve": approve, "continue_from": None}
 
 

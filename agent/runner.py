@@ -15,9 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.checkpoint.sqlite import SqliteSaver
 
-from agent.graph import Runtime, build_graph, initial_state
+from agent.graph import Runtime, build_graph, initial_state, outcome
 from imgrag.errors import UserError
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, new_run_id, write_json_atomic
 from imgrag.settings import Settings
@@ -53,8 +54,11 @@ class Runner:
 
     # ----- one run -----
     def run(self, prompt: str, *, seed: int | None = None, max_rounds: int | None = None, planner: str = "agent",
-            run_id: str | None = None) -> dict[str, Any]:
-        """Run one prompt to a match or the budget; return result.json's document."""
+            run_id: str | None = None, approve: bool = False) -> dict[str, Any]:
+        """Run one prompt to a match or the budget; return result.json's document.
+
+        With ``approve`` (the chat's /approve on) the thread pauses before each regenerate: the result then
+        has ``pending`` (the interrupt's question) and is not final; answer with :meth:`continue_thread`."""
         prompt = (prompt or "").strip()
         if not prompt:
             raise UserError("the prompt is empty")
@@ -72,30 +76,74 @@ class Runner:
         budget = {"max_rounds": max_rounds or b.max_rounds, "max_tool_calls": b.max_tool_calls,
                   "max_seconds": b.max_seconds}
         state = initial_state(prompt, seed=self.settings.generation.seed if seed is None else seed, run_id=run_id,
-                              run_dir=str(run_dir), planner=planner, budget=budget)
+                              run_dir=str(run_dir), planner=planner, budget=budget, approve=approve)
         record = RunRecord(run_dir)
         record.append_step({"event": "start", "prompt": prompt, "planner": planner, "budget": budget,
                             "seed": state["seed"], "profile": self.settings.profile})
-        return self._drive(state, run_id, record)
+        return self._drive(state, run_id, record, state)
 
     def resume(self, run_id: str) -> dict[str, Any]:
         """Continue a run from its last checkpoint; finished steps are not redone."""
-        config = {"configurable": {"thread_id": run_id}}
-        snapshot = self._compile(None).get_state(config)
-        if not snapshot.values:
-            raise UserError(f"no run with thread id {run_id!r} in {self.settings.threads_db}")
+        snapshot = self.thread_state(run_id)
         record = RunRecord(snapshot.values["run_dir"])
         record.append_step({"event": "resume", "from_checkpoint": snapshot.config["configurable"].get("checkpoint_id")})
         return self._drive(None, run_id, record, snapshot.values)
+
+    # ----- threads (the chat) -----
+    def graph(self):
+        """The compiled graph over this runner's checkpointer, for reading and editing threads (state, history)."""
+        return self._compile(None)
+
+    def thread_state(self, thread_id: str):
+        """The thread's latest StateSnapshot; a UserError when the checkpointer has no such thread."""
+        snapshot = self.graph().get_state({"configurable": {"thread_id": thread_id}})
+        if not snapshot.values:
+            raise UserError(f"no run with thread id {thread_id!r} in {self.settings.threads_db}")
+        return snapshot
+
+    def continue_thread(self, thread_id: str, graph_input: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Invoke the graph again on an existing thread and return the result as :meth:`run` does.
+
+        ``graph_input`` is a state update (a chat follow-up: its HumanMessage, the new prompt and budget, merged by
+        the state's reducers), a ``Command(resume=...)`` answering a pause, or None to go on from the checkpoint.
+        ``event`` is appended to the thread's trace first."""
+        snapshot = self.thread_state(thread_id)
+        record = RunRecord(snapshot.values["run_dir"])
+        if event:
+            record.append_step(event)
+        values = {**snapshot.values, **graph_input} if isinstance(graph_input, dict) else snapshot.values
+        return self._drive(graph_input, thread_id, record, values)
+
+    def stop(self, thread_id: str, reason: str) -> dict[str, Any] | None:
+        """Close a request that was cut off (Ctrl-C, a killed process, an unanswered pause) at its last checkpoint:
+        answer its dangling tool calls, end with the best candidate so far, write result.json. None when the
+        thread has nothing in flight."""
+        graph = self.graph()
+        config = {"configurable": {"thread_id": thread_id}}
+        snapshot = graph.get_state(config)
+        if not snapshot.values or not snapshot.next:
+            return None
+        values = snapshot.values
+        messages = values.get("messages") or []
+        answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
+        last_ai = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
+        closing = [ToolMessage(f"Not run: {reason}.", tool_call_id=c["id"], name=c["name"], status="error")
+                   for c in (last_ai.tool_calls if last_ai else []) if c["id"] not in answered]
+        # As if finalize ran: the next step is END, so the thread is settled and takes new requests.
+        graph.update_state(config, {"messages": closing, "stop_reason": reason, **outcome(values)}, as_node="finalize")
+        record = RunRecord(values["run_dir"])
+        result = self._result(graph.get_state(config).values, record)
+        record.append_step({"event": "stopped", "reason": reason, "final_image": result["final_image"]})
+        record.write_result(result)
+        return result
 
     def _compile(self, runtime: Runtime | None):
         runtime = runtime or Runtime(ToolContext(self.settings, self.manager, RunRecord(self.settings.output_dir)))
         return build_graph(runtime).compile(checkpointer=self.checkpointer)
 
-    def _drive(self, state: dict[str, Any] | None, run_id: str, record: RunRecord,
-               previous: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Stream the graph from ``state`` (or from the checkpoint when None) and write result.json."""
-        values = state or previous or {}
+    def _drive(self, graph_input: Any, run_id: str, record: RunRecord, values: dict[str, Any]) -> dict[str, Any]:
+        """Stream the graph from ``graph_input`` (a state, an update, a Command, or None for the checkpoint) and
+        write result.json; ``values`` is the state the run starts from (for its clock and budget)."""
         ctx = ToolContext(self.settings, self.manager, record, on_event=self.on_event,
                           reference_store=self.reference_store)
         runtime = Runtime(ctx, seconds_before=float(values.get("seconds") or 0.0))
@@ -103,11 +151,15 @@ class Runner:
         config = {"configurable": {"thread_id": run_id},
                   "recursion_limit": 4 * int(values["budget"]["max_tool_calls"]) + 20}
         self.on_event({"event": "run_start", "run_id": run_id, "run_dir": str(record.dir)})
-        for _ in graph.stream(state, config, stream_mode="updates"):
+        for _ in graph.stream(graph_input, config, stream_mode="updates"):
             pass
         self.reference_store = ctx.reference_store  # keep the opened store for the next run of a batch
-        final = graph.get_state(config).values
-        result = self._result(final, record)
+        snapshot = graph.get_state(config)
+        result = self._result(snapshot.values, record)
+        if snapshot.interrupts:  # paused for the user (review): not over, so no result.json yet
+            result["pending"] = [i.value for i in snapshot.interrupts]
+            self.on_event({"event": "paused", "run_id": run_id})
+            return result
         record.append_step({"event": "end", "status": result["status"], "final_image": result["final_image"]})
         record.write_result(result)
         ends = ("run_id", "status", "stop_reason", "final_image")
@@ -176,7 +228,7 @@ class Runner:
                     item["status"] = "running"
                     write_json_atomic(batch_dir / "batch.json", state)
                     result = self.run(item["prompt"], seed=item.get("seed"),
-                                      max_rounds=item.get("max_rounds") or max_rounds, planner=planner,
+                                      max_rounds=max_rounds or item.get("max_rounds"), planner=planner,
                                       run_id=item["run_id"])
                 item.update(status=result["status"], final_image=result["final_image"], rounds=result["rounds"],
                             seconds=result["seconds"], error=None)

@@ -38,3 +38,6 @@ class AgentState(TypedDict, total=False):
     status: str | None  # matched | budget_exhausted | failed, once the run ends
     stop_reason: str | None
     final_candidate: str | None
+    # The terminal chat (agent/chat.py) sets these; a plain run leaves them at their defaults.
+    approve: bool  # pause before each regenerate so the user reviews its references (interrupt in ``review``)
+    continue_from: dict | None  # {candidate_id, rounds, retrievals_from?}: a follow-up repairs the best; see graph

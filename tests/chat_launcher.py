@@ -1,0 +1,110 @@
+"""Starts ``imgrag chat`` for the pseudo-terminal tests, with the agent LLM replaced by a scripted fake.
+
+    python -m tests.chat_launcher --profile tiny [chat options...]
+
+The generator, judge and embedder are the real tiny models, loaded through the model manager as in real
+use; only the LLM (random weights in the tiny kit, so it never produces a tool call) and the reference store
+(so no test needs Chroma and an index) are stand-ins. Environment:
+
+    CHAT_TEST_LLM_SCRIPT  a JSON file: tool calls [{"name", "args"}] the LLM answers with, in order; after
+                            them it only chats (no tool call), so the fixed policy takes each step
+    CHAT_TEST_LLM_LOG     a file: every conversation the LLM is shown is appended as one JSON line
+    CHAT_TEST_REFS        a folder of images the store returns (the first k, in name order, for any query)
+
+The first drawing whose prompt contains "slowly" reports denoising steps for a minute before it draws, so a
+test can press Ctrl-C in the middle of it; later drawings are quick again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from langchain_core.messages import AIMessage
+
+from tests.fakes import ScriptedChatModel
+
+
+class LoggingChatModel(ScriptedChatModel):
+    """A scripted LLM that writes down what it was shown."""
+
+    log_path: str = ""
+
+    def _generate(self, messages: list, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Any:
+        if self.log_path:
+            shown = [{"type": m.type, "content": str(m.content)} for m in messages]
+            with open(self.log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(shown) + "\n")
+        return super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+
+
+def scripted_llm(settings: Any) -> LoggingChatModel:
+    script = []
+    path = os.environ.get("CHAT_TEST_LLM_SCRIPT")
+    if path:
+        for i, step in enumerate(json.loads(Path(path).read_text())):
+            call = {"name": step["name"], "args": step.get("args", {}), "id": f"scripted-{i}", "type": "tool_call"}
+            script.append(AIMessage(content="", tool_calls=[call]))
+    chatter = AIMessage(content="I would rather talk about the weather.")
+    return LoggingChatModel(messages=itertools.chain(script, itertools.repeat(chatter)),
+                            log_path=os.environ.get("CHAT_TEST_LLM_LOG", ""))
+
+
+class FolderReference:
+    def __init__(self, path: Path, query: str, rank: int) -> None:
+        self.id, self.path, self.query = f"ref-{path.stem}", str(path), query
+        self.score, self.caption = round(0.9 - 0.1 * rank, 3), f"a photo of {path.stem}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "path": self.path, "score": self.score, "caption": self.caption, "query": self.query}
+
+
+class FolderStore:
+    """The reference store's interface over a folder: any query finds its first k images."""
+
+    def __init__(self, folder: Path) -> None:
+        self.paths = sorted(p for p in folder.iterdir() if p.suffix == ".png")
+
+    def count(self) -> int:
+        return len(self.paths)
+
+    def retrieve(self, embedder: Any, queries: list[str], k: int = 2, **_: Any) -> list[FolderReference]:
+        return [FolderReference(p, q, i) for q in queries for i, p in enumerate(self.paths[:k])]
+
+
+def install_fakes() -> None:
+    import imgrag.engine
+    import imgrag.store
+    from imgrag.generator import Generator
+
+    imgrag.engine._load_llm = scripted_llm  # build_manager's loader looks the name up when it loads
+    refs = os.environ.get("CHAT_TEST_REFS")
+    if refs:
+        store = FolderStore(Path(refs))
+        imgrag.store.ReferenceStore.open = classmethod(lambda cls, *args, **kwargs: store)
+
+    real_generate = Generator.generate
+    slow = {"left": 1}
+
+    def generate(self: Any, prompt: str, *args: Any, on_step: Any = None, **kwargs: Any) -> Any:
+        if "slowly" in prompt and slow["left"]:
+            slow["left"] -= 1
+            for step in range(600):
+                time.sleep(0.1)
+                if on_step is not None:
+                    on_step(step + 1, 600)
+        return real_generate(self, prompt, *args, on_step=on_step, **kwargs)
+
+    Generator.generate = generate
+
+
+if __name__ == "__main__":
+    install_fakes()
+    from agent.cli import main
+
+    main(["chat", *sys.argv[1:]])
