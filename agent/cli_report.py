@@ -42,7 +42,7 @@ def report(
     if as_json:
         print_json({"report": str(target), "kind": kind, "bytes": target.stat().st_size})
         return
-    out.print(f"{kind} report: {target}")
+    out.print(f"{kind} report: {target}", soft_wrap=True)
 
 
 def _print_eval(doc: dict[str, Any]) -> None:
@@ -63,7 +63,7 @@ def _print_eval(doc: dict[str, Any]) -> None:
     out.print(f"mean seconds per prompt: {stages}")
     if agg.get("errors"):
         out.print(f"[red]{agg['errors']} prompt(s) had errors[/]: see eval.json")
-    out.print(f"eval folder: {doc['eval_dir']} (eval.csv, eval.json, report.html)")
+    out.print(f"eval folder: {doc['eval_dir']} (eval.csv, eval.json, report.html)", soft_wrap=True)
 
 
 @app.command("eval")

@@ -53,7 +53,7 @@ class _RateColumn(ProgressColumn):
     def render(self, task: Any) -> Text:
         elapsed = task.elapsed or 0.0
         rate = task.completed / elapsed if elapsed > 0 else 0.0
-        return Text(f"{rate:7.1f} img/s", style="cyan")
+        return Text(f"{rate:7.1f} files/s", style="cyan")
 
 
 class _IndexProgress:
@@ -72,7 +72,7 @@ class _IndexProgress:
             self.bar(done, total)
         elif done:
             rate = done / max(time.perf_counter() - self.start, 1e-9)
-            err.print(f"indexed {done}/{total} images ({rate:.1f} img/s)", highlight=False)
+            err.print(f"read {done}/{total} files ({rate:.1f} files/s)", highlight=False)
 
     def close(self) -> None:
         self.bar.close()
@@ -141,7 +141,7 @@ def _print_summary(summary: dict[str, Any], location: str) -> None:
 @app.command()
 def search(
     text: Annotated[str | None, typer.Argument(help="What to look for (leave out with --image).")] = None,
-    k: Annotated[int, typer.Option("-k", "--k", help="How many results.")] = 5,
+    k: Annotated[int, typer.Option("-k", "--top-k", help="How many results.")] = 5,
     image: Annotated[Path | None, typer.Option("--image", help="Find pictures like this one instead.")] = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
