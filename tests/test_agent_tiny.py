@@ -10,16 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent.cli import main
+from tests.cli import run_cli
 
 MODELS = {"generator", "judge", "llm", "embedder"}
-
-
-def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 @pytest.fixture

@@ -9,17 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent.cli import main
 from agent.cli_common import TINY_WARNING
+from tests.cli import run_cli
 
 INDEX_KEYS = {"added", "updated", "unchanged", "removed", "skipped", "total", "seconds"}
-
-
-def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 @pytest.fixture
