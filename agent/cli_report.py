@@ -32,8 +32,10 @@ def report(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write one self-contained HTML page (images inlined) of a run: the prompt, every round's picture
-    with the judge's verdict and missing concepts, the references retrieved with scores, the timing of
+    """Write a self-contained HTML page of a run, a batch or an eval folder.
+
+    The page (images inlined) shows the prompt, every round's picture with the judge's verdict and missing
+    concepts, the references retrieved with scores, the timing of
     every step and the model loads. A batch folder gets an index of its prompts with each run inlined."""
     from imgrag.report import folder_kind, write_report
 
@@ -81,8 +83,10 @@ def eval_command(
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Plain generation against the agent on the same prompts and seeds: CLIP text-image score, CLIP
-    image-image score against a gold picture, DINO score (when models.dino is set), the judge's match
+    """Compare plain generation with the agent on the same prompts and seeds.
+
+    Scores: CLIP text-image, CLIP image-image against a gold picture, DINO (when models.dino is set), the
+    judge's match
     rate, rounds and seconds per stage. Writes eval.csv, eval.json and report.html in an eval folder."""
     from agent.evaluation import Evaluation, read_eval_file
     from imgrag.errors import UserError

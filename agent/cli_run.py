@@ -91,8 +91,9 @@ def run(
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Draw, judge, retrieve references for what is missing, and redraw until the judge reports a match
-    or the budget is spent; the best picture wins.
+    """Draw, judge, retrieve for what is missing and redraw, until a match or the budget.
+
+    The best picture wins: a judge match first, then the best CLIP text-image score.
 
     Writes a run folder (candidates/, trace.jsonl, result.json). With --json, prints result.json.
     """
