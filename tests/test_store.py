@@ -596,7 +596,7 @@ def test_kill_9_mid_index_then_rerun_indexes_every_file_exactly_once(tmp_path: P
     killed_at = None
     try:
         for line in proc.stderr:
-            if line.startswith("indexed "):
+            if line.startswith("read "):
                 done = int(line.split()[1].split("/")[0])
                 if done >= 40:
                     assert proc.poll() is None
