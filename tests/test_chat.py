@@ -278,7 +278,9 @@ def test_threads_resume_and_undo_across_sessions(settings, tmp_path: Path) -> No
     again.resume(thread)
     result = again.send("make the retriever golden")
     assert result["prompt"] == "a retriever and a cradle; make the retriever golden"
-    assert [c["id"] for c in result["candidates"]] == ["c0", "c1"]
+    # The undone request's c1.png stays on disk; the new picture takes the next free name.
+    assert [c["id"] for c in result["candidates"]] == ["c0", "c2"]
+    assert Path(result["candidates"][1]["path"]).name == "c2.png"
 
     # imgrag chat --thread: a saved thread by a unique start of its id, else the name of a new one.
     named = make_session(settings, tmp_path)

@@ -83,3 +83,14 @@ def test_finish_needs_a_matched_candidate(node_and_state) -> None:
     _, _, state = call_tool(node, state, "critique", candidate_id="c0")
     status, content, _ = call_tool(node, state, "finish", candidate_id="c0")
     assert status == "error" and "did not match" in content
+
+
+def test_a_new_candidate_never_overwrites_a_picture_left_on_disk(tmp_path: Path) -> None:
+    """After a chat /undo (or a crash before the checkpoint) the state forgets c1, but its file stays."""
+    settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path)})
+    record = RunRecord(tmp_path / "run")
+    ctx = ToolContext(settings, FakeManager({}), record)
+    record.candidate_path("c1").write_bytes(b"an undone picture")
+    assert ctx.allocate_candidate_id({"c0": {}}) == "c2"
+    assert ctx.allocate_candidate_id({"c0": {}}) == "c3"  # and two calls in one turn never share an id
+    assert record.candidate_path("c1").read_bytes() == b"an undone picture"

@@ -34,6 +34,10 @@ class ToolContext:
         with self._lock:
             taken = {int(cid[1:]) for cid in existing if cid[1:].isdigit()}
             n = max([self._next_candidate - 1, *taken], default=-1) + 1
+            # A picture on disk that the state no longer lists (a chat /undo, a crash before the checkpoint)
+            # keeps its file: the new candidate takes the next free name instead of overwriting it.
+            while self.record.candidate_path(f"c{n}").exists():
+                n += 1
             self._next_candidate = n + 1
             return f"c{n}"
 
