@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -44,24 +45,44 @@ def probe_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[i
         raise UserError(f"{path}: not an image file (or a format Pillow cannot read)") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if width * height > max_pixels:
-        raise UserError(f"{path}: {width}x{height} exceeds the {max_pixels // 1_000_000} megapixel limit "
-                        "(a decompression bomb, or a picture too large to use)")
+    check_pixels(path, width, height, max_pixels)
     if width == 0 or height == 0:
         raise UserError(f"{path}: image has no pixels")
     return width, height
 
 
-def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open, fully decode, turn upright per its EXIF orientation and convert to RGB; raise UserError naming
-    the file on any problem. (A phone photo stored sideways must be seen upright by CLIP and IP-Adapter.)"""
-    probe_image(path, max_pixels)
+def check_pixels(name: str | Path, width: int, height: int, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Refuse a picture whose header claims more than ``max_pixels`` before any pixel is decoded."""
+    if width * height > max_pixels:
+        raise UserError(f"{name}: {width}x{height} exceeds the {max_pixels // 1_000_000} megapixel limit "
+                        "(a decompression bomb, or a picture too large to use)")
+
+
+def decode_rgb(source: str | Path | BinaryIO, name: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS,
+               draft_box: int | None = None) -> Image.Image:
+    """Fully decode ``source`` (a path or a file object), upright per its EXIF orientation, as RGB.
+
+    ``name`` is what errors call it. The header's size is checked again (the bytes may not be those that
+    were probed), and truncated data, seen only when the pixels are decoded, is a UserError. ``draft_box``
+    lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale when only that many pixels are needed.
+    (A phone photo stored sideways must be seen upright by CLIP and IP-Adapter.)
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
+                check_pixels(name, *im.size, max_pixels)
+                if draft_box and im.format == "JPEG":
+                    im.draft("RGB", (draft_box, draft_box))
                 im.load()
                 return ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, SyntaxError, ValueError) as exc:
-        # Truncated or corrupt data shows up only when the pixels are decoded.
-        raise UserError(f"{path}: corrupt or truncated image ({exc})") from None
+    except UserError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UserError(f"{name}: corrupt or truncated image ({exc})") from None
+
+
+def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open a user's picture as upright RGB; raise UserError naming the file on any problem."""
+    probe_image(path, max_pixels)  # the clear reasons: no such file, empty, not an image, unreadable, a bomb
+    return decode_rgb(path, path, max_pixels=max_pixels)

@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,10 +44,10 @@ from typing import Any, Protocol, TypedDict
 from urllib.parse import urlparse
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from imgrag.errors import UserError
-from imgrag.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, probe_image
+from imgrag.images import IMAGE_SUFFIXES, decode_rgb, probe_image
 from imgrag.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -188,9 +187,10 @@ class ImageFile:
         return [self.size, self.mtime_ns, *caption_stat]
 
 
-def content_id(data: bytes) -> str:
-    """The store id of a picture: a truncated sha256 of its bytes (same bytes, same id, wherever they are)."""
-    return hashlib.sha256(data).hexdigest()[:ID_HEX_CHARS]
+def content_digest(data: bytes) -> str:
+    """The sha256 of a picture's bytes; its first ``ID_HEX_CHARS`` are the store id (same bytes, same id,
+    wherever they are)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def _caption_stat(path: str | None) -> tuple[int, int]:
@@ -304,28 +304,9 @@ def _user_reason(exc: UserError, path: str) -> str:
 
 
 def decode_image(data: bytes, path: str) -> Image.Image:
-    """Decode bytes already read (so the embedding matches the hashed content) into an RGB picture.
-
-    The same guards as :func:`imgrag.images.open_image`: the size the header claims is checked before
-    decoding, and truncated data (seen only when the pixels are decoded) is a :class:`UserError`.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise UserError(f"{path}: {width}x{height} exceeds the {MAX_IMAGE_PIXELS // 1_000_000} "
-                                    "megapixel limit")
-                if im.format == "JPEG":
-                    im.draft("RGB", (DECODE_BOX, DECODE_BOX))  # let libjpeg decode at 1/2, 1/4 or 1/8 scale
-                im.load()
-                # Phone photos store their rotation in EXIF; CLIP should see the picture upright.
-                picture = ImageOps.exif_transpose(im).convert("RGB")
-    except UserError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"{path}: corrupt or truncated image ({exc})") from None
+    """Decode bytes already read (so the embedding matches the hashed content) into an RGB picture no larger
+    than the embedder needs, with :func:`imgrag.images.decode_rgb`'s guards."""
+    picture = decode_rgb(io.BytesIO(data), path, draft_box=DECODE_BOX)
     if max(picture.size) > DECODE_BOX:
         picture.thumbnail((DECODE_BOX, DECODE_BOX), Image.Resampling.BICUBIC)
     return picture
@@ -686,7 +667,8 @@ class _IndexJob:
                 self._skip(f.path, reason)
                 self.timings["read_hash"] += time.perf_counter() - t0
                 continue
-            ref_id = content_id(data)
+            digest = content_digest(data)
+            ref_id = digest[:ID_HEX_CHARS]
             # The signature is of the bytes we read (the file may have changed since the walk).
             signature = [len(data), st.st_mtime_ns, *_caption_stat(f.caption_path)]
             self.timings["read_hash"] += time.perf_counter() - t0
@@ -699,7 +681,7 @@ class _IndexJob:
                     continue
                 finally:
                     self.timings["decode"] += time.perf_counter() - t0
-                self.entries[ref_id] = _Entry({"sha256": hashlib.sha256(data).hexdigest(), "width": width,
+                self.entries[ref_id] = _Entry({"sha256": digest, "width": width,
                                                "height": height, "bytes": len(data)})
                 new.append((ref_id, picture))
             previous = self.owners.get(f.path, [])

@@ -222,7 +222,7 @@ def test_reindex_is_idempotent_and_reads_nothing(tmp_path: Path, colours: Path,
     # Unchanged files must not be probed, read, hashed, decoded or embedded.
     monkeypatch.setattr(store_mod, "probe_image", forbidden)
     monkeypatch.setattr(store_mod, "decode_image", forbidden)
-    monkeypatch.setattr(store_mod, "content_id", forbidden)
+    monkeypatch.setattr(store_mod, "content_digest", forbidden)
     monkeypatch.setattr(Image, "open", forbidden)
     calls = emb.image_calls
     again = open_store(tmp_path, emb).index([colours], emb)
@@ -244,7 +244,7 @@ def test_touched_file_is_hashed_but_not_embedded_again(tmp_path: Path, colours: 
     assert (summary["added"], summary["updated"], summary["unchanged"]) == (0, 0, 5)
     assert emb.image_calls == calls
     # The new mtime is recorded: a third run does not even hash it.
-    monkeypatch.setattr(store_mod, "content_id", lambda *a: (_ for _ in ()).throw(AssertionError("hashed")))
+    monkeypatch.setattr(store_mod, "content_digest", lambda *a: (_ for _ in ()).throw(AssertionError("hashed")))
     assert store.index([colours], emb)["unchanged"] == 5
 
 
