@@ -103,14 +103,14 @@ class DinoScorer:
     def __init__(self, checkpoint: str, device: str = "cpu", dtype: Any = None) -> None:
         from transformers import AutoImageProcessor, AutoModel
 
+        from imgrag.checkpoints import first_line
         from imgrag.errors import ModelLoadError
 
         try:
             self.processor = AutoImageProcessor.from_pretrained(checkpoint)
             self.model = AutoModel.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
         except Exception as exc:  # transformers raises OSError/ValueError/hub errors; name the checkpoint
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise ModelLoadError(f"cannot load the DINO checkpoint {checkpoint!r}: {first}") from exc
+            raise ModelLoadError(f"cannot load the DINO checkpoint {checkpoint!r}: {first_line(exc)}") from exc
         self.checkpoint = checkpoint
         self.device = device
 

@@ -51,6 +51,7 @@ class Runner:
         self.on_event = on_event or (lambda event: None)
         self.checkpointer = checkpointer or open_checkpointer(settings.threads_db)
         self.reference_store = reference_store  # None: opened from settings.store on first retrieval
+        self._reader: Any = None  # the compiled graph for reading and editing threads, built on first use
 
     # ----- one run -----
     def run(self, prompt: str, *, seed: int | None = None, max_rounds: int | None = None, planner: str = "agent",
@@ -91,8 +92,12 @@ class Runner:
 
     # ----- threads (the chat) -----
     def graph(self):
-        """The compiled graph over this runner's checkpointer, for reading and editing threads (state, history)."""
-        return self._compile(None)
+        """The compiled graph over this runner's checkpointer, for reading and editing threads (state, history).
+
+        Compiled once: it runs no node, so it needs no run's context (the chat reads state many times a turn)."""
+        if self._reader is None:
+            self._reader = self._compile(None)
+        return self._reader
 
     def thread_state(self, thread_id: str):
         """The thread's latest StateSnapshot; a UserError when the checkpointer has no such thread."""

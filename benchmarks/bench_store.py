@@ -142,11 +142,10 @@ def tiny_random_embedder() -> Embedder:
     """A 32-px random ViT: cheap enough to fill a 10,000-file store; the re-index never calls it."""
     import open_clip
 
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
-                                           "head_width": 32},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-    model = open_clip.CLIP(**cfg)
-    preprocess = open_clip.image_transform(32, is_train=False)
+    from imgrag.tiny_kit import OPEN_CLIP_MODEL_CFG
+
+    model = open_clip.CLIP(**OPEN_CLIP_MODEL_CFG)
+    preprocess = open_clip.image_transform(OPEN_CLIP_MODEL_CFG["vision_cfg"]["image_size"], is_train=False)
     return Embedder(model, preprocess, open_clip.get_tokenizer("ViT-B-32"), "bench:tiny-random")
 
 

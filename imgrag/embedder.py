@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imgrag.checkpoints import download_hint, first_line, hub_cached
 from imgrag.errors import ModelLoadError
 from imgrag.settings import Settings
 
@@ -67,11 +68,8 @@ class Embedder:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=None if name.startswith((LOCAL_DIR, HF_HUB)) else pretrained)
             tokenizer = open_clip.get_tokenizer(name)
-        except ModelLoadError:
-            raise
         except Exception as exc:  # open_clip raises RuntimeError/ValueError/FileNotFoundError/hub errors
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise ModelLoadError(f"cannot load the embedder {name!r}: {first_line}") from exc
+            raise ModelLoadError(f"cannot load the embedder {name!r}: {first_line(exc)}") from exc
         embedder = cls(model, preprocess, tokenizer, model_id)
         device = device or settings.resolved_device()
         dtype = settings.torch_dtype() if device.startswith("cuda") else None
@@ -180,8 +178,6 @@ def _model_identity(name: str, pretrained: str | None) -> str:
         return f"local-dir:{folder.resolve().name}@{_fingerprint([config, *weights])}"
     if name.startswith(HF_HUB):
         repo = name[len(HF_HUB):]
-        from imgrag.checkpoints import download_hint, hub_cached
-
         if not hub_cached(repo):
             raise ModelLoadError(f"embedder: {download_hint(repo)} (a local-dir: copy also works)")
         return name

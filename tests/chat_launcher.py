@@ -27,7 +27,7 @@ from typing import Any
 
 from langchain_core.messages import AIMessage
 
-from tests.fakes import ScriptedChatModel
+from tests.fakes import FakeReference, ScriptedChatModel
 
 
 class LoggingChatModel(ScriptedChatModel):
@@ -55,15 +55,6 @@ def scripted_llm(settings: Any) -> LoggingChatModel:
                             log_path=os.environ.get("CHAT_TEST_LLM_LOG", ""))
 
 
-class FolderReference:
-    def __init__(self, path: Path, query: str, rank: int) -> None:
-        self.id, self.path, self.query = f"ref-{path.stem}", str(path), query
-        self.score, self.caption = round(0.9 - 0.1 * rank, 3), f"a photo of {path.stem}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "path": self.path, "score": self.score, "caption": self.caption, "query": self.query}
-
-
 class FolderStore:
     """The reference store's interface over a folder: any query finds its first k images."""
 
@@ -73,8 +64,9 @@ class FolderStore:
     def count(self) -> int:
         return len(self.paths)
 
-    def retrieve(self, embedder: Any, queries: list[str], k: int = 2, **_: Any) -> list[FolderReference]:
-        return [FolderReference(p, q, i) for q in queries for i, p in enumerate(self.paths[:k])]
+    def retrieve(self, embedder: Any, queries: list[str], k: int = 2, **_: Any) -> list[FakeReference]:
+        return [FakeReference(f"ref-{p.stem}", str(p), round(0.9 - 0.1 * i, 3), f"a photo of {p.stem}", q)
+                for q in queries for i, p in enumerate(self.paths[:k])]
 
 
 def install_fakes() -> None:
