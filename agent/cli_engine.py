@@ -7,9 +7,7 @@ stdout (one JSON document with ``--json``), the denoising bar and messages to st
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,6 +30,7 @@ from agent.cli_common import (
 )
 from imgrag.errors import UserError
 from imgrag.images import open_image
+from imgrag.runs import atomic_path
 
 # Formats Pillow writes from the file name alone.
 OUTPUT_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -49,15 +48,8 @@ def parse_size(text: str | None) -> tuple[int | None, int | None]:
 
 def _save_atomically(image: Any, path: Path) -> None:
     """Write next to the target and rename, so a crash never leaves half a picture under the name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @app.command()

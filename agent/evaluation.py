@@ -32,7 +32,7 @@ from typing import Any
 from agent.runner import PLANNERS, TINY_NOTE, Runner, read_prompt_file
 from imgrag.errors import UserError
 from imgrag.images import open_image
-from imgrag.runs import write_json_atomic
+from imgrag.runs import atomic_path, write_json_atomic
 from imgrag.settings import Settings
 
 # Columns of eval.csv, in order. Empty cells mean "not measured" (no gold image, no DINO checkpoint, an error).
@@ -362,10 +362,8 @@ def csv_row(record: dict[str, Any]) -> dict[str, Any]:
 
 def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
     """eval.csv, one row per prompt (written to a temporary file, then renamed)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for record in records:
             writer.writerow({k: ("" if v is None else v) for k, v in csv_row(record).items()})
-    tmp.replace(path)

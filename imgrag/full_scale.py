@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imgrag.runs import write_json_atomic
 from imgrag.tiny_kit import (
     IP_ADAPTER_IMAGE_ENCODER_FOLDER,
     IP_ADAPTER_NUM_TOKENS,
@@ -185,9 +186,7 @@ def build_full_kit(out_dir: Path, *, seed: int = 0, force: bool = False,
             torch.cuda.empty_cache()
     marker = {"version": KIT_VERSION, "seed": seed, "scale": "full", "models": dict(MODEL_DIRS), "dtype": dtype,
               "parameters": params}
-    tmp = out_dir / f".{MARKER_NAME}.tmp"
-    tmp.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, marker_path)
+    write_json_atomic(marker_path, marker)
     return paths
 
 

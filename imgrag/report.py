@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from imgrag.errors import UserError
+from imgrag.runs import atomic_path
 
 # Largest side of an inlined thumbnail, in pixels. Candidates are shown at up to this size.
 THUMB_PX = 384
@@ -541,8 +542,6 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
     kind = folder_kind(path)
     page = {"run": render_run, "batch": render_batch, "eval": render_eval}[kind](path)
     target = Path(out) if out else path / "report.html"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(target)
+    with atomic_path(target) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return target

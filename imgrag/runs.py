@@ -14,6 +14,8 @@ import re
 import secrets
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +27,30 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def write_json_atomic(path: Path, document: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` for the block to write; fsynced and renamed over ``path`` when the
+    block ends, removed if it fails, so a crash never leaves half a file under the name.
+
+    The temporary name ends in ``path``'s own suffix, so writers that choose a format by it (Pillow) work.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(document, fh, indent=2, default=str)
-            fh.write("\n")
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, document: Any) -> None:
+    """Write JSON to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 class RunRecord:

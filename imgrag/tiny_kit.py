@@ -34,6 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from imgrag.runs import write_json_atomic
+
 KIT_VERSION = 2
 DEFAULT_SEED = 0
 MARKER_NAME = "kit.json"
@@ -402,9 +404,7 @@ def _build_into(final: Path, build: Callable[[Path], None]) -> None:
 
 def _write_marker(out_dir: Path, seed: int) -> None:
     marker = {"version": KIT_VERSION, "seed": seed, "models": dict(MODEL_DIRS)}
-    tmp = out_dir / f".{MARKER_NAME}.tmp"
-    tmp.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / MARKER_NAME)
+    write_json_atomic(out_dir / MARKER_NAME, marker)
 
 
 # ----------------------------------------------------------------------------------------------
