@@ -139,8 +139,10 @@ class QwenChatModel(BaseChatModel):
     model_name: str = "qwen-local"
 
     @classmethod
-    def from_pretrained(cls, settings: Settings, device: str | None = None) -> QwenChatModel:
-        """Load ``settings.models.llm`` (safetensors only, no remote code) onto ``device``."""
+    def from_pretrained(cls, settings: Settings, device: str | None = None, *, place: bool = True) -> QwenChatModel:
+        """Load ``settings.models.llm`` (safetensors only, no remote code) onto ``device``.
+
+        ``place=False`` leaves it in CPU RAM (in the dtype chosen for ``device``) for the model manager to move."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         ref = settings.models.llm
@@ -154,7 +156,7 @@ class QwenChatModel(BaseChatModel):
             raise ModelLoadError(f"{ref} has no chat template (expected {LLM_EXPECTED})")
         chat = cls(model=model.eval(), tokenizer=tokenizer, max_new_tokens=settings.llm.max_new_tokens,
                    temperature=settings.llm.temperature, model_name=str(ref))
-        return chat.to(device)
+        return chat.to(device) if place else chat
 
     def to(self, device: str) -> QwenChatModel:
         self.model.to(device)
@@ -215,11 +217,12 @@ class QwenChatModel(BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=message)])
 
 
-def make_chat_model(settings: Settings) -> BaseChatModel:
-    """The profile's agent LLM: "local" (transformers, in this process) or "openai" (vLLM, Ollama, ...)."""
+def make_chat_model(settings: Settings, device: str | None = None, *, place: bool = True) -> BaseChatModel:
+    """The profile's agent LLM: "local" (transformers, in this process; ``device`` and ``place`` as in
+    :meth:`QwenChatModel.from_pretrained`) or "openai" (vLLM, Ollama, ...)."""
     backend = settings.models.llm_backend
     if backend == "local":
-        return QwenChatModel.from_pretrained(settings)
+        return QwenChatModel.from_pretrained(settings, device, place=place)
     if backend == "openai":
         if not settings.models.llm_base_url:
             raise UserError("models.llm_base_url must name the server (e.g. http://localhost:8000/v1) "

@@ -55,8 +55,10 @@ class Embedder:
 
     # ----- loading -----
     @classmethod
-    def from_pretrained(cls, settings: Settings, device: str | None = None) -> Embedder:
-        """Load ``settings.models.embedder`` onto ``device`` (default: the settings' device and dtype)."""
+    def from_pretrained(cls, settings: Settings, device: str | None = None, *, place: bool = True) -> Embedder:
+        """Load ``settings.models.embedder`` onto ``device`` (default: the settings' device and dtype).
+
+        ``place=False`` leaves it in CPU RAM (in the dtype chosen for ``device``) for the model manager to move."""
         import open_clip
 
         name = settings.models.embedder.strip()
@@ -73,7 +75,7 @@ class Embedder:
         embedder = cls(model, preprocess, tokenizer, model_id)
         device = device or settings.resolved_device()
         dtype = settings.torch_dtype() if device.startswith("cuda") else None
-        return embedder.to(device, dtype)
+        return embedder.to(device if place else "cpu", dtype)
 
     def to(self, device: str, dtype: Any = None) -> Embedder:
         """Move the model (the model manager calls this to evict to CPU and bring back); returns self."""

@@ -53,8 +53,10 @@ class Generator:
         pipe.set_progress_bar_config(disable=True)  # the command line draws its own bar from on_step
 
     @classmethod
-    def from_pretrained(cls, settings: Settings, device: str | None = None) -> Generator:
-        """Load ``settings.models.generator`` (safetensors only) onto ``device`` (default: the settings')."""
+    def from_pretrained(cls, settings: Settings, device: str | None = None, *, place: bool = True) -> Generator:
+        """Load ``settings.models.generator`` (safetensors only) onto ``device`` (default: the settings').
+
+        ``place=False`` leaves it in CPU RAM (in the dtype chosen for ``device``) for the model manager to move."""
         from diffusers import AutoPipelineForText2Image, StableDiffusionXLPipeline
 
         ref = settings.models.generator
@@ -63,7 +65,8 @@ class Generator:
                                                              use_safetensors=True)
         if not isinstance(pipe, StableDiffusionXLPipeline):
             raise ModelLoadError(f"{ref} holds a {type(pipe).__name__}, not the generator (expected {SDXL_EXPECTED})")
-        return cls(pipe, settings).to(device or settings.resolved_device())
+        generator = cls(pipe, settings)
+        return generator.to(device or settings.resolved_device()) if place else generator
 
     def to(self, device: str) -> Generator:
         """Move the whole pipeline (adapter included); the model manager calls this."""

@@ -242,8 +242,10 @@ class Judge:
         self.settings = settings
 
     @classmethod
-    def from_pretrained(cls, settings: Settings, device: str | None = None) -> Judge:
-        """Load ``settings.models.judge`` (safetensors only, no remote code) onto ``device``."""
+    def from_pretrained(cls, settings: Settings, device: str | None = None, *, place: bool = True) -> Judge:
+        """Load ``settings.models.judge`` (safetensors only, no remote code) onto ``device``.
+
+        ``place=False`` leaves it in CPU RAM (in the dtype chosen for ``device``) for the model manager to move."""
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
         ref = settings.models.judge
@@ -253,7 +255,8 @@ class Judge:
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 ref, dtype=qwen_dtype(settings, device), trust_remote_code=False, use_safetensors=True)
             processor = AutoProcessor.from_pretrained(ref, trust_remote_code=False)
-        return cls(model, processor, settings).to(device)
+        judge = cls(model, processor, settings)
+        return judge.to(device) if place else judge
 
     def to(self, device: str) -> Judge:
         self.model.to(device)

@@ -43,7 +43,7 @@ class LoggingChatModel(ScriptedChatModel):
         return super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
 
 
-def scripted_llm(settings: Any) -> LoggingChatModel:
+def scripted_llm(settings: Any, *_: Any) -> LoggingChatModel:
     script = []
     path = os.environ.get("CHAT_TEST_LLM_SCRIPT")
     if path:

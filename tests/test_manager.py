@@ -232,3 +232,14 @@ def test_real_tiny_models_load_once_each(tiny_settings: Settings) -> None:
             assert judge.judge(picture, "a red square").raw is not None
     assert manager.load_counts() == {"generator": 0, "judge": 1, "llm": 0, "embedder": 1}
     assert manager.stats()["judge"]["load_seconds"] > 0
+
+
+def test_loaders_leave_models_in_cpu_ram_for_the_manager_to_move(tiny_settings: Settings) -> None:
+    """A loader must not put a model on the GPU before the manager has made room for it: for a CUDA manager
+    it loads in the GPU's dtype but stays in CPU RAM (this runs without CUDA, so any move would fail)."""
+    from imgrag.engine import _load_embedder
+
+    embedder = _load_embedder(tiny_settings, "cuda")
+    weights = next(embedder.model.parameters())
+    assert weights.device.type == "cpu"
+    assert weights.dtype == tiny_settings.torch_dtype()
