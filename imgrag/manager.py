@@ -124,6 +124,7 @@ class ModelManager:
         """Take one model off the device now (to CPU or dropped, per ``settings.offload``)."""
         with self.lock:
             self._evict(self._entries[name])
+            _empty_cache()
 
     # ----- counters -----
     def stats(self) -> dict[str, dict]:
@@ -142,7 +143,8 @@ class ModelManager:
         if entry.resident:
             return
         if entry.model is None:
-            # Size known in advance: make room before loading, so the loader itself has space.
+            # Size known in advance: make room before loading too, for a loader that places its model on the
+            # device itself (the engine's loaders leave theirs in CPU RAM for _move).
             if entry.size_gb is not None:
                 self._fit(entry)
             start = time.perf_counter()
@@ -153,13 +155,17 @@ class ModelManager:
         if entry.measured:
             entry.size_gb = measure_gb(entry.model)
         self._fit(entry)
-        start = time.perf_counter()
-        if hasattr(entry.model, "to"):
-            moved = entry.model.to(self.device)
-            # nn.Module.to returns self; a wrapper might return a new object: keep whatever it returns.
-            entry.model = moved if moved is not None else entry.model
-        entry.move_seconds += time.perf_counter() - start
+        self._move(entry, self.device)
         entry.resident = True
+
+    def _move(self, entry: _Entry, device: str) -> None:
+        if not hasattr(entry.model, "to"):
+            return  # e.g. a remote LLM: nothing on the device
+        start = time.perf_counter()
+        moved = entry.model.to(device)
+        # nn.Module.to returns self; a wrapper might return a new object: keep whatever it returns.
+        entry.model = moved if moved is not None else entry.model
+        entry.move_seconds += time.perf_counter() - start
 
     def _fit(self, entry: _Entry) -> None:
         """Evict least recently used models until ``entry`` fits in the budget (0 = no limit)."""
@@ -169,11 +175,15 @@ class ModelManager:
         if need > self.budget_gb:
             raise UserError(f"model {entry.name!r} needs {need:.2f} GiB, more than the whole GPU budget "
                             f"(gpu_memory_gb = {self.budget_gb:g}); raise gpu_memory_gb or use a smaller checkpoint")
+        evicted = False
         for other in sorted(self._entries.values(), key=lambda e: e.last_used):
             if self._used_gb() + need <= self.budget_gb:
-                return
+                break
             if other is not entry and other.resident and other.in_use == 0:
                 self._evict(other)
+                evicted = True
+        if evicted:
+            _empty_cache()  # once per pass: it runs gc.collect()
         if self._used_gb() + need > self.budget_gb:
             # Only models in use by an outer use() remain: go ahead, the device may still have room.
             log.warning("%s does not fit the %.2f GiB budget beside models in use; loading anyway",
@@ -187,15 +197,11 @@ class ModelManager:
             return
         if self.offload == "drop":
             entry.model = None
-        elif hasattr(entry.model, "to"):
-            start = time.perf_counter()
-            moved = entry.model.to("cpu")
-            entry.model = moved if moved is not None else entry.model
-            entry.move_seconds += time.perf_counter() - start
+        else:
+            self._move(entry, "cpu")
         entry.resident = False
         entry.evictions += 1
-        log.info("evicted %s (%s)", entry.name, self.offload)
-        _empty_cache()
+        log.info("evicted %s (%s)", entry.name, self.offload)  # the caller empties the cache once per pass
 
     def _free_all_but(self, keep: _Entry) -> None:
         for other in self._entries.values():
