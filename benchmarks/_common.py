@@ -21,6 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# Benchmarks run offline, like the tests; every script imports this module before any model library.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PROMPTS = [
     "a golden retriever puppy sleeping in a wooden cradle",
@@ -80,14 +85,19 @@ def read_prompts(path: Path | None, count: int) -> list[str]:
     return (prompts * count)[:count]
 
 
+def isolated_environ(home: Path) -> dict[str, str]:
+    """This process's environment without the caller's IMGRAG_* settings, with IMGRAG_HOME at ``home``."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMGRAG_")}
+    environ["IMGRAG_HOME"] = str(home)
+    return environ
+
+
 def tiny_settings(home: Path, **overrides: Any) -> Any:
     """Settings of the tiny profile with everything under ``home``; the kit is built if missing."""
     from imgrag.settings import load_settings
     from imgrag.tiny_kit import ensure_tiny_kit
 
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMGRAG_")}
-    environ["IMGRAG_HOME"] = str(home)
-    settings = load_settings("tiny", environ=environ, overrides=overrides or None)
+    settings = load_settings("tiny", environ=isolated_environ(home), overrides=overrides or None)
     ensure_tiny_kit(Path(settings.tiny_kit_dir))
     return settings
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -37,9 +36,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
+from _common import git_commit, isolated_environ, machine, machine_line  # noqa: E402  (sets the offline env)
+
+from imgrag.runs import RunRecord, write_json_atomic  # noqa: E402
 
 PROMPT = "a golden retriever puppy sleeping in a wooden cradle beside a red toy rocket"
 
@@ -75,9 +75,7 @@ class Results:
 
     def save(self) -> None:
         if self.path:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(self.doc, indent=2, default=str) + "\n")
-            tmp.replace(self.path)
+            write_json_atomic(self.path, self.doc)
 
 
 def _sync() -> None:
@@ -124,9 +122,7 @@ def make_settings(kit: Path, home: Path, dry_run: bool, **overrides: Any) -> Any
             layer.setdefault(key, {}).update(value)
         else:
             layer[key] = value
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMGRAG_")}
-    environ["IMGRAG_HOME"] = str(home)
-    return load_settings("default", environ=environ, overrides=layer)
+    return load_settings("default", environ=isolated_environ(home), overrides=layer)
 
 
 class ListStore:
@@ -215,7 +211,6 @@ def decode_focus(manager: Any, reference: Any, settings: Any) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from _common import git_commit, machine
 
     home = Path(tempfile.mkdtemp(prefix="imgrag-bench-gpu-"))
     kit = args.kit or home / "kit"
@@ -332,7 +327,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with mgr.use("llm") as llm:
                 llm.max_new_tokens = llm_tokens
         seconds, result = timed(lambda: runner.run(PROMPT, seed=1, planner=planner, max_rounds=2))
-        trace = [json.loads(line) for line in (Path(result["run_dir"]) / "trace.jsonl").read_text().splitlines()]
+        trace = RunRecord(result["run_dir"]).read_steps()
         llm_steps = [s["seconds"] for s in trace if s.get("planner") == "llm"]
         return {"planner": planner, "seconds": round(seconds, 2), "status": result["status"],
                 "rounds": result["rounds"],
@@ -399,7 +394,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def summary(doc: dict[str, Any]) -> str:
     """The figures as Markdown (what goes into BENCHMARKS.md)."""
-    from _common import machine_line
 
     g, j, llm = doc.get("generation") or {}, doc.get("judge") or {}, doc.get("llm") or {}
     lines = [f"Machine: {machine_line(doc['machine'])}; commit {doc.get('commit')}.", "",

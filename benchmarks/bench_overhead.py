@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -30,9 +29,6 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
 from _common import (  # noqa: E402
     TimedManager,
@@ -54,8 +50,6 @@ class StepClock:
         self.manager = manager
         self.steps: list[dict[str, Any]] = []
         self._model_at_start = 0.0
-        self._llm_started: float | None = None
-        self._llm_model_at_start = 0.0
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
@@ -68,8 +62,9 @@ class StepClock:
 
 
 def run_planner(home: Path, prompt_file: Path, planner: str, max_rounds: int) -> dict[str, Any]:
-    from agent.runner import Runner
+    from agent.runner import Runner, read_prompt_file
     from imgrag.engine import build_manager
+    from imgrag.runs import RunRecord
 
     settings = tiny_settings(home, output_dir=str(home / f"runs-{planner}"),
                              threads_db=str(home / f"{planner}.sqlite"))
@@ -80,15 +75,13 @@ def run_planner(home: Path, prompt_file: Path, planner: str, max_rounds: int) ->
     clock.steps.clear()
     manager.model_seconds = 0.0
     runs = []
-    from agent.runner import read_prompt_file
-
     for i, item in enumerate(read_prompt_file(prompt_file)):
         before_model, before_steps = manager.model_seconds, len(clock.steps)
         start = time.perf_counter()
         result = runner.run(item["prompt"], seed=item["seed"], planner=planner, max_rounds=max_rounds,
                             run_id=f"overhead-{planner}-{i}")
         wall = time.perf_counter() - start
-        trace = [json.loads(line) for line in (Path(result["run_dir"]) / "trace.jsonl").read_text().splitlines()]
+        trace = RunRecord(result["run_dir"]).read_steps()
         llm = sum(s["seconds"] for s in trace if s.get("planner") == "llm")
         steps = clock.steps[before_steps:]
         tool_seconds = sum(s["seconds"] for s in steps)
