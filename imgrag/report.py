@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from imgrag.errors import UserError
-from imgrag.runs import atomic_path
+from imgrag.runs import RunRecord, atomic_path
 
 # Largest side of an inlined thumbnail, in pixels. Candidates are shown at up to this size.
 THUMB_PX = 384
@@ -157,22 +157,6 @@ def _read_json(path: Path) -> Any:
         raise UserError(f"{path}: cannot read as JSON ({exc})") from None
 
 
-def read_trace(run_dir: Path) -> list[dict[str, Any]]:
-    """Every complete line of ``trace.jsonl``; a torn last line (a crash mid-write) is skipped."""
-    path = run_dir / "trace.jsonl"
-    if not path.exists():
-        return []
-    steps = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            step = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(step, dict):
-            steps.append(step)
-    return steps
-
-
 # ----------------------------------------------------------------------------------------------
 # What a folder is
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +181,7 @@ def folder_kind(path: str | Path) -> str:
 def _load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
     """(result, trace, finished). A run killed before result.json exists is rebuilt from its trace
     and the candidate files, so the report of a crash still shows what was drawn."""
-    trace = read_trace(run_dir)
+    trace = RunRecord(run_dir).read_steps()
     result_path = run_dir / "result.json"
     if result_path.is_file():
         return _read_json(result_path), trace, True
@@ -346,10 +330,12 @@ def _models_html(result: dict[str, Any]) -> str:
             + "<p class=\"small\">Counts are per process: in a batch they cover every run so far.</p>")
 
 
-def run_section(run_dir: str | Path, *, heading_level: int = 1) -> str:
-    """The body of a run's report (without the page around it), for run pages and batch pages."""
+def run_section(run_dir: str | Path, *, heading_level: int = 1,
+                loaded: tuple[dict[str, Any], list[dict[str, Any]], bool] | None = None) -> str:
+    """The body of a run's report (without the page around it), for run pages and batch pages; ``loaded`` is
+    the run's :func:`_load_run` when the caller has read it already."""
     run_dir = Path(run_dir)
-    result, trace, finished = _load_run(run_dir)
+    result, trace, finished = loaded or _load_run(run_dir)
     h = f"h{heading_level}"
     parts = [f"<{h}>Run {esc(result.get('run_id') or run_dir.name)}</{h}>"]
     if result.get("profile") == "tiny":
@@ -409,7 +395,8 @@ def render_batch(batch_dir: str | Path) -> str:
     items = doc.get("items") or []
     finished = summary_path.is_file()
     run_dirs = {item.get("run_id"): batch_dir.parent / item["run_id"] for item in items if item.get("run_id")}
-    tiny = any(_profile_of(d) == "tiny" for d in run_dirs.values())
+    loaded = {run_id: _load_run(d) for run_id, d in run_dirs.items() if d.is_dir()}  # each run read once
+    tiny = any(result.get("profile") == "tiny" for result, _, _ in loaded.values())
     parts = [f"<h1>Batch {esc(batch_dir.name)}</h1>"]
     if tiny:
         parts.append(f'<div class="banner">{esc(TINY_BANNER)}</div>')
@@ -435,22 +422,12 @@ def render_batch(batch_dir: str | Path) -> str:
     parts.append("<h2>Prompts</h2>" + _table(["#", "prompt", "status", "rounds", "seconds", "final / error", "run"],
                                               rows, numeric=[0, 3, 4]))
     for item in items:
-        run_dir = run_dirs.get(item.get("run_id"))
-        if run_dir is None or not run_dir.is_dir():
+        if item.get("run_id") not in loaded:
             continue
+        section = run_section(run_dirs[item["run_id"]], heading_level=2, loaded=loaded[item["run_id"]])
         parts.append(f'<div class="run" id="run-{esc(item["run_id"])}"><details open><summary>prompt '
-                     f"{int(item.get('index', 0)) + 1}: {esc(item.get('prompt'))}</summary>"
-                     f"{run_section(run_dir, heading_level=2)}</details></div>")
+                     f"{int(item.get('index', 0)) + 1}: {esc(item.get('prompt'))}</summary>{section}</details></div>")
     return _page(f"imgrag batch {batch_dir.name}", "\n".join(parts))
-
-
-def _profile_of(run_dir: Path) -> str | None:
-    try:
-        result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
-        return result.get("profile")
-    except (OSError, ValueError):
-        start = next((s for s in read_trace(run_dir) if s.get("event") == "start"), {})
-        return start.get("profile")
 
 
 # ----------------------------------------------------------------------------------------------

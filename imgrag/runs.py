@@ -78,15 +78,18 @@ class RunRecord:
             os.fsync(fh.fileno())
 
     def read_steps(self) -> list[dict[str, Any]]:
-        """Every complete line of the trace; a torn last line (a crash mid-write) is ignored."""
+        """Every complete step of the trace; a torn last line (a crash mid-write) or a line that is not a JSON
+        object is ignored."""
         if not self.trace_path.exists():
             return []
         steps = []
         for line in self.trace_path.read_text(encoding="utf-8").splitlines():
             try:
-                steps.append(json.loads(line))
+                step = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(step, dict):
+                steps.append(step)
         return steps
 
     def write_result(self, result: dict[str, Any]) -> None:
