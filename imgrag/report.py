@@ -20,6 +20,7 @@ its verdicts junk, and nobody should mistake them for a quality result.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -87,9 +88,21 @@ def esc(value: Any) -> str:
 
 def image_data_uri(path: str | Path | None, max_px: int = THUMB_PX) -> str | None:
     """The picture at ``path`` as a ``data:`` URI (a thumbnail no larger than ``max_px``), or None
-    when the file is missing or unreadable. Never raises: a report of a broken run must still render."""
+    when the file is missing or unreadable. Never raises: a report of a broken run must still render.
+
+    A page shows the same picture several times (the final picture is also a round's card; a reference
+    appears in its table and in every card that used it): each is encoded once per file version."""
     if not path:
         return None
+    try:
+        version = Path(path).stat().st_mtime_ns
+    except OSError:
+        return None
+    return _encoded_thumbnail(str(path), version, max_px)
+
+
+@functools.lru_cache(maxsize=512)
+def _encoded_thumbnail(path: str, version: int, max_px: int) -> str | None:  # version: the cache key only
     from PIL import Image, UnidentifiedImageError
 
     try:
