@@ -147,8 +147,8 @@ class QwenChatModel(BaseChatModel):
 
         ref = settings.models.llm
         device = device or settings.resolved_device()
-        check_model_type(ref, "agent LLM", LLM_EXPECTED, QWEN_MODEL_TYPES)
         with loading("agent LLM", ref, LLM_EXPECTED):
+            check_model_type(ref, "agent LLM", LLM_EXPECTED, QWEN_MODEL_TYPES)
             tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=False)
             model = AutoModelForCausalLM.from_pretrained(ref, dtype=qwen_dtype(settings, device),
                                                          trust_remote_code=False, use_safetensors=True)

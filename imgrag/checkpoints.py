@@ -104,12 +104,12 @@ def quiet_libraries() -> Iterator[None]:
 def check_model_type(ref: str, role: str, expected: str, allowed: set[str]) -> str:
     """Read the checkpoint's ``config.json`` and refuse another architecture before loading weights.
 
-    transformers would otherwise load a foreign checkpoint with a warning and random weights.
+    transformers would otherwise load a foreign checkpoint with a warning and random weights. Call it inside
+    the loader's :func:`loading` block, which names the checkpoint if the config cannot be read.
     """
     from transformers import AutoConfig
 
-    with loading(role, ref, expected):
-        model_type = AutoConfig.from_pretrained(ref, trust_remote_code=False).model_type
+    model_type = AutoConfig.from_pretrained(ref, trust_remote_code=False).model_type
     if model_type not in allowed:
         raise ModelLoadError(f"{ref} holds a {model_type!r} model, not the {role} (expected {expected})")
     return model_type

@@ -250,8 +250,8 @@ class Judge:
 
         ref = settings.models.judge
         device = device or settings.resolved_device()
-        check_model_type(ref, "judge", JUDGE_EXPECTED, {"qwen2_5_vl"})
         with loading("judge", ref, JUDGE_EXPECTED):
+            check_model_type(ref, "judge", JUDGE_EXPECTED, {"qwen2_5_vl"})
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 ref, dtype=qwen_dtype(settings, device), trust_remote_code=False, use_safetensors=True)
             processor = AutoProcessor.from_pretrained(ref, trust_remote_code=False)
