@@ -165,7 +165,8 @@ def search(
 
     with _embedder(settings) as embedder:
         ref_store = ReferenceStore.open(settings, embedder.model_id, embedder.dim)
-        if ref_store.count() == 0:
+        total = ref_store.count()
+        if total == 0:
             raise UserError(f"the store at {ref_store.location} holds no pictures yet: add some with "
                             "`imgrag index PATH`")
         if query_image is not None:
@@ -176,7 +177,7 @@ def search(
     if as_json:
         print_json({"results": [{"id": r.id, "path": r.path, "score": round(r.score, 6)} for r in results]})
         return
-    table = Table(title=f"{len(results)} of {ref_store.count()} pictures for "
+    table = Table(title=f"{len(results)} of {total} pictures for "
                         f"{('image ' + str(image)) if image else repr(text)}")
     for column in ("#", "score", "path", "caption"):
         table.add_column(column, overflow="fold")

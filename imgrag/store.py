@@ -458,10 +458,11 @@ class ReferenceStore:
             raise UserError("retrieve needs at least one non-empty query")
         if k < 1:
             raise UserError(f"k must be at least 1, got {k}")
-        if self.count() == 0:
+        total = self.count()
+        if total == 0:
             return []
         query_vectors = embedder.embed_texts(cleaned)
-        pool_size = max(4 * k, k + 16)  # room for re-ranking and for entries whose file vanished
+        pool_size = min(max(4 * k, k + 16), total)  # room for re-ranking and for entries whose file vanished
         ids: list[str] = []
         entries: dict[str, _Entry] = {}
         vectors: dict[str, np.ndarray] = {}
@@ -505,12 +506,13 @@ class ReferenceStore:
             fetch = min(total, fetch * 4)
 
     def _query(self, vector: np.ndarray, n: int, with_embeddings: bool = False) -> list[tuple[str, dict, Any, float]]:
+        """The ``n`` nearest entries; callers keep ``n`` within the collection's count (one count per search)."""
         collection = self._current()
         if collection is None or n < 1:
             return []
         include = ["metadatas", "distances"] + (["embeddings"] if with_embeddings else [])
         result = collection.query(query_embeddings=[np.asarray(vector, dtype=np.float32)],
-                                        n_results=min(n, self.count()), include=include)
+                                        n_results=n, include=include)
         embeddings = result.get("embeddings")
         embeddings = embeddings[0] if embeddings is not None else [None] * len(result["ids"][0])
         return list(zip(result["ids"][0], result["metadatas"][0], embeddings, result["distances"][0], strict=True))
