@@ -214,9 +214,9 @@ def read_caption(path: str | None) -> str:
         return ""
 
 
-def _sidecar_for(image_path: str) -> str | None:
-    candidate = os.path.splitext(image_path)[0] + ".txt"
-    return candidate if os.path.isfile(candidate) else None
+def sidecar_path(image_path: str) -> str:
+    """Where a picture's caption would be: ``photo.jpg`` → ``photo.txt``."""
+    return os.path.splitext(image_path)[0] + ".txt"
 
 
 def walk_images(roots: Sequence[str | Path]) -> tuple[list[ImageFile], list[dict[str, str]]]:
@@ -235,12 +235,10 @@ def walk_images(roots: Sequence[str | Path]) -> tuple[list[ImageFile], list[dict
         if path in seen_files:
             return
         seen_files.add(path)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        if names is None:
-            caption = _sidecar_for(path)
-        else:
-            sidecar = os.path.join(os.path.dirname(path), stem + ".txt")
-            caption = sidecar if stem + ".txt" in names and os.path.isfile(sidecar) else None
+        sidecar = sidecar_path(path)
+        # In a walked folder the listing says whether it is there; a file given directly costs a stat.
+        listed = names is None or os.path.basename(sidecar) in names
+        caption = sidecar if listed and os.path.isfile(sidecar) else None
         files.append(ImageFile(path, st.st_size, st.st_mtime_ns, caption))
 
     for root in roots:
@@ -748,7 +746,7 @@ class _IndexJob:
         ordered = sorted(entry.paths)
         caption = ""
         for path in ordered:  # the first path whose sidecar has text
-            caption = read_caption(os.path.splitext(path)[0] + ".txt" if entry.paths[path][2] >= 0 else None)
+            caption = read_caption(sidecar_path(path) if entry.paths[path][2] >= 0 else None)
             if caption:
                 break
         entry.meta.update(path=ordered[0], paths=json.dumps(entry.paths, sort_keys=True), caption=caption,
