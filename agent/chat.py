@@ -297,10 +297,21 @@ def parse_review(text: str, proposed: list[str], references: dict[str, dict]) ->
         ids = list(dict.fromkeys(proposed[:position] + replacement + proposed[position + 1:]))
     else:
         raise UserError(f"cannot read {text.strip()!r}. {REVIEW_HELP}")
-    ids = list(dict.fromkeys(ids))
+    ids = check_reference_count(list(dict.fromkeys(ids)))
+    return {"reference_ids": ids, "references": added}
+
+
+def check_reference_count(ids: list[str]) -> list[str]:
+    """``ids`` if one drawing may use that many references, else a UserError."""
     if len(ids) > MAX_REFERENCES_PER_DRAWING:
         raise UserError(f"at most {MAX_REFERENCES_PER_DRAWING} references per drawing, got {len(ids)}")
-    return {"reference_ids": ids, "references": added}
+    return ids
+
+
+def reference_number(references: dict[str, dict], reference_id: str) -> int | None:
+    """A reference's number as /refs shows it (1-based, in the thread's order), or None if unknown."""
+    ids = list(references)
+    return ids.index(reference_id) + 1 if reference_id in ids else None
 
 
 # ----- threads in the checkpointer -----
@@ -339,8 +350,7 @@ class Proposal:
     references: dict[str, dict]  # every reference of the thread, in /refs order
 
     def number(self, reference_id: str) -> int | None:
-        ids = list(self.references)
-        return ids.index(reference_id) + 1 if reference_id in ids else None
+        return reference_number(self.references, reference_id)
 
 
 @contextlib.contextmanager
@@ -438,9 +448,8 @@ class ChatSession:
         values = self.values()
         followup = parse_followup(text)
         references = values.get("references") or {}
-        picks = list(dict.fromkeys(resolve_reference(str(p), references) for p in followup.picks))
-        if len(picks) > MAX_REFERENCES_PER_DRAWING:
-            raise UserError(f"at most {MAX_REFERENCES_PER_DRAWING} references per drawing, got {len(picks)}")
+        picks = check_reference_count(list(dict.fromkeys(resolve_reference(str(p), references)
+                                                         for p in followup.picks)))
         rounds = self._check_rounds(followup.rounds or self.rounds)
         update = follow_up_update(values, text, followup, rounds=rounds, budget=self.settings.budget,
                                   approve=self.approve or bool(picks))
@@ -450,7 +459,7 @@ class ChatSession:
             self._note(f"{rounds} more round(s) for this request")
         if picks:
             self._note("guided drawings of this request use reference " + ", ".join(
-                f"{list(references).index(p) + 1} ({p})" for p in picks))
+                f"{reference_number(references, p)} ({p})" for p in picks))
         self._picks = picks or None
         self._picks_used = False
         event = {"event": "follow_up", "message": text, "prompt": update.get("prompt", values["prompt"]),
@@ -593,19 +602,23 @@ class ChatSession:
 
     def summary(self) -> dict[str, Any]:
         """The current thread: its requests, prompt, candidates, best candidate and status."""
-        values = self.values()
+        snapshot = self.snapshot()  # read once: values and whether it is paused
+        values = dict(snapshot.values) if snapshot is not None and snapshot.values else {}
         best = best_candidate(values) if values else None
         return {"thread_id": self.thread_id, "requests": requests_of(values), "prompt": values.get("prompt"),
                 "candidates": len(values.get("candidates") or {}), "rounds": values.get("rounds", 0),
                 "best": best, "status": values.get("status"), "stop_reason": values.get("stop_reason"),
-                "paused": self.pending()}
+                "paused": bool(snapshot is not None and snapshot.interrupts)}
 
     # ----- pictures and references -----
-    def _require_thread(self) -> dict[str, Any]:
-        values = self.values()
-        if not values:
+    def _require_snapshot(self) -> Any:
+        snapshot = self.snapshot()
+        if snapshot is None or not snapshot.values:
             raise UserError("no request on this thread yet: describe a picture first")
-        return values
+        return snapshot
+
+    def _require_thread(self) -> dict[str, Any]:
+        return dict(self._require_snapshot().values)
 
     def candidate(self, which: str | None = None) -> dict[str, Any]:
         """A candidate by id (c2) or number (2); the best one when None."""
@@ -654,10 +667,11 @@ class ChatSession:
     def undo(self) -> dict[str, Any]:
         """Take back the last request: fork the thread from the checkpoint where the request before it ended (the
         checkpointer's history, followed from the latest checkpoint through its parents). Pictures on disk stay."""
-        values = self._require_thread()
         graph = self.runner.graph()
-        snapshot = graph.get_state(self._config())
-        count = len(requests_of(values))
+        snapshot = self._require_snapshot()
+        values = snapshot.values
+        requests = requests_of(values)
+        count = len(requests)
         if count <= 1:
             raise UserError("nothing to undo before the first request; /new starts a new thread")
         target = snapshot
@@ -669,7 +683,7 @@ class ChatSession:
             raise UserError("cannot find where the previous request ended in this thread's history")
         # A copy of that checkpoint becomes the thread's latest, so the undo holds in later processes too.
         graph.update_state(target.config, None, as_node="__copy__")
-        undone = requests_of(values)[-1]
+        undone = requests[-1]
         RunRecord(values["run_dir"]).append_step({"event": "undo", "request": undone,
                                                   "to_checkpoint": target.config["configurable"].get("checkpoint_id")})
         return {"undone": undone, **self.summary()}
