@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from agent.cli_common import ConfigOpt, ProfileOpt, StoreOpt, app, err, out, prepare_models
-from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt
+from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, activity, tool_line
 from imgrag.errors import UserError
 
 PROMPT = "imgrag> "
@@ -62,18 +62,14 @@ class ChatStatus:
         kind = event["event"]
         if kind == "note":
             out.print(f"[cyan]·[/] {escape(event['text'])}", soft_wrap=True)
-        elif kind == "tool_start":
+            return
+        if kind == "tool_start":
             self.round = event.get("round", self.round)
-            self._show(f"{event['tool']} …")
-        elif kind == "denoise":
-            self._show(f"drawing, step {event['step']}/{event['total']}")
-        elif kind == "llm_start":
-            self._show(f"the LLM chooses the next step (try {event['attempt']})")
+        text = activity(event)
+        if text is not None:
+            self._show(text)
         elif kind == "tool_end":
-            mark = "[green]✓[/]" if event["ok"] else "[red]✗[/]"
-            elapsed = time.monotonic() - self.start
-            err.print(f"{elapsed:6.1f}s  {mark} {event['tool']:<10} {event['seconds']:6.2f}s  "
-                      f"[dim]{escape(event['message'][:100])}[/]", soft_wrap=True)
+            err.print(tool_line(event, time.monotonic() - self.start), soft_wrap=True)
 
 
 class LineReader:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from agent.cli_common import (
@@ -32,6 +33,25 @@ MaxRoundsOpt = Annotated[
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Directory for run folders (default: output_dir).")]
 
 
+def activity(event: dict[str, Any]) -> str | None:
+    """What the agent is doing, for a live status line: the text of a tool, denoising or LLM event, else None."""
+    kind = event["event"]
+    if kind == "tool_start":
+        return f"{event['tool']} …"
+    if kind == "denoise":
+        return f"drawing, step {event['step']}/{event['total']}"
+    if kind == "llm_start":
+        return f"the LLM chooses the next step (try {event['attempt']})"
+    return None
+
+
+def tool_line(event: dict[str, Any], elapsed: float) -> str:
+    """The line kept on stderr when a tool finishes (its message escaped: captions may hold [brackets])."""
+    mark = "[green]✓[/]" if event["ok"] else "[red]✗[/]"
+    message = escape(event["message"][:110])
+    return f"{elapsed:6.1f}s  {mark} {event['tool']:<10} {event['seconds']:6.2f}s  [dim]{message}[/]"
+
+
 class ProgressPrinter:
     """Turns the runner's events into one live status line and a line per finished tool on stderr."""
 
@@ -48,21 +68,18 @@ class ProgressPrinter:
         self.status.__exit__(*exc)
 
     def __call__(self, event: dict[str, Any]) -> None:
-        elapsed = f"{time.monotonic() - self.start:6.1f}s"
+        seconds = time.monotonic() - self.start
+        elapsed = f"{seconds:6.1f}s"
         kind = event["event"]
-        if kind == "run_start":
-            err.print(f"[dim]run {event['run_id']} → {event['run_dir']}[/]")
-        elif kind == "tool_start":
+        if kind == "tool_start":
             self.round = event.get("round", self.round)
-            self.status.update(f"{elapsed}  round {self.round}  {event['tool']} …")
-        elif kind == "denoise":
-            self.status.update(f"{elapsed}  round {self.round}  drawing step {event['step']}/{event['total']}")
-        elif kind == "llm_start":
-            self.status.update(f"{elapsed}  round {self.round}  the LLM chooses the next step (try {event['attempt']})")
+        text = activity(event)
+        if text is not None:
+            self.status.update(f"{elapsed}  round {self.round}  {text}")
+        elif kind == "run_start":
+            err.print(f"[dim]run {event['run_id']} → {event['run_dir']}[/]")
         elif kind == "tool_end":
-            mark = "[green]✓[/]" if event["ok"] else "[red]✗[/]"
-            line = f"{elapsed}  {mark} {event['tool']:<10} {event['seconds']:6.2f}s  [dim]{event['message'][:110]}[/]"
-            err.print(line, soft_wrap=True)
+            err.print(tool_line(event, seconds), soft_wrap=True)
         elif kind == "run_end":
             reason = f" ({event['stop_reason']})" if event.get("stop_reason") else ""
             err.print(f"{elapsed}  {event['status']}{reason}: {event['final_image']}", soft_wrap=True)
