@@ -102,6 +102,13 @@ def _new_id() -> str:
     return f"call_{uuid.uuid4().hex[:16]}"
 
 
+def content_text(content: Any) -> str:
+    """A message's content as plain text: content blocks are joined line by line."""
+    if isinstance(content, list):
+        return "\n".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
+    return str(content or "")
+
+
 def to_template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     """LangChain messages -> the dicts Qwen's chat template reads.
 
@@ -111,10 +118,7 @@ def to_template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]
     out = []
     for message in convert_to_openai_messages(list(messages)):
         message = dict(message)
-        content = message.get("content")
-        if isinstance(content, list):
-            content = "\n".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
-        message["content"] = content or ""
+        message["content"] = content_text(message.get("content"))
         calls = []
         for call in message.get("tool_calls") or []:
             function = dict(call["function"])

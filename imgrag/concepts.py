@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import prompts
+from imgrag.chat_model import content_text
 from imgrag.judge import clean_phrase
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def caption_concepts(chat_model: Any, prompt: str, missing: list[str]) -> Concep
     question = prompts.render("concepts", prompt=prompt, missing="\n".join(f"- {p}" for p in phrases))
     try:
         reply = chat_model.invoke([HumanMessage(question)])
-        raw = _text(getattr(reply, "content", reply))
+        raw = content_text(getattr(reply, "content", reply))
     except Exception as exc:  # a failing LLM (server down, OOM turned UserError) must not stop retrieval
         log.warning("concept rewriter failed (%s); retrieving with the missing phrases", exc)
         return ConceptCaptions(phrases, fallback=True, notes=[f"rewriter failed: {exc}"])
@@ -102,9 +103,3 @@ def _list_candidates(text: str) -> list[str]:
     fenced = [m.group(1) for m in re.finditer(r"```(?:json|python)?\s*(.*?)```", text, flags=re.S)]
     spans = [m.group(0) for m in re.finditer(r"\[[^\[\]]*\]", text, flags=re.S)]
     return fenced + spans
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, list):
-        return "\n".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
-    return str(content)
