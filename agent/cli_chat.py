@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from agent.cli_common import ConfigOpt, ProfileOpt, StoreOpt, app, err, out, prepare_models
-from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, activity, tool_line
+from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, activity, check_planner, tool_line
 from imgrag.errors import UserError
 
 PROMPT = "imgrag> "
@@ -376,8 +376,7 @@ def chat(
     """
     from agent.cli_common import settings_from_flags
 
-    if planner not in ("agent", "fixed"):
-        raise UserError(f"--planner must be agent or fixed, got {planner!r}")
+    check_planner(planner)
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
     prepare_models(settings)
     ChatRepl(settings, planner, max_rounds).run(thread)

@@ -22,6 +22,7 @@ from agent.cli_common import (
     print_json,
     settings_from_flags,
 )
+from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, check_planner
 
 
 @app.command()
@@ -72,12 +73,9 @@ def _print_eval(doc: dict[str, Any]) -> None:
 def eval_command(
     file: Annotated[Path, typer.Argument(help='.txt (one prompt a line) or .jsonl ({"prompt", "seed"?, "gold"?}).')],
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate only the first N prompts.")] = None,
-    max_rounds: Annotated[
-        int | None, typer.Option("--max-rounds", min=1, help="Pictures each agent run may draw.")
-    ] = None,
-    planner: Annotated[str, typer.Option("--planner", help="agent (the LLM chooses) or fixed (ImageRAG's pipeline).")
-                       ] = "agent",
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Output directory (default: output_dir).")] = None,
+    max_rounds: MaxRoundsOpt = None,
+    planner: PlannerOpt = "agent",
+    out_dir: OutOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -89,10 +87,8 @@ def eval_command(
     judge's match
     rate, rounds and seconds per stage. Writes eval.csv, eval.json and report.html in an eval folder."""
     from agent.evaluation import Evaluation, read_eval_file
-    from imgrag.errors import UserError
 
-    if planner not in ("agent", "fixed"):
-        raise UserError(f"--planner must be agent or fixed, got {planner!r}")
+    check_planner(planner)
     items = read_eval_file(file)  # a bad file fails before any model loads
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
     prepare_models(settings)
@@ -104,7 +100,7 @@ def eval_command(
         err.print(f"prompt {record['index'] + 1}/{total}: {state}", soft_wrap=True)
 
     evaluation = Evaluation(settings, planner=planner, max_rounds=max_rounds)
-    doc = evaluation.run(file, limit=limit, on_item=on_item)
+    doc = evaluation.run(file, limit=limit, items=items, on_item=on_item)
     if as_json:
         print_json(doc)
         return

@@ -33,6 +33,15 @@ MaxRoundsOpt = Annotated[
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Directory for run folders (default: output_dir).")]
 
 
+def check_planner(planner: str) -> None:
+    """--planner's value, checked before any model loads."""
+    from agent.runner import PLANNERS
+    from imgrag.errors import UserError
+
+    if planner not in PLANNERS:
+        raise UserError(f"--planner must be {' or '.join(PLANNERS)}, got {planner!r}")
+
+
 def activity(event: dict[str, Any]) -> str | None:
     """What the agent is doing, for a live status line: the text of a tool, denoising or LLM event, else None."""
     kind = event["event"]
@@ -116,8 +125,7 @@ def run(
     """
     from imgrag.errors import UserError
 
-    if planner not in ("agent", "fixed"):
-        raise UserError(f"--planner must be agent or fixed, got {planner!r}")
+    check_planner(planner)
     if resume is None and not prompt:
         raise UserError("give a PROMPT, or --resume RUN_ID to continue a run")
     with ProgressPrinter() as progress:
@@ -152,10 +160,8 @@ def batch(
 ) -> None:
     """Run every prompt of a file in one process (models load once). One failing prompt never stops the batch."""
     from agent.runner import read_prompt_file
-    from imgrag.errors import UserError
 
-    if planner not in ("agent", "fixed"):
-        raise UserError(f"--planner must be agent or fixed, got {planner!r}")
+    check_planner(planner)
     read_prompt_file(file)  # a bad file fails before any model loads
 
     with ProgressPrinter() as progress:

@@ -57,12 +57,10 @@ def read_eval_file(path: str | Path) -> list[dict[str, Any]]:
     items = read_prompt_file(path)  # validates prompt, seed and max_rounds; errors name file and line
     if path.suffix != ".jsonl":
         return [{**item, "gold": None} for item in items]
-    objects = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-               if line.strip() and not line.strip().startswith("#")]
-    numbers = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
-               if line.strip() and not line.strip().startswith("#")]
-    for item, obj, number in zip(items, objects, numbers, strict=True):
-        gold = obj.get("gold")
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+             if line.strip() and not line.strip().startswith("#")]
+    for item, (number, line) in zip(items, lines, strict=True):
+        gold = json.loads(line).get("gold")
         if gold in (None, ""):
             item["gold"] = None
             continue
@@ -153,11 +151,12 @@ class Evaluation:
         self._dino: DinoScorer | None = None
 
     # ----- the whole file -----
-    def run(self, path: str | Path, *, limit: int | None = None,
+    def run(self, path: str | Path, *, limit: int | None = None, items: list[dict[str, Any]] | None = None,
             on_item: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Evaluate the first ``limit`` prompts of ``path``; return eval.json's document."""
+        """Evaluate the first ``limit`` prompts of ``path`` (``items``: its :func:`read_eval_file`, when the
+        caller has read it already); return eval.json's document."""
         path = Path(path)
-        items = read_eval_file(path)
+        items = read_eval_file(path) if items is None else items
         if limit is not None:
             if limit < 1:
                 raise UserError(f"--limit must be at least 1, got {limit}")
