@@ -175,6 +175,8 @@ def build_full_kit(out_dir: Path, *, seed: int = 0, force: bool = False,
         say(f"{MODEL_DIRS[key]} (full size)")
         torch.manual_seed(seed)
         dest = paths[key]
+        # Not tiny_kit._build_into, which keeps the old folder until the new one is in place: at full size
+        # that would need up to 15 GB more disk; the marker is already gone, so a half-built kit looks unbuilt.
         if dest.exists():
             shutil.rmtree(dest)
         tmp = dest.with_name(f".{dest.name}.tmp")
