@@ -68,9 +68,8 @@ class _IndexProgress:
             return
         if done == 0:
             self.start = time.perf_counter()  # the rate counts from the first file, not from model loading
-        if err.is_terminal:
-            self.bar(done, total)
-        elif done:
+        self.bar(done, total)  # draws only on a terminal
+        if not err.is_terminal and done:
             rate = done / max(time.perf_counter() - self.start, 1e-9)
             err.print(f"read {done}/{total} files ({rate:.1f} files/s)", highlight=False)
 
