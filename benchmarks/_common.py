@@ -57,6 +57,13 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def measured_on(doc: dict[str, Any]) -> str:
+    """The first line of a CPU benchmark's report: the machine, the commit and how busy the machine was."""
+    quiet = doc.get("quiet") or {}
+    return (f"Machine: {machine_line(doc['machine'])}; commit {doc['commit']}; 1-minute load average "
+            f"{quiet.get('load_average_1m')} when timing started.")
+
+
 def machine_line(info: dict[str, Any]) -> str:
     gpu = info.get("gpu") or "no GPU"
     return (f"{info['nproc']} cores (nproc), {info['ram_gib']} GiB RAM, {info['cpu']}, {gpu}; "

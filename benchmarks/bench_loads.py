@@ -35,7 +35,7 @@ from _common import (  # noqa: E402
     git_commit,
     index_references,
     machine,
-    machine_line,
+    measured_on,
     read_prompts,
     tiny_settings,
     wait_quiet,
@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def report(doc: dict[str, Any]) -> str:
     """The results as a Markdown table (what goes into BENCHMARKS.md)."""
-    quiet = doc.get("quiet") or {}
-    lines = [f"Machine: {machine_line(doc['machine'])}; commit {doc['commit']}; 1-minute load average "
-             f"{quiet.get('load_average_1m')} when timing started.",
+    lines = [measured_on(doc),
              f"{len(doc['prompts'])} prompts, planner {doc['planner']}, max {doc['max_rounds']} rounds, "
              f"{doc['references']} indexed references, tiny profile (random weights: the pictures are noise).", "",
              "| mode | model loads | load seconds | wall seconds | seconds per prompt |",

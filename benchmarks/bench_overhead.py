@@ -35,7 +35,7 @@ from _common import (  # noqa: E402
     git_commit,
     index_references,
     machine,
-    machine_line,
+    measured_on,
     read_prompts,
     tiny_settings,
     wait_quiet,
@@ -137,9 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def report(doc: dict[str, Any]) -> str:
-    quiet = doc.get("quiet") or {}
-    lines = [f"Machine: {machine_line(doc['machine'])}; commit {doc['commit']}; 1-minute load average "
-             f"{quiet.get('load_average_1m')} when timing started.",
+    lines = [measured_on(doc),
              f"{len(doc['prompts'])} prompts, max {doc['max_rounds']} rounds, {doc['references']} indexed references, "
              "tiny profile, models loaded before timing.", "",
              "| planner | steps | wall s/step | model s/step | LLM s/step | in-tool overhead ms/step | "
