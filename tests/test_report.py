@@ -57,7 +57,7 @@ def test_run_report_shows_every_round_verdict_and_reference(three_round_run: dic
     assert "a rocket &lt;on fire&gt;" in page and "<on fire>" not in page
     assert page.count("no match") >= 2 and ">match<" in page
     # The prompt is escaped: no live script from the run's own text.
-    assert "<script>" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    assert "<script>" not in page and "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page
     # Images: three candidates, the final one again, and reference thumbnails, all inlined PNG.
     images = _data_uris(page)
     assert len(images) >= 3 + 1 + 2
@@ -176,3 +176,77 @@ def test_tiny_profile_run_end_to_end_renders_every_round(tiny_settings, tmp_path
 
     with Image.open(shot) as im:
         assert len(im.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 200  # the noise pictures are there
+
+
+# ----- every string from a run is text: a run folder whose prompt, captions and file names hold markup -----
+
+HOSTILE = '<script>alert("x")</script>'
+HOSTILE_FILE = "<img src=x onerror=alert(1)>.png"  # a legal file name on Linux: no slash
+
+
+class _Tags(__import__("html.parser").parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: set[str] = set()
+        self.handlers: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.tags.add(tag)
+        self.handlers += [name for name, _ in attrs if name.startswith("on")]
+
+
+def _hostile_run(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    run_dir = tmp_path / "runs" / "hostile"
+    (run_dir / "candidates").mkdir(parents=True)
+    cand = run_dir / "candidates" / HOSTILE_FILE
+    ref = tmp_path / HOSTILE_FILE.replace(".png", "-ref.png")
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(cand, format="PNG")
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(ref, format="PNG")
+    verdict = {"match": False, "missing": [HOSTILE], "reason": HOSTILE, "raw": HOSTILE, "parsed": True}
+    result = {"run_id": "hostile", "status": "budget_exhausted", "prompt": HOSTILE, "planner": "fixed",
+              "profile": "default", "rounds": 1, "final_candidate": "c0", "final_image": str(cand),
+              "stop_reason": HOSTILE, "seconds": 1.0,
+              "candidates": [{"id": "c0", "round": 1, "path": str(cand), "seed": 1, "prompt": HOSTILE + " more",
+                              "verdict": None, "stale_verdict": verdict, "stale_prompt": HOSTILE,
+                              "reference_ids": [HOSTILE], "ip_scale": 0.5, "clip_score": 0.1}],
+              "references": {HOSTILE: {"path": str(ref), "caption": HOSTILE, "query": HOSTILE, "score": 0.5}},
+              "model_loads": {HOSTILE: 1}}
+    (run_dir / "result.json").write_text(json.dumps(result))
+    (run_dir / "trace.jsonl").write_text(json.dumps({"event": "start", "prompt": HOSTILE, "note": HOSTILE}) + "\n"
+                                         + json.dumps({"tool": "retrieve", "args": {"q": HOSTILE}, "ok": False,
+                                                       "seconds": 0.1, "message": HOSTILE}) + "\n"
+                                         + json.dumps({"planner": "agent", "tool": HOSTILE, "raw": HOSTILE}) + "\n")
+    return run_dir
+
+
+def _assert_inert(page: str) -> None:
+    parser = _Tags()
+    parser.feed(page)
+    assert "script" not in parser.tags and parser.handlers == []
+    assert parser.tags <= {"html", "head", "meta", "title", "style", "body", "main", "h1", "h2", "h3", "div", "span",
+                           "b", "i", "p", "br", "ul", "li", "img", "figure", "figcaption", "code", "pre", "details",
+                           "summary", "table", "thead", "tbody", "tr", "th", "td", "a"}
+    assert "<script" not in page.lower() and "<img src=x" not in page
+
+
+def test_markup_in_prompt_caption_and_file_names_renders_inert(tmp_path: Path) -> None:
+    run_dir = _hostile_run(tmp_path)
+    page = render_run(run_dir)
+    _assert_inert(page)
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page  # shown, as text
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in page  # the file name of the candidate, as text
+    # The same folder inside a batch page and an evaluation page.
+    batch = tmp_path / "runs" / "batch-x"
+    batch.mkdir()
+    (batch / "summary.json").write_text(json.dumps({"file": HOSTILE, "items": [
+        {"index": 0, "prompt": HOSTILE, "run_id": "hostile", "status": HOSTILE, "error": HOSTILE}]}))
+    _assert_inert(write_report(batch).read_text())
+    ev = tmp_path / "runs" / "eval-x"
+    ev.mkdir()
+    (ev / "eval.json").write_text(json.dumps({"file": HOSTILE, "planner": HOSTILE, "aggregate": {"seconds_x": 1.0},
+                                              "items": [{"index": 0, "prompt": HOSTILE, "seed": HOSTILE,
+                                                         "plain": {"error": HOSTILE},
+                                                         "agent": {"run_id": HOSTILE, "status": HOSTILE}}]}))
+    _assert_inert(write_report(ev).read_text())
