@@ -204,8 +204,9 @@ def follow_up_update(state: dict[str, Any], message: str, followup: FollowUp, *,
         update["prompt"] = refine_prompt(state["prompt"], followup.refinement)
         if update["continue_from"]:  # earlier retrievals answered the old prompt: the repair retrieves afresh
             update["continue_from"]["retrievals_from"] = len(state.get("retrievals") or [])
-        # The verdicts answered another prompt: keep them for the record, let the judge look again.
-        update["candidates"] = {cid: {**c, "verdict": None, "stale_verdict": c["verdict"]}
+        # The verdicts answered another prompt: keep them for the record, with that prompt; the judge looks again.
+        update["candidates"] = {cid: {**c, "verdict": None, "stale_verdict": c["verdict"],
+                                      "stale_prompt": state["prompt"]}
                                 for cid, c in (state.get("candidates") or {}).items() if c.get("verdict") is not None}
     return update
 

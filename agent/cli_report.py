@@ -29,7 +29,8 @@ from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, check_planner
 def report(
     folder: Annotated[Path, typer.Argument(help="A run folder, a batch folder or an eval folder.")],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Where to write the page (default: FOLDER/report.html).")
+        Path | None,
+        typer.Option("--output", "-o", help="Where to write the HTML page, a .html file (default: FOLDER/report.html)"),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:

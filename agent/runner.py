@@ -134,8 +134,12 @@ class Runner:
         last_ai = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
         closing = [ToolMessage(f"Not run: {reason}.", tool_call_id=c["id"], name=c["name"], status="error")
                    for c in (last_ai.tool_calls if last_ai else []) if c["id"] not in answered]
-        # As if finalize ran: the next step is END, so the thread is settled and takes new requests.
-        graph.update_state(config, {"messages": closing, "stop_reason": reason, **outcome(values)}, as_node="finalize")
+        # As if finalize ran: the next step is END, so the thread is settled and takes new requests. The request was
+        # cut off, not out of budget: unless the best candidate already matched, its status says so.
+        ended = outcome(values)
+        if ended["status"] == "budget_exhausted":
+            ended["status"] = "interrupted"
+        graph.update_state(config, {"messages": closing, "stop_reason": reason, **ended}, as_node="finalize")
         record = RunRecord(values["run_dir"])
         result = self._result(graph.get_state(config).values, record)
         record.append_step({"event": "stopped", "reason": reason, "final_image": result["final_image"]})

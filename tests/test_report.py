@@ -116,6 +116,11 @@ def test_report_command(three_round_run: dict, tmp_path: Path) -> None:
     assert doc["kind"] == "run" and Path(doc["report"]) == Path(run_dir) / "report.html"
     custom = tmp_path / "elsewhere" / "r.html"
     assert cli.invoke(app, ["report", run_dir, "-o", str(custom)]).exit_code == 0 and custom.stat().st_size > 1000
+    # The page is HTML: a .pdf name is refused in one line, and nothing is written under it.
+    pdf = cli.invoke(app, ["report", run_dir, "-o", str(tmp_path / "r.pdf")])
+    assert pdf.exit_code == 1 and not (tmp_path / "r.pdf").exists()
+    with pytest.raises(UserError, match=r"r\.pdf: the report is an HTML page; name the file \.html"):
+        write_report(run_dir, tmp_path / "r.pdf")
     empty = tmp_path / "not-a-run"
     empty.mkdir()
     with pytest.raises(UserError, match="neither a run folder"):
@@ -250,3 +255,32 @@ def test_markup_in_prompt_caption_and_file_names_renders_inert(tmp_path: Path) -
                                                          "plain": {"error": HOSTILE},
                                                          "agent": {"run_id": HOSTILE, "status": HOSTILE}}]}))
     _assert_inert(write_report(ev).read_text())
+
+
+def test_reference_thumbnails_are_labelled_by_caption_and_long_ids_stay_in_their_column(three_round_run: dict,
+                                                                                           tmp_path: Path) -> None:
+    run_dir = Path(three_round_run["run_dir"])
+    page = render_run(run_dir)
+    captions = re.findall(r"<figcaption>(.*?)<br>", page)
+    assert captions and all(c.startswith("a photo of a ") for c in captions)  # the caption, not the query
+    assert "retrieved for: a wooden cradle" in page  # the query is the tooltip, and a column of the table
+    if CHROMIUM is None:
+        return
+    # A 64-character content-hash id: laid out by Chromium, no figure is wider than its thumbnail column.
+    result = json.loads((run_dir / "result.json").read_text())
+    long_id = "sha256-" + "0123456789abcdef" * 4
+    result["references"] = {long_id if rid == "ref-cradle" else rid: ref for rid, ref in result["references"].items()}
+    for c in result["candidates"]:
+        c["reference_ids"] = [long_id if rid == "ref-cradle" else rid for rid in c.get("reference_ids") or []]
+    (run_dir / "result.json").write_text(json.dumps(result))
+    measure = ("<script>document.title = 'overflow:' + [...document.querySelectorAll('.refs figure')]"
+               ".filter(f => f.scrollWidth > f.clientWidth + 1).length + '/' "
+               "+ document.querySelectorAll('.refs figure').length;</script>")
+    probe = tmp_path / "probe.html"
+    probe.write_text(render_run(run_dir).replace("</body>", measure + "</body>"))
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2000", "--dump-dom",
+                           probe.as_uri()], capture_output=True, text=True, timeout=90)
+    title = re.search(r"<title>overflow:(\d+)/(\d+)</title>", proc.stdout)
+    assert title, proc.stderr[-2000:]
+    assert int(title.group(2)) >= 2 and title.group(1) == "0"
