@@ -208,6 +208,24 @@ def test_the_llm_sees_the_follow_up_and_the_numbered_references(settings, tmp_pa
     assert {c["id"]: c["reference_ids"] for c in result["candidates"]}["c2"] == ["ref-retriever"]
 
 
+def test_a_thread_resumed_under_another_planner_runs_its_next_request_with_it(settings, tmp_path: Path) -> None:
+    SEEN_BY_LLM.clear()
+    notes: list[str] = []
+    fixed = make_session(settings, tmp_path, llm_script=[], planner="fixed")
+    fixed.rounds = 1
+    first = fixed.send("a retriever and a cradle")
+    assert first["planner"] == "fixed" and SEEN_BY_LLM == []
+    # `imgrag chat --planner agent --thread ID`: a new session over the same threads.
+    agent = make_session(settings, tmp_path, llm_script=[call("critique", candidate_id="c0")], planner="agent",
+                         on_event=lambda e: notes.append(e["text"]) if e["event"] == "note" else None)
+    agent.open(first["run_id"])
+    second = agent.send("one more round")
+    assert SEEN_BY_LLM, "the LLM plans the request"
+    assert second["planner"] == "agent"
+    assert json.loads((Path(second["run_dir"]) / "result.json").read_text())["planner"] == "agent"
+    assert "planner agent from this request on (the thread ran with fixed)" in notes
+
+
 def test_a_picked_reference_is_used_even_by_the_fixed_policy(settings, tmp_path: Path) -> None:
     session = make_session(settings, tmp_path)
     session.rounds = 2
