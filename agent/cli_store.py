@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import ProgressColumn
 from rich.table import Table
 from rich.text import Text
@@ -112,7 +113,7 @@ def index(
     finally:
         progress.close()
 
-    usable = summary["added"] + summary["updated"] + summary["unchanged"]
+    usable = summary["added"] + summary["duplicates"] + summary["updated"] + summary["unchanged"]
     if as_json:
         print_json(summary)
     else:
@@ -123,13 +124,16 @@ def index(
 
 
 def _print_summary(summary: dict[str, Any], location: str) -> None:
-    table = Table(title=f"indexed into {location}", show_header=False)
-    for key in ("added", "updated", "unchanged", "removed"):
+    table = Table(title="indexed", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")
+    for key in ("added", "duplicates", "updated", "unchanged", "removed"):
         table.add_row(key, str(summary[key]))
     table.add_row("skipped", str(len(summary["skipped"])))
     table.add_row("pictures in store", str(summary["total"]))
     table.add_row("seconds", f"{summary['seconds']:.2f}")
     out.print(table)
+    out.print(f"store: {escape(location)}", soft_wrap=True)  # a path: on its own line, never cut
     for item in summary["skipped"][:50]:
         # markup off: a path may contain [brackets]
         err.print(f"skipped {item['path']}: {item['reason']}", style="yellow", soft_wrap=True, markup=False)
@@ -178,8 +182,9 @@ def search(
         return
     table = Table(title=f"{len(results)} of {total} pictures for "
                         f"{('image ' + str(image)) if image else repr(text)}")
-    for column in ("#", "score", "path", "caption"):
+    for column in ("#", "score", "path"):
         table.add_column(column, overflow="fold")
+    table.add_column("caption", overflow="ellipsis", no_wrap=True)  # cut to the terminal's width, with "…"
     for rank, ref in enumerate(results, 1):
-        table.add_row(str(rank), f"{ref.score:.3f}", ref.path, ref.caption[:60])
+        table.add_row(str(rank), f"{ref.score:.3f}", escape(ref.path), escape(ref.caption))
     out.print(table)

@@ -80,6 +80,7 @@ class IndexSummary(TypedDict):
     """What ``imgrag index --json`` prints (DESIGN.md's contract). Counts are of files (paths)."""
 
     added: int
+    duplicates: int  # new files whose picture the store already held under another file: linked, not added
     updated: int
     unchanged: int
     removed: int
@@ -578,7 +579,8 @@ class ReferenceStore:
             if prune:
                 job.prune(roots)
             self.last_index_timings = {k: round(v, 4) for k, v in timings.items()}
-            return IndexSummary(added=job.added, updated=job.updated, unchanged=job.unchanged, removed=job.removed,
+            return IndexSummary(added=job.added, duplicates=job.duplicates, updated=job.updated,
+                                unchanged=job.unchanged, removed=job.removed,
                                 skipped=skipped, total=self.count(), seconds=round(time.perf_counter() - start, 3))
 
     def _ensure_collection(self) -> Any:
@@ -603,7 +605,7 @@ class _IndexJob:
         self.skipped = skipped
         self.entries: dict[str, _Entry] = {}
         self.owners: dict[str, list[str]] = {}  # path -> ids whose path map lists it (normally one)
-        self.added = self.updated = self.unchanged = self.removed = 0
+        self.added = self.duplicates = self.updated = self.unchanged = self.removed = 0
         self._dirty: set[str] = set()
 
     def load(self) -> None:
@@ -672,7 +674,8 @@ class _IndexJob:
             # The signature is of the bytes we read (the file may have changed since the walk).
             signature = [len(data), st.st_mtime_ns, *_caption_stat(f.caption_path)]
             self.timings["read_hash"] += time.perf_counter() - t0
-            if ref_id not in self.entries:
+            known = ref_id in self.entries  # the same picture under another file (earlier, or in this run)
+            if not known:
                 t0 = time.perf_counter()
                 try:
                     picture = decode_image(data, f.path)
@@ -685,7 +688,9 @@ class _IndexJob:
                                                "height": height, "bytes": len(data)})
                 new.append((ref_id, picture))
             previous = self.owners.get(f.path, [])
-            if not previous:
+            if not previous and known:
+                self.duplicates += 1
+            elif not previous:
                 self.added += 1
             elif previous == [ref_id]:
                 self.unchanged += 1  # touched, same bytes
