@@ -274,6 +274,9 @@ def run_view(run_dir: str | Path,
             ("profile", result.get("profile"))]
     timing, counted = _timing_view(trace, result)
     wall = result.get("seconds")
+    if isinstance(wall, (int, float)) and timing:  # every second of the run in a named row
+        timing.append({"step": "overhead (graph, checkpoints, trace)", "calls": None,
+                       "total": max(0.0, float(wall) - counted), "mean": None})
     return {
         "run_id": result.get("run_id") or run_dir.name,
         "tiny_banner": (result.get("note") or TINY_BANNER) if result.get("profile") == "tiny" else None,

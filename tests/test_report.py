@@ -67,6 +67,11 @@ def test_run_report_shows_every_round_verdict_and_reference(three_round_run: dic
     for tool in ("generate", "critique", "retrieve", "regenerate"):
         assert f"<b>{tool}</b>" in page
     assert "Model loads" in page and "generator" in page
+    # Timings: every second of the run in a named row, the overhead included; the rows add up to the wall time.
+    timings = page[page.index("<h2>Timings</h2>"):page.index("<h2>Model loads</h2>")]
+    totals = [float(t) for t in re.findall(r'<td class="num">[^<]*</td><td class="num">([0-9.]+)</td>', timings)]
+    assert "overhead (graph, checkpoints, trace)" in timings
+    assert sum(totals) == pytest.approx(three_round_run["seconds"], abs=0.01)
     assert "Tiny profile" not in page  # a default-profile run carries no tiny banner
 
 
