@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from agent.cli_common import ConfigOpt, ProfileOpt, StoreOpt, app, err, out, prepare_models
-from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, StatusText, check_planner, print_tool_line
+from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, StatusText, check_planner, print_store, print_tool_line
 from imgrag.errors import UserError
 
 PROMPT = "imgrag> "
@@ -57,6 +57,8 @@ class ChatStatus:
                 self.status.update(self.line)
         elif kind == "tool_end":
             print_tool_line(event, self.line.elapsed())
+        elif kind == "store":
+            print_store(event)
 
 
 class LineReader:

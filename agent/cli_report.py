@@ -22,7 +22,7 @@ from agent.cli_common import (
     print_json,
     settings_from_flags,
 )
-from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, check_planner
+from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, check_planner, print_store
 
 
 @app.command()
@@ -100,7 +100,8 @@ def eval_command(
         state = record["error"] or f"agent {a.get('status')} in {a.get('rounds')} round(s)"
         err.print(f"prompt {record['index'] + 1}/{total}: {state}", soft_wrap=True)
 
-    evaluation = Evaluation(settings, planner=planner, max_rounds=max_rounds)
+    evaluation = Evaluation(settings, planner=planner, max_rounds=max_rounds,
+                            on_event=lambda event: print_store(event) if event["event"] == "store" else None)
     doc = evaluation.run(file, limit=limit, items=items, on_item=on_item)
     if as_json:
         print_json(doc)

@@ -78,6 +78,15 @@ def print_tool_line(event: dict[str, Any], elapsed: float, console: Console | No
         console.print(tool_line(event, elapsed), soft_wrap=True)
 
 
+def print_store(event: dict[str, Any], console: Console | None = None) -> None:
+    """The runner's ``store`` event: a warning when the store is empty or missing, else a dim line naming it."""
+    console = console or err
+    if event.get("warning"):
+        console.print(f"[yellow]warning:[/] {escape(event['warning'])}", soft_wrap=True)
+    else:
+        console.print(f"[dim]store {escape(event['location'])}: {event['pictures']} pictures[/]", soft_wrap=True)
+
+
 class StatusText:
     """The live status line: elapsed time, round, what the agent does. Rich's Live re-renders it at every
     refresh (``__rich__``), so the clock ticks through model loads and LLM calls, which send no event."""
@@ -133,6 +142,8 @@ class ProgressPrinter:
         kind = event["event"]
         if self.line.update(event):
             self.status.update(self.line)
+        elif kind == "store":
+            print_store(event)
         elif kind == "run_start":
             err.print(f"[dim]run {escape(event['run_id'])} → {escape(event['run_dir'])}[/]", soft_wrap=True)
         elif kind == "tool_end":

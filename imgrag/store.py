@@ -821,6 +821,22 @@ def _get_collection(client: Any, name: str) -> Any:
         return None
 
 
+def store_census(store: str) -> tuple[str, int | None]:
+    """(the store's location, how many pictures its imgrag collections hold); the count is None when an
+    embedded store's folder holds no store yet (a new path, or a typo). Creates nothing and needs no
+    embedder, so a run can say what it will retrieve from before any model loads. An unreachable server
+    is a UserError."""
+    location = store.strip()
+    if not location:
+        raise UserError("no store configured: set --store, IMGRAG_STORE or 'store' in a config file")
+    if not is_server_uri(location):
+        location = os.path.abspath(os.path.expanduser(location))
+    client = _connect(location, create=False)
+    if client is None:
+        return location, None
+    return location, sum(int(collection.count()) for collection, _ in _imgrag_collections(client))
+
+
 def _imgrag_collections(client: Any) -> list[tuple[Any, dict[str, Any]]]:
     found = []
     for collection in client.list_collections():

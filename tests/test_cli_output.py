@@ -10,7 +10,7 @@ import time
 from rich.console import Console
 from rich.status import Status
 
-from agent.cli_run import StatusText, print_batch, print_tool_line
+from agent.cli_run import StatusText, print_batch, print_store, print_tool_line
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\r")
 
@@ -72,3 +72,55 @@ def test_the_batch_table_shows_whole_paths_at_80_columns() -> None:
     assert last_column == image  # folded onto several lines, every character there
     assert f"batch folder: {batch_dir}" in text.replace("\n", "")
     assert all(len(line) <= 80 for line in text.splitlines())
+
+
+def _runner(tmp_path, store: str, events: list, reference_store=None):
+    from agent.runner import Runner, open_checkpointer
+    from imgrag.settings import load_settings
+    from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, FakeVerdict, ScriptedJudge
+
+    settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home"), "IMGRAG_STORE": store})
+    models = {"generator": FakeGenerator(), "judge": ScriptedJudge([FakeVerdict(True, [], "all there")]),
+              "embedder": FakeEmbedder()}
+    return Runner(settings, manager=FakeManager(models), on_event=events.append, reference_store=reference_store,
+                  checkpointer=open_checkpointer(tmp_path / "threads.sqlite"))
+
+
+def test_a_missing_or_empty_store_is_named_when_the_run_starts(tmp_path) -> None:
+    import json
+    from pathlib import Path
+
+    from tests.fakes import MemoryStore
+
+    events: list = []
+    typo = tmp_path / "stroe"
+    runner = _runner(tmp_path, str(typo), events)
+    result = runner.run("a cat", planner="fixed", max_rounds=1)
+    runner.run("a dog", planner="fixed", max_rounds=1)
+    told = [e for e in events if e["event"] == "store"]
+    assert len(told) == 1 and told[0]["pictures"] is None and not typo.exists()  # once per runner; nothing created
+    assert f"the store {typo} does not exist yet" in told[0]["warning"]
+    trace = [json.loads(line) for line in (Path(result["run_dir"]) / "trace.jsonl").read_text().splitlines()]
+    assert any(t.get("event") == "warning" and "does not exist yet" in t["warning"] for t in trace)
+    console, buffer = terminal(100)
+    print_store(told[0], console)
+    assert buffer.getvalue().startswith("warning: the store")
+
+    events.clear()  # a store that holds pictures: named, with its count, and no warning
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    _runner(tmp_path, str(typo), events, reference_store=MemoryStore(refs)).run("a cat", planner="fixed",
+                                                                              max_rounds=1)
+    told = [e for e in events if e["event"] == "store"]
+    assert told[0]["pictures"] == 3 and told[0]["warning"] is None
+
+
+def test_an_empty_embedded_store_is_counted_without_an_embedder(tmp_path) -> None:
+    import chromadb
+
+    from imgrag.store import store_census
+
+    assert store_census(str(tmp_path / "none")) == (str(tmp_path / "none"), None)
+    client = chromadb.PersistentClient(path=str(tmp_path / "empty"))
+    client.create_collection("imgrag-x-4d-0", metadata={"imgrag_embedder": "x", "imgrag_dim": 4})
+    assert store_census(str(tmp_path / "empty")) == (str(tmp_path / "empty"), 0)
