@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from agent.cli_common import (
-    TINY_WARNING,
     ConfigOpt,
     JsonOpt,
     ProfileOpt,
@@ -107,5 +106,3 @@ def eval_command(
         print_json(doc)
         return
     _print_eval(doc)
-    if settings.is_tiny:
-        out.print(f"[yellow]{TINY_WARNING}[/]")

@@ -13,7 +13,6 @@ from rich.table import Table
 from rich.text import Text
 
 from agent.cli_common import (
-    TINY_WARNING,
     ConfigOpt,
     JsonOpt,
     ProfileOpt,
@@ -198,8 +197,6 @@ def run(
         return
     out.print(f"[bold]{result['status']}[/] after {result['rounds']} round(s): {result['final_image']}", soft_wrap=True)
     out.print(f"run folder: {result['run_dir']}   model loads: {result['model_loads']}", soft_wrap=True)
-    if settings.is_tiny:
-        out.print(f"[yellow]{TINY_WARNING}[/]")
 
 
 @app.command()
@@ -231,8 +228,6 @@ def batch(
         print_json(summary)
         return
     print_batch(summary)
-    if settings.is_tiny:
-        out.print(f"[yellow]{TINY_WARNING}[/]")
 
 
 def print_batch(summary: dict[str, Any], console: Console | None = None) -> None:

@@ -81,7 +81,7 @@ class _IndexProgress:
 @app.command()
 def index(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (walked recursively).",
-                                                show_default=False)],
+                                                show_default=False, metavar="PATH")],
     prune: Annotated[bool, typer.Option("--prune", help="Forget pictures under PATHs whose files are gone.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pictures embedded and written per batch.")] = 32,
     profile: ProfileOpt = None,

@@ -124,3 +124,16 @@ def test_an_empty_embedded_store_is_counted_without_an_embedder(tmp_path) -> Non
     client = chromadb.PersistentClient(path=str(tmp_path / "empty"))
     client.create_collection("imgrag-x-4d-0", metadata={"imgrag_embedder": "x", "imgrag_dim": 4})
     assert store_census(str(tmp_path / "empty")) == (str(tmp_path / "empty"), 0)
+
+
+def test_help_shows_no_value_for_flags() -> None:
+    """--json, --prune, --help take no value: the help shows none (Typer's rich help showed ``<bool>``)."""
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    for command in (["index"], ["run"], ["batch"], ["report"], ["models", "build-tiny"]):
+        res = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "120"})
+        assert res.exit_code == 0, res.output
+        assert "--help" in res.output and "<bool>" not in res.output
+        assert "<int>" in res.output or command != ["index"]  # options that take a value still say which
