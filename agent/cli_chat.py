@@ -9,6 +9,7 @@ Ctrl-D quits. A user mistake prints one line and the chat goes on.
 from __future__ import annotations
 
 import sys
+import textwrap
 import time
 import traceback
 from pathlib import Path
@@ -272,12 +273,12 @@ class ChatRepl:
             out.print("no chat threads yet")
             return
         table = Table(title="chat threads, newest first")
-        for column in ("id", "date", "requests", "status"):
+        for column in ("id", "date", "requests", "status", "first request"):
             table.add_column(column, overflow="fold")
-        table.add_column("first request", overflow="ellipsis", no_wrap=True)  # cut to the width, with "…"
         for t in threads:
             mark = " *" if t["id"] == self.session.thread_id else ""
-            table.add_row(t["id"] + mark, t["date"], str(t["requests"]), t["status"], escape(t["first"]))
+            first = textwrap.shorten(t["first"], 60, placeholder=" …") if t["first"].strip() else ""
+            table.add_row(t["id"] + mark, t["date"], str(t["requests"]), t["status"], escape(first))
         out.print(table)
 
     def cmd_resume(self, arg: str) -> None:

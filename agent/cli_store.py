@@ -6,6 +6,7 @@ JSON document with ``--json``), progress and messages to stderr.
 
 from __future__ import annotations
 
+import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ from imgrag.settings import Settings
 
 MAX_K = 1000
 MAX_BATCH = 1024
+CAPTION_CHARS = 120  # of a caption in the search table; the store and --json keep it whole
 
 
 @contextmanager
@@ -182,9 +184,9 @@ def search(
         return
     table = Table(title=f"{len(results)} of {total} pictures for "
                         f"{('image ' + str(image)) if image else repr(text)}")
-    for column in ("#", "score", "path"):
+    for column in ("#", "score", "path", "caption"):
         table.add_column(column, overflow="fold")
-    table.add_column("caption", overflow="ellipsis", no_wrap=True)  # cut to the terminal's width, with "…"
-    for rank, ref in enumerate(results, 1):
-        table.add_row(str(rank), f"{ref.score:.3f}", escape(ref.path), escape(ref.caption))
+    for rank, ref in enumerate(results, 1):  # a long caption is cut at a word, and says so ("…")
+        caption = textwrap.shorten(ref.caption, CAPTION_CHARS, placeholder=" …") if ref.caption.strip() else ""
+        table.add_row(str(rank), f"{ref.score:.3f}", escape(ref.path), escape(caption))
     out.print(table)
