@@ -57,7 +57,8 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the picture (.png, .jpg, .webp).")],
     ref: Annotated[list[Path] | None, typer.Option(
-        "--ref", help="A reference image to guide the drawing through IP-Adapter; repeat for several.")] = None,
+        "--ref", metavar="PATH",
+        help="A reference image to guide the drawing through IP-Adapter; repeat for several.")] = None,
     ip_scale: Annotated[float | None, typer.Option(
         "--ip-scale", help="How strongly the references steer, 0..2 (default: generation.ip_scale).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same picture (default: generation.seed).")]
@@ -113,8 +114,6 @@ def generate(
     guided = f", guided by {len(references)} reference(s) at scale {g.ip_scale:g}" if references else ""
     out.print(f"wrote {output} ({g.width}x{g.height}, {g.steps} steps, seed {g.seed}{guided}) in {seconds} s",
               markup=False)
-    if settings.is_tiny:
-        out.print(f"note: {TINY_WARNING}", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -154,7 +153,5 @@ def critique(
         out.print(f"missing: {missing}", soft_wrap=True, markup=False)
         if verdict.reason:
             out.print(f"reason:  {verdict.reason}", soft_wrap=True, markup=False)
-    if settings.is_tiny:
-        out.print(f"note: {TINY_WARNING}", markup=False, soft_wrap=True)
 
 
