@@ -35,8 +35,9 @@ def hub_cached(repo_id: str) -> bool:
 
 
 def download_hint(repo_id: str) -> str:
-    return (f"{repo_id} is not in the local Hugging Face cache; imgrag never downloads on its own: fetch it once "
-            f"with `hf download {repo_id}`, or set the profile's checkpoint to a local folder")
+    return (f"{repo_id} is not in the local Hugging Face cache; imgrag never downloads on its own: fetch exactly the "
+            "files it needs once with `imgrag models download` (see `imgrag doctor`), or set the profile's checkpoint "
+            "to a local folder")
 
 
 def check_exists(ref: str, role: str, expected: str) -> None:
