@@ -219,7 +219,7 @@ def check_role(role: str, settings: Settings) -> RoleFiles:
                 _check_folder(role, folder, settings, result)
     else:
         _check_local(role, settings, result)
-    if role == "ip_adapter" and not result.missing:
+    if role == "ip_adapter" and (not result.missing or (source == "local" and Path(ref).expanduser().is_dir())):
         _check_adapter(settings, result)
     return result
 
@@ -288,7 +288,12 @@ def _check_folder(role: str, folder: Path, settings: Settings, result: RoleFiles
                 needed.extend(_weights(folder, name, ("diffusion_pytorch_model", "model")))
     elif role == "ip_adapter":
         m = settings.models
-        needed.append(str(Path(m.ip_adapter_subfolder) / m.ip_adapter_weight))
+        weight = m.ip_adapter_weight
+        try:  # the adapter file the folder really holds, when the setting names another (TinyIMGRAG's plus one)
+            weight = resolve_ip_adapter(settings).weight
+        except UserError:
+            pass  # reported by _check_adapter
+        needed.append(str(Path(m.ip_adapter_subfolder) / weight))
         encoder = m.ip_adapter_image_encoder.strip("/")
         needed += [f"{encoder}/config.json", (f"{encoder}/model.safetensors", f"{encoder}/pytorch_model.bin")]
     elif role in ("judge", "llm"):
