@@ -40,7 +40,9 @@ SDXL_MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 SDXL_PATTERNS = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*",
                  *[p for c in SDXL_MODEL_COMPONENTS for p in (f"{c}/config.json", f"{c}/*.fp16.safetensors")]]
 # transformers folders (Qwen): configs, tokenizer, chat template, safetensors shards and their index.
-TRANSFORMERS_PATTERNS = ["*.json", "*.safetensors", "merges.txt", "*.jinja"]
+# "*.jinja" is for repositories saved by transformers 5 (chat_template.jinja); Qwen's keep it in JSON today.
+OPTIONAL_PATTERNS = ("*.jinja",)
+TRANSFORMERS_PATTERNS = ["*.json", "*.safetensors", "merges.txt", *OPTIONAL_PATTERNS]
 OPEN_CLIP_PATTERNS = ["open_clip_config.json", "open_clip_model.safetensors"]
 FP16_UNET = "unet/diffusion_pytorch_model.fp16.safetensors"
 

@@ -84,3 +84,5 @@ def test_built_wheel_contains_the_prompts(tmp_path: Path) -> None:
     for prompt in prompt_files:
         assert f"prompts/{prompt}" in names
     assert "agent/graph.py" in names and "tools/image_tools.py" in names and "imgrag/settings.py" in names
+    for preset in ("gpu-80gb", "gpu-24gb", "cpu"):  # the built-in hardware presets
+        assert f"imgrag/profiles/{preset}.toml" in names
