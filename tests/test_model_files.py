@@ -203,7 +203,8 @@ def test_download_fetches_the_patterns_and_doctor_then_sees_every_file(
     code, _, err = run_cli(capsys, "models", "download", "--profile", "gpu-24gb", "--role", "embedder",
                            "--role", "ip_adapter")
     assert code == 0 and "done" in err
-    assert calls == [("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", ["open_clip_config.json", "open_clip_model.safetensors"]),
+    assert calls == [("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", ["open_clip_config.json",
+                                                                "open_clip_model.safetensors"]),
                      ("h94/IP-Adapter", hub_patterns("ip_adapter", load_settings("gpu-24gb")))]
     # A second run finds everything and fetches nothing.
     code, _, err = run_cli(capsys, "models", "download", "--profile", "gpu-24gb", "--role", "embedder")
