@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from agent import cli_chat, cli_engine, cli_report, cli_run, cli_store  # noqa: F401  (they register commands)
@@ -96,7 +97,15 @@ def download_models(
     that point at local folders or at an LLM server need nothing. imgrag never downloads on its own:
     this command is the only one that does.
     """
-    from imgrag.model_files import check_roles, download, free_disk_bytes, hub_cache_dir, human_size
+    from imgrag.model_files import (
+        OFFLINE_HINT,
+        check_roles,
+        download,
+        free_disk_bytes,
+        hub_cache_dir,
+        hub_offline,
+        human_size,
+    )
 
     settings = settings_from_flags(profile, config)
     roles = check_roles(settings, _roles(role))
@@ -109,6 +118,9 @@ def download_models(
     if not as_json:
         _print_plan(roles, summary)
     if not dry_run:
+        if to_fetch and hub_offline():
+            raise UserError("cannot download: HF_HUB_OFFLINE=1 is set, so the model hub is off limits; unset it, or "
+                            + OFFLINE_HINT.format(cache=cache))
         for result in to_fetch:
             err.print(f"[bold]fetching {result.repo_id}[/] ({result.role}): {len(result.missing) or '?'} files, "
                       f"{human_size(result.missing_bytes) if result.recorded else 'size unknown'}")
@@ -147,9 +159,9 @@ def _print_plan(roles: list, summary: dict) -> None:
             size = human_size(f.size) + ("~" if f.approx_only else "")
             out.print(f"  {size:>10}  {f.path}  {mark}", soft_wrap=True)
         for problem in r.problems:
-            out.print(f"  [red]problem:[/] {problem}")
+            out.print(f"  [red]problem:[/] {escape(problem)}")
         for note in r.notes:
-            out.print(f"  [dim]{note}[/]")
+            out.print(f"  [dim]{escape(note)}[/]")
     free = summary["free_bytes"]
     out.print(f"total {human_size(summary['total_bytes'])}, to download {human_size(summary['to_download_bytes'])}"
               f"{approx} into {summary['cache']}" + (f" ({human_size(free)} free)" if free is not None else ""),
@@ -271,6 +283,10 @@ def doctor(
                          "free_gb": round(free / 2**30, 1)}
     else:
         report["gpu"] = None
+    report["device_problem"] = None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        report["device_problem"] = ("device is cuda but torch sees no CUDA GPU here: runs will fail; "
+                                    "use --profile cpu, or check the driver and torch's CUDA build")
     try:
         meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
         report["ram_gb"] = round(int(meminfo["MemTotal"].split()[0]) / 2**20, 1)
@@ -306,6 +322,8 @@ def doctor(
     title = f"imgrag doctor — profile {report['preset'] or settings.profile}"
     table = Table(title=title, show_header=False)
     table.add_row("device", f"{device} ({report['dtype']}), torch {report['torch']}")
+    if report["device_problem"]:
+        table.add_row("", f"[red]{escape(report['device_problem'])}[/]")
     if report["gpu"]:
         g = report["gpu"]
         table.add_row("gpu", f"{g['name']}: {g['free_gb']} of {g['total_gb']} GiB free")
@@ -315,14 +333,17 @@ def doctor(
         info = report["checkpoints"][r.role]
         colour = "green" if r.ok else "red"
         lines = [info["ref"], f"[{colour}]{info['status']}[/]"]
-        lines += [f"[red]missing:[/] {path}" for path in info["missing"][:12]]
-        if len(info["missing"]) > 12:
-            lines.append(f"[red]... and {len(info['missing']) - 12} more[/]")
-        lines += [f"[red]problem:[/] {p}" for p in r.problems] + [f"[dim]{n}[/]" for n in r.notes]
+        if r.missing and len(r.missing) == len(r.files) and r.source == "hub":  # the dry run lists them
+            lines.append(f"[red]all {len(r.files)} files missing[/] ({human_size(r.missing_bytes)})")
+        else:
+            lines += [f"[red]missing:[/] {path}" for path in info["missing"][:12]]
+            if len(info["missing"]) > 12:
+                lines.append(f"[red]... and {len(info['missing']) - 12} more[/]")
+        lines += [f"[red]problem:[/] {escape(p)}" for p in r.problems] + [f"[dim]{escape(n)}[/]" for n in r.notes]
         if "server" in info:
             s = info["server"]
             lines.append("[green]server answers; tool calling accepted[/]" if s["ok"]
-                         else f"[red]server:[/] {s['problem']}")
+                         else f"[red]server:[/] {escape(s['problem'])}")
         table.add_row(r.role, "\n".join(lines))
     d = report["disk"]
     if needed:
@@ -331,7 +352,7 @@ def doctor(
         table.add_row("disk", f"{human_size(needed)} still to download{approx} into {cache}{free}")
     extra = f", {store_info['size_mb']} MB" if "size_mb" in store_info else ""
     server = store_info.get("server")
-    state = "" if server is None else (", answers" if server["ok"] else f"\n[red]{server['problem']}[/]")
+    state = "" if server is None else (", answers" if server["ok"] else f"\n[red]{escape(server['problem'])}[/]")
     table.add_row("store", f"{settings.store} ({store_info['kind']}{extra}){state}")
     table.add_row("outputs", settings.output_dir)
     out.print(table)

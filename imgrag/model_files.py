@@ -18,6 +18,7 @@ ships) and checks that its image encoder has the width the adapter expects.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import zipfile
@@ -221,9 +222,41 @@ def check_role(role: str, settings: Settings) -> RoleFiles:
                 _check_folder(role, folder, settings, result)
     else:
         _check_local(role, settings, result)
+    if role == "llm" and _is_gptq(ref, result) and importlib.util.find_spec("gptqmodel") is None:
+        result.problems.append("a GPTQ checkpoint: install the gptq extra (pip install -e '.[gptq]': gptqmodel + "
+                               "optimum) to load it")
     if role == "ip_adapter" and (not result.missing or (source == "local" and Path(ref).expanduser().is_dir())):
         _check_adapter(settings, result)
     return result
+
+
+# The role names the loaders give imgrag.checkpoints.loading, and the roles here they stand for.
+_LOADER_ROLES = {"generator": "generator", "judge": "judge", "agent LLM": "llm"}
+
+
+def missing_hub_files(repo: str, loader_role: str) -> list[str]:
+    """Files a loader will read from a *recorded* hub repository that are not in the cache (no network).
+
+    Empty for repositories not recorded in :mod:`imgrag.hub_layouts` and for an SDXL cached in full
+    precision (the generator then loads those files, not the fp16 ones).
+    """
+    role = _LOADER_ROLES.get(loader_role)
+    layout = LAYOUTS.get(repo)
+    if role is None or layout is None:
+        return []
+    if role == "generator" and _cached(repo, "unet/diffusion_pytorch_model.safetensors"):
+        return []
+    patterns = SDXL_PATTERNS if role == "generator" else TRANSFORMERS_PATTERNS
+    return [f.path for f in select_files(layout, patterns) if _cached(repo, f.path) is None]
+
+
+def _is_gptq(ref: str, result: RoleFiles) -> bool:
+    """A GPTQ checkpoint, by its name or its config's quantization_config."""
+    if "gptq" in ref.lower():
+        return True
+    folder = Path(ref).expanduser()
+    config = _read_json(folder / "config.json") if folder.is_dir() else {}
+    return str((config.get("quantization_config") or {}).get("quant_method", "")).lower() == "gptq"
 
 
 def select_files(layout: list[RepoFile], patterns: list[str]) -> list[RepoFile]:
@@ -401,7 +434,7 @@ def resolve_ip_adapter(settings: Settings) -> ResolvedAdapter:
     if not m.ip_adapter_weight.endswith(".safetensors"):
         raise ModelLoadError(f"models.ip_adapter_weight must be a .safetensors file, got {m.ip_adapter_weight!r}")
     if not is_local_ref(m.ip_adapter):
-        for pattern in hub_patterns("ip_adapter", settings)[:2]:
+        for pattern in hub_patterns("ip_adapter", settings):
             if _cached(m.ip_adapter, pattern) is None:
                 raise ModelLoadError(f"IP-Adapter: {pattern} of {m.ip_adapter} is not in the local Hugging Face "
                                      "cache; fetch it with `imgrag models download --role ip_adapter`")

@@ -234,6 +234,19 @@ def test_doctor_names_each_missing_file_of_a_partial_download(capsys, no_network
     assert "missing: model-00002-of-00002.safetensors" in out and "still to download" in out
 
 
+def test_a_partial_download_stops_the_loader_before_the_hub_client_fetches_the_rest(hub_cache: Path) -> None:
+    from imgrag.checkpoints import check_exists
+    from imgrag.errors import ModelLoadError
+
+    layout = [f.path for f in select_files(hub_layouts.LAYOUTS[hub_layouts.QWEN_VL_3B],
+                                           hub_patterns("judge", load_settings("gpu-24gb")))]
+    _cache_files(hub_cache, hub_layouts.QWEN_VL_3B, [p for p in layout if p != "model-00002-of-00002.safetensors"])
+    with pytest.raises(ModelLoadError, match="model-00002-of-00002.safetensors of Qwen/Qwen2.5-VL-3B-Instruct"):
+        check_exists(hub_layouts.QWEN_VL_3B, "judge", "a Qwen2.5-VL folder")
+    _cache_files(hub_cache, hub_layouts.QWEN_VL_3B, ["model-00002-of-00002.safetensors"])
+    check_exists(hub_layouts.QWEN_VL_3B, "judge", "a Qwen2.5-VL folder")  # complete: no error
+
+
 def test_doctor_checks_files_inside_local_folders(capsys, tiny_kit: dict[str, Path], tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     kit = tmp_path / "kit"
