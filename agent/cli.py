@@ -146,7 +146,8 @@ def _print_plan(roles: list, summary: dict) -> None:
             what = "served over HTTP" if r.source == "remote" else "not set"
             out.print(f"[bold]{r.role}[/]: {r.ref or '(not set)'} — {what}, nothing to download")
             continue
-        count = f"{len(r.files)} files, {human_size(r.total_bytes)}" if r.files else "files unknown"
+        known = r.recorded or r.source != "hub"
+        count = f"{len(r.files)} files, {human_size(r.total_bytes) if known else 'size unknown'}"
         if r.source == "hub":
             out.print(f"[bold]{r.role}[/]: {r.repo_id} ({count})", soft_wrap=True)
             out.print(f"  allow_patterns: {' '.join(r.patterns)}", soft_wrap=True)

@@ -168,7 +168,9 @@ def hub_patterns(role: str, settings: Settings) -> list[str]:
         return list(TRANSFORMERS_PATTERNS)
     if role == "embedder":
         _, filename = embedder_hub_repo(settings)
-        return ["open_clip_config.json", filename or "open_clip_model.safetensors"]
+        if settings.models.embedder.strip().startswith("hf-hub:"):
+            return ["open_clip_config.json", filename or "open_clip_model.safetensors"]
+        return [filename or "open_clip_model.safetensors"]  # a pretrained tag: the config is open_clip's own
     raise ValueError(f"unknown role {role!r}")
 
 

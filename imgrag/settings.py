@@ -149,6 +149,8 @@ _SECTION_CLASSES = {
     "llm": LLMSettings, "budget": BudgetSettings, "retrieval": RetrievalSettings,
 }
 PROFILES = ("default", "tiny")
+CHOICES = {"offload": ("cpu", "drop"), "models.llm_backend": ("local", "openai"),
+           "dtype": ("auto", "float32", "float16", "bfloat16")}
 # Built-in presets: documented TOML files shipped in the package, named by their stem (gpu-80gb, gpu-24gb, cpu).
 PRESETS_DIR = Path(__file__).parent / "profiles"
 
@@ -156,8 +158,6 @@ PRESETS_DIR = Path(__file__).parent / "profiles"
 def builtin_presets() -> dict[str, Path]:
     """The built-in hardware presets: name -> its TOML file (each starts from the default profile)."""
     return {path.stem: path for path in sorted(PRESETS_DIR.glob("*.toml"))}
-CHOICES = {"offload": ("cpu", "drop"), "models.llm_backend": ("local", "openai"),
-           "dtype": ("auto", "float32", "float16", "bfloat16")}
 
 
 TINY_KIT_PLACEHOLDER = "{tiny_kit}"

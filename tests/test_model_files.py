@@ -160,6 +160,16 @@ def test_dry_run_lists_exact_files_and_sizes_without_network(capsys, no_network,
     assert code == 1 and "unknown role 'vae'" in err
 
 
+def test_an_open_clip_pretrained_tag_fetches_its_weights_file(capsys, no_network, hub_cache: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGRAG_MODELS_EMBEDDER", "ViT-B-32")
+    monkeypatch.setenv("IMGRAG_MODELS_EMBEDDER_PRETRAINED", "laion2b_s34b_b79k")
+    code, out, _ = run_cli(capsys, "models", "download", "--role", "embedder", "--dry-run", "--json")
+    row = json.loads(out)["roles"][0]
+    assert code == 0 and row["repo_id"] == hub_layouts.CLIP_B32_LAION
+    assert [f["path"] for f in row["files"]] == ["open_clip_model.safetensors"]
+
+
 def test_offline_download_is_one_line(capsys, monkeypatch: pytest.MonkeyPatch, hub_cache: Path) -> None:
     import huggingface_hub
     from huggingface_hub import constants, errors
