@@ -22,7 +22,6 @@ import importlib.util
 import json
 import shutil
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,6 +294,10 @@ def _check_local(role: str, settings: Settings, result: RoleFiles) -> None:
             result.problems.append(f"models.embedder {name!r} names an architecture without weights: set "
                                    "models.embedder_pretrained to a weights file, or use hf-hub:/local-dir:")
             return
+        if not _looks_like_file(m.embedder_pretrained.strip()):
+            result.problems.append(f"open_clip has no hub repository for {name!r} with pretrained tag "
+                                   f"{m.embedder_pretrained!r}: use an hf-hub: name or a weights file")
+            return
         pretrained = Path(m.embedder_pretrained).expanduser()
         result.files = [FileStatus(str(pretrained), pretrained.is_file(), _size(pretrained))]
         if pretrained.is_file() and is_torchscript_archive(pretrained):
@@ -550,7 +553,7 @@ OFFLINE_HINT = ("fetch the files on a machine that can reach huggingface.co (`im
                 "Hugging Face cache ({cache}) here, or point the profile at local folders")
 
 
-def download(result: RoleFiles, on_file: Callable[[str], None] | None = None) -> Path:
+def download(result: RoleFiles) -> Path:
     """Fetch one hub role's files into the HF cache (resumable; the hub client draws its progress bars).
 
     Raises :class:`UserError` in one line when the hub cannot be reached (``HF_HUB_OFFLINE=1``, no network),
