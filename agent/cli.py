@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from agent import cli_chat, cli_engine, cli_report, cli_run, cli_store  # noqa: F401  (they register commands)
@@ -25,7 +26,8 @@ from agent.cli_common import (
 )
 from imgrag.errors import UserError
 
-models_app = typer.Typer(help="Manage model checkpoints (the offline tiny kit).", no_args_is_help=True)
+models_app = typer.Typer(help="Model checkpoints: download the real ones, or build the offline tiny kit.",
+                         no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 
@@ -68,34 +70,213 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _checkpoint_status(ref: str) -> str:
-    """Whether a checkpoint (a local directory or a hub id) can be loaded without the network."""
-    if ref.startswith("local-dir:"):
-        ref = ref[len("local-dir:"):]
-    if ref.startswith("hf-hub:"):
-        ref = ref[len("hf-hub:"):]
-    path = Path(ref).expanduser()
-    if path.exists():
-        return "local directory"
-    if ref.startswith(("/", ".", "~")):
-        return "MISSING (no such directory)"
-    from imgrag.checkpoints import hub_cached
+RoleOpt = Annotated[list[str] | None, typer.Option(
+    "--role", "-r", help="Only this role (generator, ip_adapter, judge, llm, embedder); repeat for several.")]
 
-    if hub_cached(ref):
+
+def _roles(role: list[str] | None) -> list[str] | None:
+    from imgrag.model_files import ROLES
+
+    for name in role or []:
+        if name not in ROLES:
+            raise UserError(f"unknown role {name!r} (roles: {', '.join(ROLES)})")
+    return list(dict.fromkeys(role)) if role else None
+
+
+@models_app.command("download")
+def download_models(
+    profile: ProfileOpt = None,
+    config: ConfigOpt = None,
+    role: RoleOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List repositories, files and sizes; no network.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fetch exactly the files each role of the profile needs into the Hugging Face cache.
+
+    Resumable (run it again after an interruption); the hub client draws progress bars on stderr. Roles
+    that point at local folders or at an LLM server need nothing. imgrag never downloads on its own:
+    this command is the only one that does.
+    """
+    from imgrag.model_files import (
+        OFFLINE_HINT,
+        check_roles,
+        download,
+        free_disk_bytes,
+        hub_cache_dir,
+        hub_offline,
+        human_size,
+    )
+
+    settings = settings_from_flags(profile, config)
+    roles = check_roles(settings, _roles(role))
+    cache = hub_cache_dir()
+    to_fetch = [r for r in roles if r.source == "hub" and (r.missing or not r.recorded)]
+    summary = {"profile": profile or settings.profile, "dry_run": dry_run, "cache": str(cache),
+               "free_bytes": free_disk_bytes(cache), "total_bytes": sum(r.total_bytes for r in roles),
+               "to_download_bytes": sum(r.missing_bytes for r in to_fetch),
+               "sizes_approximate": any(r.approx_only for r in roles)}
+    if not as_json:
+        _print_plan(roles, summary)
+    if not dry_run:
+        if to_fetch and hub_offline():
+            raise UserError("cannot download: HF_HUB_OFFLINE=1 is set, so the model hub is off limits; unset it, or "
+                            + OFFLINE_HINT.format(cache=cache))
+        for result in to_fetch:
+            err.print(f"[bold]fetching {result.repo_id}[/] ({result.role}): {len(result.missing) or '?'} files, "
+                      f"{human_size(result.missing_bytes) if result.recorded else 'size unknown'}")
+            download(result)
+        roles = check_roles(settings, _roles(role))
+        left = [f"{r.role}: {', '.join(f.path for f in r.missing)}" for r in roles if r.source == "hub" and r.missing]
+        if left:
+            raise UserError("still missing after the download: " + "; ".join(left))
+    summary["roles"] = [r.as_dict() for r in roles]
+    if as_json:
+        print_json(summary)
+    elif not dry_run:
+        err.print("[green]done:[/] every file is in the Hugging Face cache" if to_fetch else
+                  "nothing to download: every file is already here")
+
+
+def _print_plan(roles: list, summary: dict) -> None:
+    from imgrag.model_files import human_size
+
+    approx = " (size approximate)" if summary["sizes_approximate"] else ""
+    for r in roles:
+        if r.source in ("remote", "unset"):
+            what = "served over HTTP" if r.source == "remote" else "not set"
+            out.print(f"[bold]{r.role}[/]: {r.ref or '(not set)'} — {what}, nothing to download")
+            continue
+        known = r.recorded or r.source != "hub"
+        count = f"{len(r.files)} files, {human_size(r.total_bytes) if known else 'size unknown'}"
+        if r.source == "hub":
+            out.print(f"[bold]{r.role}[/]: {r.repo_id} ({count})", soft_wrap=True)
+            out.print(f"  allow_patterns: {' '.join(r.patterns)}", soft_wrap=True)
+        else:
+            out.print(f"[bold]{r.role}[/]: {r.ref} (local: nothing to download)", soft_wrap=True)
+        if r.source == "hub" and not r.recorded:
+            out.print("  sizes unknown offline (this repository's layout is not recorded in imgrag)")
+        for f in r.files:
+            mark = "[green]here[/]" if f.present else "[yellow]to fetch[/]" if r.source == "hub" else "[red]MISSING[/]"
+            size = human_size(f.size) + ("~" if f.approx_only else "")
+            out.print(f"  {size:>10}  {f.path}  {mark}", soft_wrap=True)
+        for problem in r.problems:
+            out.print(f"  [red]problem:[/] {escape(problem)}")
+        for note in r.notes:
+            out.print(f"  [dim]{escape(note)}[/]")
+    free = summary["free_bytes"]
+    out.print(f"total {human_size(summary['total_bytes'])}, to download {human_size(summary['to_download_bytes'])}"
+              f"{approx} into {summary['cache']}" + (f" ({human_size(free)} free)" if free is not None else ""),
+              soft_wrap=True)
+    if free is not None and summary["to_download_bytes"] > free:
+        out.print("[red]not enough free disk space[/] for the download: free some, or set HF_HUB_CACHE to another disk")
+
+
+def _probe_llm(settings) -> dict:
+    """Ask the OpenAI-compatible server for its models, then for one token with a tool offered.
+
+    The second request is what catches a vLLM started without ``--enable-auto-tool-choice`` or an Ollama
+    model without tool support: both answer 400 with a message saying so.
+    """
+    m = settings.models
+    base = m.llm_base_url.rstrip("/")
+    if not base:
+        return {"ok": False, "problem": "models.llm_base_url is empty (llm_backend = 'openai' needs the server's URL)"}
+    headers = {"Authorization": f"Bearer {m.llm_api_key}"}
+    status, body = _http("GET", f"{base}/models", headers)
+    if status != 200:
+        return {"ok": False, "problem": f"{base}/models: {body}"}
+    served = [item.get("id") for item in (body.get("data") or []) if isinstance(item, dict)]
+    if m.llm not in served:
+        names = ", ".join(served) or "none"
+        return {"ok": False, "served": served,
+                "problem": f"the server does not serve models.llm = {m.llm!r} (it serves: {names})"}
+    request = {"model": m.llm, "max_tokens": 1, "tool_choice": "auto",
+               "messages": [{"role": "user", "content": "Call the ping tool."}],
+               "tools": [{"type": "function", "function": {"name": "ping", "description": "Answers pong.",
+                                                           "parameters": {"type": "object", "properties": {}}}}]}
+    status, body = _http("POST", f"{base}/chat/completions", headers, request)
+    if status != 200:
+        return {"ok": False, "served": served, "problem": f"tool calling refused: {body}"}
+    return {"ok": True, "served": served, "tool_calling": "accepted"}
+
+
+def _probe_chroma(url: str) -> dict:
+    status, body = _http("GET", f"{url.rstrip('/')}/api/v2/heartbeat", {})
+    return {"ok": True} if status == 200 else {"ok": False, "problem": f"{url}: {body}"}
+
+
+def _http(method: str, url: str, headers: dict, payload: dict | None = None, timeout: float = 10.0) -> tuple:
+    """One JSON request: (HTTP status, parsed body) or (None, a one-line reason)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={**headers, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        text = exc.read().decode(errors="replace")
+        try:
+            detail = json.loads(text)
+            detail = detail.get("error", detail) if isinstance(detail, dict) else detail
+            detail = detail.get("message", detail) if isinstance(detail, dict) else detail
+        except ValueError:
+            detail = text
+        return exc.code, f"HTTP {exc.code}: {str(detail).strip().splitlines()[0][:300] if str(detail).strip() else ''}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return None, f"unreachable ({reason})"
+
+
+def _checkpoint_status(result, is_tiny: bool) -> str:
+    """One line for a role: where its checkpoint is and whether every file it needs is there."""
+    if result.source == "remote":
+        return "remote endpoint"
+    if result.source == "unset":
+        return "not set"
+    if result.ok:
+        if result.source == "local":
+            folder = Path(result.ref.removeprefix("local-dir:")).expanduser()
+            return "local directory" if folder.is_dir() else "local file"
         return "in the local hub cache"
-    return f"not downloaded (`hf download {ref}`, or point the profile at a local copy)"
+    if is_tiny and result.missing:
+        return "not built yet: `imgrag models build-tiny` (or any --profile tiny command) builds it"
+    if result.source == "hub":
+        fetch = f"`imgrag models download --role {result.role}`"
+        if len(result.missing) == len(result.files):
+            return f"not downloaded: {fetch}"
+        return f"MISSING {len(result.missing)} of {len(result.files)} files: {fetch}"
+    if result.missing:
+        return f"MISSING {len(result.missing)} of {len(result.files)} files"
+    return "PROBLEM"
 
 
 @app.command()
 def doctor(
-    profile: ProfileOpt = None, config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = False
+    profile: ProfileOpt = None, config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = False,
+    show_profile: Annotated[bool, typer.Option("--show-profile", help="Print the built-in preset's TOML file "
+                                               "(documented; copy it to start your own) and stop.")] = False,
 ) -> None:
-    """Show the resolved settings: device and memory, each checkpoint and whether it is here, the store."""
+    """Show the resolved settings, device and memory; check every file each model needs, the disk space still
+    needed, the LLM server and the Chroma server when they are set."""
+    from imgrag.model_files import check_roles, free_disk_bytes, hub_cache_dir, human_size
+    from imgrag.settings import builtin_presets
+
+    if show_profile:
+        presets = builtin_presets()
+        if profile not in presets:
+            raise UserError(f"--show-profile prints a built-in preset: --profile {' | '.join(presets)}")
+        sys.stdout.write(presets[profile].read_text(encoding="utf-8"))
+        return
     import torch
 
     settings = settings_from_flags(profile, config, store=store)
     device = settings.resolved_device()
-    report: dict = {"profile": settings.profile, "device": device, "dtype": settings.resolved_dtype(),
+    report: dict = {"profile": settings.profile, "preset": profile if profile in builtin_presets() else None,
+                    "device": device, "dtype": settings.resolved_dtype(),
                     "torch": torch.__version__, "gpu_memory_budget_gb": settings.gpu_memory_gb or None}
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
@@ -103,25 +284,32 @@ def doctor(
                          "free_gb": round(free / 2**30, 1)}
     else:
         report["gpu"] = None
+    report["device_problem"] = None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        report["device_problem"] = ("device is cuda but torch sees no CUDA GPU here: runs will fail; "
+                                    "use --profile cpu, or check the driver and torch's CUDA build")
     try:
         meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
         report["ram_gb"] = round(int(meminfo["MemTotal"].split()[0]) / 2**20, 1)
     except (OSError, KeyError, ValueError):
         report["ram_gb"] = None
-    m = settings.models
-    checkpoints = {"generator": m.generator, "ip_adapter": m.ip_adapter, "judge": m.judge,
-                   "llm": m.llm if m.llm_backend == "local" else f"{m.llm} @ {m.llm_base_url}", "embedder": m.embedder}
+    roles = check_roles(settings)
     report["checkpoints"] = {
-        role: {"ref": ref, "status": "remote endpoint" if "@" in ref else _checkpoint_status(ref)}
-        for role, ref in checkpoints.items()
+        r.role: {"ref": r.ref, "status": _checkpoint_status(r, settings.is_tiny), "ok": r.ok,
+                 "missing": [f.path for f in r.missing], "files": len(r.files), "problems": r.problems,
+                 "notes": r.notes}
+        for r in roles
     }
-    if settings.is_tiny:
-        for info in report["checkpoints"].values():
-            if info["status"].startswith("MISSING"):
-                info["status"] = "not built yet: `imgrag models build-tiny` (or any --profile tiny command) builds it"
+    if settings.models.llm_backend == "openai":
+        report["checkpoints"]["llm"]["server"] = _probe_llm(settings)
+    cache = hub_cache_dir()
+    needed = sum(r.missing_bytes for r in roles if r.source == "hub")
+    report["disk"] = {"hub_cache": str(cache), "still_needed_bytes": needed, "free_bytes": free_disk_bytes(cache),
+                      "sizes_approximate": any(r.approx_only for r in roles if r.source == "hub" and r.missing)}
     store_info: dict = {"location": settings.store}
     if settings.store.startswith(("http://", "https://")):
         store_info["kind"] = "chroma server"
+        store_info["server"] = _probe_chroma(settings.store)
     else:
         path = Path(settings.store)
         store_info["kind"] = "embedded chroma"
@@ -132,19 +320,43 @@ def doctor(
     if as_json:
         print_json(report)
         return
-    table = Table(title=f"imgrag doctor — profile {settings.profile}", show_header=False)
+    title = f"imgrag doctor — profile {report['preset'] or settings.profile}"
+    table = Table(title=title, show_header=False)
     table.add_column()
     table.add_column(overflow="fold")  # paths and hub ids: folded onto more lines, never cut
     table.add_row("device", f"{device} ({report['dtype']}), torch {report['torch']}")
+    if report["device_problem"]:
+        table.add_row("", f"[red]{escape(report['device_problem'])}[/]")
     if report["gpu"]:
         g = report["gpu"]
         table.add_row("gpu", f"{g['name']}: {g['free_gb']} of {g['total_gb']} GiB free")
     table.add_row("ram", f"{report['ram_gb']} GiB")
     table.add_row("gpu budget", f"{settings.gpu_memory_gb} GiB" if settings.gpu_memory_gb else "no limit")
-    for role, info in report["checkpoints"].items():
-        table.add_row(role, f"{info['ref']}\n[dim]{info['status']}[/]")
+    for r in roles:
+        info = report["checkpoints"][r.role]
+        colour = "green" if r.ok else "red"
+        lines = [info["ref"], f"[{colour}]{info['status']}[/]"]
+        if r.missing and len(r.missing) == len(r.files) and r.source == "hub":  # the dry run lists them
+            lines.append(f"[red]all {len(r.files)} files missing[/] ({human_size(r.missing_bytes)})")
+        else:
+            lines += [f"[red]missing:[/] {path}" for path in info["missing"][:12]]
+            if len(info["missing"]) > 12:
+                lines.append(f"[red]... and {len(info['missing']) - 12} more[/]")
+        lines += [f"[red]problem:[/] {escape(p)}" for p in r.problems] + [f"[dim]{escape(n)}[/]" for n in r.notes]
+        if "server" in info:
+            s = info["server"]
+            lines.append("[green]server answers; tool calling accepted[/]" if s["ok"]
+                         else f"[red]server:[/] {escape(s['problem'])}")
+        table.add_row(r.role, "\n".join(lines))
+    d = report["disk"]
+    if needed:
+        free = f", {human_size(d['free_bytes'])} free" if d["free_bytes"] is not None else ""
+        approx = " (size approximate)" if d["sizes_approximate"] else ""
+        table.add_row("disk", f"{human_size(needed)} still to download{approx} into {cache}{free}")
     extra = f", {store_info['size_mb']} MB" if "size_mb" in store_info else ""
-    table.add_row("store", f"{settings.store} ({store_info['kind']}{extra})")
+    server = store_info.get("server")
+    state = "" if server is None else (", answers" if server["ok"] else f"\n[red]{escape(server['problem'])}[/]")
+    table.add_row("store", f"{settings.store} ({store_info['kind']}{extra}){state}")
     table.add_row("outputs", settings.output_dir)
     out.print(table)
 

@@ -51,7 +51,8 @@ err = Console(stderr=True, highlight=False)
 
 ProfileOpt = Annotated[
     str | None,
-    typer.Option("--profile", "-p", help="default (real checkpoints), tiny (offline kit) or a .toml file.",
+    typer.Option("--profile", "-p", help="default (real checkpoints), tiny (offline kit), a preset "
+                 "(gpu-80gb, gpu-24gb, cpu) or a .toml file.",
                  envvar="IMGRAG_PROFILE", show_envvar=False),
 ]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A TOML file layered over the profile.")]

@@ -35,8 +35,9 @@ def hub_cached(repo_id: str) -> bool:
 
 
 def download_hint(repo_id: str) -> str:
-    return (f"{repo_id} is not in the local Hugging Face cache; imgrag never downloads on its own: fetch it once "
-            f"with `hf download {repo_id}`, or set the profile's checkpoint to a local folder")
+    return (f"{repo_id} is not in the local Hugging Face cache; imgrag never downloads on its own: fetch exactly the "
+            "files it needs once with `imgrag models download` (see `imgrag doctor`), or set the profile's checkpoint "
+            "to a local folder")
 
 
 def check_exists(ref: str, role: str, expected: str) -> None:
@@ -54,6 +55,13 @@ def check_exists(ref: str, role: str, expected: str) -> None:
         return
     if not hub_cached(ref):
         raise ModelLoadError(f"{role}: {download_hint(ref)}")
+    from imgrag.model_files import missing_hub_files
+
+    missing = missing_hub_files(ref, role)
+    if missing:  # a partial download: the hub client would otherwise fetch the rest during the run
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelLoadError(f"{role}: {', '.join(missing[:3])}{more} of {ref} are not in the local Hugging Face "
+                             "cache; imgrag never downloads on its own: `imgrag models download` fetches them")
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from PIL import Image
 
 from imgrag.checkpoints import download_hint, first_line, hub_cached
 from imgrag.errors import ModelLoadError
+from imgrag.model_files import is_torchscript_archive
 from imgrag.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,9 +69,15 @@ class Embedder:
             raise ModelLoadError("models.embedder is empty: name an open_clip checkpoint")
         model_id = _model_identity(name, pretrained)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=None if name.startswith((LOCAL_DIR, HF_HUB)) else pretrained)
-            tokenizer = open_clip.get_tokenizer(name)
+            if pretrained and not name.startswith((LOCAL_DIR, HF_HUB)) and \
+                    is_torchscript_archive(Path(pretrained).expanduser()):
+                model, preprocess, tokenizer = _load_openai_archive(name, Path(pretrained).expanduser())
+            else:
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=None if name.startswith((LOCAL_DIR, HF_HUB)) else pretrained)
+                tokenizer = open_clip.get_tokenizer(name)
+        except ModelLoadError:
+            raise
         except Exception as exc:  # open_clip raises RuntimeError/ValueError/FileNotFoundError/hub errors
             raise ModelLoadError(f"cannot load the embedder {name!r}: {first_line(exc)}") from exc
         embedder = cls(model, preprocess, tokenizer, model_id)
@@ -136,6 +144,36 @@ class Embedder:
         except Exception:  # a count is only for the warning; never fail an embedding over it
             return None
         return None
+
+
+def _load_openai_archive(name: str, path: Path) -> tuple[Any, Any, Any]:
+    """Load one of OpenAI's CLIP checkpoints (``ViT-B-32.pt``, what openai/CLIP and TinyIMGRAG download).
+
+    They are TorchScript archives, which ``torch.load(weights_only=True)`` refuses. ``torch.jit.load`` reads
+    them with TorchScript's own loader (tensors and compiled code, no arbitrary Python objects unpickled);
+    open_clip's ``build_model_from_openai_state_dict`` (what its ``load_openai_model`` does, without that
+    function's fallback to a plain ``torch.load``) rebuilds an eager model with QuickGELU, as OpenAI trained
+    it. Raises ModelLoadError when the archive's architecture is not ``name``'s.
+    """
+    import open_clip
+    import torch
+    from open_clip.model import build_model_from_openai_state_dict
+
+    with warnings.catch_warnings():  # "torch.jit.load is deprecated": it is still the one reader of these files
+        warnings.simplefilter("ignore", FutureWarning)
+        state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    state.pop("attn_mask", None)  # a constant, not a weight: traced open_clip archives carry it, OpenAI's do not
+    model = build_model_from_openai_state_dict(state, cast_dtype=None).float().eval()
+    expected = open_clip.get_model_config(name) or {}
+    widths = (expected.get("embed_dim"), expected.get("vision_cfg", {}).get("width"))
+    found = (int(state["text_projection"].shape[1]), int(state["visual.conv1.weight"].shape[0]))
+    if None not in widths and tuple(widths) != found:
+        raise ModelLoadError(f"embedder weights {path} hold a CLIP of embedding/vision width {found}, not "
+                             f"{name} {tuple(widths)}: set models.embedder to the archive's architecture")
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    model.visual.image_mean, model.visual.image_std = mean, std
+    preprocess = open_clip.image_transform(model.visual.image_size, is_train=False, mean=mean, std=std)
+    return model, preprocess, open_clip.get_tokenizer(name, context_length=model.context_length)
 
 
 def _normalise(chunks: list[np.ndarray], dim: int) -> np.ndarray:

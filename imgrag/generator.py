@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from imgrag.checkpoints import first_line, loading, quiet_libraries
 from imgrag.errors import ModelLoadError, UserError
+from imgrag.model_files import ResolvedAdapter, generator_variant, is_local_ref, resolve_ip_adapter
 from imgrag.settings import Settings
 
 SDXL_EXPECTED = "an SDXL diffusers pipeline folder (model_index.json of StableDiffusionXLPipeline)"
@@ -49,6 +51,7 @@ class Generator:
         self.pipe = pipe
         self.settings = settings
         self.adapter_loaded = False
+        self.adapter: ResolvedAdapter | None = None  # the adapter files, checked once (see resolve_ip_adapter)
         self._zero_embeds: dict[bool, Any] = {}  # per classifier-free-guidance mode; see _zero_image_embeds
         pipe.set_progress_bar_config(disable=True)  # the command line draws its own bar from on_step
 
@@ -61,11 +64,15 @@ class Generator:
 
         ref = settings.models.generator
         with loading("generator", ref, SDXL_EXPECTED):
-            pipe = AutoPipelineForText2Image.from_pretrained(ref, dtype=settings.torch_dtype(),
-                                                             use_safetensors=True)
+            # The fp16 variant is what `imgrag models download` fetches; diffusers casts it to the dtype asked for.
+            pipe = AutoPipelineForText2Image.from_pretrained(ref, dtype=settings.torch_dtype(), use_safetensors=True,
+                                                             variant=generator_variant(ref))
         if not isinstance(pipe, StableDiffusionXLPipeline):
             raise ModelLoadError(f"{ref} holds a {type(pipe).__name__}, not the generator (expected {SDXL_EXPECTED})")
         generator = cls(pipe, settings)
+        if _adapter_present(settings):
+            # A wrong adapter file or encoder fails here, before the first drawing, not at the first guided one.
+            generator.adapter = resolve_ip_adapter(settings)
         return generator.to(device or settings.resolved_device()) if place else generator
 
     def to(self, device: str) -> Generator:
@@ -83,12 +90,10 @@ class Generator:
         """Load the IP-Adapter into this pipeline (once; later calls do nothing)."""
         if self.adapter_loaded:
             return
-        m = self.settings.models
-        if not m.ip_adapter_weight.endswith(".safetensors"):
-            raise ModelLoadError(f"models.ip_adapter_weight must be a .safetensors file, got {m.ip_adapter_weight!r}")
-        with loading("IP-Adapter", m.ip_adapter, IP_ADAPTER_EXPECTED):
-            self.pipe.load_ip_adapter(m.ip_adapter, subfolder=m.ip_adapter_subfolder, weight_name=m.ip_adapter_weight,
-                                      image_encoder_folder=m.ip_adapter_image_encoder)
+        with loading("IP-Adapter", self.settings.models.ip_adapter, IP_ADAPTER_EXPECTED):
+            a = self.adapter = self.adapter or resolve_ip_adapter(self.settings)
+            self.pipe.load_ip_adapter(a.ref, subfolder=a.subfolder, weight_name=a.weight,
+                                      image_encoder_folder=a.image_encoder)
         self.adapter_loaded = True
 
     def generate(
@@ -163,6 +168,20 @@ class Generator:
                 num_images_per_prompt=1, do_classifier_free_guidance=cfg)
             self._zero_embeds[cfg] = torch.zeros_like(embeds[0])
         return self._zero_embeds[cfg].to(self.pipe.device)
+
+
+def _adapter_present(settings: Settings) -> bool:
+    """Whether the IP-Adapter checkpoint is there at all (a folder, or a hub id with a cached snapshot).
+
+    Plain drawing needs no adapter, so an absent one is reported only at the first guided drawing; one
+    that is there but wrong (another file name, an encoder of the wrong width) is reported at once.
+    """
+    from imgrag.checkpoints import hub_cached
+
+    ref = settings.models.ip_adapter.strip()
+    if not ref:
+        return False
+    return Path(ref).expanduser().is_dir() if is_local_ref(ref) else hub_cached(ref)
 
 
 def validate_request(prompt: str, width: int, height: int, steps: int, ip_scale: float,

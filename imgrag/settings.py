@@ -2,7 +2,8 @@
 
 Precedence, lowest first: the profile's defaults, a TOML file, ``IMGRAG_*`` environment variables,
 command-line flags. A profile is ``default`` (the real checkpoints), ``tiny`` (the offline kit that
-``imgrag models build-tiny`` makes) or the path of a TOML file. A TOML file may itself name a
+``imgrag models build-tiny`` makes), a built-in hardware preset (``gpu-80gb``, ``gpu-24gb``, ``cpu``: TOML
+files in ``imgrag/profiles/``) or the path of a TOML file. A TOML file may itself name a
 ``profile`` to start from.
 
 Environment variables: ``IMGRAG_<KEY>`` for top-level keys (``IMGRAG_DEVICE=cpu``) and
@@ -150,6 +151,13 @@ _SECTION_CLASSES = {
 PROFILES = ("default", "tiny")
 CHOICES = {"offload": ("cpu", "drop"), "models.llm_backend": ("local", "openai"),
            "dtype": ("auto", "float32", "float16", "bfloat16")}
+# Built-in presets: documented TOML files shipped in the package, named by their stem (gpu-80gb, gpu-24gb, cpu).
+PRESETS_DIR = Path(__file__).parent / "profiles"
+
+
+def builtin_presets() -> dict[str, Path]:
+    """The built-in hardware presets: name -> its TOML file (each starts from the default profile)."""
+    return {path.stem: path for path in sorted(PRESETS_DIR.glob("*.toml"))}
 
 
 TINY_KIT_PLACEHOLDER = "{tiny_kit}"
@@ -298,10 +306,10 @@ def load_settings(
 
     layers: list[tuple[dict[str, Any], str]] = []
     if profile not in PROFILES:
-        path = Path(profile).expanduser()
+        path = builtin_presets().get(profile) or Path(profile).expanduser()
         if path.suffix != ".toml" and not path.exists():
-            raise SettingsError(
-                f"unknown profile '{profile}' (use one of {', '.join(PROFILES)} or the path of a .toml file)")
+            names = ", ".join([*PROFILES, *builtin_presets()])
+            raise SettingsError(f"unknown profile '{profile}' (use one of {names} or the path of a .toml file)")
         file_layer = _read_toml(path)
         base = file_layer.pop("profile", "default")
         if base not in PROFILES:

@@ -150,4 +150,5 @@ def test_a_hub_id_not_in_the_cache_fails_at_once_with_the_download_command(capsy
         main(["generate", "a cat", "-o", str(tmp_path / "x.png"), "--profile", "default"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 1
-    assert "hf download nobody/no-such-sdxl" in err and "Traceback" not in err
+    assert "nobody/no-such-sdxl is not in the local Hugging Face cache" in err and "Traceback" not in err
+    assert "imgrag models download" in err

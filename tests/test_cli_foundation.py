@@ -88,3 +88,5 @@ def test_built_wheel_contains_the_prompts_and_report_templates(tmp_path: Path) -
     assert templates, "the repository has report templates"
     for template in templates:
         assert f"imgrag/templates/report/{template.name}" in names
+    for preset in ("gpu-80gb", "gpu-24gb", "cpu"):  # the built-in hardware presets
+        assert f"imgrag/profiles/{preset}.toml" in names
