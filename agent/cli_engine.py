@@ -59,7 +59,7 @@ def generate(
     ref: Annotated[list[Path] | None, typer.Option(
         "--ref", help="A reference image to guide the drawing through IP-Adapter; repeat for several.")] = None,
     ip_scale: Annotated[float | None, typer.Option(
-        "--ip-scale", help="How strongly the references steer, 0..2 (default: generation.ip_scale).")] = None,
+        "--ip-scale", help="How strongly the references steer, 0..1 (default: generation.ip_scale).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same picture (default: generation.seed).")]
     = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: generation.steps).")] = None,

@@ -36,7 +36,7 @@ from PIL import Image
 
 from imgrag.checkpoints import first_line, loading, quiet_libraries
 from imgrag.errors import ModelLoadError, UserError
-from imgrag.settings import Settings
+from imgrag.settings import MAX_IP_SCALE, Settings
 
 SDXL_EXPECTED = "an SDXL diffusers pipeline folder (model_index.json of StableDiffusionXLPipeline)"
 IP_ADAPTER_EXPECTED = "an h94/IP-Adapter style folder: <subfolder>/<weight>.safetensors and its image encoder"
@@ -175,8 +175,8 @@ def validate_request(prompt: str, width: int, height: int, steps: int, ip_scale:
             raise UserError(f"{name} must be a positive multiple of 8 (SDXL's latents are 1/8 size), got {value}")
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
-    if not 0.0 <= ip_scale <= 2.0:
-        raise UserError(f"ip_scale must be within 0..2, got {ip_scale}")
+    if not 0.0 <= ip_scale <= MAX_IP_SCALE:
+        raise UserError(f"ip_scale must be within 0..{MAX_IP_SCALE:g}, got {ip_scale}")
     for ref in references or []:
         if not isinstance(ref, Image.Image):
             raise UserError(f"a reference must be a picture (PIL image), got {type(ref).__name__}")
