@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from agent import cli_chat, cli_engine, cli_report, cli_run, cli_store  # noqa: F401  (they register commands)
@@ -23,7 +24,8 @@ from agent.cli_common import (
     print_json,
     settings_from_flags,
 )
-from imgrag.errors import UserError
+from imgrag.errors import UserError, check_seed
+from imgrag.runs import ensure_writable_dir
 
 models_app = typer.Typer(help="Manage model checkpoints (the offline tiny kit).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -47,11 +49,13 @@ def build_tiny(
     """
     from imgrag.tiny_kit import build_tiny_kit
 
+    check_seed(seed, "--seed")
     if scale not in ("tiny", "full"):
         raise UserError(f"--scale must be tiny or full, got {scale!r}")
     if scale == "full" and directory is None:
         raise UserError("--scale full needs a DIRECTORY (about 32 GB); the tiny profile's kit is left alone")
     target = directory or Path(settings_from_flags("tiny").tiny_kit_dir)
+    ensure_writable_dir(target, "tiny kit folder")
     start = time.perf_counter()
     paths = build_tiny_kit(target, seed=seed, force=force, scale=scale,
                            progress=lambda msg: err.print(f"[dim]built {msg}[/]"))
@@ -152,7 +156,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="imgrag")
     except UserError as exc:
-        err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        sys.exit(1)
+    except OSError as exc:
+        # A path that cannot be read or written mid-work (a full disk, a folder removed meanwhile): one line
+        # naming it, never a traceback. Checks before the work catch most of these earlier.
+        where = f"{exc.filename}: " if exc.filename else ""
+        err.print(f"[red]error:[/] {escape(where + (exc.strerror or str(exc)))}", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")

@@ -22,7 +22,7 @@ from agent.cli_common import (
     print_json,
     settings_from_flags,
 )
-from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, check_planner
+from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, check_outputs, check_planner
 
 
 @app.command()
@@ -40,7 +40,10 @@ def report(
     every step and the model loads. A batch folder gets an index of its prompts with each run inlined."""
     from imgrag.report import folder_kind, write_report
 
+    from imgrag.runs import ensure_writable_file
+
     kind = folder_kind(folder)  # a folder that is neither is a one-line UserError
+    ensure_writable_file(output or folder / "report.html", "report")
     target = write_report(folder, output)
     if as_json:
         print_json({"report": str(target), "kind": kind, "bytes": target.stat().st_size})
@@ -91,6 +94,7 @@ def eval_command(
     check_planner(planner)
     items = read_eval_file(file)  # a bad file fails before any model loads
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
+    check_outputs(settings)
     prepare_models(settings)
     total = min(len(items), limit or len(items))
 

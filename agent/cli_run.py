@@ -42,6 +42,14 @@ def check_planner(planner: str) -> None:
         raise UserError(f"--planner must be {' or '.join(PLANNERS)}, got {planner!r}")
 
 
+def check_outputs(settings: Any) -> None:
+    """The folders a run writes (its run folders, the thread store's), proven writable before any model loads."""
+    from imgrag.runs import ensure_writable_dir
+
+    ensure_writable_dir(settings.output_dir, "output folder")
+    ensure_writable_dir(Path(settings.threads_db).parent, "thread store's folder")
+
+
 def activity(event: dict[str, Any]) -> str | None:
     """What the agent is doing, for a live status line: the text of a tool, denoising or LLM event, else None."""
     kind = event["event"]
@@ -96,6 +104,7 @@ class ProgressPrinter:
 
 def _make_runner(profile, config, store, out_dir, on_event):
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
+    check_outputs(settings)
     prepare_models(settings)
     from agent.runner import Runner
 
@@ -123,9 +132,11 @@ def run(
 
     Writes a run folder (candidates/, trace.jsonl, result.json). With --json, prints result.json.
     """
-    from imgrag.errors import UserError
+    from imgrag.errors import UserError, check_seed
 
     check_planner(planner)
+    if seed is not None:
+        check_seed(seed, "--seed")
     if resume is None and not prompt:
         raise UserError("give a PROMPT, or --resume RUN_ID to continue a run")
     with ProgressPrinter() as progress:

@@ -100,8 +100,13 @@ def index(
         if not path.expanduser().exists() and not prune:
             raise UserError(f"{path}: no such file or folder")
     settings = settings_from_flags(profile, config, store=store)
+    from imgrag.store import ReferenceStore, is_server_uri
+
+    if not is_server_uri(settings.store):
+        from imgrag.runs import ensure_writable_dir
+
+        ensure_writable_dir(settings.store, "store")  # before the embedder loads
     prepare_models(settings)
-    from imgrag.store import ReferenceStore
 
     progress = _IndexProgress()
     try:

@@ -19,7 +19,7 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from agent.graph import Runtime, build_graph, initial_state, outcome
-from imgrag.errors import UserError
+from imgrag.errors import UserError, check_seed
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, new_run_id, write_json_atomic
 from imgrag.settings import Settings
 from tools.context import EventSink, ToolContext
@@ -76,7 +76,8 @@ class Runner:
         b = self.settings.budget
         budget = {"max_rounds": max_rounds or b.max_rounds, "max_tool_calls": b.max_tool_calls,
                   "max_seconds": b.max_seconds}
-        state = initial_state(prompt, seed=self.settings.generation.seed if seed is None else seed, run_id=run_id,
+        seed = self.settings.generation.seed if seed is None else check_seed(seed, "--seed")
+        state = initial_state(prompt, seed=seed, run_id=run_id,
                               run_dir=str(run_dir), planner=planner, budget=budget, approve=approve)
         record = RunRecord(run_dir)
         record.append_step({"event": "start", "prompt": prompt, "planner": planner, "budget": budget,
@@ -271,9 +272,13 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
                 raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
             if not isinstance(obj, dict) or not str(obj.get("prompt", "")).strip():
                 raise UserError(f"{path}:{number}: each line needs an object with a non-empty \"prompt\"")
-            for key in ("seed", "max_rounds"):
-                if key in obj and not isinstance(obj[key], int):
-                    raise UserError(f"{path}:{number}: \"{key}\" must be an integer")
+            if "max_rounds" in obj and (not isinstance(obj["max_rounds"], int) or isinstance(obj["max_rounds"], bool)
+                                        or obj["max_rounds"] < 1):
+                raise UserError(f"{path}:{number}: \"max_rounds\" must be a whole number of at least 1")
+            if obj.get("seed") is not None:
+                if not isinstance(obj["seed"], int) or isinstance(obj["seed"], bool):
+                    raise UserError(f"{path}:{number}: \"seed\" must be an integer")
+                check_seed(obj["seed"], f"{path}:{number}: seed")
             items.append({"prompt": obj["prompt"].strip(), "seed": obj.get("seed"),
                           "max_rounds": obj.get("max_rounds")})
         else:

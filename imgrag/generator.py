@@ -35,7 +35,7 @@ from typing import Any
 from PIL import Image
 
 from imgrag.checkpoints import first_line, loading, quiet_libraries
-from imgrag.errors import ModelLoadError, UserError
+from imgrag.errors import ModelLoadError, UserError, check_seed
 from imgrag.settings import MAX_IP_SCALE, Settings
 
 SDXL_EXPECTED = "an SDXL diffusers pipeline folder (model_index.json of StableDiffusionXLPipeline)"
@@ -118,6 +118,7 @@ class Generator:
         guidance = g.guidance if guidance is None else guidance
         ip_scale = g.ip_scale if ip_scale is None else ip_scale
         validate_request(prompt, width, height, steps, ip_scale, references)
+        seed = check_seed(seed)
 
         kwargs: dict[str, Any] = {}
         if references:

@@ -800,7 +800,10 @@ def _connect(location: str, create: bool) -> Any:
         raise UserError(f"store {location}: exists and is not a directory")
     if not create and not (path / "chroma.sqlite3").exists():
         return None
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{location}: cannot create the store: {exc.strerror or exc}") from None
     try:
         return chromadb.PersistentClient(path=str(path), settings=_chroma_settings())
     except Exception as exc:
