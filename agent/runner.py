@@ -25,8 +25,29 @@ from imgrag.settings import Settings
 from tools.context import EventSink, ToolContext
 
 PLANNERS = ("agent", "fixed")
+FINISHED = ("matched", "budget_exhausted")  # a batch item in one of these is never run again
 TINY_NOTE = ("tiny profile: random-weight models; the pictures are noise, the verdicts junk, and the fixed "
              "policy drives most steps because the tiny LLM cannot call tools. This checks the plumbing only.")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run or batch, after the run's record was closed: ``result`` is the partial result.json
+    (status ``interrupted``) and ``batch_dir`` is set for a batch. A KeyboardInterrupt still, so callers that
+    stop on Ctrl-C (the chat) keep doing so."""
+
+    def __init__(self, result: dict[str, Any], batch_dir: str | None = None) -> None:
+        super().__init__(f"run {result['run_id']} interrupted")
+        self.result = result
+        self.batch_dir = batch_dir
+
+
+def add_loads(*counts: dict[str, int] | None) -> dict[str, int]:
+    """Per-model load counts added up (a run's earlier processes plus this one)."""
+    total: dict[str, int] = {}
+    for count in counts:
+        for name, n in (count or {}).items():
+            total[name] = total.get(name, 0) + int(n)
+    return total
 
 
 def open_checkpointer(path: str | Path) -> SqliteSaver:
@@ -85,11 +106,35 @@ class Runner:
         return self._drive(state, run_id, record, state)
 
     def resume(self, run_id: str) -> dict[str, Any]:
-        """Continue a run from its last checkpoint; finished steps are not redone."""
-        snapshot = self.thread_state(run_id)
+        """Continue a run from its last checkpoint; finished steps are not redone.
+
+        A finished run is left as it is: its result.json is returned, not rewritten. A run stopped before its
+        first checkpoint (Ctrl-C or a kill while the first model loaded) starts again from its trace's start line.
+        """
+        snapshot = self.graph().get_state({"configurable": {"thread_id": run_id}})
+        if not snapshot.values:
+            return self._restart(run_id)
         record = RunRecord(snapshot.values["run_dir"])
+        if not snapshot.next and not snapshot.interrupts:
+            finished = record.read_result()
+            if finished and finished.get("status") != "interrupted":
+                self.on_event({"event": "already_finished", "run_id": run_id, "status": finished["status"]})
+                return finished
         record.append_step({"event": "resume", "from_checkpoint": snapshot.config["configurable"].get("checkpoint_id")})
         return self._drive(None, run_id, record, snapshot.values)
+
+    def _restart(self, run_id: str) -> dict[str, Any]:
+        """Run again from the start a run that has a trace but no checkpoint (see :meth:`resume`)."""
+        if not RUN_ID_PATTERN.match(run_id):
+            raise UserError(f"run id {run_id!r} may hold only letters, digits, '.', '_' and '-'")
+        record = RunRecord(Path(self.settings.output_dir) / run_id)
+        start = next((s for s in record.read_steps() if s.get("event") == "start"), None)
+        if start is None:
+            raise UserError(f"no run with thread id {run_id!r} in {self.settings.threads_db}")
+        state = initial_state(start["prompt"], seed=start["seed"], run_id=run_id, run_dir=str(record.dir),
+                              planner=start["planner"], budget=start["budget"], approve=False)
+        record.append_step({"event": "restart", "reason": "no checkpoint was written before the run stopped"})
+        return self._drive(state, run_id, record, state)
 
     # ----- threads (the chat) -----
     def graph(self):
@@ -157,11 +202,25 @@ class Runner:
         config = {"configurable": {"thread_id": run_id},
                   "recursion_limit": 4 * int(values["budget"]["max_tool_calls"]) + 20}
         self.on_event({"event": "run_start", "run_id": run_id, "run_dir": str(record.dir)})
-        for _ in graph.stream(graph_input, config, stream_mode="updates"):
-            pass
+        # model_loads in result.json: what this run loaded, in this process and in the ones before it (a resume).
+        earlier = (record.read_result() or {}).get("model_loads") if record.result_path.exists() else None
+        before = self.manager.load_counts()
+        try:
+            for _ in graph.stream(graph_input, config, stream_mode="updates"):
+                pass
+        except KeyboardInterrupt:
+            # Ctrl-C: close the record from the last checkpoint, leaving the thread as it is so --resume goes on.
+            snapshot = graph.get_state(config)
+            state = snapshot.values or values
+            result = self._result(state, record, add_loads(earlier, self._loads_since(before)))
+            result.update(status="interrupted", stop_reason="interrupted (Ctrl-C)")
+            record.append_step({"event": "interrupted", "checkpoint": (snapshot.config or {}).get(
+                "configurable", {}).get("checkpoint_id")})
+            record.write_result(result)
+            raise RunInterrupted(result) from None
         self.reference_store = ctx.reference_store  # keep the opened store for the next run of a batch
         snapshot = graph.get_state(config)
-        result = self._result(snapshot.values, record)
+        result = self._result(snapshot.values, record, add_loads(earlier, self._loads_since(before)))
         if snapshot.interrupts:  # paused for the user (review): not over, so no result.json yet
             result["pending"] = [i.value for i in snapshot.interrupts]
             self.on_event({"event": "paused", "run_id": run_id})
@@ -172,8 +231,17 @@ class Runner:
         self.on_event({"event": "run_end", **{k: result[k] for k in ends}})
         return result
 
-    def _result(self, state: dict[str, Any], record: RunRecord) -> dict[str, Any]:
-        """result.json, following DESIGN.md's contract (plus candidates and references for reports)."""
+    def _loads_since(self, before: dict[str, int]) -> dict[str, int]:
+        now = self.manager.load_counts()
+        return {name: n - before.get(name, 0) for name, n in now.items()}
+
+    def _result(self, state: dict[str, Any], record: RunRecord,
+                model_loads: dict[str, int] | None = None) -> dict[str, Any]:
+        """result.json, following DESIGN.md's contract (plus candidates and references for reports).
+
+        ``model_loads`` is what this run loaded (default: what its record already says)."""
+        if model_loads is None:
+            model_loads = (record.read_result() or {}).get("model_loads") or {}
         candidates = sorted((state.get("candidates") or {}).values(), key=lambda c: int(c["id"][1:]))
         final = (state.get("candidates") or {}).get(state.get("final_candidate") or "")
         steps = [{k: s.get(k) for k in ("tool", "args", "ok", "seconds")}
@@ -189,7 +257,7 @@ class Runner:
             "planner": state["planner"],
             "fallback_steps": state.get("fallback_steps", 0),
             "steps": steps,
-            "model_loads": self.manager.load_counts(),
+            "model_loads": model_loads,
             "model_stats": self.manager.stats(),
             "seconds": round(float(state.get("seconds") or 0.0), 3),
             "candidates": candidates,
@@ -221,11 +289,16 @@ class Runner:
                                                   for i, item in enumerate(items)]}
             write_json_atomic(batch_dir / "batch.json", state)
         start = time.perf_counter()
+        if resume and existing and (batch_dir / "summary.json").exists() and all(
+                item["status"] in FINISHED for item in state["items"]):
+            # Nothing left to do: the record of the finished batch stays as it was.
+            return json.loads((batch_dir / "summary.json").read_text(encoding="utf-8"))
         for item in state["items"]:
-            if item["status"] in ("matched", "budget_exhausted"):
+            if item["status"] in FINISHED:
                 continue  # finished in an earlier process
+            before = self.manager.load_counts()
             try:
-                if item["run_id"] and item["status"] == "running":
+                if item["run_id"] and item["status"] in ("running", "interrupted"):
                     result = self.resume(item["run_id"])
                 else:
                     attempt = item.get("attempts", 0) + 1  # a failed prompt is retried under a fresh run id
@@ -237,11 +310,19 @@ class Runner:
                                       max_rounds=max_rounds or item.get("max_rounds"), planner=planner,
                                       run_id=item["run_id"])
                 item.update(status=result["status"], final_image=result["final_image"], rounds=result["rounds"],
-                            seconds=result["seconds"], error=None)
+                            seconds=result["seconds"], error=None, model_loads=result["model_loads"])
+            except KeyboardInterrupt as exc:
+                # Kept as interrupted with its run id: the next --resume continues it from its checkpoint.
+                item.update(status="interrupted", error=None, model_loads=self._loads_since(before))
+                write_json_atomic(batch_dir / "batch.json", state)
+                result = exc.result if isinstance(exc, RunInterrupted) else {"run_id": item["run_id"]}
+                raise RunInterrupted(result, batch_dir=str(batch_dir)) from None
             except UserError as exc:
-                item.update(status="failed", error=str(exc))
+                item.update(status="failed", error=str(exc), model_loads=self._loads_since(before))
             except Exception as exc:  # one broken prompt must not stop the batch; the error is kept
-                item.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                item.update(status="failed", error=f"{type(exc).__name__}: {exc}", model_loads=self._loads_since(before))
+            # This prompt's loads (its run's record), not the process's running total; that stays in the summary.
+            item.setdefault("model_loads", self._loads_since(before))
             write_json_atomic(batch_dir / "batch.json", state)
             if on_item:
                 on_item(item)
