@@ -58,14 +58,14 @@ def build_tiny(
     ensure_writable_dir(target, "tiny kit folder")
     start = time.perf_counter()
     paths = build_tiny_kit(target, seed=seed, force=force, scale=scale,
-                           progress=lambda msg: err.print(f"[dim]built {msg}[/]"))
+                           progress=lambda msg: err.print(f"[dim]built {escape(msg)}[/]"))
     seconds = round(time.perf_counter() - start, 2)
     if as_json:
         print_json({"directory": str(target), "models": {k: str(v) for k, v in paths.items()}, "seconds": seconds})
         return
     for role, path in paths.items():
-        out.print(f"{role:10} {path}")
-    err.print(f"{scale} kit ready in {target} ({seconds} s). Random weights: outputs are noise.")
+        out.print(f"{role:10} {path}", markup=False)
+    err.print(f"{scale} kit ready in {target} ({seconds} s). Random weights: outputs are noise.", markup=False)
 
 
 def _dir_size(path: Path) -> int:
@@ -144,10 +144,10 @@ def doctor(
     table.add_row("ram", f"{report['ram_gb']} GiB")
     table.add_row("gpu budget", f"{settings.gpu_memory_gb} GiB" if settings.gpu_memory_gb else "no limit")
     for role, info in report["checkpoints"].items():
-        table.add_row(role, f"{info['ref']}\n[dim]{info['status']}[/]")
+        table.add_row(role, f"{escape(info['ref'])}\n[dim]{escape(info['status'])}[/]")
     extra = f", {store_info['size_mb']} MB" if "size_mb" in store_info else ""
-    table.add_row("store", f"{settings.store} ({store_info['kind']}{extra})")
-    table.add_row("outputs", settings.output_dir)
+    table.add_row("store", escape(f"{settings.store} ({store_info['kind']}{extra})"))
+    table.add_row("outputs", escape(settings.output_dir))
     out.print(table)
 
 

@@ -39,7 +39,6 @@ def report(
     concepts, the references retrieved with scores, the timing of
     every step and the model loads. A batch folder gets an index of its prompts with each run inlined."""
     from imgrag.report import folder_kind, write_report
-
     from imgrag.runs import ensure_writable_file
 
     kind = folder_kind(folder)  # a folder that is neither is a one-line UserError
@@ -48,7 +47,7 @@ def report(
     if as_json:
         print_json({"report": str(target), "kind": kind, "bytes": target.stat().st_size})
         return
-    out.print(f"{kind} report: {target}", soft_wrap=True)
+    out.print(f"{kind} report: {target}", soft_wrap=True, markup=False)
 
 
 def _print_eval(doc: dict[str, Any]) -> None:
@@ -69,7 +68,7 @@ def _print_eval(doc: dict[str, Any]) -> None:
     out.print(f"mean seconds per prompt: {stages}")
     if agg.get("errors"):
         out.print(f"[red]{agg['errors']} prompt(s) had errors[/]: see eval.json")
-    out.print(f"eval folder: {doc['eval_dir']} (eval.csv, eval.json, report.html)", soft_wrap=True)
+    out.print(f"eval folder: {doc['eval_dir']} (eval.csv, eval.json, report.html)", soft_wrap=True, markup=False)
 
 
 @app.command("eval")
@@ -101,7 +100,7 @@ def eval_command(
     def on_item(record: dict[str, Any]) -> None:
         a = record["agent"]
         state = record["error"] or f"agent {a.get('status')} in {a.get('rounds')} round(s)"
-        err.print(f"prompt {record['index'] + 1}/{total}: {state}", soft_wrap=True)
+        err.print(f"prompt {record['index'] + 1}/{total}: {state}", soft_wrap=True, markup=False)
 
     evaluation = Evaluation(settings, planner=planner, max_rounds=max_rounds)
     doc = evaluation.run(file, limit=limit, items=items, on_item=on_item)

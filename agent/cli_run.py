@@ -94,12 +94,13 @@ class ProgressPrinter:
         if text is not None:
             self.status.update(f"{elapsed}  round {self.round}  {text}")
         elif kind == "run_start":
-            err.print(f"[dim]run {event['run_id']} → {event['run_dir']}[/]")
+            err.print(f"[dim]run {event['run_id']} → {escape(event['run_dir'])}[/]")
         elif kind == "tool_end":
             err.print(tool_line(event, seconds), soft_wrap=True)
         elif kind == "run_end":
             reason = f" ({event['stop_reason']})" if event.get("stop_reason") else ""
-            err.print(f"{elapsed}  {event['status']}{reason}: {event['final_image']}", soft_wrap=True)
+            final = escape(str(event["final_image"]))
+            err.print(f"{elapsed}  {event['status']}{escape(reason)}: {final}", soft_wrap=True)
 
 
 def _shared_flags(profile: str | None, config: Path | None, store: str | None, out_dir: Path | None) -> list[str]:
@@ -184,8 +185,9 @@ def run(
     if as_json:
         print_json(result)
         return
-    out.print(f"[bold]{result['status']}[/] after {result['rounds']} round(s): {result['final_image']}", soft_wrap=True)
-    out.print(f"run folder: {result['run_dir']}   model loads: {result['model_loads']}", soft_wrap=True)
+    out.print(f"[bold]{result['status']}[/] after {result['rounds']} round(s): {escape(str(result['final_image']))}",
+              soft_wrap=True)
+    out.print(f"run folder: {escape(result['run_dir'])}   model loads: {result['model_loads']}", soft_wrap=True)
     if settings.is_tiny:
         out.print(f"[yellow]{TINY_WARNING}[/]")
 
@@ -226,12 +228,13 @@ def batch(
     if as_json:
         print_json(summary)
         return
-    table = Table(title=f"batch {summary['batch_dir']}")
+    table = Table(title=f"batch {escape(summary['batch_dir'])}")
     for column in ("#", "prompt", "status", "rounds", "seconds", "image or error"):
         table.add_column(column)
     for item in summary["items"]:
-        table.add_row(str(item["index"] + 1), item["prompt"][:40], item["status"], str(item.get("rounds", "")),
-                      str(item.get("seconds", "")), item.get("error") or item.get("final_image") or "")
+        # Prompts, errors and paths are the user's text: escaped, so "[/]" in a prompt prints as itself.
+        table.add_row(str(item["index"] + 1), escape(item["prompt"][:40]), item["status"], str(item.get("rounds", "")),
+                      str(item.get("seconds", "")), escape(item.get("error") or item.get("final_image") or ""))
     out.print(table)
     out.print(f"model loads: {summary['model_loads']}")
     if settings.is_tiny:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import ProgressColumn
 from rich.table import Table
 from rich.text import Text
@@ -113,7 +114,7 @@ def index(
         with _embedder(settings) as embedder:
             ref_store = ReferenceStore.open(settings, embedder.model_id, embedder.dim, for_writing=True)
             summary = ref_store.index(paths, embedder, prune=prune, progress=progress, batch_size=batch_size,
-                                      on_wait=lambda msg: err.print(f"[yellow]{msg}[/]", soft_wrap=True))
+                                      on_wait=lambda msg: err.print(f"[yellow]{escape(msg)}[/]", soft_wrap=True))
     finally:
         progress.close()
 
@@ -123,7 +124,7 @@ def index(
     else:
         _print_summary(summary, ref_store.location)
     if usable == 0 and not (prune and summary["removed"] and not summary["skipped"]):
-        err.print(f"[red]error:[/] no usable image under {', '.join(str(p) for p in paths)}", soft_wrap=True)
+        err.print(f"[red]error:[/] no usable image under {escape(', '.join(str(p) for p in paths))}", soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -186,5 +187,5 @@ def search(
     for column in ("#", "score", "path", "caption"):
         table.add_column(column, overflow="fold")
     for rank, ref in enumerate(results, 1):
-        table.add_row(str(rank), f"{ref.score:.3f}", ref.path, ref.caption[:60])
+        table.add_row(str(rank), f"{ref.score:.3f}", escape(ref.path), escape(ref.caption[:60]))
     out.print(table)

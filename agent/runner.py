@@ -320,7 +320,8 @@ class Runner:
             except UserError as exc:
                 item.update(status="failed", error=str(exc), model_loads=self._loads_since(before))
             except Exception as exc:  # one broken prompt must not stop the batch; the error is kept
-                item.update(status="failed", error=f"{type(exc).__name__}: {exc}", model_loads=self._loads_since(before))
+                item.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                            model_loads=self._loads_since(before))
             # This prompt's loads (its run's record), not the process's running total; that stays in the summary.
             item.setdefault("model_loads", self._loads_since(before))
             write_json_atomic(batch_dir / "batch.json", state)

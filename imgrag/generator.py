@@ -37,6 +37,7 @@ from imgrag.checkpoints import first_line, loading, quiet_libraries
 from imgrag.errors import ModelLoadError, UserError, check_seed
 from imgrag.settings import MAX_IP_SCALE, Settings
 
+
 class NonFiniteDrawingError(UserError):
     """A drawing whose latents or pixels are NaN or inf: never a candidate. The message names the setting to change."""
 

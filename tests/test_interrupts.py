@@ -81,7 +81,8 @@ def test_ctrl_c_in_batch_then_one_resume_finishes_every_prompt(tiny_settings, tm
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red kettle\na heron on a post\na wooden cradle\n", encoding="utf-8")
     out_dir = tmp_path / "runs"
-    args = ["batch", str(prompts), "--profile", "tiny", "--planner", "fixed", "--max-rounds", "2", "--out", str(out_dir)]
+    args = ["batch", str(prompts), "--profile", "tiny", "--planner", "fixed", "--max-rounds", "2",
+            "--out", str(out_dir)]
     process = _start(args, tmp_path)
     # Ctrl-C as soon as the second prompt has started drawing.
     _wait_for(lambda: any(_has_step(t, "generate") for t in out_dir.glob("batch-*-001/trace.jsonl")), process)
