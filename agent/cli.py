@@ -90,6 +90,32 @@ def _checkpoint_status(ref: str) -> str:
     return f"not downloaded (`hf download {ref}`, or point the profile at a local copy)"
 
 
+def _cuda_status() -> str:
+    """Whether torch sees CUDA here, and if not the likely reason (a CPU-only torch, or no driver or GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"available: {torch.cuda.device_count()} device(s), CUDA {torch.version.cuda}"
+    if not torch.version.cuda:
+        return f"absent: torch {torch.__version__} is a CPU-only build"
+    return f"absent: torch {torch.__version__} is built for CUDA {torch.version.cuda}, but no GPU or driver is visible"
+
+
+def _probe_url(url: str, timeout: float = 3.0) -> str:
+    """GET ``url``: "reachable" or why not, in a few words (never raises)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return f"reachable (HTTP {response.status})"
+    except urllib.error.HTTPError as exc:
+        return f"answers, but HTTP {exc.code} for {url}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"UNREACHABLE ({reason})"
+
+
 @app.command()
 def doctor(
     profile: ProfileOpt = None, config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = False
@@ -107,6 +133,7 @@ def doctor(
                          "free_gb": round(free / 2**30, 1)}
     else:
         report["gpu"] = None
+    report["cuda"] = _cuda_status()
     try:
         meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
         report["ram_gb"] = round(int(meminfo["MemTotal"].split()[0]) / 2**20, 1)
@@ -123,9 +150,13 @@ def doctor(
         for info in report["checkpoints"].values():
             if info["status"].startswith("MISSING"):
                 info["status"] = "not built yet: `imgrag models build-tiny` (or any --profile tiny command) builds it"
+    if m.llm_backend == "openai":
+        report["llm_endpoint"] = {"url": m.llm_base_url, "status": _probe_url(m.llm_base_url.rstrip("/") + "/models")
+                                  if m.llm_base_url else "MISSING: set models.llm_base_url"}
     store_info: dict = {"location": settings.store}
     if settings.store.startswith(("http://", "https://")):
         store_info["kind"] = "chroma server"
+        store_info["status"] = _probe_url(settings.store.rstrip("/") + "/api/v2/heartbeat")
     else:
         path = Path(settings.store)
         store_info["kind"] = "embedded chroma"
@@ -138,6 +169,7 @@ def doctor(
         return
     table = Table(title=f"imgrag doctor — profile {settings.profile}", show_header=False)
     table.add_row("device", f"{device} ({report['dtype']}), torch {report['torch']}")
+    table.add_row("cuda", escape(report["cuda"]))
     if report["gpu"]:
         g = report["gpu"]
         table.add_row("gpu", f"{g['name']}: {g['free_gb']} of {g['total_gb']} GiB free")
@@ -145,7 +177,10 @@ def doctor(
     table.add_row("gpu budget", f"{settings.gpu_memory_gb} GiB" if settings.gpu_memory_gb else "no limit")
     for role, info in report["checkpoints"].items():
         table.add_row(role, f"{escape(info['ref'])}\n[dim]{escape(info['status'])}[/]")
+    if "llm_endpoint" in report:
+        table.add_row("llm endpoint", escape(f"{m.llm_base_url}: {report['llm_endpoint']['status']}"))
     extra = f", {store_info['size_mb']} MB" if "size_mb" in store_info else ""
+    extra += f", {store_info['status']}" if "status" in store_info else ""
     table.add_row("store", escape(f"{settings.store} ({store_info['kind']}{extra})"))
     table.add_row("outputs", escape(settings.output_dir))
     out.print(table)
