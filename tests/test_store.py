@@ -673,3 +673,20 @@ def test_a_long_lived_reader_sees_pictures_another_process_indexed_since(colours
     assert reader.count() == 2
     # The first store object of this process moved to the reopened client too.
     assert [r.path for r in store.search_text(embedder, "blue", k=1)] == [str(colours / "blue.png")]
+
+
+def test_a_corrupt_store_is_one_line(tmp_path: Path, colours: Path) -> None:
+    embedder = ColourEmbedder()
+    store = open_store(tmp_path, embedder)
+    store.index([colours / "red.png"], embedder)
+    database = tmp_path / "store" / "chroma.sqlite3"
+    data = bytearray(database.read_bytes())
+    data[:4096] = b"\0garbage" * 512  # the SQLite header and first page gone
+    database.write_bytes(bytes(data))
+    store_mod._CLIENTS.clear()  # as a new process would open it
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    SharedSystemClient._identifier_to_system.pop(str(tmp_path / "store"), None)
+    with pytest.raises(UserError, match="cannot open the store .*not a database") as info:
+        open_store(tmp_path, embedder, for_writing=False)
+    assert "\n" not in str(info.value)
