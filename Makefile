@@ -7,8 +7,9 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export ANONYMIZED_TELEMETRY := False
-# The demo keeps its kit, store and runs inside the checkout.
+# The demo keeps its kit, store and runs inside the checkout, unless IMGRAG_HOME is exported.
 DEMO_HOME := $(CURDIR)/.imgrag
+IMGRAG_HOME ?= $(DEMO_HOME)
 
 .PHONY: install test lint demo clean
 
@@ -28,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 demo: $(STAMP)
-	IMGRAG_HOME=$(DEMO_HOME) ./scripts/demo.sh
+	IMGRAG_HOME=$(IMGRAG_HOME) ./scripts/demo.sh
 
 clean:
 	rm -rf $(DEMO_HOME) build dist *.egg-info .pytest_cache

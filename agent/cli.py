@@ -24,7 +24,8 @@ from agent.cli_common import (
     print_json,
     settings_from_flags,
 )
-from imgrag.errors import UserError
+from imgrag.errors import UserError, check_seed
+from imgrag.runs import ensure_writable_dir
 
 models_app = typer.Typer(help="Model checkpoints: download the real ones, or build the offline tiny kit.",
                          no_args_is_help=True)
@@ -49,21 +50,23 @@ def build_tiny(
     """
     from imgrag.tiny_kit import build_tiny_kit
 
+    check_seed(seed, "--seed")
     if scale not in ("tiny", "full"):
         raise UserError(f"--scale must be tiny or full, got {scale!r}")
     if scale == "full" and directory is None:
         raise UserError("--scale full needs a DIRECTORY (about 32 GB); the tiny profile's kit is left alone")
     target = directory or Path(settings_from_flags("tiny").tiny_kit_dir)
+    ensure_writable_dir(target, "tiny kit folder")
     start = time.perf_counter()
     paths = build_tiny_kit(target, seed=seed, force=force, scale=scale,
-                           progress=lambda msg: err.print(f"[dim]built {msg}[/]"))
+                           progress=lambda msg: err.print(f"[dim]built {escape(msg)}[/]"))
     seconds = round(time.perf_counter() - start, 2)
     if as_json:
         print_json({"directory": str(target), "models": {k: str(v) for k, v in paths.items()}, "seconds": seconds})
         return
     for role, path in paths.items():
-        out.print(f"{role:10} {path}")
-    err.print(f"{scale} kit ready in {target} ({seconds} s). Random weights: outputs are noise.")
+        out.print(f"{role:10} {path}", markup=False)
+    err.print(f"{scale} kit ready in {target} ({seconds} s). Random weights: outputs are noise.", markup=False)
 
 
 def _dir_size(path: Path) -> int:
@@ -254,6 +257,17 @@ def _checkpoint_status(result, is_tiny: bool) -> str:
     return "PROBLEM"
 
 
+def _cuda_status() -> str:
+    """Whether torch sees CUDA here, and if not the likely reason (a CPU-only torch, or no driver or GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"available: {torch.cuda.device_count()} device(s), CUDA {torch.version.cuda}"
+    if not torch.version.cuda:
+        return f"absent: torch {torch.__version__} is a CPU-only build"
+    return f"absent: torch {torch.__version__} is built for CUDA {torch.version.cuda}, but no GPU or driver is visible"
+
+
 @app.command()
 def doctor(
     profile: ProfileOpt = None, config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = False,
@@ -288,6 +302,7 @@ def doctor(
     if device.startswith("cuda") and not torch.cuda.is_available():
         report["device_problem"] = ("device is cuda but torch sees no CUDA GPU here: runs will fail; "
                                     "use --profile cpu, or check the driver and torch's CUDA build")
+    report["cuda"] = _cuda_status()
     try:
         meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
         report["ram_gb"] = round(int(meminfo["MemTotal"].split()[0]) / 2**20, 1)
@@ -327,6 +342,7 @@ def doctor(
     table.add_row("device", f"{device} ({report['dtype']}), torch {report['torch']}")
     if report["device_problem"]:
         table.add_row("", f"[red]{escape(report['device_problem'])}[/]")
+    table.add_row("cuda", escape(report["cuda"]))
     if report["gpu"]:
         g = report["gpu"]
         table.add_row("gpu", f"{g['name']}: {g['free_gb']} of {g['total_gb']} GiB free")
@@ -356,8 +372,8 @@ def doctor(
     extra = f", {store_info['size_mb']} MB" if "size_mb" in store_info else ""
     server = store_info.get("server")
     state = "" if server is None else (", answers" if server["ok"] else f"\n[red]{escape(server['problem'])}[/]")
-    table.add_row("store", f"{settings.store} ({store_info['kind']}{extra}){state}")
-    table.add_row("outputs", settings.output_dir)
+    table.add_row("store", f"{escape(settings.store)} ({store_info['kind']}{extra}){state}")
+    table.add_row("outputs", escape(settings.output_dir))
     out.print(table)
 
 
@@ -366,7 +382,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="imgrag")
     except UserError as exc:
-        err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        sys.exit(1)
+    except OSError as exc:
+        # A path that cannot be read or written mid-work (a full disk, a folder removed meanwhile): one line
+        # naming it, never a traceback. Checks before the work catch most of these earlier.
+        where = f"{exc.filename}: " if exc.filename else ""
+        err.print(f"[red]error:[/] {escape(where + (exc.strerror or str(exc)))}", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")

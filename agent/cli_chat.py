@@ -176,14 +176,14 @@ class ChatRepl:
                       "Send a message to go on.", soft_wrap=True)
             return
         best = next((c for c in result.get("candidates") or [] if c["id"] == result.get("final_candidate")), None)
-        out.print(f"{result['status']} ({result.get('stop_reason')}) · {result['rounds']} round(s) on this thread",
-                  soft_wrap=True)
+        reason = escape(str(result.get("stop_reason")))
+        out.print(f"{result['status']} ({reason}) · {result['rounds']} round(s) on this thread", soft_wrap=True)
         if best is None:
             out.print("nothing was drawn")
             return
         tiny = " [dim](tiny profile: junk)[/]" if self.settings.is_tiny else ""
-        out.print(f"best: {best['id']}, {verdict_text(best)}{tiny}", soft_wrap=True)
-        out.print(f"picture: {best['path']}", soft_wrap=True)
+        out.print(f"best: {best['id']}, {escape(verdict_text(best))}{tiny}", soft_wrap=True)
+        out.print(f"picture: {escape(best['path'])}", soft_wrap=True)
 
     def open(self, thread: str) -> None:
         summary = self.session.open(thread)
@@ -202,8 +202,8 @@ class ChatRepl:
             out.print(f"prompt: {escape(summary['prompt'])}", soft_wrap=True)
         best = summary["best"]
         if best:
-            out.print(f"best: {best['id']} of {summary['candidates']}, {verdict_text(best)} → {best['path']}",
-                      soft_wrap=True)
+            out.print(f"best: {best['id']} of {summary['candidates']}, {escape(verdict_text(best))} → "
+                      f"{escape(best['path'])}", soft_wrap=True)
         if summary.get("closed"):
             out.print("[dim]its last request had been cut off; it is closed with the best picture so far[/]")
         if summary["paused"]:
@@ -225,7 +225,7 @@ class ChatRepl:
             for rid in proposal.proposed:
                 ref = proposal.references.get(rid, {})
                 label = ref.get("caption") or ref.get("query") or ""
-                out.print(f"  {proposal.number(rid) or '-'}. {rid}  {escape(label)}  {ref.get('path', '')}",
+                out.print(f"  {proposal.number(rid) or '-'}. {rid}  {escape(label)}  {escape(ref.get('path', ''))}",
                           soft_wrap=True)
             out.print(f"[dim]{REVIEW_HELP}[/]", soft_wrap=True)
             while True:
@@ -290,9 +290,9 @@ class ChatRepl:
         candidate = self.session.candidate(arg or None)
         refs = f", references {', '.join(candidate['reference_ids'])}" if candidate.get("reference_ids") else ""
         out.print(f"{candidate['id']} (round {candidate['round']}, seed {candidate['seed']}{refs}): "
-                  f"{verdict_text(candidate)}", soft_wrap=True)
+                  f"{escape(verdict_text(candidate))}", soft_wrap=True)
         self.preview(candidate["path"])
-        out.print(f"picture: {candidate['path']}", soft_wrap=True)
+        out.print(f"picture: {escape(candidate['path'])}", soft_wrap=True)
 
     def preview(self, path: str) -> None:
         """An inline picture through textual-image (the optional "preview" extra) where the terminal can show it."""
@@ -321,7 +321,7 @@ class ChatRepl:
         for ref in refs:
             score = "" if ref.get("score") is None else f"{float(ref['score']):.3f}"
             table.add_row(str(ref["number"]), ref["id"], escape(ref.get("caption") or ref.get("query") or ""), score,
-                          "✓" if ref["used_by_best"] else "", ref.get("path", ""))
+                          "✓" if ref["used_by_best"] else "", escape(ref.get("path", "")))
         out.print(table)
 
     def cmd_budget(self, arg: str) -> None:

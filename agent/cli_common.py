@@ -45,6 +45,26 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+def _version(value: bool) -> None:
+    """``imgrag --version``: the installed package's version (from its metadata), then exit."""
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            sys.stdout.write(f"imgrag {version('imgrag')}\n")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            sys.stdout.write("imgrag (not installed: run `pip install -e .`)\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print imgrag's version and exit.")] = False,
+) -> None:
+    """Retrieval-augmented image generation on local models."""
+
+
 # stdout is reserved for results (and for the single JSON document with --json).
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)

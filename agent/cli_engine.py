@@ -28,9 +28,9 @@ from agent.cli_common import (
     print_json,
     settings_from_flags,
 )
-from imgrag.errors import UserError
+from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
-from imgrag.runs import atomic_path
+from imgrag.runs import atomic_path, ensure_writable_file
 
 # Formats Pillow writes from the file name alone.
 OUTPUT_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -60,7 +60,7 @@ def generate(
         "--ref", metavar="PATH",
         help="A reference image to guide the drawing through IP-Adapter; repeat for several.")] = None,
     ip_scale: Annotated[float | None, typer.Option(
-        "--ip-scale", help="How strongly the references steer, 0..2 (default: generation.ip_scale).")] = None,
+        "--ip-scale", help="How strongly the references steer, 0..1 (default: generation.ip_scale).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same picture (default: generation.seed).")]
     = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: generation.steps).")] = None,
@@ -74,14 +74,15 @@ def generate(
     from imgrag.generator import validate_request
 
     width, height = parse_size(size)
+    if seed is not None:
+        check_seed(seed, "--seed")
     settings = settings_from_flags(profile, config, **{
         "generation.seed": seed, "generation.steps": steps, "generation.ip_scale": ip_scale,
         "generation.width": width, "generation.height": height})
     g = settings.generation
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UserError(f"{output}: the output must end in one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
-    if output.is_dir():
-        raise UserError(f"{output}: is a directory; give a file name such as {output / 'out.png'}")
+    ensure_writable_file(output, "output")  # before any model loads, not after the drawing
     references = [open_image(path) for path in ref or []]
     validate_request(prompt, g.width, g.height, g.steps, g.ip_scale, references)
 

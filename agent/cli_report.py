@@ -21,7 +21,7 @@ from agent.cli_common import (
     print_json,
     settings_from_flags,
 )
-from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, check_planner, print_store
+from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, check_outputs, check_planner, print_store
 
 
 @app.command()
@@ -39,13 +39,15 @@ def report(
     concepts, the references retrieved with scores, the timing of
     every step and the model loads. A batch folder gets an index of its prompts with each run inlined."""
     from imgrag.report import folder_kind, write_report
+    from imgrag.runs import ensure_writable_file
 
     kind = folder_kind(folder)  # a folder that is neither is a one-line UserError
+    ensure_writable_file(output or folder / "report.html", "report")
     target = write_report(folder, output)
     if as_json:
         print_json({"report": str(target), "kind": kind, "bytes": target.stat().st_size})
         return
-    out.print(f"{kind} report: {target}", soft_wrap=True)
+    out.print(f"{kind} report: {target}", soft_wrap=True, markup=False)
 
 
 def _print_eval(doc: dict[str, Any]) -> None:
@@ -66,7 +68,7 @@ def _print_eval(doc: dict[str, Any]) -> None:
     out.print(f"mean seconds per prompt: {stages}")
     if agg.get("errors"):
         out.print(f"[red]{agg['errors']} prompt(s) had errors[/]: see eval.json")
-    out.print(f"eval folder: {doc['eval_dir']} (eval.csv, eval.json, report.html)", soft_wrap=True)
+    out.print(f"eval folder: {doc['eval_dir']} (eval.csv, eval.json, report.html)", soft_wrap=True, markup=False)
 
 
 @app.command("eval")
@@ -91,13 +93,14 @@ def eval_command(
     check_planner(planner)
     items = read_eval_file(file)  # a bad file fails before any model loads
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
+    check_outputs(settings)
     prepare_models(settings)
     total = min(len(items), limit or len(items))
 
     def on_item(record: dict[str, Any]) -> None:
         a = record["agent"]
         state = record["error"] or f"agent {a.get('status')} in {a.get('rounds')} round(s)"
-        err.print(f"prompt {record['index'] + 1}/{total}: {state}", soft_wrap=True)
+        err.print(f"prompt {record['index'] + 1}/{total}: {state}", soft_wrap=True, markup=False)
 
     evaluation = Evaluation(settings, planner=planner, max_rounds=max_rounds,
                             on_event=lambda event: print_store(event) if event["event"] == "store" else None)

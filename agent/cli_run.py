@@ -43,6 +43,14 @@ def check_planner(planner: str) -> None:
         raise UserError(f"--planner must be {' or '.join(PLANNERS)}, got {planner!r}")
 
 
+def check_outputs(settings: Any) -> None:
+    """The folders a run writes (its run folders, the thread store's), proven writable before any model loads."""
+    from imgrag.runs import ensure_writable_dir
+
+    ensure_writable_dir(settings.output_dir, "output folder")
+    ensure_writable_dir(Path(settings.threads_db).parent, "thread store's folder")
+
+
 def activity(event: dict[str, Any]) -> str | None:
     """What the agent is doing, for a live status line: the text of a tool, denoising or LLM event, else None."""
     kind = event["event"]
@@ -152,8 +160,39 @@ class ProgressPrinter:
             err.print(f"{elapsed}  {event['status']}{reason}: {escape(str(event['final_image']))}", soft_wrap=True)
 
 
+def _shared_flags(profile: str | None, config: Path | None, store: str | None, out_dir: Path | None) -> list[str]:
+    """The flags a resume needs to find the same settings, threads and run folders again."""
+    flags: list[str] = []
+    for name, value in (("--profile", profile), ("--config", config), ("--store", store), ("--out", out_dir)):
+        if value is not None:
+            flags += [name, str(value)]
+    return flags
+
+
+def _interrupted(stop: Any, command: list[str], as_json: bool) -> None:
+    """After Ctrl-C: say where the partial record is and the exact command that continues, then exit 130.
+
+    Exits with os._exit: a tool still busy in a worker thread (a drawing) would otherwise hold the process until
+    it finished; everything worth keeping is already on disk (the checkpoint, the fsynced trace, result.json)."""
+    import os
+    import shlex
+    import sys
+
+    result = stop.result
+    if as_json:
+        print_json(result)
+    where = stop.batch_dir or result.get("run_dir")
+    err.print(f"[yellow]interrupted[/]: partial record in {escape(str(where))}" if where else "[yellow]interrupted[/]",
+              soft_wrap=True)
+    err.print(f"resume with: {escape(shlex.join(command))}", soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def _make_runner(profile, config, store, out_dir, on_event):
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
+    check_outputs(settings)
     prepare_models(settings)
     from agent.runner import Runner
 
@@ -181,22 +220,31 @@ def run(
 
     Writes a run folder (candidates/, trace.jsonl, result.json). With --json, prints result.json.
     """
-    from imgrag.errors import UserError
+    from imgrag.errors import UserError, check_seed
 
     check_planner(planner)
+    if seed is not None:
+        check_seed(seed, "--seed")
     if resume is None and not prompt:
         raise UserError("give a PROMPT, or --resume RUN_ID to continue a run")
-    with ProgressPrinter() as progress:
-        runner, settings = _make_runner(profile, config, store, out_dir, progress)
-        if resume:
-            result = runner.resume(resume)
-        else:
-            result = runner.run(prompt or "", seed=seed, max_rounds=max_rounds, planner=planner)
+    from agent.runner import RunInterrupted
+
+    try:
+        with ProgressPrinter() as progress:
+            runner, settings = _make_runner(profile, config, store, out_dir, progress)
+            if resume:
+                result = runner.resume(resume)
+            else:
+                result = runner.run(prompt or "", seed=seed, max_rounds=max_rounds, planner=planner)
+    except RunInterrupted as stop:
+        command = ["imgrag", "run", "--resume", stop.result["run_id"], *_shared_flags(profile, config, store, out_dir)]
+        _interrupted(stop, command, as_json)
     if as_json:
         print_json(result)
         return
-    out.print(f"[bold]{result['status']}[/] after {result['rounds']} round(s): {result['final_image']}", soft_wrap=True)
-    out.print(f"run folder: {result['run_dir']}   model loads: {result['model_loads']}", soft_wrap=True)
+    out.print(f"[bold]{result['status']}[/] after {result['rounds']} round(s): {escape(str(result['final_image']))}",
+              soft_wrap=True)
+    out.print(f"run folder: {escape(result['run_dir'])}   model loads: {result['model_loads']}", soft_wrap=True)
 
 
 @app.command()
@@ -220,10 +268,18 @@ def batch(
     check_planner(planner)
     read_prompt_file(file)  # a bad file fails before any model loads
 
-    with ProgressPrinter() as progress:
-        runner, settings = _make_runner(profile, config, store, out_dir, progress)
-        summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
-                               on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
+    from agent.runner import RunInterrupted
+
+    try:
+        with ProgressPrinter() as progress:
+            runner, settings = _make_runner(profile, config, store, out_dir, progress)
+            summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
+                                   on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
+    except RunInterrupted as stop:
+        command = ["imgrag", "batch", str(file), "--resume", *_shared_flags(profile, config, store, out_dir),
+                   *(["--planner", planner] if planner != "agent" else []),
+                   *(["--max-rounds", str(max_rounds)] if max_rounds else [])]
+        _interrupted(stop, command, as_json)
     if as_json:
         print_json(summary)
         return

@@ -103,15 +103,20 @@ def index(
         if not path.expanduser().exists() and not prune:
             raise UserError(f"{path}: no such file or folder")
     settings = settings_from_flags(profile, config, store=store)
+    from imgrag.store import ReferenceStore, is_server_uri
+
+    if not is_server_uri(settings.store):
+        from imgrag.runs import ensure_writable_dir
+
+        ensure_writable_dir(settings.store, "store")  # before the embedder loads
     prepare_models(settings)
-    from imgrag.store import ReferenceStore
 
     progress = _IndexProgress()
     try:
         with _embedder(settings) as embedder:
             ref_store = ReferenceStore.open(settings, embedder.model_id, embedder.dim, for_writing=True)
             summary = ref_store.index(paths, embedder, prune=prune, progress=progress, batch_size=batch_size,
-                                      on_wait=lambda msg: err.print(f"[yellow]{msg}[/]", soft_wrap=True))
+                                      on_wait=lambda msg: err.print(f"[yellow]{escape(msg)}[/]", soft_wrap=True))
     finally:
         progress.close()
 
@@ -121,7 +126,7 @@ def index(
     else:
         _print_summary(summary, ref_store.location)
     if usable == 0 and not (prune and summary["removed"] and not summary["skipped"]):
-        err.print(f"[red]error:[/] no usable image under {', '.join(str(p) for p in paths)}", soft_wrap=True)
+        err.print(f"[red]error:[/] no usable image under {escape(', '.join(str(p) for p in paths))}", soft_wrap=True)
         raise typer.Exit(1)
 
 

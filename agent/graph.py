@@ -205,8 +205,15 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
         while failures < limit:
             ctx.on_event({"event": "llm_start", "attempt": failures + 1})
             start = time.perf_counter()
-            with ctx.manager.use(chat_model_name) as llm:
-                reply = llm.bind_tools(tools).invoke([system, *state["messages"], *feedback])
+            try:
+                with ctx.manager.use(chat_model_name) as llm:
+                    reply = llm.bind_tools(tools).invoke([system, *state["messages"], *feedback])
+            except Exception as exc:  # an LLM server gone away (or a model error): a failed turn, never the run's end
+                failures += 1
+                ctx.record.append_step({"planner": "llm", "ok": False, "tool": None,
+                                        "seconds": round(time.perf_counter() - start, 3),
+                                        "error": f"the LLM call failed: {type(exc).__name__}: {exc}"[:500]})
+                continue
             problem = _check_reply(reply)
             seconds = round(time.perf_counter() - start, 3)
             ctx.record.append_step({"planner": "llm", "ok": problem is None, "seconds": seconds,

@@ -19,14 +19,35 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from agent.graph import Runtime, build_graph, initial_state, outcome
-from imgrag.errors import UserError
+from imgrag.errors import UserError, check_seed
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, new_run_id, write_json_atomic
 from imgrag.settings import Settings
 from tools.context import EventSink, ToolContext
 
 PLANNERS = ("agent", "fixed")
+FINISHED = ("matched", "budget_exhausted")  # a batch item in one of these is never run again
 TINY_NOTE = ("tiny profile: random-weight models; the pictures are noise, the verdicts junk, and the fixed "
              "policy drives most steps because the tiny LLM cannot call tools. This checks the plumbing only.")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run or batch, after the run's record was closed: ``result`` is the partial result.json
+    (status ``interrupted``) and ``batch_dir`` is set for a batch. A KeyboardInterrupt still, so callers that
+    stop on Ctrl-C (the chat) keep doing so."""
+
+    def __init__(self, result: dict[str, Any], batch_dir: str | None = None) -> None:
+        super().__init__(f"run {result['run_id']} interrupted")
+        self.result = result
+        self.batch_dir = batch_dir
+
+
+def add_loads(*counts: dict[str, int] | None) -> dict[str, int]:
+    """Per-model load counts added up (a run's earlier processes plus this one)."""
+    total: dict[str, int] = {}
+    for count in counts:
+        for name, n in (count or {}).items():
+            total[name] = total.get(name, 0) + int(n)
+    return total
 
 
 def open_checkpointer(path: str | Path) -> SqliteSaver:
@@ -77,7 +98,8 @@ class Runner:
         b = self.settings.budget
         budget = {"max_rounds": max_rounds or b.max_rounds, "max_tool_calls": b.max_tool_calls,
                   "max_seconds": b.max_seconds}
-        state = initial_state(prompt, seed=self.settings.generation.seed if seed is None else seed, run_id=run_id,
+        seed = self.settings.generation.seed if seed is None else check_seed(seed, "--seed")
+        state = initial_state(prompt, seed=seed, run_id=run_id,
                               run_dir=str(run_dir), planner=planner, budget=budget, approve=approve)
         record = RunRecord(run_dir)
         record.append_step({"event": "start", "prompt": prompt, "planner": planner, "budget": budget,
@@ -111,11 +133,35 @@ class Runner:
         self.on_event({"event": "store", "location": location, "pictures": pictures, "warning": warning})
 
     def resume(self, run_id: str) -> dict[str, Any]:
-        """Continue a run from its last checkpoint; finished steps are not redone."""
-        snapshot = self.thread_state(run_id)
+        """Continue a run from its last checkpoint; finished steps are not redone.
+
+        A finished run is left as it is: its result.json is returned, not rewritten. A run stopped before its
+        first checkpoint (Ctrl-C or a kill while the first model loaded) starts again from its trace's start line.
+        """
+        snapshot = self.graph().get_state({"configurable": {"thread_id": run_id}})
+        if not snapshot.values:
+            return self._restart(run_id)
         record = RunRecord(snapshot.values["run_dir"])
+        if not snapshot.next and not snapshot.interrupts:
+            finished = record.read_result()
+            if finished and finished.get("status") != "interrupted":
+                self.on_event({"event": "already_finished", "run_id": run_id, "status": finished["status"]})
+                return finished
         record.append_step({"event": "resume", "from_checkpoint": snapshot.config["configurable"].get("checkpoint_id")})
         return self._drive(None, run_id, record, snapshot.values)
+
+    def _restart(self, run_id: str) -> dict[str, Any]:
+        """Run again from the start a run that has a trace but no checkpoint (see :meth:`resume`)."""
+        if not RUN_ID_PATTERN.match(run_id):
+            raise UserError(f"run id {run_id!r} may hold only letters, digits, '.', '_' and '-'")
+        record = RunRecord(Path(self.settings.output_dir) / run_id)
+        start = next((s for s in record.read_steps() if s.get("event") == "start"), None)
+        if start is None:
+            raise UserError(f"no run with thread id {run_id!r} in {self.settings.threads_db}")
+        state = initial_state(start["prompt"], seed=start["seed"], run_id=run_id, run_dir=str(record.dir),
+                              planner=start["planner"], budget=start["budget"], approve=False)
+        record.append_step({"event": "restart", "reason": "no checkpoint was written before the run stopped"})
+        return self._drive(state, run_id, record, state)
 
     # ----- threads (the chat) -----
     def graph(self):
@@ -188,11 +234,25 @@ class Runner:
         config = {"configurable": {"thread_id": run_id},
                   "recursion_limit": 4 * int(values["budget"]["max_tool_calls"]) + 20}
         self.on_event({"event": "run_start", "run_id": run_id, "run_dir": str(record.dir)})
-        for _ in graph.stream(graph_input, config, stream_mode="updates"):
-            pass
+        # model_loads in result.json: what this run loaded, in this process and in the ones before it (a resume).
+        earlier = (record.read_result() or {}).get("model_loads") if record.result_path.exists() else None
+        before = self.manager.load_counts()
+        try:
+            for _ in graph.stream(graph_input, config, stream_mode="updates"):
+                pass
+        except KeyboardInterrupt:
+            # Ctrl-C: close the record from the last checkpoint, leaving the thread as it is so --resume goes on.
+            snapshot = graph.get_state(config)
+            state = snapshot.values or values
+            result = self._result(state, record, add_loads(earlier, self._loads_since(before)))
+            result.update(status="interrupted", stop_reason="interrupted (Ctrl-C)")
+            record.append_step({"event": "interrupted", "checkpoint": (snapshot.config or {}).get(
+                "configurable", {}).get("checkpoint_id")})
+            record.write_result(result)
+            raise RunInterrupted(result) from None
         self.reference_store = ctx.reference_store  # keep the opened store for the next run of a batch
         snapshot = graph.get_state(config)
-        result = self._result(snapshot.values, record)
+        result = self._result(snapshot.values, record, add_loads(earlier, self._loads_since(before)))
         if snapshot.interrupts:  # paused for the user (review): not over, so no result.json yet
             result["pending"] = [i.value for i in snapshot.interrupts]
             self.on_event({"event": "paused", "run_id": run_id})
@@ -203,8 +263,17 @@ class Runner:
         self.on_event({"event": "run_end", **{k: result[k] for k in ends}})
         return result
 
-    def _result(self, state: dict[str, Any], record: RunRecord) -> dict[str, Any]:
-        """result.json, following DESIGN.md's contract (plus candidates and references for reports)."""
+    def _loads_since(self, before: dict[str, int]) -> dict[str, int]:
+        now = self.manager.load_counts()
+        return {name: n - before.get(name, 0) for name, n in now.items()}
+
+    def _result(self, state: dict[str, Any], record: RunRecord,
+                model_loads: dict[str, int] | None = None) -> dict[str, Any]:
+        """result.json, following DESIGN.md's contract (plus candidates and references for reports).
+
+        ``model_loads`` is what this run loaded (default: what its record already says)."""
+        if model_loads is None:
+            model_loads = (record.read_result() or {}).get("model_loads") or {}
         candidates = sorted((state.get("candidates") or {}).values(), key=lambda c: int(c["id"][1:]))
         final = (state.get("candidates") or {}).get(state.get("final_candidate") or "")
         steps = [{k: s.get(k) for k in ("tool", "args", "ok", "seconds")}
@@ -220,7 +289,7 @@ class Runner:
             "planner": state["planner"],
             "fallback_steps": state.get("fallback_steps", 0),
             "steps": steps,
-            "model_loads": self.manager.load_counts(),
+            "model_loads": model_loads,
             "model_stats": self.manager.stats(),
             "seconds": round(float(state.get("seconds") or 0.0), 3),
             "candidates": candidates,
@@ -252,11 +321,16 @@ class Runner:
                                                   for i, item in enumerate(items)]}
             write_json_atomic(batch_dir / "batch.json", state)
         start = time.perf_counter()
+        if resume and existing and (batch_dir / "summary.json").exists() and all(
+                item["status"] in FINISHED for item in state["items"]):
+            # Nothing left to do: the record of the finished batch stays as it was.
+            return json.loads((batch_dir / "summary.json").read_text(encoding="utf-8"))
         for item in state["items"]:
-            if item["status"] in ("matched", "budget_exhausted"):
+            if item["status"] in FINISHED:
                 continue  # finished in an earlier process
+            before = self.manager.load_counts()
             try:
-                if item["run_id"] and item["status"] == "running":
+                if item["run_id"] and item["status"] in ("running", "interrupted"):
                     result = self.resume(item["run_id"])
                 else:
                     attempt = item.get("attempts", 0) + 1  # a failed prompt is retried under a fresh run id
@@ -268,11 +342,20 @@ class Runner:
                                       max_rounds=max_rounds or item.get("max_rounds"), planner=planner,
                                       run_id=item["run_id"])
                 item.update(status=result["status"], final_image=result["final_image"], rounds=result["rounds"],
-                            seconds=result["seconds"], error=None)
+                            seconds=result["seconds"], error=None, model_loads=result["model_loads"])
+            except KeyboardInterrupt as exc:
+                # Kept as interrupted with its run id: the next --resume continues it from its checkpoint.
+                item.update(status="interrupted", error=None, model_loads=self._loads_since(before))
+                write_json_atomic(batch_dir / "batch.json", state)
+                result = exc.result if isinstance(exc, RunInterrupted) else {"run_id": item["run_id"]}
+                raise RunInterrupted(result, batch_dir=str(batch_dir)) from None
             except UserError as exc:
-                item.update(status="failed", error=str(exc))
+                item.update(status="failed", error=str(exc), model_loads=self._loads_since(before))
             except Exception as exc:  # one broken prompt must not stop the batch; the error is kept
-                item.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                item.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                            model_loads=self._loads_since(before))
+            # This prompt's loads (its run's record), not the process's running total; that stays in the summary.
+            item.setdefault("model_loads", self._loads_since(before))
             write_json_atomic(batch_dir / "batch.json", state)
             if on_item:
                 on_item(item)
@@ -303,9 +386,13 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
                 raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
             if not isinstance(obj, dict) or not str(obj.get("prompt", "")).strip():
                 raise UserError(f"{path}:{number}: each line needs an object with a non-empty \"prompt\"")
-            for key in ("seed", "max_rounds"):
-                if key in obj and not isinstance(obj[key], int):
-                    raise UserError(f"{path}:{number}: \"{key}\" must be an integer")
+            if "max_rounds" in obj and (not isinstance(obj["max_rounds"], int) or isinstance(obj["max_rounds"], bool)
+                                        or obj["max_rounds"] < 1):
+                raise UserError(f"{path}:{number}: \"max_rounds\" must be a whole number of at least 1")
+            if obj.get("seed") is not None:
+                if not isinstance(obj["seed"], int) or isinstance(obj["seed"], bool):
+                    raise UserError(f"{path}:{number}: \"seed\" must be an integer")
+                check_seed(obj["seed"], f"{path}:{number}: seed")
             items.append({"prompt": obj["prompt"].strip(), "seed": obj.get("seed"),
                           "max_rounds": obj.get("max_rounds")})
         else:

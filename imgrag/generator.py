@@ -28,7 +28,6 @@ resident, counted by the model manager.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,14 @@ from typing import Any
 from PIL import Image
 
 from imgrag.checkpoints import first_line, loading, quiet_libraries
-from imgrag.errors import ModelLoadError, UserError
+from imgrag.errors import ModelLoadError, UserError, check_seed
 from imgrag.model_files import ResolvedAdapter, generator_variant, is_local_ref, resolve_ip_adapter
-from imgrag.settings import Settings
+from imgrag.settings import MAX_IP_SCALE, Settings
+
+
+class NonFiniteDrawingError(UserError):
+    """A drawing whose latents or pixels are NaN or inf: never a candidate. The message names the setting to change."""
+
 
 SDXL_EXPECTED = "an SDXL diffusers pipeline folder (model_index.json of StableDiffusionXLPipeline)"
 IP_ADAPTER_EXPECTED = "an h94/IP-Adapter style folder: <subfolder>/<weight>.safetensors and its image encoder"
@@ -123,6 +127,7 @@ class Generator:
         guidance = g.guidance if guidance is None else guidance
         ip_scale = g.ip_scale if ip_scale is None else ip_scale
         validate_request(prompt, width, height, steps, ip_scale, references)
+        seed = check_seed(seed)
 
         kwargs: dict[str, Any] = {}
         if references:
@@ -141,15 +146,70 @@ class Generator:
             kwargs["callback_on_step_end"] = callback
         generator = torch.Generator(device=self.pipe.device).manual_seed(int(seed))
         try:
-            # In fp16 the pipeline moves SDXL's VAE to fp32 for every decode (it overflows in fp16) and warns
-            # twice about it each time ("should be kept in float32: []", upcast_vae deprecated): noise on stderr.
-            with quiet_libraries(), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*upcast_vae.*", category=FutureWarning)
+            with quiet_libraries():
+                # The pipeline stops at the latents; _decode checks them and the pixels for NaN (see there).
                 result = self.pipe(prompt=prompt, width=width, height=height, num_inference_steps=steps,
-                                   guidance_scale=guidance, generator=generator, output_type="pil", **kwargs)
+                                   guidance_scale=guidance, generator=generator, output_type="latent", **kwargs)
         except ValueError as exc:  # diffusers' own argument checks; anything else is a bug and should show
             raise UserError(f"generation refused: {first_line(exc)}") from exc
-        return result.images[0]
+        return self._decode(result.images)
+
+    def _decode(self, latents: Any) -> Image.Image:
+        """Decode the final latents to a picture, never letting a broken (non-finite) drawing through.
+
+        An fp16 SDXL can overflow: NaN latents (the UNet) or NaN pixels (the VAE) come out as the well-known black
+        picture. NaN latents fail at once (no decoder can mend them); NaN pixels from a VAE that is not float32 are
+        decoded once more with the VAE in float32, as diffusers itself does for VAEs marked ``force_upcast``.
+        Either failure is a :class:`NonFiniteDrawingError` naming the setting to change. The decode follows
+        ``StableDiffusionXLPipeline.__call__``'s own (latents_mean/std, scaling_factor, watermark, postprocess).
+        """
+        import torch
+
+        if not bool(torch.isfinite(latents).all()):
+            raise NonFiniteDrawingError(
+                f"the drawing's latents hold NaN or inf (numeric overflow in {self.pipe.unet.dtype}); set dtype = "
+                "\"float32\" or \"bfloat16\" in the profile (IMGRAG_DTYPE), or lower generation.guidance")
+        vae = self.pipe.vae
+        upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+        pixels = self._vae_decode(latents, torch.float32 if upcast else vae.dtype)
+        if not bool(torch.isfinite(pixels).all()) and vae.dtype != torch.float32 and not upcast:
+            pixels = self._vae_decode(latents, torch.float32)  # the one retry: the same latents, a float32 VAE
+        if not bool(torch.isfinite(pixels).all()):
+            raise NonFiniteDrawingError(
+                "the decoded picture holds NaN or inf (the VAE overflowed, even in float32); set dtype = "
+                "\"float32\" in the profile (IMGRAG_DTYPE) or use a VAE fixed for fp16 (madebyollin/sdxl-vae-fp16-fix)")
+        if self.pipe.watermark is not None:
+            pixels = self.pipe.watermark.apply_watermark(pixels)
+        return self.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+
+    def _vae_decode(self, latents: Any, dtype: Any) -> Any:
+        """The VAE's decode of ``latents`` in ``dtype`` (the VAE is moved there for the call and back after)."""
+        import torch
+
+        vae = self.pipe.vae
+        original = vae.dtype
+        if original != dtype:
+            vae.to(dtype=dtype)
+        try:
+            with torch.no_grad():
+                return self._decode_scaled(vae, latents, dtype)
+        finally:
+            if original != dtype:
+                vae.to(dtype=original)
+
+    @staticmethod
+    def _decode_scaled(vae: Any, latents: Any, dtype: Any) -> Any:
+        """Undo the latents' scaling (and normalisation, where the VAE has one) and decode."""
+        latents = latents.to(device=vae.device, dtype=dtype)
+        config = vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = latents.new_tensor(mean).view(1, 4, 1, 1)
+            std = latents.new_tensor(std).view(1, 4, 1, 1)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        return vae.decode(latents, return_dict=False)[0]
 
     def _zero_image_embeds(self, guidance: float) -> Any:
         """All-zero image embeddings in the exact shape the pipeline expects for this adapter.
@@ -194,8 +254,8 @@ def validate_request(prompt: str, width: int, height: int, steps: int, ip_scale:
             raise UserError(f"{name} must be a positive multiple of 8 (SDXL's latents are 1/8 size), got {value}")
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
-    if not 0.0 <= ip_scale <= 2.0:
-        raise UserError(f"ip_scale must be within 0..2, got {ip_scale}")
+    if not 0.0 <= ip_scale <= MAX_IP_SCALE:
+        raise UserError(f"ip_scale must be within 0..{MAX_IP_SCALE:g}, got {ip_scale}")
     for ref in references or []:
         if not isinstance(ref, Image.Image):
             raise UserError(f"a reference must be a picture (PIL image), got {type(ref).__name__}")

@@ -15,16 +15,33 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass as _pydantic_dataclass
+
+from imgrag.errors import SEED_MAX
 
 
 class SettingsError(ValueError):
     """A user mistake in settings: a bad file, key, value or profile. The message is one line."""
+
+
+# Every section is a pydantic dataclass: validated (types, ranges, choices) when it is built, still a plain
+# dataclass for ``dataclasses.replace`` and ``asdict``. Unknown keys are refused; numbers read from TOML or the
+# environment become strings where a string is expected (an API key of digits).
+_CONFIG = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+dataclass = _pydantic_dataclass(config=_CONFIG)  # type: ignore[assignment]
+
+# IP-Adapter's reference scale, shared by the settings, the generator and the tools: 0 ignores the references,
+# 1 follows them as strongly as the adapter was trained to (above it SDXL copies the reference and breaks).
+MAX_IP_SCALE = 1.0
+Positive = Annotated[int, Field(ge=1)]
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def imgrag_home() -> Path:
@@ -45,7 +62,7 @@ class ModelSettings:
     judge: str = "Qwen/Qwen2.5-VL-3B-Instruct"
     llm: str = "Qwen/Qwen2.5-7B-Instruct"
     # "local": transformers in this process; "openai": an OpenAI-compatible endpoint (vLLM, Ollama).
-    llm_backend: str = "local"
+    llm_backend: Literal["local", "openai"] = "local"
     llm_base_url: str = ""
     llm_api_key: str = "not-needed"
     # open_clip name: "hf-hub:org/repo", "local-dir:/path", or "ARCH" with embedder_pretrained.
@@ -56,43 +73,57 @@ class ModelSettings:
 
 @dataclass
 class GenerationSettings:
-    width: int = 1024
-    height: int = 1024
-    steps: int = 30
-    guidance: float = 5.0
-    ip_scale: float = 0.5
-    seed: int = 0
+    # SDXL's latents are 1/8 of the picture: sides are multiples of 8 (checked below).
+    width: Positive = 1024
+    height: Positive = 1024
+    steps: Positive = 30
+    guidance: Annotated[float, Field(ge=0.0)] = 5.0
+    ip_scale: Annotated[float, Field(ge=0.0, le=MAX_IP_SCALE)] = 0.5
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError("must be a multiple of 8 (SDXL's latents are 1/8 size)")
+        return value
 
 
 @dataclass
 class JudgeSettings:
     # Qwen2.5-VL pixel bounds: the image is resized to fit within them before the processor sees it.
-    min_pixels: int = 256 * 28 * 28
-    max_pixels: int = 1024 * 28 * 28
-    max_new_tokens: int = 256
+    min_pixels: Positive = 256 * 28 * 28
+    max_pixels: Positive = 1024 * 28 * 28
+    max_new_tokens: Positive = 256
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> JudgeSettings:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+        return self
 
 
 @dataclass
 class LLMSettings:
-    max_new_tokens: int = 512
-    temperature: float = 0.0
+    max_new_tokens: Positive = 512
+    temperature: Annotated[float, Field(ge=0.0)] = 0.0
 
 
 @dataclass
 class BudgetSettings:
-    max_rounds: int = 3
-    max_tool_calls: int = 20
-    max_seconds: float = 1800.0
+    max_rounds: Positive = 3
+    max_tool_calls: Positive = 20
+    max_seconds: Annotated[float, Field(gt=0.0)] = 1800.0
     # Consecutive unusable LLM replies before the fixed policy takes the next step.
-    max_llm_failures: int = 2
+    max_llm_failures: Positive = 2
 
 
 @dataclass
 class RetrievalSettings:
-    k: int = 2
-    min_score: float = -1.0
+    k: Positive = 2
+    min_score: Annotated[float, Field(ge=-1.0, le=1.0)] = -1.0  # cosine similarity
     # RealRAG-style reflective re-ranking: score = sim(query, ref) - rerank_lambda * sim(candidate, ref).
-    rerank_lambda: float = 0.3
+    rerank_lambda: Annotated[float, Field(ge=0.0)] = 0.3
 
 
 @dataclass
@@ -101,11 +132,11 @@ class Settings:
     # "auto" picks cuda when present, else cpu.
     device: str = "auto"
     # "auto": float16 on cuda, float32 on cpu.
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # GPU memory the model manager may fill, in GiB; 0 means no limit (everything stays resident).
-    gpu_memory_gb: float = 0.0
+    gpu_memory_gb: Annotated[float, Field(ge=0.0)] = 0.0
     # What eviction does to a model: "cpu" (move to CPU RAM) or "drop" (free it; reload later).
-    offload: str = "cpu"
+    offload: Literal["cpu", "drop"] = "cpu"
     # A directory (embedded Chroma) or http://host:port (a Chroma server).
     store: str = ""
     output_dir: str = ""
@@ -117,6 +148,11 @@ class Settings:
     llm: LLMSettings = field(default_factory=LLMSettings)
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
+
+    @field_validator("device")
+    @classmethod
+    def _device_is_there(cls, value: str) -> str:
+        return check_device(value)
 
     # ----- derived values -----
     def resolved_device(self) -> str:
@@ -149,8 +185,6 @@ _SECTION_CLASSES = {
     "llm": LLMSettings, "budget": BudgetSettings, "retrieval": RetrievalSettings,
 }
 PROFILES = ("default", "tiny")
-CHOICES = {"offload": ("cpu", "drop"), "models.llm_backend": ("local", "openai"),
-           "dtype": ("auto", "float32", "float16", "bfloat16")}
 # Built-in presets: documented TOML files shipped in the package, named by their stem (gpu-80gb, gpu-24gb, cpu).
 PRESETS_DIR = Path(__file__).parent / "profiles"
 
@@ -158,6 +192,7 @@ PRESETS_DIR = Path(__file__).parent / "profiles"
 def builtin_presets() -> dict[str, Path]:
     """The built-in hardware presets: name -> its TOML file (each starts from the default profile)."""
     return {path.stem: path for path in sorted(PRESETS_DIR.glob("*.toml"))}
+
 
 
 TINY_KIT_PLACEHOLDER = "{tiny_kit}"
@@ -182,60 +217,67 @@ def _tiny_profile() -> dict[str, Any]:
     }
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+def check_device(device: str) -> str:
+    """Return ``device`` if torch can use it here; raise ValueError saying why not (a typo, no CUDA, no such GPU).
+
+    "auto" is always fine (cuda when present, else cpu). torch is imported only to check a GPU device."""
+    device = device.strip().lower()
+    if not DEVICE_PATTERN.match(device):
+        raise ValueError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)")
+    if device in ("auto", "cpu"):
+        return device
+    import torch
+
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' is not available on this machine (use auto or cpu)")
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here (torch {torch.__version__}"
+                         f"{'' if torch.version.cuda else ', a CPU-only build'}); use auto or cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    """Turn a TOML or environment value into the field's type, or raise a one-line error."""
-    if isinstance(typ, types.UnionType):
-        typ = next(t for t in typing.get_args(typ) if t is not type(None))
-    try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if typ is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        raise SettingsError(f"{where}: expected {typ.__name__}, got {value!r}") from None
-    return value
+def _section_keys(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
 
 
-def _apply(settings: Settings, layer: dict[str, Any], source: str) -> None:
-    """Apply one layer of values onto settings, checking every key and type."""
-    top_types = _field_types(Settings)
+def _merge(merged: dict[str, Any], sources: dict[str, str], layer: dict[str, Any], source: str) -> None:
+    """Merge one layer into ``merged`` (a TOML-shaped dict), refusing unknown keys; ``sources`` remembers which
+    layer set each dotted key, so a value refused later is blamed on the right file or flag."""
+    top = _section_keys(Settings)
     for key, value in layer.items():
         if key in _SECTION_CLASSES:
             if not isinstance(value, dict):
                 raise SettingsError(f"{source}: [{key}] must be a table")
-            section = getattr(settings, key)
-            types_ = _field_types(_SECTION_CLASSES[key])
+            known = _section_keys(_SECTION_CLASSES[key])
             for sub, subvalue in value.items():
-                if sub not in types_:
-                    raise SettingsError(f"{source}: unknown key '{key}.{sub}' (known: {', '.join(types_)})")
-                setattr(section, sub, _coerce(subvalue, types_[sub], f"{source}: {key}.{sub}"))
-        elif key in top_types:
-            setattr(settings, key, _coerce(value, top_types[key], f"{source}: {key}"))
+                if sub not in known:
+                    raise SettingsError(f"{source}: unknown key '{key}.{sub}' (known: {', '.join(known)})")
+                merged.setdefault(key, {})[sub] = subvalue
+                sources[f"{key}.{sub}"] = source
+        elif key in top:
+            merged[key] = value
+            sources[key] = source
         else:
-            known = ", ".join(list(top_types))
-            raise SettingsError(f"{source}: unknown key '{key}' (known: {known})")
+            raise SettingsError(f"{source}: unknown key '{key}' (known: {', '.join(top)})")
+
+
+def _validate(merged: dict[str, Any], sources: dict[str, str]) -> Settings:
+    """Build Settings from the merged layers; the first refused value becomes one line naming its source."""
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        # A section's own check (min_pixels <= max_pixels) is blamed on whoever set one of its keys.
+        source = sources.get(where) or next((v for k, v in sources.items() if k.startswith(where + ".")), "defaults")
+        got = f", got {error['input']!r}" if error["type"] not in ("value_error", "missing") else ""
+        raise SettingsError(f"{source}: {where}: {message}{got}") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -252,7 +294,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _env_layer(environ: dict[str, str]) -> dict[str, Any]:
     layer: dict[str, Any] = {}
-    top = set(_field_types(Settings)) - set(_SECTION_CLASSES) - {"profile"}
+    top = set(_section_keys(Settings)) - set(_SECTION_CLASSES) - {"profile"}
     for name, value in environ.items():
         if not name.startswith("IMGRAG_") or name in ("IMGRAG_HOME", "IMGRAG_PROFILE", "IMGRAG_CONFIG"):
             continue
@@ -267,24 +309,6 @@ def _env_layer(environ: dict[str, str]) -> dict[str, Any]:
         else:
             raise SettingsError(f"environment: unknown variable {name}")
     return layer
-
-
-def _check_choices(settings: Settings) -> None:
-    for dotted, allowed in CHOICES.items():
-        obj: Any = settings
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            obj = getattr(obj, part)
-        value = getattr(obj, parts[-1])
-        if value not in allowed:
-            raise SettingsError(f"{dotted} must be one of {', '.join(allowed)}, got {value!r}")
-    if settings.gpu_memory_gb < 0:
-        raise SettingsError(f"gpu_memory_gb must be >= 0, got {settings.gpu_memory_gb}")
-    if not 0.0 <= settings.generation.ip_scale <= 2.0:
-        raise SettingsError(f"generation.ip_scale must be within 0..2, got {settings.generation.ip_scale}")
-    for name in ("max_rounds", "max_tool_calls"):
-        if getattr(settings.budget, name) < 1:
-            raise SettingsError(f"budget.{name} must be at least 1")
 
 
 def load_settings(
@@ -316,20 +340,21 @@ def load_settings(
             raise SettingsError(f"{path}: profile must be one of {', '.join(PROFILES)}, got {base!r}")
         layers.append((file_layer, str(path)))
         profile = base
-    settings = Settings(profile=profile)
+    merged: dict[str, Any] = {"profile": profile}
+    sources: dict[str, str] = {}
     if profile == "tiny":
-        _apply(settings, _tiny_profile(), "tiny profile")
+        _merge(merged, sources, _tiny_profile(), "tiny profile")
     for layer, source in layers:
-        _apply(settings, layer, source)
+        _merge(merged, sources, layer, source)
     if config:
         file_layer = _read_toml(Path(config).expanduser())
-        if "profile" in file_layer and file_layer.pop("profile") != settings.profile:
+        if "profile" in file_layer and file_layer.pop("profile") != profile:
             raise SettingsError(f"{config}: 'profile' in a --config file must match the chosen profile")
-        _apply(settings, file_layer, str(config))
-    _apply(settings, _env_layer(environ), "environment")
+        _merge(merged, sources, file_layer, str(config))
+    _merge(merged, sources, _env_layer(environ), "environment")
     if overrides:
-        cleaned = _drop_none(overrides)
-        _apply(settings, cleaned, "command line")
+        _merge(merged, sources, _drop_none(overrides), "command line")
+    settings = _validate(merged, sources)
 
     # Paths that default to imgrag's home; per profile so the tiny store never mixes with real embeddings.
     suffix = "" if settings.profile == "default" else f"-{settings.profile}"
@@ -341,7 +366,6 @@ def load_settings(
         value = getattr(settings.models, f.name)
         if TINY_KIT_PLACEHOLDER in value:
             setattr(settings.models, f.name, value.replace(TINY_KIT_PLACEHOLDER, settings.tiny_kit_dir))
-    _check_choices(settings)
     return settings
 
 

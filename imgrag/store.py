@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -402,7 +403,12 @@ class ReferenceStore:
 
     # ----- reading -----
     def _current(self) -> Any:
-        """This embedder's collection, looked up again while it does not exist (another process may create it)."""
+        """This embedder's collection, looked up again while it does not exist (another process may create it),
+        and reopened when another process has written to the store since (see :func:`_fresh_client`)."""
+        if self._client is not None and not self.is_server:
+            client = _fresh_client(self.location, self._client)
+            if client is not self._client:
+                self._client, self._collection = client, None
         if self._collection is None:
             if self._client is None:
                 self._client = _connect(self.location, create=False)
@@ -805,11 +811,72 @@ def _connect(location: str, create: bool) -> Any:
         raise UserError(f"store {location}: exists and is not a directory")
     if not create and not (path / "chroma.sqlite3").exists():
         return None
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{location}: cannot create the store: {exc.strerror or exc}") from None
+    with _CLIENTS_LOCK:
+        known = _CLIENTS.get(str(location))
+    if known is not None:
+        return _fresh_client(str(location), known[0])
+    return _remember(str(location), _open_persistent(path))
+
+
+def _open_persistent(path: Path) -> Any:
+    import chromadb
+
     try:
         return chromadb.PersistentClient(path=str(path), settings=_chroma_settings())
     except Exception as exc:
-        raise UserError(f"cannot open the store {location}: {exc}") from None
+        raise UserError(f"cannot open the store {path}: {exc}") from None
+
+
+# Embedded Chroma keeps one "system" per path per process, and its vector index (HNSW) is read into memory once:
+# pictures another process indexes later are counted (SQLite) but never returned by a query. So each path's
+# client is remembered with the store's on-disk signature, and a changed signature (any write, by anyone) makes
+# the next read reopen the path: ~0.2 s after a write, one os.stat per read otherwise.
+_CLIENTS: dict[str, tuple[Any, tuple]] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _disk_signature(location: str) -> tuple:
+    """What changes on disk whenever anyone writes to an embedded store: its SQLite file (and journal)."""
+    signature = []
+    for name in ("chroma.sqlite3", "chroma.sqlite3-wal"):
+        try:
+            st = os.stat(os.path.join(location, name))
+            signature.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            signature.append(None)
+    return tuple(signature)
+
+
+def _remember(location: str, client: Any) -> Any:
+    with _CLIENTS_LOCK:
+        _CLIENTS[location] = (client, _disk_signature(location))
+    return client
+
+
+def _fresh_client(location: str, client: Any) -> Any:
+    """``client``, or a reopened one when the store changed on disk since it was opened (by this process or
+    another). Every store object of the path moves to the one new client: the first to notice reopens."""
+    with _CLIENTS_LOCK:
+        known, signature = _CLIENTS.get(location, (client, None))
+        if known is not client:
+            return known  # already reopened by another store object of this path
+        current = _disk_signature(location)
+        if signature is None or current == signature:
+            _CLIENTS[location] = (client, current)
+            return client
+        from chromadb.api.shared_system_client import SharedSystemClient
+
+        # Forget this path's cached system (only this one) so that a new client reads the store afresh. The old
+        # system is not stopped: a collection object still held elsewhere (an index job) keeps working on it.
+        SharedSystemClient._identifier_to_system.pop(client._identifier, None)
+        SharedSystemClient._identifier_to_refcount.pop(client._identifier, None)
+        fresh = _open_persistent(Path(location))
+        _CLIENTS[location] = (fresh, current)
+        return fresh
 
 
 def _get_collection(client: Any, name: str) -> Any:

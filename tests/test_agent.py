@@ -180,3 +180,21 @@ def test_bad_run_arguments_are_user_errors(settings, tmp_path: Path) -> None:
         runner.run("x", planner="magic")
     with pytest.raises(UserError, match="no run"):
         runner.resume("never-was")
+
+
+def test_an_llm_server_gone_away_is_a_failed_turn_and_the_policy_finishes(settings, tmp_path: Path) -> None:
+    """The openai backend's connection errors (a vLLM or Ollama server that went away) never end the run."""
+    import httpx
+
+    class GoneAway(ScriptedChatModel):
+        def invoke(self, *args, **kwargs):
+            raise httpx.ConnectError("Connection refused")
+
+    runner, models = make_runner(settings, tmp_path, [NO_CRADLE, MATCH], llm_script=[])
+    models["llm"] = GoneAway(messages=iter([]))
+    result = runner.run("a beautiful retriever and a cradle", planner="agent", max_rounds=2)
+    assert result["status"] == "matched"
+    assert result["fallback_steps"] >= 1
+    trace = [json.loads(line) for line in (Path(result["run_dir"]) / "trace.jsonl").read_text().splitlines()]
+    failed = [s for s in trace if s.get("planner") == "llm" and not s["ok"]]
+    assert failed and "ConnectError" in failed[0]["error"]

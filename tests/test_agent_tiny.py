@@ -65,14 +65,30 @@ def test_batch_loads_each_model_once_and_resume_skips_finished(indexed_store: Pa
     assert summary["model_loads"]["judge"] == 1
     assert summary["model_loads"]["embedder"] == 1
     assert summary["model_loads"].get("llm", 0) <= 1
+    # Each run's record says what that run loaded: the first prompt loads the models, the others reuse them.
+    first, *rest = summary["items"]
+    assert first["model_loads"]["generator"] == 1 and first["model_loads"]["judge"] == 1
+    assert all(sum(item["model_loads"].values()) == 0 for item in rest), rest
+    for item in summary["items"]:
+        run_result = json.loads((out_dir / item["run_id"] / "result.json").read_text())
+        assert run_result["model_loads"] == item["model_loads"]
+    summary_file = Path(summary["batch_dir"]) / "summary.json"
+    results_before = {p: p.read_bytes() for p in [summary_file, *out_dir.glob("*/result.json")]}
 
     code, out, err = run_cli(capsys, "batch", str(prompts), "--profile", "tiny", "--max-rounds", "1",
                              "--out", str(out_dir), "--resume", "--json")
     assert code == 0, err
     again = json.loads(out)
-    assert [item["run_id"] for item in again["items"]] == [item["run_id"] for item in summary["items"]]
-    # Nothing was redone, so nothing was loaded.
-    assert sum(again["model_loads"].values()) == 0
+    # Nothing was redone, and the records of the finished batch are left exactly as they were.
+    assert again == summary
+    assert {p: p.read_bytes() for p in results_before} == results_before
+
+    # So is a finished run's record when it is resumed.
+    run_id = first["run_id"]
+    code, out, err = run_cli(capsys, "run", "--resume", run_id, "--profile", "tiny", "--out", str(out_dir), "--json")
+    assert code == 0, err
+    assert json.loads(out)["model_loads"] == first["model_loads"]
+    assert {p: p.read_bytes() for p in results_before} == results_before
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from imgrag.errors import ModelLoadError, UserError
@@ -133,3 +134,61 @@ def test_wrong_or_missing_checkpoint_is_a_model_load_error(settings: Settings, t
         with pytest.raises(ModelLoadError, match=message) as info:
             Generator.from_pretrained(wrong)
         assert str(ref) in str(info.value) and "\n" not in str(info.value)
+
+
+# ----- a broken (NaN) drawing is never a candidate -----
+
+def _nan_decode(vae, when):
+    """Wrap the VAE's decode so that it returns NaN pixels whenever ``when(vae)`` holds."""
+    real = vae.decode
+
+    def decode(latents, *args, **kwargs):
+        if when(vae):
+            batch, _, height, width = latents.shape
+            return (torch.full((batch, 3, 8 * height, 8 * width), float("nan"), dtype=latents.dtype),)
+        return real(latents, *args, **kwargs)
+
+    return decode
+
+
+def test_nan_pixels_from_a_half_precision_vae_are_redrawn_in_float32(settings: Settings, generator: Generator,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = _pixels(generator.generate("a red ball", seed=3))
+    fresh = Generator.from_pretrained(settings)
+    vae = fresh.pipe.vae
+    vae.register_to_config(force_upcast=False)  # an fp16-fixed VAE: diffusers would not upcast it itself
+    vae.to(dtype=torch.float16)
+    calls: list = []
+    monkeypatch.setattr(vae, "decode", _nan_decode(vae, lambda v: calls.append(v.dtype) or v.dtype == torch.float16))
+    picture = fresh.generate("a red ball", seed=3)
+    assert calls == [torch.float16, torch.float32]  # one retry, with the VAE in float32
+    assert vae.dtype == torch.float16  # and the VAE is left as it was
+    assert np.isfinite(_pixels(picture)).all()
+    assert np.abs(_pixels(picture).astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_nan_pixels_even_in_float32_fail_with_one_line_naming_the_setting(generator: Generator,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgrag.generator import NonFiniteDrawingError
+
+    monkeypatch.setattr(generator.pipe.vae, "decode", _nan_decode(generator.pipe.vae, lambda v: True))
+    with pytest.raises(NonFiniteDrawingError, match="NaN or inf.*dtype") as info:
+        generator.generate("a red ball", seed=3)
+    assert "\n" not in str(info.value)
+
+
+def test_nan_latents_fail_before_any_decode(generator: Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgrag.generator import NonFiniteDrawingError
+
+    unet = generator.pipe.unet
+    real = unet.forward
+
+    def overflowing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out[0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(unet, "forward", overflowing)
+    monkeypatch.setattr(generator.pipe.vae, "decode", lambda *a, **k: pytest.fail("decoded NaN latents"))
+    with pytest.raises(NonFiniteDrawingError, match="latents hold NaN or inf.*set dtype"):
+        generator.generate("a red ball", seed=3)

@@ -653,3 +653,44 @@ def test_a_crash_between_two_writes_is_settled_by_the_next_run(tmp_path: Path, c
     assert (summary["updated"], summary["unchanged"], summary["total"]) == (1, 4, 5)
     claimed = [p for paths in paths_per_entry(store).values() for p in paths]
     assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 5
+
+
+def test_a_long_lived_reader_sees_pictures_another_process_indexed_since(colours: Path, tmp_path: Path) -> None:
+    """Chroma caches its client (and its vector index) per path in a process; the reader must not be stuck with
+    the store as it was when it opened it. The writer is a second process, as a chat beside `imgrag index` is."""
+    embedder = ColourEmbedder()
+    store = open_store(tmp_path, embedder)
+    store.index([colours / "red.png"], embedder)
+    reader = open_store(tmp_path, embedder, for_writing=False)
+    assert [r.path for r in reader.search_text(embedder, "blue", k=5)] == [str(colours / "red.png")]
+
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[3]); sys.path.insert(0, sys.argv[4]);"
+        "from test_store import ColourEmbedder, open_store; from pathlib import Path;"
+        "e = ColourEmbedder(); open_store(Path(sys.argv[1]), e).index([sys.argv[2]], e)")
+    tests_dir = Path(__file__).resolve().parent
+    subprocess.run([sys.executable, "-c", script, str(tmp_path), str(colours / "blue.png"), str(tests_dir),
+                    str(tests_dir.parent)], check=True, timeout=120)
+
+    found = [r.path for r in reader.search_text(embedder, "blue", k=5)]
+    assert found[0] == str(colours / "blue.png"), found
+    assert reader.count() == 2
+    # The first store object of this process moved to the reopened client too.
+    assert [r.path for r in store.search_text(embedder, "blue", k=1)] == [str(colours / "blue.png")]
+
+
+def test_a_corrupt_store_is_one_line(tmp_path: Path, colours: Path) -> None:
+    embedder = ColourEmbedder()
+    store = open_store(tmp_path, embedder)
+    store.index([colours / "red.png"], embedder)
+    database = tmp_path / "store" / "chroma.sqlite3"
+    data = bytearray(database.read_bytes())
+    data[:4096] = b"\0garbage" * 512  # the SQLite header and first page gone
+    database.write_bytes(bytes(data))
+    store_mod._CLIENTS.clear()  # as a new process would open it
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    SharedSystemClient._identifier_to_system.pop(str(tmp_path / "store"), None)
+    with pytest.raises(UserError, match="cannot open the store .*not a database") as info:
+        open_store(tmp_path, embedder, for_writing=False)
+    assert "\n" not in str(info.value)

@@ -86,8 +86,7 @@ def _draw(ctx: ToolContext, state: dict, prompt: str, seed: int, references: lis
         image = generator.generate(prompt, seed=seed, references=images or None, ip_scale=ip_scale, on_step=on_step)
     with ctx.manager.use("embedder") as embedder:
         clip_score = float((embedder.embed_images([image]) @ embedder.embed_texts([prompt]).T)[0, 0])
-    path = ctx.record.candidate_path(candidate_id)
-    image.save(path)
+    path = ctx.record.save_candidate(candidate_id, image)
     return {"id": candidate_id, "path": str(path), "prompt": prompt, "seed": seed,
             "reference_ids": [ref["id"] for ref in references], "ip_scale": ip_scale if references else None,
             "round": state.get("rounds", 0) + 1, "clip_score": round(clip_score, 4), "verdict": None}
