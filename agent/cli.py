@@ -110,7 +110,7 @@ def download_models(
         human_size,
     )
 
-    settings = settings_from_flags(profile, config)
+    settings = settings_from_flags(profile, config, check_device=False)  # a GPU preset may be fetched anywhere
     roles = check_roles(settings, _roles(role))
     cache = hub_cache_dir()
     to_fetch = [r for r in roles if r.source == "hub" and (r.missing or not r.recorded)]
@@ -277,7 +277,7 @@ def doctor(
     """Show the resolved settings, device and memory; check every file each model needs, the disk space still
     needed, the LLM server and the Chroma server when they are set."""
     from imgrag.model_files import check_roles, free_disk_bytes, hub_cache_dir, human_size
-    from imgrag.settings import builtin_presets
+    from imgrag.settings import builtin_presets, check_device
 
     if show_profile:
         presets = builtin_presets()
@@ -287,7 +287,7 @@ def doctor(
         return
     import torch
 
-    settings = settings_from_flags(profile, config, store=store)
+    settings = settings_from_flags(profile, config, store=store, check_device=False)
     device = settings.resolved_device()
     report: dict = {"profile": settings.profile, "preset": profile if profile in builtin_presets() else None,
                     "device": device, "dtype": settings.resolved_dtype(),
@@ -299,9 +299,10 @@ def doctor(
     else:
         report["gpu"] = None
     report["device_problem"] = None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        report["device_problem"] = ("device is cuda but torch sees no CUDA GPU here: runs will fail; "
-                                    "use --profile cpu, or check the driver and torch's CUDA build")
+    try:  # the whole report is still shown for a GPU preset checked on a machine without that GPU
+        check_device(settings.device)
+    except ValueError as exc:
+        report["device_problem"] = f"device: {exc}"
     report["cuda"] = _cuda_status()
     try:
         meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
@@ -334,6 +335,7 @@ def doctor(
     report["output_dir"] = settings.output_dir
     if as_json:
         print_json(report)
+        _fail_on_device(report)
         return
     title = f"imgrag doctor — profile {report['preset'] or settings.profile}"
     table = Table(title=title, show_header=False)
@@ -375,6 +377,13 @@ def doctor(
     table.add_row("store", f"{escape(settings.store)} ({store_info['kind']}{extra}){state}")
     table.add_row("outputs", escape(settings.output_dir))
     out.print(table)
+    _fail_on_device(report)
+
+
+def _fail_on_device(report: dict) -> None:
+    """Doctor exits 1 (after its report) when the profile's device is not on this machine."""
+    if report["device_problem"]:
+        raise UserError(f"{report['device_problem']}; runs with this profile will fail here")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -86,11 +86,13 @@ TINY_WARNING = ("tiny profile: random-weight models — the images are noise and
 
 
 def settings_from_flags(
-    profile: str | None, config: Path | None = None, **overrides: Any
+    profile: str | None, config: Path | None = None, *, check_device: bool = True, **overrides: Any
 ) -> Settings:
-    """Resolve settings with the command's flags as the top layer (None means 'not given')."""
+    """Resolve settings with the command's flags as the top layer (None means 'not given').
+
+    ``check_device=False`` is for commands that run no model here (``models download``)."""
     try:
-        return load_settings(profile=profile, config=config, overrides=_nest(overrides))
+        return load_settings(profile=profile, config=config, overrides=_nest(overrides), check_device=check_device)
     except SettingsError as exc:
         raise UserError(str(exc)) from None
 

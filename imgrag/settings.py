@@ -17,6 +17,7 @@ import dataclasses
 import os
 import re
 import tomllib
+from contextvars import ContextVar
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -152,7 +153,7 @@ class Settings:
     @field_validator("device")
     @classmethod
     def _device_is_there(cls, value: str) -> str:
-        return check_device(value)
+        return check_device(value, available=_CHECK_DEVICE_AVAILABLE.get())
 
     # ----- derived values -----
     def resolved_device(self) -> str:
@@ -217,14 +218,20 @@ def _tiny_profile() -> dict[str, Any]:
     }
 
 
-def check_device(device: str) -> str:
+# Whether load_settings checks that the device is present on this machine (see its check_device argument).
+_CHECK_DEVICE_AVAILABLE: ContextVar[bool] = ContextVar("imgrag_check_device_available", default=True)
+
+
+def check_device(device: str, available: bool = True) -> str:
     """Return ``device`` if torch can use it here; raise ValueError saying why not (a typo, no CUDA, no such GPU).
 
-    "auto" is always fine (cuda when present, else cpu). torch is imported only to check a GPU device."""
+    "auto" is always fine (cuda when present, else cpu). torch is imported only to check a GPU device. With
+    ``available=False`` only the spelling is checked (for commands that run no model here, such as a download
+    for a GPU preset made on another machine)."""
     device = device.strip().lower()
     if not DEVICE_PATTERN.match(device):
         raise ValueError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)")
-    if device in ("auto", "cpu"):
+    if device in ("auto", "cpu") or not available:
         return device
     import torch
 
@@ -316,12 +323,14 @@ def load_settings(
     config: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     environ: dict[str, str] | None = None,
+    check_device: bool = True,
 ) -> Settings:
     """Resolve the settings: profile defaults < TOML file < IMGRAG_* environment < ``overrides``.
 
     ``profile`` is "default", "tiny" or a TOML path (falls back to ``IMGRAG_PROFILE``);
     ``config`` is an extra TOML file layered on top (falls back to ``IMGRAG_CONFIG``);
-    ``overrides`` are the command-line flags, as a dict in the TOML shape (None values are ignored).
+    ``overrides`` are the command-line flags, as a dict in the TOML shape (None values are ignored);
+    ``check_device=False`` checks the device's spelling but not that this machine has it (downloads, dry runs).
     """
     environ = dict(os.environ if environ is None else environ)
     home = Path(environ.get("IMGRAG_HOME", imgrag_home())).expanduser()
@@ -354,7 +363,11 @@ def load_settings(
     _merge(merged, sources, _env_layer(environ), "environment")
     if overrides:
         _merge(merged, sources, _drop_none(overrides), "command line")
-    settings = _validate(merged, sources)
+    token = _CHECK_DEVICE_AVAILABLE.set(check_device)
+    try:
+        settings = _validate(merged, sources)
+    finally:
+        _CHECK_DEVICE_AVAILABLE.reset(token)
 
     # Paths that default to imgrag's home; per profile so the tiny store never mixes with real embeddings.
     suffix = "" if settings.profile == "default" else f"-{settings.profile}"

@@ -90,8 +90,9 @@ def test_doctor_says_why_cuda_is_absent_and_probes_the_services(capsys, monkeypa
     assert code == 0, err
     report = json.loads(out)
     assert report["cuda"].startswith(("available", "absent: "))
-    assert report["llm_endpoint"]["status"].startswith("UNREACHABLE")
-    assert report["store"]["status"].startswith("UNREACHABLE")
+    assert not report["checkpoints"]["llm"]["server"]["ok"]
+    assert f"127.0.0.1:{port}" in report["checkpoints"]["llm"]["server"]["problem"]
+    assert not report["store"]["server"]["ok"]
 
 
 @pytest.mark.parametrize("command", [["generate", "a cat", "-o", "x.png"], ["run", "a cat"]])
