@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class ModelLoadError(UserError):
     """A checkpoint that does not exist, cannot be read, or holds another architecture."""
+
+
+class TimeBudgetSpent(UserError):
+    """A long model call (a drawing, a generation) stopped because the run's time budget ran out."""

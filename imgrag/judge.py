@@ -20,6 +20,8 @@ from PIL import Image
 
 import prompts
 from imgrag.checkpoints import check_model_type, loading, qwen_dtype
+from imgrag.deadlines import time_limit
+from imgrag.reasoning import answer_text
 from imgrag.settings import Settings
 
 JUDGE_EXPECTED = "a Qwen2.5-VL checkpoint (Qwen2_5_VLForConditionalGeneration + its processor)"
@@ -70,7 +72,7 @@ def parse_verdict(text: str) -> Verdict:
 
 
 def _clean(text: str) -> str:
-    text = re.sub(r"<think>.*?</think>", " ", text, flags=re.S | re.I)  # reasoning models think aloud first
+    text = answer_text(text)  # reasoning models think aloud first; only the answer after </think> counts
     return text.replace("\u201c", '"').replace("\u201d", '"').replace("\u2018", "'").replace("\u2019", "'").strip()
 
 
@@ -262,12 +264,15 @@ class Judge:
         self.model.to(device)
         return self
 
-    def judge(self, image: Image.Image, prompt: str) -> Verdict:
-        """Ask whether ``image`` shows everything ``prompt`` asks for."""
-        return parse_verdict(self.ask(image, prompts.render("judge", prompt=prompt)))
+    def judge(self, image: Image.Image, prompt: str, *, deadline: float | None = None) -> Verdict:
+        """Ask whether ``image`` shows everything ``prompt`` asks for (``deadline`` as in :meth:`ask`)."""
+        return parse_verdict(self.ask(image, prompts.render("judge", prompt=prompt), deadline=deadline))
 
-    def ask(self, image: Image.Image, question: str) -> str:
-        """The model's raw answer to ``question`` about ``image`` (greedy, ``judge.max_new_tokens``)."""
+    def ask(self, image: Image.Image, question: str, *, deadline: float | None = None) -> str:
+        """The model's raw answer to ``question`` about ``image`` (greedy, ``judge.max_new_tokens``).
+
+        ``deadline`` (a ``time.monotonic()`` instant) ends the generation at the first token past it
+        (transformers' ``max_time``, a stopping criterion checked per token)."""
         import torch
         from qwen_vl_utils import process_vision_info
 
@@ -283,8 +288,10 @@ class Judge:
         inputs = self.processor(text=[text], images=images, padding=True, return_tensors="pt",
                                 size={"shortest_edge": bounds.min_pixels, "longest_edge": bounds.max_pixels})
         inputs = inputs.to(self.model.device)
+        limits = time_limit(deadline)
         with torch.inference_mode():
-            output = self.model.generate(**inputs, max_new_tokens=bounds.max_new_tokens, do_sample=False)
+            output = self.model.generate(**inputs, max_new_tokens=bounds.max_new_tokens, do_sample=False, **limits)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return self.processor.batch_decode(new_tokens, skip_special_tokens=True,
                                            clean_up_tokenization_spaces=False)[0].strip()
+

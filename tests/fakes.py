@@ -44,7 +44,7 @@ class ScriptedJudge:
         self.verdicts = list(verdicts)
         self.calls = 0
 
-    def judge(self, image: Image.Image, prompt: str) -> FakeVerdict:
+    def judge(self, image: Image.Image, prompt: str, **_: Any) -> FakeVerdict:
         verdict = self.verdicts[min(self.calls, len(self.verdicts) - 1)]
         self.calls += 1
         return verdict
