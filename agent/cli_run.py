@@ -87,6 +87,8 @@ class ProgressPrinter:
             self.status.update(f"{elapsed}  round {self.round}  {text}")
         elif kind == "run_start":
             err.print(f"[dim]run {event['run_id']} → {event['run_dir']}[/]")
+        elif kind == "note":  # said once: the store is unreachable, the LLM failed and the policy took over
+            err.print(f"[yellow]warning:[/] {escape(event['text'])}", soft_wrap=True)
         elif kind == "tool_end":
             err.print(tool_line(event, seconds), soft_wrap=True)
         elif kind == "run_end":

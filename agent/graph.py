@@ -29,7 +29,7 @@ from agent.state import AgentState
 from imgrag.chat_model import QwenChatModel, content_text, is_remote, read_reply
 from imgrag.checkpoints import first_line
 from tools.context import ToolContext
-from tools.image_tools import TOOL_NAMES, make_tools
+from tools.image_tools import TOOL_NAMES, checkpoint_safe, make_tools
 
 
 @dataclass
@@ -197,6 +197,15 @@ def _tool_failures(messages: list[BaseMessage]) -> bool:
     return bool(trailing) and all(m.status == "error" for m in trailing)
 
 
+def llm_messages(state: dict[str, Any]) -> list[BaseMessage]:
+    """What the LLM is sent for one step: the system prompt with the status summary, then the bounded window of
+    the thread (:func:`context_window`)."""
+    system = SystemMessage(prompts.render(
+        "agent_system", prompt=state["prompt"], max_rounds=str(state["budget"]["max_rounds"]),
+        status=_status_summary(state)))
+    return [system, *context_window(state.get("messages") or [])]
+
+
 def _check_reply(reply: AIMessage) -> str | None:
     """Why an LLM reply is unusable as a step, or None if it is a valid set of tool calls."""
     if reply.invalid_tool_calls:
@@ -255,16 +264,13 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
 
         It sees the status summary and a bounded window of the thread (:func:`context_window`). A call that
         raises (a server down, out of memory) hands this process's remaining steps to the policy, said once."""
-        system = SystemMessage(prompts.render(
-            "agent_system", prompt=state["prompt"], max_rounds=str(state["budget"]["max_rounds"]),
-            status=_status_summary(state)))
-        window = context_window(state["messages"])
+        asked = llm_messages(state)
         feedback: list[BaseMessage] = []
         while failures < limit and runtime.llm_down is None:
             ctx.on_event({"event": "llm_start", "attempt": failures + 1})
             start = time.perf_counter()
             try:
-                reply = _invoke_llm([system, *window, *feedback], state)
+                reply = _invoke_llm([*asked, *feedback], state)
             except Exception as exc:  # the planner must go on: the fixed policy takes the remaining steps
                 reason = f"{type(exc).__name__}: {first_line(exc)}"
                 runtime.llm_down = reason
@@ -280,7 +286,9 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
                                     "error": problem, "raw": str(reply.response_metadata.get("raw")
                                                                  or reply.content)[:500]})
             if problem is None:
-                return reply, failures
+                # Arguments go into the checkpoint: a seed of 2**70 must not break it (the tool refuses it).
+                calls = [{**c, "args": checkpoint_safe(c["args"])} for c in reply.tool_calls]
+                return reply.model_copy(update={"tool_calls": calls}), failures
             failures += 1
             feedback += [AIMessage(content=str(reply.content)[:2000]),
                          HumanMessage(f"Error: your reply had {problem}. Answer with exactly one tool call, "

@@ -53,6 +53,23 @@ def _check_prompt(prompt: str) -> str:
     return prompt
 
 
+# The checkpointer (msgpack) stores integers of 64 bits at most; an LLM writes any number.
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def checkpoint_safe(value: Any) -> Any:
+    """``value`` with every integer the checkpointer cannot store written as text (lists and dicts walked)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX:
+        return str(value)
+    if isinstance(value, dict):
+        return {k: checkpoint_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [checkpoint_safe(v) for v in value]
+    return value
+
+
 def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict, body, *,
          draws: bool = False) -> Command:
     """Run one tool body, time it, trace it, and turn its outcome into a ToolMessage + state update.
@@ -61,6 +78,7 @@ def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict
     and costs nothing. ``body(round_no)`` gets the round a drawing claimed. Whatever the body raises
     becomes an error message the planner can act on and a failed step in the trace and the state
     (``failed_steps``, which the fixed policy reads so it never repeats a step that failed)."""
+    args = checkpoint_safe(args)  # recorded in the trace and the state
     round_no, refusal = ctx.claim(state, draws=draws)
     if refusal is not None:
         ctx.record.append_step({"tool": name, "args": args, "ok": False, "seconds": 0.0, "refused": True,
