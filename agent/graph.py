@@ -169,15 +169,15 @@ def _cut(text: str, limit: int) -> str:
 
 def context_window(messages: list[BaseMessage], max_messages: int = WINDOW_MESSAGES,
                    max_chars: int = MESSAGE_CHARS) -> list[BaseMessage]:
-    """The part of the thread the LLM sees beside the status summary: the latest ``max_messages`` messages,
-    starting at a request or an LLM turn (never at a tool result cut from its call), plus the current request
+    """The part of the thread the LLM sees beside the status summary: the latest ``max_messages`` messages (a few
+    more when the cut falls among one turn's results, never a tool result cut from its call), plus the current request
     when it is older; each message's text cut to ``max_chars``. Older steps live in the status summary, so
     the prompt of a long chat thread stops growing."""
     if not messages:
         return []
     start = max(0, len(messages) - max_messages)
-    while start < len(messages) - 1 and isinstance(messages[start], ToolMessage):
-        start += 1
+    while start > 0 and isinstance(messages[start], ToolMessage):
+        start -= 1  # back to the LLM turn that made the call: a result without its call confuses templates and APIs
     window = list(messages[start:])
     requests = [i for i, m in enumerate(messages) if isinstance(m, HumanMessage)]
     if requests and requests[-1] < start:
