@@ -219,13 +219,35 @@ def _check_reply(reply: AIMessage) -> str | None:
     return None
 
 
-def _policy_message(state: dict[str, Any], runtime: Runtime) -> AIMessage | None:
+def _policy_message(state: dict[str, Any], runtime: Runtime, chat_model_name: str = "llm") -> AIMessage | None:
     step = next_step(state, runtime.ctx.settings.generation.ip_scale)
     if step is None:
         return None
     name, args = step
+    if name == "retrieve" and runtime.ctx.settings.retrieval.rewrite_queries and args["queries"] != [state["prompt"]]:
+        args = {**args, "queries": _caption_queries(state, runtime, args["queries"], chat_model_name)}
     call = {"name": name, "args": args, "id": f"policy-{uuid.uuid4().hex[:12]}", "type": "tool_call"}
     return AIMessage(content="", tool_calls=[call], name="policy")
+
+
+def _caption_queries(state: dict[str, Any], runtime: Runtime, missing: list[str], chat_model_name: str) -> list[str]:
+    """ImageRAG's caption step (``retrieval.rewrite_queries``): the LLM writes one descriptive retrieval caption
+    per missing concept (imgrag/concepts.py); the phrases themselves when it cannot. A remote LLM is called
+    outside the GPU lock."""
+    from imgrag.concepts import caption_concepts
+
+    ctx = runtime.ctx
+    try:
+        with ctx.manager.use(chat_model_name) as llm:
+            captions = None if is_remote(llm) else caption_concepts(llm, state["prompt"], missing)
+        if captions is None:
+            captions = caption_concepts(llm, state["prompt"], missing)
+    except Exception as exc:  # the LLM cannot load: retrieve with the phrases, as without the step
+        ctx.record.append_step({"event": "captions", "ok": False, "error": f"{type(exc).__name__}: {first_line(exc)}"})
+        return missing
+    ctx.record.append_step({"event": "captions", "ok": not captions.fallback, "concepts": missing,
+                            "captions": captions.captions, "notes": captions.notes})
+    return captions.captions or missing
 
 
 # ----- the graph -----
@@ -248,7 +270,7 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
             reply, failures = _ask_llm(state, failures, limit)
             if reply is not None:
                 return {"messages": [reply], "failures": failures, "seconds": runtime.elapsed()}
-        message = _policy_message(view, runtime)
+        message = _policy_message(view, runtime, chat_model_name)
         if message is None:
             return {"stop_reason": "the policy has no step left", "seconds": runtime.elapsed()}
         if state["planner"] == "agent":

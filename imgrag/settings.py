@@ -92,6 +92,9 @@ class RetrievalSettings:
     min_score: float = -1.0
     # RealRAG-style reflective re-ranking: score = sim(query, ref) - rerank_lambda * sim(candidate, ref).
     rerank_lambda: float = 0.3
+    # ImageRAG's caption step (imgrag/concepts.py): the LLM turns each missing concept into a descriptive retrieval
+    # caption before the fixed planner retrieves. Off by default, so the fixed planner stays LLM-free (24 GB cards).
+    rewrite_queries: bool = False
 
 
 @dataclass

@@ -307,3 +307,27 @@ def test_clip_scores_are_measured_against_the_users_prompt(settings, tmp_path: P
     assert len(result["candidates"]) == 2
     assert embedder.texts == ["a red kite over a field"] * 2
     assert [c["prompt"] for c in result["candidates"]] == ["a kite, vivid colours, 8k, trending", "kite"]
+
+
+# ----- 9. the caption step -----
+
+def test_the_fixed_planner_retrieves_with_captions_when_asked(settings, tmp_path: Path) -> None:
+    settings.retrieval.rewrite_queries = True
+    captions = AIMessage('["a photo of a wooden baby cradle with curved rockers"]')
+    runner, models = make_runner(settings, tmp_path, [NO_CRADLE, MATCH], llm=[captions])
+    result = runner.run("a retriever and a cradle", planner="fixed", max_rounds=2)
+    assert runner.reference_store.queries == [["a photo of a wooden baby cradle with curved rockers"]]
+    assert result["status"] == "matched"
+    assert [t["captions"] for t in trace_of(result) if t.get("event") == "captions"] == [
+        ["a photo of a wooden baby cradle with curved rockers"]]
+
+
+def test_the_caption_step_is_off_by_default_and_falls_back_on_junk(settings, tmp_path: Path) -> None:
+    runner, _ = make_runner(settings, tmp_path, [NO_CRADLE, MATCH])  # no LLM at all: the fixed planner needs none
+    runner.run("a retriever and a cradle", planner="fixed", max_rounds=2)
+    assert runner.reference_store.queries == [["a wooden cradle"]]
+    settings.retrieval.rewrite_queries = True
+    (tmp_path / "junk").mkdir()
+    runner, _ = make_runner(settings, tmp_path / "junk", [NO_CRADLE, MATCH], llm=[AIMessage("qwxz park")])
+    runner.run("a retriever and a cradle", planner="fixed", max_rounds=2)
+    assert runner.reference_store.queries == [["a wooden cradle"]]

@@ -214,8 +214,10 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
         state: Annotated[dict, InjectedState],
         tool_call_id: Annotated[str, InjectedToolCallId],
     ) -> Command:
-        """Find real reference photos in the user's image collection: one short query per missing concept.
-        Pass the failed candidate as avoid_candidate_id to prefer references unlike what was already drawn.
+        """Find real reference photos in the user's image collection: one query per missing concept, written as
+        a caption of the photo you want (what it shows and looks like: "a photo of a wooden baby cradle with
+        curved rockers"), not just its name. Pass the failed candidate as avoid_candidate_id to prefer references
+        unlike what was already drawn.
         Returns reference ids with captions and scores."""
         args = {"queries": queries, "k": k, "avoid_candidate_id": avoid_candidate_id}
 
