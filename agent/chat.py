@@ -125,11 +125,15 @@ _ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixt
 _N = r"(?:\d+|" + "|".join(sorted((re.escape(k) for k in _NUMBERS), key=len, reverse=True)) + ")"
 _ORD = r"(?:\d+(?:st|nd|rd|th)|" + "|".join(_ORDINALS) + ")"
 _SEP = r"\s*(?:,|and|&)\s*(?:the\s+)?"
+# A directive's noun ends its phrase: "another picture frame" and "the second reference photo pose" describe the
+# picture ("picture" and "reference" are modifiers there), so they are refinements, not directives.
+_ENDS = r"(?=\s*(?:$|[.,;:!?)]|\b(?:and|then|please|but|so|instead|this|now|too)\b))"
 _MORE_ROUNDS = re.compile(
-    rf"\b(?:(?P<n>{_N})\s+more|another)\s+(?:rounds?|tries|try|attempts?|drawings?|pictures?|goes|go)\b", re.I)
+    rf"\b(?:(?P<n>{_N})\s+more|another)\s+(?:rounds?|tries|try|attempts?|drawings?|pictures?|goes|go){_ENDS}", re.I)
+_REF_NOUN = r"(?:references?|refs?)(?:\s+(?:photos?|images?|pictures?))?"
 _USE_REFS = re.compile(
-    rf"\buse\s+(?:only\s+)?(?:the\s+)?(?P<ords>{_ORD}(?:{_SEP}{_ORD})*)\s+(?:references?|refs?)\b"
-    rf"|\buse\s+(?:only\s+)?(?:the\s+)?(?:references?|refs?)\s+(?:#)?(?P<nums>\d+(?:{_SEP}#?\d+)*)\b", re.I)
+    rf"\buse\s+(?:only\s+)?(?:the\s+)?(?P<ords>{_ORD}(?:{_SEP}{_ORD})*)\s+{_REF_NOUN}{_ENDS}"
+    rf"|\buse\s+(?:only\s+)?(?:the\s+)?{_REF_NOUN}\s+(?:#)?(?P<nums>\d+(?:{_SEP}#?\d+)*)\b", re.I)
 _GO_ON = re.compile(r"\b(?:(?:try|go|draw(?:\s+it)?|do\s+it)\s+again|keep\s+going|go\s+on|continue)\b", re.I)
 _FILLER = {"and", "then", "please", "also", "just", "now", "ok", "okay", "try", "give", "it", "me", "with", "but",
            "so", "more", "the", "again", "thanks", "thank", "you"}

@@ -64,6 +64,12 @@ def test_slash_commands_prefixes_aliases_and_mistakes() -> None:
     ("use reference 2, then make the dog smaller", FollowUp("make the dog smaller", None, [2])),
     ("try again", FollowUp(None)),
     ("use the last ref", FollowUp(None, None, [-1])),
+    # A directive's noun used as a modifier is part of the refinement, which stays whole.
+    ("add another picture frame on the wall", FollowUp("add another picture frame on the wall")),
+    ("the dog should use the second reference photo pose",
+     FollowUp("the dog should use the second reference photo pose")),
+    ("use the second reference photo, and one more round", FollowUp(None, 1, [2])),
+    ("draw another picture with a red roof", FollowUp("draw another picture with a red roof")),
 ])
 def test_follow_ups_are_read_as_directives_and_refinements(text: str, expected: FollowUp) -> None:
     assert parse_followup(text) == expected
