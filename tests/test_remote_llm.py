@@ -117,6 +117,7 @@ def test_an_unreachable_server_is_one_line_before_the_run(tmp_path: Path) -> Non
     assert not (tmp_path / "home" / "outputs").exists() or not any((tmp_path / "home" / "outputs").iterdir())
 
 
+@pytest.mark.slow
 def test_the_cli_says_one_line_for_an_unreachable_server(tiny_kit, tmp_path: Path) -> None:
     env = {**os.environ, "IMGRAG_HOME": str(tmp_path / "home"), "IMGRAG_TINY_KIT_DIR": str(tiny_kit["llm"].parent),
            "IMGRAG_MODELS_LLM_BACKEND": "openai", "IMGRAG_MODELS_LLM_BASE_URL": f"http://127.0.0.1:{free_port()}/v1",
