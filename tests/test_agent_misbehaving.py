@@ -279,13 +279,37 @@ def test_two_finish_calls_in_one_turn(settings, tmp_path: Path) -> None:
 
 
 def test_finish_beside_a_generate(settings, tmp_path: Path) -> None:
+    """A match ends the run before the LLM is asked again, so a finish beside a drawing names an unmatched
+    candidate: the finish is refused, the drawing goes on, nothing crashes."""
     script = [turn(("generate", {"prompt": "a kite", "seed": 1})),
               turn(("critique", {"candidate_id": "c0"})),
-              turn(("finish", {"candidate_id": "c0"}), ("generate", {"prompt": "a kite", "seed": 2}))]
-    runner, models = make_runner(settings, tmp_path, [MATCH], llm=script)
+              turn(("finish", {"candidate_id": "c0"}), ("generate", {"prompt": "a kite", "seed": 2})),
+              turn(("critique", {"candidate_id": "c1"}))]
+    runner, models = make_runner(settings, tmp_path, [NO_CRADLE, MATCH], llm=script)
     result = runner.run("a kite", planner="agent", max_rounds=2)
-    assert result["status"] == "matched" and result["final_candidate"] == "c0"
-    assert result["rounds"] <= 2
+    assert result["status"] == "matched" and result["final_candidate"] == "c1"
+    assert [(s["tool"], s["ok"]) for s in result["steps"]][2:4] in (
+        [("finish", False), ("generate", True)], [("generate", True), ("finish", False)])
+
+
+def test_a_valid_finish_stops_the_calls_beside_it(settings, tmp_path: Path) -> None:
+    """In a chat follow-up the LLM may finish with an earlier matched candidate: a drawing beside it is not run."""
+    from imgrag.runs import RunRecord
+    from tools.context import ToolContext
+    from tools.image_tools import make_tools
+
+    runner, models = make_runner(settings, tmp_path, [MATCH])
+    ctx = ToolContext(settings, runner.manager, RunRecord(tmp_path / "run"))
+    generate = {t.name: t for t in make_tools(ctx)}["generate"]
+    calls = [{"name": "finish", "args": {"candidate_id": "c0"}, "id": "f", "type": "tool_call"},
+             {"name": "generate", "args": {"prompt": "a kite", "seed": 2}, "id": "g", "type": "tool_call"}]
+    state = {"messages": [AIMessage("", tool_calls=calls)], "rounds": 1, "tool_calls": 3, "seed": 0, "prompt": "a kite",
+             "budget": {"max_rounds": 3, "max_tool_calls": 20, "max_seconds": 100},
+             "candidates": {"c0": {"id": "c0", "verdict": {"match": True}}}}
+    out = generate.invoke({"type": "tool_call", "name": "generate", "id": "g",
+                           "args": {"prompt": "a kite", "seed": 2, "state": state}})
+    assert "also finished the run with c0" in out.update["messages"][0].content
+    assert models["generator"].calls == []
 
 
 # ----- 7. one yardstick -----

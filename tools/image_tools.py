@@ -79,7 +79,11 @@ def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict
     becomes an error message the planner can act on and a failed step in the trace and the state
     (``failed_steps``, which the fixed policy reads so it never repeats a step that failed)."""
     args = checkpoint_safe(args)  # recorded in the trace and the state
-    round_no, refusal = ctx.claim(state, draws=draws)
+    finishing = _finishing(state) if name != "finish" else None
+    if finishing:  # a valid finish in the same turn ends the run: the calls beside it would be wasted work
+        round_no, refusal = 0, f"this turn also finished the run with {finishing}"
+    else:
+        round_no, refusal = ctx.claim(state, draws=draws)
     if refusal is not None:
         ctx.record.append_step({"tool": name, "args": args, "ok": False, "seconds": 0.0, "refused": True,
                                 "round": state.get("rounds", 0), "message": f"Not run: {refusal}"})
@@ -114,6 +118,17 @@ def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict
     ctx.on_event({"event": "tool_end", "tool": name, "ok": ok, "seconds": seconds, "message": text[:300]})
     message = ToolMessage(text, tool_call_id=tool_call_id, name=name, status="success" if ok else "error")
     return Command(update={"messages": [message], "tool_calls": 1, **update})
+
+
+def _finishing(state: dict) -> str | None:
+    """The candidate a ``finish`` call of the current turn ends the run with, when that call will succeed."""
+    messages = state.get("messages") or []
+    candidates = state.get("candidates") or {}
+    for call in getattr(messages[-1], "tool_calls", None) or [] if messages else []:
+        cid = (call.get("args") or {}).get("candidate_id")
+        if call.get("name") == "finish" and ((candidates.get(cid) or {}).get("verdict") or {}).get("match"):
+            return cid
+    return None
 
 
 def _check_seed(state: dict, seed: Any) -> int:
