@@ -272,7 +272,9 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
                 return {"messages": [reply], "failures": failures, "seconds": runtime.elapsed()}
         message = _policy_message(view, runtime, chat_model_name)
         if message is None:
-            return {"stop_reason": "the policy has no step left", "seconds": runtime.elapsed()}
+            failed = (state.get("failed_steps") or [])[-1:]
+            why = f" ({failed[0]['tool']} failed: {failed[0].get('error', '')[:200]})" if failed else ""
+            return {"stop_reason": f"the policy has no step left{why}", "seconds": runtime.elapsed()}
         if state["planner"] == "agent":
             why = (f"the LLM failed: {runtime.llm_down}" if runtime.llm_down
                    else f"{failures} unusable LLM steps in a row")

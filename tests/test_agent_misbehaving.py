@@ -131,6 +131,7 @@ def test_nothing_drawn_ends_failed_with_a_result(settings, tmp_path: Path) -> No
     result = runner.run("a kite", planner="fixed", max_rounds=3)
     assert on_disk(result)["status"] == "failed" and result["final_image"] is None
     assert [s["tool"] for s in result["steps"]] == ["generate"]  # tried once, not until the budget is gone
+    assert "generate failed" in result["stop_reason"] and "boom" in result["stop_reason"]
 
 
 def test_out_of_range_seed_from_the_llm_is_an_error_message(settings, tmp_path: Path) -> None:
