@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import json
 import re
 import shlex
 import signal
@@ -35,6 +36,7 @@ from typing import Any
 from langchain_core.messages import HumanMessage
 from langgraph.types import Command
 
+import prompts
 from agent.graph import best_candidate, is_stale, outcome
 from agent.runner import PLANNERS, Runner
 from imgrag.errors import UserError
@@ -125,11 +127,15 @@ _ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixt
 _N = r"(?:\d+|" + "|".join(sorted((re.escape(k) for k in _NUMBERS), key=len, reverse=True)) + ")"
 _ORD = r"(?:\d+(?:st|nd|rd|th)|" + "|".join(_ORDINALS) + ")"
 _SEP = r"\s*(?:,|and|&)\s*(?:the\s+)?"
+# A directive's noun ends its phrase: "another picture frame" and "the second reference photo pose" describe the
+# picture ("picture" and "reference" are modifiers there), so they are refinements, not directives.
+_ENDS = r"(?=\s*(?:$|[.,;:!?)]|\b(?:and|then|please|but|so|instead|this|now|too)\b))"
 _MORE_ROUNDS = re.compile(
-    rf"\b(?:(?P<n>{_N})\s+more|another)\s+(?:rounds?|tries|try|attempts?|drawings?|pictures?|goes|go)\b", re.I)
+    rf"\b(?:(?P<n>{_N})\s+more|another)\s+(?:rounds?|tries|try|attempts?|drawings?|pictures?|goes|go){_ENDS}", re.I)
+_REF_NOUN = r"(?:references?|refs?)(?:\s+(?:photos?|images?|pictures?))?"
 _USE_REFS = re.compile(
-    rf"\buse\s+(?:only\s+)?(?:the\s+)?(?P<ords>{_ORD}(?:{_SEP}{_ORD})*)\s+(?:references?|refs?)\b"
-    rf"|\buse\s+(?:only\s+)?(?:the\s+)?(?:references?|refs?)\s+(?:#)?(?P<nums>\d+(?:{_SEP}#?\d+)*)\b", re.I)
+    rf"\buse\s+(?:only\s+)?(?:the\s+)?(?P<ords>{_ORD}(?:{_SEP}{_ORD})*)\s+{_REF_NOUN}{_ENDS}"
+    rf"|\buse\s+(?:only\s+)?(?:the\s+)?{_REF_NOUN}\s+(?:#)?(?P<nums>\d+(?:{_SEP}#?\d+)*)\b", re.I)
 _GO_ON = re.compile(r"\b(?:(?:try|go|draw(?:\s+it)?|do\s+it)\s+again|keep\s+going|go\s+on|continue)\b", re.I)
 _FILLER = {"and", "then", "please", "also", "just", "now", "ok", "okay", "try", "give", "it", "me", "with", "but",
            "so", "more", "the", "again", "thanks", "thank", "you"}
@@ -143,6 +149,7 @@ class FollowUp:
     refinement: str | None = None
     rounds: int | None = None
     picks: list[int] = field(default_factory=list)  # /refs numbers, 1-based; -1 is the last
+    prompt: str | None = None  # the whole new prompt, rewritten by the LLM (replaces the old one); None: unchanged
 
 
 def _ordinal(word: str) -> int:
@@ -181,6 +188,50 @@ def parse_followup(text: str) -> FollowUp:
     return result
 
 
+MAX_FOLLOWUP_ROUNDS = 20
+
+
+def read_followup_with_llm(chat_model: Any, prompt: str, message: str, references: dict[str, dict]) -> FollowUp | None:
+    """The follow-up read by the agent LLM (``prompts/followup.md``): the rewritten prompt (replacing the old
+    one), extra rounds and reference numbers. None when its answer is unusable (no JSON object, a prompt that is
+    empty or too long, numbers out of range): the caller falls back to :func:`parse_followup`. Never raises."""
+    from imgrag.chat_model import content_text
+    from imgrag.reasoning import answer_text
+
+    listing = "\n".join(f"[{n}] {_short(r.get('caption') or r.get('query') or rid)}"
+                        for n, (rid, r) in enumerate(references.items(), 1)) or "(none)"
+    question = prompts.render("followup", prompt=prompt, message=message, references=listing)
+    try:
+        reply = chat_model.invoke([HumanMessage(question)])
+    except Exception:  # a failing LLM must not stop the chat: the regular-expression reader takes over
+        return None
+    text = answer_text(content_text(getattr(reply, "content", reply)))
+    match = re.search(r"\{.*\}", text, flags=re.S)
+    try:
+        obj = json.loads(match.group(0)) if match else None
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict):
+        return None
+    new_prompt, rounds, picks = obj.get("prompt"), obj.get("rounds"), obj.get("references") or []
+    if not isinstance(new_prompt, str) or not new_prompt.strip() or len(new_prompt) > 1000:
+        return None
+    if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int)
+                               or not 1 <= rounds <= MAX_FOLLOWUP_ROUNDS):
+        return None
+    if not isinstance(picks, list) or not all(isinstance(p, int) and not isinstance(p, bool)
+                                              and (1 <= p <= len(references) or p == -1) for p in picks):
+        return None
+    new_prompt = " ".join(new_prompt.split())
+    return FollowUp(refinement=None, rounds=rounds, picks=picks,
+                    prompt=None if new_prompt == " ".join(prompt.split()) else new_prompt)
+
+
+def _short(text: str, limit: int = 100) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def refine_prompt(prompt: str, refinement: str) -> str:
     """The prompt after a refinement: the refinement is added, so the judge checks both."""
     return f"{prompt.rstrip(' .;,')}; {refinement}"
@@ -201,8 +252,8 @@ def follow_up_update(state: dict[str, Any], message: str, followup: FollowUp, *,
     }
     best = best_candidate(state)
     update["continue_from"] = {"candidate_id": best["id"], "rounds": used_rounds} if best else None
-    if followup.refinement:
-        update["prompt"] = refine_prompt(state["prompt"], followup.refinement)
+    if followup.prompt or followup.refinement:
+        update["prompt"] = followup.prompt or refine_prompt(state["prompt"], followup.refinement)
         if update["continue_from"]:  # earlier retrievals answered the old prompt: the repair retrieves afresh
             update["continue_from"]["retrievals_from"] = len(state.get("retrievals") or [])
         # The verdicts answered another prompt: keep them for the record, with that prompt; the judge looks again.
@@ -448,8 +499,8 @@ class ChatSession:
     def _follow_up(self, text: str) -> dict[str, Any]:
         self.settle_cut_off()
         values = self.values()
-        followup = parse_followup(text)
         references = values.get("references") or {}
+        followup = self._read_followup(values["prompt"], text, references)
         picks = check_reference_count(list(dict.fromkeys(resolve_reference(str(p), references)
                                                          for p in followup.picks)))
         rounds = self._check_rounds(followup.rounds or self.rounds)
@@ -470,6 +521,24 @@ class ChatSession:
                  "planner": self.planner,
                  "budget": update["budget"], "continue_from": update["continue_from"]}
         return self.runner.continue_thread(self.thread_id, update, event)
+
+    def _read_followup(self, prompt: str, text: str, references: dict[str, dict]) -> FollowUp:
+        """With the agent planner the LLM reads the follow-up (a remote one outside the GPU lock); the
+        regular-expression reader is the fixed planner's and the fallback when the LLM's answer is unusable."""
+        if self.planner == "agent":
+            from imgrag.chat_model import is_remote
+
+            try:
+                with self.runner.manager.use("llm") as llm:
+                    read = None if is_remote(llm) else read_followup_with_llm(llm, prompt, text, references)
+                if is_remote(llm):
+                    read = read_followup_with_llm(llm, prompt, text, references)
+            except Exception:  # the LLM cannot load: the policy runs this request anyway
+                read = None
+            if read is not None:
+                self._note("read by the LLM")
+                return read
+        return parse_followup(text)
 
     def _settle(self, result: dict[str, Any], ask: bool = False) -> dict[str, Any]:
         """Answer every pause of the request (review of a redraw's references) until the request ends."""

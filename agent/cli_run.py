@@ -153,6 +153,8 @@ class ProgressPrinter:
             print_store(event)
         elif kind == "run_start":
             err.print(f"[dim]run {escape(event['run_id'])} → {escape(event['run_dir'])}[/]", soft_wrap=True)
+        elif kind == "note":  # said once: the store is unreachable, the LLM failed and the policy took over
+            err.print(f"[yellow]warning:[/] {escape(event['text'])}", soft_wrap=True)
         elif kind == "tool_end":
             print_tool_line(event, seconds)
         elif kind == "run_end":

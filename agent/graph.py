@@ -26,8 +26,10 @@ from langgraph.types import interrupt
 import prompts
 from agent.policy import latest_candidate, next_step
 from agent.state import AgentState
+from imgrag.chat_model import QwenChatModel, content_text, is_remote, read_reply
+from imgrag.checkpoints import first_line
 from tools.context import ToolContext
-from tools.image_tools import TOOL_NAMES, make_tools
+from tools.image_tools import TOOL_NAMES, checkpoint_safe, make_tools
 
 
 @dataclass
@@ -37,9 +39,14 @@ class Runtime:
     ctx: ToolContext
     started: float = field(default_factory=time.monotonic)
     seconds_before: float = 0.0  # spent by earlier processes on this thread (a resumed run)
+    llm_down: str | None = None  # why the LLM cannot be asked any more in this process (a failed call)
 
     def elapsed(self) -> float:
         return self.seconds_before + (time.monotonic() - self.started)
+
+    def deadline(self, max_seconds: float) -> float:
+        """The ``time.monotonic()`` instant at which the run's time budget ends."""
+        return self.started + (max_seconds - self.seconds_before)
 
 
 # ----- helpers the nodes share -----
@@ -113,26 +120,71 @@ def stop_reason(state: dict[str, Any], elapsed: float) -> str | None:
     return None
 
 
+# What the LLM is shown each step: the status summary plus a bounded window of the thread (see context_window).
+WINDOW_MESSAGES = 12
+MESSAGE_CHARS = 800
+SUMMARY_ITEMS = 8  # candidates, references and failures listed in the status summary
+
+
 def _status_summary(state: dict[str, Any]) -> str:
-    """The run so far in a few lines, so the LLM does not repeat a failed step blindly."""
+    """The run so far in a few lines, so the LLM does not repeat a failed step blindly.
+
+    Bounded: the latest ``SUMMARY_ITEMS`` candidates (plus the one a follow-up continues from), references
+    and failed steps; a long chat thread does not make it grow."""
     budget = state["budget"]
     lines = [f"Rounds used: {state.get('rounds', 0)} of {budget['max_rounds']}; "
              f"tool calls: {state.get('tool_calls', 0)} of {budget['max_tool_calls']}."]
-    for cid, c in sorted((state.get("candidates") or {}).items(), key=lambda kv: int(kv[0][1:])):
+    if state.get("retrieval_off"):
+        lines.append(f"Retrieval is unavailable in this run ({state['retrieval_off'][:200]}); draw without references.")
+    ordered = sorted((state.get("candidates") or {}).items(), key=lambda kv: int(kv[0][1:]))
+    focus = (state.get("continue_from") or {}).get("candidate_id")
+    shown = [kv for n, kv in enumerate(ordered) if n >= len(ordered) - SUMMARY_ITEMS or kv[0] == focus]
+    if len(shown) < len(ordered):
+        lines.append(f"({len(ordered) - len(shown)} earlier candidates not listed.)")
+    for cid, c in shown:
         v = c.get("verdict")
         verdict = "not critiqued" if v is None else ("MATCH" if v["match"] else f"missing {v['missing']}")
         if is_stale(c):
             verdict = "not critiqued against the current prompt"
         refs = f", references {c['reference_ids']} at scale {c['ip_scale']}" if c.get("reference_ids") else ""
         lines.append(f"- {cid}: seed {c['seed']}{refs}; clip {c['clip_score']}; {verdict}")
-    focus = (state.get("continue_from") or {}).get("candidate_id")
     if focus in (state.get("candidates") or {}):
         lines.append(f"Best so far: {focus}; continue from it.")
-    refs = state.get("references") or {}
+    refs = list((state.get("references") or {}).items())
     if refs:  # numbered as the chat's /refs numbers them, so "use the second reference" means the same here
+        listed = [(n, rid, r) for n, (rid, r) in enumerate(refs, 1)][-SUMMARY_ITEMS:]
         lines.append("References retrieved: " + "; ".join(
-            f"[{n}] {rid} ({r.get('caption') or r.get('query')})" for n, (rid, r) in enumerate(refs.items(), 1)))
+            f"[{n}] {rid} ({_cut(r.get('caption') or r.get('query') or '', 80)})" for n, rid, r in listed))
+    failed = (state.get("failed_steps") or [])[-3:]
+    if failed:
+        lines.append("Recent failed steps (do not repeat them as they were): " + "; ".join(
+            f"{f['tool']} for {f.get('target') or 'the run'}: {_cut(f.get('error') or '', 120)}" for f in failed))
     return "\n".join(lines)
+
+
+def _cut(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+def context_window(messages: list[BaseMessage], max_messages: int = WINDOW_MESSAGES,
+                   max_chars: int = MESSAGE_CHARS) -> list[BaseMessage]:
+    """The part of the thread the LLM sees beside the status summary: the latest ``max_messages`` messages (a few
+    more when the cut falls among one turn's results, never a tool result cut from its call), plus the current request
+    when it is older; each message's text cut to ``max_chars``. Older steps live in the status summary, so
+    the prompt of a long chat thread stops growing."""
+    if not messages:
+        return []
+    start = max(0, len(messages) - max_messages)
+    while start > 0 and isinstance(messages[start], ToolMessage):
+        start -= 1  # back to the LLM turn that made the call: a result without its call confuses templates and APIs
+    window = list(messages[start:])
+    requests = [i for i, m in enumerate(messages) if isinstance(m, HumanMessage)]
+    if requests and requests[-1] < start:
+        window.insert(0, messages[requests[-1]])
+    return [m if len(content_text(m.content)) <= max_chars
+            else m.model_copy(update={"content": _cut(content_text(m.content), max_chars) + " (cut)"})
+            for m in window]
 
 
 def _tool_failures(messages: list[BaseMessage]) -> bool:
@@ -143,6 +195,15 @@ def _tool_failures(messages: list[BaseMessage]) -> bool:
             break
         trailing.append(message)
     return bool(trailing) and all(m.status == "error" for m in trailing)
+
+
+def llm_messages(state: dict[str, Any]) -> list[BaseMessage]:
+    """What the LLM is sent for one step: the system prompt with the status summary, then the bounded window of
+    the thread (:func:`context_window`)."""
+    system = SystemMessage(prompts.render(
+        "agent_system", prompt=state["prompt"], max_rounds=str(state["budget"]["max_rounds"]),
+        status=_status_summary(state)))
+    return [system, *context_window(state.get("messages") or [])]
 
 
 def _check_reply(reply: AIMessage) -> str | None:
@@ -158,13 +219,35 @@ def _check_reply(reply: AIMessage) -> str | None:
     return None
 
 
-def _policy_message(state: dict[str, Any], runtime: Runtime) -> AIMessage | None:
+def _policy_message(state: dict[str, Any], runtime: Runtime, chat_model_name: str = "llm") -> AIMessage | None:
     step = next_step(state, runtime.ctx.settings.generation.ip_scale)
     if step is None:
         return None
     name, args = step
+    if name == "retrieve" and runtime.ctx.settings.retrieval.rewrite_queries and args["queries"] != [state["prompt"]]:
+        args = {**args, "queries": _caption_queries(state, runtime, args["queries"], chat_model_name)}
     call = {"name": name, "args": args, "id": f"policy-{uuid.uuid4().hex[:12]}", "type": "tool_call"}
     return AIMessage(content="", tool_calls=[call], name="policy")
+
+
+def _caption_queries(state: dict[str, Any], runtime: Runtime, missing: list[str], chat_model_name: str) -> list[str]:
+    """ImageRAG's caption step (``retrieval.rewrite_queries``): the LLM writes one descriptive retrieval caption
+    per missing concept (imgrag/concepts.py); the phrases themselves when it cannot. A remote LLM is called
+    outside the GPU lock."""
+    from imgrag.concepts import caption_concepts
+
+    ctx = runtime.ctx
+    try:
+        with ctx.manager.use(chat_model_name) as llm:
+            captions = None if is_remote(llm) else caption_concepts(llm, state["prompt"], missing)
+        if captions is None:
+            captions = caption_concepts(llm, state["prompt"], missing)
+    except Exception as exc:  # the LLM cannot load: retrieve with the phrases, as without the step
+        ctx.record.append_step({"event": "captions", "ok": False, "error": f"{type(exc).__name__}: {first_line(exc)}"})
+        return missing
+    ctx.record.append_step({"event": "captions", "ok": not captions.fallback, "concepts": missing,
+                            "captions": captions.captions, "notes": captions.notes})
+    return captions.captions or missing
 
 
 # ----- the graph -----
@@ -183,50 +266,70 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
             return {"stop_reason": reason, "seconds": elapsed}
         failures = state.get("failures", 0) + 1 if _tool_failures(state.get("messages", [])) else 0
         limit = ctx.settings.budget.max_llm_failures
-        if state["planner"] == "agent" and failures < limit:
+        if state["planner"] == "agent" and failures < limit and runtime.llm_down is None:
             reply, failures = _ask_llm(state, failures, limit)
             if reply is not None:
                 return {"messages": [reply], "failures": failures, "seconds": runtime.elapsed()}
-        message = _policy_message(view, runtime)
+        message = _policy_message(view, runtime, chat_model_name)
         if message is None:
-            return {"stop_reason": "the policy has no step left", "seconds": runtime.elapsed()}
+            failed = (state.get("failed_steps") or [])[-1:]
+            why = f" ({failed[0]['tool']} failed: {failed[0].get('error', '')[:200]})" if failed else ""
+            return {"stop_reason": f"the policy has no step left{why}", "seconds": runtime.elapsed()}
         if state["planner"] == "agent":
-            ctx.record.append_step({"planner": "policy", "reason": f"{failures} unusable LLM steps in a row",
+            why = (f"the LLM failed: {runtime.llm_down}" if runtime.llm_down
+                   else f"{failures} unusable LLM steps in a row")
+            ctx.record.append_step({"planner": "policy", "reason": why,
                                     "tool": message.tool_calls[0]["name"], "ok": True, "seconds": 0.0})
         return {"messages": [message], "failures": 0, "seconds": runtime.elapsed(),
                 "fallback_steps": 1 if state["planner"] == "agent" else 0}
 
     def _ask_llm(state: AgentState, failures: int, limit: int) -> tuple[AIMessage | None, int]:
-        """Ask the LLM; an unusable reply goes back to it as an error until ``limit`` failures in a row."""
-        system = SystemMessage(prompts.render(
-            "agent_system", prompt=state["prompt"], max_rounds=str(state["budget"]["max_rounds"]),
-            status=_status_summary(state)))
+        """Ask the LLM; an unusable reply goes back to it as an error until ``limit`` failures in a row.
+
+        It sees the status summary and a bounded window of the thread (:func:`context_window`). A call that
+        raises (a server down, out of memory) hands this process's remaining steps to the policy, said once."""
+        asked = llm_messages(state)
         feedback: list[BaseMessage] = []
-        while failures < limit:
+        while failures < limit and runtime.llm_down is None:
             ctx.on_event({"event": "llm_start", "attempt": failures + 1})
             start = time.perf_counter()
             try:
-                with ctx.manager.use(chat_model_name) as llm:
-                    reply = llm.bind_tools(tools).invoke([system, *state["messages"], *feedback])
-            except Exception as exc:  # an LLM server gone away (or a model error): a failed turn, never the run's end
-                failures += 1
-                ctx.record.append_step({"planner": "llm", "ok": False, "tool": None,
-                                        "seconds": round(time.perf_counter() - start, 3),
-                                        "error": f"the LLM call failed: {type(exc).__name__}: {exc}"[:500]})
-                continue
+                reply = _invoke_llm([*asked, *feedback], state)
+            except Exception as exc:  # the planner must go on: the fixed policy takes the remaining steps
+                reason = f"{type(exc).__name__}: {first_line(exc)}"
+                runtime.llm_down = reason
+                ctx.record.append_step({"planner": "llm", "ok": False, "seconds": round(time.perf_counter() - start, 3),
+                                        "tool": None, "error": f"the LLM call failed: {reason}"})
+                ctx.on_event({"event": "note", "text": f"the agent LLM failed ({reason}); the fixed policy takes "
+                                                       "the remaining steps"})
+                return None, limit
             problem = _check_reply(reply)
             seconds = round(time.perf_counter() - start, 3)
             ctx.record.append_step({"planner": "llm", "ok": problem is None, "seconds": seconds,
                                     "tool": ",".join(c["name"] for c in reply.tool_calls) or None,
-                                    "error": problem, "raw": str(reply.content)[:500]})
+                                    "error": problem, "raw": str(reply.response_metadata.get("raw")
+                                                                 or reply.content)[:500]})
             if problem is None:
-                return reply, failures
+                # Arguments go into the checkpoint: a seed of 2**70 must not break it (the tool refuses it).
+                calls = [{**c, "args": checkpoint_safe(c["args"])} for c in reply.tool_calls]
+                return reply.model_copy(update={"tool_calls": calls}), failures
             failures += 1
             feedback += [AIMessage(content=str(reply.content)[:2000]),
                          HumanMessage(f"Error: your reply had {problem}. Answer with exactly one tool call, "
                                       f"<tool_call>{{\"name\": ..., \"arguments\": {{...}}}}</tool_call>, using one "
                                       f"of: {', '.join(TOOL_NAMES)}.")]
         return None, failures
+
+    def _invoke_llm(messages: list[BaseMessage], state: AgentState) -> AIMessage:
+        """One LLM call. A local model runs under the manager's GPU lock and stops at the run's deadline; a remote
+        one (an OpenAI-compatible server) is only looked up under it and called outside, holding no GPU."""
+        deadline = runtime.deadline(float(state["budget"]["max_seconds"]))
+        with ctx.manager.use(chat_model_name) as llm:
+            bound = llm.bind_tools(tools)
+            if not is_remote(llm):
+                return read_reply(bound.invoke(messages, **({"deadline": deadline}
+                                                            if isinstance(llm, QwenChatModel) else {})))
+        return read_reply(bound.invoke(messages))
 
     def route(state: AgentState) -> Literal["tools", "review", "finalize"]:
         """After plan: run the tool calls it produced (through review when the user approves redraws), or
@@ -284,11 +387,12 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
 
 
 def initial_state(prompt: str, *, seed: int, run_id: str, run_dir: str, planner: str,
-                  budget: dict[str, float], approve: bool = False) -> dict[str, Any]:
+                  budget: dict[str, float], approve: bool = False, retrieval_off: str | None = None) -> dict[str, Any]:
+    """A new run's state; ``retrieval_off`` says why retrieval cannot work in it (checked when the run starts)."""
     return {"messages": [HumanMessage(prompt)], "prompt": prompt, "seed": seed, "run_id": run_id,
             "run_dir": run_dir, "planner": planner, "budget": budget, "candidates": {}, "references": {},
             "retrievals": [], "rounds": 0, "tool_calls": 0, "failures": 0, "fallback_steps": 0, "seconds": 0.0,
             "finished": None, "status": None, "stop_reason": None, "final_candidate": None,
-            "approve": approve, "continue_from": None}
+            "approve": approve, "continue_from": None, "failed_steps": [], "retrieval_off": retrieval_off}
 
 

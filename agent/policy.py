@@ -35,23 +35,45 @@ def repair_queries(state: dict[str, Any], verdict: dict[str, Any]) -> list[str]:
     return missing if verdict.get("parsed") and missing else [state["prompt"]]
 
 
+def failed_for(state: dict[str, Any], tool: str, target: str | None, args: dict[str, Any] | None = None) -> bool:
+    """Whether a ``tool`` call for this candidate (``target``; None: before any was drawn) failed the way this
+    one would: any failure of the step itself (a model, the store, a file), or an argument refused for exactly
+    these ``args`` (another seed or query is another step)."""
+    def same(recorded: dict[str, Any]) -> bool:
+        drop = {k: v for k, v in (args or {}).items() if v is not None}
+        return args is not None and {k: v for k, v in recorded.items() if v is not None} == drop
+
+    return any(f.get("tool") == tool and f.get("target") == target
+               and (f.get("kind") != "argument" or same(f.get("args") or {}))
+               for f in state.get("failed_steps") or [])
+
+
 def next_step(state: dict[str, Any], base_ip_scale: float) -> tuple[str, dict[str, Any]] | None:
-    """The next tool call (name, arguments), or None when the policy has nothing left to do."""
+    """The next tool call (name, arguments), or None when the policy has nothing left to do.
+
+    A step that already failed for the same candidate is never issued again: a failed retrieval (or one that
+    cannot work in this run, ``retrieval_off``) is followed by a drawing without references, a failed guided
+    drawing by a plain one; a failed plain drawing or critique leaves nothing to do."""
     prompt, seed = state["prompt"], state.get("seed", 0)
     rounds = state.get("rounds", 0)
     latest = latest_candidate(state)
     if latest is None:
-        return "generate", {"prompt": prompt, "seed": seed}
+        first = {"prompt": prompt, "seed": seed}
+        return None if failed_for(state, "generate", None, first) else ("generate", first)
     verdict = latest.get("verdict")
     if verdict is None:
-        return "critique", {"candidate_id": latest["id"]}
+        ask = {"candidate_id": latest["id"]}
+        return None if failed_for(state, "critique", latest["id"], ask) else ("critique", ask)
     if verdict.get("match"):
         return "finish", {"candidate_id": latest["id"], "reason": "the judge reports a match"}
     if rounds >= state.get("budget", {}).get("max_rounds", rounds + 1):
         return None
     retrieval = retrieval_for(state, latest["id"])
     if retrieval is None:
-        return "retrieve", {"queries": repair_queries(state, verdict), "avoid_candidate_id": latest["id"]}
+        ask = {"queries": repair_queries(state, verdict), "avoid_candidate_id": latest["id"]}
+        if not state.get("retrieval_off") and not failed_for(state, "retrieve", latest["id"], ask):
+            return "retrieve", ask
+        retrieval = {"reference_ids": []}  # retrieval cannot help this candidate: draw without references
     # Keep references whose concept the judge no longer misses: they helped.
     references = state.get("references") or {}
     still_missing = set(verdict.get("missing") or [])
@@ -59,8 +81,10 @@ def next_step(state: dict[str, Any], base_ip_scale: float) -> tuple[str, dict[st
             if rid in references and references[rid].get("query") not in still_missing]
     chosen = list(dict.fromkeys(retrieval["reference_ids"] + kept))[:MAX_REFERENCES]
     next_seed = seed + rounds
-    if not chosen:
-        return "generate", {"prompt": prompt, "seed": next_seed}
     guided_so_far = sum(1 for c in (state.get("candidates") or {}).values() if c.get("reference_ids"))
     scale = min(MAX_IP_SCALE, base_ip_scale + IP_SCALE_STEP * guided_so_far)
-    return "regenerate", {"prompt": prompt, "reference_ids": chosen, "ip_scale": round(scale, 2), "seed": next_seed}
+    guided = {"prompt": prompt, "reference_ids": chosen, "ip_scale": round(scale, 2), "seed": next_seed}
+    if chosen and not failed_for(state, "regenerate", latest["id"], guided):
+        return "regenerate", guided
+    plain = {"prompt": prompt, "seed": next_seed}
+    return None if failed_for(state, "generate", latest["id"], plain) else ("generate", plain)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import sqlite3
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from agent.graph import Runtime, build_graph, initial_state, outcome
-from imgrag.errors import UserError, check_seed
+from imgrag.checkpoints import first_line
+from imgrag.errors import ModelLoadError, UserError, check_seed
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, new_run_id, write_json_atomic
 from imgrag.settings import Settings
 from tools.context import EventSink, ToolContext
@@ -71,8 +73,9 @@ class Runner:
         self.manager = manager
         self.on_event = on_event or (lambda event: None)
         self.checkpointer = checkpointer or open_checkpointer(settings.threads_db)
-        self.reference_store = reference_store  # None: opened from settings.store on first retrieval
+        self.reference_store = reference_store  # None: opened from settings.store when a run starts
         self._store_told = False  # the store's picture count is said once per runner (a batch, a chat)
+        self._llm_checked = False
         self._reader: Any = None  # the compiled graph for reading and editing threads, built on first use
 
     # ----- one run -----
@@ -95,32 +98,48 @@ class Runner:
         run_dir = Path(self.settings.output_dir) / run_id
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UserError(f"run {run_id} already exists in {run_dir}; use --resume {run_id} to continue it")
+        seed = check_seed(self.settings.generation.seed if seed is None else seed)
+        if planner == "agent":
+            self.check_llm()
         b = self.settings.budget
         budget = {"max_rounds": max_rounds or b.max_rounds, "max_tool_calls": b.max_tool_calls,
                   "max_seconds": b.max_seconds}
-        seed = self.settings.generation.seed if seed is None else check_seed(seed, "--seed")
-        state = initial_state(prompt, seed=seed, run_id=run_id,
-                              run_dir=str(run_dir), planner=planner, budget=budget, approve=approve)
+        census = self._store_census()  # before check_retrieval opens the store (a typo'd path reads as empty)
+        retrieval_off = self.check_retrieval()
+        state = initial_state(prompt, seed=seed, run_id=run_id, run_dir=str(run_dir), planner=planner, budget=budget,
+                              approve=approve, retrieval_off=retrieval_off)
         record = RunRecord(run_dir)
         record.append_step({"event": "start", "prompt": prompt, "planner": planner, "budget": budget,
                             "seed": state["seed"], "profile": self.settings.profile})
-        self._tell_store(record)
+        self._tell_store(record, census)
+        if retrieval_off:
+            record.append_step({"event": "retrieval_off", "reason": retrieval_off})
+            self.on_event({"event": "note", "text": f"retrieval is unavailable ({retrieval_off}); drawing without "
+                                                    "references"})
         return self._drive(state, run_id, record, state)
 
-    def _tell_store(self, record: RunRecord) -> None:
+    def _store_census(self) -> tuple[str, int | None] | None:
+        """(location, picture count) of the store, the first time a runner asks; None after that, or when the
+        store cannot be read (check_retrieval then says why)."""
+        if self._store_told:
+            return None
+        self._store_told = True
+        if self.reference_store is not None:  # given by the caller (tests, a batch's opened store)
+            return str(getattr(self.reference_store, "location", "the given store")), int(self.reference_store.count())
+        from imgrag.store import store_census
+
+        try:
+            return store_census(self.settings.store)
+        except Exception:  # an unreachable server: check_retrieval names it once
+            return None
+
+    def _tell_store(self, record: RunRecord, census: tuple[str, int | None] | None) -> None:
         """Say which store the run retrieves from and how many pictures it holds, once per runner: an empty
         store, or a --store path that does not exist (a typo), is a warning now rather than a surprise at the
         first retrieve. A store event for the front end; the trace keeps warnings."""
-        if self._store_told:
+        if census is None:
             return
-        self._store_told = True
-        if self.reference_store is not None:  # given by the caller (tests, a batch's opened store)
-            location = str(getattr(self.reference_store, "location", "the given store"))
-            pictures: int | None = int(self.reference_store.count())
-        else:
-            from imgrag.store import store_census
-
-            location, pictures = store_census(self.settings.store)
+        location, pictures = census
         warning = None
         if pictures is None:
             warning = (f"the store {location} does not exist yet, so retrieval will find no reference; check "
@@ -131,6 +150,36 @@ class Runner:
         if warning:
             record.append_step({"event": "warning", "warning": warning})
         self.on_event({"event": "store", "location": location, "pictures": pictures, "warning": warning})
+
+    def check_llm(self) -> None:
+        """An OpenAI-compatible agent LLM must answer before a run starts: a UserError of one line otherwise.
+        Checked once per runner (a batch or a chat asks once)."""
+        if self.settings.models.llm_backend == "openai" and not self._llm_checked:
+            from imgrag.chat_model import check_endpoint
+
+            check_endpoint(self.settings)
+            self._llm_checked = True
+
+    def check_retrieval(self) -> str | None:
+        """Why retrieval cannot work for a run (the store unreachable, built by another embedder), or None.
+
+        Checked once when a run starts, so the run says so once and draws without references instead of
+        failing the same retrieval every round. Opens the store (loading the embedder, which every run needs
+        for its CLIP scores) and keeps it for the run."""
+        try:
+            with self.manager.use("embedder") as embedder:
+                if self.reference_store is None:
+                    from imgrag.store import ReferenceStore
+
+                    self.reference_store = ReferenceStore.open(self.settings, embedder.model_id, embedder.dim)
+                self.reference_store.count()
+        except ModelLoadError:
+            raise  # the embedder itself cannot load: the user's setting to fix, before any work
+        except UserError as exc:
+            return str(exc)
+        except Exception as exc:  # a store that fails in another way is still no reason to stop the run
+            return f"{type(exc).__name__}: {first_line(exc)}"
+        return None
 
     def resume(self, run_id: str) -> dict[str, Any]:
         """Continue a run from its last checkpoint; finished steps are not redone.
@@ -189,7 +238,7 @@ class Runner:
         record = RunRecord(snapshot.values["run_dir"])
         if event:
             record.append_step(event)
-        self._tell_store(record)
+        self._tell_store(record, self._store_census())
         values = {**snapshot.values, **graph_input} if isinstance(graph_input, dict) else snapshot.values
         return self._drive(graph_input, thread_id, record, values)
 
@@ -230,6 +279,7 @@ class Runner:
         ctx = ToolContext(self.settings, self.manager, record, on_event=self.on_event,
                           reference_store=self.reference_store)
         runtime = Runtime(ctx, seconds_before=float(values.get("seconds") or 0.0))
+        ctx.deadline = runtime.deadline(float(values["budget"]["max_seconds"]))
         graph = self._compile(runtime)
         config = {"configurable": {"thread_id": run_id},
                   "recursion_limit": 4 * int(values["budget"]["max_tool_calls"]) + 20}
@@ -250,6 +300,16 @@ class Runner:
                 "configurable", {}).get("checkpoint_id")})
             record.write_result(result)
             raise RunInterrupted(result) from None
+        except Exception as exc:  # no error ends a run without its result: close it at its last checkpoint
+            reason = f"error: {type(exc).__name__}: {first_line(exc)}"
+            record.append_step({"event": "error", "error": reason, "exception": traceback.format_exc(limit=8)[-4000:]})
+            self.reference_store = ctx.reference_store
+            result = self.stop(run_id, reason)
+            if result is None:
+                raise
+            self.on_event({"event": "run_end", **{k: result[k] for k in ("run_id", "status", "stop_reason",
+                                                                         "final_image")}})
+            return result
         self.reference_store = ctx.reference_store  # keep the opened store for the next run of a batch
         snapshot = graph.get_state(config)
         result = self._result(snapshot.values, record, add_loads(earlier, self._loads_since(before)))

@@ -18,6 +18,14 @@ def merge_records(left: dict[str, Any] | None, right: dict[str, Any] | None) -> 
     return {**(left or {}), **(right or {})}
 
 
+def first_finish(left: dict | None, right: dict | None) -> dict | None:
+    """Two ``finish`` calls in one turn: the first one stands (the later is not an error). None resets
+    (a chat follow-up starts a new request)."""
+    if right is None or left is None:
+        return right
+    return left
+
+
 class AgentState(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]
     prompt: str  # what the user asked for; the judge always checks against this
@@ -34,7 +42,9 @@ class AgentState(TypedDict, total=False):
     failures: int  # planner steps in a row that produced nothing usable
     fallback_steps: Annotated[int, operator.add]  # steps the fixed policy took for a failing LLM
     seconds: float  # wall time spent, kept across resumes
-    finished: dict | None  # set by the finish tool: {candidate_id, reason}
+    finished: Annotated[dict | None, first_finish]  # set by the finish tool: {candidate_id, reason}
+    failed_steps: Annotated[list[dict], operator.add]  # {tool, args, error} of every call that failed
+    retrieval_off: str | None  # why retrieval cannot work in this run (checked once at its start), or None
     status: str | None  # matched | budget_exhausted | failed, once the run ends; interrupted: a request cut off
     stop_reason: str | None
     final_candidate: str | None

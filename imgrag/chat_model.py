@@ -15,6 +15,7 @@ langchain-ai/langchain#29033), so :class:`QwenChatModel` does the three things i
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from collections.abc import Callable, Sequence
@@ -31,7 +32,9 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict
 
 from imgrag.checkpoints import check_model_type, loading, qwen_dtype
+from imgrag.deadlines import time_limit
 from imgrag.errors import ModelLoadError, UserError
+from imgrag.reasoning import answer_text
 from imgrag.settings import Settings
 
 LLM_EXPECTED = "a Qwen2.5 (or Qwen3) instruct checkpoint with its tool-calling chat template"
@@ -46,7 +49,10 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall], list[InvalidToolCa
 
     A block cut off by the token limit (no ``</tool_call>``) is invalid. A reply that is nothing but
     one ``{"name": ..., "arguments": {...}}`` object (Qwen sometimes drops the tags) counts as a call.
+    Only the answer after a reasoning block is read (:func:`imgrag.reasoning.answer_text`): a call
+    drafted inside ``<think>`` is not a call.
     """
+    text = answer_text(text)
     calls: list[ToolCall] = []
     invalid: list[InvalidToolCall] = []
     blocks = list(_BLOCK.finditer(text))
@@ -107,6 +113,26 @@ def content_text(content: Any) -> str:
     if isinstance(content, list):
         return "\n".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in content)
     return str(content or "")
+
+
+def is_remote(model: Any) -> bool:
+    """Whether a chat model runs outside this process (an OpenAI-compatible server): it has no weights here to
+    move (no ``.to``), so calling it needs no GPU lock."""
+    return not callable(getattr(model, "to", None))
+
+
+def read_reply(reply: AIMessage) -> AIMessage:
+    """A reply whose calls the server left in its text (no parsed ``tool_calls``: Qwen's ``<tool_call>`` blocks,
+    a reasoning block) read as :func:`parse_tool_calls` reads a local reply; any other reply unchanged."""
+    if reply.tool_calls or reply.invalid_tool_calls:
+        return reply
+    text = content_text(reply.content)
+    content, calls, invalid = parse_tool_calls(text)
+    if not calls and not invalid and content == text.strip():
+        return reply
+    metadata = {**reply.response_metadata, "raw": text}
+    return reply.model_copy(update={"content": content, "tool_calls": calls, "invalid_tool_calls": invalid,
+                                    "response_metadata": metadata})
 
 
 def to_template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
@@ -205,9 +231,11 @@ class QwenChatModel(BaseChatModel):
         sampling: dict[str, Any] = {"do_sample": False}
         if self.temperature > 0:
             sampling = {"do_sample": True, "temperature": self.temperature}
+        # ``deadline`` (a time.monotonic() instant, passed to invoke) stops the generation at a token.
+        limits = time_limit(kwargs.get("deadline"))
         with torch.inference_mode():
             output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
-                                         pad_token_id=self.tokenizer.pad_token_id, **sampling)
+                                         pad_token_id=self.tokenizer.pad_token_id, **sampling, **limits)
         new_tokens = output[0, inputs["input_ids"].shape[1]:]
         # skip_special_tokens drops <|im_end|> but keeps <tool_call> (an added, non-special token in Qwen2.5).
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
@@ -219,6 +247,42 @@ class QwenChatModel(BaseChatModel):
                             response_metadata={"model_name": self.model_name, "raw": text},
                             usage_metadata={"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out})
         return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+REMOTE_TIMEOUT_S = 300.0  # one reply of a remote LLM, seconds
+PROBE_TIMEOUT_S = 5.0
+
+
+def check_endpoint(settings: Settings, timeout: float = PROBE_TIMEOUT_S) -> list[str]:
+    """Ask the OpenAI-compatible server of ``settings`` which models it serves (``GET {base_url}/models``).
+
+    Returns their ids. Raises a UserError of one line when the server cannot be reached, refuses the key, or
+    does not speak the protocol; a model it does not list is only logged (Ollama and ``transformers serve``
+    load models on demand)."""
+    import httpx
+
+    base = (settings.models.llm_base_url or "").rstrip("/")
+    if not base:
+        raise UserError("models.llm_base_url must name the server (e.g. http://localhost:8000/v1) "
+                        "when models.llm_backend = \"openai\"")
+    headers = {"Authorization": f"Bearer {settings.models.llm_api_key}"} if settings.models.llm_api_key else {}
+    hint = "start the server, fix models.llm_base_url, or run with --planner fixed"
+    try:
+        response = httpx.get(f"{base}/models", headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise UserError(f"cannot reach the agent LLM server at {base} ({type(exc).__name__}: "
+                        f"{str(exc) or 'no answer'}); {hint}") from None
+    if response.status_code >= 400:
+        raise UserError(f"the agent LLM server at {base} answered {response.status_code} to GET /models; {hint}")
+    try:
+        served = [str(m.get("id")) for m in response.json().get("data", []) if isinstance(m, dict)]
+    except (ValueError, AttributeError):
+        raise UserError(f"{base}/models did not answer as an OpenAI-compatible server (no JSON model list); "
+                        f"{hint}") from None
+    if served and settings.models.llm not in served:
+        logging.getLogger(__name__).warning("the server at %s does not list %s (it lists %s)", base,
+                                            settings.models.llm, ", ".join(served[:5]))
+    return served
 
 
 def make_chat_model(settings: Settings, device: str | None = None, *, place: bool = True) -> BaseChatModel:
@@ -233,7 +297,8 @@ def make_chat_model(settings: Settings, device: str | None = None, *, place: boo
                             "when models.llm_backend = \"openai\"")
         from langchain_openai import ChatOpenAI
 
+        # One retry, not the client's default backoff: a server that is down should hand the step to the policy soon.
         return ChatOpenAI(base_url=settings.models.llm_base_url, model=settings.models.llm,
                           api_key=settings.models.llm_api_key or "not-needed", temperature=settings.llm.temperature,
-                          max_tokens=settings.llm.max_new_tokens)
+                          max_tokens=settings.llm.max_new_tokens, max_retries=1, timeout=REMOTE_TIMEOUT_S)
     raise UserError(f"models.llm_backend must be local or openai, got {backend!r}")

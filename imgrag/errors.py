@@ -27,5 +27,10 @@ def check_seed(seed: object, where: str = "seed") -> int:
         except (TypeError, ValueError, OverflowError):
             raise UserError(f"{where} must be a whole number, got {seed!r}") from None
     if not 0 <= seed <= SEED_MAX:
-        raise UserError(f"{where} out of range: {seed} (a seed is a whole number from 0 to 2**64-1)")
+        raise UserError(f"{where} out of range: {seed} (a seed is a whole number from 0 to 2**64-1, "
+                        "torch's seed range)")
     return seed
+
+
+class TimeBudgetSpent(UserError):
+    """A long model call (a drawing, a generation) stopped because the run's time budget ran out."""

@@ -28,6 +28,7 @@ resident, counted by the model manager.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from typing import Any
 from PIL import Image
 
 from imgrag.checkpoints import first_line, loading, quiet_libraries
-from imgrag.errors import ModelLoadError, UserError, check_seed
+from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed
 from imgrag.model_files import ResolvedAdapter, generator_variant, is_local_ref, resolve_ip_adapter
 from imgrag.settings import MAX_IP_SCALE, Settings
 
@@ -112,11 +113,15 @@ class Generator:
         steps: int | None = None,
         guidance: float | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        deadline: float | None = None,
     ) -> Image.Image:
         """Draw one picture; with ``references``, guided by all of them through the one adapter.
 
         Same arguments and seed on the same device give the same picture. ``on_step(done, total)`` is
-        called after every denoising step.
+        called after every denoising step. ``deadline`` (a ``time.monotonic()`` instant) stops the
+        drawing at the first step boundary past it (diffusers' ``callback_on_step_end`` sets the
+        pipeline's interrupt flag) and raises :class:`~imgrag.errors.TimeBudgetSpent`: a half-denoised
+        picture is noise, not a candidate.
         """
         import torch
 
@@ -138,9 +143,14 @@ class Generator:
             self.pipe.set_ip_adapter_scale(0.0)
             kwargs["ip_adapter_image_embeds"] = [self._zero_image_embeds(guidance)]
 
-        if on_step is not None:
+        stopped: list[int] = []
+        if on_step is not None or deadline is not None:
             def callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
-                on_step(step + 1, pipe.num_timesteps)
+                if on_step is not None:
+                    on_step(step + 1, pipe.num_timesteps)
+                if deadline is not None and time.monotonic() >= deadline and not stopped:
+                    stopped.append(step + 1)
+                    pipe._interrupt = True  # the SDXL pipelines skip the remaining steps when it is set
                 return tensors
 
             kwargs["callback_on_step_end"] = callback
@@ -152,6 +162,9 @@ class Generator:
                                    guidance_scale=guidance, generator=generator, output_type="latent", **kwargs)
         except ValueError as exc:  # diffusers' own argument checks; anything else is a bug and should show
             raise UserError(f"generation refused: {first_line(exc)}") from exc
+        if stopped:
+            raise TimeBudgetSpent(f"the time budget ran out during the drawing (stopped after step {stopped[0]} "
+                                  f"of {steps})")
         return self._decode(result.images)
 
     def _decode(self, latents: Any) -> Image.Image:

@@ -20,6 +20,8 @@ from PIL import Image
 
 import prompts
 from imgrag.checkpoints import check_model_type, loading, qwen_dtype
+from imgrag.deadlines import time_limit
+from imgrag.reasoning import answer_text
 from imgrag.settings import Settings
 
 JUDGE_EXPECTED = "a Qwen2.5-VL checkpoint (Qwen2_5_VLForConditionalGeneration + its processor)"
@@ -70,7 +72,7 @@ def parse_verdict(text: str) -> Verdict:
 
 
 def _clean(text: str) -> str:
-    text = re.sub(r"<think>.*?</think>", " ", text, flags=re.S | re.I)  # reasoning models think aloud first
+    text = answer_text(text)  # reasoning models think aloud first; only the answer after </think> counts
     return text.replace("\u201c", '"').replace("\u201d", '"').replace("\u2018", "'").replace("\u2019", "'").strip()
 
 
@@ -144,6 +146,8 @@ def _from_mapping(mapping: dict, raw: str) -> Verdict | None:
     if match is None:
         match = not missing
     reason = next((str(lowered[k]) for k in _REASON_KEYS if k in lowered and lowered[k] is not None), "")
+    if match and not missing:
+        missing = absent_concepts(reason)  # {"match": true, "reason": "the heron is there but there is no pond"}
     # A "match" that still names missing concepts contradicts itself; trust the concrete list.
     return Verdict(match=bool(match) and not missing, missing=missing, reason=reason.strip(), raw=raw)
 
@@ -175,10 +179,71 @@ def _from_free_text(text: str, raw: str) -> Verdict | None:
     if listed and _as_concepts(_first_block(listed.group(1))):
         return Verdict(match=False, missing=_as_concepts(_first_block(listed.group(1))),
                        reason=first.group(2).strip() if first else "", raw=raw)
+    absent = absent_concepts(text)
     if first:
         rest = first.group(2).strip()
-        return Verdict(match=first.group(1).lower() == "yes", missing=[], reason=rest, raw=raw)
+        # "Yes, the heron is there, but there is no pond.": a yes that names something missing is no match.
+        return Verdict(match=first.group(1).lower() == "yes" and not absent, missing=absent, reason=rest, raw=raw)
+    if absent:
+        return Verdict(match=False, missing=absent, reason=_first_sentence(text), raw=raw)
+    if re.search(r"\b(?:does not|doesn't|do not|don't|did not|not)\s+(?:fully\s+|quite\s+)?match", text, flags=re.I):
+        return Verdict(match=False, missing=[], reason=_first_sentence(text), raw=raw)
+    if re.search(r"\b(?:it|image|picture|content|everything)\s+(?:fully\s+|clearly\s+)?match(?:es)?\b|"
+                 r"\bmatches the (?:description|prompt)\b|\bnothing is missing\b", text, flags=re.I):
+        return Verdict(match=True, missing=[], reason=_first_sentence(text), raw=raw)
     return None
+
+
+# ----- what a free-text answer says is missing -----
+# A concept: up to six words, none of them a verb or a conjunction that starts the next clause.
+_WORD = (r"(?!(?:no|not|yes|is|are|was|were|be|but|though|although|however|while|whereas|there|it|this|that|"
+         r"which|who|so|in|on|at|from|to|of|for|as|with|by|anywhere|here|visible|shown|present)\b)[a-z0-9][\w'-]*")
+# A list goes on past a comma only into another article: "a lantern, a bench and a tree".
+_CONCEPT = rf"(?P<x>{_WORD}(?:(?:\s+|\s*,\s*(?:and\s+)?(?=(?:the|a|an)\s)){_WORD}){{0,7}})"
+_ART = r"(?:(?:the|a|an|any|its|their|his|her|some|one)\s+)?"
+_CLAUSE = r"(?:^|[.,;:!?\-\u2013\u2014]\s*|\b(?:but|though|although|however|while|whereas|and)\s*,?\s*)"
+_ABSENT_PATTERNS = [re.compile(p, flags=re.I | re.M) for p in (
+    rf"\b(?:there\s+(?:is|are)|there's|but|and|with|shows?|has|have)\s+no\s+{_ART}{_CONCEPT}",
+    rf"\bno\s+sign\s+of\s+{_ART}{_CONCEPT}",
+    rf"\bwithout\s+{_ART}{_CONCEPT}",
+    rf"\b(?:lacks?|lacking|missing)\s+{_ART}{_CONCEPT}",
+    rf"\bexcept(?:\s+for)?\s+{_ART}{_CONCEPT}",
+    rf"\b(?:does\s+not|doesn't|do\s+not|don't|did\s+not|fails?\s+to|cannot|can't)\s+(?:show|include|contain|have|"
+    rf"depict|see|find)\s+{_ART}{_CONCEPT}",
+    rf"{_CLAUSE}{_ART}{_CONCEPT}\s+(?:itself\s+|themselves\s+)?(?:is|are)\s+(?:still\s+|completely\s+)?"
+    rf"(?:missing|absent|lacking|nowhere\s+to\s+be\s+(?:seen|found)|not\s+(?:present|visible|shown|there|"
+    rf"included|depicted|drawn))",
+)]
+# Words after "no"/"without" that name no concept: "without any doubt", "no missing concepts".
+_NOT_CONCEPTS = {"doubt", "doubts", "problem", "problems", "issue", "issues", "question", "mistake", "mistakes",
+                 "error", "errors", "exception", "exceptions", "concern", "concerns", "difference", "differences",
+                 "concept", "concepts", "element", "elements", "object", "objects", "item", "items", "detail",
+                 "details", "nothing", "anything", "everything", "something", "thing", "things", "more", "other",
+                 "others", "one", "missing", "matches", "match", "way", "need"}
+
+
+def absent_concepts(text: str) -> list[str]:
+    """The concepts a free-text answer says are missing, absent or lacking ("but there is no pond", "however
+    the lighthouse is missing", "without its basket", "everything except the violin"), in order, articles
+    dropped; ``[]`` when it names none."""
+    found: list[tuple[int, int, str]] = []
+    for pattern in _ABSENT_PATTERNS:
+        for m in pattern.finditer(text):
+            for n, part in enumerate(re.split(r"\s*,\s*|\s+(?:and|or|nor)\s+", m.group("x"))):
+                part = re.sub(r"^(?:(?:the|a|an|any|its|their|his|her|some)\s+)+", "", part.strip(), flags=re.I)
+                part = re.sub(r"\s+(?:itself|themselves|at all|either)$", "", part, flags=re.I)
+                phrase = clean_phrase(part)
+                if phrase and phrase.lower() not in _NOT_CONCEPTS and not phrase.lower().startswith(("no ", "not ")):
+                    found.append((m.start("x"), n, phrase))
+    concepts: list[str] = []
+    for _, _, phrase in sorted(found):
+        if phrase.lower() not in (c.lower() for c in concepts):
+            concepts.append(phrase)
+    return concepts
+
+
+def _first_sentence(text: str) -> str:
+    return re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0][:300]
 
 
 def _first_block(text: str) -> str:
@@ -262,12 +327,15 @@ class Judge:
         self.model.to(device)
         return self
 
-    def judge(self, image: Image.Image, prompt: str) -> Verdict:
-        """Ask whether ``image`` shows everything ``prompt`` asks for."""
-        return parse_verdict(self.ask(image, prompts.render("judge", prompt=prompt)))
+    def judge(self, image: Image.Image, prompt: str, *, deadline: float | None = None) -> Verdict:
+        """Ask whether ``image`` shows everything ``prompt`` asks for (``deadline`` as in :meth:`ask`)."""
+        return parse_verdict(self.ask(image, prompts.render("judge", prompt=prompt), deadline=deadline))
 
-    def ask(self, image: Image.Image, question: str) -> str:
-        """The model's raw answer to ``question`` about ``image`` (greedy, ``judge.max_new_tokens``)."""
+    def ask(self, image: Image.Image, question: str, *, deadline: float | None = None) -> str:
+        """The model's raw answer to ``question`` about ``image`` (greedy, ``judge.max_new_tokens``).
+
+        ``deadline`` (a ``time.monotonic()`` instant) ends the generation at the first token past it
+        (transformers' ``max_time``, a stopping criterion checked per token)."""
         import torch
         from qwen_vl_utils import process_vision_info
 
@@ -283,8 +351,10 @@ class Judge:
         inputs = self.processor(text=[text], images=images, padding=True, return_tensors="pt",
                                 size={"shortest_edge": bounds.min_pixels, "longest_edge": bounds.max_pixels})
         inputs = inputs.to(self.model.device)
+        limits = time_limit(deadline)
         with torch.inference_mode():
-            output = self.model.generate(**inputs, max_new_tokens=bounds.max_new_tokens, do_sample=False)
+            output = self.model.generate(**inputs, max_new_tokens=bounds.max_new_tokens, do_sample=False, **limits)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return self.processor.batch_decode(new_tokens, skip_special_tokens=True,
                                            clean_up_tokenization_spaces=False)[0].strip()
+

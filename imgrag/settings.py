@@ -125,6 +125,9 @@ class RetrievalSettings:
     min_score: Annotated[float, Field(ge=-1.0, le=1.0)] = -1.0  # cosine similarity
     # RealRAG-style reflective re-ranking: score = sim(query, ref) - rerank_lambda * sim(candidate, ref).
     rerank_lambda: Annotated[float, Field(ge=0.0)] = 0.3
+    # ImageRAG's caption step (imgrag/concepts.py): the LLM turns each missing concept into a descriptive retrieval
+    # caption before the fixed planner retrieves. Off by default, so the fixed planner stays LLM-free (24 GB cards).
+    rewrite_queries: bool = False
 
 
 @dataclass

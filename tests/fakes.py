@@ -44,7 +44,7 @@ class ScriptedJudge:
         self.verdicts = list(verdicts)
         self.calls = 0
 
-    def judge(self, image: Image.Image, prompt: str) -> FakeVerdict:
+    def judge(self, image: Image.Image, prompt: str, **_: Any) -> FakeVerdict:
         verdict = self.verdicts[min(self.calls, len(self.verdicts) - 1)]
         self.calls += 1
         return verdict
@@ -130,3 +130,44 @@ class FakeManager:
 
     def stats(self) -> dict[str, dict]:
         return {name: {"loads": n, "evictions": 0, "load_seconds": 0.0} for name, n in self.loads.items()}
+
+
+class ScriptedTokens:
+    """Stands in for the transformers model behind the real QwenChatModel: ``generate`` appends the next scripted
+    reply, tokenized by the real tokenizer, so rendering, decoding and parsing are all the real code's.
+
+    Records each prompt's length in tokens and the keyword arguments generate() got."""
+
+    def __init__(self, tokenizer: Any, replies: list[str]) -> None:
+        import torch
+
+        self.tokenizer = tokenizer
+        self.replies = list(replies)
+        self.prompt_tokens: list[int] = []
+        self.kwargs: list[dict[str, Any]] = []
+        self.device = torch.device("cpu")
+
+    def generate(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
+        import torch
+
+        self.prompt_tokens.append(int(input_ids.shape[1]))
+        self.kwargs.append(kwargs)
+        reply = self.replies[min(len(self.prompt_tokens) - 1, len(self.replies) - 1)]
+        new = self.tokenizer(reply + "<|im_end|>", return_tensors="pt", add_special_tokens=False)["input_ids"]
+        return torch.cat([input_ids, new], dim=1)
+
+    def to(self, device: Any) -> ScriptedTokens:
+        return self
+
+    def eval(self) -> ScriptedTokens:
+        return self
+
+
+def scripted_qwen(llm_dir: Path, replies: list[str]) -> Any:
+    """The real QwenChatModel over the tiny kit's tokenizer and chat template, answering ``replies`` in order."""
+    from transformers import AutoTokenizer
+
+    from imgrag.chat_model import QwenChatModel
+
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    return QwenChatModel(model=ScriptedTokens(tokenizer, replies), tokenizer=tokenizer, max_new_tokens=256)

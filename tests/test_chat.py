@@ -64,6 +64,12 @@ def test_slash_commands_prefixes_aliases_and_mistakes() -> None:
     ("use reference 2, then make the dog smaller", FollowUp("make the dog smaller", None, [2])),
     ("try again", FollowUp(None)),
     ("use the last ref", FollowUp(None, None, [-1])),
+    # A directive's noun used as a modifier is part of the refinement, which stays whole.
+    ("add another picture frame on the wall", FollowUp("add another picture frame on the wall")),
+    ("the dog should use the second reference photo pose",
+     FollowUp("the dog should use the second reference photo pose")),
+    ("use the second reference photo, and one more round", FollowUp(None, 1, [2])),
+    ("draw another picture with a red roof", FollowUp("draw another picture with a red roof")),
 ])
 def test_follow_ups_are_read_as_directives_and_refinements(text: str, expected: FollowUp) -> None:
     assert parse_followup(text) == expected
@@ -193,6 +199,8 @@ def test_the_llm_sees_the_follow_up_and_the_numbered_references(settings, tmp_pa
               call("retrieve", queries=["a wooden cradle", "a retriever"], avoid_candidate_id="c0"),
               call("regenerate", prompt="a retriever and a cradle", reference_ids=["ref-cradle"]),
               call("critique", candidate_id="c1"),
+              # The follow-up, read by the LLM: no change to the picture, reference 2.
+              AIMessage('{"prompt": "a retriever and a cradle", "rounds": null, "references": [2]}'),
               call("regenerate", prompt="a retriever and a cradle", reference_ids=["ref-retriever"]),
               call("critique", candidate_id="c2")]
     session = make_session(settings, tmp_path, llm_script=script, planner="agent")
@@ -494,3 +502,33 @@ def test_terminal_ctrl_c_stops_a_request_and_the_chat_goes_on(chat_env: dict[str
     chat.say("/show", "c\\d \\(round \\d, seed", PICTURE)
     text = chat.quit()
     assert text.count("imgrag chat · profile tiny") == 1
+
+
+# ----- follow-ups read by the LLM -----
+
+def test_the_llm_rewrites_the_prompt_of_a_follow_up(settings, tmp_path: Path) -> None:
+    """The rewritten prompt replaces the old one (not appended) and is shown before drawing."""
+    rewritten = AIMessage('<think>{"prompt": "draft"}</think>{"prompt": "a retriever asleep in a wooden cradle, '
+                          'with a picture frame on the wall", "rounds": 2, "references": []}')
+    session = make_session(settings, tmp_path, llm_script=[], planner="agent")
+    session.rounds = 1
+    session.send("a retriever and a cradle")
+    models = session.runner.manager.models
+    models["llm"] = RecordingChatModel(messages=itertools.chain([rewritten], itertools.repeat(AIMessage("hm"))))
+    events: list[dict] = []
+    session.on_event = events.append
+    result = session.send("make it sleep in a wooden cradle and add a picture frame on the wall")
+    assert result["prompt"] == "a retriever asleep in a wooden cradle, with a picture frame on the wall"
+    kinds = [e.get("text") if e["event"] == "note" else e["event"] for e in events]
+    shown = kinds.index("prompt: a retriever asleep in a wooden cradle, with a picture frame on the wall")
+    assert shown < kinds.index("tool_start")  # shown to the user before drawing
+    assert result["rounds"] == 3  # 1 + the 2 rounds the LLM read
+
+
+def test_an_unusable_llm_reading_falls_back_to_the_regular_expressions(settings, tmp_path: Path) -> None:
+    session = make_session(settings, tmp_path, llm_script=[], planner="agent")
+    session.rounds = 1
+    session.send("a retriever and a cradle")
+    result = session.send("add another picture frame on the wall")
+    assert result["prompt"] == "a retriever and a cradle; add another picture frame on the wall"
+    assert result["rounds"] == 2

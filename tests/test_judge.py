@@ -37,7 +37,7 @@ ANSWERS = [
     ('{"match": false, "missing": ["a red umbrella", "a dog wearing', False, ["a red umbrella"], True),
     ("\u201cmatch\u201d: false, \u201cmissing\u201d: [\u201ca kite\u201d]", False, ["a kite"], True),
     ("Yes.", True, [], True),
-    ("No, the image does not show a violin.", False, [], True),
+    ("No, the image does not show a violin.", False, ["violin"], True),
     ("**No**. Missing: a violin; a music stand", False, ["a violin", "a music stand"], True),
     ("The different conception is a cradle.", False, ["a cradle"], True),
     ("The different conception is a wooden cradle\nThe different conception is a baby", False,

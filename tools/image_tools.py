@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 from typing import Annotated, Any
 
 from langchain_core.messages import ToolMessage
@@ -17,13 +18,15 @@ from langchain_core.tools import BaseTool, InjectedToolCallId, tool
 from langgraph.prebuilt import InjectedState
 from langgraph.types import Command
 
-from imgrag.errors import UserError
+from imgrag.checkpoints import first_line
+from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
 from tools.context import ToolContext
 
 MAX_REFERENCES_PER_DRAWING = 4
 MAX_QUERIES = 6
 MAX_K = 8
+MAX_CAPTION_CHARS = 160  # of a reference's caption, in what the LLM reads
 
 
 class ToolArgumentError(Exception):
@@ -49,33 +52,98 @@ def _check_prompt(prompt: str) -> str:
     return prompt
 
 
-def _check_budget(ctx: ToolContext, state: dict) -> None:
-    used = state.get("rounds", 0)
-    limit = int((state.get("budget") or {}).get("max_rounds", ctx.settings.budget.max_rounds))
-    if used >= limit:
-        raise ToolArgumentError(f"the drawing budget is spent ({used} of {limit} rounds); call finish with the best "
-                                "candidate")
+# The checkpointer (msgpack) stores integers of 64 bits at most; an LLM writes any number.
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 
-def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict, body) -> Command:
-    """Run one tool body, time it, trace it, and turn its outcome into a ToolMessage + state update."""
+def checkpoint_safe(value: Any) -> Any:
+    """``value`` with every integer the checkpointer cannot store written as text (lists and dicts walked)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX:
+        return str(value)
+    if isinstance(value, dict):
+        return {k: checkpoint_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [checkpoint_safe(v) for v in value]
+    return value
+
+
+def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict, body, *,
+         draws: bool = False) -> Command:
+    """Run one tool body, time it, trace it, and turn its outcome into a ToolMessage + state update.
+
+    The call first claims its share of the budget (:meth:`ToolContext.claim`); a call past it is refused
+    and costs nothing. ``body(round_no)`` gets the round a drawing claimed. Whatever the body raises
+    becomes an error message the planner can act on and a failed step in the trace and the state
+    (``failed_steps``, which the fixed policy reads so it never repeats a step that failed)."""
+    args = checkpoint_safe(args)  # recorded in the trace and the state
+    finishing = _finishing(state) if name != "finish" else None
+    if finishing:  # a valid finish in the same turn ends the run: the calls beside it would be wasted work
+        round_no, refusal = 0, f"this turn also finished the run with {finishing}"
+    else:
+        round_no, refusal = ctx.claim(state, draws=draws)
+    if refusal is not None:
+        ctx.record.append_step({"tool": name, "args": args, "ok": False, "seconds": 0.0, "refused": True,
+                                "round": state.get("rounds", 0), "message": f"Not run: {refusal}"})
+        message = ToolMessage(f"Error: not run: {refusal}.", tool_call_id=tool_call_id, name=name, status="error")
+        return Command(update={"messages": [message]})
     ctx.on_event({"event": "tool_start", "tool": name, "args": args, "round": state.get("rounds", 0)})
     start = time.perf_counter()
+    step: dict[str, Any] = {}
     try:
-        text, update = body()
+        text, update = body(round_no)
         ok = True
-    except (ToolArgumentError, UserError) as exc:
+    except ToolArgumentError as exc:
         text, update, ok = f"Error: {exc}", {}, False
+        step["kind"] = "argument"
+    except UserError as exc:
+        text, update, ok = f"Error: {exc}", {}, False
+    except Exception as exc:  # a model error, out of memory, a vanished file: the run goes on without this step
+        text, update, ok = f"Error: {name} failed: {type(exc).__name__}: {first_line(exc)}", {}, False
+        step["exception"] = traceback.format_exc(limit=8)[-4000:]
+    if not ok:
+        if draws:
+            ctx.release_round(state)
+        # The candidate the call was for: named in its arguments, else the latest drawn (None before any).
+        candidates = state.get("candidates") or {}
+        target = args.get("candidate_id") or args.get("avoid_candidate_id") or max(
+            candidates, key=lambda c: int(c[1:]) if c[1:].isdigit() else -1, default=None)
+        update = {"failed_steps": [{"tool": name, "target": target, "args": args, "error": text[:300],
+                                    "kind": step.get("kind", "error")}]}
     seconds = round(time.perf_counter() - start, 3)
     ctx.record.append_step({"tool": name, "args": args, "ok": ok, "seconds": seconds,
-                            "round": state.get("rounds", 0) + update.get("rounds", 0), "message": text[:2000]})
+                            "round": round_no or state.get("rounds", 0), "message": text[:2000], **step})
     ctx.on_event({"event": "tool_end", "tool": name, "ok": ok, "seconds": seconds, "message": text[:300]})
     message = ToolMessage(text, tool_call_id=tool_call_id, name=name, status="success" if ok else "error")
     return Command(update={"messages": [message], "tool_calls": 1, **update})
 
 
-def _draw(ctx: ToolContext, state: dict, prompt: str, seed: int, references: list[dict], ip_scale: float | None):
-    """Draw one candidate, score it with CLIP against the prompt, save it; return the candidate record."""
+def _finishing(state: dict) -> str | None:
+    """The candidate a ``finish`` call of the current turn ends the run with, when that call will succeed."""
+    messages = state.get("messages") or []
+    candidates = state.get("candidates") or {}
+    for call in getattr(messages[-1], "tool_calls", None) or [] if messages else []:
+        cid = (call.get("args") or {}).get("candidate_id")
+        if call.get("name") == "finish" and ((candidates.get(cid) or {}).get("verdict") or {}).get("match"):
+            return cid
+    return None
+
+
+def _check_seed(state: dict, seed: Any) -> int:
+    """The seed to draw with: the run's seed when the LLM gave none; torch's range is checked here."""
+    try:
+        return check_seed(state.get("seed", 0) if seed is None else seed)
+    except UserError as exc:
+        raise ToolArgumentError(f"{exc}; pick another seed") from None
+
+
+def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seed: int, references: list[dict],
+          ip_scale: float | None):
+    """Draw one candidate, score it with CLIP against the user's prompt, save it; return the candidate record.
+
+    The score is always measured against ``state["prompt"]`` (what the user asked for), never the text the
+    LLM chose to draw, so every candidate of a run is measured with one yardstick."""
     images = [open_image(ref["path"]) for ref in references]
     candidate_id = ctx.allocate_candidate_id(state.get("candidates") or {})
 
@@ -83,13 +151,19 @@ def _draw(ctx: ToolContext, state: dict, prompt: str, seed: int, references: lis
         ctx.on_event({"event": "denoise", "step": step, "total": total})
 
     with ctx.manager.use("generator") as generator:
-        image = generator.generate(prompt, seed=seed, references=images or None, ip_scale=ip_scale, on_step=on_step)
+        image = generator.generate(prompt, seed=seed, references=images or None, ip_scale=ip_scale, on_step=on_step,
+                                   **({"deadline": ctx.deadline} if ctx.deadline is not None else {}))
     with ctx.manager.use("embedder") as embedder:
-        clip_score = float((embedder.embed_images([image]) @ embedder.embed_texts([prompt]).T)[0, 0])
+        clip_score = float((embedder.embed_images([image]) @ embedder.embed_texts([state["prompt"]]).T)[0, 0])
     path = ctx.record.save_candidate(candidate_id, image)
     return {"id": candidate_id, "path": str(path), "prompt": prompt, "seed": seed,
             "reference_ids": [ref["id"] for ref in references], "ip_scale": ip_scale if references else None,
-            "round": state.get("rounds", 0) + 1, "clip_score": round(clip_score, 4), "verdict": None}
+            "round": round_no, "clip_score": round(clip_score, 4), "verdict": None}
+
+
+def _short(text: str, limit: int = MAX_CAPTION_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
 def _describe(candidate: dict) -> str:
@@ -112,13 +186,12 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
         Use a different seed to get a different composition."""
         args = {"prompt": prompt, "seed": seed}
 
-        def body():
-            _check_budget(ctx, state)
+        def body(round_no: int):
             text = _check_prompt(prompt)
-            candidate = _draw(ctx, state, text, state.get("seed", 0) if seed is None else int(seed), [], None)
+            candidate = _draw(ctx, state, round_no, text, _check_seed(state, seed), [], None)
             return _describe(candidate), {"candidates": {candidate["id"]: candidate}, "rounds": 1}
 
-        return _run(ctx, "generate", args, tool_call_id, state, body)
+        return _run(ctx, "generate", args, tool_call_id, state, body, draws=True)
 
     @tool
     def critique(
@@ -131,11 +204,12 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
         Returns {match, missing: [concepts], reason}."""
         args = {"candidate_id": candidate_id}
 
-        def body():
+        def body(_: int):
             candidate = _candidate(state, candidate_id)
             image = open_image(candidate["path"])
             with ctx.manager.use("judge") as judge:
-                verdict = judge.judge(image, state["prompt"]).to_dict()
+                limit = {"deadline": ctx.deadline} if ctx.deadline is not None else {}
+                verdict = judge.judge(image, state["prompt"], **limit).to_dict()
             updated = {**candidate, "verdict": verdict}
             shown = {k: verdict[k] for k in ("match", "missing", "reason", "parsed")}
             if not verdict["parsed"]:
@@ -153,12 +227,17 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
         state: Annotated[dict, InjectedState],
         tool_call_id: Annotated[str, InjectedToolCallId],
     ) -> Command:
-        """Find real reference photos in the user's image collection: one short query per missing concept.
-        Pass the failed candidate as avoid_candidate_id to prefer references unlike what was already drawn.
+        """Find real reference photos in the user's image collection: one query per missing concept, written as
+        a caption of the photo you want (what it shows and looks like: "a photo of a wooden baby cradle with
+        curved rockers"), not just its name. Pass the failed candidate as avoid_candidate_id to prefer references
+        unlike what was already drawn.
         Returns reference ids with captions and scores."""
         args = {"queries": queries, "k": k, "avoid_candidate_id": avoid_candidate_id}
 
-        def body():
+        def body(_: int):
+            if state.get("retrieval_off"):
+                raise ToolArgumentError(f"retrieval is unavailable in this run ({state['retrieval_off']}); draw "
+                                        "without references (generate)")
             cleaned = [q.strip() for q in (queries or []) if isinstance(q, str) and q.strip()]
             cleaned = list(dict.fromkeys(cleaned))
             if not cleaned:
@@ -183,8 +262,9 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
             candidates = state.get("candidates") or {}
             repairing = avoid_candidate_id or max(candidates, key=lambda c: int(c[1:]), default=None)
             retrieval = {"for": repairing, "queries": cleaned, "reference_ids": list(refs)}
-            listing = [{"reference_id": ref["id"], "caption": ref.get("caption") or "", "query": ref.get("query"),
-                        "score": round(float(ref["score"]), 4)} for ref in refs.values()]
+            # Captions are cut short: indexed captions run to 2,000 characters, and every one stays in the thread.
+            listing = [{"reference_id": ref["id"], "caption": _short(ref.get("caption") or ""),
+                        "query": ref.get("query"), "score": round(float(ref["score"]), 4)} for ref in refs.values()]
             if empty_store:
                 text = "The reference store is empty (the user can add images with `imgrag index`); draw without."
             else:
@@ -207,8 +287,7 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
         (0..1, default from settings) sets how strongly the references steer the picture. Returns a candidate_id."""
         args = {"prompt": prompt, "reference_ids": reference_ids, "ip_scale": ip_scale, "seed": seed}
 
-        def body():
-            _check_budget(ctx, state)
+        def body(round_no: int):
             text = _check_prompt(prompt)
             known = state.get("references") or {}
             ids = list(dict.fromkeys(reference_ids or []))
@@ -222,11 +301,11 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
             scale = ctx.settings.generation.ip_scale if ip_scale is None else float(ip_scale)
             if not 0.0 <= scale <= 1.0:
                 raise ToolArgumentError(f"ip_scale must be between 0 and 1, got {ip_scale}")
-            draw_seed = state.get("seed", 0) if seed is None else int(seed)
-            candidate = _draw(ctx, state, text, draw_seed, [known[i] for i in ids], scale)
+            draw_seed = _check_seed(state, seed)
+            candidate = _draw(ctx, state, round_no, text, draw_seed, [known[i] for i in ids], scale)
             return _describe(candidate), {"candidates": {candidate["id"]: candidate}, "rounds": 1}
 
-        return _run(ctx, "regenerate", args, tool_call_id, state, body)
+        return _run(ctx, "regenerate", args, tool_call_id, state, body, draws=True)
 
     @tool
     def finish(
@@ -240,7 +319,7 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
         the run early; otherwise the run goes on until its budget is spent."""
         args = {"candidate_id": candidate_id, "reason": reason}
 
-        def body():
+        def body(_: int):
             candidate = _candidate(state, candidate_id)
             verdict = candidate.get("verdict")
             if not verdict:
