@@ -36,6 +36,7 @@ from PIL import Image
 
 from imgrag.checkpoints import first_line, loading, quiet_libraries
 from imgrag.errors import ModelLoadError, UserError
+from imgrag.fast import FastSwitch, draw_plan
 from imgrag.settings import Settings
 
 SDXL_EXPECTED = "an SDXL diffusers pipeline folder (model_index.json of StableDiffusionXLPipeline)"
@@ -50,6 +51,7 @@ class Generator:
         self.settings = settings
         self.adapter_loaded = False
         self._zero_embeds: dict[bool, Any] = {}  # per classifier-free-guidance mode; see _zero_image_embeds
+        self.fast = FastSwitch(pipe, settings)  # few-step drawing (LCM-LoRA, distilled); see imgrag.fast
         pipe.set_progress_bar_config(disable=True)  # the command line draws its own bar from on_step
 
     @classmethod
@@ -103,22 +105,26 @@ class Generator:
         steps: int | None = None,
         guidance: float | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        fast: str | None = None,
     ) -> Image.Image:
         """Draw one picture; with ``references``, guided by all of them through the one adapter.
 
         Same arguments and seed on the same device give the same picture. ``on_step(done, total)`` is
-        called after every denoising step.
+        called after every denoising step. ``fast`` picks a few-step mode for this drawing (default
+        ``generation.fast``; see :mod:`imgrag.fast`), whose steps and guidance apply unless given here.
         """
         import torch
 
         g = self.settings.generation
         width = g.width if width is None else width
         height = g.height if height is None else height
-        steps = g.steps if steps is None else steps
-        guidance = g.guidance if guidance is None else guidance
+        plan = draw_plan(g, fast)
+        steps = plan.steps if steps is None else steps
+        guidance = plan.guidance if guidance is None else guidance
         ip_scale = g.ip_scale if ip_scale is None else ip_scale
         validate_request(prompt, width, height, steps, ip_scale, references)
 
+        self.fast.apply(plan.mode)
         kwargs: dict[str, Any] = {}
         if references:
             self.load_ip_adapter()

@@ -51,6 +51,7 @@ class ModelSettings:
     embedder: str = "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
     embedder_pretrained: str = ""
     dino: str = ""  # DINOv2 checkpoint for `imgrag eval`'s image-image scores (AutoModel); empty: no DINO score
+    lcm_lora: str = "latent-consistency/lcm-lora-sdxl"  # for generation.fast = "lcm-lora" (imgrag.fast)
 
 
 @dataclass
@@ -61,6 +62,10 @@ class GenerationSettings:
     guidance: float = 5.0
     ip_scale: float = 0.5
     seed: int = 0
+    # Few-step drawing (imgrag.fast): "off", "lcm-lora" or "distilled"; steps/guidance unset = the method's defaults.
+    fast: str = "off"
+    fast_steps: int | None = None
+    fast_guidance: float | None = None
 
 
 @dataclass
@@ -149,7 +154,8 @@ _SECTION_CLASSES = {
 }
 PROFILES = ("default", "tiny")
 CHOICES = {"offload": ("cpu", "drop"), "models.llm_backend": ("local", "openai"),
-           "dtype": ("auto", "float32", "float16", "bfloat16")}
+           "dtype": ("auto", "float32", "float16", "bfloat16"),
+           "generation.fast": ("off", "lcm-lora", "distilled")}
 
 
 TINY_KIT_PLACEHOLDER = "{tiny_kit}"
@@ -166,6 +172,7 @@ def _tiny_profile() -> dict[str, Any]:
             "judge": f"{kit}/qwen2.5-vl",
             "llm": f"{kit}/qwen2.5-instruct",
             "embedder": f"local-dir:{kit}/open-clip",
+            "lcm_lora": f"{kit}/lcm-lora",
         },
         # Small enough that a CPU finishes a whole run in seconds.
         "generation": {"width": 64, "height": 64, "steps": 2, "guidance": 5.0},
@@ -274,6 +281,11 @@ def _check_choices(settings: Settings) -> None:
         raise SettingsError(f"gpu_memory_gb must be >= 0, got {settings.gpu_memory_gb}")
     if not 0.0 <= settings.generation.ip_scale <= 2.0:
         raise SettingsError(f"generation.ip_scale must be within 0..2, got {settings.generation.ip_scale}")
+    g = settings.generation
+    if g.fast_steps is not None and g.fast_steps < 1:
+        raise SettingsError(f"generation.fast_steps must be at least 1, got {g.fast_steps}")
+    if g.fast_guidance is not None and g.fast_guidance < 0:
+        raise SettingsError(f"generation.fast_guidance must be >= 0, got {g.fast_guidance}")
     for name in ("max_rounds", "max_tool_calls"):
         if getattr(settings.budget, name) < 1:
             raise SettingsError(f"budget.{name} must be at least 1")

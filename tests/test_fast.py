@@ -1,0 +1,185 @@
+"""Few-step drawing on the tiny kit: the LCM-LoRA path, scheduler choice, IP-Adapter, switching back, no reload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgrag.errors import ModelLoadError, UserError
+from imgrag.fast import METHODS, draw_plan
+from imgrag.generator import Generator
+from imgrag.manager import measure_gb
+from imgrag.settings import Settings, SettingsError, load_settings
+
+RED = Image.new("RGB", (100, 80), (200, 30, 30))
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def _settings(tiny_kit: dict[str, Path], home: Path, **env: str) -> Settings:
+    environ = {"IMGRAG_TINY_KIT_DIR": str(tiny_kit["generator"].parent), "IMGRAG_HOME": str(home), **env}
+    return load_settings("tiny", environ=environ)
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_kit: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return _settings(tiny_kit, tmp_path_factory.mktemp("fast-home"))
+
+
+# ----- settings and plans (no model) -----
+
+def test_plan_uses_each_methods_documented_defaults_and_the_overrides(tmp_path: Path) -> None:
+    s = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path)})
+    g = s.generation
+    assert g.fast == "off" and draw_plan(g) == draw_plan(g, "off")
+    assert (draw_plan(g).steps, draw_plan(g).guidance) == (g.steps, g.guidance) == (30, 5.0)
+    lcm = draw_plan(g, "lcm-lora")
+    assert (lcm.mode, lcm.steps, lcm.guidance) == ("lcm-lora", 4, 1.0)
+    assert (draw_plan(g, "distilled").steps, draw_plan(g, "distilled").guidance) == (4, 0.0)
+
+    s = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path), "IMGRAG_GENERATION_FAST": "lcm-lora",
+                                          "IMGRAG_GENERATION_FAST_STEPS": "6"},
+                      overrides={"generation": {"fast_guidance": 1.5}})
+    plan = draw_plan(s.generation)
+    assert (plan.mode, plan.steps, plan.guidance) == ("lcm-lora", 6, 1.5)
+    assert draw_plan(s.generation, "off").steps == 30  # the full-step values stay for switching back
+    assert s.models.lcm_lora == "latent-consistency/lcm-lora-sdxl"
+    assert set(METHODS) == {"lcm-lora", "distilled"}
+
+
+@pytest.mark.parametrize("layer, message", [
+    ({"generation": {"fast": "turbo"}}, "generation.fast must be one of off, lcm-lora, distilled"),
+    ({"generation": {"fast_steps": 0}}, "generation.fast_steps must be at least 1"),
+    ({"generation": {"fast_guidance": -1}}, "generation.fast_guidance must be >= 0"),
+])
+def test_bad_fast_settings_are_one_line_errors(tmp_path: Path, layer: dict, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings("default", overrides=layer, environ={"IMGRAG_HOME": str(tmp_path)})
+
+
+def test_tiny_profile_points_at_the_kits_lcm_lora(tiny_kit: dict[str, Path], settings: Settings) -> None:
+    assert Path(settings.models.lcm_lora) == tiny_kit["lcm_lora"]
+    assert (tiny_kit["lcm_lora"] / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_kits_lora_has_the_real_files_keys(tiny_kit: dict[str, Path]) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_kit["lcm_lora"] / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("unet.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    for module in ("attn1.to_q", "attn2.to_out.0", "ff.net.2", "resnets.0.conv1", "time_emb_proj", "proj_in"):
+        assert any(module in k for k in keys), module
+
+
+# ----- the generator -----
+
+def test_lcm_lora_loads_once_switches_scheduler_and_back_to_the_plain_picture(settings: Settings) -> None:
+    gen = Generator.from_pretrained(settings)
+    base_scheduler = gen.pipe.scheduler
+    plain = gen.generate("a dog", seed=5)
+    size_plain = measure_gb(gen)
+
+    steps: list[int] = []
+    fast = gen.generate("a dog", seed=5, fast="lcm-lora", on_step=lambda done, total: steps.append(total))
+    assert type(gen.pipe.scheduler).__name__ == "LCMScheduler"
+    assert gen.fast.lora_loaded and gen.fast.mode == "lcm-lora"
+    assert steps[-1] == 4 and len(steps) == 4  # the method's default step count
+    assert gen.pipe.get_active_adapters() == ["lcm-lora"]
+    assert not np.array_equal(_pixels(plain), _pixels(fast))
+    assert measure_gb(gen) > size_plain  # the LoRA lives in the UNet: the manager counts it with the generator
+
+    # The LoRA's own effect, apart from the scheduler: the same LCM drawing with the LoRA switched off differs.
+    gen.pipe.disable_lora()
+    without = gen.pipe(prompt="a dog", num_inference_steps=4, guidance_scale=1.0, width=64, height=64,
+                       generator=__import__("torch").Generator().manual_seed(5)).images[0]
+    gen.pipe.enable_lora()
+    assert not np.array_equal(_pixels(fast), _pixels(without))
+
+    again = gen.generate("a dog", seed=5)  # settings say off: back to the checkpoint's scheduler, LoRA off
+    assert gen.pipe.scheduler is base_scheduler
+    assert np.array_equal(_pixels(plain), _pixels(again)), "off after lcm-lora must be bit for bit the plain picture"
+    assert np.array_equal(_pixels(fast), _pixels(gen.generate("a dog", seed=5, fast="lcm-lora")))
+
+
+def test_distilled_uses_trailing_timesteps_and_no_lora(settings: Settings) -> None:
+    gen = Generator.from_pretrained(settings)
+    base = gen.pipe.scheduler
+    steps: list[int] = []
+    gen.generate("a cat", seed=2, fast="distilled", on_step=lambda done, total: steps.append(total))
+    assert type(gen.pipe.scheduler) is type(base) and gen.pipe.scheduler.config.timestep_spacing == "trailing"
+    assert base.config.timestep_spacing == "leading"  # the original is kept untouched for "off"
+    assert not gen.fast.lora_loaded and len(steps) == 4
+    gen.generate("a cat", seed=2)
+    assert gen.pipe.scheduler is base
+
+
+def test_ip_adapter_guides_the_fast_drawings_in_either_loading_order(settings: Settings) -> None:
+    # LoRA first, then the adapter
+    gen = Generator.from_pretrained(settings)
+    fast_plain = gen.generate("a cat", seed=1, fast="lcm-lora")
+    guided = gen.generate("a cat", seed=1, fast="lcm-lora", references=[RED], ip_scale=1.0)
+    assert gen.adapter_loaded and gen.fast.lora_loaded
+    assert not np.array_equal(_pixels(fast_plain), _pixels(guided))
+    # unguided after guided, still fast: the scale-0 zero-embedding path without classifier-free guidance
+    assert np.array_equal(_pixels(fast_plain), _pixels(gen.generate("a cat", seed=1, fast="lcm-lora")))
+
+    # adapter first, then the LoRA: the same pictures
+    other = Generator.from_pretrained(settings)
+    other.generate("a cat", seed=1, references=[RED], ip_scale=1.0)
+    assert np.array_equal(_pixels(guided), _pixels(
+        other.generate("a cat", seed=1, fast="lcm-lora", references=[RED], ip_scale=1.0)))
+    distilled = other.generate("a cat", seed=1, fast="distilled", references=[RED], ip_scale=1.0)
+    assert distilled.size == guided.size
+
+
+def test_switching_fast_mode_is_not_a_reload_and_the_manager_counts_the_lora(tiny_settings: Settings) -> None:
+    from imgrag.engine import build_manager
+
+    manager = build_manager(tiny_settings)
+    sizes = []
+    for mode in ("off", "lcm-lora", "off", "distilled", "lcm-lora", "off"):
+        with manager.use("generator") as gen:
+            gen.generate("a boat", seed=0, fast=mode)
+        sizes.append(manager.stats()["generator"]["size_gb"])
+    assert manager.load_counts()["generator"] == 1
+    assert sizes[1] > sizes[0] and sizes[1:] == [sizes[1]] * 5  # grows once, when the LoRA loads; never again
+
+
+def test_a_missing_or_foreign_lora_is_a_model_load_error(settings: Settings, tiny_kit: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    from imgrag.tiny_kit import SDXL_UNET, build_lcm_lora
+
+    gen = Generator.from_pretrained(settings)
+    gen.settings = settings_copy = load_settings(
+        "tiny", environ={"IMGRAG_TINY_KIT_DIR": str(tiny_kit["generator"].parent), "IMGRAG_HOME": str(tmp_path),
+                         "IMGRAG_MODELS_LCM_LORA": str(tmp_path / "nowhere")})
+    gen.fast.settings = settings_copy
+    with pytest.raises(ModelLoadError, match="LCM-LoRA checkpoint not found"):
+        gen.generate("a cat", seed=0, fast="lcm-lora")
+    assert gen.fast.mode == "off" and not gen.fast.lora_loaded
+
+    foreign = tmp_path / "foreign"  # a LoRA for a UNet of other widths
+    build_lcm_lora(foreign, {**SDXL_UNET, "block_out_channels": (16, 32), "norm_num_groups": 4}, rank=2, seed=0)
+    settings_copy.models.lcm_lora = str(foreign)
+    with pytest.raises(ModelLoadError) as info:
+        gen.generate("a cat", seed=0, fast="lcm-lora")
+    assert "\n" not in str(info.value) and str(foreign) in str(info.value)
+
+    import torch
+    from safetensors.torch import save_file
+
+    unrelated = tmp_path / "unrelated"  # keys for no module of the UNet: diffusers would only warn
+    unrelated.mkdir()
+    save_file({f"text_encoder_9.x.lora_{h}.weight": torch.zeros(2, 2) for h in "AB"},
+              str(unrelated / "pytorch_lora_weights.safetensors"))
+    settings_copy.models.lcm_lora = str(unrelated)
+    with pytest.raises(ModelLoadError, match="holds no LoRA weights for this generator's UNet"):
+        gen.generate("a cat", seed=0, fast="lcm-lora")
+    with pytest.raises(UserError, match="fast must be one of"):
+        gen.generate("a cat", seed=0, fast="turbo")
