@@ -612,7 +612,7 @@ LCM_LORA_RANK = 64  # the published SDXL LCM-LoRA's (197 M parameters)
 TINY_LCM_LORA_RANK = 4
 
 
-def build_lcm_lora(dest: Path, unet_config: dict[str, Any], *, rank: int, seed: int, device: str = "cpu",
+def build_lcm_lora(dest: Path, unet_config: dict[str, Any], *, rank: int, seed: int | None, device: str = "cpu",
                    dtype: Any = None) -> int:
     """Write a random LoRA for the UNet of ``unet_config`` in the real LCM-LoRA on-disk format; return its size.
 
@@ -620,13 +620,15 @@ def build_lcm_lora(dest: Path, unet_config: dict[str, Any], *, rank: int, seed: 
     ``get_peft_model_state_dict``): ``dest/pytorch_lora_weights.safetensors`` with ``unet.*.lora_A/B.weight``
     keys over :data:`LCM_LORA_TARGET_MODULES`. PEFT starts ``lora_B`` at zero (a no-op LoRA); here both halves
     are random so that switching the LoRA on visibly changes the drawing. Returns the LoRA's parameter count.
+    ``seed=None`` keeps torch's random state as the caller set it.
     """
     import torch
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(unet_config)
         if dtype is not None:

@@ -183,3 +183,20 @@ def test_a_missing_or_foreign_lora_is_a_model_load_error(settings: Settings, tin
         gen.generate("a cat", seed=0, fast="lcm-lora")
     with pytest.raises(UserError, match="fast must be one of"):
         gen.generate("a cat", seed=0, fast="turbo")
+
+
+def test_the_full_size_lora_has_the_published_size() -> None:
+    """latent-consistency/lcm-lora-sdxl's model card: 197 M parameters (rank 64 over the training script's modules)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from imgrag import full_scale
+    from imgrag.tiny_kit import LCM_LORA_RANK, LCM_LORA_TARGET_MODULES
+
+    with torch.device("meta"):  # shapes only
+        unet = UNet2DConditionModel.from_config(full_scale.SDXL_UNET)
+        unet.add_adapter(LoraConfig(r=LCM_LORA_RANK, lora_alpha=LCM_LORA_RANK, target_modules=LCM_LORA_TARGET_MODULES))
+    count = sum(p.numel() for name, p in unet.named_parameters() if "lora_" in name)
+    assert round(count / 1e6) == 197
+    assert full_scale.FULL.lcm_lora["rank"] == LCM_LORA_RANK
