@@ -13,6 +13,7 @@ from rich.table import Table
 from agent.cli_common import (
     TINY_WARNING,
     ConfigOpt,
+    FastOpt,
     JsonOpt,
     ProfileOpt,
     StoreOpt,
@@ -94,8 +95,9 @@ class ProgressPrinter:
             err.print(f"{elapsed}  {event['status']}{reason}: {event['final_image']}", soft_wrap=True)
 
 
-def _make_runner(profile, config, store, out_dir, on_event):
-    settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
+def _make_runner(profile, config, store, out_dir, on_event, fast=None):
+    settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
+                                   **{"generation.fast": fast})
     prepare_models(settings)
     from agent.runner import Runner
 
@@ -112,6 +114,7 @@ def run(
     resume: Annotated[
         str | None, typer.Option("--resume", help="Continue a killed run by its thread (run) id.")
     ] = None,
+    fast: FastOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -129,7 +132,7 @@ def run(
     if resume is None and not prompt:
         raise UserError("give a PROMPT, or --resume RUN_ID to continue a run")
     with ProgressPrinter() as progress:
-        runner, settings = _make_runner(profile, config, store, out_dir, progress)
+        runner, settings = _make_runner(profile, config, store, out_dir, progress, fast)
         if resume:
             result = runner.resume(resume)
         else:
@@ -153,6 +156,7 @@ def batch(
     max_rounds: MaxRoundsOpt = None,
     planner: PlannerOpt = "agent",
     out_dir: OutOpt = None,
+    fast: FastOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -165,7 +169,7 @@ def batch(
     read_prompt_file(file)  # a bad file fails before any model loads
 
     with ProgressPrinter() as progress:
-        runner, settings = _make_runner(profile, config, store, out_dir, progress)
+        runner, settings = _make_runner(profile, config, store, out_dir, progress, fast)
         summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
                                on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
     if as_json:
