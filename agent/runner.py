@@ -195,6 +195,7 @@ class Runner:
             "references": state.get("references") or {},
             "run_dir": str(record.dir),
             "profile": self.settings.profile,
+            "fast": self.settings.generation.fast,  # few-step drawing mode of this run's pictures (imgrag.fast)
         }
         if self.settings.is_tiny:
             result["note"] = TINY_NOTE

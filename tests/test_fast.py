@@ -200,3 +200,128 @@ def test_the_full_size_lora_has_the_published_size() -> None:
     count = sum(p.numel() for name, p in unet.named_parameters() if "lora_" in name)
     assert round(count / 1e6) == 197
     assert full_scale.FULL.lcm_lora["rank"] == LCM_LORA_RANK
+
+
+# ----- the command line and the preset -----
+
+REPO = Path(__file__).resolve().parent.parent
+PRESET = REPO / "imgrag" / "profiles" / "fast-draft.toml"
+
+
+@pytest.fixture
+def mode_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every mode the generators were put in, and "load" for each LoRA load (the real methods still run)."""
+    from imgrag import fast
+
+    seen: list[str] = []
+    apply, load = fast.FastSwitch.apply, fast.FastSwitch.load_lora
+
+    def spy_apply(self, mode):
+        seen.append(mode)
+        return apply(self, mode)
+
+    def spy_load(self):
+        if not self.lora_loaded:
+            seen.append("load")
+        return load(self)
+
+    monkeypatch.setattr(fast.FastSwitch, "apply", spy_apply)
+    monkeypatch.setattr(fast.FastSwitch, "load_lora", spy_load)
+    return seen
+
+
+def test_generate_fast_with_references(tiny_settings: Settings, tmp_path: Path, capsys, mode_spy) -> None:
+    import json
+
+    from tests.cli import run_cli
+
+    ref = tmp_path / "ref.png"
+    RED.save(ref)
+    target = tmp_path / "fast.png"
+    code, out, err = run_cli(capsys, "generate", "a cat", "--profile", "tiny", "--fast", "lcm-lora", "--ref", str(ref),
+                             "-o", str(target), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["fast"], doc["steps"], doc["guidance"]) == ("lcm-lora", 4, 1.0)
+    assert mode_spy == ["lcm-lora", "load"] and Image.open(target).size == (64, 64)
+
+    code, out, err = run_cli(capsys, "generate", "a cat", "--profile", "tiny", "--fast", "lcm-lora", "--steps", "2",
+                             "-o", str(target), "--json")
+    assert code == 0, err
+    assert json.loads(out)["steps"] == 2  # --steps still wins over the method's default
+
+    code, out, err = run_cli(capsys, "generate", "a cat", "--profile", "tiny", "--fast", "turbo", "-o", str(target))
+    assert code == 1 and "Traceback" not in err
+    assert "generation.fast must be one of off, lcm-lora, distilled" in err
+
+
+@pytest.fixture
+def indexed_store(tiny_settings: Settings, tmp_path: Path, capsys) -> Path:
+    from tests.cli import run_cli
+
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(folder / f"r{i}.png")
+        (folder / f"r{i}.txt").write_text(f"reference photo number {i}", encoding="utf-8")
+    code, _, err = run_cli(capsys, "index", str(folder), "--profile", "tiny", "--json")
+    assert code == 0, err
+    return folder
+
+
+def test_run_fast_lcm_lora_goes_through_the_lora_path_with_references(indexed_store: Path, capsys,
+                                                                      mode_spy) -> None:
+    """The issue's "done when": `imgrag run ... --fast lcm-lora --profile tiny`, a full loop, references included."""
+    import json
+
+    from tests.cli import run_cli
+
+    code, out, err = run_cli(capsys, "run", "a wooden cradle", "--profile", "tiny", "--fast", "lcm-lora",
+                             "--planner", "fixed", "--max-rounds", "2", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    tools = [s["tool"] for s in result["steps"]]
+    assert {"generate", "critique", "retrieve", "regenerate"} <= set(tools), tools
+    assert any(c["reference_ids"] for c in result["candidates"]), "the redraw must be guided by references"
+    assert result["fast"] == "lcm-lora" and result["model_loads"]["generator"] == 1
+    assert mode_spy == ["lcm-lora", "load", "lcm-lora"]  # two drawings, one LoRA load, never "off"
+
+
+def test_batch_and_chat_take_fast(indexed_store: Path, tmp_path: Path, capsys, mode_spy,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from agent import cli_chat
+    from tests.cli import run_cli
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red kettle\n", encoding="utf-8")
+    code, out, err = run_cli(capsys, "batch", str(prompts), "--profile", "tiny", "--fast", "distilled",
+                             "--planner", "fixed", "--max-rounds", "1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["items"][0]["status"] in {"matched", "budget_exhausted"}
+    assert mode_spy == ["distilled"]
+
+    seen: list[Settings] = []
+
+    class Repl:
+        def __init__(self, settings, planner, rounds) -> None:
+            seen.append(settings)
+
+        def run(self, thread) -> None:
+            return None
+
+    monkeypatch.setattr(cli_chat, "ChatRepl", Repl)
+    code, _, err = run_cli(capsys, "chat", "--profile", "tiny", "--fast", "lcm-lora")
+    assert code == 0, err
+    assert seen[0].generation.fast == "lcm-lora"
+
+
+def test_fast_draft_preset_layers_over_any_profile(tiny_kit: dict[str, Path], tmp_path: Path) -> None:
+    environ = {"IMGRAG_TINY_KIT_DIR": str(tiny_kit["generator"].parent), "IMGRAG_HOME": str(tmp_path)}
+    over_tiny = load_settings("tiny", config=PRESET, environ=environ)
+    assert over_tiny.is_tiny and over_tiny.generation.fast == "lcm-lora" and over_tiny.budget.max_rounds == 6
+    assert draw_plan(over_tiny.generation).steps == 4
+    as_profile = load_settings(str(PRESET), environ=environ)
+    assert as_profile.profile == "default" and as_profile.generation.fast == "lcm-lora"
