@@ -23,6 +23,7 @@ from imgrag.errors import UserError
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, new_run_id, write_json_atomic
 from imgrag.settings import Settings
 from tools.context import EventSink, ToolContext
+from tools.final_redraw import redraw_final_full
 
 PLANNERS = ("agent", "fixed")
 TINY_NOTE = ("tiny profile: random-weight models; the pictures are noise, the verdicts junk, and the fixed "
@@ -160,7 +161,10 @@ class Runner:
             pass
         self.reference_store = ctx.reference_store  # keep the opened store for the next run of a batch
         snapshot = graph.get_state(config)
+        final_full = None if snapshot.interrupts else redraw_final_full(ctx, snapshot.values)
         result = self._result(snapshot.values, record)
+        if final_full:
+            result["final_full"] = final_full  # the matched fast draft redrawn at full steps, when asked
         if snapshot.interrupts:  # paused for the user (review): not over, so no result.json yet
             result["pending"] = [i.value for i in snapshot.interrupts]
             self.on_event({"event": "paused", "run_id": run_id})

@@ -66,6 +66,7 @@ class GenerationSettings:
     fast: str = "off"
     fast_steps: int | None = None
     fast_guidance: float | None = None
+    fast_final_redraw: bool = False  # after a matched fast run, redraw its answer at full steps (tools/final_redraw.py)
 
 
 @dataclass

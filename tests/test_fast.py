@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -325,3 +326,48 @@ def test_fast_draft_preset_layers_over_any_profile(tiny_kit: dict[str, Path], tm
     assert draw_plan(over_tiny.generation).steps == 4
     as_profile = load_settings(str(PRESET), environ=environ)
     assert as_profile.profile == "default" and as_profile.generation.fast == "lcm-lora"
+
+
+# ----- the optional full-step redraw of a matched fast run -----
+
+@pytest.mark.parametrize("fast, final_redraw, expected", [
+    ("lcm-lora", True, ["lcm-lora", "load", "lcm-lora", "off"]),
+    ("lcm-lora", False, ["lcm-lora", "load", "lcm-lora"]),
+    ("off", True, ["off", "off"]),  # nothing to redraw: the run already drew at full steps
+])
+def test_a_matched_fast_run_is_redrawn_at_full_steps_when_asked(tiny_settings: Settings, tmp_path: Path, mode_spy,
+                                                                 fast: str, final_redraw: bool,
+                                                                 expected: list[str]) -> None:
+    """Real tiny generator; the judge is scripted (the tiny one never matches): no match, then a match."""
+    from agent.runner import Runner, open_checkpointer
+    from imgrag.judge import Verdict
+    from tests.fakes import FakeEmbedder, FakeManager, MemoryStore, ScriptedJudge
+
+    tiny_settings.generation.fast = fast
+    tiny_settings.generation.fast_final_redraw = final_redraw
+    tiny_settings.output_dir = str(tmp_path / "runs")
+    generator = Generator.from_pretrained(tiny_settings)
+    judge = ScriptedJudge([Verdict(match=False, missing=["cradle"]), Verdict(match=True)])
+    (tmp_path / "refs").mkdir()
+    runner = Runner(tiny_settings, manager=FakeManager({"generator": generator, "judge": judge,
+                                                        "embedder": FakeEmbedder()}),
+                    reference_store=MemoryStore(tmp_path / "refs"),
+                    checkpointer=open_checkpointer(tmp_path / "threads.sqlite"))
+    result = runner.run("a wooden cradle", seed=4, planner="fixed", max_rounds=3)
+
+    assert result["status"] == "matched" and result["rounds"] == 2
+    assert mode_spy == expected
+    if fast == "off" or not final_redraw:
+        assert "final_full" not in result and result["steps"][-1]["tool"] != "final_redraw"
+        return
+    full = result["final_full"]
+    assert result["steps"][-1]["tool"] == "final_redraw" and result["steps"][-1]["ok"]
+    assert full["candidate_id"] == result["final_candidate"] and full["steps"] == tiny_settings.generation.steps
+    matched = next(c for c in result["candidates"] if c["id"] == result["final_candidate"])
+    assert matched["reference_ids"], "the matched candidate was the guided redraw"
+    refs = [Image.open(result["references"][i]["path"]) for i in matched["reference_ids"]]
+    again = generator.generate(matched["prompt"], seed=matched["seed"], references=refs, ip_scale=matched["ip_scale"],
+                               fast="off")
+    assert np.array_equal(_pixels(Image.open(full["path"])), _pixels(again)), "same seed, same references, full steps"
+    assert not np.array_equal(_pixels(Image.open(full["path"])), _pixels(Image.open(matched["path"])))
+    assert json.loads((Path(result["run_dir"]) / "result.json").read_text())["final_full"] == full
