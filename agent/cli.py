@@ -111,6 +111,8 @@ def doctor(
     m = settings.models
     checkpoints = {"generator": m.generator, "ip_adapter": m.ip_adapter, "judge": m.judge,
                    "llm": m.llm if m.llm_backend == "local" else f"{m.llm} @ {m.llm_base_url}", "embedder": m.embedder}
+    if settings.generation.fast == "lcm-lora":  # few-step drawing loads this LoRA into the generator
+        checkpoints["lcm_lora"] = m.lcm_lora
     report["checkpoints"] = {
         role: {"ref": ref, "status": "remote endpoint" if "@" in ref else _checkpoint_status(ref)}
         for role, ref in checkpoints.items()

@@ -84,3 +84,4 @@ def test_built_wheel_contains_the_prompts(tmp_path: Path) -> None:
     for prompt in prompt_files:
         assert f"prompts/{prompt}" in names
     assert "agent/graph.py" in names and "tools/image_tools.py" in names and "imgrag/settings.py" in names
+    assert "imgrag/profiles/fast-draft.toml" in names  # the few-step preset

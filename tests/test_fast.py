@@ -371,3 +371,16 @@ def test_a_matched_fast_run_is_redrawn_at_full_steps_when_asked(tiny_settings: S
     assert np.array_equal(_pixels(Image.open(full["path"])), _pixels(again)), "same seed, same references, full steps"
     assert not np.array_equal(_pixels(Image.open(full["path"])), _pixels(Image.open(matched["path"])))
     assert json.loads((Path(result["run_dir"]) / "result.json").read_text())["final_full"] == full
+
+
+def test_doctor_lists_the_lora_when_fast_mode_needs_it(tiny_settings: Settings, capsys,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.cli import run_cli
+
+    code, out, err = run_cli(capsys, "doctor", "--profile", "tiny", "--json")
+    assert code == 0, err
+    assert "lcm_lora" not in json.loads(out)["checkpoints"]
+    monkeypatch.setenv("IMGRAG_GENERATION_FAST", "lcm-lora")
+    code, out, err = run_cli(capsys, "doctor", "--profile", "tiny", "--json")
+    assert code == 0, err
+    assert json.loads(out)["checkpoints"]["lcm_lora"]["status"] == "local directory"
