@@ -384,3 +384,29 @@ def test_doctor_lists_the_lora_when_fast_mode_needs_it(tiny_settings: Settings, 
     code, out, err = run_cli(capsys, "doctor", "--profile", "tiny", "--json")
     assert code == 0, err
     assert json.loads(out)["checkpoints"]["lcm_lora"]["status"] == "local directory"
+
+
+def test_switching_leaves_sdxls_weights_untouched_where_fusing_would_not(tiny_kit: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    """Why imgrag.fast enables/disables the LoRA instead of fusing it: in float16, fuse + unfuse changes SDXL."""
+    import torch
+
+    settings = _settings(tiny_kit, tmp_path, IMGRAG_DTYPE="float16", IMGRAG_DEVICE="cpu")
+    gen = Generator.from_pretrained(settings)
+
+    def base_weights() -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in gen.pipe.unet.state_dict().items() if "lora_" not in k}
+
+    gen.fast.load_lora()
+    before = base_weights()
+    for mode in ("lcm-lora", "off", "distilled", "lcm-lora", "off"):
+        gen.fast.apply(mode)
+    after = base_weights()
+    assert all(torch.equal(before[k], after[k].reshape(before[k].shape)) for k in before)
+
+    gen.fast.apply("lcm-lora")
+    gen.pipe.fuse_lora(adapter_names=["lcm-lora"])
+    gen.pipe.unfuse_lora()
+    fused_back = base_weights()
+    changed = [k for k in before if not torch.equal(before[k], fused_back[k].reshape(before[k].shape))]
+    assert changed, "fuse + unfuse in float16 should leave rounding error (else fusing would be safe)"
