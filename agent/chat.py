@@ -187,11 +187,12 @@ def refine_prompt(prompt: str, refinement: str) -> str:
 
 
 def follow_up_update(state: dict[str, Any], message: str, followup: FollowUp, *, rounds: int,
-                     budget: BudgetSettings, approve: bool) -> dict[str, Any]:
-    """The state update for a follow-up on a settled thread (merged through the state's reducers)."""
+                     budget: BudgetSettings, approve: bool, planner: str | None = None) -> dict[str, Any]:
+    """The state update for a follow-up on a settled thread (merged through the state's reducers). ``planner``
+    is the chat's planner: a thread resumed under another ``--planner`` runs its next request with it."""
     used_rounds = int(state.get("rounds", 0))
     update: dict[str, Any] = {
-        "messages": [HumanMessage(message)],
+        "messages": [HumanMessage(message)], "planner": planner or state["planner"],
         "failures": 0, "finished": None, "status": None, "stop_reason": None, "approve": approve,
         # A new request gets one request's worth of budget beyond what the thread has spent.
         "budget": {"max_rounds": used_rounds + rounds,
@@ -204,8 +205,9 @@ def follow_up_update(state: dict[str, Any], message: str, followup: FollowUp, *,
         update["prompt"] = refine_prompt(state["prompt"], followup.refinement)
         if update["continue_from"]:  # earlier retrievals answered the old prompt: the repair retrieves afresh
             update["continue_from"]["retrievals_from"] = len(state.get("retrievals") or [])
-        # The verdicts answered another prompt: keep them for the record, let the judge look again.
-        update["candidates"] = {cid: {**c, "verdict": None, "stale_verdict": c["verdict"]}
+        # The verdicts answered another prompt: keep them for the record, with that prompt; the judge looks again.
+        update["candidates"] = {cid: {**c, "verdict": None, "stale_verdict": c["verdict"],
+                                      "stale_prompt": state["prompt"]}
                                 for cid, c in (state.get("candidates") or {}).items() if c.get("verdict") is not None}
     return update
 
@@ -452,7 +454,9 @@ class ChatSession:
                                                          for p in followup.picks)))
         rounds = self._check_rounds(followup.rounds or self.rounds)
         update = follow_up_update(values, text, followup, rounds=rounds, budget=self.settings.budget,
-                                  approve=self.approve or bool(picks))
+                                  approve=self.approve or bool(picks), planner=self.planner)
+        if values.get("planner") and values["planner"] != self.planner:
+            self._note(f"planner {self.planner} from this request on (the thread ran with {values['planner']})")
         if "prompt" in update:
             self._note(f"prompt: {update['prompt']}")
         if followup.rounds:
@@ -463,6 +467,7 @@ class ChatSession:
         self._picks = picks or None
         self._picks_used = False
         event = {"event": "follow_up", "message": text, "prompt": update.get("prompt", values["prompt"]),
+                 "planner": self.planner,
                  "budget": update["budget"], "continue_from": update["continue_from"]}
         return self.runner.continue_thread(self.thread_id, update, event)
 

@@ -135,6 +135,8 @@ def doctor(
         print_json(report)
         return
     table = Table(title=f"imgrag doctor — profile {settings.profile}", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")  # paths and hub ids: folded onto more lines, never cut
     table.add_row("device", f"{device} ({report['dtype']}), torch {report['torch']}")
     if report["gpu"]:
         g = report["gpu"]

@@ -9,6 +9,7 @@ Ctrl-D quits. A user mistake prints one line and the chat goes on.
 from __future__ import annotations
 
 import sys
+import textwrap
 import time
 import traceback
 from pathlib import Path
@@ -19,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from agent.cli_common import ConfigOpt, FastOpt, ProfileOpt, StoreOpt, app, err, out, prepare_models
-from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, activity, check_planner, tool_line
+from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, StatusText, check_planner, print_store, print_tool_line
 from imgrag.errors import UserError
 
 PROMPT = "imgrag> "
@@ -31,18 +32,15 @@ class ChatStatus:
 
     def __init__(self) -> None:
         self.status: Any = None
-        self.start = time.monotonic()
-        self.round = 0
-        self.text = "starting"
+        self.line = StatusText(suffix="[dim](Ctrl-C stops)[/]")
 
     def begin(self) -> None:
-        self.start = time.monotonic()
-        self.text = "starting"
+        self.line.restart()
         self.resume()
 
     def resume(self) -> None:
         if self.status is None:
-            self.status = err.status(self._line(), spinner="dots")
+            self.status = err.status(self.line, spinner="dots")  # re-rendered at each refresh: the clock ticks
             self.status.start()
 
     def end(self) -> None:
@@ -50,26 +48,18 @@ class ChatStatus:
             self.status.stop()
             self.status = None
 
-    def _line(self) -> str:
-        return f"{time.monotonic() - self.start:6.1f}s  round {self.round}  {self.text}  [dim](Ctrl-C stops)[/]"
-
-    def _show(self, text: str) -> None:
-        self.text = text
-        if self.status is not None:
-            self.status.update(self._line())
-
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "note":
             out.print(f"[cyan]·[/] {escape(event['text'])}", soft_wrap=True)
             return
-        if kind == "tool_start":
-            self.round = event.get("round", self.round)
-        text = activity(event)
-        if text is not None:
-            self._show(text)
+        if self.line.update(event):
+            if self.status is not None:
+                self.status.update(self.line)
         elif kind == "tool_end":
-            err.print(tool_line(event, time.monotonic() - self.start), soft_wrap=True)
+            print_tool_line(event, self.line.elapsed())
+        elif kind == "store":
+            print_store(event)
 
 
 class LineReader:
@@ -287,7 +277,8 @@ class ChatRepl:
             table.add_column(column, overflow="fold")
         for t in threads:
             mark = " *" if t["id"] == self.session.thread_id else ""
-            table.add_row(t["id"] + mark, t["date"], str(t["requests"]), t["status"], escape(t["first"][:60]))
+            first = textwrap.shorten(t["first"], 60, placeholder=" …") if t["first"].strip() else ""
+            table.add_row(t["id"] + mark, t["date"], str(t["requests"]), t["status"], escape(first))
         out.print(table)
 
     def cmd_resume(self, arg: str) -> None:

@@ -12,10 +12,26 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
 
 from imgrag.errors import UserError
 from imgrag.settings import Settings, SettingsError, load_settings
+
+
+def _flag_aware_type(display_type_rich: Any) -> Any:
+    """Typer 0.29's rich help gives every option a type column, so a flag (--json, --help) reads ``<bool>`` as if
+    it took a value. A flag takes none: its column stays empty, as in Click's plain help."""
+
+    def display(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag or self.count else display_type_rich(self, ctx)
+
+    return display
+
+
+if not getattr(typer.core.TyperOption.display_type_rich, "_imgrag_flags", False):
+    typer.core.TyperOption.display_type_rich = _flag_aware_type(typer.core.TyperOption.display_type_rich)
+    typer.core.TyperOption.display_type_rich._imgrag_flags = True  # type: ignore[attr-defined]
 
 app = typer.Typer(
     name="imgrag",

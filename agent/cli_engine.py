@@ -58,7 +58,8 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the picture (.png, .jpg, .webp).")],
     ref: Annotated[list[Path] | None, typer.Option(
-        "--ref", help="A reference image to guide the drawing through IP-Adapter; repeat for several.")] = None,
+        "--ref", metavar="PATH",
+        help="A reference image to guide the drawing through IP-Adapter; repeat for several.")] = None,
     ip_scale: Annotated[float | None, typer.Option(
         "--ip-scale", help="How strongly the references steer, 0..2 (default: generation.ip_scale).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same picture (default: generation.seed).")]
@@ -120,8 +121,6 @@ def generate(
     fast_note = f", {plan.mode}" if plan.mode != "off" else ""
     out.print(f"wrote {output} ({g.width}x{g.height}, {n_steps} steps{fast_note}, seed {g.seed}{guided}) "
               f"in {seconds} s", markup=False)
-    if settings.is_tiny:
-        out.print(f"note: {TINY_WARNING}", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -161,7 +160,5 @@ def critique(
         out.print(f"missing: {missing}", soft_wrap=True, markup=False)
         if verdict.reason:
             out.print(f"reason:  {verdict.reason}", soft_wrap=True, markup=False)
-    if settings.is_tiny:
-        out.print(f"note: {TINY_WARNING}", markup=False, soft_wrap=True)
 
 

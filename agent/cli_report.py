@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from agent.cli_common import (
-    TINY_WARNING,
     ConfigOpt,
     JsonOpt,
     ProfileOpt,
@@ -22,14 +21,15 @@ from agent.cli_common import (
     print_json,
     settings_from_flags,
 )
-from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, check_planner
+from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, check_planner, print_store
 
 
 @app.command()
 def report(
     folder: Annotated[Path, typer.Argument(help="A run folder, a batch folder or an eval folder.")],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Where to write the page (default: FOLDER/report.html).")
+        Path | None,
+        typer.Option("--output", "-o", help="Where to write the HTML page, a .html file (default: FOLDER/report.html)"),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -99,11 +99,10 @@ def eval_command(
         state = record["error"] or f"agent {a.get('status')} in {a.get('rounds')} round(s)"
         err.print(f"prompt {record['index'] + 1}/{total}: {state}", soft_wrap=True)
 
-    evaluation = Evaluation(settings, planner=planner, max_rounds=max_rounds)
+    evaluation = Evaluation(settings, planner=planner, max_rounds=max_rounds,
+                            on_event=lambda event: print_store(event) if event["event"] == "store" else None)
     doc = evaluation.run(file, limit=limit, items=items, on_item=on_item)
     if as_json:
         print_json(doc)
         return
     _print_eval(doc)
-    if settings.is_tiny:
-        out.print(f"[yellow]{TINY_WARNING}[/]")

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from agent.cli_common import (
-    TINY_WARNING,
     ConfigOpt,
     FastOpt,
     JsonOpt,
@@ -55,20 +56,78 @@ def activity(event: dict[str, Any]) -> str | None:
     return None
 
 
+# Tools that draw a picture: while one runs, the round shown is the one being drawn (tool_start carries the
+# rounds drawn so far).
+DRAWING_TOOLS = ("generate", "regenerate")
+
+
 def tool_line(event: dict[str, Any], elapsed: float) -> str:
     """The line kept on stderr when a tool finishes (its message escaped: captions may hold [brackets])."""
     mark = "[green]✓[/]" if event["ok"] else "[red]✗[/]"
-    message = escape(event["message"][:110])
-    return f"{elapsed:6.1f}s  {mark} {event['tool']:<10} {event['seconds']:6.2f}s  [dim]{message}[/]"
+    message = escape(event["message"])
+    return f"{elapsed:6.1f}s  {mark} {escape(event['tool']):<10} {event['seconds']:6.2f}s  [dim]{message}[/]"
+
+
+def print_tool_line(event: dict[str, Any], elapsed: float, console: Console | None = None) -> None:
+    """Print :func:`tool_line`: on a terminal cut to its width with an ellipsis (one line per step, however wide
+    the terminal), elsewhere (a log file) whole."""
+    console = console or err
+    if console.is_terminal:
+        console.print(tool_line(event, elapsed), no_wrap=True, overflow="ellipsis")
+    else:
+        console.print(tool_line(event, elapsed), soft_wrap=True)
+
+
+def print_store(event: dict[str, Any], console: Console | None = None) -> None:
+    """The runner's ``store`` event: a warning when the store is empty or missing, else a dim line naming it."""
+    console = console or err
+    if event.get("warning"):
+        console.print(f"[yellow]warning:[/] {escape(event['warning'])}", soft_wrap=True)
+    else:
+        console.print(f"[dim]store {escape(event['location'])}: {event['pictures']} pictures[/]", soft_wrap=True)
+
+
+class StatusText:
+    """The live status line: elapsed time, round, what the agent does. Rich's Live re-renders it at every
+    refresh (``__rich__``), so the clock ticks through model loads and LLM calls, which send no event."""
+
+    def __init__(self, suffix: str = "") -> None:
+        self.suffix = suffix  # markup added after the activity, e.g. "(Ctrl-C stops)"
+        self.restart()
+
+    def restart(self) -> None:
+        self.start = time.monotonic()
+        self.round = 0
+        self.text = "starting"
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def update(self, event: dict[str, Any]) -> bool:
+        """Take a runner event; True when it changed what the line shows."""
+        if event["event"] == "tool_start":
+            drawn = int(event.get("round", self.round) or 0)
+            self.round = drawn + 1 if event.get("tool") in DRAWING_TOOLS else max(drawn, 1)
+        text = activity(event)
+        if text is None:
+            return False
+        self.text = text
+        return True
+
+    def __rich__(self) -> Text:
+        line = Text(f"{self.elapsed():6.1f}s  round {self.round}  ")
+        line.append(self.text)  # plain text: a tool's words are never read as markup
+        if self.suffix:
+            line.append("  ").append_text(Text.from_markup(self.suffix))
+        return line
 
 
 class ProgressPrinter:
     """Turns the runner's events into one live status line and a line per finished tool on stderr."""
 
     def __init__(self) -> None:
-        self.start = time.monotonic()
-        self.round = 0
-        self.status = err.status("starting", spinner="dots")
+        self.line = StatusText()
+        self.status = err.status(self.line, spinner="dots")
 
     def __enter__(self) -> ProgressPrinter:
         self.status.__enter__()
@@ -78,21 +137,20 @@ class ProgressPrinter:
         self.status.__exit__(*exc)
 
     def __call__(self, event: dict[str, Any]) -> None:
-        seconds = time.monotonic() - self.start
+        seconds = self.line.elapsed()
         elapsed = f"{seconds:6.1f}s"
         kind = event["event"]
-        if kind == "tool_start":
-            self.round = event.get("round", self.round)
-        text = activity(event)
-        if text is not None:
-            self.status.update(f"{elapsed}  round {self.round}  {text}")
+        if self.line.update(event):
+            self.status.update(self.line)
+        elif kind == "store":
+            print_store(event)
         elif kind == "run_start":
-            err.print(f"[dim]run {event['run_id']} → {event['run_dir']}[/]")
+            err.print(f"[dim]run {escape(event['run_id'])} → {escape(event['run_dir'])}[/]", soft_wrap=True)
         elif kind == "tool_end":
-            err.print(tool_line(event, seconds), soft_wrap=True)
+            print_tool_line(event, seconds)
         elif kind == "run_end":
-            reason = f" ({event['stop_reason']})" if event.get("stop_reason") else ""
-            err.print(f"{elapsed}  {event['status']}{reason}: {event['final_image']}", soft_wrap=True)
+            reason = f" ({escape(event['stop_reason'])})" if event.get("stop_reason") else ""
+            err.print(f"{elapsed}  {event['status']}{reason}: {escape(str(event['final_image']))}", soft_wrap=True)
 
 
 def _make_runner(profile, config, store, out_dir, on_event, fast=None):
@@ -142,8 +200,6 @@ def run(
         return
     out.print(f"[bold]{result['status']}[/] after {result['rounds']} round(s): {result['final_image']}", soft_wrap=True)
     out.print(f"run folder: {result['run_dir']}   model loads: {result['model_loads']}", soft_wrap=True)
-    if settings.is_tiny:
-        out.print(f"[yellow]{TINY_WARNING}[/]")
 
 
 @app.command()
@@ -175,13 +231,19 @@ def batch(
     if as_json:
         print_json(summary)
         return
-    table = Table(title=f"batch {summary['batch_dir']}")
+    print_batch(summary)
+
+
+def print_batch(summary: dict[str, Any], console: Console | None = None) -> None:
+    """The batch's table on stdout. Paths are folded onto more lines, never cut, and stay out of the title, so a
+    narrow terminal shows them whole."""
+    console = console or out
+    table = Table(title="batch results")
     for column in ("#", "prompt", "status", "rounds", "seconds", "image or error"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for item in summary["items"]:
-        table.add_row(str(item["index"] + 1), item["prompt"][:40], item["status"], str(item.get("rounds", "")),
-                      str(item.get("seconds", "")), item.get("error") or item.get("final_image") or "")
-    out.print(table)
-    out.print(f"model loads: {summary['model_loads']}")
-    if settings.is_tiny:
-        out.print(f"[yellow]{TINY_WARNING}[/]")
+        table.add_row(str(item["index"] + 1), escape(item["prompt"]), item["status"], str(item.get("rounds", "")),
+                      str(item.get("seconds", "")), escape(item.get("error") or item.get("final_image") or ""))
+    console.print(table)
+    console.print(f"batch folder: {escape(summary['batch_dir'])}", soft_wrap=True)
+    console.print(f"model loads: {summary['model_loads']}", soft_wrap=True)

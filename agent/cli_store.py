@@ -6,6 +6,7 @@ JSON document with ``--json``), progress and messages to stderr.
 
 from __future__ import annotations
 
+import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import ProgressColumn
 from rich.table import Table
 from rich.text import Text
@@ -35,6 +37,7 @@ from imgrag.settings import Settings
 
 MAX_K = 1000
 MAX_BATCH = 1024
+CAPTION_CHARS = 120  # of a caption in the search table; the store and --json keep it whole
 
 
 @contextmanager
@@ -80,7 +83,7 @@ class _IndexProgress:
 @app.command()
 def index(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (walked recursively).",
-                                                show_default=False)],
+                                                show_default=False, metavar="PATH")],
     prune: Annotated[bool, typer.Option("--prune", help="Forget pictures under PATHs whose files are gone.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pictures embedded and written per batch.")] = 32,
     profile: ProfileOpt = None,
@@ -112,7 +115,7 @@ def index(
     finally:
         progress.close()
 
-    usable = summary["added"] + summary["updated"] + summary["unchanged"]
+    usable = summary["added"] + summary["duplicates"] + summary["updated"] + summary["unchanged"]
     if as_json:
         print_json(summary)
     else:
@@ -123,13 +126,16 @@ def index(
 
 
 def _print_summary(summary: dict[str, Any], location: str) -> None:
-    table = Table(title=f"indexed into {location}", show_header=False)
-    for key in ("added", "updated", "unchanged", "removed"):
+    table = Table(title="indexed", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")
+    for key in ("added", "duplicates", "updated", "unchanged", "removed"):
         table.add_row(key, str(summary[key]))
     table.add_row("skipped", str(len(summary["skipped"])))
     table.add_row("pictures in store", str(summary["total"]))
     table.add_row("seconds", f"{summary['seconds']:.2f}")
     out.print(table)
+    out.print(f"store: {escape(location)}", soft_wrap=True)  # a path: on its own line, never cut
     for item in summary["skipped"][:50]:
         # markup off: a path may contain [brackets]
         err.print(f"skipped {item['path']}: {item['reason']}", style="yellow", soft_wrap=True, markup=False)
@@ -180,6 +186,7 @@ def search(
                         f"{('image ' + str(image)) if image else repr(text)}")
     for column in ("#", "score", "path", "caption"):
         table.add_column(column, overflow="fold")
-    for rank, ref in enumerate(results, 1):
-        table.add_row(str(rank), f"{ref.score:.3f}", ref.path, ref.caption[:60])
+    for rank, ref in enumerate(results, 1):  # a long caption is cut at a word, and says so ("…")
+        caption = textwrap.shorten(ref.caption, CAPTION_CHARS, placeholder=" …") if ref.caption.strip() else ""
+        table.add_row(str(rank), f"{ref.score:.3f}", escape(ref.path), escape(caption))
     out.print(table)

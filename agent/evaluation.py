@@ -32,7 +32,7 @@ from typing import Any
 from agent.runner import PLANNERS, TINY_NOTE, Runner, read_prompt_file
 from imgrag.errors import UserError
 from imgrag.images import open_image
-from imgrag.runs import atomic_path, write_json_atomic
+from imgrag.runs import RunRecord, atomic_path, write_json_atomic
 from imgrag.settings import Settings
 
 # Columns of eval.csv, in order. Empty cells mean "not measured" (no gold image, no DINO checkpoint, an error).
@@ -258,10 +258,7 @@ class Evaluation:
         result = self.runner.run(item["prompt"], seed=seed, max_rounds=self.max_rounds or item.get("max_rounds"),
                                  planner=self.planner, run_id=run_id)
         final = next((c for c in result.get("candidates") or [] if c["id"] == result.get("final_candidate")), None)
-        by_tool: dict[str, float] = {}
-        for step in result.get("steps") or []:
-            if isinstance(step.get("seconds"), (int, float)):
-                by_tool[step["tool"]] = round(by_tool.get(step["tool"], 0.0) + step["seconds"], 3)
+        by_tool = stage_seconds(RunRecord(result["run_dir"]).read_steps(), result.get("seconds"))
         out.update(run_dir=result.get("run_dir"), status=result.get("status"), rounds=result.get("rounds"),
                    seconds=result.get("seconds"), seconds_by_tool=by_tool, image=result.get("final_image"),
                    judge_match=bool(((final or {}).get("verdict") or {}).get("match")),
@@ -303,6 +300,22 @@ class Evaluation:
             vectors = self._dino.embed(images)
             for i, side in enumerate(sides):
                 record[side]["dino_gold"] = round(cosine(vectors[i], vectors[-1]), 4)
+
+
+def stage_seconds(trace: list[dict[str, Any]], total: float | None) -> dict[str, float]:
+    """A run's seconds by stage, from its trace: each tool by name, each planner as ``plan_<kind>`` (the LLM
+    choosing a step: ``plan_llm``), and ``overhead`` for the rest of ``total`` (the graph, checkpoints, the trace
+    itself), so the stages add up to the run's seconds. Tools run in parallel can add up to more; overhead is
+    then 0."""
+    stages: dict[str, float] = {}
+    for step in trace:
+        if "event" in step or not isinstance(step.get("seconds"), (int, float)):
+            continue
+        name = f"plan_{step['planner']}" if step.get("planner") else str(step.get("tool"))
+        stages[name] = stages.get(name, 0.0) + float(step["seconds"])
+    if isinstance(total, (int, float)):
+        stages["overhead"] = max(0.0, float(total) - sum(stages.values()))
+    return {name: round(seconds, 3) for name, seconds in stages.items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ class Runner:
         self.on_event = on_event or (lambda event: None)
         self.checkpointer = checkpointer or open_checkpointer(settings.threads_db)
         self.reference_store = reference_store  # None: opened from settings.store on first retrieval
+        self._store_told = False  # the store's picture count is said once per runner (a batch, a chat)
         self._reader: Any = None  # the compiled graph for reading and editing threads, built on first use
 
     # ----- one run -----
@@ -82,7 +83,33 @@ class Runner:
         record = RunRecord(run_dir)
         record.append_step({"event": "start", "prompt": prompt, "planner": planner, "budget": budget,
                             "seed": state["seed"], "profile": self.settings.profile})
+        self._tell_store(record)
         return self._drive(state, run_id, record, state)
+
+    def _tell_store(self, record: RunRecord) -> None:
+        """Say which store the run retrieves from and how many pictures it holds, once per runner: an empty
+        store, or a --store path that does not exist (a typo), is a warning now rather than a surprise at the
+        first retrieve. A store event for the front end; the trace keeps warnings."""
+        if self._store_told:
+            return
+        self._store_told = True
+        if self.reference_store is not None:  # given by the caller (tests, a batch's opened store)
+            location = str(getattr(self.reference_store, "location", "the given store"))
+            pictures: int | None = int(self.reference_store.count())
+        else:
+            from imgrag.store import store_census
+
+            location, pictures = store_census(self.settings.store)
+        warning = None
+        if pictures is None:
+            warning = (f"the store {location} does not exist yet, so retrieval will find no reference; check "
+                       f"--store, or add pictures with `imgrag index PATH --store {location}`")
+        elif pictures == 0:
+            warning = (f"the store {location} holds no pictures, so retrieval will find no reference; add some "
+                       f"with `imgrag index PATH --store {location}`")
+        if warning:
+            record.append_step({"event": "warning", "warning": warning})
+        self.on_event({"event": "store", "location": location, "pictures": pictures, "warning": warning})
 
     def resume(self, run_id: str) -> dict[str, Any]:
         """Continue a run from its last checkpoint; finished steps are not redone."""
@@ -117,6 +144,7 @@ class Runner:
         record = RunRecord(snapshot.values["run_dir"])
         if event:
             record.append_step(event)
+        self._tell_store(record)
         values = {**snapshot.values, **graph_input} if isinstance(graph_input, dict) else snapshot.values
         return self._drive(graph_input, thread_id, record, values)
 
@@ -135,8 +163,12 @@ class Runner:
         last_ai = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
         closing = [ToolMessage(f"Not run: {reason}.", tool_call_id=c["id"], name=c["name"], status="error")
                    for c in (last_ai.tool_calls if last_ai else []) if c["id"] not in answered]
-        # As if finalize ran: the next step is END, so the thread is settled and takes new requests.
-        graph.update_state(config, {"messages": closing, "stop_reason": reason, **outcome(values)}, as_node="finalize")
+        # As if finalize ran: the next step is END, so the thread is settled and takes new requests. The request was
+        # cut off, not out of budget: unless the best candidate already matched, its status says so.
+        ended = outcome(values)
+        if ended["status"] == "budget_exhausted":
+            ended["status"] = "interrupted"
+        graph.update_state(config, {"messages": closing, "stop_reason": reason, **ended}, as_node="finalize")
         record = RunRecord(values["run_dir"])
         result = self._result(graph.get_state(config).values, record)
         record.append_step({"event": "stopped", "reason": reason, "final_image": result["final_image"]})

@@ -35,7 +35,7 @@ class AgentState(TypedDict, total=False):
     fallback_steps: Annotated[int, operator.add]  # steps the fixed policy took for a failing LLM
     seconds: float  # wall time spent, kept across resumes
     finished: dict | None  # set by the finish tool: {candidate_id, reason}
-    status: str | None  # matched | budget_exhausted | failed, once the run ends
+    status: str | None  # matched | budget_exhausted | failed, once the run ends; interrupted: a request cut off
     stop_reason: str | None
     final_candidate: str | None
     # The terminal chat (agent/chat.py) sets these; a plain run leaves them at their defaults.

@@ -80,6 +80,7 @@ class IndexSummary(TypedDict):
     """What ``imgrag index --json`` prints (DESIGN.md's contract). Counts are of files (paths)."""
 
     added: int
+    duplicates: int  # new files whose picture the store already held under another file: linked, not added
     updated: int
     unchanged: int
     removed: int
@@ -578,7 +579,8 @@ class ReferenceStore:
             if prune:
                 job.prune(roots)
             self.last_index_timings = {k: round(v, 4) for k, v in timings.items()}
-            return IndexSummary(added=job.added, updated=job.updated, unchanged=job.unchanged, removed=job.removed,
+            return IndexSummary(added=job.added, duplicates=job.duplicates, updated=job.updated,
+                                unchanged=job.unchanged, removed=job.removed,
                                 skipped=skipped, total=self.count(), seconds=round(time.perf_counter() - start, 3))
 
     def _ensure_collection(self) -> Any:
@@ -603,7 +605,7 @@ class _IndexJob:
         self.skipped = skipped
         self.entries: dict[str, _Entry] = {}
         self.owners: dict[str, list[str]] = {}  # path -> ids whose path map lists it (normally one)
-        self.added = self.updated = self.unchanged = self.removed = 0
+        self.added = self.duplicates = self.updated = self.unchanged = self.removed = 0
         self._dirty: set[str] = set()
 
     def load(self) -> None:
@@ -672,7 +674,8 @@ class _IndexJob:
             # The signature is of the bytes we read (the file may have changed since the walk).
             signature = [len(data), st.st_mtime_ns, *_caption_stat(f.caption_path)]
             self.timings["read_hash"] += time.perf_counter() - t0
-            if ref_id not in self.entries:
+            known = ref_id in self.entries  # the same picture under another file (earlier, or in this run)
+            if not known:
                 t0 = time.perf_counter()
                 try:
                     picture = decode_image(data, f.path)
@@ -685,7 +688,9 @@ class _IndexJob:
                                                "height": height, "bytes": len(data)})
                 new.append((ref_id, picture))
             previous = self.owners.get(f.path, [])
-            if not previous:
+            if not previous and known:
+                self.duplicates += 1
+            elif not previous:
                 self.added += 1
             elif previous == [ref_id]:
                 self.unchanged += 1  # touched, same bytes
@@ -814,6 +819,22 @@ def _get_collection(client: Any, name: str) -> Any:
         return client.get_collection(name, embedding_function=None)
     except (NotFoundError, ValueError):
         return None
+
+
+def store_census(store: str) -> tuple[str, int | None]:
+    """(the store's location, how many pictures its imgrag collections hold); the count is None when an
+    embedded store's folder holds no store yet (a new path, or a typo). Creates nothing and needs no
+    embedder, so a run can say what it will retrieve from before any model loads. An unreachable server
+    is a UserError."""
+    location = store.strip()
+    if not location:
+        raise UserError("no store configured: set --store, IMGRAG_STORE or 'store' in a config file")
+    if not is_server_uri(location):
+        location = os.path.abspath(os.path.expanduser(location))
+    client = _connect(location, create=False)
+    if client is None:
+        return location, None
+    return location, sum(int(collection.count()) for collection, _ in _imgrag_collections(client))
 
 
 def _imgrag_collections(client: Any) -> list[tuple[Any, dict[str, Any]]]:

@@ -164,6 +164,14 @@ def test_a_follow_up_refines_the_same_thread_from_the_best_picture(settings, tmp
     by_id = {c["id"]: c for c in second["candidates"]}
     assert by_id["c0"]["verdict"] is None and by_id["c0"]["stale_verdict"]["missing"] == NO_CRADLE.missing
     assert by_id["c1"]["verdict"] is not None  # judged again
+    # The report says against which prompt the set-aside verdicts were given, instead of "not judged".
+    assert by_id["c0"]["stale_prompt"] == "a retriever and a cradle"
+    from imgrag.report import render_run
+
+    page = render_run(second["run_dir"])
+    card = page[page.index('id="cand-c0"'):page.index('id="cand-c1"')]
+    assert "judged against an earlier prompt" in card and "not judged" not in card
+    assert "<b>Prompt then:</b> a retriever and a cradle</p>" in card and "<li>a wooden cradle</li>" in card
     state = session.values()
     assert [m.content for m in state["messages"] if isinstance(m, HumanMessage)] == \
         ["a retriever and a cradle", "make the cradle wooden"]
@@ -198,6 +206,24 @@ def test_the_llm_sees_the_follow_up_and_the_numbered_references(settings, tmp_pa
     assert "Best so far:" in last[0].content
     assert any(isinstance(m, HumanMessage) and m.content == "use the second reference" for m in last)
     assert {c["id"]: c["reference_ids"] for c in result["candidates"]}["c2"] == ["ref-retriever"]
+
+
+def test_a_thread_resumed_under_another_planner_runs_its_next_request_with_it(settings, tmp_path: Path) -> None:
+    SEEN_BY_LLM.clear()
+    notes: list[str] = []
+    fixed = make_session(settings, tmp_path, llm_script=[], planner="fixed")
+    fixed.rounds = 1
+    first = fixed.send("a retriever and a cradle")
+    assert first["planner"] == "fixed" and SEEN_BY_LLM == []
+    # `imgrag chat --planner agent --thread ID`: a new session over the same threads.
+    agent = make_session(settings, tmp_path, llm_script=[call("critique", candidate_id="c0")], planner="agent",
+                         on_event=lambda e: notes.append(e["text"]) if e["event"] == "note" else None)
+    agent.open(first["run_id"])
+    second = agent.send("one more round")
+    assert SEEN_BY_LLM, "the LLM plans the request"
+    assert second["planner"] == "agent"
+    assert json.loads((Path(second["run_dir"]) / "result.json").read_text())["planner"] == "agent"
+    assert "planner agent from this request on (the thread ran with fixed)" in notes
 
 
 def test_a_picked_reference_is_used_even_by_the_fixed_policy(settings, tmp_path: Path) -> None:
@@ -326,6 +352,13 @@ def test_ctrl_c_stops_the_request_and_keeps_the_thread(settings, tmp_path: Path)
     session = make_session(settings, tmp_path, generator=StoppedMidDrawing())
     result = session.send("a retriever and a cradle")
     assert result["stopped"] and result["final_candidate"] == "c0" and result["stop_reason"].startswith("stopped")
+    # Cut off, not out of budget: result.json says so, and so does the report's badge.
+    assert result["status"] == "interrupted"
+    assert json.loads((Path(result["run_dir"]) / "result.json").read_text())["status"] == "interrupted"
+    from imgrag.report import render_run
+
+    assert '<span class="badge warn">interrupted</span>' in render_run(result["run_dir"])
+    assert "budget_exhausted" not in render_run(result["run_dir"])
     state = session.values()
     last_call = next(m for m in reversed(state["messages"]) if isinstance(m, AIMessage) and m.tool_calls)
     closing = next(m for m in state["messages"] if isinstance(m, ToolMessage)

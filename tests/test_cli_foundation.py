@@ -71,7 +71,7 @@ def test_build_tiny_reuses_a_current_kit(capsys, tiny_kit) -> None:
     assert (kit_dir / "kit.json").stat().st_mtime_ns == before
 
 
-def test_built_wheel_contains_the_prompts(tmp_path: Path) -> None:
+def test_built_wheel_contains_the_prompts_and_report_templates(tmp_path: Path) -> None:
     source = tmp_path / "src"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", ".imgrag", "*.egg-info", "build",
                                                                   "__pycache__", ".pytest_cache", ".ruff_cache"))
@@ -84,4 +84,8 @@ def test_built_wheel_contains_the_prompts(tmp_path: Path) -> None:
     for prompt in prompt_files:
         assert f"prompts/{prompt}" in names
     assert "agent/graph.py" in names and "tools/image_tools.py" in names and "imgrag/settings.py" in names
+    templates = sorted((REPO / "imgrag" / "templates" / "report").iterdir())
+    assert templates, "the repository has report templates"
+    for template in templates:
+        assert f"imgrag/templates/report/{template.name}" in names
     assert "imgrag/profiles/fast-draft.toml" in names  # the few-step preset

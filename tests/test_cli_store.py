@@ -12,7 +12,7 @@ from PIL import Image
 from agent.cli_common import TINY_WARNING
 from tests.cli import run_cli
 
-INDEX_KEYS = {"added", "updated", "unchanged", "removed", "skipped", "total", "seconds"}
+INDEX_KEYS = {"added", "duplicates", "updated", "unchanged", "removed", "skipped", "total", "seconds"}
 
 
 @pytest.fixture
@@ -53,11 +53,16 @@ def test_index_then_search_json(capsys: pytest.CaptureFixture, tiny_settings, ph
 
 
 def test_index_and_search_tables(capsys: pytest.CaptureFixture, tiny_settings, photos: Path) -> None:
+    long_caption = "a heron standing on one leg on a wooden post in the shallow water of a lake at dawn, " * 3
+    (photos / "set1" / "p1.txt").write_text(long_caption, encoding="utf-8")
     # The default store of the tiny profile, under the test's IMGRAG_HOME.
     code, out, _ = run_cli(capsys, "index", str(photos), "--profile", "tiny")
     assert code == 0 and "added" in out and "6" in out
     code, out, _ = run_cli(capsys, "search", "rocket", "--profile", "tiny", "-k", "6")
     assert code == 0 and "a rocket on its launch pad" in out and "p0.png" in out
+    # A caption longer than its column is cut where the terminal ends, and says so.
+    assert "…" in out and "lake at dawn, a heron standing on one leg on a wooden post in the shallow" not in \
+        " ".join(cell.strip() for line in out.splitlines() for cell in line.split("│")[-2:-1])
 
 
 def test_index_prune_and_skips(capsys: pytest.CaptureFixture, tiny_settings, photos: Path, tmp_path: Path) -> None:

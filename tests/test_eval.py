@@ -153,3 +153,34 @@ def test_eval_command_rejects_a_bad_file_before_loading_models(tmp_path: Path) -
     bad.write_text("not json\n")
     with pytest.raises(UserError, match="bad.jsonl:1: not valid JSON"):
         CliRunner().invoke(app, ["eval", str(bad)], catch_exceptions=False)
+
+
+def test_every_second_of_an_agent_run_belongs_to_a_named_stage(tmp_path: Path, prompt_file: Path) -> None:
+    """An LLM that takes its time choosing each step: its seconds are a stage (plan_llm), and the stages add up
+    to the agent's seconds (the rest is the graph's overhead, named too)."""
+    import itertools
+    import time
+
+    from langchain_core.messages import AIMessage
+
+    from tests.fakes import ScriptedChatModel, call
+
+    class SlowLLM(ScriptedChatModel):
+        def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+            time.sleep(0.15)
+            return super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+
+    evaluation, models = make_evaluation(tmp_path, [NO_CRADLE, NO_CRADLE, MATCH])
+    script = [call("generate", prompt="a retriever and a cradle", seed=3), call("critique", candidate_id="c0")]
+    models["llm"] = SlowLLM(messages=itertools.chain(script, itertools.repeat(AIMessage(content="Done?"))))
+    evaluation.planner = "agent"
+    doc = evaluation.run(prompt_file, limit=1)
+    agent = doc["items"][0]["agent"]
+    stages = agent["seconds_by_tool"]
+    assert stages["plan_llm"] >= 0.3  # at least two LLM turns of 0.15 s
+    assert {"generate", "critique", "overhead"} <= set(stages)
+    assert sum(stages.values()) == pytest.approx(agent["seconds"], abs=0.01)
+    agg = doc["aggregate"]
+    assert agg["seconds_agent_plan_llm"] == pytest.approx(stages["plan_llm"], abs=1e-3)
+    page = (Path(doc["eval_dir"]) / "report.html").read_text()
+    assert "agent_plan_llm" in page and "agent_overhead" in page

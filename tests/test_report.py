@@ -57,7 +57,7 @@ def test_run_report_shows_every_round_verdict_and_reference(three_round_run: dic
     assert "a rocket &lt;on fire&gt;" in page and "<on fire>" not in page
     assert page.count("no match") >= 2 and ">match<" in page
     # The prompt is escaped: no live script from the run's own text.
-    assert "<script>" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    assert "<script>" not in page and "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page
     # Images: three candidates, the final one again, and reference thumbnails, all inlined PNG.
     images = _data_uris(page)
     assert len(images) >= 3 + 1 + 2
@@ -67,6 +67,11 @@ def test_run_report_shows_every_round_verdict_and_reference(three_round_run: dic
     for tool in ("generate", "critique", "retrieve", "regenerate"):
         assert f"<b>{tool}</b>" in page
     assert "Model loads" in page and "generator" in page
+    # Timings: every second of the run in a named row, the overhead included; the rows add up to the wall time.
+    timings = page[page.index("<h2>Timings</h2>"):page.index("<h2>Model loads</h2>")]
+    totals = [float(t) for t in re.findall(r'<td class="num">[^<]*</td><td class="num">([0-9.]+)</td>', timings)]
+    assert "overhead (graph, checkpoints, trace)" in timings
+    assert sum(totals) == pytest.approx(three_round_run["seconds"], abs=0.01)
     assert "Tiny profile" not in page  # a default-profile run carries no tiny banner
 
 
@@ -116,6 +121,11 @@ def test_report_command(three_round_run: dict, tmp_path: Path) -> None:
     assert doc["kind"] == "run" and Path(doc["report"]) == Path(run_dir) / "report.html"
     custom = tmp_path / "elsewhere" / "r.html"
     assert cli.invoke(app, ["report", run_dir, "-o", str(custom)]).exit_code == 0 and custom.stat().st_size > 1000
+    # The page is HTML: a .pdf name is refused in one line, and nothing is written under it.
+    pdf = cli.invoke(app, ["report", run_dir, "-o", str(tmp_path / "r.pdf")])
+    assert pdf.exit_code == 1 and not (tmp_path / "r.pdf").exists()
+    with pytest.raises(UserError, match=r"r\.pdf: the report is an HTML page; name the file \.html"):
+        write_report(run_dir, tmp_path / "r.pdf")
     empty = tmp_path / "not-a-run"
     empty.mkdir()
     with pytest.raises(UserError, match="neither a run folder"):
@@ -176,3 +186,106 @@ def test_tiny_profile_run_end_to_end_renders_every_round(tiny_settings, tmp_path
 
     with Image.open(shot) as im:
         assert len(im.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 200  # the noise pictures are there
+
+
+# ----- every string from a run is text: a run folder whose prompt, captions and file names hold markup -----
+
+HOSTILE = '<script>alert("x")</script>'
+HOSTILE_FILE = "<img src=x onerror=alert(1)>.png"  # a legal file name on Linux: no slash
+
+
+class _Tags(__import__("html.parser").parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: set[str] = set()
+        self.handlers: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.tags.add(tag)
+        self.handlers += [name for name, _ in attrs if name.startswith("on")]
+
+
+def _hostile_run(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    run_dir = tmp_path / "runs" / "hostile"
+    (run_dir / "candidates").mkdir(parents=True)
+    cand = run_dir / "candidates" / HOSTILE_FILE
+    ref = tmp_path / HOSTILE_FILE.replace(".png", "-ref.png")
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(cand, format="PNG")
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(ref, format="PNG")
+    verdict = {"match": False, "missing": [HOSTILE], "reason": HOSTILE, "raw": HOSTILE, "parsed": True}
+    result = {"run_id": "hostile", "status": "budget_exhausted", "prompt": HOSTILE, "planner": "fixed",
+              "profile": "default", "rounds": 1, "final_candidate": "c0", "final_image": str(cand),
+              "stop_reason": HOSTILE, "seconds": 1.0,
+              "candidates": [{"id": "c0", "round": 1, "path": str(cand), "seed": 1, "prompt": HOSTILE + " more",
+                              "verdict": None, "stale_verdict": verdict, "stale_prompt": HOSTILE,
+                              "reference_ids": [HOSTILE], "ip_scale": 0.5, "clip_score": 0.1}],
+              "references": {HOSTILE: {"path": str(ref), "caption": HOSTILE, "query": HOSTILE, "score": 0.5}},
+              "model_loads": {HOSTILE: 1}}
+    (run_dir / "result.json").write_text(json.dumps(result))
+    (run_dir / "trace.jsonl").write_text(json.dumps({"event": "start", "prompt": HOSTILE, "note": HOSTILE}) + "\n"
+                                         + json.dumps({"tool": "retrieve", "args": {"q": HOSTILE}, "ok": False,
+                                                       "seconds": 0.1, "message": HOSTILE}) + "\n"
+                                         + json.dumps({"planner": "agent", "tool": HOSTILE, "raw": HOSTILE}) + "\n")
+    return run_dir
+
+
+def _assert_inert(page: str) -> None:
+    parser = _Tags()
+    parser.feed(page)
+    assert "script" not in parser.tags and parser.handlers == []
+    assert parser.tags <= {"html", "head", "meta", "title", "style", "body", "main", "h1", "h2", "h3", "div", "span",
+                           "b", "i", "p", "br", "ul", "li", "img", "figure", "figcaption", "code", "pre", "details",
+                           "summary", "table", "thead", "tbody", "tr", "th", "td", "a"}
+    assert "<script" not in page.lower() and "<img src=x" not in page
+
+
+def test_markup_in_prompt_caption_and_file_names_renders_inert(tmp_path: Path) -> None:
+    run_dir = _hostile_run(tmp_path)
+    page = render_run(run_dir)
+    _assert_inert(page)
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page  # shown, as text
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in page  # the file name of the candidate, as text
+    # The same folder inside a batch page and an evaluation page.
+    batch = tmp_path / "runs" / "batch-x"
+    batch.mkdir()
+    (batch / "summary.json").write_text(json.dumps({"file": HOSTILE, "items": [
+        {"index": 0, "prompt": HOSTILE, "run_id": "hostile", "status": HOSTILE, "error": HOSTILE}]}))
+    _assert_inert(write_report(batch).read_text())
+    ev = tmp_path / "runs" / "eval-x"
+    ev.mkdir()
+    (ev / "eval.json").write_text(json.dumps({"file": HOSTILE, "planner": HOSTILE, "aggregate": {"seconds_x": 1.0},
+                                              "items": [{"index": 0, "prompt": HOSTILE, "seed": HOSTILE,
+                                                         "plain": {"error": HOSTILE},
+                                                         "agent": {"run_id": HOSTILE, "status": HOSTILE}}]}))
+    _assert_inert(write_report(ev).read_text())
+
+
+def test_reference_thumbnails_are_labelled_by_caption_and_long_ids_stay_in_their_column(three_round_run: dict,
+                                                                                           tmp_path: Path) -> None:
+    run_dir = Path(three_round_run["run_dir"])
+    page = render_run(run_dir)
+    captions = re.findall(r"<figcaption>(.*?)<br>", page)
+    assert captions and all(c.startswith("a photo of a ") for c in captions)  # the caption, not the query
+    assert "retrieved for: a wooden cradle" in page  # the query is the tooltip, and a column of the table
+    if CHROMIUM is None:
+        return
+    # A 64-character content-hash id: laid out by Chromium, no figure is wider than its thumbnail column.
+    result = json.loads((run_dir / "result.json").read_text())
+    long_id = "sha256-" + "0123456789abcdef" * 4
+    result["references"] = {long_id if rid == "ref-cradle" else rid: ref for rid, ref in result["references"].items()}
+    for c in result["candidates"]:
+        c["reference_ids"] = [long_id if rid == "ref-cradle" else rid for rid in c.get("reference_ids") or []]
+    (run_dir / "result.json").write_text(json.dumps(result))
+    measure = ("<script>document.title = 'overflow:' + [...document.querySelectorAll('.refs figure')]"
+               ".filter(f => f.scrollWidth > f.clientWidth + 1).length + '/' "
+               "+ document.querySelectorAll('.refs figure').length;</script>")
+    probe = tmp_path / "probe.html"
+    probe.write_text(render_run(run_dir).replace("</body>", measure + "</body>"))
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2000", "--dump-dom",
+                           probe.as_uri()], capture_output=True, text=True, timeout=90)
+    title = re.search(r"<title>overflow:(\d+)/(\d+)</title>", proc.stdout)
+    assert title, proc.stderr[-2000:]
+    assert int(title.group(2)) >= 2 and title.group(1) == "0"

@@ -196,7 +196,7 @@ def test_index_then_search_text_and_image(tmp_path: Path, colours: Path) -> None
     store = open_store(tmp_path, emb)
     summary = store.index([colours], emb)
     assert summary["added"] == 5 and summary["total"] == 5 and summary["skipped"] == []
-    assert set(summary) == {"added", "updated", "unchanged", "removed", "skipped", "total", "seconds"}
+    assert set(summary) == {"added", "duplicates", "updated", "unchanged", "removed", "skipped", "total", "seconds"}
     reader = open_store(tmp_path, emb, for_writing=False)
     top = reader.search_text(emb, "green", k=2)
     assert Path(top[0].path).name == "green.png" and top[0].score > top[1].score
@@ -318,13 +318,17 @@ def test_same_picture_at_two_paths_is_one_entry(tmp_path: Path, colours: Path) -
     shutil.copy(colours / "red.png", colours / "red-copy.png")
     store = open_store(tmp_path, emb)
     summary = store.index([colours], emb)
-    assert summary["added"] == 6 and store.count() == 5
+    # A copy is reported as what it is: a duplicate linked to the picture, not one more picture added.
+    assert (summary["added"], summary["duplicates"], summary["total"]) == (5, 1, 5) and store.count() == 5
     entry_paths = [p for p in paths_per_entry(store).values() if len(p) == 2]
     assert entry_paths == [sorted([str(colours / "red.png"), str(colours / "red-copy.png")])]
     (colours / "red.png").unlink()
     assert store.search_text(emb, "red", k=1)[0].path == str(colours / "red-copy.png")
     assert store.index([colours], emb, prune=True)["removed"] == 1
     assert store.count() == 5
+    shutil.copy(colours / "blue.png", colours / "blue-copy.png")  # a copy of a picture indexed in an earlier run
+    later = store.index([colours], emb)
+    assert (later["added"], later["duplicates"], later["unchanged"], later["total"]) == (0, 1, 5, 5)
 
 
 def test_bad_files_are_skipped_with_reasons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
