@@ -16,8 +16,9 @@
 ``generation.fast_steps`` and ``generation.fast_guidance`` override a method's defaults;
 ``generation.steps``/``guidance`` stay the full-step values, so switching back needs no re-configuration.
 
-IP-Adapter: unchanged in every mode, at ``generation.ip_scale``. No method needs another scale: the
-adapter acts inside the same cross-attention layers the LoRA adapts. Without classifier-free guidance
+IP-Adapter: unchanged in every mode, at ``generation.ip_scale``; none of the methods documents another
+scale (the adapter's image tokens enter the cross-attention beside the text's, LoRA or not, so tests check
+that references still change the fast drawings, in either loading order). Without classifier-free guidance
 (guidance <= 1) there is no unconditional branch, so the pipeline takes one image embedding instead of
 a pair; the generator's zero embedding for unguided calls already follows that (it is keyed by the
 guidance mode).
@@ -26,7 +27,8 @@ Switching modes never reloads SDXL: the LoRA is loaded once (lazily, on the firs
 and then switched with diffusers' ``enable_lora()``/``disable_lora()``; schedulers are swapped as
 objects. The LoRA is deliberately not fused into the UNet: ``fuse_lora`` + ``unfuse_lora`` adds and
 subtracts the LoRA's product in the weights' dtype, so in float16 every on/off cycle leaves rounding
-error in SDXL's weights and a long-lived process (chat, batch, serve) would drift. Unfused, "off" is
+error in SDXL's weights and a long-lived process (chat, batch, serve) would drift (a test shows it). The price
+is the LoRA's own matmuls at every step (BENCHMARKS.md, "Few-step drawing", measures both). Unfused, "off" is
 bit for bit the plain pipeline (a test checks it). The LoRA's parameters live in the UNet, so the model
 manager counts them as part of the generator (it measures the generator after each use).
 """
