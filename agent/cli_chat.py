@@ -19,7 +19,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from agent.cli_common import ConfigOpt, ProfileOpt, StoreOpt, app, err, out, prepare_models
+from agent.cli_common import ConfigOpt, FastOpt, ProfileOpt, StoreOpt, app, err, out, prepare_models
 from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, StatusText, check_planner, print_store, print_tool_line
 from imgrag.errors import UserError
 
@@ -356,6 +356,7 @@ def chat(
     planner: PlannerOpt = "agent",
     max_rounds: MaxRoundsOpt = None,
     out_dir: OutOpt = None,
+    fast: FastOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -368,6 +369,7 @@ def chat(
     from agent.cli_common import settings_from_flags
 
     check_planner(planner)
-    settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
+    settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
+                                   **{"generation.fast": fast})
     prepare_models(settings)
     ChatRepl(settings, planner, max_rounds).run(thread)

@@ -80,6 +80,8 @@ StoreOpt = Annotated[
     str | None, typer.Option("--store", help="Store directory, or http://host:port for a Chroma server.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
+FastOpt = Annotated[str | None, typer.Option(
+    "--fast", help="Few-step drawing for drafts: off, lcm-lora or distilled (default: generation.fast).")]
 
 TINY_WARNING = ("tiny profile: random-weight models — the images are noise and the verdicts junk; "
                 "this checks the plumbing, not quality.")

@@ -18,6 +18,7 @@ import typer
 from agent.cli_common import (
     TINY_WARNING,
     ConfigOpt,
+    FastOpt,
     JsonOpt,
     ProfileOpt,
     TerminalBar,
@@ -63,14 +64,17 @@ def generate(
         "--ip-scale", help="How strongly the references steer, 0..1 (default: generation.ip_scale).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same picture (default: generation.seed).")]
     = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: generation.steps).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", help="Denoising steps (default: generation.steps, or the --fast method's).")] = None,
     size: Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT, multiples of 8 (default: the profile's).")]
     = None,
+    fast: FastOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Draw one picture with SDXL; with --ref, guided by reference images (IP-Adapter)."""
+    from imgrag.fast import draw_plan
     from imgrag.generator import validate_request
 
     width, height = parse_size(size)
@@ -78,13 +82,15 @@ def generate(
         check_seed(seed, "--seed")
     settings = settings_from_flags(profile, config, **{
         "generation.seed": seed, "generation.steps": steps, "generation.ip_scale": ip_scale,
-        "generation.width": width, "generation.height": height})
+        "generation.width": width, "generation.height": height, "generation.fast": fast})
     g = settings.generation
+    plan = draw_plan(g)  # a fast method brings its own steps and guidance; --steps still wins
+    n_steps = plan.steps if steps is None else steps
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UserError(f"{output}: the output must end in one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
     ensure_writable_file(output, "output")  # before any model loads, not after the drawing
     references = [open_image(path) for path in ref or []]
-    validate_request(prompt, g.width, g.height, g.steps, g.ip_scale, references)
+    validate_request(prompt, g.width, g.height, n_steps, g.ip_scale, references)
 
     prepare_models(settings)
     from imgrag.engine import build_manager
@@ -95,15 +101,15 @@ def generate(
     try:
         with manager.use("generator") as generator:
             image = generator.generate(prompt, seed=g.seed, references=references or None, ip_scale=g.ip_scale,
-                                       width=g.width, height=g.height, steps=g.steps, guidance=g.guidance,
-                                       on_step=bar)
+                                       width=g.width, height=g.height, steps=n_steps, guidance=plan.guidance,
+                                       on_step=bar, fast=plan.mode)
     finally:
         bar.close()
     _save_atomically(image, output)
     seconds = round(time.perf_counter() - start, 3)
     result: dict[str, Any] = {
-        "output": str(output), "prompt": prompt, "seed": g.seed, "steps": g.steps, "width": g.width,
-        "height": g.height, "guidance": g.guidance, "references": [str(p) for p in ref or []],
+        "output": str(output), "prompt": prompt, "seed": g.seed, "steps": n_steps, "width": g.width,
+        "height": g.height, "guidance": plan.guidance, "fast": plan.mode, "references": [str(p) for p in ref or []],
         "ip_scale": g.ip_scale if references else None, "seconds": seconds, "model_loads": manager.load_counts(),
         "profile": settings.profile,
     }
@@ -113,8 +119,9 @@ def generate(
         print_json(result)
         return
     guided = f", guided by {len(references)} reference(s) at scale {g.ip_scale:g}" if references else ""
-    out.print(f"wrote {output} ({g.width}x{g.height}, {g.steps} steps, seed {g.seed}{guided}) in {seconds} s",
-              markup=False)
+    fast_note = f", {plan.mode}" if plan.mode != "off" else ""
+    out.print(f"wrote {output} ({g.width}x{g.height}, {n_steps} steps{fast_note}, seed {g.seed}{guided}) "
+              f"in {seconds} s", markup=False)
 
 
 @app.command()

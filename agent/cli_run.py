@@ -14,6 +14,7 @@ from rich.text import Text
 
 from agent.cli_common import (
     ConfigOpt,
+    FastOpt,
     JsonOpt,
     ProfileOpt,
     StoreOpt,
@@ -192,8 +193,9 @@ def _interrupted(stop: Any, command: list[str], as_json: bool) -> None:
     os._exit(130)
 
 
-def _make_runner(profile, config, store, out_dir, on_event):
-    settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
+def _make_runner(profile, config, store, out_dir, on_event, fast=None):
+    settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
+                                   **{"generation.fast": fast})
     check_outputs(settings)
     prepare_models(settings)
     from agent.runner import Runner
@@ -211,6 +213,7 @@ def run(
     resume: Annotated[
         str | None, typer.Option("--resume", help="Continue a killed run by its thread (run) id.")
     ] = None,
+    fast: FastOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -233,7 +236,7 @@ def run(
 
     try:
         with ProgressPrinter() as progress:
-            runner, settings = _make_runner(profile, config, store, out_dir, progress)
+            runner, settings = _make_runner(profile, config, store, out_dir, progress, fast)
             if resume:
                 result = runner.resume(resume)
             else:
@@ -259,6 +262,7 @@ def batch(
     max_rounds: MaxRoundsOpt = None,
     planner: PlannerOpt = "agent",
     out_dir: OutOpt = None,
+    fast: FastOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -274,7 +278,7 @@ def batch(
 
     try:
         with ProgressPrinter() as progress:
-            runner, settings = _make_runner(profile, config, store, out_dir, progress)
+            runner, settings = _make_runner(profile, config, store, out_dir, progress, fast)
             summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
                                    on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
     except RunInterrupted as stop:

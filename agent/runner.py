@@ -25,6 +25,7 @@ from imgrag.errors import ModelLoadError, UserError, check_seed
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, new_run_id, write_json_atomic
 from imgrag.settings import Settings
 from tools.context import EventSink, ToolContext
+from tools.final_redraw import redraw_final_full
 
 PLANNERS = ("agent", "fixed")
 FINISHED = ("matched", "budget_exhausted")  # a batch item in one of these is never run again
@@ -312,7 +313,10 @@ class Runner:
             return result
         self.reference_store = ctx.reference_store  # keep the opened store for the next run of a batch
         snapshot = graph.get_state(config)
+        final_full = None if snapshot.interrupts else redraw_final_full(ctx, snapshot.values)
         result = self._result(snapshot.values, record, add_loads(earlier, self._loads_since(before)))
+        if final_full:
+            result["final_full"] = final_full  # the matched fast draft redrawn at full steps, when asked
         if snapshot.interrupts:  # paused for the user (review): not over, so no result.json yet
             result["pending"] = [i.value for i in snapshot.interrupts]
             self.on_event({"event": "paused", "run_id": run_id})
@@ -356,6 +360,7 @@ class Runner:
             "references": state.get("references") or {},
             "run_dir": str(record.dir),
             "profile": self.settings.profile,
+            "fast": self.settings.generation.fast,  # few-step drawing mode of this run's pictures (imgrag.fast)
         }
         if self.settings.is_tiny:
             result["note"] = TINY_NOTE

@@ -39,11 +39,13 @@ from imgrag.tiny_kit import (
     IP_ADAPTER_SUBFOLDER,
     IP_ADAPTER_WEIGHT_NAME,
     KIT_VERSION,
+    LCM_LORA_RANK,
     MARKER_NAME,
     MODEL_DIRS,
     OPEN_CLIP_CONFIG_NAME,
     OPEN_CLIP_PREPROCESS_CFG,
     OPEN_CLIP_WEIGHTS_NAME,
+    build_lcm_lora,
     build_tiny_kit,
     tiny_kit_paths,
 )
@@ -130,6 +132,7 @@ class KitConfigs:
     qwen_vl_vision: dict[str, Any] = field(default_factory=lambda: dict(QWEN_VL_VISION))
     qwen_llm: dict[str, Any] = field(default_factory=lambda: dict(QWEN_LLM))
     open_clip: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(OPEN_CLIP_MODEL_CFG)))
+    lcm_lora: dict[str, Any] = field(default_factory=lambda: {"rank": LCM_LORA_RANK})  # over the unet above
 
     def replace(self, **changes: dict[str, Any]) -> KitConfigs:
         return dataclasses.replace(self, **changes)
@@ -170,7 +173,7 @@ def build_full_kit(out_dir: Path, *, seed: int = 0, force: bool = False,
     paths = tiny_kit_paths(out_dir)
     params: dict[str, int] = {}
     builders = [("generator", _build_sdxl), ("ip_adapter", _build_ip_adapter), ("judge", _build_qwen_vl),
-                ("llm", _build_qwen_llm), ("embedder", _build_open_clip)]
+                ("llm", _build_qwen_llm), ("embedder", _build_open_clip), ("lcm_lora", _build_lcm_lora)]
     for key, builder in builders:
         say(f"{MODEL_DIRS[key]} (full size)")
         torch.manual_seed(seed)
@@ -225,6 +228,12 @@ def _build_sdxl(dest: Path, tiny: Path, cfg: KitConfigs, device: str, dtype: Any
               "sdxl.text_encoder_2": _count(te2)}
     del pipe, unet, vae, te1, te2
     return counts
+
+
+def _build_lcm_lora(dest: Path, tiny: Path, cfg: KitConfigs, device: str, dtype: Any) -> dict[str, int]:
+    """A random LoRA of latent-consistency/lcm-lora-sdxl's rank and modules over the full UNet (197 M parameters)."""
+    return {"lcm_lora": build_lcm_lora(dest, cfg.unet, rank=cfg.lcm_lora["rank"], seed=None, device=device,
+                                       dtype=dtype)}
 
 
 def _build_ip_adapter(dest: Path, tiny: Path, cfg: KitConfigs, device: str, dtype: Any) -> dict[str, int]:

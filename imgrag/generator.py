@@ -37,6 +37,7 @@ from PIL import Image
 
 from imgrag.checkpoints import first_line, loading, quiet_libraries
 from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed
+from imgrag.fast import FastSwitch, draw_plan
 from imgrag.model_files import ResolvedAdapter, generator_variant, is_local_ref, resolve_ip_adapter
 from imgrag.settings import MAX_IP_SCALE, Settings
 
@@ -58,6 +59,7 @@ class Generator:
         self.adapter_loaded = False
         self.adapter: ResolvedAdapter | None = None  # the adapter files, checked once (see resolve_ip_adapter)
         self._zero_embeds: dict[bool, Any] = {}  # per classifier-free-guidance mode; see _zero_image_embeds
+        self.fast = FastSwitch(pipe, settings)  # few-step drawing (LCM-LoRA, distilled); see imgrag.fast
         pipe.set_progress_bar_config(disable=True)  # the command line draws its own bar from on_step
 
     @classmethod
@@ -114,6 +116,7 @@ class Generator:
         guidance: float | None = None,
         on_step: Callable[[int, int], None] | None = None,
         deadline: float | None = None,
+        fast: str | None = None,
     ) -> Image.Image:
         """Draw one picture; with ``references``, guided by all of them through the one adapter.
 
@@ -121,19 +124,22 @@ class Generator:
         called after every denoising step. ``deadline`` (a ``time.monotonic()`` instant) stops the
         drawing at the first step boundary past it (diffusers' ``callback_on_step_end`` sets the
         pipeline's interrupt flag) and raises :class:`~imgrag.errors.TimeBudgetSpent`: a half-denoised
-        picture is noise, not a candidate.
+        picture is noise, not a candidate. ``fast`` picks a few-step mode for this drawing (default
+        ``generation.fast``; see :mod:`imgrag.fast`), whose steps and guidance apply unless given here.
         """
         import torch
 
         g = self.settings.generation
         width = g.width if width is None else width
         height = g.height if height is None else height
-        steps = g.steps if steps is None else steps
-        guidance = g.guidance if guidance is None else guidance
+        plan = draw_plan(g, fast)
+        steps = plan.steps if steps is None else steps
+        guidance = plan.guidance if guidance is None else guidance
         ip_scale = g.ip_scale if ip_scale is None else ip_scale
         validate_request(prompt, width, height, steps, ip_scale, references)
         seed = check_seed(seed)
 
+        self.fast.apply(plan.mode)
         kwargs: dict[str, Any] = {}
         if references:
             self.load_ip_adapter()

@@ -70,6 +70,7 @@ class ModelSettings:
     embedder: str = "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
     embedder_pretrained: str = ""
     dino: str = ""  # DINOv2 checkpoint for `imgrag eval`'s image-image scores (AutoModel); empty: no DINO score
+    lcm_lora: str = "latent-consistency/lcm-lora-sdxl"  # for generation.fast = "lcm-lora" (imgrag.fast)
 
 
 @dataclass
@@ -81,6 +82,11 @@ class GenerationSettings:
     guidance: Annotated[float, Field(ge=0.0)] = 5.0
     ip_scale: Annotated[float, Field(ge=0.0, le=MAX_IP_SCALE)] = 0.5
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
+    # Few-step drawing (imgrag.fast): "off", "lcm-lora" or "distilled"; steps/guidance unset = the method's defaults.
+    fast: Literal["off", "lcm-lora", "distilled"] = "off"
+    fast_steps: Annotated[int, Field(ge=1)] | None = None
+    fast_guidance: Annotated[float, Field(ge=0.0)] | None = None
+    fast_final_redraw: bool = False  # after a matched fast run, redraw its answer at full steps (tools/final_redraw.py)
 
     @field_validator("width", "height")
     @classmethod
@@ -213,6 +219,7 @@ def _tiny_profile() -> dict[str, Any]:
             "judge": f"{kit}/qwen2.5-vl",
             "llm": f"{kit}/qwen2.5-instruct",
             "embedder": f"local-dir:{kit}/open-clip",
+            "lcm_lora": f"{kit}/lcm-lora",
         },
         # Small enough that a CPU finishes a whole run in seconds.
         "generation": {"width": 64, "height": 64, "steps": 2, "guidance": 5.0},

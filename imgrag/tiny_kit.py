@@ -15,6 +15,7 @@ Layout under ``out_dir``::
     qwen2.5-vl/            Qwen2_5_VLForConditionalGeneration + Qwen2_5_VLProcessor
     qwen2.5-instruct/      Qwen2ForCausalLM + Qwen2.5-Instruct tokenizer (tool-calling chat template)
     open-clip/             open_clip_config.json + open_clip_model.safetensors ("local-dir:<dir>")
+    lcm-lora/              like latent-consistency/lcm-lora-sdxl: pytorch_lora_weights.safetensors (PEFT LoRA keys)
     kit.json               marker, written last: {"version", "seed", "models"}
 
 Builds are seeded and deterministic (same seed, same bytes), write only safetensors, and take a
@@ -48,6 +49,7 @@ MODEL_DIRS: dict[str, str] = {
     "judge": "qwen2.5-vl",
     "llm": "qwen2.5-instruct",
     "embedder": "open-clip",
+    "lcm_lora": "lcm-lora",
 }
 
 # IP-Adapter files, where the real h94/IP-Adapter repository keeps the SDXL ViT-H adapter.
@@ -361,6 +363,7 @@ def _build_locked(out_dir: Path, seed: int, progress: Callable[[str], None] | No
         "judge": _build_qwen_vl,
         "llm": _build_qwen_llm,
         "embedder": _build_open_clip,
+        "lcm_lora": _build_lcm_lora,
     }
     paths = tiny_kit_paths(out_dir)
     with _quiet_progress_bars():
@@ -597,3 +600,51 @@ def _build_open_clip(dest: Path, seed: int) -> None:
     save_file(state, str(dest / OPEN_CLIP_WEIGHTS_NAME))
     config = {"model_cfg": OPEN_CLIP_MODEL_CFG, "preprocess_cfg": OPEN_CLIP_PREPROCESS_CFG}
     (dest / OPEN_CLIP_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+# --- LCM-LoRA: the modules latent-consistency/lcm-lora-sdxl adapts (diffusers' train_lcm_distill_lora_sdxl.py) ---
+LCM_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LCM_LORA_TARGET_MODULES = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+    "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+]  # fmt: skip
+LCM_LORA_RANK = 64  # the published SDXL LCM-LoRA's (197 M parameters)
+TINY_LCM_LORA_RANK = 4
+
+
+def build_lcm_lora(dest: Path, unet_config: dict[str, Any], *, rank: int, seed: int | None, device: str = "cpu",
+                   dtype: Any = None) -> int:
+    """Write a random LoRA for the UNet of ``unet_config`` in the real LCM-LoRA on-disk format; return its size.
+
+    The file is what diffusers' LCM-LoRA training script saves (``save_lora_weights`` of PEFT's
+    ``get_peft_model_state_dict``): ``dest/pytorch_lora_weights.safetensors`` with ``unet.*.lora_A/B.weight``
+    keys over :data:`LCM_LORA_TARGET_MODULES`. PEFT starts ``lora_B`` at zero (a no-op LoRA); here both halves
+    are random so that switching the LoRA on visibly changes the drawing. Returns the LoRA's parameter count.
+    ``seed=None`` keeps torch's random state as the caller set it.
+    """
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        if dtype is not None:
+            unet = unet.to(dtype)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LCM_LORA_TARGET_MODULES,
+                                    init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    state = get_peft_model_state_dict(unet)
+    StableDiffusionXLPipeline.save_lora_weights(dest, unet_lora_layers=state, weight_name=LCM_LORA_WEIGHT_NAME,
+                                                safe_serialization=True)
+    return sum(t.numel() for t in state.values())
+
+
+def _build_lcm_lora(dest: Path, seed: int) -> None:
+    """A rank-4 LCM-LoRA for the kit's SDXL UNet (random: it makes nothing faster or better, only different)."""
+    build_lcm_lora(dest, SDXL_UNET, rank=TINY_LCM_LORA_RANK, seed=seed)

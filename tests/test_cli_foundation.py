@@ -90,3 +90,4 @@ def test_built_wheel_contains_the_prompts_and_report_templates(tmp_path: Path) -
         assert f"imgrag/templates/report/{template.name}" in names
     for preset in ("gpu-80gb", "gpu-24gb", "cpu"):  # the built-in hardware presets
         assert f"imgrag/profiles/{preset}.toml" in names
+    assert "imgrag/profiles/fast-draft.toml" in names  # the few-step preset

@@ -70,7 +70,7 @@ def test_the_builder_layout_loads_through_the_engine(tmp_path: Path) -> None:
     paths = F.build_full_kit(kit, configs=F.smoke_configs(), device="cpu")
     marker = json.loads((kit / "kit.json").read_text())
     assert marker["scale"] == "full" and marker["parameters"]["sdxl.unet"] > 0
-    assert set(paths) == {"generator", "ip_adapter", "judge", "llm", "embedder"}
+    assert set(paths) == {"generator", "ip_adapter", "judge", "llm", "embedder", "lcm_lora"}
     assert F.build_full_kit(kit, configs=F.smoke_configs(), device="cpu") == paths  # kept, not rebuilt
 
     settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")}, overrides={
@@ -84,7 +84,9 @@ def test_the_builder_layout_loads_through_the_engine(tmp_path: Path) -> None:
     with manager.use("generator") as generator:
         image = generator.generate("a cat", seed=1)
         guided = generator.generate("a cat", seed=1, references=[image], ip_scale=0.5)
-    assert image.size == guided.size == (64, 64)
+        generator.settings.models.lcm_lora = str(paths["lcm_lora"])
+        fast = generator.generate("a cat", seed=1, references=[image], fast="lcm-lora")
+    assert image.size == guided.size == fast.size == (64, 64)
     with manager.use("judge") as judge:
         assert judge.judge(image, "a cat").raw is not None
     with manager.use("llm") as llm:

@@ -1,0 +1,58 @@
+"""After a fast run: redraw the matched candidate at full steps, with its seed, prompt and references.
+
+Asked for with ``generation.fast_final_redraw = true`` (settings or ``IMGRAG_GENERATION_FAST_FINAL_REDRAW``).
+The few-step drafts (``generation.fast``, :mod:`imgrag.fast`) find a composition the judge accepts in
+seconds per round; this one extra drawing with the checkpoint's own scheduler and ``generation.steps``
+gives the quality picture of that composition. It is not judged again: the same seed and references
+keep the composition, and the judge already accepted it. The runner calls it once a run has ended
+matched; it is not a tool of the agent and claims no round.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from imgrag.errors import UserError
+from imgrag.images import open_image
+from tools.context import ToolContext
+
+FINAL_FULL_NAME = "final-full.png"
+
+
+def redraw_final_full(ctx: ToolContext, state: dict[str, Any]) -> dict[str, Any] | None:
+    """Redraw the run's matched final candidate at full steps when the settings ask for it; else None.
+
+    Returns ``{"path", "candidate_id", "steps", "seconds"}`` or, when drawing failed (out of memory, a vanished
+    reference), ``{"candidate_id", "error"}``: no error here ends a run, and the trace gets a step either way.
+    """
+    g = ctx.settings.generation
+    if g.fast == "off" or not g.fast_final_redraw or state.get("status") != "matched":
+        return None
+    candidate = (state.get("candidates") or {}).get(state.get("final_candidate") or "")
+    if candidate is None:
+        return None
+    known = state.get("references") or {}
+    args = {"candidate_id": candidate["id"], "seed": candidate["seed"], "steps": g.steps,
+            "reference_ids": list(candidate["reference_ids"])}
+    ctx.on_event({"event": "tool_start", "tool": "final_redraw", "args": args, "round": state.get("rounds", 0)})
+    start = time.perf_counter()
+    try:
+        images = [open_image(known[ref_id]["path"]) for ref_id in candidate["reference_ids"]]
+        with ctx.manager.use("generator") as generator:
+            image = generator.generate(candidate["prompt"], seed=candidate["seed"], references=images or None,
+                                       ip_scale=candidate.get("ip_scale"), fast="off")
+        path = ctx.record.dir / FINAL_FULL_NAME
+        image.save(path)
+        outcome: dict[str, Any] = {"path": str(path), "candidate_id": candidate["id"], "steps": g.steps}
+        message = f"redrew {candidate['id']} at {g.steps} steps: {path}"
+    except (UserError, KeyError) as exc:  # KeyError: a reference id the state no longer knows
+        outcome = {"candidate_id": candidate["id"], "error": str(exc)}
+        message = f"Error: {exc}"
+    seconds = round(time.perf_counter() - start, 3)
+    outcome["seconds"] = seconds
+    ok = "error" not in outcome
+    ctx.record.append_step({"tool": "final_redraw", "args": args, "ok": ok, "seconds": seconds,
+                            "round": state.get("rounds", 0), "message": message})
+    ctx.on_event({"event": "tool_end", "tool": "final_redraw", "ok": ok, "seconds": seconds, "message": message})
+    return outcome
