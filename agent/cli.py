@@ -74,7 +74,7 @@ def _dir_size(path: Path) -> int:
 
 
 RoleOpt = Annotated[list[str] | None, typer.Option(
-    "--role", "-r", help="Only this role (generator, ip_adapter, judge, llm, embedder); repeat for several.")]
+    "--role", "-r", help="Only this role (generator, ip_adapter, judge, llm, embedder, lcm_lora); repeat for several.")]
 
 
 def _roles(role: list[str] | None) -> list[str] | None:

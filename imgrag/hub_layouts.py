@@ -167,6 +167,13 @@ _CLIP_B32_LAION: list[RepoFile] = [
     _f("vocab.json", 862 * KB),
 ]
 
+# latent-consistency/lcm-lora-sdxl: one LoRA file in diffusers' format (used with generation.fast = "lcm-lora").
+LCM_LORA_SDXL = "latent-consistency/lcm-lora-sdxl"
+_LCM_LORA_SDXL: list[RepoFile] = [
+    _f("README.md", 4 * KB, approx_only=True),
+    _f("pytorch_lora_weights.safetensors", 394 * MB, approx_only=True),
+]
+
 LAYOUTS: dict[str, list[RepoFile]] = {
     SDXL_BASE: _SDXL,
     IP_ADAPTER: _IP_ADAPTER,
@@ -174,4 +181,5 @@ LAYOUTS: dict[str, list[RepoFile]] = {
     QWEN_7B: _QWEN_7B,
     QWEN_7B_GPTQ: _QWEN_7B_GPTQ,
     CLIP_B32_LAION: _CLIP_B32_LAION,
+    LCM_LORA_SDXL: _LCM_LORA_SDXL,
 }

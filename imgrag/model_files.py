@@ -30,9 +30,15 @@ from imgrag.errors import ModelLoadError, UserError
 from imgrag.hub_layouts import LAYOUTS, RepoFile
 from imgrag.settings import Settings
 
-ROLES = ("generator", "ip_adapter", "judge", "llm", "embedder")
+ROLES = ("generator", "ip_adapter", "judge", "llm", "embedder", "lcm_lora")
 ROLE_SETTING = {"generator": "models.generator", "ip_adapter": "models.ip_adapter", "judge": "models.judge",
-                "llm": "models.llm", "embedder": "models.embedder"}
+                "llm": "models.llm", "embedder": "models.embedder", "lcm_lora": "models.lcm_lora"}
+LCM_LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name (latent-consistency/lcm-lora-sdxl)
+
+
+def active_roles(settings: Settings) -> list[str]:
+    """The roles this profile loads: the LCM-LoRA only when ``generation.fast = "lcm-lora"``."""
+    return [r for r in ROLES if r != "lcm_lora" or settings.generation.fast == "lcm-lora"]
 
 # SDXL's diffusers folders: the weights are fetched as the "fp16" variant (half the bytes); the generator
 # loads that variant when it is what the folder holds and casts to the settings' dtype.
@@ -165,6 +171,8 @@ def hub_patterns(role: str, settings: Settings) -> list[str]:
         return [weight, f"{encoder}/config.json", f"{encoder}/model.safetensors"]
     if role in ("judge", "llm"):
         return list(TRANSFORMERS_PATTERNS)
+    if role == "lcm_lora":
+        return [LCM_LORA_FILE]
     if role == "embedder":
         _, filename = embedder_hub_repo(settings)
         if settings.models.embedder.strip().startswith("hf-hub:"):
@@ -194,7 +202,7 @@ def role_ref(role: str, settings: Settings) -> tuple[str, str, str | None]:
 
 def check_roles(settings: Settings, roles: list[str] | None = None) -> list[RoleFiles]:
     """Check every file each role needs, without the network; see :class:`RoleFiles`."""
-    return [check_role(role, settings) for role in (roles or list(ROLES))]
+    return [check_role(role, settings) for role in (roles or active_roles(settings))]
 
 
 def check_role(role: str, settings: Settings) -> RoleFiles:
@@ -340,6 +348,8 @@ def _check_folder(role: str, folder: Path, settings: Settings, result: RoleFiles
         needed += ["config.json", "tokenizer_config.json", *_weights(folder, "", ("model",))]
         if role == "judge":
             needed.append(("preprocessor_config.json", "processor_config.json"))
+    elif role == "lcm_lora":
+        needed.append(LCM_LORA_FILE)
     elif role == "embedder":
         needed.append("open_clip_config.json")
         weights = tuple(p.name for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".bin", ".pth", ".pt"))
