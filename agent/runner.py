@@ -125,13 +125,14 @@ class Runner:
         if self._store_told:
             return None
         self._store_told = True
-        if self.reference_store is not None:  # given by the caller (tests, a batch's opened store)
-            return str(getattr(self.reference_store, "location", "the given store")), int(self.reference_store.count())
         from imgrag.store import store_census
 
         try:
+            if self.reference_store is not None:  # given by the caller (tests, a batch's opened store)
+                location = str(getattr(self.reference_store, "location", "the given store"))
+                return location, int(self.reference_store.count())
             return store_census(self.settings.store)
-        except Exception:  # an unreachable server: check_retrieval names it once
+        except Exception:  # an unreachable server, another embedder's store: check_retrieval names it once
             return None
 
     def _tell_store(self, record: RunRecord, census: tuple[str, int | None] | None) -> None:
@@ -243,10 +244,11 @@ class Runner:
         values = {**snapshot.values, **graph_input} if isinstance(graph_input, dict) else snapshot.values
         return self._drive(graph_input, thread_id, record, values)
 
-    def stop(self, thread_id: str, reason: str) -> dict[str, Any] | None:
+    def stop(self, thread_id: str, reason: str, unmatched: str = "interrupted") -> dict[str, Any] | None:
         """Close a request that was cut off (Ctrl-C, a killed process, an unanswered pause) at its last checkpoint:
         answer its dangling tool calls, end with the best candidate so far, write result.json. None when the
-        thread has nothing in flight."""
+        thread has nothing in flight. ``unmatched`` is the status when the best candidate did not match:
+        "interrupted" for a request cut off by the user, "budget_exhausted" for a run ended by an error."""
         graph = self.graph()
         config = {"configurable": {"thread_id": thread_id}}
         snapshot = graph.get_state(config)
@@ -262,7 +264,7 @@ class Runner:
         # cut off, not out of budget: unless the best candidate already matched, its status says so.
         ended = outcome(values)
         if ended["status"] == "budget_exhausted":
-            ended["status"] = "interrupted"
+            ended["status"] = unmatched
         graph.update_state(config, {"messages": closing, "stop_reason": reason, **ended}, as_node="finalize")
         record = RunRecord(values["run_dir"])
         result = self._result(graph.get_state(config).values, record)
@@ -305,7 +307,7 @@ class Runner:
             reason = f"error: {type(exc).__name__}: {first_line(exc)}"
             record.append_step({"event": "error", "error": reason, "exception": traceback.format_exc(limit=8)[-4000:]})
             self.reference_store = ctx.reference_store
-            result = self.stop(run_id, reason)
+            result = self.stop(run_id, reason, unmatched="budget_exhausted")  # ended, with its best candidate
             if result is None:
                 raise
             self.on_event({"event": "run_end", **{k: result[k] for k in ("run_id", "status", "stop_reason",

@@ -152,15 +152,18 @@ def test_a_vanished_candidate_file_is_an_error_message(settings, tmp_path: Path)
     script = [turn(("generate", {"prompt": "a kite", "seed": 1})), turn(("critique", {"candidate_id": "c0"}))]
     runner, _ = make_runner(settings, tmp_path, [MATCH], llm=script)
     # Delete c0 as soon as it is drawn: critique then fails to open it.
-    real_save = __import__("PIL.Image", fromlist=["Image"]).Image.save
+    from imgrag.runs import RunRecord
 
-    def save_then_delete(self, path, *args, **kwargs):
-        real_save(self, path, *args, **kwargs)
-        if str(path).endswith("c0.png"):
-            Path(path).unlink()
+    real_save = RunRecord.save_candidate
+
+    def save_then_delete(self, candidate_id, image):
+        path = real_save(self, candidate_id, image)
+        if candidate_id == "c0":
+            path.unlink()
+        return path
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("PIL.Image.Image.save", save_then_delete)
+        mp.setattr(RunRecord, "save_candidate", save_then_delete)
         result = runner.run("a kite", planner="agent", max_rounds=1)
     critique = [t for t in trace_of(result) if t.get("tool") == "critique" and "args" in t]
     assert critique and not critique[0]["ok"] and "c0.png" in critique[0]["message"]
