@@ -205,13 +205,14 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
         while failures < limit:
             ctx.on_event({"event": "llm_start", "attempt": failures + 1})
             start = time.perf_counter()
-            with ctx.manager.use(chat_model_name) as llm:
-                reply = llm.bind_tools(tools).invoke([system, *state["messages"], *feedback])
+            messages = [system, *state["messages"], *feedback]
+            reply = ctx.manager.run(chat_model_name, lambda llm, msgs: llm.bind_tools(tools).invoke(msgs), messages)
             problem = _check_reply(reply)
             seconds = round(time.perf_counter() - start, 3)
             ctx.record.append_step({"planner": "llm", "ok": problem is None, "seconds": seconds,
                                     "tool": ",".join(c["name"] for c in reply.tool_calls) or None,
-                                    "error": problem, "raw": str(reply.content)[:500]})
+                                    "error": problem, "raw": str(reply.content)[:500],
+                                    "tokens": reply.usage_metadata})
             if problem is None:
                 return reply, failures
             failures += 1

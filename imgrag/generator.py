@@ -50,6 +50,9 @@ class Generator:
         self.settings = settings
         self.adapter_loaded = False
         self._zero_embeds: dict[bool, Any] = {}  # per classifier-free-guidance mode; see _zero_image_embeds
+        # Called with the adapter's GiB before it loads onto the pipeline's device (the engine asks the model
+        # manager to make room: diffusers puts the adapter and its image encoder straight onto that device).
+        self.before_adapter_load: Callable[[float], None] | None = None
         pipe.set_progress_bar_config(disable=True)  # the command line draws its own bar from on_step
 
     @classmethod
@@ -86,10 +89,27 @@ class Generator:
         m = self.settings.models
         if not m.ip_adapter_weight.endswith(".safetensors"):
             raise ModelLoadError(f"models.ip_adapter_weight must be a .safetensors file, got {m.ip_adapter_weight!r}")
+        if self.before_adapter_load is not None:
+            self.before_adapter_load(self.adapter_size_gb())
         with loading("IP-Adapter", m.ip_adapter, IP_ADAPTER_EXPECTED):
             self.pipe.load_ip_adapter(m.ip_adapter, subfolder=m.ip_adapter_subfolder, weight_name=m.ip_adapter_weight,
                                       image_encoder_folder=m.ip_adapter_image_encoder)
         self.adapter_loaded = True
+
+    def adapter_size_gb(self) -> float:
+        """GiB the IP-Adapter and its image encoder will take in the pipeline's dtype, read from the safetensors
+        headers (nothing is loaded). Files not found on disk (a hub id not yet downloaded) count as the SDXL
+        ViT-H adapter's published size: 0.35 B + 0.63 B parameters."""
+        from imgrag.checkpoints import safetensors_parameters
+
+        m = self.settings.models
+        encoder = m.ip_adapter_image_encoder
+        if "/" not in encoder.strip("/"):  # diffusers reads a bare folder name inside the subfolder
+            encoder = f"{m.ip_adapter_subfolder}/{encoder}"
+        count = safetensors_parameters(m.ip_adapter, [f"{m.ip_adapter_subfolder}/{m.ip_adapter_weight}",
+                                                      f"{encoder}/*.safetensors"])
+        parameters = count if count else 0.35e9 + 0.63e9
+        return parameters * self.pipe.dtype.itemsize / 2**30
 
     def generate(
         self,

@@ -41,6 +41,8 @@ class Verdict:
     reason: str = ""
     raw: str = ""
     parsed: bool = True
+    # The call's tokens: {"input", "output", "max_new_tokens", "stop": "answer"|"max_new_tokens"|"eos"}.
+    tokens: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -240,6 +242,7 @@ class Judge:
         self.model = model.eval()
         self.processor = processor
         self.settings = settings
+        self.last_tokens: dict[str, Any] | None = None  # the last call's token counts (see ask)
 
     @classmethod
     def from_pretrained(cls, settings: Settings, device: str | None = None, *, place: bool = True) -> Judge:
@@ -264,12 +267,17 @@ class Judge:
 
     def judge(self, image: Image.Image, prompt: str) -> Verdict:
         """Ask whether ``image`` shows everything ``prompt`` asks for."""
-        return parse_verdict(self.ask(image, prompts.render("judge", prompt=prompt)))
+        verdict = parse_verdict(self.ask(image, prompts.render("judge", prompt=prompt), until_json=True))
+        verdict.tokens = self.last_tokens
+        return verdict
 
-    def ask(self, image: Image.Image, question: str) -> str:
-        """The model's raw answer to ``question`` about ``image`` (greedy, ``judge.max_new_tokens``)."""
+    def ask(self, image: Image.Image, question: str, *, until_json: bool = False) -> str:
+        """The model's raw answer to ``question`` about ``image`` (greedy, ``judge.max_new_tokens``);
+        ``until_json`` stops it at the end of its first JSON object. Token counts go to ``last_tokens``."""
         import torch
         from qwen_vl_utils import process_vision_info
+
+        from imgrag.stopping import StoppingCriteriaList, stop_reason, verdict_stopping
 
         bounds = self.settings.judge
         messages = [{"role": "user", "content": [
@@ -283,8 +291,14 @@ class Judge:
         inputs = self.processor(text=[text], images=images, padding=True, return_tensors="pt",
                                 size={"shortest_edge": bounds.min_pixels, "longest_edge": bounds.max_pixels})
         inputs = inputs.to(self.model.device)
+        prompt_length = inputs["input_ids"].shape[1]
+        stopping = verdict_stopping(self.processor.tokenizer, prompt_length) if until_json else StoppingCriteriaList()
         with torch.inference_mode():
-            output = self.model.generate(**inputs, max_new_tokens=bounds.max_new_tokens, do_sample=False)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+            output = self.model.generate(**inputs, max_new_tokens=bounds.max_new_tokens, do_sample=False,
+                                         stopping_criteria=stopping)
+        new_tokens = output[:, prompt_length:]
+        self.last_tokens = {"input": int(prompt_length), "output": int(new_tokens.shape[1]),
+                            "max_new_tokens": bounds.max_new_tokens,
+                            "stop": stop_reason(stopping, int(new_tokens.shape[1]), bounds.max_new_tokens)}
         return self.processor.batch_decode(new_tokens, skip_special_tokens=True,
                                            clean_up_tokenization_spaces=False)[0].strip()

@@ -68,7 +68,8 @@ class JudgeSettings:
     # Qwen2.5-VL pixel bounds: the image is resized to fit within them before the processor sees it.
     min_pixels: int = 256 * 28 * 28
     max_pixels: int = 1024 * 28 * 28
-    max_new_tokens: int = 256
+    # A JSON verdict takes about 60 tokens; the judge stops at its closing brace (imgrag.stopping).
+    max_new_tokens: int = 128
 
 
 @dataclass

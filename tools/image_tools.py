@@ -17,6 +17,7 @@ from langchain_core.tools import BaseTool, InjectedToolCallId, tool
 from langgraph.prebuilt import InjectedState
 from langgraph.types import Command
 
+from imgrag.engine import ManagedEmbedder
 from imgrag.errors import UserError
 from imgrag.images import open_image
 from tools.context import ToolContext
@@ -61,14 +62,17 @@ def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict
     """Run one tool body, time it, trace it, and turn its outcome into a ToolMessage + state update."""
     ctx.on_event({"event": "tool_start", "tool": name, "args": args, "round": state.get("rounds", 0)})
     start = time.perf_counter()
+    extra: dict = {}  # a body may return a third item: more fields for the trace (the judge's tokens)
     try:
-        text, update = body()
+        text, update, *more = body()
+        extra = more[0] if more else {}
         ok = True
     except (ToolArgumentError, UserError) as exc:
         text, update, ok = f"Error: {exc}", {}, False
     seconds = round(time.perf_counter() - start, 3)
     ctx.record.append_step({"tool": name, "args": args, "ok": ok, "seconds": seconds,
-                            "round": state.get("rounds", 0) + update.get("rounds", 0), "message": text[:2000]})
+                            "round": state.get("rounds", 0) + update.get("rounds", 0), "message": text[:2000],
+                            **extra})
     ctx.on_event({"event": "tool_end", "tool": name, "ok": ok, "seconds": seconds, "message": text[:300]})
     message = ToolMessage(text, tool_call_id=tool_call_id, name=name, status="success" if ok else "error")
     return Command(update={"messages": [message], "tool_calls": 1, **update})
@@ -82,10 +86,11 @@ def _draw(ctx: ToolContext, state: dict, prompt: str, seed: int, references: lis
     def on_step(step: int, total: int) -> None:
         ctx.on_event({"event": "denoise", "step": step, "total": total})
 
-    with ctx.manager.use("generator") as generator:
-        image = generator.generate(prompt, seed=seed, references=images or None, ip_scale=ip_scale, on_step=on_step)
-    with ctx.manager.use("embedder") as embedder:
-        clip_score = float((embedder.embed_images([image]) @ embedder.embed_texts([prompt]).T)[0, 0])
+    # Model calls run on the device's model thread (imgrag.manager), not in this tool's thread.
+    image = ctx.manager.run("generator", lambda generator: generator.generate(
+        prompt, seed=seed, references=images or None, ip_scale=ip_scale, on_step=on_step))
+    clip_score = ctx.manager.run("embedder", lambda embedder: float(
+        (embedder.embed_images([image]) @ embedder.embed_texts([prompt]).T)[0, 0]))
     path = ctx.record.candidate_path(candidate_id)
     image.save(path)
     return {"id": candidate_id, "path": str(path), "prompt": prompt, "seed": seed,
@@ -135,13 +140,13 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
         def body():
             candidate = _candidate(state, candidate_id)
             image = open_image(candidate["path"])
-            with ctx.manager.use("judge") as judge:
-                verdict = judge.judge(image, state["prompt"]).to_dict()
+            verdict = ctx.manager.run("judge", lambda judge: judge.judge(image, state["prompt"]).to_dict())
             updated = {**candidate, "verdict": verdict}
             shown = {k: verdict[k] for k in ("match", "missing", "reason", "parsed")}
             if not verdict["parsed"]:
                 shown["note"] = "the judge's answer could not be parsed; retrieve with the prompt itself"
-            return json.dumps({"candidate_id": candidate_id, **shown}), {"candidates": {candidate_id: updated}}
+            return (json.dumps({"candidate_id": candidate_id, **shown}), {"candidates": {candidate_id: updated}},
+                    {"tokens": verdict.get("tokens")})
 
         return _run(ctx, "critique", args, tool_call_id, state, body)
 
@@ -173,12 +178,13 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
             if avoid_candidate_id:
                 avoid_image = open_image(_candidate(state, avoid_candidate_id)["path"])
             r = ctx.settings.retrieval
-            with ctx.manager.use("embedder") as embedder:
-                store = ctx.store(embedder)
-                empty_store = store.count() == 0
-                found = [] if empty_store else store.retrieve(
-                    embedder, cleaned, k=top_k, avoid=avoid_image, rerank_lambda=r.rerank_lambda,
-                    min_score=r.min_score)
+            # Embeddings run on the model thread; the store's query holds no device lock.
+            embedder = ManagedEmbedder(ctx.manager)
+            store = ctx.store(embedder)
+            empty_store = store.count() == 0
+            found = [] if empty_store else store.retrieve(
+                embedder, cleaned, k=top_k, avoid=avoid_image, rerank_lambda=r.rerank_lambda,
+                min_score=r.min_score)
             refs = {ref.id: ref.to_dict() for ref in found}
             # Recorded even when empty, so the planner knows this repair was tried.
             candidates = state.get("candidates") or {}
