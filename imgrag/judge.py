@@ -41,8 +41,6 @@ class Verdict:
     reason: str = ""
     raw: str = ""
     parsed: bool = True
-    # The call's tokens: {"input", "output", "max_new_tokens", "stop": "answer"|"max_new_tokens"|"eos"}.
-    tokens: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -242,7 +240,8 @@ class Judge:
         self.model = model.eval()
         self.processor = processor
         self.settings = settings
-        self.last_tokens: dict[str, Any] | None = None  # the last call's token counts (see ask)
+        # The last call's tokens: {"input", "output", "max_new_tokens", "stop": "answer"|"max_new_tokens"|"eos"}.
+        self.last_tokens: dict[str, Any] | None = None
 
     @classmethod
     def from_pretrained(cls, settings: Settings, device: str | None = None, *, place: bool = True) -> Judge:
@@ -267,9 +266,7 @@ class Judge:
 
     def judge(self, image: Image.Image, prompt: str) -> Verdict:
         """Ask whether ``image`` shows everything ``prompt`` asks for."""
-        verdict = parse_verdict(self.ask(image, prompts.render("judge", prompt=prompt), until_json=True))
-        verdict.tokens = self.last_tokens
-        return verdict
+        return parse_verdict(self.ask(image, prompts.render("judge", prompt=prompt), until_json=True))
 
     def ask(self, image: Image.Image, question: str, *, until_json: bool = False) -> str:
         """The model's raw answer to ``question`` about ``image`` (greedy, ``judge.max_new_tokens``);

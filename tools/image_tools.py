@@ -140,13 +140,14 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
         def body():
             candidate = _candidate(state, candidate_id)
             image = open_image(candidate["path"])
-            verdict = ctx.manager.run("judge", lambda judge: judge.judge(image, state["prompt"]).to_dict())
+            verdict, tokens = ctx.manager.run("judge", lambda judge: (judge.judge(image, state["prompt"]).to_dict(),
+                                                                      getattr(judge, "last_tokens", None)))
             updated = {**candidate, "verdict": verdict}
             shown = {k: verdict[k] for k in ("match", "missing", "reason", "parsed")}
             if not verdict["parsed"]:
                 shown["note"] = "the judge's answer could not be parsed; retrieve with the prompt itself"
             return (json.dumps({"candidate_id": candidate_id, **shown}), {"candidates": {candidate_id: updated}},
-                    {"tokens": verdict.get("tokens")})
+                    {"tokens": tokens})
 
         return _run(ctx, "critique", args, tool_call_id, state, body)
 
