@@ -603,7 +603,8 @@ def quantise_gptq(source: Path, dest: Path, *, bits: int = 4, group_size: int = 
     """A GPTQ-Int4 copy of a Qwen2.5 folder (the tiny kit's, for tests), in the format of
     ``Qwen2.5-7B-Instruct-GPTQ-Int4``: ``quantization_config.quant_method = "gptq"`` in its config.json, which
     transformers loads through gptqmodel + optimum (the ``gptq`` extra). Runs on a CPU in seconds for the tiny
-    model. Raises ``ModuleNotFoundError`` without the extra."""
+    model. Raises ``ModuleNotFoundError`` without the extra. gptqmodel writes a ``logs/`` folder into the working
+    directory."""
     import os
 
     # gptqmodel sizes its CPU worker pools at import; on a 2-core machine it refuses to start unless told to

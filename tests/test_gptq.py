@@ -19,9 +19,11 @@ pytestmark = pytest.mark.skipif(
     reason="the gptq extra is not installed (pip install -e '.[gptq]': gptqmodel + optimum)")
 
 
-def test_a_gptq_int4_qwen_quantised_by_the_kit_loads_and_answers(tiny_kit: dict[str, Path], tiny_settings: Settings,
-                                                                 tmp_path: Path) -> None:
+def test_a_gptq_int4_qwen_quantised_by_the_kit_loads_and_answers(
+        tiny_kit: dict[str, Path], tiny_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from langchain_core.messages import HumanMessage
+
+    monkeypatch.chdir(tmp_path)  # gptqmodel writes a logs/ folder into the working directory
 
     from imgrag.engine import build_manager
     from imgrag.tiny_kit import quantise_gptq
