@@ -526,13 +526,8 @@ class ChatSession:
         """With the agent planner the LLM reads the follow-up (a remote one outside the GPU lock); the
         regular-expression reader is the fixed planner's and the fallback when the LLM's answer is unusable."""
         if self.planner == "agent":
-            from imgrag.chat_model import is_remote
-
-            try:
-                with self.runner.manager.use("llm") as llm:
-                    read = None if is_remote(llm) else read_followup_with_llm(llm, prompt, text, references)
-                if is_remote(llm):
-                    read = read_followup_with_llm(llm, prompt, text, references)
+            try:  # the manager runs a local LLM on the model thread, a remote one here without the GPU lock
+                read = self.runner.manager.run("llm", read_followup_with_llm, prompt, text, references)
             except Exception:  # the LLM cannot load: the policy runs this request anyway
                 read = None
             if read is not None:

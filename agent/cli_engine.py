@@ -99,10 +99,9 @@ def generate(
     start = time.perf_counter()
     bar = TerminalBar("drawing")  # on a pipe, nothing per step: logs stay short
     try:
-        with manager.use("generator") as generator:
-            image = generator.generate(prompt, seed=g.seed, references=references or None, ip_scale=g.ip_scale,
-                                       width=g.width, height=g.height, steps=n_steps, guidance=plan.guidance,
-                                       on_step=bar, fast=plan.mode)
+        image = manager.run("generator", lambda generator: generator.generate(
+            prompt, seed=g.seed, references=references or None, ip_scale=g.ip_scale, width=g.width,
+            height=g.height, steps=n_steps, guidance=plan.guidance, on_step=bar, fast=plan.mode))
     finally:
         bar.close()
     _save_atomically(image, output)
@@ -143,8 +142,7 @@ def critique(
 
     manager = build_manager(settings)
     with err.status("judging …", spinner="dots") if err.is_terminal else nullcontext():
-        with manager.use("judge") as judge:
-            verdict = judge.judge(picture, prompt)
+        verdict = manager.run("judge", lambda judge: judge.judge(picture, prompt))
     if as_json:
         document: dict[str, Any] = {"match": verdict.match, "missing": verdict.missing, "reason": verdict.reason,
                                     "parsed": verdict.parsed, "raw": verdict.raw}

@@ -42,12 +42,11 @@ CAPTION_CHARS = 120  # of a caption in the search table; the store and --json ke
 
 @contextmanager
 def _embedder(settings: Settings) -> Iterator[Any]:
-    """The embedder under the model manager (the same lock and device handling as a run)."""
-    from imgrag.engine import build_manager
+    """The embedder through the model manager: each embedding call on the model thread under the device lock;
+    walking folders, decoding files and Chroma hold no lock (the same handling as a run)."""
+    from imgrag.engine import ManagedEmbedder, build_manager
 
-    manager = build_manager(settings)
-    with manager.use("embedder") as embedder:
-        yield embedder
+    yield ManagedEmbedder(build_manager(settings))
 
 
 class _RateColumn(ProgressColumn):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.runner import PLANNERS, TINY_NOTE, Runner, read_prompt_file
+from imgrag.dino import DinoScorer  # noqa: F401  (its old home; imported from here by callers)
 from imgrag.errors import UserError
 from imgrag.images import open_image
 from imgrag.runs import RunRecord, atomic_path, write_json_atomic
@@ -90,42 +91,6 @@ def cosine(a: Any, b: Any) -> float:
     return float(a @ b / denom) if denom else 0.0
 
 
-class DinoScorer:
-    """DINOv2 image embeddings (the CLS token after the final layer norm) for image-image similarity.
-
-    Loaded with transformers' ``AutoModel`` + ``AutoImageProcessor`` from ``models.dino`` (a hub id
-    such as ``facebook/dinov2-base``, or a local folder). It is not one of the agent's models, so the
-    evaluator loads it itself, once, after the runs; DINOv2-base is 86 M parameters (0.2 GB in fp16).
-    """
-
-    def __init__(self, checkpoint: str, device: str = "cpu", dtype: Any = None) -> None:
-        from transformers import AutoImageProcessor, AutoModel
-
-        from imgrag.checkpoints import first_line
-        from imgrag.errors import ModelLoadError
-
-        try:
-            self.processor = AutoImageProcessor.from_pretrained(checkpoint)
-            self.model = AutoModel.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
-        except Exception as exc:  # transformers raises OSError/ValueError/hub errors; name the checkpoint
-            raise ModelLoadError(f"cannot load the DINO checkpoint {checkpoint!r}: {first_line(exc)}") from exc
-        self.checkpoint = checkpoint
-        self.device = device
-
-    def embed(self, images: list[Any]) -> Any:
-        """One unit vector per picture (float32 numpy, [n, hidden])."""
-        import numpy as np
-        import torch
-
-        inputs = self.processor(images=images, return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(self.device, next(self.model.parameters()).dtype)
-        with torch.inference_mode():
-            out = self.model(pixel_values=pixel_values)
-        pooled = getattr(out, "pooler_output", None)
-        vectors = (pooled if pooled is not None else out.last_hidden_state[:, 0]).float().cpu().numpy()
-        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-
-
 # ----------------------------------------------------------------------------------------------
 # The evaluation
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +113,6 @@ class Evaluation:
         self.manager = runner.manager  # one manager for plain generation, the agent and the scores
         self.planner = planner
         self.max_rounds = max_rounds
-        self._dino: DinoScorer | None = None
 
     # ----- the whole file -----
     def run(self, path: str | Path, *, limit: int | None = None, items: list[dict[str, Any]] | None = None,
@@ -202,8 +166,7 @@ class Evaluation:
         seconds = {}
         for name in names:
             start = time.perf_counter()
-            with self.manager.use(name):
-                pass
+            self.manager.run(name, lambda model: None)
             seconds[name] = round(time.perf_counter() - start, 3)
         return seconds
 
@@ -236,15 +199,13 @@ class Evaluation:
     def _plain(self, eval_dir: Path, index: int, prompt: str, seed: int, out: dict[str, Any]) -> Any:
         """One generator call and one judge call, timed separately."""
         start = time.perf_counter()
-        with self.manager.use("generator") as generator:
-            image = generator.generate(prompt, seed=seed)
+        image = self.manager.run("generator", lambda generator: generator.generate(prompt, seed=seed))
         out["seconds_generate"] = round(time.perf_counter() - start, 3)
         path = eval_dir / "plain" / f"{index:03d}.png"
         image.save(path)
         out["image"] = str(path)
         start = time.perf_counter()
-        with self.manager.use("judge") as judge:
-            verdict = judge.judge(image, prompt).to_dict()
+        verdict = self.manager.run("judge", lambda judge: judge.judge(image, prompt).to_dict())
         out["seconds_judge"] = round(time.perf_counter() - start, 3)
         out["verdict"] = verdict
         out["judge_match"] = bool(verdict.get("match"))
@@ -275,9 +236,10 @@ class Evaluation:
         if not pictures:
             return
         gold = open_image(record["gold"]) if record.get("gold") else None
-        with self.manager.use("embedder") as embedder:
-            vectors = embedder.embed_images([image for _, image in pictures] + ([gold] if gold else []))
-            text = embedder.embed_texts([record["prompt"]])[0]
+        images = [image for _, image in pictures] + ([gold] if gold else [])
+        vectors, texts = self.manager.run("embedder", lambda e: (e.embed_images(images),
+                                                                 e.embed_texts([record["prompt"]])))
+        text = texts[0]
         for i, (side, _) in enumerate(pictures):
             record[side]["clip_text"] = round(cosine(vectors[i], text), 4)
             if gold is not None:
@@ -289,15 +251,16 @@ class Evaluation:
         todo = [r for r in records if r.get("gold")]
         if not checkpoint or not todo:
             return
-        if self._dino is None:
-            device = self.settings.resolved_device()
-            self._dino = DinoScorer(checkpoint, device, self.settings.torch_dtype() if device != "cpu" else None)
+        if "dino" not in self.manager.names():  # a manager built without models.dino (or a test's)
+            from imgrag.engine import register_dino
+
+            register_dino(self.manager, self.settings)
         for record in todo:
             sides = [s for s in ("plain", "agent") if record[s].get("image")]
             if not sides:
                 continue
             images = [open_image(record[s]["image"]) for s in sides] + [open_image(record["gold"])]
-            vectors = self._dino.embed(images)
+            vectors = self.manager.run("dino", lambda dino, pictures: dino.embed(pictures), images)
             for i, side in enumerate(sides):
                 record[side]["dino_gold"] = round(cosine(vectors[i], vectors[-1]), 4)
 

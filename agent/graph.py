@@ -26,7 +26,7 @@ from langgraph.types import interrupt
 import prompts
 from agent.policy import latest_candidate, next_step
 from agent.state import AgentState
-from imgrag.chat_model import QwenChatModel, content_text, is_remote, read_reply
+from imgrag.chat_model import QwenChatModel, content_text, read_reply
 from imgrag.checkpoints import first_line
 from tools.context import ToolContext
 from tools.image_tools import TOOL_NAMES, checkpoint_safe, make_tools
@@ -237,11 +237,8 @@ def _caption_queries(state: dict[str, Any], runtime: Runtime, missing: list[str]
     from imgrag.concepts import caption_concepts
 
     ctx = runtime.ctx
-    try:
-        with ctx.manager.use(chat_model_name) as llm:
-            captions = None if is_remote(llm) else caption_concepts(llm, state["prompt"], missing)
-        if captions is None:
-            captions = caption_concepts(llm, state["prompt"], missing)
+    try:  # the manager runs a local LLM on the model thread, a remote one here without the GPU lock
+        captions = ctx.manager.run(chat_model_name, caption_concepts, state["prompt"], missing)
     except Exception as exc:  # the LLM cannot load: retrieve with the phrases, as without the step
         ctx.record.append_step({"event": "captions", "ok": False, "error": f"{type(exc).__name__}: {first_line(exc)}"})
         return missing
@@ -308,7 +305,8 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
             ctx.record.append_step({"planner": "llm", "ok": problem is None, "seconds": seconds,
                                     "tool": ",".join(c["name"] for c in reply.tool_calls) or None,
                                     "error": problem, "raw": str(reply.response_metadata.get("raw")
-                                                                 or reply.content)[:500]})
+                                                                 or reply.content)[:500],
+                                    "tokens": reply.usage_metadata})
             if problem is None:
                 # Arguments go into the checkpoint: a seed of 2**70 must not break it (the tool refuses it).
                 calls = [{**c, "args": checkpoint_safe(c["args"])} for c in reply.tool_calls]
@@ -321,15 +319,16 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
         return None, failures
 
     def _invoke_llm(messages: list[BaseMessage], state: AgentState) -> AIMessage:
-        """One LLM call. A local model runs under the manager's GPU lock and stops at the run's deadline; a remote
-        one (an OpenAI-compatible server) is only looked up under it and called outside, holding no GPU."""
+        """One LLM call through the manager: a local model on the device's model thread, stopping at the run's
+        deadline; a remote one (an OpenAI-compatible server, registered on the host) in this thread, holding no
+        GPU lock."""
         deadline = runtime.deadline(float(state["budget"]["max_seconds"]))
-        with ctx.manager.use(chat_model_name) as llm:
-            bound = llm.bind_tools(tools)
-            if not is_remote(llm):
-                return read_reply(bound.invoke(messages, **({"deadline": deadline}
-                                                            if isinstance(llm, QwenChatModel) else {})))
-        return read_reply(bound.invoke(messages))
+
+        def call(llm: Any, msgs: list[BaseMessage]) -> AIMessage:
+            limits = {"deadline": deadline} if isinstance(llm, QwenChatModel) else {}
+            return llm.bind_tools(tools).invoke(msgs, **limits)
+
+        return read_reply(ctx.manager.run(chat_model_name, call, messages))
 
     def route(state: AgentState) -> Literal["tools", "review", "finalize"]:
         """After plan: run the tool calls it produced (through review when the user approves redraws), or

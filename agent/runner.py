@@ -169,12 +169,12 @@ class Runner:
         failing the same retrieval every round. Opens the store (loading the embedder, which every run needs
         for its CLIP scores) and keeps it for the run."""
         try:
-            with self.manager.use("embedder") as embedder:
-                if self.reference_store is None:
-                    from imgrag.store import ReferenceStore
+            if self.reference_store is None:
+                from imgrag.store import ReferenceStore
 
-                    self.reference_store = ReferenceStore.open(self.settings, embedder.model_id, embedder.dim)
-                self.reference_store.count()
+                model_id, dim = self.manager.run("embedder", lambda embedder: (embedder.model_id, embedder.dim))
+                self.reference_store = ReferenceStore.open(self.settings, model_id, dim)
+            self.reference_store.count()
         except ModelLoadError:
             raise  # the embedder itself cannot load: the user's setting to fix, before any work
         except UserError as exc:

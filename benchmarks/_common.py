@@ -152,6 +152,13 @@ class LoadPerStepManager:
             finally:
                 self.inner.evict(name)
 
+    def run(self, name: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """The inner manager's run() (on its model thread), then the model is dropped."""
+        try:
+            return self.inner.run(name, fn, *args, **kwargs)
+        finally:
+            self.inner.evict(name)
+
     def load_counts(self) -> dict[str, int]:
         return self.inner.load_counts()
 
@@ -174,6 +181,16 @@ class TimedManager:
         try:
             with self.inner.use(name) as model:
                 yield model
+        finally:
+            spent = time.perf_counter() - start
+            self.model_seconds += spent
+            self.by_model[name] = self.by_model.get(name, 0.0) + spent
+
+    def run(self, name: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """The inner manager's run() (on its model thread), timed like use()."""
+        start = time.perf_counter()
+        try:
+            return self.inner.run(name, fn, *args, **kwargs)
         finally:
             spent = time.perf_counter() - start
             self.model_seconds += spent

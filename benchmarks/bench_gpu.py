@@ -1,24 +1,30 @@
-"""Full-size models on a GPU: seconds per 1024x1024 generation, per judge call, per model swap under a
-24 GB budget against all models resident, and for one full round.
+"""The GPU path, before and after issue 13, side by side: a round against its pure model compute, the judge
+and generation alone and inside a run, swap seconds, and peak GPU memory under 24 and 80 GB budgets.
 
-    python -m agent.cli models build-tiny --scale full /tmp/kit     # or let --build do it
-    python benchmarks/bench_gpu.py --kit /tmp/kit [--build] [--json OUT.json] [--budget-gb 24]
-    python benchmarks/bench_gpu.py --dry-run                        # the same code, small models, CPU
+    bash benchmarks/run_gpu.sh                                       # on a lent GPU: kit, then both passes
+    python benchmarks/bench_gpu.py --kit /tmp/kit --json after.json                    # this tree's code
+    python benchmarks/bench_gpu.py --kit /tmp/kit --code .before --json before.json    # another tree's code
+    python benchmarks/bench_gpu.py --compare before.json after.json                    # the Markdown table
+    python benchmarks/bench_gpu.py --dry-run [--code DIR]           # the same code, small models, CPU
+
+``--code DIR`` imports imgrag, agent, tools and prompts from DIR (``git archive 5934158 imgrag agent tools
+prompts | tar -x -C .before`` gives the code before issue 13), so one script measures both. Model calls go
+through ``manager.run`` (the model thread) where the code has it, else ``with manager.use()`` in the calling
+thread, as each version's tools do.
 
 The models are the kit's shape-true random-weight copies of SDXL base (+ IP-Adapter ViT-H),
 Qwen2.5-VL-3B, Qwen2.5-7B and CLIP ViT-B-32 (:mod:`imgrag.full_scale`), loaded through imgrag's own
-engine (:func:`imgrag.engine.build_manager`) and driven through its own wrappers and runner, so the
-figures are the cost of imgrag's code on real-sized models. What random weights change: the pictures
-are noise; the judge and the LLM never stop early, so every call generates its full ``max_new_tokens``
-(the figures are per call AND per token); the kit's small tokenizers split text into more tokens than
-Qwen's real one, which inflates prompt (prefill) lengths, not the per-token decode cost.
+engine (:func:`imgrag.engine.build_manager`) and driven through its own wrappers and runner. What random
+weights change: the pictures are noise; the judge never closes a JSON verdict, so every call generates its
+full ``judge.max_new_tokens`` (256 before, 128 after) and the stopping criteria never fire; the kit's small
+tokenizers split text into more tokens than Qwen's real one (longer prompts, same decode cost per token).
 
 Stages, each timed and written to the JSON as soon as it ends (a run cut short keeps what it measured):
-load every model; plain and guided generation; judge calls; one LLM call; one full round (generate,
-critique, retrieve, regenerate, critique) with the fixed policy, and with the agent LLM planning; the
-same sequence of model uses with everything resident and under ``--budget-gb`` (models swapped to CPU).
-Retrieval uses an in-memory list of reference pictures ranked with the store's own maths
-(:func:`imgrag.store.rank_references`); Chroma itself is measured on CPU in BENCHMARKS.md's store section.
+``load`` (all four models and the adapter, a manager with an 80 GB budget), ``alone`` (each model call of a
+round on its own: plain and guided generation, the judge, retrieval, the CLIP score), ``round`` (fixed-policy
+rounds: generate, critique, retrieve, regenerate, critique; their ratio to the sum of the calls alone; peak
+memory under the 80 GB budget), ``budget`` (a fresh manager under ``--budget-gb``: the same round, then a
+round's order of model hand-overs ``--passes`` times, swaps timed; peak memory).
 """
 
 from __future__ import annotations
@@ -34,8 +40,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+
+def _code_dir(argv: list[str]) -> Path:
+    """``--code DIR``, read before anything of imgrag is imported: it decides which imgrag that is."""
+    for i, arg in enumerate(argv):
+        if arg == "--code" and i + 1 < len(argv):
+            return Path(argv[i + 1]).resolve()
+        if arg.startswith("--code="):
+            return Path(arg.split("=", 1)[1]).resolve()
+    return Path(__file__).resolve().parent.parent
+
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(_code_dir(sys.argv[1:])))
 
 from _common import git_commit, isolated_environ, machine, machine_line  # noqa: E402  (sets the offline env)
 
@@ -173,40 +190,25 @@ def count_new_tokens(model: Any, sink: list[int]) -> Callable[[], None]:
     return lambda: setattr(model, "generate", original)
 
 
-def decode_focus(manager: Any, reference: Any, settings: Any) -> dict[str, Any]:
-    """Where a token-generation call's time goes: the same judge and LLM calls in the main thread and in
-    a worker thread (LangGraph runs tools in one), back to back and right after a drawing."""
-    from concurrent.futures import ThreadPoolExecutor
+def call(manager: Any, name: str, fn: Callable[[Any], Any]) -> Any:
+    """``fn(model)`` as the code under test runs model calls: on its model thread (``manager.run``, after issue
+    13) or inside ``use()`` in this thread (before)."""
+    if hasattr(manager, "run"):
+        return manager.run(name, fn)
+    with manager.use(name) as model:
+        return fn(model)
 
-    from langchain_core.messages import HumanMessage
 
-    image = reference.resize((settings.generation.width, settings.generation.height))
-    pool = ThreadPoolExecutor(max_workers=1)
-    out: dict[str, Any] = {}
+def reset_peak() -> None:
+    import torch
 
-    def judge_once() -> float:
-        with manager.use("judge") as judge:
-            return timed(lambda: judge.judge(image, PROMPT))[0]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
 
-    def llm_once(tokens: int) -> float:
-        with manager.use("llm") as llm:
-            llm.max_new_tokens = tokens
-            return timed(lambda: llm.invoke([HumanMessage(PROMPT)]))[0]
 
-    def draw() -> float:
-        with manager.use("generator") as generator:
-            return timed(lambda: generator.generate(PROMPT, seed=5))[0]
-
-    out["draw_warm"] = round(draw(), 2)
-    out["judge_main_x3"] = [round(judge_once(), 2) for _ in range(3)]
-    out["judge_thread_x2"] = [round(pool.submit(judge_once).result(), 2) for _ in range(2)]
-    out["draw_then_judge_main"] = [round(draw(), 2), round(judge_once(), 2), round(judge_once(), 2)]
-    out["draw_then_judge_thread"] = [round(draw(), 2), round(pool.submit(judge_once).result(), 2)]
-    out["llm128_main_x3"] = [round(llm_once(128), 2) for _ in range(3)]
-    out["llm128_thread_x2"] = [round(pool.submit(llm_once, 128).result(), 2) for _ in range(2)]
-    out["judge_after_llm_main"] = round(judge_once(), 2)
-    pool.shutdown()
-    return out
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -214,215 +216,203 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     home = Path(tempfile.mkdtemp(prefix="imgrag-bench-gpu-"))
     kit = args.kit or home / "kit"
-    doc: dict[str, Any] = {"benchmark": "gpu", "machine": machine(), "commit": git_commit(),
-                           "dry_run": args.dry_run, "kit": str(kit), "budget_gb": args.budget_gb}
+    code = Path(args.code).resolve() if args.code else Path(__file__).resolve().parent.parent
+    doc: dict[str, Any] = {"benchmark": "gpu-path", "machine": machine(), "commit": git_commit(),
+                           "code": str(code), "label": args.label, "dry_run": args.dry_run, "kit": str(kit),
+                           "budgets_gb": [args.big_budget_gb, args.budget_gb], "torch": torch.__version__}
     if torch.cuda.is_available():
         doc["gpu_total_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     res = Results(args.json, doc)
-    deadline = args.deadline
 
-    if args.build or args.dry_run:
+    if args.build or (args.dry_run and not (kit / "kit.json").exists()):
         def build() -> dict[str, Any]:
             from imgrag.full_scale import FULL, build_full_kit, smoke_configs
 
             seconds, _ = timed(lambda: build_full_kit(kit, configs=smoke_configs() if args.dry_run else FULL,
                                                       device="cpu" if args.dry_run else None, force=True,
                                                       progress=lambda m: print(f"  built {m}", flush=True)))
-            marker = json.loads((kit / "kit.json").read_text())
-            size = sum(f.stat().st_size for f in kit.rglob("*") if f.is_file() and ".tiny-source" not in f.parts)
-            return {"seconds": round(seconds, 1), "parameters": marker["parameters"],
-                    "disk_gib": round(size / 2**30, 2)}
+            parameters = json.loads((kit / "kit.json").read_text())["parameters"]
+            return {"seconds": round(seconds, 1), "parameters": parameters}
 
         res.stage("build", build)
-    else:
-        res.doc["build"] = {"parameters": json.loads((kit / "kit.json").read_text()).get("parameters")}
 
     from agent.runner import Runner
     from imgrag.engine import build_manager
 
-    settings = make_settings(kit, home, args.dry_run)
-    manager = build_manager(settings)
-    steps = settings.generation.steps
+    def settings_for(budget: float) -> Any:
+        return make_settings(kit, home, args.dry_run, gpu_memory_gb=budget, offload="cpu")
 
-    def load_each() -> dict[str, Any]:
+    sizes: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+    big = args.big_budget_gb if not args.dry_run else 0.0
+    manager = build_manager(settings_for(big))
+    settings = manager.settings
+    doc["judge_max_new_tokens"] = settings.judge.max_new_tokens
+
+    def load_all(mgr: Any) -> dict[str, Any]:
         out = {}
         for name in ("generator", "judge", "llm", "embedder"):
-            t0 = time.perf_counter()
-            with manager.use(name):
-                pass
-            _sync()
-            out[name] = round(time.perf_counter() - t0, 2)
-        with manager.use("generator") as generator:
-            seconds, _ = timed(generator.load_ip_adapter)
+            seconds, _ = timed(lambda name=name: call(mgr, name, lambda model: None))
+            out[name] = round(seconds, 2)
+        seconds, _ = timed(lambda: call(mgr, "generator", lambda generator: generator.load_ip_adapter()))
         out["ip_adapter"] = round(seconds, 2)
-        return {"load_seconds": out, "stats": manager.stats(), "gpu_gib": gpu_gib()}
+        return out
 
-    res.stage("load", load_each)
+    def load() -> dict[str, Any]:
+        reset_peak()
+        seconds = load_all(manager)
+        sizes.update({k: v["size_gb"] for k, v in manager.stats().items()})
+        stats.update(manager.stats())
+        return {"load_seconds": seconds, "stats": manager.stats(), "gpu_gib": gpu_gib()}
+
+    res.stage("load", load)
     from PIL import Image
 
-    references = [Image.open(p).convert("RGB") for _, p, _ in ListStore(home / "refs", count=2).items]
+    store = ListStore(home / "refs", count=4)
+    references = [Image.open(p).convert("RGB") for _, p, _ in store.items[:2]]
+    picture = references[0].resize((settings.generation.width, settings.generation.height))
+    queries = ["a wooden cradle", "a red toy rocket"]
 
-    def generation() -> dict[str, Any]:
-        with manager.use("generator") as generator:
-            timed(lambda: generator.generate(PROMPT, seed=0, steps=2))  # warm-up: kernels, allocator
-            plain = [timed(lambda i=i: generator.generate(PROMPT, seed=i))[0] for i in range(args.repeat)]
-            timed(lambda: generator.generate(PROMPT, seed=0, steps=2, references=references, ip_scale=0.5))
-            guided = [timed(lambda i=i: generator.generate(PROMPT, seed=i, references=references, ip_scale=0.5))[0]
-                      for i in range(args.repeat)]
-        return {"size": f"{settings.generation.width}x{settings.generation.height}", "steps": steps,
-                "plain_seconds": [round(s, 3) for s in plain], "plain_median": round(statistics.median(plain), 3),
-                "guided_seconds": [round(s, 3) for s in guided], "guided_median": round(statistics.median(guided), 3),
-                "per_step_ms": round(1000 * statistics.median(plain) / steps, 1), "gpu_gib": gpu_gib()}
+    def alone() -> dict[str, Any]:
+        """Each model call of a round on its own, from this thread, the way the tools make it."""
+        def draw(refs: list[Any] | None, seed: int) -> float:
+            return timed(lambda: call(manager, "generator", lambda g: g.generate(
+                PROMPT, seed=seed, references=refs, ip_scale=0.5 if refs else None)))[0]
 
-    if not args.focus:
-        res.stage("generation", generation)
-    else:
-        res.stage("decode_focus", lambda: decode_focus(manager, references[0], settings))
-        res.doc["done"] = True
-        res.save()
-        return res.doc
-
-    def judge_calls() -> dict[str, Any]:
-        image = references[0].resize((settings.generation.width, settings.generation.height))
+        call(manager, "generator", lambda g: g.generate(PROMPT, seed=0, steps=2, references=references))  # warm-up
+        plain = [draw(None, i) for i in range(args.repeat)]
+        guided = [draw(references, i) for i in range(args.repeat)]
         tokens: list[int] = []
-        with manager.use("judge") as judge:
-            undo = count_new_tokens(judge.model, tokens)
-            try:
-                timed(lambda: judge.judge(image, PROMPT))  # warm-up
-                calls = [timed(lambda: judge.judge(image, PROMPT))[0] for _ in range(args.repeat)]
-            finally:
-                undo()
-        median = statistics.median(calls)
-        new = statistics.median(tokens[1:]) if len(tokens) > 1 else None
-        return {"seconds": [round(s, 3) for s in calls], "median": round(median, 3), "new_tokens": tokens,
-                "max_new_tokens": settings.judge.max_new_tokens,
-                "ms_per_new_token": round(1000 * median / new, 1) if new else None,
-                "max_pixels": settings.judge.max_pixels, "gpu_gib": gpu_gib()}
 
-    res.stage("judge", judge_calls)
+        def judge_once() -> float:
+            def ask(judge: Any) -> Any:
+                undo = count_new_tokens(judge.model, tokens)
+                try:
+                    return judge.judge(picture, PROMPT)
+                finally:
+                    undo()
+            return timed(lambda: call(manager, "judge", ask))[0]
 
-    def llm_call() -> dict[str, Any]:
-        from langchain_core.messages import HumanMessage, SystemMessage
+        judge_once()  # warm-up
+        judge = [judge_once() for _ in range(args.repeat)]
+        retrieve = [timed(lambda: call(manager, "embedder", lambda e: store.retrieve(e, queries, avoid=picture)))[0]
+                    for _ in range(args.repeat)]
+        clip = [timed(lambda: call(manager, "embedder", lambda e: float(
+            (e.embed_images([picture]) @ e.embed_texts([PROMPT]).T)[0, 0])))[0] for _ in range(args.repeat)]
+        out = {"size": f"{settings.generation.width}x{settings.generation.height}",
+               "steps": settings.generation.steps, "generate": _median(plain), "regenerate": _median(guided),
+               "critique": _median(judge), "retrieve": _median(retrieve), "clip_score": _median(clip),
+               "judge_new_tokens": tokens[1:], "raw": {"generate": plain, "regenerate": guided, "critique": judge,
+                                                     "retrieve": retrieve, "clip_score": clip}}
+        # A fixed round: generate, critique, retrieve, regenerate, critique; each drawing also scores with CLIP.
+        out["round_compute"] = round(out["generate"] + out["regenerate"] + 2 * out["critique"] + out["retrieve"]
+                                     + 2 * out["clip_score"], 3)
+        out["gpu_gib"] = gpu_gib()
+        return out
 
-        import prompts as prompt_files
+    compute = res.stage("alone", alone) or {}
 
-        system = SystemMessage(prompt_files.render("agent_system", prompt=PROMPT, max_rounds="3", status="none yet"))
-        with manager.use("llm") as llm:
-            full = llm.max_new_tokens
-            llm.max_new_tokens = 4
-            llm.invoke([system, HumanMessage(PROMPT)])  # warm-up (kernels, allocator), short
-            llm.max_new_tokens = full
-            seconds, reply = timed(lambda: llm.invoke([system, HumanMessage(PROMPT)]))
-        usage = reply.usage_metadata or {}
-        out_tokens = usage.get("output_tokens") or 0
-        return {"seconds": round(seconds, 3), "input_tokens": usage.get("input_tokens"), "output_tokens": out_tokens,
-                "ms_per_new_token": round(1000 * seconds / out_tokens, 1) if out_tokens else None,
-                "gpu_gib": gpu_gib()}
+    def rounds(mgr: Any, label: str) -> dict[str, Any]:
+        reset_peak()
+        out = []
+        for i in range(args.rounds):
+            runner = Runner(mgr.settings, manager=mgr, reference_store=ListStore(home / f"store-{label}-{i}"))
+            seconds, result = timed(lambda runner=runner, i=i: runner.run(PROMPT, seed=10 + i, planner="fixed",
+                                                                          max_rounds=2))
+            trace = RunRecord(result["run_dir"]).read_steps()
+            steps = [(s["tool"], s["seconds"]) for s in result["steps"]]
+            tokens = [s.get("tokens") for s in trace if s.get("tool") == "critique" and "message" in s]
+            item = {"seconds": round(seconds, 2), "status": result["status"], "steps": steps, "judge_tokens": tokens}
+            if compute.get("round_compute"):
+                item["ratio_to_compute"] = round(seconds / compute["round_compute"], 2)
+            out.append(item)
+        return {"rounds": out, "budget_gb": mgr.budget_gb, "stats": mgr.stats(), "gpu_gib": gpu_gib()}
 
-    res.stage("llm", llm_call, deadline)
-
-    def one_round(planner: str, mgr: Any, llm_tokens: int | None = None) -> dict[str, Any]:
-        runner = Runner(settings, manager=mgr, reference_store=ListStore(home / f"store-{planner}"))
-        if llm_tokens is not None:
-            with mgr.use("llm") as llm:
-                llm.max_new_tokens = llm_tokens
-        seconds, result = timed(lambda: runner.run(PROMPT, seed=1, planner=planner, max_rounds=2))
-        trace = RunRecord(result["run_dir"]).read_steps()
-        llm_steps = [s["seconds"] for s in trace if s.get("planner") == "llm"]
-        return {"planner": planner, "seconds": round(seconds, 2), "status": result["status"],
-                "rounds": result["rounds"],
-                "steps": [(s["tool"], s["seconds"], s["ok"]) for s in result["steps"]],
-                "tool_seconds": round(sum(s["seconds"] for s in result["steps"]), 2),
-                "llm_calls": len(llm_steps), "llm_seconds": round(sum(llm_steps), 2),
-                "llm_max_new_tokens": llm_tokens, "model_stats": mgr.stats(), "gpu_gib": gpu_gib()}
-
-    res.stage("round_fixed", lambda: one_round("fixed", manager))
-    res.stage("round_agent", lambda: one_round("agent", manager, llm_tokens=args.agent_tokens), deadline)
+    res.stage("round", lambda: rounds(manager, "big"))
 
     sequence = ["llm", "generator", "judge", "embedder", "llm", "generator", "judge", "llm", "generator", "embedder"]
 
-    def use_sequence(mgr: Any) -> list[dict[str, Any]]:
-        """How long each use() takes to hand over its model, along a round's order of model uses."""
+    def hand_overs(mgr: Any) -> list[dict[str, Any]]:
+        """How long each model hand-over takes along a round's order of model uses (with the LLM planning)."""
         out = []
         for name in sequence:
             before = {k: v["evictions"] for k, v in mgr.stats().items()}
-            _sync()
-            t0 = time.perf_counter()
-            with mgr.use(name):
-                _sync()
-                seconds = time.perf_counter() - t0
+            seconds, _ = timed(lambda name=name: call(mgr, name, lambda model: None))
             evicted = [k for k, v in mgr.stats().items() if v["evictions"] > before.get(k, 0)]
             out.append({"model": name, "seconds": round(seconds, 3), "evicted": evicted})
         return out
 
-    def resident_sequence() -> dict[str, Any]:
-        steps_ = use_sequence(manager)
-        return {"uses": steps_, "total_seconds": round(sum(s["seconds"] for s in steps_), 3), "gpu_gib": gpu_gib()}
-
-    res.stage("swap_resident", resident_sequence)
-
-    def budget_sequence() -> dict[str, Any]:
+    def budget() -> dict[str, Any]:
         nonlocal manager
-        sizes = {k: v["size_gb"] for k, v in manager.stats().items()}
-        budget = args.budget_gb if not args.dry_run else round(0.6 * sum(v or 0 for v in sizes.values()), 6)
-        del manager  # free the resident models first: the budget run starts from an empty card
+        small_budget = args.budget_gb
+        if args.dry_run:  # small enough to swap, large enough for the biggest model with its working memory
+            need = max((v.get("size_gb") or 0) + v.get("reserve_gb", 0) for v in stats.values())
+            small_budget = round(max(0.6 * sum(v or 0 for v in sizes.values()), 1.1 * need), 6)
+        manager = None  # free the resident models first: the budget run starts from an empty card
         import gc
 
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        small = build_manager(make_settings(kit, home, args.dry_run, gpu_memory_gb=budget, offload="cpu"))
-        for name in ("generator", "judge", "llm", "embedder"):  # load once (not part of a swap's cost)
-            with small.use(name) as model:
-                if name == "generator":
-                    model.load_ip_adapter()
-        steps_ = use_sequence(small)
-        swaps = [s for s in steps_ if s["evicted"]]
-        result = {"budget_gb": budget, "model_sizes_gb": sizes, "uses": steps_,
-                  "total_seconds": round(sum(s["seconds"] for s in steps_), 3), "swaps": len(swaps),
-                  "seconds_per_swap": round(statistics.mean(s["seconds"] for s in swaps), 3) if swaps else None,
-                  "stats": small.stats(), "gpu_gib": gpu_gib()}
-        del small
-        return result
+        reset_peak()
+        small = build_manager(settings_for(small_budget))
+        out: dict[str, Any] = {"budget_gb": small_budget, "load_seconds": load_all(small)}
+        res.doc["budget"] = out
+        out["round"] = rounds(small, "small")
+        passes = []
+        for _ in range(args.passes):
+            uses = hand_overs(small)
+            swaps = [u["seconds"] for u in uses if u["evicted"]]
+            passes.append({"uses": uses, "total_seconds": round(sum(u["seconds"] for u in uses), 3),
+                           "swaps": len(swaps), "seconds_per_swap": _median(swaps) if swaps else None,
+                           "generator_swap_in": [u["seconds"] for u in uses if u["model"] == "generator"
+                                                 and u["evicted"]]})
+        out.update(passes=passes, stats=small.stats(), gpu_gib=gpu_gib())
+        return out
 
-    res.stage("swap_budget", budget_sequence)
+    res.stage("budget", budget)
     res.doc["done"] = True
     res.save()
     return res.doc
 
 
-def summary(doc: dict[str, Any]) -> str:
-    """The figures as Markdown (what goes into BENCHMARKS.md)."""
+def _figures(doc: dict[str, Any]) -> dict[str, str]:
+    """One document's figures, by row title (what --compare lays side by side)."""
+    a, r, b = doc.get("alone") or {}, doc.get("round") or {}, doc.get("budget") or {}
+    rows: dict[str, str] = {}
+    if a:
+        rows["generation alone (plain / guided), s"] = f"{a['generate']:.2f} / {a['regenerate']:.2f}"
+        new = a.get("judge_new_tokens") or ["?"]
+        rows["judge call alone, s (new tokens)"] = f"{a['critique']:.2f} ({new[-1]})"
+        rows["retrieve / CLIP score alone, s"] = f"{a['retrieve']:.3f} / {a['clip_score']:.3f}"
+        rows["a round's model calls alone (sum), s"] = f"{a['round_compute']:.2f}"
+    for key, title in ((r, "80 GB budget"), ((b or {}).get("round") or {}, f"{b.get('budget_gb')} GB budget")):
+        for i, item in enumerate(key.get("rounds") or []):
+            steps = dict.fromkeys(t for t, _ in item["steps"])
+            inside = {t: [round(s, 2) for tool, s in item["steps"] if tool == t] for t in steps}
+            rows[f"fixed round {i + 1}, {title}: s (× compute)"] = (f"{item['seconds']:.2f} "
+                                                                    f"({item.get('ratio_to_compute', '?')}×)")
+            rows[f"  inside it: generate / critique, s ({title}, round {i + 1})"] = (
+                f"{inside.get('generate')} / {inside.get('critique')}")
+        if key.get("gpu_gib"):
+            rows[f"peak allocated, {title}, GiB"] = f"{key['gpu_gib']['peak']}"
+    for i, p in enumerate(b.get("passes") or []):
+        rows[f"hand-overs pass {i + 1} under {b['budget_gb']} GB: swaps, s per swap (SDXL swap-ins)"] = (
+            f"{p['swaps']}, {p['seconds_per_swap']} ({', '.join(str(x) for x in p['generator_swap_in'])})")
+    if b.get("gpu_gib"):
+        rows[f"peak allocated under {b['budget_gb']} GB through round and hand-overs, GiB"] = f"{b['gpu_gib']['peak']}"
+    return rows
 
-    g, j, llm = doc.get("generation") or {}, doc.get("judge") or {}, doc.get("llm") or {}
-    lines = [f"Machine: {machine_line(doc['machine'])}; commit {doc.get('commit')}.", "",
-             "| what | seconds |", "|---|---|"]
-    if g:
-        lines.append(f"| generation {g['size']}, {g['steps']} steps (median of {len(g['plain_seconds'])}) | "
-                     f"{g['plain_median']:.2f} ({g['per_step_ms']} ms/step) |")
-        lines.append(f"| same, guided by 2 references (IP-Adapter) | {g['guided_median']:.2f} |")
-    if j:
-        lines.append(f"| judge call ({j['max_pixels']} max pixels, {j['new_tokens'][-1]} new tokens) | "
-                     f"{j['median']:.2f} ({j['ms_per_new_token']} ms/token) |")
-    if llm:
-        lines.append(f"| agent LLM call ({llm['input_tokens']} prompt tokens, {llm['output_tokens']} new) | "
-                     f"{llm['seconds']:.2f} ({llm['ms_per_new_token']} ms/token) |")
-    rounds = (("round_fixed", "one full round, fixed policy"), ("round_agent", "one full round, LLM planning"))
-    for key, title in rounds:
-        r = doc.get(key)
-        if r:
-            extra = f"; {r['llm_calls']} LLM calls, {r['llm_seconds']} s" if r["llm_calls"] else ""
-            lines.append(f"| {title} ({' → '.join(s[0] for s in r['steps'])}{extra}) | {r['seconds']:.2f} |")
-    sr, sb = doc.get("swap_resident"), doc.get("swap_budget")
-    if sr:
-        lines.append(f"| {len(sr['uses'])} model hand-overs, all resident | {sr['total_seconds']:.3f} |")
-    if sb:
-        lines.append(f"| same under a {sb['budget_gb']} GB budget ({sb['swaps']} swaps) | {sb['total_seconds']:.2f} "
-                     f"({sb['seconds_per_swap']} per swap) |")
-    load = (doc.get("load") or {}).get("load_seconds")
-    if load:
-        lines.append(f"| first load from disk: {', '.join(f'{k} {v}' for k, v in load.items())} | |")
+
+def summary(doc: dict[str, Any], other: dict[str, Any] | None = None) -> str:
+    """The figures as Markdown; with ``other`` (the "after" document) two columns, before and after."""
+    docs = [doc] + ([other] if other else [])
+    figures = [_figures(d) for d in docs]
+    lines = [f"Machine: {machine_line(doc['machine'])}.", ""]
+    header = "| what | " + " | ".join(d.get("label") or Path(d.get("code", "?")).name for d in docs) + " |"
+    lines += [header, "|---" * (len(docs) + 1) + "|"]
+    for title in dict.fromkeys(k for f in figures for k in f):
+        lines.append(f"| {title} | " + " | ".join(f.get(title, "—") for f in figures) + " |")
     return "\n".join(lines)
 
 
@@ -430,17 +420,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kit", type=Path, default=None, help="a kit built with --scale full")
     parser.add_argument("--build", action="store_true", help="build the full kit into --kit first")
+    parser.add_argument("--code", type=Path, default=None, help="import imgrag/agent/tools/prompts from this tree")
+    parser.add_argument("--label", default=None, help="the column's name in --compare (default: the code's folder)")
     parser.add_argument("--dry-run", action="store_true", help="small models on the CPU: checks the code only")
     parser.add_argument("--budget-gb", type=float, default=24.0)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--agent-tokens", type=int, default=64, help="max_new_tokens of the LLM in the agent round")
-    parser.add_argument("--deadline", type=float, default=None, help="skip optional stages after this many seconds")
-    parser.add_argument("--focus", action="store_true", help="after loading and generation, only time judge and "
-                        "LLM calls in the main thread and in a worker thread (where a tool runs)")
+    parser.add_argument("--big-budget-gb", type=float, default=80.0)
+    parser.add_argument("--repeat", type=int, default=2, help="calls per model in the 'alone' stage")
+    parser.add_argument("--rounds", type=int, default=1, help="fixed rounds per budget")
+    parser.add_argument("--passes", type=int, default=2, help="passes over the hand-over sequence under the budget")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--compare", type=Path, nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="print the Markdown table of two result files and exit")
     args = parser.parse_args(argv)
-    if args.dry_run:
-        args.repeat = min(args.repeat, 2)
+    if args.compare:
+        before, after = (json.loads(p.read_text()) for p in args.compare)
+        print(summary(before, after))
+        return after
     doc = run(args)
     print(summary(doc))
     return doc

@@ -226,8 +226,11 @@ class QwenChatModel(BaseChatModel):
     ) -> ChatResult:
         import torch
 
+        from imgrag.stopping import stop_reason, tool_call_stopping
+
         prompt = self.render(messages, tools)
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        stopping = tool_call_stopping(self.tokenizer, inputs["input_ids"].shape[1])
         sampling: dict[str, Any] = {"do_sample": False}
         if self.temperature > 0:
             sampling = {"do_sample": True, "temperature": self.temperature}
@@ -235,7 +238,8 @@ class QwenChatModel(BaseChatModel):
         limits = time_limit(kwargs.get("deadline"))
         with torch.inference_mode():
             output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
-                                         pad_token_id=self.tokenizer.pad_token_id, **sampling, **limits)
+                                         pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=stopping,
+                                         **sampling, **limits)
         new_tokens = output[0, inputs["input_ids"].shape[1]:]
         # skip_special_tokens drops <|im_end|> but keeps <tool_call> (an added, non-special token in Qwen2.5).
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
@@ -244,7 +248,8 @@ class QwenChatModel(BaseChatModel):
         content, calls, invalid = parse_tool_calls(text)
         n_in, n_out = int(inputs["input_ids"].shape[1]), int(new_tokens.shape[0])
         message = AIMessage(content=content, tool_calls=calls, invalid_tool_calls=invalid,
-                            response_metadata={"model_name": self.model_name, "raw": text},
+                            response_metadata={"model_name": self.model_name, "raw": text,
+                                               "stop": stop_reason(stopping, n_out, self.max_new_tokens)},
                             usage_metadata={"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out})
         return ChatResult(generations=[ChatGeneration(message=message)])
 

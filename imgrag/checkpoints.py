@@ -134,3 +134,28 @@ def qwen_dtype(settings: Settings, device: str) -> Any:
     if settings.dtype == "auto" and device.startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return settings.torch_dtype() if device.startswith("cuda") or settings.dtype != "auto" else torch.float32
+
+
+def safetensors_parameters(ref: str, patterns: list[str]) -> int:
+    """How many parameters the ``.safetensors`` files matching ``patterns`` (globs relative to the checkpoint
+    ``ref``, a local folder or a cached hub repository) hold, read from their headers without loading them.
+    0 when no file is found (a hub repository not in the cache; nothing is downloaded)."""
+    import glob
+    import math
+
+    from safetensors import safe_open
+
+    root = Path(ref).expanduser()
+    if not looks_local(ref):
+        try:
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(ref, local_files_only=True))
+        except Exception:  # not cached: the caller falls back to a published size
+            return 0
+    total = 0
+    for pattern in patterns:
+        for path in sorted(glob.glob(str(root / pattern))):
+            with safe_open(path, "pt") as handle:
+                total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+    return total

@@ -1,8 +1,12 @@
 """The engine's entry point: a model manager with every model of a profile registered.
 
-``build_manager(settings)`` registers "generator", "judge", "llm" and "embedder"; nothing is loaded
-until a ``manager.use(name)`` asks for it. The wrappers are imported inside the loaders so that a
-command needing one model never pays for importing the libraries of the others.
+``build_manager(settings)`` registers "generator", "judge", "llm" and "embedder" (and "dino" when
+``models.dino`` is set); nothing is loaded until a ``manager.run(name, ...)`` or ``manager.use(name)``
+asks for it. The wrappers are imported inside the loaders so that a command needing one model never
+pays for importing the libraries of the others.
+
+Each model is registered with a stated estimate of its working memory (:func:`working_memory_gb`),
+which the manager counts beside its weights until it has measured the real peak on CUDA.
 """
 
 from __future__ import annotations
@@ -15,25 +19,107 @@ from imgrag.settings import Settings
 
 MODEL_NAMES = ("generator", "judge", "llm", "embedder")
 
+_GIB = 2**30
+# SDXL's working memory per megapixel drawn, GiB, in fp16: on an H100 a 1024x1024 generation peaked at 35.0 GiB
+# with 30.0 GiB of weights resident (BENCHMARKS.md); the VAE decode at full size (in fp32) is most of it.
+SDXL_WORKING_GIB_PER_MPX = 5.0
+
 
 def build_manager(settings: Settings, *, device: str | None = None) -> ModelManager:
     """A manager for ``settings``' models; sizes are measured from the parameters after each first load.
 
     Loaders leave each model in CPU RAM, in the dtype for the manager's device: the manager moves it only after
-    it has made room for it within the budget."""
+    it has made room for it within the budget. A remote LLM (``llm_backend = "openai"``) is registered on the
+    host: its calls take no GPU lock."""
     manager = ModelManager(settings, device=device)
     device = manager.device
-    manager.register("generator", lambda: _load_generator(settings, device))
-    manager.register("judge", lambda: _load_judge(settings, device))
-    manager.register("llm", lambda: _load_llm(settings, device))
-    manager.register("embedder", lambda: _load_embedder(settings, device))
+    estimates = working_memory_gb(settings)
+    manager.register("generator", lambda: _load_generator(settings, device, manager),
+                     reserve_gb=estimates["generator"])
+    manager.register("judge", lambda: _load_judge(settings, device), reserve_gb=estimates["judge"])
+    manager.register("llm", lambda: _load_llm(settings, device), reserve_gb=estimates["llm"],
+                     on_host=settings.models.llm_backend == "openai")
+    manager.register("embedder", lambda: _load_embedder(settings, device), reserve_gb=estimates["embedder"])
+    if (settings.models.dino or "").strip():
+        register_dino(manager, settings)
     return manager
 
 
-def _load_generator(settings: Settings, device: str) -> Any:
+def register_dino(manager: Any, settings: Settings) -> None:
+    """Register the DINOv2 scorer of ``models.dino`` as "dino" (``imgrag eval``'s image-image score)."""
+    device = manager.device
+    manager.register("dino", lambda: _load_dino(settings, device), reserve_gb=working_memory_gb(settings)["embedder"])
+
+
+# ----- working memory: stated estimates, replaced by measured peaks once a model has run on CUDA -----
+
+def working_memory_gb(settings: Settings) -> dict[str, Any]:
+    """Per model, the estimate of its working memory in GiB: a function of the loaded model.
+
+    - generator: ``SDXL_WORKING_GIB_PER_MPX`` per megapixel of the requested size (the VAE decode and the
+      UNet's activations grow with the picture), scaled by the dtype's width;
+    - judge and LLM: the KV cache plus one layer's prefill activations for the longest prompt the call can
+      have (the judge: its image tokens at ``judge.max_pixels`` + 512 text tokens + ``max_new_tokens``; the
+      LLM: 4096 context tokens + ``max_new_tokens``), from the model's own config, plus a quarter;
+    - embedder (and DINO): half its weights (a batch of 224x224 pictures through a ViT).
+    """
+    g, j = settings.generation, settings.judge
+    width = _dtype_bytes(settings)
+
+    def generator(model: Any) -> float:
+        return SDXL_WORKING_GIB_PER_MPX * g.width * g.height / 2**20 * width / 2
+
+    def judge(model: Any) -> float:
+        config = getattr(getattr(model, "model", None), "config", None)
+        text = getattr(config, "text_config", None) or config
+        image_tokens = j.max_pixels // (28 * 28)
+        vision = getattr(config, "vision_config", None)
+        # Qwen2.5-VL's ViT sees 14x14 patches (4 per image token) before merging them.
+        vit = 4 * image_tokens * getattr(vision, "hidden_size", 0) * width * 12 / _GIB
+        return transformer_working_gb(text, image_tokens + 512 + j.max_new_tokens, width) + vit
+
+    def llm(model: Any) -> float:
+        config = getattr(getattr(model, "model", None), "config", None)
+        return transformer_working_gb(config, 4096 + settings.llm.max_new_tokens, width)
+
+    def embedder(model: Any) -> float:
+        from imgrag.manager import measure_gb
+
+        return 0.5 * measure_gb(model)
+
+    return {"generator": generator, "judge": judge, "llm": llm, "embedder": embedder}
+
+
+def transformer_working_gb(config: Any, tokens: int, dtype_bytes: int) -> float:
+    """GiB a decoder needs beyond its weights for ``tokens`` positions: the KV cache (2 x layers x KV heads x
+    head size per token) plus one layer's prefill activations (4 hidden-wide + 3 MLP-wide tensors per token),
+    plus a quarter for the allocator's slack. 0 for a model without a config (a remote client)."""
+    if config is None or not hasattr(config, "num_hidden_layers"):
+        return 0.0
+    hidden = int(config.hidden_size)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    inter = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+    kv = 2 * int(config.num_hidden_layers) * kv_heads * head_dim * dtype_bytes * tokens
+    activations = tokens * (4 * hidden + 3 * inter) * dtype_bytes
+    return 1.25 * (kv + activations) / _GIB
+
+
+def _dtype_bytes(settings: Settings) -> int:
+    return 4 if settings.resolved_dtype() == "float32" else 2
+
+
+# ----- loaders -----
+
+def _load_generator(settings: Settings, device: str, manager: ModelManager | None = None) -> Any:
     from imgrag.generator import Generator
 
-    return Generator.from_pretrained(settings, device, place=False)
+    generator = Generator.from_pretrained(settings, device, place=False)
+    if manager is not None:
+        # The IP-Adapter and its image encoder load straight onto the pipeline's device: make room for them first.
+        generator.before_adapter_load = lambda gib: manager.make_room("generator", gib)
+    return generator
 
 
 def _load_judge(settings: Settings, device: str) -> Any:
@@ -48,6 +134,12 @@ def _load_llm(settings: Settings, device: str) -> Any:
     return make_chat_model(settings, device, place=False)
 
 
+def _load_dino(settings: Settings, device: str) -> Any:
+    from imgrag.dino import DinoScorer
+
+    return DinoScorer(settings.models.dino.strip(), "cpu", settings.torch_dtype() if device != "cpu" else None)
+
+
 def _load_embedder(settings: Settings, device: str) -> Any:
     from imgrag.embedder import Embedder
 
@@ -58,3 +150,23 @@ def _load_embedder(settings: Settings, device: str) -> Any:
     except Exception as exc:  # the embedder wraps its own errors; this is the net for anything it missed
         raise ModelLoadError(f"cannot load the embedder from {settings.models.embedder} (expected an open_clip "
                              f"checkpoint): {type(exc).__name__}: {exc}") from exc
+
+
+class ManagedEmbedder:
+    """The reference store's view of the manager's embedder: each embedding call runs on the model thread
+    under the device lock, while the store's own work (walking folders, decoding files, Chroma queries and
+    writes) runs in the caller and holds no lock. Has what the store needs: ``model_id``, ``dim``,
+    ``embed_images``, ``embed_texts``."""
+
+    def __init__(self, manager: Any, name: str = "embedder") -> None:
+        self.manager = manager
+        self.name = name
+        self.model_id, self.dim = manager.run(name, lambda e: (e.model_id, e.dim))
+
+    def embed_images(self, images: Any, **kwargs: Any) -> Any:
+        """The embedder's ``embed_images`` (float32 [n, dim], unit rows), on the model thread."""
+        return self.manager.run(self.name, lambda e: e.embed_images(images, **kwargs))
+
+    def embed_texts(self, texts: Any) -> Any:
+        """The embedder's ``embed_texts`` (float32 [n, dim], unit rows), on the model thread."""
+        return self.manager.run(self.name, lambda e: e.embed_texts(texts))

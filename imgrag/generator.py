@@ -60,6 +60,9 @@ class Generator:
         self.adapter: ResolvedAdapter | None = None  # the adapter files, checked once (see resolve_ip_adapter)
         self._zero_embeds: dict[bool, Any] = {}  # per classifier-free-guidance mode; see _zero_image_embeds
         self.fast = FastSwitch(pipe, settings)  # few-step drawing (LCM-LoRA, distilled); see imgrag.fast
+        # Called with the adapter's GiB before it loads onto the pipeline's device (the engine asks the model
+        # manager to make room: diffusers puts the adapter and its image encoder straight onto that device).
+        self.before_adapter_load: Callable[[float], None] | None = None
         pipe.set_progress_bar_config(disable=True)  # the command line draws its own bar from on_step
 
     @classmethod
@@ -99,9 +102,26 @@ class Generator:
             return
         with loading("IP-Adapter", self.settings.models.ip_adapter, IP_ADAPTER_EXPECTED):
             a = self.adapter = self.adapter or resolve_ip_adapter(self.settings)
+        if self.before_adapter_load is not None:
+            self.before_adapter_load(self.adapter_size_gb())
+        with loading("IP-Adapter", self.settings.models.ip_adapter, IP_ADAPTER_EXPECTED):
             self.pipe.load_ip_adapter(a.ref, subfolder=a.subfolder, weight_name=a.weight,
                                       image_encoder_folder=a.image_encoder)
         self.adapter_loaded = True
+
+    def adapter_size_gb(self) -> float:
+        """GiB the IP-Adapter and its image encoder will take in the pipeline's dtype, read from the safetensors
+        headers (nothing is loaded). Files not found on disk (a hub id not yet downloaded) count as the SDXL
+        ViT-H adapter's published size: 0.35 B + 0.63 B parameters."""
+        from imgrag.checkpoints import safetensors_parameters
+
+        a = self.adapter = self.adapter or resolve_ip_adapter(self.settings)  # the files the folder really holds
+        encoder = a.image_encoder
+        if "/" not in encoder.strip("/"):  # diffusers reads a bare folder name inside the subfolder
+            encoder = f"{a.subfolder}/{encoder}"
+        count = safetensors_parameters(a.ref, [f"{a.subfolder}/{a.weight}", f"{encoder}/*.safetensors"])
+        parameters = count if count else 0.35e9 + 0.63e9
+        return parameters * self.pipe.dtype.itemsize / 2**30
 
     def generate(
         self,

@@ -305,6 +305,8 @@ class Judge:
         self.model = model.eval()
         self.processor = processor
         self.settings = settings
+        # The last call's tokens: {"input", "output", "max_new_tokens", "stop": "answer"|"max_new_tokens"|"eos"}.
+        self.last_tokens: dict[str, Any] | None = None
 
     @classmethod
     def from_pretrained(cls, settings: Settings, device: str | None = None, *, place: bool = True) -> Judge:
@@ -329,15 +331,20 @@ class Judge:
 
     def judge(self, image: Image.Image, prompt: str, *, deadline: float | None = None) -> Verdict:
         """Ask whether ``image`` shows everything ``prompt`` asks for (``deadline`` as in :meth:`ask`)."""
-        return parse_verdict(self.ask(image, prompts.render("judge", prompt=prompt), deadline=deadline))
+        return parse_verdict(self.ask(image, prompts.render("judge", prompt=prompt), until_json=True,
+                                      deadline=deadline))
 
-    def ask(self, image: Image.Image, question: str, *, deadline: float | None = None) -> str:
+    def ask(self, image: Image.Image, question: str, *, until_json: bool = False,
+            deadline: float | None = None) -> str:
         """The model's raw answer to ``question`` about ``image`` (greedy, ``judge.max_new_tokens``).
 
-        ``deadline`` (a ``time.monotonic()`` instant) ends the generation at the first token past it
-        (transformers' ``max_time``, a stopping criterion checked per token)."""
+        ``until_json`` stops it at the end of its first JSON object after any reasoning block. ``deadline`` (a
+        ``time.monotonic()`` instant) ends the generation at the first token past it (transformers' ``max_time``,
+        a stopping criterion checked per token). Token counts go to ``last_tokens``."""
         import torch
         from qwen_vl_utils import process_vision_info
+
+        from imgrag.stopping import StoppingCriteriaList, stop_reason, verdict_stopping
 
         bounds = self.settings.judge
         messages = [{"role": "user", "content": [
@@ -352,9 +359,15 @@ class Judge:
                                 size={"shortest_edge": bounds.min_pixels, "longest_edge": bounds.max_pixels})
         inputs = inputs.to(self.model.device)
         limits = time_limit(deadline)
+        prompt_length = inputs["input_ids"].shape[1]
+        stopping = verdict_stopping(self.processor.tokenizer, prompt_length) if until_json else StoppingCriteriaList()
         with torch.inference_mode():
-            output = self.model.generate(**inputs, max_new_tokens=bounds.max_new_tokens, do_sample=False, **limits)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+            output = self.model.generate(**inputs, max_new_tokens=bounds.max_new_tokens, do_sample=False,
+                                         stopping_criteria=stopping, **limits)
+        new_tokens = output[:, prompt_length:]
+        self.last_tokens = {"input": int(prompt_length), "output": int(new_tokens.shape[1]),
+                            "max_new_tokens": bounds.max_new_tokens,
+                            "stop": stop_reason(stopping, int(new_tokens.shape[1]), bounds.max_new_tokens)}
         return self.processor.batch_decode(new_tokens, skip_special_tokens=True,
                                            clean_up_tokenization_spaces=False)[0].strip()
 

@@ -1,44 +1,168 @@
-"""The model manager: one owner for every model, and the process-wide GPU lock.
+"""The model manager: one owner for every model, one model thread and one lock per device.
 
-``with manager.use("judge") as judge:`` takes the lock, makes the model resident on the device
-(loading it on first use, evicting the least recently used others when the memory budget would be
-exceeded), yields it, and releases the lock. Tools never load models themselves.
+``manager.run("judge", lambda judge: judge.judge(image, prompt))`` hands the call to the device's
+model thread, which takes the device's lock, makes the model resident (loading it on first use,
+evicting the least recently used others when the memory budget would be exceeded), runs the call
+and gives the answer back to the calling thread. ``with manager.use("judge") as judge:`` does the
+same in the calling thread (the model thread uses it; so may scripts that own the process). Tools
+never load models themselves.
 
-- The lock is ONE ``threading.RLock`` for the whole process, shared by every manager: parallel tool
-  calls (LangGraph runs them in threads) are serialised, and a model used inside another's ``use()``
-  by the same thread does not deadlock.
-- The budget is ``settings.gpu_memory_gb`` (0 = no limit). Sizes come from ``register(size_gb=...)``
-  or are measured from the parameters and buffers after the first load. The accounting applies on a
-  CPU too, so eviction behaves (and is tested) the same everywhere.
-- Eviction moves a model to CPU RAM (``offload="cpu"``) or drops it (``"drop"``; reloaded on next use).
+- **One model thread per device.** Every ``run()`` for a device executes on one long-lived thread.
+  LangGraph runs each tool call in a fresh worker thread, and PyTorch keeps cuBLAS handles and
+  workspaces per thread and device (pytorch/pytorch#6962): on an H100 the first model call in a new
+  thread was 2.5-3.5x slower (BENCHMARKS.md). The caller's ``contextvars`` travel with the call.
+- **One lock per device** (:func:`device_lock`), shared by every manager of that device, re-entrant
+  so that a model used inside another's ``use()`` by the same thread does not deadlock. A model
+  registered ``on_host=True`` (a remote LLM: an HTTP client) takes no device lock and runs in the
+  caller's thread, so a remote call never holds the GPU.
+- **The budget counts what the card holds** (``settings.gpu_memory_gb``; 0 = no limit): each
+  resident model's weights (``register(size_gb=...)``, or measured from parameters and buffers after
+  loading, again after each use: the generator grows when its adapter loads), plus the *working
+  memory* (activations, KV cache, VAE decode) of every model in use. Working memory starts as a
+  stated estimate (``register(reserve_gb=...)``, a number or a function of the loaded model) and is
+  replaced by the measured peak once the model has run on CUDA (peak allocated during the call,
+  above what was allocated before and after it). A model that grows while in use asks for room
+  first with :meth:`ModelManager.make_room`. The accounting applies on a CPU too, so eviction
+  behaves (and is tested) the same everywhere.
+- **Loading past the budget is an error**, not a warning: when evicting every model not in use still
+  leaves too little room, ``use()`` raises a ``UserError`` naming the budget and the models in use.
+- Eviction moves a model to CPU RAM (``offload="cpu"``) or drops it (``"drop"``; reloaded on next
+  use). On CUDA the evicted weights go to **page-locked host memory** allocated once per tensor and
+  kept for the process, with non-blocking copies (:func:`swap_out`, :func:`swap_in`): pageable copies
+  ran at 2-4 GB/s, pinned ones run near the bus's speed. Host RAM then holds a copy of every model
+  that has been evicted once (README, "GPU memory per profile").
 - An out-of-memory error while making a model resident evicts every other model, empties the CUDA
-  cache and retries once; a second one, or one inside the ``with`` body, becomes a ``UserError``
-  that names the budget. Models need only a ``.to(device)`` method; one without it (a remote chat
-  model) counts as size 0 and is never moved.
+  cache and retries once; a second one, or one inside the call, becomes a ``UserError`` that names
+  the budget. Models need only a ``.to(device)`` method; one without it counts as size 0, never moves.
 
-Modelled on ComfyUI's ``model_management.load_models_gpu`` / ``free_memory``.
+Modelled on ComfyUI's ``model_management.load_models_gpu`` / ``free_memory`` (its
+``minimum_inference_memory`` is the same idea as the working-memory reserve).
 """
 
 from __future__ import annotations
 
+import contextvars
 import gc
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from imgrag.errors import UserError
 from imgrag.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# One lock for the process: every manager (a runner's, a command's) guards the same device.
-GPU_LOCK = threading.RLock()
 _GIB = 2**30
+T = TypeVar("T")
+
+# ----------------------------------------------------------------------------------------------
+# One lock and one model thread per device, shared by every manager in the process
+# ----------------------------------------------------------------------------------------------
+
+_DEVICES_LOCK = threading.Lock()
+_LOCKS: dict[str, threading.RLock] = {}
+_THREADS: dict[str, ModelThread] = {}
+_HELD = threading.local()  # per thread: id(lock) -> how many use() calls of this thread hold it
+
+
+def device_key(device: str) -> str:
+    """One name per card: ``"cuda"`` is the current CUDA device, so it shares ``"cuda:0"``'s lock and thread."""
+    device = str(device)
+    if device == "cuda":
+        import torch
+
+        return f"cuda:{torch.cuda.current_device() if torch.cuda.is_available() else 0}"
+    return device
+
+
+def device_lock(device: str) -> threading.RLock:
+    """The process-wide re-entrant lock of ``device``: whoever holds it owns that device's models."""
+    key = device_key(device)
+    with _DEVICES_LOCK:
+        return _LOCKS.setdefault(key, threading.RLock())
+
+
+def model_thread(device: str) -> ModelThread:
+    """The process-wide model thread of ``device`` (started on first use)."""
+    key = device_key(device)
+    with _DEVICES_LOCK:
+        if key not in _THREADS:
+            _THREADS[key] = ModelThread(key)
+        return _THREADS[key]
+
+
+class ModelThread:
+    """One long-lived daemon thread that runs the calls handed to it, one at a time, in order.
+
+    :meth:`call` runs ``fn`` there and returns its result (or raises its exception) in the caller; a
+    call made from the model thread itself runs at once (nested calls do not deadlock). Daemon: a
+    process that ends (Ctrl-C) does not wait for a model call in flight.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._queue: queue.SimpleQueue[tuple[Future, Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=f"imgrag-model-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def ident(self) -> int | None:
+        """The thread id every model call of this device runs on."""
+        return self._thread.ident
+
+    def on_thread(self) -> bool:
+        return threading.get_ident() == self._thread.ident
+
+    def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` on the model thread with the caller's context variables; wait for it."""
+        if self.on_thread():
+            return fn(*args, **kwargs)
+        context = contextvars.copy_context()  # LangChain callbacks and configs live in context variables
+        future: Future = Future()
+        self._queue.put((future, lambda: context.run(fn, *args, **kwargs)))
+        return future.result()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, job = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job())
+            except BaseException as exc:  # handed to the caller, who re-raises it
+                future.set_exception(exc)
+
+
+def _held(lock: Any) -> int:
+    return getattr(_HELD, "depth", {}).get(id(lock), 0)
+
+
+@contextmanager
+def _holding(lock: Any) -> Iterator[None]:
+    depth = _HELD.__dict__.setdefault("depth", {})
+    with lock:
+        depth[id(lock)] = depth.get(id(lock), 0) + 1
+        try:
+            yield
+        finally:
+            depth[id(lock)] -= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The manager
+# ----------------------------------------------------------------------------------------------
+
+Reserve = float | Callable[[Any], float]
 
 
 @dataclass
@@ -47,35 +171,54 @@ class _Entry:
     loader: Callable[[], Any]
     size_gb: float | None
     measured: bool = False  # size from the parameters (re-measured: a model may grow, e.g. an adapter)
+    reserve: Reserve = 0.0  # the stated working-memory estimate, GiB (or a function of the loaded model)
+    reserve_gb: float = 0.0  # the estimate, then the measured peak once the model has run on CUDA
+    reserve_measured: bool = False
+    on_host: bool = False  # never on the device (a remote model): no device lock, no model thread
     model: Any = None
     resident: bool = False  # on the device and counted against the budget
     in_use: int = 0  # nesting depth of use() on this model; an in-use model is never evicted
+    growth_gb: float = 0.0  # room asked for with make_room() during the current use
     last_used: int = 0
     loads: int = 0
     evictions: int = 0
     load_seconds: float = 0.0
     move_seconds: float = 0.0
+    host_copies: dict = field(default_factory=dict)  # pinned host tensors kept between swaps (see swap_out)
 
 
 class ModelManager:
     """A registry of named models kept resident on one device within a memory budget (see module doc)."""
 
-    def __init__(self, settings: Settings, *, device: str | None = None, lock: threading.RLock | None = None) -> None:
+    def __init__(self, settings: Settings, *, device: str | None = None, lock: Any = None,
+                 thread: ModelThread | None = None, memory_probe: Any = None) -> None:
         self.settings = settings
         self.device = device or settings.resolved_device()
         self.budget_gb = float(settings.gpu_memory_gb)
         self.offload = settings.offload
-        self.lock = lock or GPU_LOCK
+        self.lock = lock or device_lock(self.device)
+        self.thread = thread or model_thread(self.device)
+        self.probe = memory_probe if memory_probe is not None else CudaPeak.for_device(self.device)
+        self.pinned = _pinning_available(self.device)
         self._entries: dict[str, _Entry] = {}
         self._clock = itertools.count(1)
+        self._host_lock = threading.Lock()  # loads on_host models once; never the device lock
 
     # ----- registry -----
-    def register(self, name: str, loader: Callable[[], Any], size_gb: float | None = None) -> None:
-        """Declare a model; ``loader()`` is called on first use. Without ``size_gb`` it is measured after load."""
+    def register(self, name: str, loader: Callable[[], Any], size_gb: float | None = None, *,
+                 reserve_gb: Reserve = 0.0, on_host: bool = False) -> None:
+        """Declare a model; ``loader()`` is called on first use (and should leave the model in CPU RAM).
+
+        ``size_gb``: its weights, GiB (default: measured after loading). ``reserve_gb``: the stated estimate
+        of its working memory in GiB, or a function of the loaded model giving it; replaced by the measured
+        peak once the model has run on CUDA. ``on_host``: it never touches the device (a remote LLM client):
+        no lock, no model thread, size 0."""
         with self.lock:
             if name in self._entries:
                 raise ValueError(f"model {name!r} is already registered")
-            self._entries[name] = _Entry(name, loader, size_gb, measured=size_gb is None)
+            self._entries[name] = _Entry(name, loader, size_gb, measured=size_gb is None, reserve=reserve_gb,
+                                         reserve_gb=reserve_gb if isinstance(reserve_gb, (int, float)) else 0.0,
+                                         on_host=on_host)
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -85,13 +228,31 @@ class ModelManager:
         return [e.name for e in sorted(self._entries.values(), key=lambda e: e.last_used) if e.resident]
 
     # ----- use -----
+    def run(self, name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``fn(model, *args, **kwargs)`` with ``name`` resident, on the device's model thread; its result.
+
+        Exceptions (``UserError`` for out-of-memory, see the module doc) reach the caller. A model
+        registered ``on_host`` runs in the calling thread without the device lock; so does a call from a
+        thread already inside ``use()`` of this device (it holds the lock: handing over would deadlock)."""
+        entry = self._entry(name)
+        if entry.on_host or _held(self.lock):
+            return self._run_here(name, fn, args, kwargs)
+        return self.thread.call(self._run_here, name, fn, args, kwargs)
+
+    def _run_here(self, name: str, fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
+        with self.use(name) as model:
+            return fn(model, *args, **kwargs)
+
     @contextmanager
     def use(self, name: str) -> Iterator[Any]:
-        """Hold the lock, make ``name`` resident, yield it; see the module docstring for OOM handling."""
-        if name not in self._entries:
-            raise KeyError(f"no model named {name!r} (registered: {', '.join(self._entries) or 'none'})")
-        with self.lock:
-            entry = self._entries[name]
+        """Hold the device lock, make ``name`` resident, yield it; see the module docstring for OOM handling."""
+        entry = self._entry(name)
+        if entry.on_host:
+            with self._host_lock:
+                self._load(entry)
+            yield entry.model
+            return
+        with _holding(self.lock):
             try:
                 self._make_resident(entry)
             except Exception as exc:
@@ -107,6 +268,11 @@ class ModelManager:
                     raise
             entry.last_used = next(self._clock)
             entry.in_use += 1
+            # The peak is measured for the outermost model in use only: a nested call would reset it.
+            measuring = (self.probe is not None and entry.in_use == 1
+                         and not any(e.in_use for e in self._entries.values() if e is not entry))
+            if measuring:
+                self.probe.start()
             try:
                 yield entry.model
             except Exception as exc:
@@ -117,21 +283,39 @@ class ModelManager:
                 raise UserError(self._oom_message(name, "running")) from None
             finally:
                 entry.in_use -= 1
+                entry.growth_gb = 0.0
                 if entry.measured and entry.model is not None:
                     entry.size_gb = measure_gb(entry.model)  # the generator grows when its adapter loads
+                if measuring:
+                    peak = self.probe.working_gb()
+                    if peak is not None:
+                        entry.reserve_gb = peak if not entry.reserve_measured else max(entry.reserve_gb, peak)
+                        entry.reserve_measured = True
+
+    def make_room(self, name: str, extra_gb: float) -> None:
+        """Before ``name`` (in use by this thread) grows by ``extra_gb`` GiB on the device (the generator's
+        IP-Adapter and image encoder): evict others until it fits, or raise a ``UserError`` as ``use()`` does."""
+        entry = self._entry(name)
+        with _holding(self.lock):
+            if entry.resident:
+                entry.growth_gb += max(0.0, float(extra_gb))
+                self._fit(entry)
 
     def evict(self, name: str) -> None:
         """Take one model off the device now (to CPU or dropped, per ``settings.offload``)."""
-        with self.lock:
-            self._evict(self._entries[name])
+        with _holding(self.lock):
+            self._evict(self._entry(name))
             _empty_cache()
 
     # ----- counters -----
     def stats(self) -> dict[str, dict]:
-        """Per model: loads, evictions, load_seconds (in loaders), move_seconds, size_gb, resident."""
+        """Per model: loads, evictions, load_seconds (in loaders), move_seconds, size_gb (weights), reserve_gb
+        (working memory) and whether that was measured, resident."""
         return {e.name: {"loads": e.loads, "evictions": e.evictions, "load_seconds": round(e.load_seconds, 3),
                          "move_seconds": round(e.move_seconds, 3),
-                         "size_gb": None if e.size_gb is None else round(e.size_gb, 4), "resident": e.resident}
+                         "size_gb": None if e.size_gb is None else round(e.size_gb, 4),
+                         "reserve_gb": round(e.reserve_gb, 4), "reserve_measured": e.reserve_measured,
+                         "resident": e.resident}
                 for e in self._entries.values()}
 
     def load_counts(self) -> dict[str, int]:
@@ -139,55 +323,92 @@ class ModelManager:
         return {e.name: e.loads for e in self._entries.values()}
 
     # ----- internals (called with the lock held) -----
-    def _make_resident(self, entry: _Entry) -> None:
-        if entry.resident:
+    def _entry(self, name: str) -> _Entry:
+        if name not in self._entries:
+            raise KeyError(f"no model named {name!r} (registered: {', '.join(self._entries) or 'none'})")
+        return self._entries[name]
+
+    def _load(self, entry: _Entry) -> None:
+        if entry.model is not None:
             return
+        start = time.perf_counter()
+        model = entry.loader()
+        entry.load_seconds += time.perf_counter() - start
+        entry.loads += 1
+        entry.model = model
+        entry.host_copies = {}
+        if not entry.reserve_measured and callable(entry.reserve):
+            entry.reserve_gb = float(entry.reserve(model))
+
+    def _make_resident(self, entry: _Entry) -> None:
         if entry.model is None:
             # Size known in advance: make room before loading too, for a loader that places its model on the
             # device itself (the engine's loaders leave theirs in CPU RAM for _move).
             if entry.size_gb is not None:
                 self._fit(entry)
-            start = time.perf_counter()
-            model = entry.loader()
-            entry.load_seconds += time.perf_counter() - start
-            entry.loads += 1
-            entry.model = model
-        if entry.measured:
+            self._load(entry)
+        if not hasattr(entry.model, "to"):
+            entry.size_gb, entry.reserve_gb, entry.resident = 0.0, 0.0, True  # e.g. a remote LLM: nothing here
+            return
+        if entry.measured and not entry.resident:
             entry.size_gb = measure_gb(entry.model)
-        self._fit(entry)
-        self._move(entry, self.device)
-        entry.resident = True
+        self._fit(entry)  # also when resident: its working memory must fit beside the others' weights
+        if not entry.resident:
+            self._move(entry, self.device)
+            entry.resident = True
 
     def _move(self, entry: _Entry, device: str) -> None:
         if not hasattr(entry.model, "to"):
             return  # e.g. a remote LLM: nothing on the device
         start = time.perf_counter()
+        if self.pinned:
+            if device == "cpu":
+                swap_out(entry.model, entry.host_copies)
+            else:
+                swap_in(entry.model, device)
+        # With pinned swaps the tensors have moved already and this only lets a wrapper update its own state.
         moved = entry.model.to(device)
         # nn.Module.to returns self; a wrapper might return a new object: keep whatever it returns.
         entry.model = moved if moved is not None else entry.model
         entry.move_seconds += time.perf_counter() - start
 
+    def _need_gb(self, entry: _Entry) -> float:
+        """GiB the device must hold with ``entry`` in use: resident weights, plus the working memory of
+        every model in use (nested uses run inside one another) and ``entry``'s."""
+        weights = sum(e.size_gb or 0.0 for e in self._entries.values() if e.resident and e is not entry)
+        working = sum(e.reserve_gb + e.growth_gb for e in self._entries.values() if e.in_use and e is not entry)
+        return weights + working + self._own_gb(entry)
+
+    @staticmethod
+    def _own_gb(entry: _Entry) -> float:
+        return (entry.size_gb or 0.0) + entry.reserve_gb + entry.growth_gb
+
     def _fit(self, entry: _Entry) -> None:
-        """Evict least recently used models until ``entry`` fits in the budget (0 = no limit)."""
+        """Evict least recently used models until ``entry`` fits in the budget (0 = no limit); a
+        ``UserError`` when it cannot (see the module docstring)."""
         if not self.budget_gb:
             return
-        need = entry.size_gb or 0.0
-        if need > self.budget_gb:
-            raise UserError(f"model {entry.name!r} needs {need:.2f} GiB, more than the whole GPU budget "
-                            f"(gpu_memory_gb = {self.budget_gb:g}); raise gpu_memory_gb or use a smaller checkpoint")
+        own = self._own_gb(entry)
+        if own > self.budget_gb:
+            raise UserError(f"model {entry.name!r} needs {own:.3g} GiB ({entry.size_gb or 0:.3g} weights + "
+                            f"{entry.reserve_gb + entry.growth_gb:.3g} working memory), more than the whole GPU "
+                            f"budget (gpu_memory_gb = {self.budget_gb:g}); raise gpu_memory_gb, use a smaller "
+                            "checkpoint or smaller images")
         evicted = False
         for other in sorted(self._entries.values(), key=lambda e: e.last_used):
-            if self._used_gb() + need <= self.budget_gb:
+            if self._need_gb(entry) <= self.budget_gb:
                 break
             if other is not entry and other.resident and other.in_use == 0:
                 self._evict(other)
                 evicted = True
         if evicted:
             _empty_cache()  # once per pass: it runs gc.collect()
-        if self._used_gb() + need > self.budget_gb:
-            # Only models in use by an outer use() remain: go ahead, the device may still have room.
-            log.warning("%s does not fit the %.2f GiB budget beside models in use; loading anyway",
-                        entry.name, self.budget_gb)
+        if self._need_gb(entry) > self.budget_gb:
+            busy = [e for e in self._entries.values() if e.in_use and e is not entry]
+            listing = ", ".join(f"{e.name} {self._own_gb(e):.3g} GiB" for e in busy) or "none"
+            raise UserError(f"model {entry.name!r} needs {own:.3g} GiB beside the models in use ({listing}), "
+                            f"more than gpu_memory_gb = {self.budget_gb:g} allows; raise gpu_memory_gb, use smaller "
+                            "checkpoints, or do not nest these models' calls")
 
     def _used_gb(self) -> float:
         return sum(e.size_gb or 0.0 for e in self._entries.values() if e.resident)
@@ -197,6 +418,7 @@ class ModelManager:
             return
         if self.offload == "drop":
             entry.model = None
+            entry.host_copies = {}
         else:
             self._move(entry, "cpu")
         entry.resident = False
@@ -215,6 +437,118 @@ class ModelManager:
                 f"({budget}); lower gpu_memory_gb to what the card really has free, set offload = \"drop\", "
                 "or use smaller checkpoints or image sizes")
 
+
+# ----------------------------------------------------------------------------------------------
+# Working memory: the measured peak of a call
+# ----------------------------------------------------------------------------------------------
+
+class CudaPeak:
+    """Measures a call's working memory on one CUDA device: the peak allocated during it, above what was
+    allocated before and after it (so weights that joined during the call, an adapter, do not count)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._before = 0
+
+    @classmethod
+    def for_device(cls, device: str) -> CudaPeak | None:
+        """A probe for a CUDA device, None for any other (nothing to measure there)."""
+        import torch
+
+        return cls(device) if str(device).startswith("cuda") and torch.cuda.is_available() else None
+
+    def start(self) -> None:
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._before = torch.cuda.memory_allocated(self.device)
+
+    def working_gb(self) -> float | None:
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        after = torch.cuda.memory_allocated(self.device)
+        return max(0, torch.cuda.max_memory_allocated(self.device) - max(self._before, after)) / _GIB
+
+
+# ----------------------------------------------------------------------------------------------
+# Pinned swaps
+# ----------------------------------------------------------------------------------------------
+
+def _pinning_available(device: str) -> bool:
+    """Page-locked host memory needs a CUDA device (CPU-only torch, or a CUDA build without a driver,
+    raises on ``pin_memory=True``)."""
+    import torch
+
+    return str(device).startswith("cuda") and torch.cuda.is_available()
+
+
+def _tensor_slots(model: Any) -> Iterator[tuple[tuple[int, str, str], Any, Any]]:
+    """Every parameter and buffer of the model's modules, once each (tied weights once): (key, module, name)."""
+    seen: set[int] = set()
+    for root in _modules(model, depth=2):
+        for module in root.modules():
+            for kind, slots in (("p", module._parameters), ("b", module._buffers)):
+                for name, tensor in slots.items():
+                    if tensor is None or id(tensor) in seen:
+                        continue
+                    seen.add(id(tensor))
+                    yield (id(module), kind, name), module, tensor
+
+
+def _assign(module: Any, key: tuple[int, str, str], tensor: Any, value: Any) -> None:
+    if key[1] == "p":
+        tensor.data = value  # the Parameter object stays (optimisers, tied modules and hooks keep it)
+    else:
+        module._buffers[key[2]] = value
+
+
+def swap_out(model: Any, host: dict, *, pin: bool = True) -> int:
+    """Copy every device tensor of ``model`` into its host copy and point the model at it; returns bytes moved.
+
+    Host copies are allocated once per tensor (page-locked when ``pin``) and kept in ``host`` across swaps,
+    so later evictions only copy. Copies are non-blocking; one synchronisation waits for all of them."""
+    import torch
+
+    moves = []
+    for key, module, tensor in _tensor_slots(model):
+        if tensor.device.type == "cpu":
+            continue
+        copy = host.get(key)
+        if copy is None or copy.shape != tensor.shape or copy.dtype != tensor.dtype:
+            copy = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
+            host[key] = copy
+        copy.copy_(tensor.detach(), non_blocking=pin)
+        moves.append((module, key, tensor, copy))
+    if pin and moves:
+        torch.cuda.synchronize()
+    for module, key, tensor, copy in moves:
+        _assign(module, key, tensor, copy)
+    return sum(c.numel() * c.element_size() for *_, c in moves)
+
+
+def swap_in(model: Any, device: str) -> int:
+    """Copy every host tensor of ``model`` to ``device`` (non-blocking from pinned memory); returns bytes moved.
+
+    The host copies stay where they are for the next :func:`swap_out`."""
+    import torch
+
+    moves = []
+    for key, module, tensor in _tensor_slots(model):
+        if tensor.device.type != "cpu":
+            continue
+        moves.append((module, key, tensor, tensor.detach().to(device, non_blocking=tensor.is_pinned())))
+    if moves and str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    for module, key, tensor, moved in moves:
+        _assign(module, key, tensor, moved)
+    return sum(m.numel() * m.element_size() for *_, m in moves)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes
+# ----------------------------------------------------------------------------------------------
 
 def measure_gb(model: Any) -> float:
     """GiB of parameters and buffers in ``model``: an nn.Module, a diffusers pipeline, or a wrapper of those.

@@ -101,7 +101,8 @@ class JudgeSettings:
     # Qwen2.5-VL pixel bounds: the image is resized to fit within them before the processor sees it.
     min_pixels: Positive = 256 * 28 * 28
     max_pixels: Positive = 1024 * 28 * 28
-    max_new_tokens: Positive = 256
+    # A JSON verdict takes about 60 tokens; the judge stops at its closing brace (imgrag.stopping).
+    max_new_tokens: Positive = 128
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> JudgeSettings:

@@ -648,3 +648,25 @@ def build_lcm_lora(dest: Path, unet_config: dict[str, Any], *, rank: int, seed: 
 def _build_lcm_lora(dest: Path, seed: int) -> None:
     """A rank-4 LCM-LoRA for the kit's SDXL UNet (random: it makes nothing faster or better, only different)."""
     build_lcm_lora(dest, SDXL_UNET, rank=TINY_LCM_LORA_RANK, seed=seed)
+
+
+def quantise_gptq(source: Path, dest: Path, *, bits: int = 4, group_size: int = 32) -> Path:
+    """A GPTQ-Int4 copy of a Qwen2.5 folder (the tiny kit's, for tests), in the format of
+    ``Qwen2.5-7B-Instruct-GPTQ-Int4``: ``quantization_config.quant_method = "gptq"`` in its config.json, which
+    transformers loads through gptqmodel + optimum (the ``gptq`` extra). Runs on a CPU in seconds for the tiny
+    model. Raises ``ModuleNotFoundError`` without the extra. gptqmodel writes a ``logs/`` folder into the working
+    directory."""
+    import os
+
+    # gptqmodel sizes its CPU worker pools at import; on a 2-core machine it refuses to start unless told to
+    # use 2 workers ("Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1").
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    model = GPTQModel.load(str(source), QuantizeConfig(bits=bits, group_size=group_size, desc_act=False, sym=True),
+                           device="cpu")
+    # Calibration text: a few prompts of the kind the agent LLM reads (the tiny model's weights are random anyway).
+    model.quantize(["Draw a golden retriever puppy sleeping in a wooden cradle beside a red toy rocket."] * 4,
+                   batch_size=1)
+    model.save(str(dest))
+    return dest

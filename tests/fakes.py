@@ -117,13 +117,28 @@ class FakeManager:
     def __init__(self, models: dict[str, Any]) -> None:
         self.models = models
         self.loads: dict[str, int] = {}
+        self.loaders: dict[str, Any] = {}
         self.lock = threading.RLock()
+        self.device = "cpu"
 
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[Any]:
         with self.lock:
+            if name not in self.models and name in self.loaders:
+                self.models[name] = self.loaders[name]()
             self.loads.setdefault(name, 1)
             yield self.models[name]
+
+    def run(self, name: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """The real manager runs this on its model thread; here, in the caller's."""
+        with self.use(name) as model:
+            return fn(model, *args, **kwargs)
+
+    def names(self) -> list[str]:
+        return [*self.models, *(n for n in self.loaders if n not in self.models)]
+
+    def register(self, name: str, loader: Any, size_gb: float | None = None, **_: Any) -> None:
+        self.loaders[name] = loader
 
     def load_counts(self) -> dict[str, int]:
         return dict(self.loads)

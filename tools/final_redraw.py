@@ -15,6 +15,7 @@ from typing import Any
 
 from imgrag.errors import UserError
 from imgrag.images import open_image
+from imgrag.runs import atomic_path
 from tools.context import ToolContext
 
 FINAL_FULL_NAME = "final-full.png"
@@ -39,11 +40,12 @@ def redraw_final_full(ctx: ToolContext, state: dict[str, Any]) -> dict[str, Any]
     start = time.perf_counter()
     try:
         images = [open_image(known[ref_id]["path"]) for ref_id in candidate["reference_ids"]]
-        with ctx.manager.use("generator") as generator:
-            image = generator.generate(candidate["prompt"], seed=candidate["seed"], references=images or None,
-                                       ip_scale=candidate.get("ip_scale"), fast="off")
+        image = ctx.manager.run("generator", lambda generator: generator.generate(
+            candidate["prompt"], seed=candidate["seed"], references=images or None,
+            ip_scale=candidate.get("ip_scale"), fast="off"))
         path = ctx.record.dir / FINAL_FULL_NAME
-        image.save(path)
+        with atomic_path(path) as tmp:  # never half a PNG on disk
+            image.save(tmp)
         outcome: dict[str, Any] = {"path": str(path), "candidate_id": candidate["id"], "steps": g.steps}
         message = f"redrew {candidate['id']} at {g.steps} steps: {path}"
     except (UserError, KeyError) as exc:  # KeyError: a reference id the state no longer knows

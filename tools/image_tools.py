@@ -19,6 +19,7 @@ from langgraph.prebuilt import InjectedState
 from langgraph.types import Command
 
 from imgrag.checkpoints import first_line
+from imgrag.engine import ManagedEmbedder
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
 from tools.context import ToolContext
@@ -90,9 +91,10 @@ def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict
         return Command(update={"messages": [message]})
     ctx.on_event({"event": "tool_start", "tool": name, "args": args, "round": state.get("rounds", 0)})
     start = time.perf_counter()
-    step: dict[str, Any] = {}
+    step: dict[str, Any] = {}  # more fields for the trace: a body may return them third (the judge's tokens)
     try:
-        text, update = body(round_no)
+        text, update, *more = body(round_no)
+        step.update(more[0] if more else {})
         ok = True
     except ToolArgumentError as exc:
         text, update, ok = f"Error: {exc}", {}, False
@@ -150,11 +152,12 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seed: int, 
     def on_step(step: int, total: int) -> None:
         ctx.on_event({"event": "denoise", "step": step, "total": total})
 
-    with ctx.manager.use("generator") as generator:
-        image = generator.generate(prompt, seed=seed, references=images or None, ip_scale=ip_scale, on_step=on_step,
-                                   **({"deadline": ctx.deadline} if ctx.deadline is not None else {}))
-    with ctx.manager.use("embedder") as embedder:
-        clip_score = float((embedder.embed_images([image]) @ embedder.embed_texts([state["prompt"]]).T)[0, 0])
+    # Model calls run on the device's model thread (imgrag.manager), not in this tool's thread.
+    limit = {"deadline": ctx.deadline} if ctx.deadline is not None else {}
+    image = ctx.manager.run("generator", lambda generator: generator.generate(
+        prompt, seed=seed, references=images or None, ip_scale=ip_scale, on_step=on_step, **limit))
+    clip_score = ctx.manager.run("embedder", lambda embedder: float(
+        (embedder.embed_images([image]) @ embedder.embed_texts([state["prompt"]]).T)[0, 0]))
     path = ctx.record.save_candidate(candidate_id, image)
     return {"id": candidate_id, "path": str(path), "prompt": prompt, "seed": seed,
             "reference_ids": [ref["id"] for ref in references], "ip_scale": ip_scale if references else None,
@@ -207,14 +210,15 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
         def body(_: int):
             candidate = _candidate(state, candidate_id)
             image = open_image(candidate["path"])
-            with ctx.manager.use("judge") as judge:
-                limit = {"deadline": ctx.deadline} if ctx.deadline is not None else {}
-                verdict = judge.judge(image, state["prompt"], **limit).to_dict()
+            limit = {"deadline": ctx.deadline} if ctx.deadline is not None else {}
+            verdict, tokens = ctx.manager.run("judge", lambda judge: (
+                judge.judge(image, state["prompt"], **limit).to_dict(), getattr(judge, "last_tokens", None)))
             updated = {**candidate, "verdict": verdict}
             shown = {k: verdict[k] for k in ("match", "missing", "reason", "parsed")}
             if not verdict["parsed"]:
                 shown["note"] = "the judge's answer could not be parsed; retrieve with the prompt itself"
-            return json.dumps({"candidate_id": candidate_id, **shown}), {"candidates": {candidate_id: updated}}
+            return (json.dumps({"candidate_id": candidate_id, **shown}), {"candidates": {candidate_id: updated}},
+                    {"tokens": tokens})
 
         return _run(ctx, "critique", args, tool_call_id, state, body)
 
@@ -251,12 +255,13 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
             if avoid_candidate_id:
                 avoid_image = open_image(_candidate(state, avoid_candidate_id)["path"])
             r = ctx.settings.retrieval
-            with ctx.manager.use("embedder") as embedder:
-                store = ctx.store(embedder)
-                empty_store = store.count() == 0
-                found = [] if empty_store else store.retrieve(
-                    embedder, cleaned, k=top_k, avoid=avoid_image, rerank_lambda=r.rerank_lambda,
-                    min_score=r.min_score)
+            # Embeddings run on the model thread; the store's query holds no device lock.
+            embedder = ManagedEmbedder(ctx.manager)
+            store = ctx.store(embedder)
+            empty_store = store.count() == 0
+            found = [] if empty_store else store.retrieve(
+                embedder, cleaned, k=top_k, avoid=avoid_image, rerank_lambda=r.rerank_lambda,
+                min_score=r.min_score)
             refs = {ref.id: ref.to_dict() for ref in found}
             # Recorded even when empty, so the planner knows this repair was tried.
             candidates = state.get("candidates") or {}
