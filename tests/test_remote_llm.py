@@ -90,7 +90,9 @@ def test_a_round_against_a_real_openai_compatible_server(served_llm, tmp_path: P
     manager.register("generator", FakeGenerator, size_gb=0.0)
     manager.register("judge", lambda: ScriptedJudge([NO_KITE]), size_gb=0.0)
     manager.register("embedder", FakeEmbedder, size_gb=0.0)
-    manager.register("llm", lambda: _load_llm(settings, "cpu"), size_gb=0.0)
+    # Registered as imgrag.engine.build_manager does for llm_backend = "openai": on the host, no GPU lock.
+    manager.register("llm", lambda: _load_llm(settings, "cpu"), size_gb=0.0,
+                     on_host=settings.models.llm_backend == "openai")
     held: list[bool] = []
     real_generate = ChatOpenAI._generate
 
