@@ -157,17 +157,32 @@ def batch(
     config: ConfigOpt = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray", metavar="[ADDRESS]", help="Spread the prompts over a Ray cluster (pip install 'imgrag[ray]'): "
+        "ADDRESS is host:port, ray://host:port or auto; without one a local cluster starts. Needs --store "
+        "http://host:port (a Chroma server).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="With --ray: how many workers "
+                                                "(default: one per GPU of the cluster, 1 without GPUs).")] = None,
 ) -> None:
-    """Run every prompt of a file in one process (models load once). One failing prompt never stops the batch."""
+    """Run every prompt of a file in one process (models load once). One failing prompt never stops the batch.
+
+    With --ray, one worker per GPU of a Ray cluster, each loading its models once; the record is the same."""
     from agent.runner import read_prompt_file
 
     check_planner(planner)
-    read_prompt_file(file)  # a bad file fails before any model loads
+    items = read_prompt_file(file)  # a bad file fails before any model loads
+    if ray_address is not None:
+        summary, settings = _ray_batch(file, len(items), ray_address, workers, resume, planner, max_rounds,
+                                       profile, config, store, out_dir)
+    else:
+        if workers is not None:
+            from imgrag.errors import UserError
 
-    with ProgressPrinter() as progress:
-        runner, settings = _make_runner(profile, config, store, out_dir, progress)
-        summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
-                               on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
+            raise UserError("--workers goes with --ray (the in-process batch has one worker)")
+        with ProgressPrinter() as progress:
+            runner, settings = _make_runner(profile, config, store, out_dir, progress)
+            summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
+                                   on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
     if as_json:
         print_json(summary)
         return
@@ -181,3 +196,21 @@ def batch(
     out.print(f"model loads: {summary['model_loads']}")
     if settings.is_tiny:
         out.print(f"[yellow]{TINY_WARNING}[/]")
+
+
+def _ray_batch(file, total, address, workers, resume, planner, max_rounds, profile, config, store, out_dir):
+    """``batch --ray``: settings and shared services checked, then the prompts spread over Ray workers."""
+    from agent.ray_batch import RayProgress, check_shared_services, run_batch
+
+    settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
+    check_shared_services(settings)  # before the tiny kit is built or a cluster starts
+    prepare_models(settings)
+    try:
+        with RayProgress(err, total) as progress:
+            summary = run_batch(settings, file, address=address, workers=workers, resume=resume, planner=planner,
+                                max_rounds=max_rounds, on_progress=progress)
+    except KeyboardInterrupt:
+        err.print(f"finished prompts are kept; continue with: imgrag batch {escape(str(file))} --ray --resume",
+                  soft_wrap=True)
+        raise
+    return summary, settings

@@ -205,42 +205,22 @@ class Runner:
               max_rounds: int | None = None, on_item: Callable[[dict], None] | None = None) -> dict[str, Any]:
         """Run every prompt of a .txt (one a line) or .jsonl file; resumable, one failure never stops the rest."""
         path = Path(path)
-        items = read_prompt_file(path)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
-        root = Path(self.settings.output_dir)
-        # The batch's runs live beside it under names with the same prefix: only a folder with batch.json counts.
-        existing = sorted(p.parent for p in root.glob(f"batch-{path.stem}-{digest}-*/batch.json"))
-        if resume and existing:
-            batch_dir = existing[-1]
-            state = json.loads((batch_dir / "batch.json").read_text(encoding="utf-8"))
-        else:
-            batch_dir = root / f"batch-{path.stem}-{digest}-{time.strftime('%Y%m%d-%H%M%S')}"
-            batch_dir.mkdir(parents=True, exist_ok=True)
-            state = {"file": str(path), "items": [{**item, "index": i, "run_id": None, "status": "pending"}
-                                                  for i, item in enumerate(items)]}
-            write_json_atomic(batch_dir / "batch.json", state)
+        batch_dir, state = open_batch(path, self.settings.output_dir, resume=resume)
         start = time.perf_counter()
         for item in state["items"]:
-            if item["status"] in ("matched", "budget_exhausted"):
+            if item["status"] in FINISHED:
                 continue  # finished in an earlier process
             try:
                 if item["run_id"] and item["status"] == "running":
                     result = self.resume(item["run_id"])
                 else:
-                    attempt = item.get("attempts", 0) + 1  # a failed prompt is retried under a fresh run id
-                    item["attempts"] = attempt
-                    item["run_id"] = f"{batch_dir.name}-{item['index']:03d}" + (f"-r{attempt}" if attempt > 1 else "")
-                    item["status"] = "running"
-                    write_json_atomic(batch_dir / "batch.json", state)
+                    claim_item(batch_dir, state, item)
                     result = self.run(item["prompt"], seed=item.get("seed"),
                                       max_rounds=max_rounds or item.get("max_rounds"), planner=planner,
                                       run_id=item["run_id"])
-                item.update(status=result["status"], final_image=result["final_image"], rounds=result["rounds"],
-                            seconds=result["seconds"], error=None)
-            except UserError as exc:
-                item.update(status="failed", error=str(exc))
+                settle_item(item, result)
             except Exception as exc:  # one broken prompt must not stop the batch; the error is kept
-                item.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                fail_item(item, exc)
             write_json_atomic(batch_dir / "batch.json", state)
             if on_item:
                 on_item(item)
@@ -248,6 +228,52 @@ class Runner:
                    "model_loads": self.manager.load_counts(), "seconds": round(time.perf_counter() - start, 3)}
         write_json_atomic(batch_dir / "summary.json", summary)
         return summary
+
+
+# ----- the batch record (batch.json), shared by the in-process batch and the Ray batch (agent/ray_batch.py) -----
+FINISHED = ("matched", "budget_exhausted")
+
+
+def open_batch(path: Path, output_dir: str | Path, *, resume: bool) -> tuple[Path, dict[str, Any]]:
+    """The batch folder and its batch.json state: the latest one of this file (same name and content) with
+    ``resume``, else a new one with every prompt pending. Raises UserError for a bad prompt file."""
+    items = read_prompt_file(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    root = Path(output_dir)
+    # The batch's runs live beside it under names with the same prefix: only a folder with batch.json counts.
+    existing = sorted(p.parent for p in root.glob(f"batch-{path.stem}-{digest}-*/batch.json"))
+    if resume and existing:
+        batch_dir = existing[-1]
+        state = json.loads((batch_dir / "batch.json").read_text(encoding="utf-8"))
+    else:
+        batch_dir = root / f"batch-{path.stem}-{digest}-{time.strftime('%Y%m%d-%H%M%S')}"
+        batch_dir.mkdir(parents=True, exist_ok=True)
+        state = {"file": str(path), "items": [{**item, "index": i, "run_id": None, "status": "pending"}
+                                              for i, item in enumerate(items)]}
+        write_json_atomic(batch_dir / "batch.json", state)
+    return batch_dir, state
+
+
+def claim_item(batch_dir: Path, state: dict[str, Any], item: dict[str, Any]) -> str:
+    """Mark an item running under a fresh run id (a retried prompt gets ``-r2``, ``-r3``...), save batch.json,
+    and return the run id."""
+    attempt = item.get("attempts", 0) + 1
+    item["attempts"] = attempt
+    item["run_id"] = f"{batch_dir.name}-{item['index']:03d}" + (f"-r{attempt}" if attempt > 1 else "")
+    item["status"] = "running"
+    write_json_atomic(batch_dir / "batch.json", state)
+    return item["run_id"]
+
+
+def settle_item(item: dict[str, Any], result: dict[str, Any]) -> None:
+    """Copy a finished run's outcome into its batch item."""
+    item.update(status=result["status"], final_image=result["final_image"], rounds=result["rounds"],
+                seconds=result["seconds"], error=None)
+
+
+def fail_item(item: dict[str, Any], exc: BaseException) -> None:
+    """Record a prompt that failed: a UserError's line as it is, anything else with its type."""
+    item.update(status="failed", error=str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
 
 
 def read_prompt_file(path: Path) -> list[dict[str, Any]]:
