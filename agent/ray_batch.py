@@ -50,9 +50,9 @@ LOCAL = "local"
 ADDRESS_PATTERN = re.compile(r"^(local|auto|ray://\S+|[A-Za-z0-9.\-\[\]:]+:\d+)$")
 # A prompt whose worker died this many times is failed rather than handed out again (it may be what kills them).
 MAX_DEATHS_PER_PROMPT = 3
-# Environment that decides how a worker finds and loads models: passed on to the workers as it is on the driver.
-FORWARDED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "ANONYMIZED_TELEMETRY",
-                 "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES_ORDER")
+# Switches (not paths: those are each node's own) that change how a worker loads and runs models, passed on
+# from the driver so a worker behaves as the driver would.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ANONYMIZED_TELEMETRY", "OMP_NUM_THREADS")
 # Paths that belong to one process: a worker's point into its scratch folder.
 PROCESS_PATHS = ("output_dir", "threads_db")
 
