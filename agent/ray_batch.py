@@ -242,6 +242,9 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
     check_shared_services(settings)
     path = Path(path)
     batch_dir, state = open_batch(path, settings.output_dir, resume=resume)
+    queue = deque(item for item in state["items"] if item["status"] not in FINISHED)
+    if not queue:  # a resume with nothing left: no cluster, no worker, the record as it is
+        return _summary(batch_dir, path, state, [], [], settings, address, {}, time.perf_counter())
     ray = _import_ray()
     owns = connect(ray, address, workers)
     start = time.perf_counter()
@@ -249,6 +252,7 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
     in_flight: dict[Any, tuple[_Slot, dict[str, Any]]] = {}
     try:
         count, resources = _worker_resources(ray, settings, workers)
+        count = min(count, len(queue))  # a worker with no prompt would only load models
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         actor_class = ray.remote(BatchWorker).options(runtime_env={"env_vars": env} if env else None, **resources)
 
@@ -256,20 +260,24 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
             return actor_class.remote(settings, name)
 
         slots = [_Slot(f"w{i}", spawn(f"w{i}")) for i in range(count)]
-        identities = ray.get([s.actor.identity.remote() for s in slots])
+        try:
+            identities = ray.get([s.actor.identity.remote() for s in slots])
+        except ray.exceptions.RayActorError as exc:  # e.g. imgrag missing on a node, or its models
+            reason = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"the Ray workers could not start: {reason}") from None
         for slot, ident in zip(slots, identities, strict=True):
             slot.pid = ident["pid"]
         progress({"event": "workers", "workers": identities, "batch_dir": str(batch_dir),
                   "done": sum(item["status"] in FINISHED for item in state["items"])})
-        queue = deque(item for item in state["items"] if item["status"] not in FINISHED)
         idle = list(slots)
+        retrying: set[int] = set()  # prompts whose worker died in this batch: they keep their run id
         replacements_left = 2 * count
         deaths = 0
 
         def dispatch() -> None:
             while queue and idle:
                 slot, item = idle.pop(0), queue.popleft()
-                if item["status"] != "running":  # a prompt back from a dead worker keeps its run id
+                if item["index"] not in retrying:  # anything else (pending, failed, cut off) starts a fresh run
                     claim_item(batch_dir, state, item)
                 ref = slot.actor.run.remote(item["prompt"], item.get("seed"), max_rounds or item.get("max_rounds"),
                                             planner, item["run_id"])
@@ -298,14 +306,16 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
                                                            "times")
                         settled.append(item)
                     else:
+                        retrying.add(item["index"])
                         queue.appendleft(item)  # first in line for the next free worker
                     if replacements_left > 0:
                         replacements_left -= 1
                         slot.actor = spawn(slot.name)
                         idle.append(slot)
                     elif not idle and not in_flight:
+                        write_json_atomic(batch_dir / "batch.json", state)
                         raise UserError(f"every Ray worker died ({deaths} deaths); see Ray's logs "
-                                        "(/tmp/ray/session_latest/logs on each node)") from None
+                                        "(/tmp/ray/session_latest/logs on each node), then --resume") from None
                 except ray.exceptions.RayTaskError as exc:  # the prompt's own error: the worker lives on
                     fail_item(item, getattr(exc, "cause", None) or exc)
                     idle.append(slot)
@@ -338,6 +348,12 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
         if owns:
             ray.shutdown()
 
+    return _summary(batch_dir, path, state, slots, identities, settings, address, resources, start)
+
+
+def _summary(batch_dir: Path, path: Path, state: dict[str, Any], slots: list[_Slot], identities: list[dict],
+             settings: Settings, address: str | None, resources: dict[str, Any], start: float) -> dict[str, Any]:
+    """summary.json: the in-process batch's fields, plus the workers and what each did."""
     total: dict[str, int] = {}
     for slot in slots:
         total = _add(total, _add(slot.retired_loads, slot.model_loads))
