@@ -39,11 +39,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.runner import FINISHED, Runner, claim_item, fail_item, open_batch, settle_item
 from imgrag.errors import UserError
 from imgrag.runs import atomic_path, write_json_atomic
 from imgrag.settings import Settings
-from imgrag.store import is_server_uri
+
+# agent.runner (LangGraph) and imgrag.store (Chroma) are imported where used: the CLI imports this module on every
+# start for expand_ray_flag.
 
 LOCAL = "local"
 # What `--ray` may be followed by to count as its ADDRESS: "local", "auto", ray://host:port, host:port.
@@ -76,13 +77,13 @@ def check_shared_services(settings: Settings) -> None:
     """Distribution needs services every worker can reach: the store must be a Chroma server.
 
     Raises UserError naming the alternative when it is an embedded store (a folder)."""
+    from imgrag.store import _connect, is_server_uri
+
     if not is_server_uri(settings.store):
         raise UserError(f"--ray needs a store every worker can reach, and {settings.store} is an embedded store "
                         "(a folder on this machine): start a Chroma server (`chroma run --path DIR --host 0.0.0.0 "
                         "--port 8000`) and pass --store http://HOST:8000")
     # Reaching it now fails fast, before a cluster starts and workers load models.
-    from imgrag.store import _connect
-
     _connect(settings.store, create=False)
 
 
@@ -118,6 +119,8 @@ class BatchWorker:
             from imgrag.tiny_kit import ensure_tiny_kit
 
             ensure_tiny_kit(Path(own.tiny_kit_dir))
+        from agent.runner import Runner
+
         self.runner = Runner(own)
 
     def identity(self) -> dict[str, Any]:
@@ -238,6 +241,8 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
     ``on_progress`` gets events: ``workers`` (their identities), ``item`` (a prompt settled, with its worker),
     ``worker_died``. Raises UserError for an embedded store, a missing Ray, an unreachable cluster; a Ctrl-C
     saves batch.json (prompts in flight back to pending) and propagates."""
+    from agent.runner import FINISHED, claim_item, fail_item, open_batch, settle_item
+
     progress = on_progress or (lambda event: None)
     check_shared_services(settings)
     path = Path(path)
