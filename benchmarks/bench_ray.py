@@ -1,7 +1,7 @@
 """``imgrag batch --ray`` against the in-process batch: prompts per minute with 1 and 2 workers, and what
 going through Ray costs per prompt.
 
-    python benchmarks/bench_ray.py [--count 10] [--max-rounds 2] [--prompts FILE] [--json OUT.json]
+    python benchmarks/bench_ray.py [--count 10] [--max-rounds 2] [--repeat 2] [--prompts FILE] [--json OUT.json]
 
 One local Ray cluster (``ray.init(num_cpus=2)``) and one Chroma server (``chroma run``, started here) serve
 every configuration; the tiny profile, ``--planner fixed``, the same prompts and seeds throughout.
@@ -14,6 +14,9 @@ every configuration; the tiny profile, ``--planner fixed``, the same prompts and
 
 Ray overhead per prompt = (ray, 1 worker, steady seconds per prompt) − (in-process seconds per prompt): the
 task call, the files shipped back through the object store and written on the driver, batch.json per prompt.
+
+The three modes run in turn, ``--repeat`` times (interleaved, so a busy spell of a shared machine spreads over
+all of them); the report gives each mode's median, and the 1-minute load average seen before each run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompts", type=Path, default=None)
     parser.add_argument("--count", type=int, default=10)
     parser.add_argument("--max-rounds", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--home", type=Path, default=None)
     parser.add_argument("--wait-quiet", type=float, default=0)
     parser.add_argument("--json", type=Path, default=None)
@@ -128,28 +133,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warm_file = write_prompt_file(prompts[:1], home / "warm.jsonl", seed=1000)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
         quiet = wait_quiet(args.wait_quiet)
-        configs = [on_ray(settings, prompt_file, 1, args.max_rounds), on_ray(settings, prompt_file, 2, args.max_rounds),
-                   in_process(settings, prompt_file, warm_file, args.max_rounds)]
+        runs = []
+        for _ in range(args.repeat):
+            for mode in ("ray1", "ray2", "in-process"):
+                load = round(os.getloadavg()[0], 2)
+                if mode == "in-process":
+                    run = in_process(settings, prompt_file, warm_file, args.max_rounds)
+                else:
+                    run = on_ray(settings, prompt_file, int(mode[-1]), args.max_rounds)
+                runs.append({**run, "load_average_1m": load})
     finally:
         if ray.is_initialized():
             ray.shutdown()
         chroma.terminate()
         chroma.wait(timeout=30)
-    for c in configs:
+    for c in runs:
         c["prompts_per_minute_wall"] = 60 * c["prompts"] / c["wall"]
         c["prompts_per_minute_steady"] = 60 * c["steady_prompts"] / c["steady_seconds"] if c["steady_seconds"] else None
+        c["seconds_per_prompt_steady"] = c["steady_seconds"] / c["steady_prompts"] if c["steady_prompts"] else None
+    configs = [median_of([r for r in runs if (r["mode"], r["workers"]) == key])
+               for key in (("ray", 1), ("ray", 2), ("in-process", 1))]
     one, two, local = configs
     doc = {"benchmark": "ray", "machine": machine(), "commit": git_commit(), "profile": "tiny", "planner": "fixed",
            "max_rounds": args.max_rounds, "prompts": prompts, "references": references, "quiet": quiet,
-           "ray": ray.__version__, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "configs": configs,
+           "ray": ray.__version__, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "repeat": args.repeat,
+           "runs": runs, "configs": configs,
            "ratio_2_to_1_steady": two["prompts_per_minute_steady"] / one["prompts_per_minute_steady"],
            "ratio_2_to_1_wall": two["prompts_per_minute_wall"] / one["prompts_per_minute_wall"],
-           "ray_overhead_seconds_per_prompt": one["steady_seconds"] / one["steady_prompts"]
-           - local["steady_seconds"] / local["steady_prompts"]}
+           "ray_overhead_seconds_per_prompt": one["seconds_per_prompt_steady"] - local["seconds_per_prompt_steady"]}
     print(report(doc))
     if args.json:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return doc
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's runs summarised by the median of each timing (and every load average seen)."""
+    keys = ("wall", "prompts_per_minute_wall", "prompts_per_minute_steady", "seconds_per_prompt_steady")
+    return {"mode": runs[0]["mode"], "workers": runs[0]["workers"], "runs": len(runs),
+            "load_averages": [r["load_average_1m"] for r in runs],
+            **{k: statistics.median(r[k] for r in runs) for k in keys}}
 
 
 def report(doc: dict[str, Any]) -> str:
@@ -157,15 +180,14 @@ def report(doc: dict[str, Any]) -> str:
              f"{len(doc['prompts'])} prompts, `--planner fixed`, max {doc['max_rounds']} rounds, "
              f"{doc['references']} references on a Chroma server, tiny profile, Ray {doc['ray']}, "
              f"OMP_NUM_THREADS={doc['omp_num_threads']}.", "",
-             "| mode | workers | wall s (start-up included) | prompts/min, wall | steady prompts | steady s | "
-             "prompts/min, steady | s/prompt, steady |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Medians of {doc['repeat']} interleaved runs per mode.", "",
+             "| mode | workers | wall s (start-up included) | prompts/min, wall | prompts/min, steady | "
+             "s/prompt, steady | load averages seen |",
+             "|---|---|---|---|---|---|---|"]
     for c in doc["configs"]:
-        steady = c["prompts_per_minute_steady"]
-        per = c["steady_seconds"] / c["steady_prompts"] if c["steady_prompts"] else float("nan")
         lines.append(f"| {c['mode']} | {c['workers']} | {c['wall']:.1f} | {c['prompts_per_minute_wall']:.1f} | "
-                     f"{c['steady_prompts']} | {c['steady_seconds']:.1f} | "
-                     f"{'-' if steady is None else f'{steady:.1f}'} | {per:.2f} |")
+                     f"{c['prompts_per_minute_steady']:.1f} | {c['seconds_per_prompt_steady']:.2f} | "
+                     f"{', '.join(str(x) for x in c['load_averages'])} |")
     lines += ["", f"2 workers / 1 worker, steady prompts per minute: **{doc['ratio_2_to_1_steady']:.2f}x** "
               f"(wall, start-up included: {doc['ratio_2_to_1_wall']:.2f}x). Ray overhead per prompt (1 worker, steady, "
               f"minus in-process): **{doc['ray_overhead_seconds_per_prompt']:+.2f} s**."]
