@@ -134,11 +134,13 @@ class BatchWorker:
         """Run one prompt; return its result.json document and every file of its run folder as bytes.
 
         The scratch run folder is removed afterwards: the driver keeps the record."""
+        start = time.perf_counter()
         result = self.runner.run(prompt, seed=seed, max_rounds=max_rounds, planner=planner, run_id=run_id)
         run_dir = Path(result["run_dir"])
         files = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
         shutil.rmtree(run_dir, ignore_errors=True)
-        return {"result": result, "files": files, "worker": self.name, "pid": os.getpid()}
+        return {"result": result, "files": files, "worker": self.name, "pid": os.getpid(),
+                "seconds": time.perf_counter() - start}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +278,7 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
                   "done": sum(item["status"] in FINISHED for item in state["items"])})
         idle = list(slots)
         retrying: set[int] = set()  # prompts whose worker died in this batch: they keep their run id
+        submitted: dict[Any, float] = {}
         replacements_left = 2 * count
         deaths = 0
 
@@ -287,6 +290,7 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
                 ref = slot.actor.run.remote(item["prompt"], item.get("seed"), max_rounds or item.get("max_rounds"),
                                             planner, item["run_id"])
                 in_flight[ref] = (slot, item)
+                submitted[ref] = time.perf_counter()
 
         while queue or in_flight:
             settled: list[dict[str, Any]] = []
@@ -328,6 +332,10 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
                 else:
                     result = write_run_files(Path(settings.output_dir) / item["run_id"], payload)
                     settle_item(item, result)
+                    # What Ray added to this prompt: the call, the files through the object store, writing them
+                    # here (a worker's first prompt also waits for the worker to start).
+                    wait = time.perf_counter() - submitted.pop(ref)
+                    item["ray_overhead_seconds"] = round(wait - payload["seconds"], 3)
                     item["worker"] = slot.name
                     slot.prompts += 1
                     slot.pid = payload["pid"]
