@@ -158,7 +158,7 @@ def batch(
     store: StoreOpt = None,
     as_json: JsonOpt = False,
     ray_address: Annotated[str | None, typer.Option(
-        "--ray", metavar="[ADDRESS]", help="Spread the prompts over a Ray cluster (pip install 'imgrag[ray]'): "
+        "--ray", metavar="[ADDRESS]", help="Spread the prompts over a Ray cluster (pip install 'imgrag\\[ray]'): "
         "ADDRESS is host:port, ray://host:port or auto; without one a local cluster starts. Needs --store "
         "http://host:port (a Chroma server).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="With --ray: how many workers "

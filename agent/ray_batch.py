@@ -97,7 +97,7 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise UserError("--ray needs Ray: pip install 'imgrag[ray]'") from None
+        raise UserError("--ray needs Ray: pip install ray (imgrag's `ray` extra)") from None
     return ray
 
 
@@ -406,8 +406,8 @@ class RayProgress:
 
     def line(self) -> str:
         """The live line's text."""
-        workers = "  ".join(f"{name} {n}" for name, n in sorted(self.per_worker.items()))
-        return (f"{time.monotonic() - self.start:6.1f}s  {self.done}/{self.total} prompts  [{workers}]  "
+        workers = ", ".join(f"{name}: {n}" for name, n in sorted(self.per_worker.items()))
+        return (f"{time.monotonic() - self.start:6.1f}s  {self.done}/{self.total} prompts  ({workers})  "
                 f"failed {self.failed}  worker deaths {self.deaths}")
 
     def __call__(self, event: dict[str, Any]) -> None:
