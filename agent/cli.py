@@ -389,7 +389,9 @@ def _fail_on_device(report: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes print one line and exit 1; Ctrl-C exits 130."""
     try:
-        app(args=argv, prog_name="imgrag")
+        from agent.ray_batch import expand_ray_flag
+
+        app(args=expand_ray_flag(sys.argv[1:] if argv is None else argv), prog_name="imgrag")
     except UserError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(1)

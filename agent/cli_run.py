@@ -267,25 +267,40 @@ def batch(
     config: ConfigOpt = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray", metavar="[ADDRESS]", help="Spread the prompts over a Ray cluster (pip install 'imgrag\\[ray]'): "
+        "ADDRESS is host:port, ray://host:port or auto; without one a local cluster starts. Needs --store "
+        "http://host:port (a Chroma server).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="With --ray: how many workers "
+                                                "(default: one per GPU of the cluster, 1 without GPUs).")] = None,
 ) -> None:
-    """Run every prompt of a file in one process (models load once). One failing prompt never stops the batch."""
+    """Run every prompt of a file in one process (models load once). One failing prompt never stops the batch.
+
+    With --ray, one worker per GPU of a Ray cluster, each loading its models once; the record is the same."""
     from agent.runner import read_prompt_file
 
     check_planner(planner)
-    read_prompt_file(file)  # a bad file fails before any model loads
+    items = read_prompt_file(file)  # a bad file fails before any model loads
+    if ray_address is not None:
+        summary, settings = _ray_batch(file, len(items), ray_address, workers, resume, planner, max_rounds,
+                                       profile, config, store, out_dir, fast)
+    else:
+        if workers is not None:
+            from imgrag.errors import UserError
 
-    from agent.runner import RunInterrupted
+            raise UserError("--workers goes with --ray (the in-process batch has one worker)")
+        from agent.runner import RunInterrupted
 
-    try:
-        with ProgressPrinter() as progress:
-            runner, settings = _make_runner(profile, config, store, out_dir, progress, fast)
-            summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
-                                   on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
-    except RunInterrupted as stop:
-        command = ["imgrag", "batch", str(file), "--resume", *_shared_flags(profile, config, store, out_dir),
-                   *(["--planner", planner] if planner != "agent" else []),
-                   *(["--max-rounds", str(max_rounds)] if max_rounds else [])]
-        _interrupted(stop, command, as_json)
+        try:
+            with ProgressPrinter() as progress:
+                runner, settings = _make_runner(profile, config, store, out_dir, progress, fast)
+                summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
+                                       on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
+        except RunInterrupted as stop:
+            command = ["imgrag", "batch", str(file), "--resume", *_shared_flags(profile, config, store, out_dir),
+                       *(["--planner", planner] if planner != "agent" else []),
+                       *(["--max-rounds", str(max_rounds)] if max_rounds else [])]
+            _interrupted(stop, command, as_json)
     if as_json:
         print_json(summary)
         return
@@ -305,3 +320,23 @@ def print_batch(summary: dict[str, Any], console: Console | None = None) -> None
     console.print(table)
     console.print(f"batch folder: {escape(summary['batch_dir'])}", soft_wrap=True)
     console.print(f"model loads: {summary['model_loads']}", soft_wrap=True)
+
+
+def _ray_batch(file, total, address, workers, resume, planner, max_rounds, profile, config, store, out_dir, fast):
+    """``batch --ray``: settings and shared services checked, then the prompts spread over Ray workers."""
+    from agent.ray_batch import RayProgress, check_shared_services, run_batch
+
+    settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
+                                   **{"generation.fast": fast})
+    check_outputs(settings)
+    check_shared_services(settings)  # before the tiny kit is built or a cluster starts
+    prepare_models(settings)
+    try:
+        with RayProgress(err, total) as progress:
+            summary = run_batch(settings, file, address=address, workers=workers, resume=resume, planner=planner,
+                                max_rounds=max_rounds, on_progress=progress)
+    except KeyboardInterrupt:
+        err.print(f"finished prompts are kept; continue with: imgrag batch {escape(str(file))} --ray --resume",
+                  soft_wrap=True)
+        raise
+    return summary, settings

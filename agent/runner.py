@@ -373,22 +373,9 @@ class Runner:
               max_rounds: int | None = None, on_item: Callable[[dict], None] | None = None) -> dict[str, Any]:
         """Run every prompt of a .txt (one a line) or .jsonl file; resumable, one failure never stops the rest."""
         path = Path(path)
-        items = read_prompt_file(path)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
-        root = Path(self.settings.output_dir)
-        # The batch's runs live beside it under names with the same prefix: only a folder with batch.json counts.
-        existing = sorted(p.parent for p in root.glob(f"batch-{path.stem}-{digest}-*/batch.json"))
-        if resume and existing:
-            batch_dir = existing[-1]
-            state = json.loads((batch_dir / "batch.json").read_text(encoding="utf-8"))
-        else:
-            batch_dir = root / f"batch-{path.stem}-{digest}-{time.strftime('%Y%m%d-%H%M%S')}"
-            batch_dir.mkdir(parents=True, exist_ok=True)
-            state = {"file": str(path), "items": [{**item, "index": i, "run_id": None, "status": "pending"}
-                                                  for i, item in enumerate(items)]}
-            write_json_atomic(batch_dir / "batch.json", state)
+        batch_dir, state = open_batch(path, self.settings.output_dir, resume=resume)
         start = time.perf_counter()
-        if resume and existing and (batch_dir / "summary.json").exists() and all(
+        if resume and (batch_dir / "summary.json").exists() and all(
                 item["status"] in FINISHED for item in state["items"]):
             # Nothing left to do: the record of the finished batch stays as it was.
             return json.loads((batch_dir / "summary.json").read_text(encoding="utf-8"))
@@ -400,27 +387,19 @@ class Runner:
                 if item["run_id"] and item["status"] in ("running", "interrupted"):
                     result = self.resume(item["run_id"])
                 else:
-                    attempt = item.get("attempts", 0) + 1  # a failed prompt is retried under a fresh run id
-                    item["attempts"] = attempt
-                    item["run_id"] = f"{batch_dir.name}-{item['index']:03d}" + (f"-r{attempt}" if attempt > 1 else "")
-                    item["status"] = "running"
-                    write_json_atomic(batch_dir / "batch.json", state)
+                    claim_item(batch_dir, state, item)
                     result = self.run(item["prompt"], seed=item.get("seed"),
                                       max_rounds=max_rounds or item.get("max_rounds"), planner=planner,
                                       run_id=item["run_id"])
-                item.update(status=result["status"], final_image=result["final_image"], rounds=result["rounds"],
-                            seconds=result["seconds"], error=None, model_loads=result["model_loads"])
+                settle_item(item, result)
             except KeyboardInterrupt as exc:
                 # Kept as interrupted with its run id: the next --resume continues it from its checkpoint.
                 item.update(status="interrupted", error=None, model_loads=self._loads_since(before))
                 write_json_atomic(batch_dir / "batch.json", state)
                 result = exc.result if isinstance(exc, RunInterrupted) else {"run_id": item["run_id"]}
                 raise RunInterrupted(result, batch_dir=str(batch_dir)) from None
-            except UserError as exc:
-                item.update(status="failed", error=str(exc), model_loads=self._loads_since(before))
             except Exception as exc:  # one broken prompt must not stop the batch; the error is kept
-                item.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                            model_loads=self._loads_since(before))
+                fail_item(item, exc)
             # This prompt's loads (its run's record), not the process's running total; that stays in the summary.
             item.setdefault("model_loads", self._loads_since(before))
             write_json_atomic(batch_dir / "batch.json", state)
@@ -430,6 +409,53 @@ class Runner:
                    "model_loads": self.manager.load_counts(), "seconds": round(time.perf_counter() - start, 3)}
         write_json_atomic(batch_dir / "summary.json", summary)
         return summary
+
+
+# ----- the batch record (batch.json), shared by the in-process batch and the Ray batch (agent/ray_batch.py) -----
+
+
+def open_batch(path: Path, output_dir: str | Path, *, resume: bool) -> tuple[Path, dict[str, Any]]:
+    """The batch folder and its batch.json state: the latest one of this file (same name and content) with
+    ``resume``, else a new one with every prompt pending. Raises UserError for a bad prompt file."""
+    items = read_prompt_file(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    root = Path(output_dir)
+    # The batch's runs live beside it under names with the same prefix: only a folder with batch.json counts.
+    existing = sorted(p.parent for p in root.glob(f"batch-{path.stem}-{digest}-*/batch.json"))
+    if resume and existing:
+        batch_dir = existing[-1]
+        state = json.loads((batch_dir / "batch.json").read_text(encoding="utf-8"))
+    else:
+        batch_dir = root / f"batch-{path.stem}-{digest}-{time.strftime('%Y%m%d-%H%M%S')}"
+        batch_dir.mkdir(parents=True, exist_ok=True)
+        state = {"file": str(path), "items": [{**item, "index": i, "run_id": None, "status": "pending"}
+                                              for i, item in enumerate(items)]}
+        write_json_atomic(batch_dir / "batch.json", state)
+    return batch_dir, state
+
+
+def claim_item(batch_dir: Path, state: dict[str, Any], item: dict[str, Any]) -> str:
+    """Mark an item running under a fresh run id (a retried prompt gets ``-r2``, ``-r3``...), save batch.json,
+    and return the run id."""
+    attempt = item.get("attempts", 0) + 1
+    item["attempts"] = attempt
+    item["run_id"] = f"{batch_dir.name}-{item['index']:03d}" + (f"-r{attempt}" if attempt > 1 else "")
+    item["status"] = "running"
+    write_json_atomic(batch_dir / "batch.json", state)
+    return item["run_id"]
+
+
+def settle_item(item: dict[str, Any], result: dict[str, Any]) -> None:
+    """Copy a finished run's outcome into its batch item."""
+    item.update(status=result["status"], final_image=result["final_image"], rounds=result["rounds"],
+                seconds=result["seconds"], error=None)
+    if "model_loads" in result:  # what this run loaded (its result.json), not the process's running total
+        item["model_loads"] = result["model_loads"]
+
+
+def fail_item(item: dict[str, Any], exc: BaseException) -> None:
+    """Record a prompt that failed: a UserError's line as it is, anything else with its type."""
+    item.update(status="failed", error=str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
 
 
 def read_prompt_file(path: Path) -> list[dict[str, Any]]:
