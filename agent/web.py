@@ -391,7 +391,9 @@ def build_app(web: WebChat) -> Any:
                     log["content"] = "\n".join(lines)
                     yield [history, state, *panel_values(state), gr.update()]
                     continue
-                log["metadata"] = {"title": "steps", "status": "done"}
+                log["metadata"] = {"title": "what the agent did", "status": "done"}
+                if not lines:  # nothing ran (a mistake in the message): only the answer stays
+                    history = [m for m in history if m is not log]
                 if kind == "result":
                     web.write_report(item)
                     history = history + web.result_messages(item)
@@ -487,13 +489,15 @@ def build_app(web: WebChat) -> Any:
         undo_btn.click(guarded(do_undo), [chatbot, page], outputs, **models)
         query.submit(on_search, [query], [found], **models)
 
-        def on_load(history: list, state: dict[str, Any], request: gr.Request) -> list[Any]:
+        def on_load(history: list, state: dict[str, Any], request: Any) -> list[Any]:
             """``/?thread=ID`` opens a saved thread (as ``imgrag chat --thread ID`` does); else the thread list."""
             wanted = (request.query_params.get("thread") or "").strip() if request else ""
             if wanted:
                 return guarded(do_open)(history, state, wanted)
             return [history, state, *panel_values(state), thread_choices(state)]
 
+        # Gradio finds the request by its annotation; postponed annotations would hide gr.Request from it.
+        on_load.__annotations__["request"] = gr.Request
         app.load(on_load, [chatbot, page], outputs, **models)
     return app
 

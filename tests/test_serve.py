@@ -139,6 +139,17 @@ BROWSER_MISSING = (None if CHROMIUM and Path(CHROMEDRIVER).exists() else
                    "chromium-driver)")
 
 
+def status_of(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -197,11 +208,11 @@ def test_the_page_in_a_browser_continues_a_terminal_thread(serve_env: dict[str, 
                               stderr=subprocess.STDOUT)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1500"):
         options.add_argument(arg)
     driver = None
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180
         while True:  # the server is up once its port answers
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -210,7 +221,7 @@ def test_the_page_in_a_browser_continues_a_terminal_thread(serve_env: dict[str, 
                 assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
                 time.sleep(0.5)
         driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-        wait = WebDriverWait(driver, 120)
+        wait = WebDriverWait(driver, 300)  # generous: CI machines may be busy
 
         def text_of(element_id: str) -> str:
             return driver.find_element(By.ID, element_id).text
@@ -233,6 +244,12 @@ def test_the_page_in_a_browser_continues_a_terminal_thread(serve_env: dict[str, 
         driver.save_screenshot(str(tmp_path / "serve.png"))
         page_thread = text_of("thread").split()[1]
         assert page_thread.startswith("chat-") and page_thread != "chat-from-terminal"
+        # The report link works; nothing outside the run folders is served, the thread database included.
+        link = driver.find_element(By.CSS_SELECTOR, "#report a").get_attribute("href")
+        assert status_of(link) == 200 and "report.html" in link
+        home = Path(serve_env["IMGRAG_HOME"])
+        for secret in ("/etc/passwd", home / "threads.sqlite", home / "runs" / ".." / "threads.sqlite"):
+            assert status_of(f"http://127.0.0.1:{port}/gradio_api/file={secret}") == 403
 
         # The terminal's thread continues on the page, from its best picture, with the refined prompt.
         driver.get(f"http://127.0.0.1:{port}/?thread=chat-from")
@@ -247,6 +264,11 @@ def test_the_page_in_a_browser_continues_a_terminal_thread(serve_env: dict[str, 
         wait.until(lambda d: "error: there is no reference 9" in text_of("chat"))
         assert "Traceback" not in driver.page_source
         driver.save_screenshot(str(tmp_path / "serve-terminal-thread.png"))
+    except Exception:
+        if driver is not None:  # what the page showed, for the failure's reader
+            driver.save_screenshot(str(tmp_path / "failure.png"))
+            (tmp_path / "failure.html").write_text(driver.page_source, encoding="utf-8")
+        raise
     finally:
         if driver is not None:
             driver.quit()
