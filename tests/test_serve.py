@@ -4,6 +4,7 @@ chromium-driver) on the tiny profile, continuing a thread that the terminal chat
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -68,7 +69,8 @@ def test_a_thread_busy_in_another_process_is_neither_written_nor_closed(settings
 
 # ----- the page's server side -----
 
-gr = pytest.importorskip("gradio", reason="the web extra is not installed (pip install 'imgrag[web]')")
+needs_gradio = pytest.mark.skipif(importlib.util.find_spec("gradio") is None,
+                                  reason="the web extra is not installed (pip install 'imgrag[web]')")
 
 
 def drain(stream) -> tuple[list[dict], tuple[str, object]]:
@@ -76,6 +78,7 @@ def drain(stream) -> tuple[list[dict], tuple[str, object]]:
     return [item for kind, item in items if kind == "event"], items[-1]
 
 
+@needs_gradio
 def test_a_request_streams_events_and_the_review_is_answered_by_clicks(settings, tmp_path: Path) -> None:
     from agent.web import WebChat, fresh_page
 
@@ -108,6 +111,7 @@ def test_a_request_streams_events_and_the_review_is_answered_by_clicks(settings,
     assert any(isinstance(m["content"], dict) and m["content"]["path"].endswith(".png") for m in history)
 
 
+@needs_gradio
 def test_errors_are_one_line_and_nothing_outside_the_run_folders_is_served(settings, tmp_path: Path) -> None:
     from agent.web import WebChat, error_text, fresh_page
 
@@ -178,6 +182,7 @@ def terminal_chat(env: dict[str, str], *lines: str, thread: str) -> str:
     return done.stdout
 
 
+@needs_gradio
 def test_serve_refuses_a_busy_port_in_one_line_and_warns_off_loopback(serve_env: dict[str, str]) -> None:
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
@@ -192,6 +197,7 @@ def test_serve_refuses_a_busy_port_in_one_line_and_warns_off_loopback(serve_env:
 
 
 @pytest.mark.slow
+@needs_gradio
 @pytest.mark.skipif(BROWSER_MISSING is not None, reason=BROWSER_MISSING or "")
 def test_the_page_in_a_browser_continues_a_terminal_thread(serve_env: dict[str, str], tmp_path: Path) -> None:
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra has it)")
