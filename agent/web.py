@@ -173,14 +173,14 @@ class WebChat:
             score = "" if ref.get("score") is None else f" · score {float(ref['score']):.3f}"
             used = " · used by the best" if best and rid in (best.get("reference_ids") or []) else ""
             view["references"].append((self.thumbnail(ref.get("path")),
-                                       f"#{numbers[rid]} {ref.get('caption') or rid}{score}{used}"))
+                                       f"#{numbers[rid]} {label(rid, ref)}{score}{used}"))
         view["references"] = [r for r in view["references"] if r[0] is not None]
         if best:
             view["best"] = self.picture(best["path"])
         if snapshot.interrupts:
             question = snapshot.interrupts[0].value
             view["review"] = {"proposed": list(question.get("reference_ids") or []),
-                              "choices": [(f"#{numbers[rid]} {ref.get('caption') or rid}", rid)
+                              "choices": [(f"#{numbers[rid]} {label(rid, ref)}", rid)
                                           for rid, ref in references.items()],
                               "ip_scale": question.get("ip_scale")}
         report = Path(values.get("run_dir") or "") / "report.html"
@@ -280,6 +280,11 @@ class WebChat:
         return [s for s in shown if s[0] is not None]
 
 
+def label(reference_id: str, reference: dict[str, Any]) -> str:
+    """What a reference is called on the page: its caption, else its file's name, else its id."""
+    return reference.get("caption") or (Path(reference["path"]).name if reference.get("path") else reference_id)
+
+
 def assistant(content: Any, **extra: Any) -> dict[str, Any]:
     return {"role": "assistant", "content": content, **extra}
 
@@ -339,7 +344,7 @@ def build_app(web: WebChat) -> Any:
                                                    elem_id="review-refs")
                     review_btn = gr.Button("Draw with the checked references", variant="primary",
                                            elem_id="review-go")
-                with gr.Accordion("search the store", open=False):
+                with gr.Accordion("search the store", open=False, elem_id="search-panel"):
                     query = gr.Textbox(placeholder="what to look for", show_label=False, elem_id="search")
                     found = gr.Gallery(label="found (cosine similarity)", columns=4, height=200, interactive=False,
                                        elem_id="found")

@@ -112,6 +112,23 @@ def test_a_request_streams_events_and_the_review_is_answered_by_clicks(settings,
 
 
 @needs_gradio
+def test_stop_ends_the_running_request_and_keeps_the_thread(settings, tmp_path: Path) -> None:
+    from agent.web import WebChat, fresh_page
+
+    web = WebChat(settings, planner="fixed", rounds=3, runner=fake_runner(settings, tmp_path))
+    page = fresh_page(web.rounds)
+    seen = []
+    for kind, item in web.stream(page, lambda session: session.send("a retriever and a cradle")):
+        seen.append((kind, item))
+        if kind == "event" and item["event"] == "tool_end" and item["tool"] == "critique":
+            web.stop()  # the Stop button, pressed while the agent works
+    kind, result = seen[-1]
+    assert kind == "result" and result["stopped"] and result["final_candidate"] == "c0"
+    assert web.running is None and web.thread_view(page)["header"].count("1 request(s)") == 1
+    assert "Stopped: the thread keeps everything" in web.result_messages(result)[0]["content"]
+
+
+@needs_gradio
 def test_errors_are_one_line_and_nothing_outside_the_run_folders_is_served(settings, tmp_path: Path) -> None:
     from agent.web import WebChat, error_text, fresh_page
 
