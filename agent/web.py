@@ -19,6 +19,7 @@ run folders, under ``output_dir``: the only folder Gradio may serve) or, for ref
 from __future__ import annotations
 
 import html
+import inspect
 import os
 import queue
 import threading
@@ -35,10 +36,6 @@ from imgrag.errors import UserError
 THUMB_PX = 256
 WORKING = "working…"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-CSS = """
-#rounds table { font-size: 0.9em; }
-footer { display: none !important; }
-"""
 
 
 class ReviewNeeded(Exception):
@@ -513,10 +510,15 @@ def launch(web: WebChat, host: str = "127.0.0.1", port: int = 7860, block: bool 
     app = build_app(web)
     app.queue(default_concurrency_limit=1)
     db = Path(web.settings.threads_db).resolve()  # never served, even if it sits inside output_dir
+    extra = {}
+    if "_frontend" in inspect.signature(app.launch).parameters:
+        # Gradio's self-check (a HEAD with a 3 s timeout) exists only to demand a share link when localhost
+        # looks unreachable; share links are never made here, and on a busy machine the check fails spuriously.
+        extra["_frontend"] = False
     try:
         app.launch(server_name=host, server_port=port, share=False, show_error=False, inbrowser=False,
                    allowed_paths=[str(web.output_dir)], blocked_paths=[str(db), f"{db}.locks"],
-                   prevent_thread_lock=not block, quiet=True, ssr_mode=False, enable_monitoring=False)
+                   prevent_thread_lock=not block, quiet=True, ssr_mode=False, enable_monitoring=False, **extra)
     except OSError as exc:
         raise UserError(f"cannot serve on {host}:{port}: {exc}") from None
     return app
