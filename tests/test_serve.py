@@ -287,6 +287,12 @@ def test_the_page_in_a_browser_continues_a_terminal_thread(serve_env: dict[str, 
         wait.until(lambda d: "error: there is no reference 9" in text_of("chat"))
         assert "Traceback" not in driver.page_source
         driver.save_screenshot(str(tmp_path / "serve-terminal-thread.png"))
+        # Undo takes the follow-up back (the thread returns to where the terminal's request ended); New thread.
+        driver.find_element(By.ID, "undo").click()
+        wait.until(lambda d: "Undid 'make the cradle wooden'" in text_of("chat"))
+        assert "1 request(s)" in text_of("thread") and "make the cradle wooden" not in text_of("thread")
+        driver.find_element(By.ID, "new").click()
+        wait.until(lambda d: "New thread" in text_of("thread"))
     except Exception:
         if driver is not None:  # what the page showed, for the failure's reader
             driver.save_screenshot(str(tmp_path / "failure.png"))
