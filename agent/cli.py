@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from agent import cli_chat, cli_engine, cli_report, cli_run, cli_serve, cli_store  # noqa: F401  (they register commands)
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes print one line and exit 1; Ctrl-C exits 130."""
     try:
         app(args=argv, prog_name="imgrag")
-    except UserError as exc:
-        err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+    except UserError as exc:  # escaped: a message quoting a path or an extra ('imgrag[web]') keeps its brackets
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")

@@ -27,7 +27,7 @@ def serve(
     """The chat as a web page: candidates with verdicts, references with scores, the best picture, threads.
 
     Threads are those of `imgrag chat` (the same database): a thread started in one continues in the other.
-    Needs the web extra: pip install 'imgrag[web]'. Ctrl-C stops the server.
+    Needs the web extra: pip install 'imgrag\\[web]'. Ctrl-C stops the server.
     """
     from agent.cli_common import settings_from_flags
     from agent.web import LOOPBACK

@@ -199,6 +199,15 @@ def terminal_chat(env: dict[str, str], *lines: str, thread: str) -> str:
     return done.stdout
 
 
+def test_serve_without_the_web_extra_says_how_to_install_it(tmp_path: Path) -> None:
+    code = ("import sys; sys.modules['gradio'] = None; from agent.cli import main; "
+            "main(['serve', '--profile', 'tiny'])")  # None in sys.modules: importing gradio fails, as uninstalled
+    done = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "IMGRAG_HOME": str(tmp_path / "home")})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "error: imgrag serve needs Gradio: pip install 'imgrag[web]'" in done.stderr  # brackets kept
+
+
 @needs_gradio
 def test_serve_refuses_a_busy_port_in_one_line_and_warns_off_loopback(serve_env: dict[str, str]) -> None:
     with socket.socket() as taken:
