@@ -483,8 +483,9 @@ def build_app(web: WebChat) -> Any:
         # One queue of width 1 for everything that touches the models or writes a thread.
         models = {"concurrency_limit": 1, "concurrency_id": "models"}
         for trigger in (send.click, message.submit):
-            trigger(on_send, [message, chatbot, page, rounds, approve], [message, *outputs], **models)
-        review_btn.click(on_review, [review_refs, chatbot, page], outputs, **models)
+            trigger(on_send, [message, chatbot, page, rounds, approve], [message, *outputs], show_progress_on=chatbot,
+                    **models)
+        review_btn.click(on_review, [review_refs, chatbot, page], outputs, show_progress_on=chatbot, **models)
         stop.click(web.stop, None, None, queue=False)
         open_btn.click(guarded(do_open), [chatbot, page, threads], outputs, **models)
         new_btn.click(guarded(do_new), [chatbot, page], outputs, **models)
