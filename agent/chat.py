@@ -39,6 +39,7 @@ from langgraph.types import Command
 import prompts
 from agent.graph import best_candidate, is_stale, outcome
 from agent.runner import PLANNERS, Runner
+from agent.thread_lock import busy_elsewhere, writes_thread
 from imgrag.errors import UserError
 from imgrag.images import IMAGE_SUFFIXES, open_image
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, new_run_id
@@ -475,6 +476,7 @@ class ChatSession:
         self.on_event(event)
 
     # ----- requests -----
+    @writes_thread
     def send(self, text: str) -> dict[str, Any]:
         """One request: the first on a thread starts it, later ones refine it. Returns the runner's result; with
         ``stopped`` when Ctrl-C ended it (the thread keeps everything up to its last checkpoint)."""
@@ -575,6 +577,8 @@ class ChatSession:
             return None
         if snapshot.interrupts and not include_paused:
             return None
+        if not getattr(self, "_writing", False) and busy_elsewhere(self.settings.threads_db, self.thread_id):
+            return None  # its request is running in another process (agent/thread_lock.py), not cut off
         return self.runner.stop(self.thread_id, CUT_OFF)
 
     def pending(self) -> bool:
@@ -582,6 +586,7 @@ class ChatSession:
         snapshot = self.snapshot()
         return bool(snapshot is not None and snapshot.interrupts)
 
+    @writes_thread
     def answer_pending(self) -> dict[str, Any]:
         """Ask the reviewer the question the thread is paused on (a thread resumed in a new process), then go on."""
         snapshot = self.snapshot()
@@ -733,6 +738,7 @@ class ChatSession:
         return best, path
 
     # ----- undo -----
+    @writes_thread
     def undo(self) -> dict[str, Any]:
         """Take back the last request: fork the thread from the checkpoint where the request before it ended (the
         checkpointer's history, followed from the latest checkpoint through its parents). Pictures on disk stay."""

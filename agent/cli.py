@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from agent import cli_chat, cli_engine, cli_report, cli_run, cli_store  # noqa: F401  (they register commands)
+from agent import cli_chat, cli_engine, cli_report, cli_run, cli_serve, cli_store  # noqa: F401  (they register commands)
 from agent.cli_common import (
     ConfigOpt,
     JsonOpt,
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
 
         app(args=expand_ray_flag(sys.argv[1:] if argv is None else argv), prog_name="imgrag")
     except UserError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)  # escaped: keeps 'imgrag[web]'
         sys.exit(1)
     except OSError as exc:
         # A path that cannot be read or written mid-work (a full disk, a folder removed meanwhile): one line

@@ -1,0 +1,50 @@
+"""``imgrag serve``: the chat as a web page (Gradio, the optional ``web`` extra); see ``agent/web.py``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from agent.cli_common import ConfigOpt, ProfileOpt, StoreOpt, app, err, out, prepare_models
+from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, check_planner
+from imgrag.errors import UserError
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to bind. Anything but 127.0.0.1 lets other "
+                                      "machines draw on this one, with no login: a warning is printed.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 7860,
+    planner: PlannerOpt = "agent",
+    max_rounds: MaxRoundsOpt = None,
+    out_dir: OutOpt = None,
+    profile: ProfileOpt = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """The chat as a web page: candidates with verdicts, references with scores, the best picture, threads.
+
+    Threads are those of `imgrag chat` (the same database): a thread started in one continues in the other.
+    Needs the web extra: pip install 'imgrag\\[web]'. Ctrl-C stops the server.
+    """
+    from agent.cli_common import settings_from_flags
+    from agent.web import LOOPBACK
+
+    check_planner(planner)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UserError("imgrag serve needs Gradio: pip install 'imgrag[web]'") from None
+    settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
+    if host not in LOOPBACK:
+        err.print(f"[yellow]warning:[/] serving on {host}: anyone who can reach this address can use the page, "
+                  "draw on this machine and see its runs and store pictures; there is no login.", soft_wrap=True)
+    prepare_models(settings)
+    from agent.web import WebChat, launch
+
+    web = WebChat(settings, planner=planner, rounds=max_rounds)
+    shown = f"[{host}]" if ":" in host else host
+    out.print(f"imgrag serve · profile {settings.profile} · http://{shown}:{port}/ (Ctrl-C stops)", soft_wrap=True)
+    launch(web, host=host, port=port, block=True)
