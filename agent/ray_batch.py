@@ -339,7 +339,8 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
                     item["worker"] = slot.name
                     slot.prompts += 1
                     slot.pid = payload["pid"]
-                    slot.model_loads = result["model_loads"]
+                    # A run's record holds what that run loaded: the worker's own total is their sum.
+                    slot.model_loads = _add(slot.model_loads, result["model_loads"])
                     idle.append(slot)
                     settled.append(item)
                 write_json_atomic(batch_dir / "batch.json", state)

@@ -105,6 +105,7 @@ class Runner:
         b = self.settings.budget
         budget = {"max_rounds": max_rounds or b.max_rounds, "max_tool_calls": b.max_tool_calls,
                   "max_seconds": b.max_seconds}
+        loads_before = self.manager.load_counts()  # the run's own loads include the embedder loaded just below
         census = self._store_census()  # before check_retrieval opens the store (a typo'd path reads as empty)
         retrieval_off = self.check_retrieval()
         state = initial_state(prompt, seed=seed, run_id=run_id, run_dir=str(run_dir), planner=planner, budget=budget,
@@ -117,7 +118,7 @@ class Runner:
             record.append_step({"event": "retrieval_off", "reason": retrieval_off})
             self.on_event({"event": "note", "text": f"retrieval is unavailable ({retrieval_off}); drawing without "
                                                     "references"})
-        return self._drive(state, run_id, record, state)
+        return self._drive(state, run_id, record, state, loads_before)
 
     def _store_census(self) -> tuple[str, int | None] | None:
         """(location, picture count) of the store, the first time a runner asks; None after that, or when the
@@ -276,9 +277,11 @@ class Runner:
         runtime = runtime or Runtime(ToolContext(self.settings, self.manager, RunRecord(self.settings.output_dir)))
         return build_graph(runtime).compile(checkpointer=self.checkpointer)
 
-    def _drive(self, graph_input: Any, run_id: str, record: RunRecord, values: dict[str, Any]) -> dict[str, Any]:
+    def _drive(self, graph_input: Any, run_id: str, record: RunRecord, values: dict[str, Any],
+               loads_before: dict[str, int] | None = None) -> dict[str, Any]:
         """Stream the graph from ``graph_input`` (a state, an update, a Command, or None for the checkpoint) and
-        write result.json; ``values`` is the state the run starts from (for its clock and budget)."""
+        write result.json; ``values`` is the state the run starts from (for its clock and budget);
+        ``loads_before``: the manager's load counts when the run started (default: now)."""
         ctx = ToolContext(self.settings, self.manager, record, on_event=self.on_event,
                           reference_store=self.reference_store)
         runtime = Runtime(ctx, seconds_before=float(values.get("seconds") or 0.0))
@@ -289,7 +292,7 @@ class Runner:
         self.on_event({"event": "run_start", "run_id": run_id, "run_dir": str(record.dir)})
         # model_loads in result.json: what this run loaded, in this process and in the ones before it (a resume).
         earlier = (record.read_result() or {}).get("model_loads") if record.result_path.exists() else None
-        before = self.manager.load_counts()
+        before = loads_before if loads_before is not None else self.manager.load_counts()
         try:
             for _ in graph.stream(graph_input, config, stream_mode="updates"):
                 pass
