@@ -333,9 +333,11 @@ def doctor(
         store_info["size_mb"] = round(_dir_size(path) / 2**20, 2) if path.exists() else 0
     report["store"] = store_info
     report["output_dir"] = settings.output_dir
+    report["problems"] = _problems(report, settings.is_tiny)
+    report["ok"] = not report["problems"]
     if as_json:
         print_json(report)
-        _fail_on_device(report)
+        _fail_on_problems(report)
         return
     title = f"imgrag doctor — profile {report['preset'] or settings.profile}"
     table = Table(title=title, show_header=False)
@@ -377,13 +379,31 @@ def doctor(
     table.add_row("store", f"{escape(settings.store)} ({store_info['kind']}{extra}){state}")
     table.add_row("outputs", escape(settings.output_dir))
     out.print(table)
-    _fail_on_device(report)
+    _fail_on_problems(report)
 
 
-def _fail_on_device(report: dict) -> None:
-    """Doctor exits 1 (after its report) when the profile's device is not on this machine."""
-    if report["device_problem"]:
-        raise UserError(f"{report['device_problem']}; runs with this profile will fail here")
+def _problems(report: dict, is_tiny: bool) -> list[str]:
+    """What would stop a run with this profile here, one short line each: the device, a checkpoint (the tiny
+    kit builds itself, so its absence is none), the LLM server, the Chroma server."""
+    problems = [report["device_problem"]] if report["device_problem"] else []
+    for role, info in report["checkpoints"].items():
+        if not info["ok"] and not (is_tiny and info["status"].startswith("not built yet")):
+            problems.append(f"{role}: {info['status']}")
+        server = info.get("server")
+        if server and not server["ok"]:
+            problems.append(f"{role} server: {server['problem']}")
+    server = report["store"].get("server")
+    if server and not server["ok"]:
+        problems.append(f"store server: {server['problem']}")
+    return problems
+
+
+def _fail_on_problems(report: dict) -> None:
+    """Doctor exits 1 (after its whole report) when a run with this profile would fail here."""
+    problems = report["problems"]
+    if problems:
+        more = f" (and {len(problems) - 1} more above)" if len(problems) > 1 else ""
+        raise UserError(f"{problems[0]}{more}; runs with this profile will fail here")
 
 
 def main(argv: list[str] | None = None) -> None:

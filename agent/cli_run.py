@@ -303,8 +303,13 @@ def batch(
             _interrupted(stop, command, as_json)
     if as_json:
         print_json(summary)
-        return
-    print_batch(summary)
+    else:
+        print_batch(summary)
+    failed = sum(item["status"] == "failed" for item in summary["items"])
+    if failed:  # the record is complete; the exit code tells a script that some prompts have no answer
+        err.print(f"[red]{failed} of {len(summary['items'])} prompt(s) failed[/]; their errors are in the record "
+                  "(--resume runs them again)", soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def print_batch(summary: dict[str, Any], console: Console | None = None) -> None:

@@ -87,7 +87,7 @@ def test_doctor_says_why_cuda_is_absent_and_probes_the_services(capsys, monkeypa
     monkeypatch.setenv("IMGRAG_MODELS_LLM_BACKEND", "openai")
     monkeypatch.setenv("IMGRAG_MODELS_LLM_BASE_URL", f"http://127.0.0.1:{port}/v1")
     code, out, err = run_cli(capsys, "doctor", "--store", f"http://127.0.0.1:{port}", "--json")
-    assert code == 0, err
+    assert code == 1 and err.startswith("error: "), err  # the report first, then one line and exit 1
     report = json.loads(out)
     assert report["cuda"].startswith(("available", "absent: "))
     assert not report["checkpoints"]["llm"]["server"]["ok"]

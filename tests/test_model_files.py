@@ -123,7 +123,7 @@ def test_presets_are_shipped_documented_and_load() -> None:
         assert tomllib.loads(text).get("profile", "default") == "default"
     big, small, cpu = (load_settings(name, check_device=False) for name in PRESETS)
     assert big.device == "cuda" and big.gpu_memory_gb == 0 and big.models.llm == "Qwen/Qwen2.5-7B-Instruct"
-    assert small.device == "cuda" and small.gpu_memory_gb == 18
+    assert small.device == "cuda" and small.gpu_memory_gb == 21
     assert small.models.llm == "Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4"
     assert cpu.device == "cpu" and cpu.resolved_dtype() == "float32" and cpu.generation.width == 512
     for settings in (big, small, cpu):
@@ -349,7 +349,7 @@ def test_doctor_probes_the_llm_server_and_the_chroma_server(capsys, monkeypatch:
         monkeypatch.setenv("IMGRAG_MODELS_LLM", "Qwen/Qwen2.5-7B-Instruct")
         code, out, _ = run_cli(capsys, "doctor", "--profile", "tiny", "--json")
         probe = json.loads(out)["checkpoints"]["llm"]["server"]
-        assert code == 0 and not probe["ok"] and "--enable-auto-tool-choice" in probe["problem"]
+        assert code == 1 and not probe["ok"] and "--enable-auto-tool-choice" in probe["problem"]  # a problem: exit 1
 
         monkeypatch.setenv("IMGRAG_MODELS_LLM", "qwen2.5:7b")
         code, out, _ = run_cli(capsys, "doctor", "--profile", "tiny", "--json")
@@ -370,5 +370,6 @@ def test_doctor_probes_the_llm_server_and_the_chroma_server(capsys, monkeypatch:
     monkeypatch.setenv("IMGRAG_MODELS_LLM_BASE_URL", f"http://127.0.0.1:{port}/v1")
     code, out, _ = run_cli(capsys, "doctor", "--profile", "tiny", "--store", f"http://127.0.0.1:{port}", "--json")
     report = json.loads(out)
-    assert code == 0 and "unreachable" in report["checkpoints"]["llm"]["server"]["problem"]
+    assert code == 1 and "unreachable" in report["checkpoints"]["llm"]["server"]["problem"]
     assert not report["store"]["server"]["ok"] and "unreachable" in report["store"]["server"]["problem"]
+    assert not report["ok"] and len(report["problems"]) == 2  # the LLM server and the store server
