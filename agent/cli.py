@@ -234,7 +234,7 @@ def _http(method: str, url: str, headers: dict, payload: dict | None = None, tim
         return None, f"unreachable ({reason})"
 
 
-def _checkpoint_status(result, is_tiny: bool) -> str:
+def _checkpoint_status(result, is_tiny: bool, profile: str | None = None) -> str:
     """One line for a role: where its checkpoint is and whether every file it needs is there."""
     if result.source == "remote":
         return "remote endpoint"
@@ -248,7 +248,8 @@ def _checkpoint_status(result, is_tiny: bool) -> str:
     if is_tiny and result.missing:
         return "not built yet: `imgrag models build-tiny` (or any --profile tiny command) builds it"
     if result.source == "hub":
-        fetch = f"`imgrag models download --role {result.role}`"
+        # The same --profile as doctor's: without it the download would fetch the default profile's checkpoint.
+        fetch = f"`imgrag models download{f' --profile {profile}' if profile else ''} --role {result.role}`"
         if len(result.missing) == len(result.files):
             return f"not downloaded: {fetch}"
         return f"MISSING {len(result.missing)} of {len(result.files)} files: {fetch}"
@@ -311,7 +312,7 @@ def doctor(
         report["ram_gb"] = None
     roles = check_roles(settings)
     report["checkpoints"] = {
-        r.role: {"ref": r.ref, "status": _checkpoint_status(r, settings.is_tiny), "ok": r.ok,
+        r.role: {"ref": r.ref, "status": _checkpoint_status(r, settings.is_tiny, profile), "ok": r.ok,
                  "missing": [f.path for f in r.missing], "files": len(r.files), "problems": r.problems,
                  "notes": r.notes}
         for r in roles

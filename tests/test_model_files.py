@@ -235,7 +235,7 @@ def test_download_fetches_the_patterns_and_doctor_then_sees_every_file(
     assert not report["checkpoints"]["ip_adapter"]["ok"]
     assert "not IP-Adapter weights" in report["checkpoints"]["ip_adapter"]["problems"][0]
     judge = report["checkpoints"]["judge"]
-    assert judge["status"] == "not downloaded: `imgrag models download --role judge`"
+    assert judge["status"] == "not downloaded: `imgrag models download --profile gpu-24gb --role judge`"
     assert "model-00002-of-00002.safetensors" in judge["missing"]
     assert report["disk"]["still_needed_bytes"] > 20e9 and report["disk"]["free_bytes"] > 0
 
