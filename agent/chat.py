@@ -727,7 +727,9 @@ class ChatSession:
             raise UserError(f"{path}: unknown picture format {path.suffix!r} (use .png, .jpg or .webp)")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            open_image(best["path"]).save(path)
+            from imgrag.provenance import copy_with_provenance  # issue 18: the copy keeps how it was made
+
+            copy_with_provenance(best["path"], path)
         except OSError as exc:
             raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
         return best, path

@@ -22,6 +22,7 @@ from imgrag.checkpoints import first_line
 from imgrag.engine import ManagedEmbedder
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
+from imgrag.provenance import for_drawing
 from tools.context import ToolContext
 
 MAX_REFERENCES_PER_DRAWING = 4
@@ -158,7 +159,9 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seed: int, 
         prompt, seed=seed, references=images or None, ip_scale=ip_scale, on_step=on_step, **limit))
     clip_score = ctx.manager.run("embedder", lambda embedder: float(
         (embedder.embed_images([image]) @ embedder.embed_texts([state["prompt"]]).T)[0, 0]))
-    path = ctx.record.save_candidate(candidate_id, image)
+    provenance = for_drawing(ctx.settings, prompt=prompt, seed=seed, references=references, ip_scale=ip_scale,
+                             run_id=ctx.record.dir.name, candidate_id=candidate_id)  # issue 18: provenance hook
+    path = ctx.record.save_candidate(candidate_id, image, provenance)
     return {"id": candidate_id, "path": str(path), "prompt": prompt, "seed": seed,
             "reference_ids": [ref["id"] for ref in references], "ip_scale": ip_scale if references else None,
             "round": round_no, "clip_score": round(clip_score, 4), "verdict": None}
