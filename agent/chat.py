@@ -484,6 +484,10 @@ class ChatSession:
         self.cancelled.clear()
         try:
             with _ctrl_c_sets(self.cancelled):
+                from agent.chat_photos import parse_use_photo, use_photo  # issue 18: "use photo N as the answer"
+
+                if self.values() and (photo := parse_use_photo(text)) is not None:
+                    return use_photo(self, photo)
                 result = self._follow_up(text) if self.values() else self._start(text)
                 return self._settle(result)
         except (KeyboardInterrupt, RequestCancelled):

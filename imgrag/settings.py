@@ -135,6 +135,10 @@ class RetrievalSettings:
     # ImageRAG's caption step (imgrag/concepts.py): the LLM turns each missing concept into a descriptive retrieval
     # caption before the fixed planner retrieves. Off by default, so the fixed planner stays LLM-free (24 GB cards).
     rewrite_queries: bool = False
+    # TIGeR's choice (tools/retrieved_tools.py): the store's best matches for the whole prompt become candidates the
+    # judge critiques, and a matched photo may be the run's answer. Off by default: a run draws (--allow-retrieved).
+    allow_retrieved: bool = False
+    photo_candidates: Annotated[int, Field(ge=1, le=8)] = 2  # how many of the best matches are considered
 
 
 @dataclass

@@ -31,7 +31,7 @@ def redraw_final_full(ctx: ToolContext, state: dict[str, Any]) -> dict[str, Any]
     if g.fast == "off" or not g.fast_final_redraw or state.get("status") != "matched":
         return None
     candidate = (state.get("candidates") or {}).get(state.get("final_candidate") or "")
-    if candidate is None:
+    if candidate is None or candidate.get("source") == "retrieved":  # a photo of the collection: nothing to redraw
         return None
     known = state.get("references") or {}
     args = {"candidate_id": candidate["id"], "seed": candidate["seed"], "steps": g.steps,
