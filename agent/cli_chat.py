@@ -21,6 +21,7 @@ from rich.table import Table
 
 from agent.cli_common import ConfigOpt, FastOpt, ProfileOpt, StoreOpt, app, err, out, prepare_models
 from agent.cli_run import (
+    AllowFlaggedOpt,
     AllowRetrievedOpt,
     MaxRoundsOpt,
     OutOpt,
@@ -368,6 +369,7 @@ def chat(
     out_dir: OutOpt = None,
     fast: FastOpt = None,
     allow_retrieved: AllowRetrievedOpt = None,
+    allow_flagged: AllowFlaggedOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -381,6 +383,6 @@ def chat(
 
     check_planner(planner)
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
-                                   **{"generation.fast": fast, **gate_flags(allow_retrieved)})
+                                   **{"generation.fast": fast, **gate_flags(allow_retrieved, allow_flagged)})
     prepare_models(settings)
     ChatRepl(settings, planner, max_rounds).run(thread)

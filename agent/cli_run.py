@@ -39,9 +39,15 @@ AllowRetrievedOpt = Annotated[bool | None, typer.Option(
          "(default: retrieval.allow_retrieved, off).")]
 
 
-def gate_flags(allow_retrieved: bool | None) -> dict[str, Any]:
+AllowFlaggedOpt = Annotated[bool | None, typer.Option(
+    "--allow-flagged/--no-allow-flagged",
+    help="Let a drawing the safety gate flagged be the answer (default: safety.allow_flagged, off; flagged "
+         "drawings are always kept on disk).")]
+
+
+def gate_flags(allow_retrieved: bool | None, allow_flagged: bool | None = None) -> dict[str, Any]:
     """The settings overrides of the answer-gate flags (None: not given)."""
-    return {"retrieval.allow_retrieved": allow_retrieved}
+    return {"retrieval.allow_retrieved": allow_retrieved, "safety.allow_flagged": allow_flagged}
 
 
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Directory for run folders (default: output_dir).")]
@@ -227,6 +233,7 @@ def run(
     ] = None,
     fast: FastOpt = None,
     allow_retrieved: AllowRetrievedOpt = None,
+    allow_flagged: AllowFlaggedOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -250,7 +257,7 @@ def run(
     try:
         with ProgressPrinter() as progress:
             runner, settings = _make_runner(profile, config, store, out_dir, progress, fast,
-                                            gate_flags(allow_retrieved))
+                                            gate_flags(allow_retrieved, allow_flagged))
             if resume:
                 result = runner.resume(resume)
             else:
@@ -278,6 +285,7 @@ def batch(
     out_dir: OutOpt = None,
     fast: FastOpt = None,
     allow_retrieved: AllowRetrievedOpt = None,
+    allow_flagged: AllowFlaggedOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -298,7 +306,8 @@ def batch(
     items = read_prompt_file(file)  # a bad file fails before any model loads
     if ray_address is not None:
         summary, settings = _ray_batch(file, len(items), ray_address, workers, resume, planner, max_rounds,
-                                       profile, config, store, out_dir, fast, gate_flags(allow_retrieved))
+                                       profile, config, store, out_dir, fast,
+                                       gate_flags(allow_retrieved, allow_flagged))
     else:
         if workers is not None:
             from imgrag.errors import UserError
@@ -309,7 +318,7 @@ def batch(
         try:
             with ProgressPrinter() as progress:
                 runner, settings = _make_runner(profile, config, store, out_dir, progress, fast,
-                                                gate_flags(allow_retrieved))
+                                                gate_flags(allow_retrieved, allow_flagged))
                 summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
                                        on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
         except RunInterrupted as stop:

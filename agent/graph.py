@@ -61,7 +61,8 @@ def is_stale(candidate: dict[str, Any]) -> bool:
 def best_candidate(state: dict[str, Any]) -> dict[str, Any] | None:
     """The run's answer: the candidate named by finish, else a judge match, else the best CLIP score.
     Candidates judged only against an earlier prompt of a chat thread come last."""
-    candidates = state.get("candidates") or {}
+    # issue 18: a drawing the safety gate blocked is never the answer (it stays on disk and in the record)
+    candidates = {cid: c for cid, c in (state.get("candidates") or {}).items() if not c.get("answer_blocked")}
     finished = state.get("finished")
     if finished and finished.get("candidate_id") in candidates:
         return candidates[finished["candidate_id"]]
@@ -110,7 +111,7 @@ def stop_reason(state: dict[str, Any], elapsed: float) -> str | None:
     if state.get("finished"):
         return "finished"
     latest = latest_candidate(state)
-    if latest and (latest.get("verdict") or {}).get("match"):
+    if latest and (latest.get("verdict") or {}).get("match") and answer_rank(latest):  # issue 18: not a blocked one
         return "matched"
     budget = state["budget"]
     if state.get("tool_calls", 0) >= budget["max_tool_calls"]:

@@ -19,11 +19,19 @@ def is_photo(candidate: dict[str, Any]) -> bool:
 
 
 def drawings_only(state: dict[str, Any]) -> dict[str, Any]:
-    """The state with its retrieved photos set aside: what the drawing policy reads."""
+    """What the drawing policy reads: the state with its retrieved photos set aside, and a drawing the safety gate
+    blocked as an answer shown as not matched (so the policy draws again rather than finishing with it)."""
     candidates = state.get("candidates") or {}
-    if not any(is_photo(c) for c in candidates.values()):
+    if not any(is_photo(c) or c.get("answer_blocked") for c in candidates.values()):
         return state
-    return {**state, "candidates": {cid: c for cid, c in candidates.items() if not is_photo(c)}}
+    shown = {}
+    for cid, c in candidates.items():
+        if is_photo(c):
+            continue
+        if c.get("answer_blocked") and c.get("verdict"):
+            c = {**c, "verdict": {**c["verdict"], "match": False}}
+        shown[cid] = c
+    return {**state, "candidates": shown}
 
 
 def _considered(state: dict[str, Any]) -> bool:
@@ -56,5 +64,8 @@ def photo_step(state: dict[str, Any], allowed: bool) -> tuple[str, dict[str, Any
 
 def answer_rank(candidate: dict[str, Any]) -> bool:
     """False for a candidate that must not be a run's answer unless nothing else exists: a photo the judge did
-    not match (a run answers with a photo only when it shows the prompt). The first key of the answer's rank."""
+    not match (a run answers with a photo only when it shows the prompt), or a drawing the safety gate flagged
+    (``answer_blocked``, unless ``safety.allow_flagged``). The first key of the answer's rank."""
+    if candidate.get("answer_blocked"):
+        return False
     return not is_photo(candidate) or bool((candidate.get("verdict") or {}).get("match"))

@@ -141,6 +141,26 @@ class RetrievalSettings:
     photo_candidates: Annotated[int, Field(ge=1, le=8)] = 2  # how many of the best matches are considered
 
 
+# What the safety gate (imgrag/safety.py) checks for by default: written as CLIP captions.
+DEFAULT_UNSAFE_CONCEPTS = ("nudity", "sexual content", "graphic violence and gore", "a dead body", "self-harm",
+                           "a hate symbol", "a passport or identity card", "a credit card")
+
+
+@dataclass
+class SafetySettings:
+    """The safety gate (imgrag/safety.py): zero-shot CLIP check of references and outputs; excluded folders."""
+
+    # Off by default: the threshold must suit your CLIP model (imgrag/safety.py says how to check it). Excluded
+    # folders and globs apply whether it is on or not.
+    enabled: bool = False
+    concepts: list[str] = field(default_factory=lambda: list(DEFAULT_UNSAFE_CONCEPTS))
+    # Flagged when cosine(image, concept text) >= threshold; see imgrag/safety.py for how it was chosen.
+    threshold: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.26
+    exclude: list[str] = field(default_factory=list)  # folders and globs never retrieved from
+    skip_flagged_at_index: bool = False  # `imgrag index` leaves flagged pictures out of the store
+    allow_flagged: bool = False  # a flagged output may be the answer (--allow-flagged)
+
+
 @dataclass
 class Settings:
     profile: str = "default"
@@ -163,6 +183,7 @@ class Settings:
     llm: LLMSettings = field(default_factory=LLMSettings)
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
+    safety: SafetySettings = field(default_factory=SafetySettings)
 
     @field_validator("device")
     @classmethod
@@ -197,7 +218,7 @@ class Settings:
 
 _SECTION_CLASSES = {
     "models": ModelSettings, "generation": GenerationSettings, "judge": JudgeSettings,
-    "llm": LLMSettings, "budget": BudgetSettings, "retrieval": RetrievalSettings,
+    "llm": LLMSettings, "budget": BudgetSettings, "retrieval": RetrievalSettings, "safety": SafetySettings,
 }
 PROFILES = ("default", "tiny")
 # Built-in presets: documented TOML files shipped in the package, named by their stem (gpu-80gb, gpu-24gb, cpu).

@@ -23,6 +23,7 @@ from langgraph.types import Command
 from imgrag.engine import ManagedEmbedder
 from tools.context import ToolContext
 from tools.image_tools import ToolArgumentError, _run
+from tools.safety_gate import screen_references
 
 RETRIEVED_TOOL_NAMES = ("consider_photos",)
 SOURCE_RETRIEVED = "retrieved"
@@ -63,6 +64,7 @@ def make_retrieved_tools(ctx: ToolContext) -> list[BaseTool]:
             found = [] if store.count() == 0 else store.search_text(
                 embedder, state["prompt"], k=ctx.settings.retrieval.photo_candidates)
             found = [ref for ref in found if ref.score >= ctx.settings.retrieval.min_score]
+            found = screen_references(ctx, store, embedder, found, "consider_photos")
             candidates, references = {}, {}
             for ref in found:
                 cid = ctx.allocate_candidate_id({**(state.get("candidates") or {}), **candidates})
