@@ -188,6 +188,9 @@ def search(
             results = ref_store.search_image(embedder, query_image, k)
         else:
             results = ref_store.search_text(embedder, text or "", k)
+        from imgrag.safety import excluded_by  # issue 18: safety.exclude holds for every retrieval
+
+        results = [r for r in results if excluded_by(r.path, settings.safety.exclude) is None]
 
     if as_json:
         print_json({"results": [{"id": r.id, "path": r.path, "score": round(r.score, 6)} for r in results]})

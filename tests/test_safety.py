@@ -243,3 +243,24 @@ def test_a_flagged_photo_is_never_a_candidate_answer(tmp_path: Path) -> None:
     assert [c["reference_id"] for c in photos] == ["ref-kettle"]
     assert any(s.get("event") == "safety" and s["tool"] == "consider_photos" for s in trace(result))
     assert result["final_source"] == "retrieved" and models["generator"].calls == []
+
+
+def test_search_never_lists_an_excluded_folder(tiny_settings, tmp_path: Path, capsys) -> None:
+    from tests.cli import run_cli
+
+    for name in ("open", "private"):
+        folder = tmp_path / name
+        folder.mkdir()
+        rng = np.random.default_rng(len(name))
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{name}{i}.png")
+    code, _, err = run_cli(capsys, "index", str(tmp_path / "open"), str(tmp_path / "private"), "--profile", "tiny",
+                           "--json")
+    assert code == 0, err
+    config = tmp_path / "safe.toml"
+    config.write_text(f'[safety]\nexclude = ["{tmp_path / "private"}"]\n', encoding="utf-8")
+    code, out, err = run_cli(capsys, "search", "anything", "-k", "4", "--profile", "tiny", "--config", str(config),
+                             "--json")
+    assert code == 0, err
+    paths = [r["path"] for r in json.loads(out)["results"]]
+    assert paths and all("/open/" in p for p in paths)
