@@ -264,3 +264,31 @@ def test_search_never_lists_an_excluded_folder(tiny_settings, tmp_path: Path, ca
     assert code == 0, err
     paths = [r["path"] for r in json.loads(out)["results"]]
     assert paths and all("/open/" in p for p in paths)
+
+
+def test_a_real_run_with_everything_flagged(tiny_settings, tmp_path: Path, capsys) -> None:
+    """The real store's embeddings and the real CLIP wrapper: at threshold -1 every picture crosses it."""
+    from tests.cli import run_cli
+
+    folder = tmp_path / "refs"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"r{i}.png")
+    code, _, err = run_cli(capsys, "index", str(folder), "--profile", "tiny", "--json")
+    assert code == 0, err
+    config = tmp_path / "strict.toml"
+    config.write_text("[safety]\nenabled = true\nthreshold = -1.0\n", encoding="utf-8")
+    common = ("--profile", "tiny", "--config", str(config), "--planner", "fixed", "--max-rounds", "2", "--json")
+    code, out, err = run_cli(capsys, "run", "a wooden cradle", *common)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["final_image"] is None and result["status"] == "failed" and result["references"] == {}
+    assert all(c["answer_blocked"] and Path(c["path"]).is_file() for c in result["candidates"])
+    dropped = [s for s in trace(result) if s.get("event") == "safety"]
+    assert dropped and all(Path(s["path"]).parent == folder for s in dropped)
+
+    code, out, err = run_cli(capsys, "run", "a wooden cradle", *common, "--allow-flagged")
+    assert code == 0, err
+    result = json.loads(out)
+    assert Path(result["final_image"]).is_file() and result["candidates"][0]["flagged"]
