@@ -486,6 +486,10 @@ class ChatSession:
         self.cancelled.clear()
         try:
             with _ctrl_c_sets(self.cancelled):
+                from agent.chat_photos import parse_use_photo, use_photo  # issue 18: "use photo N as the answer"
+
+                if self.values() and (photo := parse_use_photo(text)) is not None:
+                    return use_photo(self, photo)
                 result = self._follow_up(text) if self.values() else self._start(text)
                 return self._settle(result)
         except (KeyboardInterrupt, RequestCancelled):
@@ -732,7 +736,9 @@ class ChatSession:
             raise UserError(f"{path}: unknown picture format {path.suffix!r} (use .png, .jpg or .webp)")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            open_image(best["path"]).save(path)
+            from imgrag.provenance import copy_with_provenance  # issue 18: the copy keeps how it was made
+
+            copy_with_provenance(best["path"], path)
         except OSError as exc:
             raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
         return best, path

@@ -20,7 +20,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from agent.cli_common import ConfigOpt, FastOpt, ProfileOpt, StoreOpt, app, err, out, prepare_models
-from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, StatusText, check_planner, print_store, print_tool_line
+from agent.cli_run import (
+    AllowFlaggedOpt,
+    AllowRetrievedOpt,
+    MaxRoundsOpt,
+    OutOpt,
+    PlannerOpt,
+    StatusText,
+    check_planner,
+    gate_flags,
+    print_store,
+    print_tool_line,
+)
 from imgrag.errors import UserError
 
 PROMPT = "imgrag> "
@@ -357,6 +368,8 @@ def chat(
     max_rounds: MaxRoundsOpt = None,
     out_dir: OutOpt = None,
     fast: FastOpt = None,
+    allow_retrieved: AllowRetrievedOpt = None,
+    allow_flagged: AllowFlaggedOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -370,6 +383,6 @@ def chat(
 
     check_planner(planner)
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
-                                   **{"generation.fast": fast})
+                                   **{"generation.fast": fast, **gate_flags(allow_retrieved, allow_flagged)})
     prepare_models(settings)
     ChatRepl(settings, planner, max_rounds).run(thread)

@@ -31,7 +31,7 @@ from agent.cli_common import (
 )
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
-from imgrag.runs import atomic_path, ensure_writable_file
+from imgrag.runs import ensure_writable_file
 
 # Formats Pillow writes from the file name alone.
 OUTPUT_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -47,16 +47,15 @@ def parse_size(text: str | None) -> tuple[int | None, int | None]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _save_atomically(image: Any, path: Path) -> None:
-    """Write next to the target and rename, so a crash never leaves half a picture under the name."""
-    with atomic_path(path) as tmp:
-        image.save(tmp)
-
-
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="What to draw.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the picture (.png, .jpg, .webp).")],
+    prompt: Annotated[str | None, typer.Argument(help="What to draw (omit with --from-image).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Where to write the picture (.png, .jpg, .webp).")] = None,
+    from_image: Annotated[Path | None, typer.Option(
+        "--from-image", metavar="PICTURE",
+        help="Redraw from the provenance a picture imgrag wrote carries (prompt, seed, steps, size, references); "
+             "flags given beside it override those values.")] = None,
     ref: Annotated[list[Path] | None, typer.Option(
         "--ref", metavar="PATH",
         help="A reference image to guide the drawing through IP-Adapter; repeat for several.")] = None,
@@ -76,8 +75,17 @@ def generate(
     """Draw one picture with SDXL; with --ref, guided by reference images (IP-Adapter)."""
     from imgrag.fast import draw_plan
     from imgrag.generator import validate_request
+    from imgrag.provenance import for_drawing, save_image
 
+    if output is None:
+        raise UserError("give the output picture: -o OUT.png")
     width, height = parse_size(size)
+    guidance: float | None = None
+    if from_image is not None:  # the picture's own provenance fills every value no flag gives
+        prompt, ref, seed, steps, guidance, fast, ip_scale, width, height = _from_provenance(
+            from_image, prompt, ref, seed, steps, fast, ip_scale, width, height)
+    if prompt is None:
+        raise UserError("say what to draw: imgrag generate PROMPT -o OUT.png (or --from-image PICTURE)")
     if seed is not None:
         check_seed(seed, "--seed")
     settings = settings_from_flags(profile, config, **{
@@ -86,6 +94,7 @@ def generate(
     g = settings.generation
     plan = draw_plan(g)  # a fast method brings its own steps and guidance; --steps still wins
     n_steps = plan.steps if steps is None else steps
+    guidance = plan.guidance if guidance is None else guidance
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UserError(f"{output}: the output must end in one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
     ensure_writable_file(output, "output")  # before any model loads, not after the drawing
@@ -101,16 +110,18 @@ def generate(
     try:
         image = manager.run("generator", lambda generator: generator.generate(
             prompt, seed=g.seed, references=references or None, ip_scale=g.ip_scale, width=g.width,
-            height=g.height, steps=n_steps, guidance=plan.guidance, on_step=bar, fast=plan.mode))
+            height=g.height, steps=n_steps, guidance=guidance, on_step=bar, fast=plan.mode))
     finally:
         bar.close()
-    _save_atomically(image, output)
+    save_image(image, output, for_drawing(  # provenance in the picture, in the same atomic write
+        settings, prompt=prompt, seed=g.seed, references=[{"path": p} for p in ref or []], ip_scale=g.ip_scale,
+        steps=n_steps, guidance=guidance, fast=plan.mode))
     seconds = round(time.perf_counter() - start, 3)
     result: dict[str, Any] = {
         "output": str(output), "prompt": prompt, "seed": g.seed, "steps": n_steps, "width": g.width,
-        "height": g.height, "guidance": plan.guidance, "fast": plan.mode, "references": [str(p) for p in ref or []],
+        "height": g.height, "guidance": guidance, "fast": plan.mode, "references": [str(p) for p in ref or []],
         "ip_scale": g.ip_scale if references else None, "seconds": seconds, "model_loads": manager.load_counts(),
-        "profile": settings.profile,
+        "profile": settings.profile, "from_image": str(from_image) if from_image else None,
     }
     if settings.is_tiny:
         result["warning"] = TINY_WARNING
@@ -121,6 +132,36 @@ def generate(
     fast_note = f", {plan.mode}" if plan.mode != "off" else ""
     out.print(f"wrote {output} ({g.width}x{g.height}, {n_steps} steps{fast_note}, seed {g.seed}{guided}) "
               f"in {seconds} s", markup=False)
+
+
+def _from_provenance(picture: Path, prompt: str | None, ref: list[Path] | None, seed: int | None,
+                     steps: int | None, fast: str | None, ip_scale: float | None, width: int | None,
+                     height: int | None) -> tuple:
+    """The drawing values of ``picture``'s provenance, each replaced by the flag the user gave for it.
+
+    Raises a one-line UserError when the picture carries no imgrag provenance, or a reference it names has
+    vanished or changed since (its sha256 differs): a redraw from other references is not the same picture."""
+    from imgrag.provenance import file_sha256, read_provenance
+
+    doc = read_provenance(picture)
+    if doc is None:
+        raise UserError(f"{picture}: carries no imgrag provenance (not drawn by imgrag, or its metadata was "
+                        "stripped); give the prompt and settings instead")
+    if ref is None:
+        ref = []
+        for entry in doc.get("references") or []:
+            path = Path(entry["path"])
+            if not path.exists():
+                raise UserError(f"{picture}: its reference {path} no longer exists; pass --ref to replace it")
+            if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
+                raise UserError(f"{picture}: its reference {path} has changed since (sha256 differs); "
+                                "pass --ref to use it anyway")
+            ref.append(path)
+    return (doc["prompt"] if prompt is None else prompt, ref,
+            doc.get("seed") if seed is None else seed, doc.get("steps") if steps is None else steps,
+            doc.get("guidance") if fast is None else None, doc.get("fast") if fast is None else fast,
+            doc.get("ip_scale") if ip_scale is None else ip_scale,
+            doc.get("width") if width is None else width, doc.get("height") if height is None else height)
 
 
 @app.command()

@@ -32,6 +32,24 @@ PlannerOpt = Annotated[
 MaxRoundsOpt = Annotated[
     int | None, typer.Option("--max-rounds", min=1, help="Pictures the run may draw (default: budget.max_rounds).")
 ]
+# Issue 18: what a run may answer with (settings retrieval.allow_retrieved and safety.allow_flagged).
+AllowRetrievedOpt = Annotated[bool | None, typer.Option(
+    "--allow-retrieved/--no-allow-retrieved",
+    help="Let a photo of your collection that shows the whole prompt be the answer instead of a drawing "
+         "(default: retrieval.allow_retrieved, off).")]
+
+
+AllowFlaggedOpt = Annotated[bool | None, typer.Option(
+    "--allow-flagged/--no-allow-flagged",
+    help="Let a drawing the safety gate flagged be the answer (default: safety.allow_flagged, off; flagged "
+         "drawings are always kept on disk).")]
+
+
+def gate_flags(allow_retrieved: bool | None, allow_flagged: bool | None = None) -> dict[str, Any]:
+    """The settings overrides of the answer-gate flags (None: not given)."""
+    return {"retrieval.allow_retrieved": allow_retrieved, "safety.allow_flagged": allow_flagged}
+
+
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Directory for run folders (default: output_dir).")]
 
 
@@ -193,9 +211,9 @@ def _interrupted(stop: Any, command: list[str], as_json: bool) -> None:
     os._exit(130)
 
 
-def _make_runner(profile, config, store, out_dir, on_event, fast=None):
+def _make_runner(profile, config, store, out_dir, on_event, fast=None, gates=None):
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
-                                   **{"generation.fast": fast})
+                                   **{"generation.fast": fast, **(gates or {})})
     check_outputs(settings)
     prepare_models(settings)
     from agent.runner import Runner
@@ -214,6 +232,8 @@ def run(
         str | None, typer.Option("--resume", help="Continue a killed run by its thread (run) id.")
     ] = None,
     fast: FastOpt = None,
+    allow_retrieved: AllowRetrievedOpt = None,
+    allow_flagged: AllowFlaggedOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -236,7 +256,8 @@ def run(
 
     try:
         with ProgressPrinter() as progress:
-            runner, settings = _make_runner(profile, config, store, out_dir, progress, fast)
+            runner, settings = _make_runner(profile, config, store, out_dir, progress, fast,
+                                            gate_flags(allow_retrieved, allow_flagged))
             if resume:
                 result = runner.resume(resume)
             else:
@@ -263,6 +284,8 @@ def batch(
     planner: PlannerOpt = "agent",
     out_dir: OutOpt = None,
     fast: FastOpt = None,
+    allow_retrieved: AllowRetrievedOpt = None,
+    allow_flagged: AllowFlaggedOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -283,7 +306,8 @@ def batch(
     items = read_prompt_file(file)  # a bad file fails before any model loads
     if ray_address is not None:
         summary, settings = _ray_batch(file, len(items), ray_address, workers, resume, planner, max_rounds,
-                                       profile, config, store, out_dir, fast)
+                                       profile, config, store, out_dir, fast,
+                                       gate_flags(allow_retrieved, allow_flagged))
     else:
         if workers is not None:
             from imgrag.errors import UserError
@@ -293,7 +317,8 @@ def batch(
 
         try:
             with ProgressPrinter() as progress:
-                runner, settings = _make_runner(profile, config, store, out_dir, progress, fast)
+                runner, settings = _make_runner(profile, config, store, out_dir, progress, fast,
+                                                gate_flags(allow_retrieved, allow_flagged))
                 summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
                                        on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
         except RunInterrupted as stop:
@@ -327,12 +352,13 @@ def print_batch(summary: dict[str, Any], console: Console | None = None) -> None
     console.print(f"model loads: {summary['model_loads']}", soft_wrap=True)
 
 
-def _ray_batch(file, total, address, workers, resume, planner, max_rounds, profile, config, store, out_dir, fast):
+def _ray_batch(file, total, address, workers, resume, planner, max_rounds, profile, config, store, out_dir, fast,
+               gates=None):
     """``batch --ray``: settings and shared services checked, then the prompts spread over Ray workers."""
     from agent.ray_batch import RayProgress, check_shared_services, run_batch
 
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
-                                   **{"generation.fast": fast})
+                                   **{"generation.fast": fast, **(gates or {})})
     check_outputs(settings)
     check_shared_services(settings)  # before the tiny kit is built or a cluster starts
     prepare_models(settings)

@@ -85,6 +85,9 @@ def index(
                                                 show_default=False, metavar="PATH")],
     prune: Annotated[bool, typer.Option("--prune", help="Forget pictures under PATHs whose files are gone.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pictures embedded and written per batch.")] = 32,
+    skip_flagged: Annotated[bool | None, typer.Option(
+        "--skip-flagged/--keep-flagged", help="Leave pictures the safety gate flags out of the store "
+        "(default: safety.skip_flagged_at_index, off).")] = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -101,7 +104,7 @@ def index(
     for path in paths:
         if not path.expanduser().exists() and not prune:
             raise UserError(f"{path}: no such file or folder")
-    settings = settings_from_flags(profile, config, store=store)
+    settings = settings_from_flags(profile, config, store=store, **{"safety.skip_flagged_at_index": skip_flagged})
     from imgrag.store import ReferenceStore, is_server_uri
 
     if not is_server_uri(settings.store):
@@ -114,8 +117,11 @@ def index(
     try:
         with _embedder(settings) as embedder:
             ref_store = ReferenceStore.open(settings, embedder.model_id, embedder.dim, for_writing=True)
+            from imgrag.safety import index_screen  # issue 18: --skip-flagged
+
             summary = ref_store.index(paths, embedder, prune=prune, progress=progress, batch_size=batch_size,
-                                      on_wait=lambda msg: err.print(f"[yellow]{escape(msg)}[/]", soft_wrap=True))
+                                      on_wait=lambda msg: err.print(f"[yellow]{escape(msg)}[/]", soft_wrap=True),
+                                      screen=index_screen(settings.safety, embedder))
     finally:
         progress.close()
 
@@ -182,6 +188,9 @@ def search(
             results = ref_store.search_image(embedder, query_image, k)
         else:
             results = ref_store.search_text(embedder, text or "", k)
+        from imgrag.safety import excluded_by  # issue 18: safety.exclude holds for every retrieval
+
+        results = [r for r in results if excluded_by(r.path, settings.safety.exclude) is None]
 
     if as_json:
         print_json({"results": [{"id": r.id, "path": r.path, "score": round(r.score, 6)} for r in results]})

@@ -202,7 +202,10 @@ class Evaluation:
         image = self.manager.run("generator", lambda generator: generator.generate(prompt, seed=seed))
         out["seconds_generate"] = round(time.perf_counter() - start, 3)
         path = eval_dir / "plain" / f"{index:03d}.png"
-        image.save(path)
+        from imgrag.provenance import for_drawing, save_image  # issue 18: every written picture says how
+
+        save_image(image, path, for_drawing(self.settings, prompt=prompt, seed=seed, references=None, ip_scale=None,
+                                            run_id=eval_dir.name, candidate_id=f"plain-{index:03d}"))
         out["image"] = str(path)
         start = time.perf_counter()
         verdict = self.manager.run("judge", lambda judge: judge.judge(image, prompt).to_dict())

@@ -25,11 +25,13 @@ from langgraph.types import interrupt
 
 import prompts
 from agent.policy import latest_candidate, next_step
+from agent.retrieve_or_generate import answer_rank, drawings_only, photo_step
 from agent.state import AgentState
 from imgrag.chat_model import QwenChatModel, content_text, read_reply
 from imgrag.checkpoints import first_line
 from tools.context import ToolContext
 from tools.image_tools import TOOL_NAMES, checkpoint_safe, make_tools
+from tools.retrieved_tools import make_retrieved_tools
 
 
 @dataclass
@@ -59,14 +61,16 @@ def is_stale(candidate: dict[str, Any]) -> bool:
 def best_candidate(state: dict[str, Any]) -> dict[str, Any] | None:
     """The run's answer: the candidate named by finish, else a judge match, else the best CLIP score.
     Candidates judged only against an earlier prompt of a chat thread come last."""
-    candidates = state.get("candidates") or {}
+    # issue 18: a drawing the safety gate blocked is never the answer (it stays on disk and in the record)
+    candidates = {cid: c for cid, c in (state.get("candidates") or {}).items() if not c.get("answer_blocked")}
     finished = state.get("finished")
     if finished and finished.get("candidate_id") in candidates:
         return candidates[finished["candidate_id"]]
     if not candidates:
         return None
     return max(candidates.values(),
-               key=lambda c: (bool((c.get("verdict") or {}).get("match")), not is_stale(c), c.get("clip_score") or 0.0,
+               key=lambda c: (answer_rank(c),  # issue 18: an unmatched photo is never the answer
+                              bool((c.get("verdict") or {}).get("match")), not is_stale(c), c.get("clip_score") or 0.0,
                               -c["round"]))
 
 
@@ -107,7 +111,7 @@ def stop_reason(state: dict[str, Any], elapsed: float) -> str | None:
     if state.get("finished"):
         return "finished"
     latest = latest_candidate(state)
-    if latest and (latest.get("verdict") or {}).get("match"):
+    if latest and (latest.get("verdict") or {}).get("match") and answer_rank(latest):  # issue 18: not a blocked one
         return "matched"
     budget = state["budget"]
     if state.get("tool_calls", 0) >= budget["max_tool_calls"]:
@@ -206,21 +210,23 @@ def llm_messages(state: dict[str, Any]) -> list[BaseMessage]:
     return [system, *context_window(state.get("messages") or [])]
 
 
-def _check_reply(reply: AIMessage) -> str | None:
-    """Why an LLM reply is unusable as a step, or None if it is a valid set of tool calls."""
+def _check_reply(reply: AIMessage, names: tuple[str, ...] = TOOL_NAMES) -> str | None:
+    """Why an LLM reply is unusable as a step, or None if it is a valid set of tool calls (of ``names``)."""
     if reply.invalid_tool_calls:
         bad = reply.invalid_tool_calls[0]
         return f"a malformed tool call ({bad.get('error') or bad.get('args')!s:.200})"
     if not reply.tool_calls:
         return "no tool call"
-    unknown = [c["name"] for c in reply.tool_calls if c["name"] not in TOOL_NAMES]
+    unknown = [c["name"] for c in reply.tool_calls if c["name"] not in names]
     if unknown:
-        return f"unknown tool {unknown[0]!r} (tools: {', '.join(TOOL_NAMES)})"
+        return f"unknown tool {unknown[0]!r} (tools: {', '.join(names)})"
     return None
 
 
 def _policy_message(state: dict[str, Any], runtime: Runtime, chat_model_name: str = "llm") -> AIMessage | None:
-    step = next_step(state, runtime.ctx.settings.generation.ip_scale)
+    settings = runtime.ctx.settings  # issue 18: retrieve or generate comes first, then the drawing policy
+    step = (photo_step(state, settings.retrieval.allow_retrieved)
+            or next_step(drawings_only(state), settings.generation.ip_scale))
     if step is None:
         return None
     name, args = step
@@ -252,7 +258,8 @@ def _caption_queries(state: dict[str, Any], runtime: Runtime, missing: list[str]
 def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
     """The agent as a StateGraph over AgentState; compile it with a checkpointer to run it."""
     ctx = runtime.ctx
-    tools = make_tools(ctx)
+    tools = make_tools(ctx) + make_retrieved_tools(ctx)  # issue 18: consider_photos when allowed
+    names = tuple(t.name for t in tools)
 
     def plan(state: AgentState) -> dict[str, Any]:
         """Choose the next step: stop, an LLM tool call, or the policy's step."""
@@ -300,7 +307,7 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
                 ctx.on_event({"event": "note", "text": f"the agent LLM failed ({reason}); the fixed policy takes "
                                                        "the remaining steps"})
                 return None, limit
-            problem = _check_reply(reply)
+            problem = _check_reply(reply, names)
             seconds = round(time.perf_counter() - start, 3)
             ctx.record.append_step({"planner": "llm", "ok": problem is None, "seconds": seconds,
                                     "tool": ",".join(c["name"] for c in reply.tool_calls) or None,
@@ -315,7 +322,7 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
             feedback += [AIMessage(content=str(reply.content)[:2000]),
                          HumanMessage(f"Error: your reply had {problem}. Answer with exactly one tool call, "
                                       f"<tool_call>{{\"name\": ..., \"arguments\": {{...}}}}</tool_call>, using one "
-                                      f"of: {', '.join(TOOL_NAMES)}.")]
+                                      f"of: {', '.join(names)}.")]
         return None, failures
 
     def _invoke_llm(messages: list[BaseMessage], state: AgentState) -> AIMessage:

@@ -326,7 +326,8 @@ class Runner:
             result["pending"] = [i.value for i in snapshot.interrupts]
             self.on_event({"event": "paused", "run_id": run_id})
             return result
-        record.append_step({"event": "end", "status": result["status"], "final_image": result["final_image"]})
+        record.append_step({"event": "end", "status": result["status"], "final_image": result["final_image"],
+                            "final_source": result["final_source"]})
         record.write_result(result)
         ends = ("run_id", "status", "stop_reason", "final_image")
         self.on_event({"event": "run_end", **{k: result[k] for k in ends}})
@@ -352,6 +353,7 @@ class Runner:
             "status": state.get("status") or "failed",
             "final_image": final["path"] if final else None,
             "final_candidate": state.get("final_candidate"),
+            "final_source": (final.get("source") or "drawn") if final else None,  # "retrieved": a photo (issue 18)
             "prompt": state["prompt"],
             "rounds": state.get("rounds", 0),
             "stop_reason": state.get("stop_reason"),

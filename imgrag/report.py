@@ -204,6 +204,7 @@ def _candidate_view(c: dict[str, Any], references: dict[str, dict], final_id: st
         "verdict": c.get("verdict") or None, "stale_verdict": c.get("stale_verdict") or None,
         "stale_prompt": c.get("stale_prompt"),
         "references": [_reference_view(rid, references.get(rid) or {}) for rid in c.get("reference_ids") or []],
+        "retrieved": c.get("source") == "retrieved",  # a photo of the collection, not a drawing (issue 18)
     }
 
 
@@ -271,7 +272,8 @@ def run_view(run_dir: str | Path,
     meta = [("status", _status_badge(status)), ("rounds", result.get("rounds")),
             ("stop reason", result.get("stop_reason")), ("planner", result.get("planner")),
             ("policy fallback steps", result.get("fallback_steps")), ("seconds", _num(result.get("seconds"))),
-            ("profile", result.get("profile"))]
+            ("profile", result.get("profile")),
+            ("answer", "a retrieved photo (not drawn)" if result.get("final_source") == "retrieved" else None)]
     timing, counted = _timing_view(trace, result)
     wall = result.get("seconds")
     if isinstance(wall, (int, float)) and timing:  # every second of the run in a named row

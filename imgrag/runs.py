@@ -134,12 +134,15 @@ class RunRecord:
         self.candidates_dir.mkdir(parents=True, exist_ok=True)
         return self.candidates_dir / f"{candidate_id}.png"
 
-    def save_candidate(self, candidate_id: str, image: Any) -> Path:
+    def save_candidate(self, candidate_id: str, image: Any, provenance: dict[str, Any] | None = None) -> Path:
         """Write a candidate's picture (a PIL image) atomically: a crash never leaves half a PNG that a resumed
-        run or a report would then read as the candidate. Returns its path."""
+        run or a report would then read as the candidate. ``provenance`` (:mod:`imgrag.provenance`) goes into
+        its PNG text chunks in the same write. Returns its path."""
+        from imgrag.provenance import save_kwargs
+
         path = self.candidate_path(candidate_id)
         with atomic_path(path) as tmp:
-            image.save(tmp)
+            image.save(tmp, **save_kwargs(path, provenance))
         return path
 
     def append_step(self, step: dict[str, Any]) -> None:

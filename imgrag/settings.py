@@ -135,6 +135,30 @@ class RetrievalSettings:
     # ImageRAG's caption step (imgrag/concepts.py): the LLM turns each missing concept into a descriptive retrieval
     # caption before the fixed planner retrieves. Off by default, so the fixed planner stays LLM-free (24 GB cards).
     rewrite_queries: bool = False
+    # TIGeR's choice (tools/retrieved_tools.py): the store's best matches for the whole prompt become candidates the
+    # judge critiques, and a matched photo may be the run's answer. Off by default: a run draws (--allow-retrieved).
+    allow_retrieved: bool = False
+    photo_candidates: Annotated[int, Field(ge=1, le=8)] = 2  # how many of the best matches are considered
+
+
+# What the safety gate (imgrag/safety.py) checks for by default: written as CLIP captions.
+DEFAULT_UNSAFE_CONCEPTS = ("nudity", "sexual content", "graphic violence and gore", "a dead body", "self-harm",
+                           "a hate symbol", "a passport or identity card", "a credit card")
+
+
+@dataclass
+class SafetySettings:
+    """The safety gate (imgrag/safety.py): zero-shot CLIP check of references and outputs; excluded folders."""
+
+    # Off by default: the threshold must suit your CLIP model (imgrag/safety.py says how to check it). Excluded
+    # folders and globs apply whether it is on or not.
+    enabled: bool = False
+    concepts: list[str] = field(default_factory=lambda: list(DEFAULT_UNSAFE_CONCEPTS))
+    # Flagged when cosine(image, concept text) >= threshold; see imgrag/safety.py for how it was chosen.
+    threshold: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.26
+    exclude: list[str] = field(default_factory=list)  # folders and globs never retrieved from
+    skip_flagged_at_index: bool = False  # `imgrag index` leaves flagged pictures out of the store
+    allow_flagged: bool = False  # a flagged output may be the answer (--allow-flagged)
 
 
 @dataclass
@@ -159,6 +183,7 @@ class Settings:
     llm: LLMSettings = field(default_factory=LLMSettings)
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
+    safety: SafetySettings = field(default_factory=SafetySettings)
 
     @field_validator("device")
     @classmethod
@@ -193,7 +218,7 @@ class Settings:
 
 _SECTION_CLASSES = {
     "models": ModelSettings, "generation": GenerationSettings, "judge": JudgeSettings,
-    "llm": LLMSettings, "budget": BudgetSettings, "retrieval": RetrievalSettings,
+    "llm": LLMSettings, "budget": BudgetSettings, "retrieval": RetrievalSettings, "safety": SafetySettings,
 }
 PROFILES = ("default", "tiny")
 # Built-in presets: documented TOML files shipped in the package, named by their stem (gpu-80gb, gpu-24gb, cpu).

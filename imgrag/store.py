@@ -436,6 +436,14 @@ class ReferenceStore:
                 refs.append(Reference(ref_id, path, 0.0, str(entry.meta.get("caption") or "")))
         return refs
 
+    def embeddings(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The stored image embeddings of these ids (unknown ids left out): what the safety gate checks."""
+        collection = self._current()
+        if collection is None or not ids:
+            return {}
+        got = collection.get(ids=list(ids), include=["embeddings"])
+        return {i: np.asarray(v, dtype=np.float32) for i, v in zip(got["ids"], got["embeddings"], strict=True)}
+
     def search_text(self, embedder: SupportsEmbedding, text: str, k: int = 5) -> list[Reference]:
         """The ``k`` pictures closest to a text, best first (score: cosine similarity)."""
         self._check_embedder(embedder)
@@ -553,13 +561,15 @@ class ReferenceStore:
 
     def index(self, paths: Sequence[str | Path], embedder: SupportsEmbedding, prune: bool = False,
               progress: Callable[[int, int], None] | None = None, on_wait: Callable[[str], None] | None = None,
-              batch_size: int = 32) -> IndexSummary:
+              batch_size: int = 32, screen: Callable[[np.ndarray], list[str | None]] | None = None) -> IndexSummary:
         """Add the pictures under ``paths`` (files or folders, walked recursively); see the module docstring.
 
         Unchanged files (same path, size, mtime and caption file) are not read at all. ``prune`` forgets
         files under ``paths`` that no longer exist; a folder that is gone is allowed then. ``progress``
         is called as ``(done, total)`` over the files that need work; ``on_wait`` once if another
         writer holds the lock. Writes go in batches of ``batch_size``, so a crash loses at most one batch.
+        ``screen`` (the safety gate's index-time check) maps a batch's embeddings to a reason per picture, or None
+        to keep it: a picture with a reason is skipped, not stored.
         """
         self._check_embedder(embedder)
         if batch_size < 1:
@@ -580,6 +590,7 @@ class ReferenceStore:
         with self.write_lock(on_wait):
             timings["lock_wait"] = time.perf_counter() - lock_start
             job = _IndexJob(self, embedder, batch_size, timings, skipped)
+            job.screen = screen
             job.load()
             job.run(files, progress)
             if prune:
@@ -613,6 +624,7 @@ class _IndexJob:
         self.owners: dict[str, list[str]] = {}  # path -> ids whose path map lists it (normally one)
         self.added = self.duplicates = self.updated = self.unchanged = self.removed = 0
         self._dirty: set[str] = set()
+        self.screen: Callable[[np.ndarray], list[str | None]] | None = None  # see ReferenceStore.index
 
     def load(self) -> None:
         """Every entry's metadata, paged: what the walk is compared against."""
@@ -735,6 +747,15 @@ class _IndexJob:
             self.timings["embed"] += time.perf_counter() - t0
             if vectors.shape != (len(new), self.store.dim):
                 raise RuntimeError(f"embedder returned {vectors.shape}, expected ({len(new)}, {self.store.dim})")
+            if self.screen is not None:  # the safety gate at index time: a flagged picture is skipped, not stored
+                reasons = self.screen(vectors)
+                for (ref_id, _), reason in zip(new, reasons, strict=True):
+                    for path in list(self.entries[ref_id].paths) if reason else []:
+                        self._skip(path, reason)
+                        self.added = max(0, self.added - 1)
+                keep = [n for n, reason in enumerate(reasons) if not reason]
+                new, vectors = [new[n] for n in keep], vectors[keep]
+                new_ids = [ref_id for ref_id, _ in new]
         t0 = time.perf_counter()
         if new:
             collection.upsert(ids=new_ids, embeddings=vectors, metadatas=[self._metadata(i) for i in new_ids])

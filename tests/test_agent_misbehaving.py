@@ -156,8 +156,8 @@ def test_a_vanished_candidate_file_is_an_error_message(settings, tmp_path: Path)
 
     real_save = RunRecord.save_candidate
 
-    def save_then_delete(self, candidate_id, image):
-        path = real_save(self, candidate_id, image)
+    def save_then_delete(self, candidate_id, image, *more):
+        path = real_save(self, candidate_id, image, *more)
         if candidate_id == "c0":
             path.unlink()
         return path

@@ -15,7 +15,7 @@ from typing import Any
 
 from imgrag.errors import UserError
 from imgrag.images import open_image
-from imgrag.runs import atomic_path
+from imgrag.provenance import for_drawing, save_image
 from tools.context import ToolContext
 
 FINAL_FULL_NAME = "final-full.png"
@@ -31,7 +31,7 @@ def redraw_final_full(ctx: ToolContext, state: dict[str, Any]) -> dict[str, Any]
     if g.fast == "off" or not g.fast_final_redraw or state.get("status") != "matched":
         return None
     candidate = (state.get("candidates") or {}).get(state.get("final_candidate") or "")
-    if candidate is None:
+    if candidate is None or candidate.get("source") == "retrieved":  # a photo of the collection: nothing to redraw
         return None
     known = state.get("references") or {}
     args = {"candidate_id": candidate["id"], "seed": candidate["seed"], "steps": g.steps,
@@ -44,8 +44,11 @@ def redraw_final_full(ctx: ToolContext, state: dict[str, Any]) -> dict[str, Any]
             candidate["prompt"], seed=candidate["seed"], references=images or None,
             ip_scale=candidate.get("ip_scale"), fast="off"))
         path = ctx.record.dir / FINAL_FULL_NAME
-        with atomic_path(path) as tmp:  # never half a PNG on disk
-            image.save(tmp)
+        provenance = for_drawing(ctx.settings, prompt=candidate["prompt"], seed=candidate["seed"],
+                                 references=[known[r] for r in candidate["reference_ids"]],
+                                 ip_scale=candidate.get("ip_scale"), run_id=ctx.record.dir.name,
+                                 candidate_id=candidate["id"], fast="off")
+        save_image(image, path, provenance)  # atomic: never half a PNG on disk
         outcome: dict[str, Any] = {"path": str(path), "candidate_id": candidate["id"], "steps": g.steps}
         message = f"redrew {candidate['id']} at {g.steps} steps: {path}"
     except (UserError, KeyError) as exc:  # KeyError: a reference id the state no longer knows

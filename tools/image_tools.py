@@ -22,7 +22,9 @@ from imgrag.checkpoints import first_line
 from imgrag.engine import ManagedEmbedder
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
+from imgrag.provenance import for_drawing
 from tools.context import ToolContext
+from tools.safety_gate import check_output, screen_drawing_references, screen_references
 
 MAX_REFERENCES_PER_DRAWING = 4
 MAX_QUERIES = 6
@@ -147,6 +149,7 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seed: int, 
     The score is always measured against ``state["prompt"]`` (what the user asked for), never the text the
     LLM chose to draw, so every candidate of a run is measured with one yardstick."""
     images = [open_image(ref["path"]) for ref in references]
+    references, images = screen_drawing_references(ctx, references, images)  # issue 18: the safety gate
     candidate_id = ctx.allocate_candidate_id(state.get("candidates") or {})
 
     def on_step(step: int, total: int) -> None:
@@ -156,12 +159,16 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seed: int, 
     limit = {"deadline": ctx.deadline} if ctx.deadline is not None else {}
     image = ctx.manager.run("generator", lambda generator: generator.generate(
         prompt, seed=seed, references=images or None, ip_scale=ip_scale, on_step=on_step, **limit))
+    image_vector = ctx.manager.run("embedder", lambda embedder: embedder.embed_images([image]))
     clip_score = ctx.manager.run("embedder", lambda embedder: float(
-        (embedder.embed_images([image]) @ embedder.embed_texts([state["prompt"]]).T)[0, 0]))
-    path = ctx.record.save_candidate(candidate_id, image)
+        (image_vector @ embedder.embed_texts([state["prompt"]]).T)[0, 0]))
+    provenance = for_drawing(ctx.settings, prompt=prompt, seed=seed, references=references, ip_scale=ip_scale,
+                             run_id=ctx.record.dir.name, candidate_id=candidate_id)  # issue 18: provenance hook
+    path = ctx.record.save_candidate(candidate_id, image, provenance)
     return {"id": candidate_id, "path": str(path), "prompt": prompt, "seed": seed,
             "reference_ids": [ref["id"] for ref in references], "ip_scale": ip_scale if references else None,
-            "round": round_no, "clip_score": round(clip_score, 4), "verdict": None}
+            "round": round_no, "clip_score": round(clip_score, 4), "verdict": None,
+            **check_output(ctx, image_vector[0])}  # issue 18: flagged outputs are kept, never the answer
 
 
 def _short(text: str, limit: int = MAX_CAPTION_CHARS) -> str:
@@ -262,6 +269,7 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
             found = [] if empty_store else store.retrieve(
                 embedder, cleaned, k=top_k, avoid=avoid_image, rerank_lambda=r.rerank_lambda,
                 min_score=r.min_score)
+            found = screen_references(ctx, store, embedder, found, "retrieve")  # issue 18: the safety gate
             refs = {ref.id: ref.to_dict() for ref in found}
             # Recorded even when empty, so the planner knows this repair was tried.
             candidates = state.get("candidates") or {}
@@ -329,6 +337,9 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
             verdict = candidate.get("verdict")
             if not verdict:
                 raise ToolArgumentError(f"{candidate_id} has not been critiqued yet; call critique first")
+            if candidate.get("answer_blocked"):  # issue 18: the safety gate
+                raise ToolArgumentError(f"{candidate_id} was flagged by the safety gate ({candidate['flagged']}) and "
+                                        "cannot be the answer; draw another (a new seed)")
             if not verdict.get("match"):
                 raise ToolArgumentError(f"the judge did not match {candidate_id} (missing: {verdict.get('missing')}); "
                                         "repair it with retrieve and regenerate")

@@ -1,0 +1,172 @@
+"""Provenance: every picture imgrag writes says how it was made, inside the file itself.
+
+A PNG carries two text chunks (``tEXt``/``iTXt``, written with Pillow's ``PngInfo``):
+
+- ``imgrag``: one JSON document (:data:`SCHEMA`): the prompt, seed, steps, guidance, size, adapter scale and
+  fast mode; the model ids that drew it; the imgrag version; the run and candidate ids; and, for a guided
+  picture, the path, store id and sha256 of every reference photo that steered it. ``imgrag generate
+  --from-image`` reads it back and redraws.
+- ``parameters``: the same settings as one human-readable line in the style AUTOMATIC1111 and ComfyUI users
+  know (``prompt\\nSteps: 30, CFG scale: 5, Seed: 7, Size: 1024x1024, Model: ...``), for tools that show it.
+
+A JPEG or WebP has no text chunks; the JSON goes into its EXIF ``ImageDescription`` tag instead. Writing goes
+through :func:`imgrag.runs.atomic_path`, so the metadata arrives with the picture or not at all.
+
+What it cannot do: metadata is not a signature. Anyone can strip it (most sites do on upload) or write false
+metadata; it records how imgrag made a picture, it does not prove it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+PROVENANCE_KEY = "imgrag"
+PARAMETERS_KEY = "parameters"
+SCHEMA = "imgrag.provenance/1"
+# EXIF ImageDescription: the one free-text tag every reader keeps for JPEG and WebP.
+_EXIF_DESCRIPTION = 0x010E
+
+
+def imgrag_version() -> str:
+    """The installed imgrag's version (package metadata), or ``"unknown"`` when run from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("imgrag")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """sha256 of a file's bytes (hex), or None when it cannot be read (a reference that vanished since)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def reference_entries(references: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[{"path", "id", "sha256"}]`` for references given as dicts with a ``path`` (and a store ``id`` when
+    they came from the store). The hash is of the file's bytes as they are now, when the picture is drawn."""
+    return [{"path": str(ref["path"]), "id": ref.get("id"), "sha256": file_sha256(ref["path"])} for ref in references]
+
+
+def describe(settings: Any, *, prompt: str, seed: int, steps: int, guidance: float, width: int, height: int,
+             ip_scale: float | None = None, fast: str = "off", references: list[dict[str, Any]] | None = None,
+             run_id: str | None = None, candidate_id: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The provenance document of one drawing (see the module docstring for its fields).
+
+    ``settings`` is an :class:`imgrag.settings.Settings` (for the model ids and profile); ``references`` come
+    from :func:`reference_entries`. ``ip_scale`` is kept only for a guided drawing (it does nothing otherwise)."""
+    m = settings.models
+    refs = list(references or [])
+    models: dict[str, str] = {"generator": m.generator}
+    if refs:
+        models["ip_adapter"] = f"{m.ip_adapter}/{m.ip_adapter_subfolder}/{m.ip_adapter_weight}"
+    if fast == "lcm-lora":
+        models["lcm_lora"] = m.lcm_lora
+    doc: dict[str, Any] = {
+        "schema": SCHEMA, "prompt": prompt, "seed": int(seed), "steps": int(steps), "guidance": float(guidance),
+        "width": int(width), "height": int(height), "ip_scale": float(ip_scale) if refs and ip_scale is not None
+        else None, "fast": fast, "models": models, "profile": settings.profile, "imgrag_version": imgrag_version(),
+        "run_id": run_id, "candidate_id": candidate_id, "references": refs,
+    }
+    doc.update({k: v for k, v in extra.items() if v is not None})
+    return doc
+
+
+def parameters_line(doc: dict[str, Any]) -> str:
+    """The AUTOMATIC1111-style summary: the prompt, then ``Key: value`` pairs on one line."""
+    pairs = [f"Steps: {doc['steps']}", f"CFG scale: {doc['guidance']:g}", f"Seed: {doc['seed']}",
+             f"Size: {doc['width']}x{doc['height']}", f"Model: {doc['models'].get('generator')}"]
+    if doc.get("references"):
+        pairs.append(f"IP-Adapter scale: {doc.get('ip_scale')}")
+        pairs.append("References: " + " ".join(r["path"] for r in doc["references"]))
+    if doc.get("fast") not in (None, "off"):
+        pairs.append(f"Fast: {doc['fast']}")
+    pairs.append(f"Version: imgrag {doc.get('imgrag_version')}")
+    return doc["prompt"] + "\n" + ", ".join(pairs)
+
+
+def save_kwargs(path: Path, doc: dict[str, Any] | None) -> dict[str, Any]:
+    """The keyword arguments for ``Image.save`` that embed ``doc`` in a file of ``path``'s format."""
+    if doc is None:
+        return {}
+    text = json.dumps(doc, ensure_ascii=False, default=str)
+    if path.suffix.lower() == ".png":
+        info = PngInfo()
+        info.add_itxt(PROVENANCE_KEY, text)  # iTXt: UTF-8, so any prompt survives
+        info.add_itxt(PARAMETERS_KEY, parameters_line(doc))
+        return {"pnginfo": info}
+    exif = Image.Exif()
+    # EXIF text is ASCII: JSON's \u escapes carry any prompt through it intact.
+    exif[_EXIF_DESCRIPTION] = json.dumps(doc, ensure_ascii=True, default=str)
+    return {"exif": exif}
+
+
+def save_image(image: Image.Image, path: str | Path, doc: dict[str, Any] | None) -> Path:
+    """Write ``image`` to ``path`` atomically (:func:`imgrag.runs.atomic_path`) with ``doc`` embedded; the
+    format follows the suffix. Returns the path."""
+    from imgrag.runs import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, **save_kwargs(path, doc))
+    return path
+
+
+def read_provenance(path: str | Path) -> dict[str, Any] | None:
+    """The provenance document embedded in a picture, or None when it carries none (not made by imgrag, or
+    its metadata was stripped). Raises UserError when the file cannot be opened as a picture."""
+    from imgrag.images import probe_image
+
+    probe_image(path)
+    with Image.open(path) as im:
+        text = im.info.get(PROVENANCE_KEY) if hasattr(im, "info") else None
+        if text is None:
+            text = im.getexif().get(_EXIF_DESCRIPTION)
+    if not text:
+        return None
+    try:
+        doc = json.loads(text)
+    except (TypeError, json.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("schema") == SCHEMA else None
+
+
+def copy_with_provenance(source: str | Path, target: str | Path, **changes: Any) -> Path:
+    """Copy a picture to ``target`` (format by suffix), keeping its provenance (updated with ``changes``):
+    a chat ``/save`` to .jpg must not lose how the picture was made."""
+    from imgrag.images import open_image
+
+    doc = read_provenance(source)
+    if doc is not None:
+        doc = {**doc, **changes}
+    return save_image(open_image(source), target, doc)
+
+
+def for_drawing(settings: Any, *, prompt: str, seed: int, references: list[dict[str, Any]] | None,
+                ip_scale: float | None, run_id: str | None = None, candidate_id: str | None = None,
+                steps: int | None = None, guidance: float | None = None, fast: str | None = None,
+                width: int | None = None, height: int | None = None) -> dict[str, Any]:
+    """The provenance of a drawing made with ``settings.generation`` (what the generator uses for every value
+    not given here: the same rules as :meth:`imgrag.generator.Generator.generate`)."""
+    from imgrag.fast import draw_plan
+
+    g = settings.generation
+    plan = draw_plan(g, fast)
+    refs = reference_entries(references or [])
+    return describe(settings, prompt=prompt, seed=seed, steps=plan.steps if steps is None else steps,
+                    guidance=plan.guidance if guidance is None else guidance, width=width or g.width,
+                    height=height or g.height, ip_scale=(g.ip_scale if ip_scale is None else ip_scale) if refs
+                    else None, fast=plan.mode, references=refs, run_id=run_id, candidate_id=candidate_id)
