@@ -238,11 +238,14 @@ def test_real_tiny_models_load_once_each(tiny_settings: Settings) -> None:
 
     manager = build_manager(tiny_settings)
     picture = Image.new("RGB", (32, 32), (200, 10, 10))
+    answers = []
     for _ in range(3):
         with manager.use("embedder") as embedder:
             assert embedder.embed_images([picture]).shape == (1, embedder.dim)
         with manager.use("judge") as judge:
-            assert judge.judge(picture, "a red square").raw is not None
+            answers.append(judge.judge(picture, "a red square").raw)
+            assert 1 <= judge.last_tokens["output"] <= tiny_settings.judge.max_new_tokens
+    assert len(set(answers)) == 1  # greedy decoding of one model, kept loaded: the same answer each time
     assert manager.load_counts() == {"generator": 0, "judge": 1, "llm": 0, "embedder": 1}
     assert manager.stats()["judge"]["load_seconds"] > 0
 
@@ -250,12 +253,17 @@ def test_real_tiny_models_load_once_each(tiny_settings: Settings) -> None:
 def test_loaders_leave_models_in_cpu_ram_for_the_manager_to_move(tiny_settings: Settings) -> None:
     """A loader must not put a model on the GPU before the manager has made room for it: for a CUDA manager
     it loads in the GPU's dtype but stays in CPU RAM (this runs without CUDA, so any move would fail)."""
+    import dataclasses
+
+    import torch
+
     from imgrag.engine import _load_embedder
 
-    embedder = _load_embedder(tiny_settings, "cuda")
+    # float16, not the checkpoint's float32: a loader that ignored the GPU's dtype would fail here.
+    embedder = _load_embedder(dataclasses.replace(tiny_settings, dtype="float16"), "cuda")
     weights = next(embedder.model.parameters())
     assert weights.device.type == "cpu"
-    assert weights.dtype == tiny_settings.torch_dtype()
+    assert weights.dtype == torch.float16
 
 
 # ----- working memory: reserved beside the weights -----
