@@ -344,7 +344,7 @@ def test_make_room_evicts_before_a_model_grows_and_refuses_past_the_budget() -> 
 def test_run_executes_on_the_device_model_thread_with_the_callers_context() -> None:
     import contextvars
 
-    from imgrag.manager import ModelThread
+    from imgrag.devices import ModelThread
 
     worker = ModelThread("test")
     manager = ModelManager(_settings(), device="gpu-fake", lock=threading.RLock(), thread=worker)
@@ -410,7 +410,7 @@ def test_a_host_model_runs_without_the_device_lock() -> None:
 
 
 def test_one_lock_and_one_thread_per_device() -> None:
-    from imgrag.manager import device_lock, model_thread
+    from imgrag.devices import device_lock, model_thread
 
     assert device_lock("cuda") is device_lock("cuda:0")
     assert device_lock("cuda:1") is not device_lock("cuda:0") and device_lock("cpu") is not device_lock("cuda:0")
@@ -448,7 +448,7 @@ class Tied(torch.nn.Module):
 
 
 def test_swaps_walk_every_tensor_once_tied_weights_included() -> None:
-    from imgrag.manager import _tensor_slots
+    from imgrag.devices import _tensor_slots
 
     class Wrapper:  # a model wrapper, as the engine's are (Judge.model, Generator.pipe)
         def __init__(self) -> None:
@@ -462,7 +462,7 @@ def test_swaps_walk_every_tensor_once_tied_weights_included() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked host memory needs a CUDA device")
 def test_pinned_swap_round_trip_on_cuda() -> None:
-    from imgrag.manager import swap_in, swap_out
+    from imgrag.devices import swap_in, swap_out
 
     model = Tied()
     expected = model.embed.weight.detach().clone()
@@ -479,7 +479,7 @@ def test_pinned_swap_round_trip_on_cuda() -> None:
 
 
 def test_pinning_only_for_cuda() -> None:
-    from imgrag.manager import _pinning_available
+    from imgrag.devices import _pinning_available
 
     assert not _pinning_available("cpu")
     assert not ModelManager(_settings(), device="cpu").pinned
