@@ -13,6 +13,10 @@ progress bars); only ``imgrag models download`` calls it: imgrag never downloads
 
 IP-Adapter weights are inspected, not only looked for: :mod:`imgrag.adapters` finds which adapter a folder
 holds and checks its image encoder; ``imgrag doctor`` reports it through :func:`check_roles`.
+
+Why ~500 lines: every role's file rules (hub patterns, folder checks, the cache lookups) are read together by
+``imgrag doctor`` and ``imgrag models download``, and each rule needs the others' lookups; the IP-Adapter's
+inspection, which stands apart, is in :mod:`imgrag.adapters`.
 """
 
 from __future__ import annotations
