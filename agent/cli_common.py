@@ -126,12 +126,6 @@ def print_json(document: Any) -> None:
     sys.stdout.flush()
 
 
-def not_available(command: str, issue: str) -> None:
-    """A command of the contract whose part of imgrag has not been built yet: say so, never pretend."""
-    err.print(f"[red]error:[/] 'imgrag {command}' is not available yet: it arrives with {issue}.")
-    raise typer.Exit(2)
-
-
 class TerminalBar:
     """A transient rich progress bar on stderr, shown only when stderr is a terminal.
 

@@ -115,12 +115,6 @@ def content_text(content: Any) -> str:
     return str(content or "")
 
 
-def is_remote(model: Any) -> bool:
-    """Whether a chat model runs outside this process (an OpenAI-compatible server): it has no weights here to
-    move (no ``.to``), so calling it needs no GPU lock."""
-    return not callable(getattr(model, "to", None))
-
-
 def read_reply(reply: AIMessage) -> AIMessage:
     """A reply whose calls the server left in its text (no parsed ``tool_calls``: Qwen's ``<tool_call>`` blocks,
     a reasoning block) read as :func:`parse_tool_calls` reads a local reply; any other reply unchanged."""

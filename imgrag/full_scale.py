@@ -19,6 +19,11 @@ IP-Adapter 0.7 GB plus its ViT-H image encoder 1.3 GB, Qwen2.5-VL-3B 7.5 GB, Qwe
 CLIP ViT-B-32 0.6 GB in float32 (as laion ships it). Build it on a GPU: models are initialised on
 the device in float16 (about a minute on an H100, most of it writing files). On a CPU it works
 but needs ~64 GB of RAM and a long time.
+
+Why it ships in the runtime package, not beside the benchmarks: the installed CLI builds it
+(``imgrag models build-tiny --scale full``, through :func:`imgrag.tiny_kit.build_tiny_kit`), so a user
+can measure their own GPU without a checkout of the repository; the benchmarks only import it. It is
+imported lazily and costs nothing unless ``--scale full`` is asked for.
 """
 
 from __future__ import annotations

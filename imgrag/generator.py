@@ -35,10 +35,11 @@ from typing import Any
 
 from PIL import Image
 
+from imgrag.adapters import ResolvedAdapter, resolve_ip_adapter
 from imgrag.checkpoints import first_line, loading, quiet_libraries
 from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed
 from imgrag.fast import FastSwitch, draw_plan
-from imgrag.model_files import ResolvedAdapter, generator_variant, is_local_ref, resolve_ip_adapter
+from imgrag.model_files import generator_variant, is_local_ref
 from imgrag.settings import MAX_IP_SCALE, Settings
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 import prompts
 from imgrag.checkpoints import check_model_type, loading, qwen_dtype
 from imgrag.deadlines import time_limit
-from imgrag.reasoning import answer_text
+from imgrag.reasoning import answer_text, matching_brace
 from imgrag.settings import Settings
 
 JUDGE_EXPECTED = "a Qwen2.5-VL checkpoint (Qwen2_5_VLForConditionalGeneration + its processor)"
@@ -91,25 +91,7 @@ def _object_candidates(text: str) -> list[str]:
 
 
 def _matching_brace(text: str, start: int) -> int:
-    depth, quote, escaped = 0, "", False
-    for i in range(start, len(text)):
-        ch = text[i]
-        if quote:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == quote:
-                quote = ""
-        elif ch in "\"'":
-            quote = ch
-        elif ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-    return -1
+    return matching_brace(text, start, quotes="\"'")  # Python-style dicts quote with ' too
 
 
 def _load_mapping(candidate: str) -> dict | None:

@@ -23,3 +23,27 @@ def answer_text(text: str) -> str:
     if _OPEN.search(text):
         return ""  # still thinking when the reply ended: nothing was answered
     return text.strip()
+
+
+def matching_brace(text: str, start: int, quotes: str = '"') -> int:
+    """The index of the ``}`` that closes the ``{`` at ``start``, or -1 when it is not closed yet. Braces inside
+    strings opened by any of ``quotes`` (backslash escapes honoured) do not count."""
+    depth, quote, escaped = 0, "", False
+    for i in range(start, len(text)):
+        ch = text[i]
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = ""
+        elif ch in quotes:
+            quote = ch
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1

@@ -17,6 +17,9 @@ are noise and its verdicts junk, and nobody should mistake them for a quality re
     render_batch(batch_dir)    an index table of the batch's prompts, then each run inlined
     render_eval(eval_dir)      the evaluation's aggregate table and per-prompt scores and images
     write_report(path, out)    detects which of the three ``path`` is and writes the page
+
+Why ~420 lines: the three pages share one reading of run folders (trace, candidates, verdicts, images
+inlined) that this module holds; the HTML itself is in the templates.
 """
 
 from __future__ import annotations

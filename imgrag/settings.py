@@ -9,6 +9,9 @@ files in ``imgrag/profiles/``) or the path of a TOML file. A TOML file may itsel
 Environment variables: ``IMGRAG_<KEY>`` for top-level keys (``IMGRAG_DEVICE=cpu``) and
 ``IMGRAG_<SECTION>_<KEY>`` for keys in a section (``IMGRAG_GENERATION_STEPS=20``).
 ``IMGRAG_HOME`` moves everything imgrag keeps by default (store, outputs, tiny kit, threads).
+
+Why ~400 lines in one module: it is the settings' schema (one pydantic class per section, each field with
+its bounds and its comment) and their one loader; the schema reads best whole, as the profiles do.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from imgrag.reasoning import answer_text
+from imgrag.reasoning import answer_text, matching_brace
 
 # How many trailing tokens TextMarker decodes: enough for any marker (</tool_call> is one token in Qwen2.5's
 # vocabulary, a handful in a byte-level tokenizer without it), without decoding the whole answer every step.
@@ -32,26 +32,7 @@ def json_object_closed(text: str) -> bool:
     """Whether ``text`` holds a complete top-level JSON object: a ``{`` and its matching ``}``, with braces
     inside JSON strings (double quotes, backslash escapes) not counted."""
     start = text.find("{")
-    if start == -1:
-        return False
-    depth, in_string, escaped = 0, False, False
-    for ch in text[start:]:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return True
-    return False
+    return start != -1 and matching_brace(text, start) != -1
 
 
 class _NewTextCriterion(StoppingCriteria):

@@ -22,6 +22,10 @@ Builds are seeded and deterministic (same seed, same bytes), write only safetens
 few seconds on a 2-core CPU. Each model is built in a temporary sibling folder and renamed into
 place; the marker is removed first and written last (atomically), so an interrupted build is
 detected and redone by :func:`ensure_tiny_kit`.
+
+Why one module of ~670 lines: it is one recipe, the kit, whose six builders share the configuration table
+(also the template of :mod:`imgrag.full_scale`), the tokenizers and the atomic build-and-mark steps; split by
+model, each part would be a short function importing the same shared half.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ $IMGRAG run "a beautiful retriever and a cradle" --profile tiny --max-rounds 2 -
 run_dir=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['run_dir'])" "$IMGRAG_HOME/demo-result.json")
 
 echo "== 4/4 the run's report =="
-$IMGRAG report "$run_dir" -o "$run_dir/report.html" || echo "(report not available yet)"
+$IMGRAG report "$run_dir" -o "$run_dir/report.html"
 
 echo
 echo "Done. Everything is under $IMGRAG_HOME:"

@@ -3,13 +3,12 @@
     python -m tests.chat_launcher --profile tiny [chat options...]
 
 The generator, judge and embedder are the real tiny models, loaded through the model manager as in real
-use; only the LLM (random weights in the tiny kit, so it never produces a tool call) and the reference store
-(so no test needs Chroma and an index) are stand-ins. Environment:
+use, and the reference store is the real one (the tests index a few pictures into ``IMGRAG_STORE`` first);
+only the LLM (random weights in the tiny kit, so it never produces a tool call) is a stand-in. Environment:
 
     CHAT_TEST_LLM_SCRIPT  a JSON file: tool calls [{"name", "args"}] the LLM answers with, in order; after
                             them it only chats (no tool call), so the fixed policy takes each step
     CHAT_TEST_LLM_LOG     a file: every conversation the LLM is shown is appended as one JSON line
-    CHAT_TEST_REFS        a folder of images the store returns (the first k, in name order, for any query)
 
 The first drawing whose prompt contains "slowly" reports denoising steps for a minute before it draws, so a
 test can press Ctrl-C in the middle of it; later drawings are quick again.
@@ -27,7 +26,7 @@ from typing import Any
 
 from langchain_core.messages import AIMessage
 
-from tests.fakes import FakeReference, ScriptedChatModel
+from tests.fakes import ScriptedChatModel
 
 
 class LoggingChatModel(ScriptedChatModel):
@@ -55,30 +54,11 @@ def scripted_llm(settings: Any, *_: Any) -> LoggingChatModel:
                             log_path=os.environ.get("CHAT_TEST_LLM_LOG", ""))
 
 
-class FolderStore:
-    """The reference store's interface over a folder: any query finds its first k images."""
-
-    def __init__(self, folder: Path) -> None:
-        self.paths = sorted(p for p in folder.iterdir() if p.suffix == ".png")
-
-    def count(self) -> int:
-        return len(self.paths)
-
-    def retrieve(self, embedder: Any, queries: list[str], k: int = 2, **_: Any) -> list[FakeReference]:
-        return [FakeReference(f"ref-{p.stem}", str(p), round(0.9 - 0.1 * i, 3), f"a photo of {p.stem}", q)
-                for q in queries for i, p in enumerate(self.paths[:k])]
-
-
 def install_fakes() -> None:
     import imgrag.engine
-    import imgrag.store
     from imgrag.generator import Generator
 
     imgrag.engine._load_llm = scripted_llm  # build_manager's loader looks the name up when it loads
-    refs = os.environ.get("CHAT_TEST_REFS")
-    if refs:
-        store = FolderStore(Path(refs))
-        imgrag.store.ReferenceStore.open = classmethod(lambda cls, *args, **kwargs: store)
 
     real_generate = Generator.generate
     slow = {"left": 1}

@@ -6,9 +6,6 @@ Integration tests use the tiny real models instead; these exist so that a test c
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ from langchain_core.messages import AIMessage
 from PIL import Image
 
 from imgrag.judge import Verdict
+from imgrag.manager import ModelManager
 
 
 class ScriptedChatModel(GenericFakeChatModel):
@@ -111,40 +109,33 @@ class MemoryStore:
         return out
 
 
-class FakeManager:
-    """The model manager's interface over fakes; counts loads like the real one."""
+class FakeManager(ModelManager):
+    """The real model manager (model thread, device lock, load and eviction counts, budget) over fakes: each
+    fake is "loaded" on first use by a loader that hands it over. ``budget_gb`` and ``sizes_gb`` let a test
+    make the manager evict (default: no limit, fakes weigh nothing)."""
 
-    def __init__(self, models: dict[str, Any]) -> None:
+    def __init__(self, models: dict[str, Any], *, budget_gb: float = 0.0, offload: str = "cpu",
+                 sizes_gb: dict[str, float] | None = None) -> None:
+        from imgrag.settings import load_settings
+
+        settings = load_settings("default", environ={}, overrides={"device": "cpu", "gpu_memory_gb": budget_gb,
+                                                                   "offload": offload})
+        super().__init__(settings, device="cpu", memory_probe=None)
         self.models = models
-        self.loads: dict[str, int] = {}
-        self.loaders: dict[str, Any] = {}
-        self.lock = threading.RLock()
-        self.device = "cpu"
-
-    @contextlib.contextmanager
-    def use(self, name: str) -> Iterator[Any]:
-        with self.lock:
-            if name not in self.models and name in self.loaders:
-                self.models[name] = self.loaders[name]()
-            self.loads.setdefault(name, 1)
-            yield self.models[name]
-
-    def run(self, name: str, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-        """The real manager runs this on its model thread; here, in the caller's."""
-        with self.use(name) as model:
-            return fn(model, *args, **kwargs)
+        self.sizes_gb = sizes_gb or {}
 
     def names(self) -> list[str]:
-        return [*self.models, *(n for n in self.loaders if n not in self.models)]
+        return [*super().names(), *(name for name in self.models if name not in self._entries)]
 
-    def register(self, name: str, loader: Any, size_gb: float | None = None, **_: Any) -> None:
-        self.loaders[name] = loader
-
-    def load_counts(self) -> dict[str, int]:
-        return dict(self.loads)
-
-    def stats(self) -> dict[str, dict]:
-        return {name: {"loads": n, "evictions": 0, "load_seconds": 0.0} for name, n in self.loads.items()}
+    def _entry(self, name: str) -> Any:
+        """The real lookup, for the fakes as ``models`` holds them now: a test may add a fake after the manager
+        was built, or swap one (the LLM mid-session); a swapped fake replaces the loaded one."""
+        if name not in self._entries and name in self.models:
+            self.register(name, lambda: self.models[name], size_gb=self.sizes_gb.get(name, 0.0))
+        entry = super()._entry(name)
+        if entry.model is not None and name in self.models and self.models[name] is not entry.model:
+            entry.model = self.models[name]
+        return entry
 
 
 class ScriptedTokens:

@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -388,12 +389,15 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]|\x1b[=>]|\r")
 def chat_env(tiny_kit: dict[str, Path], tmp_path: Path) -> dict[str, str]:
     refs = tmp_path / "refs"
     refs.mkdir()
-    for i, name in enumerate(("cradle", "retriever", "rocket")):
+    for i, name in enumerate(("cradle", "retriever")):  # two pictures: every retrieval proposes both
         Image.new("RGB", (32, 32), (80 * i, 120, 40)).save(refs / f"{name}.png")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_TEST_")}
-    env.update({"IMGRAG_TINY_KIT_DIR": str(tiny_kit["generator"].parent), "CHAT_TEST_REFS": str(refs),
+    env.update({"IMGRAG_TINY_KIT_DIR": str(tiny_kit["generator"].parent), "IMGRAG_STORE": str(tmp_path / "store"),
                 "CHAT_TEST_LLM_LOG": str(tmp_path / "llm.jsonl"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                 "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm", "NO_COLOR": "1"})
+    # A real store of those pictures, indexed by the tiny CLIP through the command line (a few seconds).
+    subprocess.run([sys.executable, "-m", "agent.cli", "index", str(refs), "--profile", "tiny"], cwd=str(REPO),
+                   env=env, check=True, capture_output=True)
     return env
 
 
@@ -472,20 +476,21 @@ def test_terminal_approve_on_drops_a_reference(chat_env: dict[str, str]) -> None
     chat = Chat(chat_env)
     chat.say("/approve on", "approve on")
     chat.child.sendline("a dog and a cradle")
-    chat.child.expect("1\\. ref-cradle")
-    chat.child.expect("2\\. ref-retriever")
+    chat.child.expect("1\\. ([0-9a-f]{32}) ")  # the store's ids: hashes of the pictures' bytes
+    first = chat.child.match.group(1)
+    chat.child.expect("2\\. [0-9a-f]{32} ")
     chat.child.expect_exact("references>")
     chat.child.sendline("drop 7")
     chat.child.expect("error: there is no reference 7: this thread has 2")
     chat.child.expect_exact("references>")
     chat.child.sendline("drop 2")
-    chat.child.expect("drawing with ref-cradle\r?\n")
+    chat.child.expect(f"drawing with {first}\r?\n")
     chat.child.expect(PICTURE)
     run_dir = Path(chat.child.match.group(1)).parent.parent
     chat.prompt()
     chat.quit()
     result = json.loads((run_dir / "result.json").read_text())
-    assert [c["reference_ids"] for c in result["candidates"]] == [[], ["ref-cradle"]]
+    assert [c["reference_ids"] for c in result["candidates"]] == [[], [first]]
 
 
 @pytest.mark.slow

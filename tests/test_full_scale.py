@@ -88,7 +88,8 @@ def test_the_builder_layout_loads_through_the_engine(tmp_path: Path) -> None:
         fast = generator.generate("a cat", seed=1, references=[image], fast="lcm-lora")
     assert image.size == guided.size == fast.size == (64, 64)
     with manager.use("judge") as judge:
-        assert judge.judge(image, "a cat").raw is not None
+        verdict = judge.judge(image, "a cat")
+        assert 1 <= judge.last_tokens["output"] <= 4 and isinstance(verdict.match, bool)
     with manager.use("llm") as llm:
         from langchain_core.messages import HumanMessage
 

@@ -238,11 +238,14 @@ def test_real_tiny_models_load_once_each(tiny_settings: Settings) -> None:
 
     manager = build_manager(tiny_settings)
     picture = Image.new("RGB", (32, 32), (200, 10, 10))
+    answers = []
     for _ in range(3):
         with manager.use("embedder") as embedder:
             assert embedder.embed_images([picture]).shape == (1, embedder.dim)
         with manager.use("judge") as judge:
-            assert judge.judge(picture, "a red square").raw is not None
+            answers.append(judge.judge(picture, "a red square").raw)
+            assert 1 <= judge.last_tokens["output"] <= tiny_settings.judge.max_new_tokens
+    assert len(set(answers)) == 1  # greedy decoding of one model, kept loaded: the same answer each time
     assert manager.load_counts() == {"generator": 0, "judge": 1, "llm": 0, "embedder": 1}
     assert manager.stats()["judge"]["load_seconds"] > 0
 
@@ -250,12 +253,17 @@ def test_real_tiny_models_load_once_each(tiny_settings: Settings) -> None:
 def test_loaders_leave_models_in_cpu_ram_for_the_manager_to_move(tiny_settings: Settings) -> None:
     """A loader must not put a model on the GPU before the manager has made room for it: for a CUDA manager
     it loads in the GPU's dtype but stays in CPU RAM (this runs without CUDA, so any move would fail)."""
+    import dataclasses
+
+    import torch
+
     from imgrag.engine import _load_embedder
 
-    embedder = _load_embedder(tiny_settings, "cuda")
+    # float16, not the checkpoint's float32: a loader that ignored the GPU's dtype would fail here.
+    embedder = _load_embedder(dataclasses.replace(tiny_settings, dtype="float16"), "cuda")
     weights = next(embedder.model.parameters())
     assert weights.device.type == "cpu"
-    assert weights.dtype == tiny_settings.torch_dtype()
+    assert weights.dtype == torch.float16
 
 
 # ----- working memory: reserved beside the weights -----
@@ -336,7 +344,7 @@ def test_make_room_evicts_before_a_model_grows_and_refuses_past_the_budget() -> 
 def test_run_executes_on_the_device_model_thread_with_the_callers_context() -> None:
     import contextvars
 
-    from imgrag.manager import ModelThread
+    from imgrag.devices import ModelThread
 
     worker = ModelThread("test")
     manager = ModelManager(_settings(), device="gpu-fake", lock=threading.RLock(), thread=worker)
@@ -402,7 +410,7 @@ def test_a_host_model_runs_without_the_device_lock() -> None:
 
 
 def test_one_lock_and_one_thread_per_device() -> None:
-    from imgrag.manager import device_lock, model_thread
+    from imgrag.devices import device_lock, model_thread
 
     assert device_lock("cuda") is device_lock("cuda:0")
     assert device_lock("cuda:1") is not device_lock("cuda:0") and device_lock("cpu") is not device_lock("cuda:0")
@@ -440,7 +448,7 @@ class Tied(torch.nn.Module):
 
 
 def test_swaps_walk_every_tensor_once_tied_weights_included() -> None:
-    from imgrag.manager import _tensor_slots
+    from imgrag.devices import _tensor_slots
 
     class Wrapper:  # a model wrapper, as the engine's are (Judge.model, Generator.pipe)
         def __init__(self) -> None:
@@ -454,7 +462,7 @@ def test_swaps_walk_every_tensor_once_tied_weights_included() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked host memory needs a CUDA device")
 def test_pinned_swap_round_trip_on_cuda() -> None:
-    from imgrag.manager import swap_in, swap_out
+    from imgrag.devices import swap_in, swap_out
 
     model = Tied()
     expected = model.embed.weight.detach().clone()
@@ -471,7 +479,7 @@ def test_pinned_swap_round_trip_on_cuda() -> None:
 
 
 def test_pinning_only_for_cuda() -> None:
-    from imgrag.manager import _pinning_available
+    from imgrag.devices import _pinning_available
 
     assert not _pinning_available("cpu")
     assert not ModelManager(_settings(), device="cpu").pinned

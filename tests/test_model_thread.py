@@ -39,7 +39,7 @@ def record_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
 
 def test_every_model_call_of_a_run_runs_on_the_one_model_thread(tiny_settings, tmp_path: Path, capsys,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from imgrag.manager import model_thread
+    from imgrag.devices import model_thread
 
     folder = tmp_path / "refs"
     folder.mkdir()

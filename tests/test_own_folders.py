@@ -18,9 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
+from imgrag.adapters import inspect_adapter, resolve_ip_adapter
 from imgrag.errors import ModelLoadError
 from imgrag.generator import Generator
-from imgrag.model_files import check_role, inspect_adapter, is_torchscript_archive, resolve_ip_adapter
+from imgrag.model_files import check_role, is_torchscript_archive
 from imgrag.settings import Settings, load_settings
 from imgrag.tiny_kit import IP_IMAGE_ENCODER, SDXL_UNET
 from tests.cli import run_cli

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import imgrag.store as store_mod
+import imgrag.store.client as client_mod
+import imgrag.store.indexing as indexing_mod
 from imgrag.errors import UserError
 from imgrag.settings import load_settings
 from imgrag.store import (
@@ -220,9 +221,9 @@ def test_reindex_is_idempotent_and_reads_nothing(tmp_path: Path, colours: Path,
         raise AssertionError("an unchanged file was opened")
 
     # Unchanged files must not be probed, read, hashed, decoded or embedded.
-    monkeypatch.setattr(store_mod, "probe_image", forbidden)
-    monkeypatch.setattr(store_mod, "decode_image", forbidden)
-    monkeypatch.setattr(store_mod, "content_digest", forbidden)
+    monkeypatch.setattr(indexing_mod, "probe_image", forbidden)
+    monkeypatch.setattr(indexing_mod, "decode_image", forbidden)
+    monkeypatch.setattr(indexing_mod, "content_digest", forbidden)
     monkeypatch.setattr(Image, "open", forbidden)
     calls = emb.image_calls
     again = open_store(tmp_path, emb).index([colours], emb)
@@ -238,13 +239,13 @@ def test_touched_file_is_hashed_but_not_embedded_again(tmp_path: Path, colours: 
     store.index([colours], emb)
     red = colours / "red.png"
     os.utime(red, ns=(time.time_ns(), time.time_ns() + 5_000_000_000))
-    monkeypatch.setattr(store_mod, "decode_image", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
+    monkeypatch.setattr(indexing_mod, "decode_image", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
     calls = emb.image_calls
     summary = store.index([colours], emb)
     assert (summary["added"], summary["updated"], summary["unchanged"]) == (0, 0, 5)
     assert emb.image_calls == calls
     # The new mtime is recorded: a third run does not even hash it.
-    monkeypatch.setattr(store_mod, "content_digest", lambda *a: (_ for _ in ()).throw(AssertionError("hashed")))
+    monkeypatch.setattr(indexing_mod, "content_digest", lambda *a: (_ for _ in ()).throw(AssertionError("hashed")))
     assert store.index([colours], emb)["unchanged"] == 5
 
 
@@ -285,12 +286,13 @@ def test_sidecar_caption_is_stored_and_a_caption_change_is_an_update(tmp_path: P
     assert store.search_text(emb, "red", k=1)[0].caption == "a red fire engine"
     time.sleep(0.01)
     (colours / "red.txt").write_text("a red rocket", encoding="utf-8")
-    monkeypatch.setattr(store_mod, "probe_image", lambda *a: (_ for _ in ()).throw(AssertionError("read")))
+    monkeypatch.setattr(indexing_mod, "probe_image", lambda *a: (_ for _ in ()).throw(AssertionError("read")))
     summary = store.index([colours], emb)
     assert (summary["updated"], summary["unchanged"]) == (1, 4)
     ref = store.search_text(emb, "red", k=1)[0]
     assert ref.caption == "a red rocket"
-    assert store.get([ref.id])[0].caption == "a red rocket"
+    reopened = ReferenceStore.open(settings_for(tmp_path / "store"), emb.model_id, emb.dim)
+    assert reopened.search_text(emb, "red", k=1)[0].caption == "a red rocket"
 
 
 def test_prune_forgets_vanished_files_only_under_the_given_paths(tmp_path: Path, colours: Path) -> None:
@@ -342,7 +344,7 @@ def test_bad_files_are_skipped_with_reasons(tmp_path: Path, monkeypatch: pytest.
     png_claiming(folder / "bomb.png", 40000, 40000)
     png_claiming(folder / "huge.png", 10000, 10000)  # 100 MP: past imgrag's limit, under Pillow's bomb error
     noise(folder / "large.png", seed=2, size=64)
-    monkeypatch.setattr(store_mod, "MAX_FILE_BYTES", 4000)  # large.png is ~12 kB
+    monkeypatch.setattr(indexing_mod, "MAX_FILE_BYTES", 4000)  # large.png is ~12 kB
     (folder / "loop").mkdir()
     (folder / "loop" / "again").symlink_to(folder, target_is_directory=True)
     (folder / "broken.png").symlink_to(tmp_path / "nowhere.png")
@@ -447,13 +449,14 @@ def test_missing_file_is_never_returned(tmp_path: Path, colours: Path) -> None:
     assert red_id not in {r.id for r in store.retrieve(emb, ["red"], k=5)}
     assert Path(store.search_text(emb, "red", k=1)[0].path).name == "orange.jpg"
     green_id = store.search_text(emb, "green", k=1)[0].id
-    assert [r.id for r in store.get([red_id, green_id, "no-such-id"])] == [green_id]
+    every = {r.id for r in store.search_text(emb, "red", k=store.count())}
+    assert red_id not in every and green_id in every and len(every) == store.count() - 1
 
 
 def test_empty_or_missing_store_reads_as_empty(tmp_path: Path) -> None:
     emb = ColourEmbedder()
     store = ReferenceStore.open(settings_for(tmp_path / "nothing-here"), emb.model_id, emb.dim)
-    assert store.count() == 0 and store.retrieve(emb, ["red"], k=2) == [] and store.get(["x"]) == []
+    assert store.count() == 0 and store.retrieve(emb, ["red"], k=2) == [] and store.search_text(emb, "red", k=2) == []
     assert not (tmp_path / "nothing-here").exists()  # reading never creates a store
     # A reader opened before the store existed sees what a later index adds (the agent opens once per run).
     solid(tmp_path / "pics" / "red.png", (255, 0, 0))
@@ -687,7 +690,7 @@ def test_a_corrupt_store_is_one_line(tmp_path: Path, colours: Path) -> None:
     data = bytearray(database.read_bytes())
     data[:4096] = b"\0garbage" * 512  # the SQLite header and first page gone
     database.write_bytes(bytes(data))
-    store_mod._CLIENTS.clear()  # as a new process would open it
+    client_mod._CLIENTS.clear()  # as a new process would open it
     from chromadb.api.shared_system_client import SharedSystemClient
 
     SharedSystemClient._identifier_to_system.pop(str(tmp_path / "store"), None)
