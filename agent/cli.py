@@ -303,7 +303,7 @@ def doctor(
     try:  # the whole report is still shown for a GPU preset checked on a machine without that GPU
         check_device(settings.device)
     except ValueError as exc:
-        report["device_problem"] = f"device: {exc}"
+        report["device_problem"] = str(exc)
     report["cuda"] = _cuda_status()
     try:
         meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())

@@ -145,7 +145,8 @@ class Runner:
         location, pictures = census
         warning = None
         if pictures is None:
-            warning = (f"the store {location} does not exist yet, so retrieval will find no reference; check "
+            what = "holds no store yet" if Path(location).is_dir() else "does not exist yet"
+            warning = (f"the store {location} {what}, so retrieval will find no reference; check "
                        f"--store, or add pictures with `imgrag index PATH --store {location}`")
         elif pictures == 0:
             warning = (f"the store {location} holds no pictures, so retrieval will find no reference; add some "
@@ -299,7 +300,9 @@ class Runner:
         except KeyboardInterrupt:
             # Ctrl-C: close the record from the last checkpoint, leaving the thread as it is so --resume goes on.
             snapshot = graph.get_state(config)
-            state = snapshot.values or values
+            # The best candidate of the last checkpoint is the partial answer (finalize never ran to name it).
+            state = {**(snapshot.values or values), "final_candidate": outcome(snapshot.values or values)[
+                "final_candidate"]}
             result = self._result(state, record, add_loads(earlier, self._loads_since(before)))
             result.update(status="interrupted", stop_reason="interrupted (Ctrl-C)")
             record.append_step({"event": "interrupted", "checkpoint": (snapshot.config or {}).get(
