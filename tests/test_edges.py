@@ -150,7 +150,7 @@ def test_prompts_and_paths_print_as_text_not_rich_markup(capsys, tmp_path: Path,
                                              "model_loads": {}})
     monkeypatch.setattr(agent.runner, "Runner", _Runner)
     code, out, err = run_cli(capsys, "batch", str(prompts))
-    assert code == 0, err
+    assert code == 1 and "1 of 1 prompt(s) failed" in err, err  # the table first, then the exit code says it
     assert "a [/] sign and [bold]x" in out and "bad [red]thing[/]" in out and "[b]atch" in out
 
 

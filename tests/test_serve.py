@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -185,8 +186,10 @@ def serve_env(tiny_kit: dict[str, Path], tmp_path: Path) -> dict[str, str]:
         Image.new("RGB", (32, 32), (80 * i, 120, 40)).save(refs / f"{name}.png")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHAT_TEST_", "IMGRAG_"))}
     env.update({"IMGRAG_HOME": str(tmp_path / "home"), "IMGRAG_TINY_KIT_DIR": str(tiny_kit["generator"].parent),
-                "CHAT_TEST_REFS": str(refs), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                "GRADIO_ANALYTICS_ENABLED": "False", "NO_COLOR": "1"})
+                "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "NO_COLOR": "1"})
+    # A real store of those pictures (tests/chat_launcher.py no longer stubs the store), indexed by the tiny CLIP.
+    subprocess.run([sys.executable, "-m", "agent.cli", "index", str(refs), "--profile", "tiny"], cwd=str(REPO),
+                   env=env, check=True, capture_output=True)
     return env
 
 
@@ -270,7 +273,7 @@ def test_the_page_in_a_browser_continues_a_terminal_thread(serve_env: dict[str, 
         assert "the judge" in text_of("rounds") and "c1" in text_of("rounds")
         assert len(driver.find_elements(By.CSS_SELECTOR, "#candidates img")) == 2
         assert len(driver.find_elements(By.CSS_SELECTOR, "#references img")) >= 1
-        assert "score 0.900" in text_of("references")
+        assert re.search(r"#1 \S+\.png · score -?\d\.\d{3}", text_of("references"))  # the real tiny CLIP's score
         assert driver.find_elements(By.CSS_SELECTOR, "#best img")
         assert "tiny profile" in text_of("chat") and "Traceback" not in driver.page_source
         driver.save_screenshot(str(tmp_path / "serve.png"))
