@@ -141,8 +141,9 @@ class BatchWorker:
         run_dir = Path(result["run_dir"])
         files = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
         shutil.rmtree(run_dir, ignore_errors=True)
+        # The process's running total (the run's own loads are in its result): the summary's per-worker count.
         return {"result": result, "files": files, "worker": self.name, "pid": os.getpid(),
-                "seconds": time.perf_counter() - start}
+                "seconds": time.perf_counter() - start, "model_loads": self.runner.manager.load_counts()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +342,7 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
                     item["worker"] = slot.name
                     slot.prompts += 1
                     slot.pid = payload["pid"]
-                    slot.model_loads = result["model_loads"]
+                    slot.model_loads = payload["model_loads"]  # this worker's loads so far, all its prompts
                     idle.append(slot)
                     settled.append(item)
                 write_json_atomic(batch_dir / "batch.json", state)
