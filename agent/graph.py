@@ -84,6 +84,9 @@ def working_view(state: dict[str, Any]) -> dict[str, Any]:
     the best picture. When the follow-up changed the prompt, the retrievals made for the old prompt are set
     aside too (``retrievals_from``), so the repair retrieves for what the judge now misses. Everything stays in
     the state, on disk, and in what the LLM is shown.
+
+    Only the fixed policy reads this view; the stop rules (:func:`stop_reason`) read the state's own counters and
+    take from the view only which candidate the run works on (its latest).
     """
     focus = state.get("continue_from") or {}
     candidates = state.get("candidates") or {}
