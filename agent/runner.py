@@ -103,6 +103,7 @@ class Runner:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UserError(f"run {run_id} already exists in {run_dir}; use --resume {run_id} to continue it")
         seed = check_seed(self.settings.generation.seed if seed is None else seed)
+        loads_before = self.manager.load_counts()  # the run's checks load models too (the embedder): they count
         if planner == "agent":
             self.check_llm()
         budget = run_budget(self.settings, max_rounds)
@@ -118,7 +119,7 @@ class Runner:
             record.append_step({"event": "retrieval_off", "reason": retrieval_off})
             self.on_event({"event": "note", "text": f"retrieval is unavailable ({retrieval_off}); drawing without "
                                                     "references"})
-        return self._drive(state, run_id, record, state)
+        return self._drive(state, run_id, record, state, loads_before)
 
     def _store_census(self) -> tuple[str, int | None] | None:
         """(location, picture count) of the store, the first time a runner asks; None after that, or when the
@@ -270,7 +271,8 @@ class Runner:
         record.write_result(result)
         return result
 
-    def _drive(self, graph_input: Any, run_id: str, record: RunRecord, values: dict[str, Any]) -> dict[str, Any]:
+    def _drive(self, graph_input: Any, run_id: str, record: RunRecord, values: dict[str, Any],
+               loads_before: dict[str, int] | None = None) -> dict[str, Any]:
         """Stream the graph from ``graph_input`` (a state, an update, a Command, or None for the checkpoint) and
         write result.json; ``values`` is the state the run starts from (for its clock and budget)."""
         clock = Clock(seconds_before=float(values.get("seconds") or 0.0))
@@ -282,7 +284,7 @@ class Runner:
         self.on_event({"event": "run_start", "run_id": run_id, "run_dir": str(record.dir)})
         # model_loads in result.json: what this run loaded, in this process and in the ones before it (a resume).
         earlier = (record.read_result() or {}).get("model_loads") if record.result_path.exists() else None
-        before = self.manager.load_counts()
+        before = self.manager.load_counts() if loads_before is None else loads_before
         try:
             for _ in graph.stream(graph_input, config, stream_mode="updates", context=ctx):
                 pass
