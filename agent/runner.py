@@ -103,9 +103,9 @@ class Runner:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UserError(f"run {run_id} already exists in {run_dir}; use --resume {run_id} to continue it")
         seed = check_seed(self.settings.generation.seed if seed is None else seed)
-        loads_before = self.manager.load_counts()  # the run's checks load models too (the embedder): they count
         if planner == "agent":
             self.check_llm()
+        loads_before = self.manager.load_counts()  # the run's checks load models too (the embedder): they count
         budget = run_budget(self.settings, max_rounds)
         census = self._store_census()  # before check_retrieval opens the store (a typo'd path reads as empty)
         retrieval_off = self.check_retrieval()
