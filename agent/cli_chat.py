@@ -1,6 +1,6 @@
 """``imgrag chat``: the terminal chat (issue #6).
 
-The conversation logic lives in ``agent/chat.py``; this file is the screen: a prompt_toolkit prompt with a
+The conversation logic lives in ``agent/chat/``; this file is the screen: a prompt_toolkit prompt with a
 persistent input history, a live status line on stderr while the agent works, the slash commands, and the
 review prompt of ``/approve on``. Ctrl-C stops the current request (the thread keeps its last checkpoint);
 Ctrl-D quits. A user mistake prints one line and the chat goes on.

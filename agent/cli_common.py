@@ -16,7 +16,7 @@ import typer.core
 from rich.console import Console
 
 from imgrag.errors import UserError
-from imgrag.settings import Settings, SettingsError, load_settings
+from imgrag.settings import TINY_WARNING, Settings, SettingsError, load_settings
 
 
 def _flag_aware_type(display_type_rich: Any) -> Any:
@@ -83,8 +83,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 FastOpt = Annotated[str | None, typer.Option(
     "--fast", help="Few-step drawing for drafts: off, lcm-lora or distilled (default: generation.fast).")]
 
-TINY_WARNING = ("tiny profile: random-weight models — the images are noise and the verdicts junk; "
-                "this checks the plumbing, not quality.")
+# TINY_WARNING: the one text (imgrag.settings), imported above for the CLI modules that take it from here.
 
 
 def settings_from_flags(

@@ -365,7 +365,7 @@ def print_batch(summary: dict[str, Any], console: Console | None = None) -> None
 def _ray_batch(file, total, address, workers, resume, planner, max_rounds, profile, config, store, out_dir, fast,
                gates=None):
     """``batch --ray``: settings and shared services checked, then the prompts spread over Ray workers."""
-    from agent.ray_batch import RayProgress, check_shared_services, run_batch
+    from agent.ray_batch import check_shared_services, run_batch
 
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
                                    **{"generation.fast": fast, **(gates or {})})
@@ -381,3 +381,55 @@ def _ray_batch(file, total, address, workers, resume, planner, max_rounds, profi
                   soft_wrap=True)
         raise
     return summary, settings
+
+
+class RayProgress:
+    """The driver's one progress display on stderr: a live line (done/total, per worker, failures, deaths) and a
+    line per settled prompt."""
+
+    def __init__(self, console: Any, total: int) -> None:
+        self.console = console
+        self.total = total
+        self.done = 0
+        self.failed = 0
+        self.deaths = 0
+        self.per_worker: dict[str, int] = {}
+        self.start = time.monotonic()
+        self.status = console.status("starting the Ray workers", spinner="dots")
+
+    def __enter__(self) -> RayProgress:
+        self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.status.__exit__(*exc)
+
+    def line(self) -> str:
+        """The live line's text."""
+        workers = ", ".join(f"{name}: {n}" for name, n in sorted(self.per_worker.items()))
+        return (f"{time.monotonic() - self.start:6.1f}s  {self.done}/{self.total} prompts  ({workers})  "
+                f"failed {self.failed}  worker deaths {self.deaths}")
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "workers":
+            self.per_worker = {w["name"]: 0 for w in event["workers"]}
+            self.done = event.get("done", 0)
+            nodes = ", ".join(f"{w['name']}@{w['node']} (pid {w['pid']})" for w in event["workers"])
+            self.console.print(f"[dim]ray workers: {escape(nodes)} → {escape(event['batch_dir'])}[/]", soft_wrap=True)
+        elif kind == "worker_died":
+            self.deaths += 1
+            self.console.print(f"[yellow]worker {event['worker']} died ({event['error']}); prompt "
+                               f"{event['index'] + 1} goes to another worker[/]")
+        elif kind == "item":
+            item = event["item"]
+            self.done += 1
+            if item["status"] == "failed":
+                self.failed += 1
+            worker = event.get("worker")
+            if worker:
+                self.per_worker[worker] = self.per_worker.get(worker, 0) + 1
+            detail = item.get("error") or item.get("final_image") or ""
+            self.console.print(f"prompt {item['index'] + 1}: {item['status']} ({worker or '-'}) {escape(str(detail))}",
+                               soft_wrap=True)
+        self.status.update(self.line())

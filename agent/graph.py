@@ -21,6 +21,7 @@ from typing import Any, Literal
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langgraph.graph import END, START, StateGraph
 from langgraph.prebuilt import ToolNode
+from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 
 import prompts
@@ -29,26 +30,19 @@ from agent.retrieve_or_generate import answer_rank, drawings_only, photo_step
 from agent.state import AgentState
 from imgrag.chat_model import QwenChatModel, content_text, read_reply
 from imgrag.checkpoints import first_line
+from tools.budget import Clock, spent
 from tools.context import ToolContext
 from tools.image_tools import TOOL_NAMES, checkpoint_safe, make_tools
 from tools.retrieved_tools import make_retrieved_tools
 
 
 @dataclass
-class Runtime:
-    """What the nodes need beyond the state: the tools' context and the wall clock of this process."""
+class RunContext(ToolContext):
+    """The graph's LangGraph runtime context (``context_schema``): one run's tool context plus what the nodes need
+    beyond the state. Passed at invoke time, so one compiled graph serves every run of a process; never checkpointed."""
 
-    ctx: ToolContext
-    started: float = field(default_factory=time.monotonic)
-    seconds_before: float = 0.0  # spent by earlier processes on this thread (a resumed run)
+    clock: Clock = field(default_factory=Clock)  # the run's wall clock across its processes
     llm_down: str | None = None  # why the LLM cannot be asked any more in this process (a failed call)
-
-    def elapsed(self) -> float:
-        return self.seconds_before + (time.monotonic() - self.started)
-
-    def deadline(self, max_seconds: float) -> float:
-        """The ``time.monotonic()`` instant at which the run's time budget ends."""
-        return self.started + (max_seconds - self.seconds_before)
 
 
 # ----- helpers the nodes share -----
@@ -94,6 +88,9 @@ def working_view(state: dict[str, Any]) -> dict[str, Any]:
     the best picture. When the follow-up changed the prompt, the retrievals made for the old prompt are set
     aside too (``retrievals_from``), so the repair retrieves for what the judge now misses. Everything stays in
     the state, on disk, and in what the LLM is shown.
+
+    Only the fixed policy reads this view; the stop rules (:func:`stop_reason`) read the state's own counters and
+    take from the view only which candidate the run works on (its latest).
     """
     focus = state.get("continue_from") or {}
     candidates = state.get("candidates") or {}
@@ -106,22 +103,14 @@ def working_view(state: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
-def stop_reason(state: dict[str, Any], elapsed: float) -> str | None:
-    """Why the run must stop now, or None to go on."""
+def stop_reason(state: dict[str, Any], elapsed: float, latest: dict[str, Any] | None) -> str | None:
+    """Why the run must stop now, or None to go on. ``latest`` is the candidate the run works on (the latest of
+    :func:`working_view`); the budgets are :func:`tools.budget.spent`'s."""
     if state.get("finished"):
         return "finished"
-    latest = latest_candidate(state)
     if latest and (latest.get("verdict") or {}).get("match") and answer_rank(latest):  # issue 18: not a blocked one
         return "matched"
-    budget = state["budget"]
-    if state.get("tool_calls", 0) >= budget["max_tool_calls"]:
-        return "tool-call budget spent"
-    if elapsed >= budget["max_seconds"]:
-        return "time budget spent"
-    # The last picture still deserves its verdict before the round budget ends the run.
-    if state.get("rounds", 0) >= budget["max_rounds"] and (latest is None or latest.get("verdict")):
-        return "round budget spent"
-    return None
+    return spent(state, elapsed, latest)
 
 
 # What the LLM is shown each step: the status summary plus a bounded window of the thread (see context_window).
@@ -223,26 +212,25 @@ def _check_reply(reply: AIMessage, names: tuple[str, ...] = TOOL_NAMES) -> str |
     return None
 
 
-def _policy_message(state: dict[str, Any], runtime: Runtime, chat_model_name: str = "llm") -> AIMessage | None:
-    settings = runtime.ctx.settings  # issue 18: retrieve or generate comes first, then the drawing policy
+def _policy_message(state: dict[str, Any], ctx: RunContext, chat_model_name: str = "llm") -> AIMessage | None:
+    settings = ctx.settings  # issue 18: retrieve or generate comes first, then the drawing policy
     step = (photo_step(state, settings.retrieval.allow_retrieved)
             or next_step(drawings_only(state), settings.generation.ip_scale))
     if step is None:
         return None
     name, args = step
-    if name == "retrieve" and runtime.ctx.settings.retrieval.rewrite_queries and args["queries"] != [state["prompt"]]:
-        args = {**args, "queries": _caption_queries(state, runtime, args["queries"], chat_model_name)}
+    if name == "retrieve" and ctx.settings.retrieval.rewrite_queries and args["queries"] != [state["prompt"]]:
+        args = {**args, "queries": _caption_queries(state, ctx, args["queries"], chat_model_name)}
     call = {"name": name, "args": args, "id": f"policy-{uuid.uuid4().hex[:12]}", "type": "tool_call"}
     return AIMessage(content="", tool_calls=[call], name="policy")
 
 
-def _caption_queries(state: dict[str, Any], runtime: Runtime, missing: list[str], chat_model_name: str) -> list[str]:
+def _caption_queries(state: dict[str, Any], ctx: RunContext, missing: list[str], chat_model_name: str) -> list[str]:
     """ImageRAG's caption step (``retrieval.rewrite_queries``): the LLM writes one descriptive retrieval caption
     per missing concept (imgrag/concepts.py); the phrases themselves when it cannot. A remote LLM is called
     outside the GPU lock."""
     from imgrag.concepts import caption_concepts
 
-    ctx = runtime.ctx
     try:  # the manager runs a local LLM on the model thread, a remote one here without the GPU lock
         captions = ctx.manager.run(chat_model_name, caption_concepts, state["prompt"], missing)
     except Exception as exc:  # the LLM cannot load: retrieve with the phrases, as without the step
@@ -255,53 +243,55 @@ def _caption_queries(state: dict[str, Any], runtime: Runtime, missing: list[str]
 
 # ----- the graph -----
 
-def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
-    """The agent as a StateGraph over AgentState; compile it with a checkpointer to run it."""
-    ctx = runtime.ctx
-    tools = make_tools(ctx) + make_retrieved_tools(ctx)  # issue 18: consider_photos when allowed
+def build_graph(chat_model_name: str = "llm", allow_retrieved: bool = False) -> StateGraph:
+    """The agent as a StateGraph over AgentState with a :class:`RunContext` runtime context; compile it once with a
+    checkpointer, and give each run its context at invoke time (``graph.stream(..., context=ctx)``).
+    ``allow_retrieved`` offers the ``consider_photos`` tool (``retrieval.allow_retrieved``)."""
+    tools = make_tools() + make_retrieved_tools(allow_retrieved)  # issue 18: consider_photos when allowed
     names = tuple(t.name for t in tools)
 
-    def plan(state: AgentState) -> dict[str, Any]:
+    def plan(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         """Choose the next step: stop, an LLM tool call, or the policy's step."""
-        elapsed = runtime.elapsed()
+        ctx = runtime.context
+        elapsed = ctx.clock.elapsed()
         view = working_view(state)
-        reason = stop_reason(view, elapsed)
+        reason = stop_reason(state, elapsed, latest_candidate(view))
         if reason:
             return {"stop_reason": reason, "seconds": elapsed}
         failures = state.get("failures", 0) + 1 if _tool_failures(state.get("messages", [])) else 0
         limit = ctx.settings.budget.max_llm_failures
-        if state["planner"] == "agent" and failures < limit and runtime.llm_down is None:
-            reply, failures = _ask_llm(state, failures, limit)
+        if state["planner"] == "agent" and failures < limit and ctx.llm_down is None:
+            reply, failures = _ask_llm(ctx, state, failures, limit)
             if reply is not None:
-                return {"messages": [reply], "failures": failures, "seconds": runtime.elapsed()}
-        message = _policy_message(view, runtime, chat_model_name)
+                return {"messages": [reply], "failures": failures, "seconds": ctx.clock.elapsed()}
+        message = _policy_message(view, ctx, chat_model_name)
         if message is None:
             failed = (state.get("failed_steps") or [])[-1:]
             why = f" ({failed[0]['tool']} failed: {failed[0].get('error', '')[:200]})" if failed else ""
-            return {"stop_reason": f"the policy has no step left{why}", "seconds": runtime.elapsed()}
+            return {"stop_reason": f"the policy has no step left{why}", "seconds": ctx.clock.elapsed()}
         if state["planner"] == "agent":
-            why = (f"the LLM failed: {runtime.llm_down}" if runtime.llm_down
+            why = (f"the LLM failed: {ctx.llm_down}" if ctx.llm_down
                    else f"{failures} unusable LLM steps in a row")
             ctx.record.append_step({"planner": "policy", "reason": why,
                                     "tool": message.tool_calls[0]["name"], "ok": True, "seconds": 0.0})
-        return {"messages": [message], "failures": 0, "seconds": runtime.elapsed(),
+        return {"messages": [message], "failures": 0, "seconds": ctx.clock.elapsed(),
                 "fallback_steps": 1 if state["planner"] == "agent" else 0}
 
-    def _ask_llm(state: AgentState, failures: int, limit: int) -> tuple[AIMessage | None, int]:
+    def _ask_llm(ctx: RunContext, state: AgentState, failures: int, limit: int) -> tuple[AIMessage | None, int]:
         """Ask the LLM; an unusable reply goes back to it as an error until ``limit`` failures in a row.
 
         It sees the status summary and a bounded window of the thread (:func:`context_window`). A call that
         raises (a server down, out of memory) hands this process's remaining steps to the policy, said once."""
         asked = llm_messages(state)
         feedback: list[BaseMessage] = []
-        while failures < limit and runtime.llm_down is None:
+        while failures < limit and ctx.llm_down is None:
             ctx.on_event({"event": "llm_start", "attempt": failures + 1})
             start = time.perf_counter()
             try:
-                reply = _invoke_llm([*asked, *feedback], state)
+                reply = _invoke_llm(ctx, [*asked, *feedback], state)
             except Exception as exc:  # the planner must go on: the fixed policy takes the remaining steps
                 reason = f"{type(exc).__name__}: {first_line(exc)}"
-                runtime.llm_down = reason
+                ctx.llm_down = reason
                 ctx.record.append_step({"planner": "llm", "ok": False, "seconds": round(time.perf_counter() - start, 3),
                                         "tool": None, "error": f"the LLM call failed: {reason}"})
                 ctx.on_event({"event": "note", "text": f"the agent LLM failed ({reason}); the fixed policy takes "
@@ -325,11 +315,11 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
                                       f"of: {', '.join(names)}.")]
         return None, failures
 
-    def _invoke_llm(messages: list[BaseMessage], state: AgentState) -> AIMessage:
+    def _invoke_llm(ctx: RunContext, messages: list[BaseMessage], state: AgentState) -> AIMessage:
         """One LLM call through the manager: a local model on the device's model thread, stopping at the run's
         deadline; a remote one (an OpenAI-compatible server, registered on the host) in this thread, holding no
         GPU lock."""
-        deadline = runtime.deadline(float(state["budget"]["max_seconds"]))
+        deadline = ctx.clock.deadline(float(state["budget"]["max_seconds"]))
 
         def call(llm: Any, msgs: list[BaseMessage]) -> AIMessage:
             limits = {"deadline": deadline} if isinstance(llm, QwenChatModel) else {}
@@ -347,7 +337,7 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
             return "review"
         return "tools"
 
-    def review(state: AgentState) -> dict[str, Any]:
+    def review(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         """Human in the loop: pause before each regenerate with ``interrupt()`` and draw with the references the
         user approves. The answer (``Command(resume=...)``) is ``{"reference_ids": [...], "references": {id:
         record}}``: the ids to draw with, plus records for files the user named; no ids left turns the call into
@@ -371,15 +361,15 @@ def build_graph(runtime: Runtime, chat_model_name: str = "llm") -> StateGraph:
             else:
                 plain = {"prompt": args.get("prompt"), "seed": args.get("seed")}
                 calls.append({**call, "name": "generate", "args": plain})
-        ctx.record.append_step({"event": "review", "calls": approved})
+        runtime.context.record.append_step({"event": "review", "calls": approved})
         # Same message id: add_messages replaces the planner's message, so the tools run the approved calls.
         return {"messages": [last.model_copy(update={"tool_calls": calls})], "references": added}
 
-    def finalize(state: AgentState) -> dict[str, Any]:
+    def finalize(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         """Pick the answer and the status: matched, budget_exhausted, or failed (nothing drawn)."""
-        return {**outcome(state), "seconds": runtime.elapsed()}
+        return {**outcome(state), "seconds": runtime.context.clock.elapsed()}
 
-    graph = StateGraph(AgentState)
+    graph = StateGraph(AgentState, context_schema=RunContext)
     graph.add_node("plan", plan)
     graph.add_node("review", review)
     graph.add_node("tools", ToolNode(tools))

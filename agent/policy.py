@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-# Each guided round that still misses something pushes the references harder.
+from tools.budget import MAX_IP_SCALE, MAX_REFERENCES, rounds_spent
+
+# Each guided round that still misses something pushes the references harder (up to MAX_IP_SCALE).
 IP_SCALE_STEP = 0.15
-MAX_IP_SCALE = 1.0
-MAX_REFERENCES = 4
 
 
 def latest_candidate(state: dict[str, Any]) -> dict[str, Any] | None:
@@ -66,7 +66,7 @@ def next_step(state: dict[str, Any], base_ip_scale: float) -> tuple[str, dict[st
         return None if failed_for(state, "critique", latest["id"], ask) else ("critique", ask)
     if verdict.get("match"):
         return "finish", {"candidate_id": latest["id"], "reason": "the judge reports a match"}
-    if rounds >= state.get("budget", {}).get("max_rounds", rounds + 1):
+    if rounds_spent(state):
         return None
     retrieval = retrieval_for(state, latest["id"])
     if retrieval is None:

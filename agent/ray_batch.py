@@ -3,7 +3,7 @@
 One long-lived worker (a Ray actor) per GPU, each with its own :class:`agent.runner.Runner` and so its own
 model manager: a worker loads each model once and keeps it for every prompt it is given. The driver (the
 process that runs the command) hands out prompts one at a time to whichever worker is free, and keeps the
-one batch record (``batch.json``, via the runner's ``open_batch``/``claim_item``/``settle_item``) in the
+one batch record (``batch.json``, via ``agent.batch``'s ``open_batch``/``claim_item``/``settle_item``) in the
 same layout as the in-process batch, so ``--resume`` works the same way.
 
 - **No shared filesystem.** A worker runs each prompt in a scratch folder of its own, then returns the run's
@@ -19,6 +19,8 @@ same layout as the in-process batch, so ``--resume`` works the same way.
   prompt starts over).
 - **Ctrl-C on the driver** keeps every finished prompt in batch.json and puts the prompts in flight back to
   pending: the workers' checkpoints are not on the driver, so ``--resume`` draws those again from the start.
+
+The driver's progress display on the terminal is ``agent.cli_run.RayProgress``.
 
 Ray's own docs on actors and fault tolerance: https://docs.ray.io/en/latest/ray-core/actors.html and
 https://docs.ray.io/en/latest/ray-core/fault_tolerance/actors.html.
@@ -139,8 +141,9 @@ class BatchWorker:
         run_dir = Path(result["run_dir"])
         files = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
         shutil.rmtree(run_dir, ignore_errors=True)
+        # The process's running total (the run's own loads are in its result): the summary's per-worker count.
         return {"result": result, "files": files, "worker": self.name, "pid": os.getpid(),
-                "seconds": time.perf_counter() - start}
+                "seconds": time.perf_counter() - start, "model_loads": self.runner.manager.load_counts()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +246,7 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
     ``on_progress`` gets events: ``workers`` (their identities), ``item`` (a prompt settled, with its worker),
     ``worker_died``. Raises UserError for an embedded store, a missing Ray, an unreachable cluster; a Ctrl-C
     saves batch.json (prompts in flight back to pending) and propagates."""
-    from agent.runner import FINISHED, claim_item, fail_item, open_batch, settle_item
+    from agent.batch import FINISHED, claim_item, fail_item, open_batch, settle_item
 
     progress = on_progress or (lambda event: None)
     check_shared_services(settings)
@@ -339,8 +342,7 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
                     item["worker"] = slot.name
                     slot.prompts += 1
                     slot.pid = payload["pid"]
-                    # A run's record holds what that run loaded: the worker's own total is their sum.
-                    slot.model_loads = _add(slot.model_loads, result["model_loads"])
+                    slot.model_loads = payload["model_loads"]  # this worker's loads so far, all its prompts
                     idle.append(slot)
                     settled.append(item)
                 write_json_atomic(batch_dir / "batch.json", state)
@@ -382,57 +384,3 @@ def _summary(batch_dir: Path, path: Path, state: dict[str, Any], slots: list[_Sl
     }
     write_json_atomic(batch_dir / "summary.json", summary)
     return summary
-
-
-class RayProgress:
-    """The driver's one progress display on stderr: a live line (done/total, per worker, failures, deaths) and a
-    line per settled prompt."""
-
-    def __init__(self, console: Any, total: int) -> None:
-        self.console = console
-        self.total = total
-        self.done = 0
-        self.failed = 0
-        self.deaths = 0
-        self.per_worker: dict[str, int] = {}
-        self.start = time.monotonic()
-        self.status = console.status("starting the Ray workers", spinner="dots")
-
-    def __enter__(self) -> RayProgress:
-        self.status.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.status.__exit__(*exc)
-
-    def line(self) -> str:
-        """The live line's text."""
-        workers = ", ".join(f"{name}: {n}" for name, n in sorted(self.per_worker.items()))
-        return (f"{time.monotonic() - self.start:6.1f}s  {self.done}/{self.total} prompts  ({workers})  "
-                f"failed {self.failed}  worker deaths {self.deaths}")
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        from rich.markup import escape
-
-        kind = event["event"]
-        if kind == "workers":
-            self.per_worker = {w["name"]: 0 for w in event["workers"]}
-            self.done = event.get("done", 0)
-            nodes = ", ".join(f"{w['name']}@{w['node']} (pid {w['pid']})" for w in event["workers"])
-            self.console.print(f"[dim]ray workers: {escape(nodes)} → {escape(event['batch_dir'])}[/]", soft_wrap=True)
-        elif kind == "worker_died":
-            self.deaths += 1
-            self.console.print(f"[yellow]worker {event['worker']} died ({event['error']}); prompt "
-                               f"{event['index'] + 1} goes to another worker[/]")
-        elif kind == "item":
-            item = event["item"]
-            self.done += 1
-            if item["status"] == "failed":
-                self.failed += 1
-            worker = event.get("worker")
-            if worker:
-                self.per_worker[worker] = self.per_worker.get(worker, 0) + 1
-            detail = item.get("error") or item.get("final_image") or ""
-            self.console.print(f"prompt {item['index'] + 1}: {item['status']} ({worker or '-'}) {escape(str(detail))}",
-                               soft_wrap=True)
-        self.status.update(self.line())

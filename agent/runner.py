@@ -7,7 +7,6 @@ continues from its last checkpoint with ``resume``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import time
@@ -19,18 +18,21 @@ from typing import Any
 from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.checkpoint.sqlite import SqliteSaver
 
-from agent.graph import Runtime, build_graph, initial_state, outcome
+from agent.batch import FINISHED, claim_item, fail_item, open_batch, read_prompt_file, settle_item
+from agent.graph import RunContext, build_graph, initial_state, outcome
 from imgrag.checkpoints import first_line
 from imgrag.errors import ModelLoadError, UserError, check_seed
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, new_run_id, write_json_atomic
-from imgrag.settings import Settings
-from tools.context import EventSink, ToolContext
+from imgrag.settings import TINY_WARNING, Settings
+from tools.budget import Clock, recursion_limit, run_budget
+from tools.context import EventSink, Models
 from tools.final_redraw import redraw_final_full
 
 PLANNERS = ("agent", "fixed")
-FINISHED = ("matched", "budget_exhausted")  # a batch item in one of these is never run again
-TINY_NOTE = ("tiny profile: random-weight models; the pictures are noise, the verdicts junk, and the fixed "
-             "policy drives most steps because the tiny LLM cannot call tools. This checks the plumbing only.")
+TINY_NOTE = TINY_WARNING  # result.json's note on the tiny profile: the one text (imgrag.settings)
+# The batch record's functions live in agent/batch.py; importable from here too, as before.
+__all__ = ["FINISHED", "PLANNERS", "TINY_NOTE", "RunInterrupted", "Runner", "add_loads", "claim_item", "fail_item",
+           "open_batch", "open_checkpointer", "read_prompt_file", "settle_item"]
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -64,7 +66,7 @@ def open_checkpointer(path: str | Path) -> SqliteSaver:
 class Runner:
     """Runs prompts through the agent graph with models loaded once."""
 
-    def __init__(self, settings: Settings, manager: Any = None, on_event: EventSink | None = None,
+    def __init__(self, settings: Settings, manager: Models | None = None, on_event: EventSink | None = None,
                  checkpointer: SqliteSaver | None = None, reference_store: Any = None) -> None:
         if manager is None:
             from imgrag.engine import build_manager
@@ -77,7 +79,9 @@ class Runner:
         self.reference_store = reference_store  # None: opened from settings.store when a run starts
         self._store_told = False  # the store's picture count is said once per runner (a batch, a chat)
         self._llm_checked = False
-        self._reader: Any = None  # the compiled graph for reading and editing threads, built on first use
+        # Compiled once per runner (so once per process): each run passes its own RunContext when it invokes it.
+        graph = build_graph(allow_retrieved=settings.retrieval.allow_retrieved)
+        self._graph = graph.compile(checkpointer=self.checkpointer)
 
     # ----- one run -----
     def run(self, prompt: str, *, seed: int | None = None, max_rounds: int | None = None, planner: str = "agent",
@@ -102,10 +106,8 @@ class Runner:
         seed = check_seed(self.settings.generation.seed if seed is None else seed)
         if planner == "agent":
             self.check_llm()
-        b = self.settings.budget
-        budget = {"max_rounds": max_rounds or b.max_rounds, "max_tool_calls": b.max_tool_calls,
-                  "max_seconds": b.max_seconds}
-        loads_before = self.manager.load_counts()  # the run's own loads include the embedder loaded just below
+        loads_before = self.manager.load_counts()  # the run's checks load models too (the embedder): they count
+        budget = run_budget(self.settings, max_rounds)
         census = self._store_census()  # before check_retrieval opens the store (a typo'd path reads as empty)
         retrieval_off = self.check_retrieval()
         state = initial_state(prompt, seed=seed, run_id=run_id, run_dir=str(run_dir), planner=planner, budget=budget,
@@ -218,12 +220,9 @@ class Runner:
 
     # ----- threads (the chat) -----
     def graph(self):
-        """The compiled graph over this runner's checkpointer, for reading and editing threads (state, history).
-
-        Compiled once: it runs no node, so it needs no run's context (the chat reads state many times a turn)."""
-        if self._reader is None:
-            self._reader = self._compile(None)
-        return self._reader
+        """The graph over this runner's checkpointer, compiled once: runs invoke it with their context, and the chat
+        reads and edits threads through it (state, history), which needs no context."""
+        return self._graph
 
     def thread_state(self, thread_id: str):
         """The thread's latest StateSnapshot; a UserError when the checkpointer has no such thread."""
@@ -274,28 +273,22 @@ class Runner:
         record.write_result(result)
         return result
 
-    def _compile(self, runtime: Runtime | None):
-        runtime = runtime or Runtime(ToolContext(self.settings, self.manager, RunRecord(self.settings.output_dir)))
-        return build_graph(runtime).compile(checkpointer=self.checkpointer)
-
     def _drive(self, graph_input: Any, run_id: str, record: RunRecord, values: dict[str, Any],
                loads_before: dict[str, int] | None = None) -> dict[str, Any]:
         """Stream the graph from ``graph_input`` (a state, an update, a Command, or None for the checkpoint) and
-        write result.json; ``values`` is the state the run starts from (for its clock and budget);
-        ``loads_before``: the manager's load counts when the run started (default: now)."""
-        ctx = ToolContext(self.settings, self.manager, record, on_event=self.on_event,
-                          reference_store=self.reference_store)
-        runtime = Runtime(ctx, seconds_before=float(values.get("seconds") or 0.0))
-        ctx.deadline = runtime.deadline(float(values["budget"]["max_seconds"]))
-        graph = self._compile(runtime)
-        config = {"configurable": {"thread_id": run_id},
-                  "recursion_limit": 4 * int(values["budget"]["max_tool_calls"]) + 20}
+        write result.json; ``values`` is the state the run starts from (for its clock and budget)."""
+        clock = Clock(seconds_before=float(values.get("seconds") or 0.0))
+        ctx = RunContext(self.settings, self.manager, record, on_event=self.on_event,
+                         reference_store=self.reference_store, clock=clock,
+                         deadline=clock.deadline(float(values["budget"]["max_seconds"])))
+        graph = self._graph
+        config = {"configurable": {"thread_id": run_id}, "recursion_limit": recursion_limit(values["budget"])}
         self.on_event({"event": "run_start", "run_id": run_id, "run_dir": str(record.dir)})
         # model_loads in result.json: what this run loaded, in this process and in the ones before it (a resume).
         earlier = (record.read_result() or {}).get("model_loads") if record.result_path.exists() else None
-        before = loads_before if loads_before is not None else self.manager.load_counts()
+        before = self.manager.load_counts() if loads_before is None else loads_before
         try:
-            for _ in graph.stream(graph_input, config, stream_mode="updates"):
+            for _ in graph.stream(graph_input, config, stream_mode="updates", context=ctx):
                 pass
         except KeyboardInterrupt:
             # Ctrl-C: close the record from the last checkpoint, leaving the thread as it is so --resume goes on.
@@ -417,87 +410,3 @@ class Runner:
                    "model_loads": self.manager.load_counts(), "seconds": round(time.perf_counter() - start, 3)}
         write_json_atomic(batch_dir / "summary.json", summary)
         return summary
-
-
-# ----- the batch record (batch.json), shared by the in-process batch and the Ray batch (agent/ray_batch.py) -----
-
-
-def open_batch(path: Path, output_dir: str | Path, *, resume: bool) -> tuple[Path, dict[str, Any]]:
-    """The batch folder and its batch.json state: the latest one of this file (same name and content) with
-    ``resume``, else a new one with every prompt pending. Raises UserError for a bad prompt file."""
-    items = read_prompt_file(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
-    root = Path(output_dir)
-    # The batch's runs live beside it under names with the same prefix: only a folder with batch.json counts.
-    existing = sorted(p.parent for p in root.glob(f"batch-{path.stem}-{digest}-*/batch.json"))
-    if resume and existing:
-        batch_dir = existing[-1]
-        state = json.loads((batch_dir / "batch.json").read_text(encoding="utf-8"))
-    else:
-        batch_dir = root / f"batch-{path.stem}-{digest}-{time.strftime('%Y%m%d-%H%M%S')}"
-        batch_dir.mkdir(parents=True, exist_ok=True)
-        state = {"file": str(path), "items": [{**item, "index": i, "run_id": None, "status": "pending"}
-                                              for i, item in enumerate(items)]}
-        write_json_atomic(batch_dir / "batch.json", state)
-    return batch_dir, state
-
-
-def claim_item(batch_dir: Path, state: dict[str, Any], item: dict[str, Any]) -> str:
-    """Mark an item running under a fresh run id (a retried prompt gets ``-r2``, ``-r3``...), save batch.json,
-    and return the run id."""
-    attempt = item.get("attempts", 0) + 1
-    item["attempts"] = attempt
-    item["run_id"] = f"{batch_dir.name}-{item['index']:03d}" + (f"-r{attempt}" if attempt > 1 else "")
-    item["status"] = "running"
-    write_json_atomic(batch_dir / "batch.json", state)
-    return item["run_id"]
-
-
-def settle_item(item: dict[str, Any], result: dict[str, Any]) -> None:
-    """Copy a finished run's outcome into its batch item."""
-    item.update(status=result["status"], final_image=result["final_image"], rounds=result["rounds"],
-                seconds=result["seconds"], error=None)
-    if "model_loads" in result:  # what this run loaded (its result.json), not the process's running total
-        item["model_loads"] = result["model_loads"]
-
-
-def fail_item(item: dict[str, Any], exc: BaseException) -> None:
-    """Record a prompt that failed: a UserError's line as it is, anything else with its type."""
-    item.update(status="failed", error=str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
-
-
-def read_prompt_file(path: Path) -> list[dict[str, Any]]:
-    """Prompts from .txt (one per line; blank lines and # comments skipped) or .jsonl objects
-    ({"prompt", "seed"?, "max_rounds"?}). Errors name the file and line."""
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read as text ({exc})") from None
-    items: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not str(obj.get("prompt", "")).strip():
-                raise UserError(f"{path}:{number}: each line needs an object with a non-empty \"prompt\"")
-            if "max_rounds" in obj and (not isinstance(obj["max_rounds"], int) or isinstance(obj["max_rounds"], bool)
-                                        or obj["max_rounds"] < 1):
-                raise UserError(f"{path}:{number}: \"max_rounds\" must be a whole number of at least 1")
-            if obj.get("seed") is not None:
-                if not isinstance(obj["seed"], int) or isinstance(obj["seed"], bool):
-                    raise UserError(f"{path}:{number}: \"seed\" must be an integer")
-                check_seed(obj["seed"], f"{path}:{number}: seed")
-            items.append({"prompt": obj["prompt"].strip(), "seed": obj.get("seed"),
-                          "max_rounds": obj.get("max_rounds")})
-        else:
-            items.append({"prompt": line, "seed": None, "max_rounds": None})
-    if not items:
-        raise UserError(f"{path}: no prompts in the file")
-    return items

@@ -48,6 +48,6 @@ class AgentState(TypedDict, total=False):
     status: str | None  # matched | budget_exhausted | failed, once the run ends; interrupted: a request cut off
     stop_reason: str | None
     final_candidate: str | None
-    # The terminal chat (agent/chat.py) sets these; a plain run leaves them at their defaults.
+    # The terminal chat (agent/chat/) sets these; a plain run leaves them at their defaults.
     approve: bool  # pause before each regenerate so the user reviews its references (interrupt in ``review``)
     continue_from: dict | None  # {candidate_id, rounds, retrievals_from?}: a follow-up repairs the best; see graph

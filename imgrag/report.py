@@ -36,6 +36,7 @@ import jinja2
 
 from imgrag.errors import UserError
 from imgrag.runs import RunRecord, atomic_path
+from imgrag.settings import TINY_WARNING
 
 # Largest side of an inlined thumbnail, in pixels. Candidates are shown at up to this size.
 THUMB_PX = 384
@@ -48,9 +49,7 @@ JPEG_QUALITY = 85
 ARGS_CHARS = 400
 DETAIL_CHARS = 1200
 
-TINY_BANNER = ("Tiny profile: random-weight models. The pictures are noise, the judge's verdicts and missing "
-               "concepts are junk, and the scores mean nothing. This page shows that the plumbing works, "
-               "not what imgrag draws.")
+TINY_BANNER = TINY_WARNING  # one text for the terminal, result.json and the page (imgrag.settings)
 
 # Badge colour per run status; any other status (unfinished, unknown) is grey.
 STATUS_KINDS = {"matched": "ok", "budget_exhausted": "warn", "interrupted": "warn", "failed": "bad"}

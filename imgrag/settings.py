@@ -44,6 +44,9 @@ dataclass = _pydantic_dataclass(config=_CONFIG)  # type: ignore[assignment]
 # IP-Adapter's reference scale, shared by the settings, the generator and the tools: 0 ignores the references,
 # 1 follows them as strongly as the adapter was trained to (above it SDXL copies the reference and breaks).
 MAX_IP_SCALE = 1.0
+# Said once by every command, kept in result.json's note and shown on the report when the profile is "tiny".
+TINY_WARNING = ("tiny profile: random-weight models — the images are noise and the verdicts junk; "
+                "this checks the plumbing, not quality.")
 Positive = Annotated[int, Field(ge=1)]
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 

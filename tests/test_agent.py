@@ -198,3 +198,23 @@ def test_an_llm_server_gone_away_is_a_failed_turn_and_the_policy_finishes(settin
     trace = [json.loads(line) for line in (Path(result["run_dir"]) / "trace.jsonl").read_text().splitlines()]
     failed = [s for s in trace if s.get("planner") == "llm" and not s["ok"]]
     assert failed and "ConnectError" in failed[0]["error"]
+
+
+def test_one_compiled_graph_serves_every_run_of_a_runner_with_its_own_context(settings, tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    """The graph is compiled once per runner; each run brings its own context (record, clock), so two runs
+    with the same graph keep their own files and budgets, and threads are read without another graph."""
+    import agent.runner as runner_module
+    from agent.chat import thread_ids
+
+    built = []
+    real = runner_module.build_graph
+    monkeypatch.setattr(runner_module, "build_graph", lambda *a, **k: built.append(1) or real(*a, **k))
+    runner, _ = make_runner(settings, tmp_path, [NO_CRADLE, MATCH, MATCH])
+    graph = runner.graph()
+    first = runner.run("a cradle", planner="fixed", max_rounds=2, run_id="first")
+    second = runner.run("a retriever", planner="fixed", max_rounds=1, run_id="second")
+    assert len(built) == 1 and runner.graph() is graph
+    assert first["rounds"] == 2 and second["rounds"] == 1 and first["run_dir"] != second["run_dir"]
+    assert tools_of(second) == ["generate", "critique"]  # its own record: none of the first run's steps
+    assert thread_ids(runner.checkpointer) == ["second", "first"]  # newest first, through the checkpointer's API

@@ -298,20 +298,24 @@ def test_finish_beside_a_generate(settings, tmp_path: Path) -> None:
 
 def test_a_valid_finish_stops_the_calls_beside_it(settings, tmp_path: Path) -> None:
     """In a chat follow-up the LLM may finish with an earlier matched candidate: a drawing beside it is not run."""
+    from langgraph.prebuilt import ToolRuntime
+
     from imgrag.runs import RunRecord
     from tools.context import ToolContext
     from tools.image_tools import make_tools
 
     runner, models = make_runner(settings, tmp_path, [MATCH])
     ctx = ToolContext(settings, runner.manager, RunRecord(tmp_path / "run"))
-    generate = {t.name: t for t in make_tools(ctx)}["generate"]
+    generate = {t.name: t for t in make_tools()}["generate"]
     calls = [{"name": "finish", "args": {"candidate_id": "c0"}, "id": "f", "type": "tool_call"},
              {"name": "generate", "args": {"prompt": "a kite", "seed": 2}, "id": "g", "type": "tool_call"}]
     state = {"messages": [AIMessage("", tool_calls=calls)], "rounds": 1, "tool_calls": 3, "seed": 0, "prompt": "a kite",
              "budget": {"max_rounds": 3, "max_tool_calls": 20, "max_seconds": 100},
              "candidates": {"c0": {"id": "c0", "verdict": {"match": True}}}}
+    runtime = ToolRuntime(state=state, context=ctx, config={}, stream_writer=lambda _: None, tool_call_id="g",
+                          store=None)
     out = generate.invoke({"type": "tool_call", "name": "generate", "id": "g",
-                           "args": {"prompt": "a kite", "seed": 2, "state": state}})
+                           "args": {"prompt": "a kite", "seed": 2, "runtime": runtime}})
     assert "also finished the run with c0" in out.update["messages"][0].content
     assert models["generator"].calls == []
 

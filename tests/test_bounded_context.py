@@ -8,10 +8,7 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from agent.graph import context_window, initial_state, llm_messages
-from imgrag.runs import RunRecord
-from imgrag.settings import load_settings
 from tests.fakes import scripted_qwen
-from tools.context import ToolContext
 from tools.image_tools import make_tools
 
 LONG_CAPTION = "a grey heron standing in shallow water at dawn, " * 45  # ~2,000 characters, as indexed captions run
@@ -45,8 +42,7 @@ def add_request(state: dict, n: int) -> None:
 
 
 def test_a_twenty_request_thread_stays_under_a_fixed_token_bound(tiny_kit, tmp_path: Path) -> None:
-    settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path)})
-    tools = [convert_to_openai_tool(t) for t in make_tools(ToolContext(settings, None, RunRecord(tmp_path / "r")))]
+    tools = [convert_to_openai_tool(t) for t in make_tools()]
     chat = scripted_qwen(tiny_kit["llm"], ["-"])
     state = initial_state("request 0", seed=0, run_id="t", run_dir=str(tmp_path), planner="agent",
                           budget={"max_rounds": 100, "max_tool_calls": 500, "max_seconds": 1e9})

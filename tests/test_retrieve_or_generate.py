@@ -152,7 +152,7 @@ def test_chat_use_photo_n_as_the_answer(tmp_path: Path) -> None:
 
 
 def test_use_photo_phrases() -> None:
-    from agent.chat_photos import parse_use_photo
+    from agent.chat.photos import parse_use_photo
 
     assert parse_use_photo("use photo 2 as the answer") == "2"
     assert parse_use_photo("Please use reference #3 as my answer.") == "3"

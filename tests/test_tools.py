@@ -27,17 +27,18 @@ def node_and_state(tmp_path: Path):
     ctx = ToolContext(settings, manager, RunRecord(tmp_path / "run"), reference_store=MemoryStore(tmp_path / "refs"))
     state = initial_state("a cradle", seed=0, run_id="r", run_dir=str(tmp_path / "run"), planner="agent",
                           budget={"max_rounds": 1, "max_tool_calls": 9, "max_seconds": 60})
-    graph = StateGraph(AgentState)
-    graph.add_node("tools", ToolNode(make_tools(ctx)))
+    graph = StateGraph(AgentState, context_schema=ToolContext)
+    graph.add_node("tools", ToolNode(make_tools()))
     graph.add_edge(START, "tools")
     graph.add_edge("tools", END)
-    return graph.compile(), state
+    return (graph.compile(), ctx), state
 
 
 def call_tool(app, state: dict, name: str, **args) -> tuple[str, str, dict]:
     """Run one tool call through a one-node graph; return its status, text and the new state."""
+    graph, ctx = app
     message = AIMessage(content="", tool_calls=[{"name": name, "args": args, "id": "t1"}])
-    new_state = app.invoke({**state, "messages": [*state["messages"], message]})
+    new_state = graph.invoke({**state, "messages": [*state["messages"], message]}, context=ctx)
     tool_message = new_state["messages"][-1]
     return tool_message.status, tool_message.content, new_state
 

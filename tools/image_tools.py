@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from typing import Annotated, Any
+from typing import Any
 
 from langchain_core.messages import ToolMessage
-from langchain_core.tools import BaseTool, InjectedToolCallId, tool
-from langgraph.prebuilt import InjectedState
+from langchain_core.tools import BaseTool, tool
+from langgraph.prebuilt import ToolRuntime
 from langgraph.types import Command
 
 from imgrag.checkpoints import first_line
@@ -23,10 +23,10 @@ from imgrag.engine import ManagedEmbedder
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
 from imgrag.provenance import for_drawing
+from tools.budget import MAX_IP_SCALE, MAX_REFERENCES
 from tools.context import ToolContext
 from tools.safety_gate import check_output, screen_drawing_references, screen_references
 
-MAX_REFERENCES_PER_DRAWING = 4
 MAX_QUERIES = 6
 MAX_K = 8
 MAX_CAPTION_CHARS = 160  # of a reference's caption, in what the LLM reads
@@ -181,20 +181,25 @@ def _describe(candidate: dict) -> str:
                        "clip_score": candidate["clip_score"], "references": candidate["reference_ids"]})
 
 
-def make_tools(ctx: ToolContext) -> list[BaseTool]:
-    """The agent's tools, bound to one run's context."""
+# Each tool's ``runtime: ToolRuntime[Any, dict]`` is injected by the ToolNode and left out of the schema the LLM
+# sees; its context is the run's ToolContext. Typed Any there because langchain builds a pydantic model of the
+# tool's arguments from these hints, and the context's fields (the manager, a lock) are no pydantic types.
+def make_tools() -> list[BaseTool]:
+    """The agent's tools. Each reads its run's :class:`ToolContext`, the state and its call id from the injected
+    ``ToolRuntime`` (the graph's runtime context, given at invoke time), so the tools are made once per graph."""
 
     @tool
     def generate(
         prompt: str,
         seed: int | None = None,
         *,
-        state: Annotated[dict, InjectedState],
-        tool_call_id: Annotated[str, InjectedToolCallId],
+        runtime: ToolRuntime[Any, dict],
     ) -> Command:
         """Draw a new picture from the text prompt alone (no references). Returns a candidate_id.
         Use a different seed to get a different composition."""
         args = {"prompt": prompt, "seed": seed}
+        ctx: ToolContext = runtime.context
+        state, tool_call_id = runtime.state, runtime.tool_call_id
 
         def body(round_no: int):
             text = _check_prompt(prompt)
@@ -207,12 +212,13 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
     def critique(
         candidate_id: str,
         *,
-        state: Annotated[dict, InjectedState],
-        tool_call_id: Annotated[str, InjectedToolCallId],
+        runtime: ToolRuntime[Any, dict],
     ) -> Command:
         """Ask the vision judge whether a candidate shows everything the user's prompt asks for.
         Returns {match, missing: [concepts], reason}."""
         args = {"candidate_id": candidate_id}
+        ctx: ToolContext = runtime.context
+        state, tool_call_id = runtime.state, runtime.tool_call_id
 
         def body(_: int):
             candidate = _candidate(state, candidate_id)
@@ -235,8 +241,7 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
         k: int | None = None,
         avoid_candidate_id: str | None = None,
         *,
-        state: Annotated[dict, InjectedState],
-        tool_call_id: Annotated[str, InjectedToolCallId],
+        runtime: ToolRuntime[Any, dict],
     ) -> Command:
         """Find real reference photos in the user's image collection: one query per missing concept, written as
         a caption of the photo you want (what it shows and looks like: "a photo of a wooden baby cradle with
@@ -244,6 +249,8 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
         unlike what was already drawn.
         Returns reference ids with captions and scores."""
         args = {"queries": queries, "k": k, "avoid_candidate_id": avoid_candidate_id}
+        ctx: ToolContext = runtime.context
+        state, tool_call_id = runtime.state, runtime.tool_call_id
 
         def body(_: int):
             if state.get("retrieval_off"):
@@ -293,12 +300,13 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
         ip_scale: float | None = None,
         seed: int | None = None,
         *,
-        state: Annotated[dict, InjectedState],
-        tool_call_id: Annotated[str, InjectedToolCallId],
+        runtime: ToolRuntime[Any, dict],
     ) -> Command:
         """Draw again guided by reference photos (IP-Adapter). reference_ids come from retrieve; ip_scale
         (0..1, default from settings) sets how strongly the references steer the picture. Returns a candidate_id."""
         args = {"prompt": prompt, "reference_ids": reference_ids, "ip_scale": ip_scale, "seed": seed}
+        ctx: ToolContext = runtime.context
+        state, tool_call_id = runtime.state, runtime.tool_call_id
 
         def body(round_no: int):
             text = _check_prompt(prompt)
@@ -309,11 +317,11 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
             unknown = [i for i in ids if i not in known]
             if unknown:
                 raise ToolArgumentError(f"unknown reference ids {unknown}; known references: {_known(known)}")
-            if len(ids) > MAX_REFERENCES_PER_DRAWING:
-                raise ToolArgumentError(f"at most {MAX_REFERENCES_PER_DRAWING} references per drawing")
+            if len(ids) > MAX_REFERENCES:
+                raise ToolArgumentError(f"at most {MAX_REFERENCES} references per drawing")
             scale = ctx.settings.generation.ip_scale if ip_scale is None else float(ip_scale)
-            if not 0.0 <= scale <= 1.0:
-                raise ToolArgumentError(f"ip_scale must be between 0 and 1, got {ip_scale}")
+            if not 0.0 <= scale <= MAX_IP_SCALE:
+                raise ToolArgumentError(f"ip_scale must be between 0 and {MAX_IP_SCALE:g}, got {ip_scale}")
             draw_seed = _check_seed(state, seed)
             candidate = _draw(ctx, state, round_no, text, draw_seed, [known[i] for i in ids], scale)
             return _describe(candidate), {"candidates": {candidate["id"]: candidate}, "rounds": 1}
@@ -325,12 +333,13 @@ def make_tools(ctx: ToolContext) -> list[BaseTool]:
         candidate_id: str,
         reason: str = "",
         *,
-        state: Annotated[dict, InjectedState],
-        tool_call_id: Annotated[str, InjectedToolCallId],
+        runtime: ToolRuntime[Any, dict],
     ) -> Command:
         """End the run with this candidate as the answer. Only a candidate the judge has matched can finish
         the run early; otherwise the run goes on until its budget is spent."""
         args = {"candidate_id": candidate_id, "reason": reason}
+        ctx: ToolContext = runtime.context
+        state, tool_call_id = runtime.state, runtime.tool_call_id
 
         def body(_: int):
             candidate = _candidate(state, candidate_id)

@@ -14,10 +14,10 @@ the same yardstick as a drawing's ``clip_score``.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Any
 
-from langchain_core.tools import BaseTool, InjectedToolCallId, tool
-from langgraph.prebuilt import InjectedState
+from langchain_core.tools import BaseTool, tool
+from langgraph.prebuilt import ToolRuntime
 from langgraph.types import Command
 
 from imgrag.engine import ManagedEmbedder
@@ -39,20 +39,20 @@ def photo_candidate(candidate_id: str, reference: dict[str, Any], prompt: str, r
             "verdict": None, "source": SOURCE_RETRIEVED, "reference_id": reference["id"], "chosen_by": chosen_by}
 
 
-def make_retrieved_tools(ctx: ToolContext) -> list[BaseTool]:
-    """``[consider_photos]`` when the settings allow a retrieved answer, else ``[]`` (the tool is not offered)."""
-    if not ctx.settings.retrieval.allow_retrieved:
+def make_retrieved_tools(allowed: bool) -> list[BaseTool]:
+    """``[consider_photos]`` when a retrieved answer is allowed (``retrieval.allow_retrieved``), else ``[]`` (the
+    tool is not offered). Like :func:`tools.image_tools.make_tools`, it reads its run's context at call time."""
+    if not allowed:
         return []
 
     @tool
-    def consider_photos(
-        *,
-        state: Annotated[dict, InjectedState],
-        tool_call_id: Annotated[str, InjectedToolCallId],
-    ) -> Command:
+    def consider_photos(*, runtime: ToolRuntime[Any, dict]) -> Command:
         """Look in the user's own collection for photos that may already show everything the prompt asks for.
         Each becomes a candidate (drawn by nobody) to critique; a matched one can be finished with instead of
         drawing. Use it once, before the first drawing."""
+        ctx: ToolContext = runtime.context
+        state, tool_call_id = runtime.state, runtime.tool_call_id
+
         def body(_: int):
             if state.get("retrieval_off"):
                 raise ToolArgumentError(f"the collection is unavailable in this run ({state['retrieval_off']}); "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from agent.chat import resolve_reference
+from agent.chat.commands import resolve_reference
 from agent.graph import outcome
 from imgrag.errors import UserError
 from imgrag.runs import RunRecord

@@ -1,0 +1,98 @@
+"""The batch record (``batch.json``), shared by the in-process batch (:meth:`agent.runner.Runner.batch`) and the
+Ray batch (:mod:`agent.ray_batch`): the prompt file read, a batch folder opened or resumed, and each item claimed,
+settled or failed. Every change is written atomically, so a killed batch resumes from its record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from imgrag.errors import UserError, check_seed
+from imgrag.runs import write_json_atomic
+
+FINISHED = ("matched", "budget_exhausted")  # a batch item in one of these is never run again
+
+
+def open_batch(path: Path, output_dir: str | Path, *, resume: bool) -> tuple[Path, dict[str, Any]]:
+    """The batch folder and its batch.json state: the latest one of this file (same name and content) with
+    ``resume``, else a new one with every prompt pending. Raises UserError for a bad prompt file."""
+    items = read_prompt_file(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    root = Path(output_dir)
+    # The batch's runs live beside it under names with the same prefix: only a folder with batch.json counts.
+    existing = sorted(p.parent for p in root.glob(f"batch-{path.stem}-{digest}-*/batch.json"))
+    if resume and existing:
+        batch_dir = existing[-1]
+        state = json.loads((batch_dir / "batch.json").read_text(encoding="utf-8"))
+    else:
+        batch_dir = root / f"batch-{path.stem}-{digest}-{time.strftime('%Y%m%d-%H%M%S')}"
+        batch_dir.mkdir(parents=True, exist_ok=True)
+        state = {"file": str(path), "items": [{**item, "index": i, "run_id": None, "status": "pending"}
+                                              for i, item in enumerate(items)]}
+        write_json_atomic(batch_dir / "batch.json", state)
+    return batch_dir, state
+
+
+def claim_item(batch_dir: Path, state: dict[str, Any], item: dict[str, Any]) -> str:
+    """Mark an item running under a fresh run id (a retried prompt gets ``-r2``, ``-r3``...), save batch.json,
+    and return the run id."""
+    attempt = item.get("attempts", 0) + 1
+    item["attempts"] = attempt
+    item["run_id"] = f"{batch_dir.name}-{item['index']:03d}" + (f"-r{attempt}" if attempt > 1 else "")
+    item["status"] = "running"
+    write_json_atomic(batch_dir / "batch.json", state)
+    return item["run_id"]
+
+
+def settle_item(item: dict[str, Any], result: dict[str, Any]) -> None:
+    """Copy a finished run's outcome into its batch item."""
+    item.update(status=result["status"], final_image=result["final_image"], rounds=result["rounds"],
+                seconds=result["seconds"], error=None)
+    if "model_loads" in result:  # what this run loaded (its result.json), not the process's running total
+        item["model_loads"] = result["model_loads"]
+
+
+def fail_item(item: dict[str, Any], exc: BaseException) -> None:
+    """Record a prompt that failed: a UserError's line as it is, anything else with its type."""
+    item.update(status="failed", error=str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
+
+
+def read_prompt_file(path: Path) -> list[dict[str, Any]]:
+    """Prompts from .txt (one per line; blank lines and # comments skipped) or .jsonl objects
+    ({"prompt", "seed"?, "max_rounds"?}). Errors name the file and line."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read as text ({exc})") from None
+    items: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or not str(obj.get("prompt", "")).strip():
+                raise UserError(f"{path}:{number}: each line needs an object with a non-empty \"prompt\"")
+            if "max_rounds" in obj and (not isinstance(obj["max_rounds"], int) or isinstance(obj["max_rounds"], bool)
+                                        or obj["max_rounds"] < 1):
+                raise UserError(f"{path}:{number}: \"max_rounds\" must be a whole number of at least 1")
+            if obj.get("seed") is not None:
+                if not isinstance(obj["seed"], int) or isinstance(obj["seed"], bool):
+                    raise UserError(f"{path}:{number}: \"seed\" must be an integer")
+                check_seed(obj["seed"], f"{path}:{number}: seed")
+            items.append({"prompt": obj["prompt"].strip(), "seed": obj.get("seed"),
+                          "max_rounds": obj.get("max_rounds")})
+        else:
+            items.append({"prompt": line, "seed": None, "max_rounds": None})
+    if not items:
+        raise UserError(f"{path}: no prompts in the file")
+    return items

@@ -1,0 +1,57 @@
+"""The chat's threads in the checkpointer: which there are, and what each asked, read through the checkpointer's
+and the graph's API (``checkpointer.list``, ``graph.get_state``), never its tables."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from langchain_core.messages import HumanMessage
+from langgraph.checkpoint.base import BaseCheckpointSaver
+
+THREAD_PREFIX = "chat-"
+
+
+def thread_ids(checkpointer: BaseCheckpointSaver) -> list[str]:
+    """Every thread id in the checkpointer, most recently active first.
+
+    ``list(None)`` yields every checkpoint of every thread, newest first, so the first time a thread shows up is
+    its latest activity. It reads each checkpoint, which is fine for a person's chats; a shared server with many
+    thousands of runs would want a checkpointer that lists threads itself."""
+    seen: dict[str, None] = {}
+    for item in checkpointer.list(None):
+        configurable = item.config["configurable"]
+        if not configurable.get("checkpoint_ns"):  # the top graph's checkpoints, not a subgraph's
+            seen.setdefault(configurable["thread_id"], None)
+    return list(seen)
+
+
+def list_threads(graph: Any, checkpointer: BaseCheckpointSaver, limit: int = 20,
+                 prefix: str = THREAD_PREFIX) -> list[dict[str, Any]]:
+    """The threads whose id starts with ``prefix``, most recently active first, at most ``limit``: id, date, first
+    request, number of requests, status. ``graph`` is the compiled graph over ``checkpointer``."""
+    listed = []
+    for tid in thread_ids(checkpointer):
+        if not tid.startswith(prefix):
+            continue
+        snapshot = graph.get_state({"configurable": {"thread_id": tid}})
+        requests = requests_of(snapshot.values)
+        listed.append({"id": tid, "date": _when(snapshot.created_at), "first": requests[0] if requests else "",
+                       "requests": len(requests), "status": snapshot.values.get("status") or "unfinished"})
+        if len(listed) >= limit:
+            break
+    return listed
+
+
+def requests_of(values: dict[str, Any]) -> list[str]:
+    """The user's messages on a thread, in order (the graph keeps its own error notes to the LLM out of the state)."""
+    return [str(m.content) for m in values.get("messages") or [] if isinstance(m, HumanMessage)]
+
+
+def _when(created_at: str | None) -> str:
+    if not created_at:
+        return ""
+    try:
+        return datetime.fromisoformat(created_at).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return created_at[:16]
