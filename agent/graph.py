@@ -33,7 +33,7 @@ from imgrag.checkpoints import first_line
 from tools.budget import Clock, spent
 from tools.context import ToolContext
 from tools.image_tools import TOOL_NAMES, checkpoint_safe, make_tools
-from tools.retrieved_tools import make_retrieved_tools
+from tools.retrieved_tools import RETRIEVED_TOOL_NAMES, make_retrieved_tools
 
 
 @dataclass
@@ -243,12 +243,16 @@ def _caption_queries(state: dict[str, Any], ctx: RunContext, missing: list[str],
 
 # ----- the graph -----
 
-def build_graph(chat_model_name: str = "llm", allow_retrieved: bool = False) -> StateGraph:
+def build_graph(chat_model_name: str = "llm") -> StateGraph:
     """The agent as a StateGraph over AgentState with a :class:`RunContext` runtime context; compile it once with a
-    checkpointer, and give each run its context at invoke time (``graph.stream(..., context=ctx)``).
-    ``allow_retrieved`` offers the ``consider_photos`` tool (``retrieval.allow_retrieved``)."""
-    tools = make_tools() + make_retrieved_tools(allow_retrieved)  # issue 18: consider_photos when allowed
-    names = tuple(t.name for t in tools)
+    checkpointer, and give each run its context at invoke time (``graph.stream(..., context=ctx)``)."""
+    every_tool = make_tools() + make_retrieved_tools()
+
+    def offered(ctx: RunContext) -> list[Any]:
+        """The tools the LLM is offered in this run: consider_photos only when the run's settings allow a retrieved
+        answer (``retrieval.allow_retrieved``); the tool node knows them all, and that tool refuses when not allowed."""
+        allowed = ctx.settings.retrieval.allow_retrieved
+        return [t for t in every_tool if allowed or t.name not in RETRIEVED_TOOL_NAMES]
 
     def plan(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         """Choose the next step: stop, an LLM tool call, or the policy's step."""
@@ -297,6 +301,7 @@ def build_graph(chat_model_name: str = "llm", allow_retrieved: bool = False) -> 
                 ctx.on_event({"event": "note", "text": f"the agent LLM failed ({reason}); the fixed policy takes "
                                                        "the remaining steps"})
                 return None, limit
+            names = tuple(t.name for t in offered(ctx))
             problem = _check_reply(reply, names)
             seconds = round(time.perf_counter() - start, 3)
             ctx.record.append_step({"planner": "llm", "ok": problem is None, "seconds": seconds,
@@ -323,7 +328,7 @@ def build_graph(chat_model_name: str = "llm", allow_retrieved: bool = False) -> 
 
         def call(llm: Any, msgs: list[BaseMessage]) -> AIMessage:
             limits = {"deadline": deadline} if isinstance(llm, QwenChatModel) else {}
-            return llm.bind_tools(tools).invoke(msgs, **limits)
+            return llm.bind_tools(offered(ctx)).invoke(msgs, **limits)
 
         return read_reply(ctx.manager.run(chat_model_name, call, messages))
 
@@ -372,7 +377,7 @@ def build_graph(chat_model_name: str = "llm", allow_retrieved: bool = False) -> 
     graph = StateGraph(AgentState, context_schema=RunContext)
     graph.add_node("plan", plan)
     graph.add_node("review", review)
-    graph.add_node("tools", ToolNode(tools))
+    graph.add_node("tools", ToolNode(every_tool))
     graph.add_node("finalize", finalize)
     graph.add_edge(START, "plan")
     graph.add_conditional_edges("plan", route)

@@ -80,8 +80,7 @@ class Runner:
         self._store_told = False  # the store's picture count is said once per runner (a batch, a chat)
         self._llm_checked = False
         # Compiled once per runner (so once per process): each run passes its own RunContext when it invokes it.
-        graph = build_graph(allow_retrieved=settings.retrieval.allow_retrieved)
-        self._graph = graph.compile(checkpointer=self.checkpointer)
+        self._graph = build_graph().compile(checkpointer=self.checkpointer)
 
     # ----- one run -----
     def run(self, prompt: str, *, seed: int | None = None, max_rounds: int | None = None, planner: str = "agent",

@@ -251,7 +251,7 @@ def test_doctor_names_each_missing_file_of_a_partial_download(capsys, no_network
     code, out, err = run_cli(capsys, "doctor", "--profile", "gpu-24gb")
     assert "missing: model-00002-of-00002.safetensors" in out and "still to download" in out
     if _doctor_code():
-        assert err.startswith("error: device: device 'cuda' asked for, but CUDA is not available"), err
+        assert err.startswith("error: device 'cuda' asked for, but CUDA is not available"), err
 
 
 def test_a_partial_download_stops_the_loader_before_the_hub_client_fetches_the_rest(hub_cache: Path) -> None:

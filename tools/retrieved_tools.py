@@ -39,11 +39,10 @@ def photo_candidate(candidate_id: str, reference: dict[str, Any], prompt: str, r
             "verdict": None, "source": SOURCE_RETRIEVED, "reference_id": reference["id"], "chosen_by": chosen_by}
 
 
-def make_retrieved_tools(allowed: bool) -> list[BaseTool]:
-    """``[consider_photos]`` when a retrieved answer is allowed (``retrieval.allow_retrieved``), else ``[]`` (the
-    tool is not offered). Like :func:`tools.image_tools.make_tools`, it reads its run's context at call time."""
-    if not allowed:
-        return []
+def make_retrieved_tools() -> list[BaseTool]:
+    """``[consider_photos]``. The graph offers it to the LLM only when a retrieved answer is allowed
+    (``retrieval.allow_retrieved``), and it refuses when called without that. Like
+    :func:`tools.image_tools.make_tools`, it reads its run's context at call time."""
 
     @tool
     def consider_photos(*, runtime: ToolRuntime[Any, dict]) -> Command:
@@ -54,6 +53,9 @@ def make_retrieved_tools(allowed: bool) -> list[BaseTool]:
         state, tool_call_id = runtime.state, runtime.tool_call_id
 
         def body(_: int):
+            if not ctx.settings.retrieval.allow_retrieved:
+                raise ToolArgumentError("a photo as the answer is not allowed in this run (--allow-retrieved); draw "
+                                        "instead (generate)")
             if state.get("retrieval_off"):
                 raise ToolArgumentError(f"the collection is unavailable in this run ({state['retrieval_off']}); "
                                         "draw instead (generate)")
