@@ -287,12 +287,14 @@ def build_graph(chat_model_name: str = "llm") -> StateGraph:
         It sees the status summary and a bounded window of the thread (:func:`context_window`). A call that
         raises (a server down, out of memory) hands this process's remaining steps to the policy, said once."""
         asked = llm_messages(state)
+        tools = offered(ctx)  # the same for every attempt of this step
+        names = tuple(t.name for t in tools)
         feedback: list[BaseMessage] = []
         while failures < limit and ctx.llm_down is None:
             ctx.on_event({"event": "llm_start", "attempt": failures + 1})
             start = time.perf_counter()
             try:
-                reply = _invoke_llm(ctx, [*asked, *feedback], state)
+                reply = _invoke_llm(ctx, tools, [*asked, *feedback], state)
             except Exception as exc:  # the planner must go on: the fixed policy takes the remaining steps
                 reason = f"{type(exc).__name__}: {first_line(exc)}"
                 ctx.llm_down = reason
@@ -301,7 +303,6 @@ def build_graph(chat_model_name: str = "llm") -> StateGraph:
                 ctx.on_event({"event": "note", "text": f"the agent LLM failed ({reason}); the fixed policy takes "
                                                        "the remaining steps"})
                 return None, limit
-            names = tuple(t.name for t in offered(ctx))
             problem = _check_reply(reply, names)
             seconds = round(time.perf_counter() - start, 3)
             ctx.record.append_step({"planner": "llm", "ok": problem is None, "seconds": seconds,
@@ -320,7 +321,7 @@ def build_graph(chat_model_name: str = "llm") -> StateGraph:
                                       f"of: {', '.join(names)}.")]
         return None, failures
 
-    def _invoke_llm(ctx: RunContext, messages: list[BaseMessage], state: AgentState) -> AIMessage:
+    def _invoke_llm(ctx: RunContext, tools: list[Any], messages: list[BaseMessage], state: AgentState) -> AIMessage:
         """One LLM call through the manager: a local model on the device's model thread, stopping at the run's
         deadline; a remote one (an OpenAI-compatible server, registered on the host) in this thread, holding no
         GPU lock."""
@@ -328,7 +329,7 @@ def build_graph(chat_model_name: str = "llm") -> StateGraph:
 
         def call(llm: Any, msgs: list[BaseMessage]) -> AIMessage:
             limits = {"deadline": deadline} if isinstance(llm, QwenChatModel) else {}
-            return llm.bind_tools(offered(ctx)).invoke(msgs, **limits)
+            return llm.bind_tools(tools).invoke(msgs, **limits)
 
         return read_reply(ctx.manager.run(chat_model_name, call, messages))
 

@@ -1,4 +1,4 @@
-"""``imgrag serve``'s page: the chat of ``agent/chat.py`` in a browser (Gradio), on the same thread store.
+"""``imgrag serve``'s page: the chat of ``agent/chat/`` in a browser (Gradio), on the same thread store.
 
 Every action of the page is a call into :class:`agent.chat.ChatSession`, the class ``imgrag chat`` drives: a
 message is ``send`` (the first starts a thread, later ones refine it), "Open" is ``resume``, "Undo" is ``undo``,
@@ -14,6 +14,10 @@ and the page shows their place in the queue.
 Safety: the page never sends a path that the server reads. Pictures shown come from the thread's state (the
 run folders, under ``output_dir``: the only folder Gradio may serve) or, for references and search results
 (the indexed store's files, which may live anywhere), as thumbnails the server opens and re-encodes.
+
+Why one module of ~520 lines: :class:`WebChat` (what each action does) and :func:`build_app` (the page's
+components, about 200 lines of Gradio layout wiring each event to a WebChat method) are read together, one
+event at a time; split, every handler would be looked up across two files.
 """
 
 from __future__ import annotations
