@@ -467,10 +467,28 @@ def _clip_tokenizer() -> Any:
     return CLIPTokenizer(vocab=vocab, merges=list(CLIP_TOY_MERGES), model_max_length=CLIP_MAX_LENGTH)
 
 
+def ip_adapter_attention_weights(scale: float) -> dict[str, Any]:
+    """The adapter's key/value projections for the kit's SDXL UNet, random with standard deviation ``scale``:
+    ``ip_adapter.{1,3,5,...}.to_{k,v}_ip.weight`` ([hidden, cross]), one pair per cross-attention processor in
+    ``unet.attn_processors`` order, as diffusers' loader reads them (the self-attention ones would take the even
+    numbers). Shared by the plain adapter here and the "plus" one built in the tests."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    cross = SDXL_UNET["cross_attention_dim"]
+    unet = UNet2DConditionModel(**SDXL_UNET)
+    cross_attention = [n for n in unet.attn_processors if not n.endswith("attn1.processor")]
+    weights = {}
+    for key_id, name in zip(range(1, 2 * len(cross_attention), 2), cross_attention, strict=True):
+        hidden = unet.get_submodule(name.removesuffix(".processor")).to_q.in_features
+        weights[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross) * scale
+        weights[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross) * scale
+    return weights
+
+
 def _build_ip_adapter(dest: Path, seed: int) -> None:
     """IP-Adapter (SDXL, ViT-H flavour) for the kit's UNet, in the h94/IP-Adapter layout."""
     import torch
-    from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -486,14 +504,7 @@ def _build_ip_adapter(dest: Path, seed: int) -> None:
         "image_proj.norm.weight": torch.ones(cross),
         "image_proj.norm.bias": torch.zeros(cross),
     }
-    # Keys as diffusers' loader reads them: the cross-attention processors in unet.attn_processors
-    # order, numbered 1, 3, 5, ... (the self-attention ones would take the even numbers).
-    unet = UNet2DConditionModel(**SDXL_UNET)
-    cross_attention = [n for n in unet.attn_processors if not n.endswith("attn1.processor")]
-    for key_id, name in zip(range(1, 2 * len(cross_attention), 2), cross_attention, strict=True):
-        hidden = unet.get_submodule(name.removesuffix(".processor")).to_q.in_features
-        state[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross) * 0.02
-        state[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross) * 0.02
+    state.update(ip_adapter_attention_weights(scale=0.02))
     weights = dest / IP_ADAPTER_SUBFOLDER / IP_ADAPTER_WEIGHT_NAME
     weights.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(weights))

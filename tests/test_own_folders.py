@@ -23,7 +23,7 @@ from imgrag.errors import ModelLoadError
 from imgrag.generator import Generator
 from imgrag.model_files import check_role, is_torchscript_archive
 from imgrag.settings import Settings, load_settings
-from imgrag.tiny_kit import IP_IMAGE_ENCODER, SDXL_UNET
+from imgrag.tiny_kit import IP_IMAGE_ENCODER, SDXL_UNET, ip_adapter_attention_weights
 from tests.cli import run_cli
 
 PLUS = "ip-adapter-plus_sdxl_vit-h.safetensors"
@@ -38,7 +38,6 @@ def _plus_adapter_state(seed: int, embed_dims: int) -> dict[str, torch.Tensor]:
     feed-forward), the inverse of diffusers' ``_convert_ip_adapter_image_proj_to_diffusers``. Depth 4 and
     feed-forward ratio 4 as in the real one: diffusers rebuilds the Resampler with those defaults.
     """
-    from diffusers import UNet2DConditionModel
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
 
     torch.manual_seed(seed)
@@ -64,12 +63,7 @@ def _plus_adapter_state(seed: int, embed_dims: int) -> dict[str, torch.Tensor]:
             state[f"image_proj.layers.{i}.0.to_kv.weight"] = torch.cat([value, diff[f"layers.{i}.attn.to_v.weight"]])
         elif rest != "attn.to_v.weight":
             state[f"image_proj.layers.{i}.{renames[rest]}"] = value
-    unet = UNet2DConditionModel(**SDXL_UNET)
-    cross_attention = [n for n in unet.attn_processors if not n.endswith("attn1.processor")]
-    for key_id, name in zip(range(1, 2 * len(cross_attention), 2), cross_attention, strict=True):
-        hidden = unet.get_submodule(name.removesuffix(".processor")).to_q.in_features
-        state[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross) * 0.05
-        state[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross) * 0.05
+    state.update(ip_adapter_attention_weights(scale=0.05))
     return {k: v.contiguous() for k, v in state.items()}
 
 
