@@ -19,7 +19,18 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from agent.cli_common import ConfigOpt, FastOpt, ProfileOpt, StoreOpt, app, err, out, prepare_models
+from agent.cli_common import (
+    ConfigOpt,
+    FastOpt,
+    ProfileOpt,
+    RepairWithOpt,
+    StoreOpt,
+    app,
+    err,
+    out,
+    prepare_models,
+    repair_flags,
+)
 from agent.cli_run import (
     AllowFlaggedOpt,
     AllowRetrievedOpt,
@@ -368,6 +379,7 @@ def chat(
     max_rounds: MaxRoundsOpt = None,
     out_dir: OutOpt = None,
     fast: FastOpt = None,
+    repair_with: RepairWithOpt = None,
     allow_retrieved: AllowRetrievedOpt = None,
     allow_flagged: AllowFlaggedOpt = None,
     profile: ProfileOpt = None,
@@ -383,6 +395,7 @@ def chat(
 
     check_planner(planner)
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
-                                   **{"generation.fast": fast, **gate_flags(allow_retrieved, allow_flagged)})
+                                   **{"generation.fast": fast, **gate_flags(allow_retrieved, allow_flagged),
+                                      **repair_flags(repair_with)})
     prepare_models(settings)
     ChatRepl(settings, planner, max_rounds).run(thread)

@@ -83,6 +83,17 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 FastOpt = Annotated[str | None, typer.Option(
     "--fast", help="Few-step drawing for drafts: off, lcm-lora or distilled (default: generation.fast).")]
 
+RepairWithOpt = Annotated[str | None, typer.Option(
+    "--repair-with", metavar="ip-adapter|omnigen",
+    help="What draws a repair: ip-adapter (SDXL + IP-Adapter, the references blended) or omnigen (each missing "
+         "concept's references placed in OmniGen's prompt; ImageRAG-O). Default: generation.repair_with.")]
+
+
+def repair_flags(repair_with: str | None) -> dict[str, Any]:
+    """The settings override of ``--repair-with`` (None: not given); the settings check the choice."""
+    return {"generation.repair_with": repair_with.strip().lower() if repair_with else None}
+
+
 # TINY_WARNING: the one text (imgrag.settings), imported above for the CLI modules that take it from here.
 
 

@@ -13,12 +13,14 @@ from agent.cli_common import (
     ConfigOpt,
     JsonOpt,
     ProfileOpt,
+    RepairWithOpt,
     StoreOpt,
     app,
     err,
     out,
     prepare_models,
     print_json,
+    repair_flags,
     settings_from_flags,
 )
 from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, check_outputs, check_planner, print_store
@@ -78,6 +80,7 @@ def eval_command(
     max_rounds: MaxRoundsOpt = None,
     planner: PlannerOpt = "agent",
     out_dir: OutOpt = None,
+    repair_with: RepairWithOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -92,7 +95,8 @@ def eval_command(
 
     check_planner(planner)
     items = read_eval_file(file)  # a bad file fails before any model loads
-    settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
+    settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
+                                   **repair_flags(repair_with))
     check_outputs(settings)
     prepare_models(settings)
     total = min(len(items), limit or len(items))

@@ -17,12 +17,14 @@ from agent.cli_common import (
     FastOpt,
     JsonOpt,
     ProfileOpt,
+    RepairWithOpt,
     StoreOpt,
     app,
     err,
     out,
     prepare_models,
     print_json,
+    repair_flags,
     settings_from_flags,
 )
 
@@ -242,6 +244,7 @@ def run(
         str | None, typer.Option("--resume", help="Continue a killed run by its thread (run) id.")
     ] = None,
     fast: FastOpt = None,
+    repair_with: RepairWithOpt = None,
     allow_retrieved: AllowRetrievedOpt = None,
     allow_flagged: AllowFlaggedOpt = None,
     profile: ProfileOpt = None,
@@ -267,13 +270,14 @@ def run(
     try:
         with ProgressPrinter() as progress:
             runner, settings = _make_runner(profile, config, store, out_dir, progress, fast,
-                                            gate_flags(allow_retrieved, allow_flagged))
+                                            {**gate_flags(allow_retrieved, allow_flagged), **repair_flags(repair_with)})
             if resume:
                 result = runner.resume(resume)
             else:
                 result = runner.run(prompt or "", seed=seed, max_rounds=max_rounds, planner=planner)
     except RunInterrupted as stop:
-        command = ["imgrag", "run", "--resume", stop.result["run_id"], *_shared_flags(profile, config, store, out_dir)]
+        command = ["imgrag", "run", "--resume", stop.result["run_id"], *_shared_flags(profile, config, store, out_dir),
+                   *(["--repair-with", repair_with] if repair_with else [])]
         _interrupted(stop, command, as_json)
     if as_json:
         print_json(result)
@@ -294,6 +298,7 @@ def batch(
     planner: PlannerOpt = "agent",
     out_dir: OutOpt = None,
     fast: FastOpt = None,
+    repair_with: RepairWithOpt = None,
     allow_retrieved: AllowRetrievedOpt = None,
     allow_flagged: AllowFlaggedOpt = None,
     profile: ProfileOpt = None,
@@ -317,7 +322,7 @@ def batch(
     if ray_address is not None:
         summary, settings = _ray_batch(file, len(items), ray_address, workers, resume, planner, max_rounds,
                                        profile, config, store, out_dir, fast,
-                                       gate_flags(allow_retrieved, allow_flagged))
+                                       {**gate_flags(allow_retrieved, allow_flagged), **repair_flags(repair_with)})
     else:
         if workers is not None:
             from imgrag.errors import UserError
@@ -328,12 +333,14 @@ def batch(
         try:
             with ProgressPrinter() as progress:
                 runner, settings = _make_runner(profile, config, store, out_dir, progress, fast,
-                                                gate_flags(allow_retrieved, allow_flagged))
+                                                {**gate_flags(allow_retrieved, allow_flagged),
+                                                 **repair_flags(repair_with)})
                 summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
                                        on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
         except RunInterrupted as stop:
             command = ["imgrag", "batch", str(file), "--resume", *_shared_flags(profile, config, store, out_dir),
                        *(["--planner", planner] if planner != "agent" else []),
+                       *(["--repair-with", repair_with] if repair_with else []),
                        *(["--max-rounds", str(max_rounds)] if max_rounds else [])]
             _interrupted(stop, command, as_json)
     if as_json:

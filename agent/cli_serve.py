@@ -6,7 +6,17 @@ from typing import Annotated
 
 import typer
 
-from agent.cli_common import ConfigOpt, ProfileOpt, StoreOpt, app, err, out, prepare_models
+from agent.cli_common import (
+    ConfigOpt,
+    ProfileOpt,
+    RepairWithOpt,
+    StoreOpt,
+    app,
+    err,
+    out,
+    prepare_models,
+    repair_flags,
+)
 from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, check_planner
 from imgrag.errors import UserError
 
@@ -20,6 +30,7 @@ def serve(
     planner: PlannerOpt = "agent",
     max_rounds: MaxRoundsOpt = None,
     out_dir: OutOpt = None,
+    repair_with: RepairWithOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -37,7 +48,8 @@ def serve(
         import gradio  # noqa: F401
     except ImportError:
         raise UserError("imgrag serve needs Gradio: pip install 'imgrag[web]'") from None
-    settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
+    settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
+                                   **repair_flags(repair_with))
     if host not in LOOPBACK:
         err.print(f"[yellow]warning:[/] serving on {host}: anyone who can reach this address can use the page, "
                   "draw on this machine and see its runs and store pictures; there is no login.", soft_wrap=True)

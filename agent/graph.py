@@ -140,6 +140,9 @@ def _status_summary(state: dict[str, Any]) -> str:
         if is_stale(c):
             verdict = "not critiqued against the current prompt"
         refs = f", references {c['reference_ids']} at scale {c['ip_scale']}" if c.get("reference_ids") else ""
+        if c.get("reference_ids") and c.get("backbone") == "omnigen":
+            refs = ", OmniGen with " + "; ".join(f"{_cut(m['concept'], 60)}: {m['reference_ids']}"
+                                                 for m in c.get("concepts") or [])
         lines.append(f"- {cid}: seed {c['seed']}{refs}; clip {c['clip_score']}; {verdict}")
     if focus in (state.get("candidates") or {}):
         lines.append(f"Best so far: {focus}; continue from it.")
@@ -215,7 +218,7 @@ def _check_reply(reply: AIMessage, names: tuple[str, ...] = TOOL_NAMES) -> str |
 def _policy_message(state: dict[str, Any], ctx: RunContext, chat_model_name: str = "llm") -> AIMessage | None:
     settings = ctx.settings  # issue 18: retrieve or generate comes first, then the drawing policy
     step = (photo_step(state, settings.retrieval.allow_retrieved)
-            or next_step(drawings_only(state), settings.generation.ip_scale))
+            or next_step(drawings_only(state), settings.generation.ip_scale, settings.generation.repair_with))
     if step is None:
         return None
     name, args = step
@@ -363,7 +366,11 @@ def build_graph(chat_model_name: str = "llm") -> StateGraph:
             ids = list(answer.get("reference_ids", proposed))
             approved.append({"proposed": proposed, "approved": ids})
             if ids:
-                calls.append({**call, "args": {**args, "reference_ids": ids}})
+                approved_args = {**args, "reference_ids": ids}
+                if args.get("concepts"):  # a concept keeps only the references the user approved
+                    approved_args["concepts"] = [{**c, "reference_ids": [i for i in c.get("reference_ids") or []
+                                                                         if i in ids]} for c in args["concepts"]]
+                calls.append({**call, "args": approved_args})
             else:
                 plain = {"prompt": args.get("prompt"), "seed": args.get("seed")}
                 calls.append({**call, "name": "generate", "args": plain})

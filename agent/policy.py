@@ -48,8 +48,39 @@ def failed_for(state: dict[str, Any], tool: str, target: str | None, args: dict[
                for f in state.get("failed_steps") or [])
 
 
-def next_step(state: dict[str, Any], base_ip_scale: float) -> tuple[str, dict[str, Any]] | None:
+def concept_mapping(state: dict[str, Any], retrieval: dict[str, Any], kept: list[str],
+                    limit: int = MAX_REFERENCES) -> list[dict[str, Any]]:
+    """Which reference stands for which concept in a repair: each reference under the query that found it
+    (a missing concept, or its caption), concepts in the order the retrieval asked for them, then those of
+    references kept from the round before. At most ``limit`` references in all, taken round robin over the
+    concepts so that every concept gets one before any gets two. ``[{"concept", "reference_ids"}]``."""
+    references = state.get("references") or {}
+    order = list(retrieval.get("queries") or [])
+    groups: dict[str, list[str]] = {}
+    for rid in list(dict.fromkeys((retrieval.get("reference_ids") or []) + kept)):
+        if rid not in references:
+            continue
+        concept = references[rid].get("query") or state["prompt"]
+        if concept not in order:
+            order.append(concept)
+        groups.setdefault(concept, []).append(rid)
+    taken: dict[str, list[str]] = {c: [] for c in order if groups.get(c)}
+    depth, count = 0, 0
+    while count < limit and any(depth < len(groups[c]) for c in taken):
+        for concept in taken:
+            if depth < len(groups[concept]) and count < limit:
+                taken[concept].append(groups[concept][depth])
+                count += 1
+        depth += 1
+    return [{"concept": c, "reference_ids": ids} for c, ids in taken.items()]
+
+
+def next_step(state: dict[str, Any], base_ip_scale: float,
+              repair_with: str = "ip-adapter") -> tuple[str, dict[str, Any]] | None:
     """The next tool call (name, arguments), or None when the policy has nothing left to do.
+
+    With ``repair_with = "omnigen"`` a repair passes ``concepts`` (:func:`concept_mapping`): each missing
+    concept with the references retrieved for it, which OmniGen places in its prompt (ImageRAG-O's way).
 
     A step that already failed for the same candidate is never issued again: a failed retrieval (or one that
     cannot work in this run, ``retrieval_off``) is followed by a drawing without references, a failed guided
@@ -84,6 +115,10 @@ def next_step(state: dict[str, Any], base_ip_scale: float) -> tuple[str, dict[st
     guided_so_far = sum(1 for c in (state.get("candidates") or {}).values() if c.get("reference_ids"))
     scale = min(MAX_IP_SCALE, base_ip_scale + IP_SCALE_STEP * guided_so_far)
     guided = {"prompt": prompt, "reference_ids": chosen, "ip_scale": round(scale, 2), "seed": next_seed}
+    if repair_with == "omnigen" and chosen:
+        mapping = concept_mapping(state, retrieval, kept)
+        chosen = [rid for c in mapping for rid in c["reference_ids"]]
+        guided = {"prompt": prompt, "reference_ids": chosen, "concepts": mapping, "seed": next_seed}
     if chosen and not failed_for(state, "regenerate", latest["id"], guided):
         return "regenerate", guided
     plain = {"prompt": prompt, "seed": next_seed}

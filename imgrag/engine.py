@@ -1,9 +1,9 @@
 """The engine's entry point: a model manager with every model of a profile registered.
 
 ``build_manager(settings)`` registers "generator", "judge", "llm" and "embedder" (and "dino" when
-``models.dino`` is set); nothing is loaded until a ``manager.run(name, ...)`` or ``manager.use(name)``
-asks for it. The wrappers are imported inside the loaders so that a command needing one model never
-pays for importing the libraries of the others.
+``models.dino`` is set, "omnigen" when ``generation.repair_with`` or ``draw_with`` is "omnigen"); nothing is
+loaded until a ``manager.run(name, ...)`` or ``manager.use(name)`` asks for it. The wrappers are imported inside
+the loaders so that a command needing one model never pays for importing the libraries of the others.
 
 Each model is registered with a stated estimate of its working memory (:func:`working_memory_gb`),
 which the manager counts beside its weights until it has measured the real peak on CUDA.
@@ -40,9 +40,17 @@ def build_manager(settings: Settings, *, device: str | None = None) -> ModelMana
     manager.register("llm", lambda: _load_llm(settings, device), reserve_gb=estimates["llm"],
                      on_host=settings.models.llm_backend == "openai")
     manager.register("embedder", lambda: _load_embedder(settings, device), reserve_gb=estimates["embedder"])
+    if uses_omnigen(settings):
+        manager.register("omnigen", lambda: _load_omnigen(settings, device), reserve_gb=estimates["omnigen"])
     if (settings.models.dino or "").strip():
         register_dino(manager, settings)
     return manager
+
+
+def uses_omnigen(settings: Settings) -> bool:
+    """Whether OmniGen draws anything under these settings (``generation.repair_with`` or ``draw_with``)."""
+    g = settings.generation
+    return "omnigen" in (g.repair_with, g.draw_with)
 
 
 def register_dino(manager: Any, settings: Settings) -> None:
@@ -61,7 +69,11 @@ def working_memory_gb(settings: Settings) -> dict[str, Any]:
     - judge and LLM: the KV cache plus one layer's prefill activations for the longest prompt the call can
       have (the judge: its image tokens at ``judge.max_pixels`` + 512 text tokens + ``max_new_tokens``; the
       LLM: 4096 context tokens + ``max_new_tokens``), from the model's own config, plus a quarter;
-    - embedder (and DINO): half its weights (a batch of 224x224 pictures through a ViT).
+    - embedder (and DINO): half its weights (a batch of 224x224 pictures through a ViT);
+    - omnigen: per guidance branch (three when there are input images), the transformer's KV cache and one
+      layer's activations over its tokens (the drawing's ``(w/16)(h/16)``, ``omnigen.max_references`` input
+      images of ``(max_input_image_size/16)²`` each, and the text), plus each branch's tokens² attention mask and
+      the VAE (half SDXL's per-megapixel figure).
     """
     g, j = settings.generation, settings.judge
     width = _dtype_bytes(settings)
@@ -87,7 +99,26 @@ def working_memory_gb(settings: Settings) -> dict[str, Any]:
 
         return 0.5 * measure_gb(model)
 
-    return {"generator": generator, "judge": judge, "llm": llm, "embedder": embedder}
+    def omnigen(model: Any) -> float:
+        from types import SimpleNamespace
+
+        from imgrag.omnigen import GUIDANCE_BRANCHES, TEXT_TOKENS
+
+        config = getattr(getattr(getattr(model, "pipe", None), "transformer", None), "config", None)
+        if config is None:
+            return 0.0
+        o = settings.omnigen
+        tokens = (TEXT_TOKENS + (g.width // 16) * (g.height // 16)
+                  + o.max_references * (o.max_input_image_size // 16) ** 2)
+        layers = SimpleNamespace(num_hidden_layers=config.num_layers, hidden_size=config.hidden_size,
+                                 num_attention_heads=config.num_attention_heads,
+                                 num_key_value_heads=config.num_key_value_heads,
+                                 intermediate_size=config.intermediate_size)
+        masks = tokens * tokens * width / _GIB
+        vae = 0.5 * SDXL_WORKING_GIB_PER_MPX * g.width * g.height / 2**20 * width / 2
+        return GUIDANCE_BRANCHES * (transformer_working_gb(layers, tokens, width) + masks) + vae
+
+    return {"generator": generator, "judge": judge, "llm": llm, "embedder": embedder, "omnigen": omnigen}
 
 
 def transformer_working_gb(config: Any, tokens: int, dtype_bytes: int) -> float:
@@ -120,6 +151,12 @@ def _load_generator(settings: Settings, device: str, manager: ModelManager | Non
         # The IP-Adapter and its image encoder load straight onto the pipeline's device: make room for them first.
         generator.before_adapter_load = lambda gib: manager.make_room("generator", gib)
     return generator
+
+
+def _load_omnigen(settings: Settings, device: str) -> Any:
+    from imgrag.omnigen import OmniGenDrawer
+
+    return OmniGenDrawer.from_pretrained(settings, device, place=False)
 
 
 def _load_judge(settings: Settings, device: str) -> Any:

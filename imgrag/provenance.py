@@ -88,9 +88,13 @@ def describe(settings: Any, *, prompt: str, seed: int, steps: int, guidance: flo
 def parameters_line(doc: dict[str, Any]) -> str:
     """The AUTOMATIC1111-style summary: the prompt, then ``Key: value`` pairs on one line."""
     pairs = [f"Steps: {doc['steps']}", f"CFG scale: {doc['guidance']:g}", f"Seed: {doc['seed']}",
-             f"Size: {doc['width']}x{doc['height']}", f"Model: {doc['models'].get('generator')}"]
+             f"Size: {doc['width']}x{doc['height']}",
+             f"Model: {doc['models'].get('generator') or doc['models'].get('omnigen')}"]
+    if doc.get("backbone") == "omnigen":
+        pairs.append(f"Image guidance: {(doc.get('omnigen') or {}).get('img_guidance_scale')}")
     if doc.get("references"):
-        pairs.append(f"IP-Adapter scale: {doc.get('ip_scale')}")
+        if doc.get("backbone") != "omnigen":
+            pairs.append(f"IP-Adapter scale: {doc.get('ip_scale')}")
         pairs.append("References: " + " ".join(r["path"] for r in doc["references"]))
     if doc.get("fast") not in (None, "off"):
         pairs.append(f"Fast: {doc['fast']}")
@@ -158,9 +162,10 @@ def copy_with_provenance(source: str | Path, target: str | Path, **changes: Any)
 def for_drawing(settings: Any, *, prompt: str, seed: int, references: list[dict[str, Any]] | None,
                 ip_scale: float | None, run_id: str | None = None, candidate_id: str | None = None,
                 steps: int | None = None, guidance: float | None = None, fast: str | None = None,
-                width: int | None = None, height: int | None = None) -> dict[str, Any]:
+                width: int | None = None, height: int | None = None, **extra: Any) -> dict[str, Any]:
     """The provenance of a drawing made with ``settings.generation`` (what the generator uses for every value
-    not given here: the same rules as :meth:`imgrag.generator.Generator.generate`)."""
+    not given here: the same rules as :meth:`imgrag.generator.Generator.generate`). ``extra`` keys (None ones
+    dropped) join the document: ``backbone``, ``concepts`` (which reference stood for which concept)."""
     from imgrag.fast import draw_plan
 
     g = settings.generation
@@ -169,4 +174,21 @@ def for_drawing(settings: Any, *, prompt: str, seed: int, references: list[dict[
     return describe(settings, prompt=prompt, seed=seed, steps=plan.steps if steps is None else steps,
                     guidance=plan.guidance if guidance is None else guidance, width=width or g.width,
                     height=height or g.height, ip_scale=(g.ip_scale if ip_scale is None else ip_scale) if refs
-                    else None, fast=plan.mode, references=refs, run_id=run_id, candidate_id=candidate_id)
+                    else None, fast=plan.mode, references=refs, run_id=run_id, candidate_id=candidate_id, **extra)
+
+
+def for_omnigen_drawing(settings: Any, *, prompt: str, sent_prompt: str, seed: int,
+                        references: list[dict[str, Any]] | None, concepts: list[dict[str, Any]] | None,
+                        run_id: str | None = None, candidate_id: str | None = None, steps: int | None = None,
+                        width: int | None = None, height: int | None = None) -> dict[str, Any]:
+    """The provenance of an OmniGen drawing (:mod:`imgrag.omnigen`) made with ``settings.omnigen``: the user's
+    ``prompt``, the multimodal ``sent_prompt`` OmniGen read, the references in image-slot order (``references[0]``
+    is ``<|image_1|>``) and the ``concepts`` they stood for. ``fast`` is always "off": few-step modes are SDXL's."""
+    o, g = settings.omnigen, settings.generation
+    refs = reference_entries(references or [])
+    return describe(settings, prompt=prompt, seed=seed, steps=o.steps if steps is None else steps,
+                    guidance=o.guidance_scale, width=width or g.width, height=height or g.height, ip_scale=None,
+                    fast="off", references=refs, run_id=run_id, candidate_id=candidate_id, backbone="omnigen",
+                    models={"omnigen": settings.models.omnigen}, concepts=concepts or None,
+                    omnigen={"sent_prompt": sent_prompt, "img_guidance_scale": o.img_guidance_scale,
+                             "max_input_image_size": o.max_input_image_size})

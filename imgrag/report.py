@@ -207,7 +207,23 @@ def _candidate_view(c: dict[str, Any], references: dict[str, dict], final_id: st
         "stale_prompt": c.get("stale_prompt"),
         "references": [_reference_view(rid, references.get(rid) or {}) for rid in c.get("reference_ids") or []],
         "retrieved": c.get("source") == "retrieved",  # a photo of the collection, not a drawing (issue 18)
+        "backbone": c.get("backbone"), "concepts": _concepts_view(c.get("concepts") or []),
+        "sent_prompt": c.get("sent_prompt"),
     }
+
+
+def _concepts_view(concepts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Which reference stood for which concept in a drawing, for the templates: concept, reference ids with their
+    image slot (OmniGen's ``<|image_N|>``; none for IP-Adapter, which blends them all), and those left out."""
+    view = []
+    for c in concepts:
+        slots = list(c.get("images") or [])
+        ids = list(c.get("reference_ids") or [])
+        view.append({"concept": c.get("concept"),
+                     "references": [{"id": rid, "slot": slots[n] if n < len(slots) else None}
+                                    for n, rid in enumerate(ids)],
+                     "left_out": list(c.get("left_out") or [])})
+    return view
 
 
 def _steps_view(trace: list[dict[str, Any]], result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -77,6 +77,8 @@ class ModelSettings:
     embedder_pretrained: str = ""
     dino: str = ""  # DINOv2 checkpoint for `imgrag eval`'s image-image scores (AutoModel); empty: no DINO score
     lcm_lora: str = "latent-consistency/lcm-lora-sdxl"  # for generation.fast = "lcm-lora" (imgrag.fast)
+    # The in-context repair backbone (generation.repair_with / draw_with = "omnigen"): ImageRAG-O's model.
+    omnigen: str = "Shitao/OmniGen-v1-diffusers"
 
 
 @dataclass
@@ -93,12 +95,45 @@ class GenerationSettings:
     fast_steps: Annotated[int, Field(ge=1)] | None = None
     fast_guidance: Annotated[float, Field(ge=0.0)] | None = None
     fast_final_redraw: bool = False  # after a matched fast run, redraw its answer at full steps (tools/final_redraw.py)
+    # Which backbone draws a repair (a drawing with references): "ip-adapter" (SDXL + IP-Adapter, ImageRAG-SD's way,
+    # the references blended into one image embedding) or "omnigen" (each concept's references placed in the prompt
+    # where the concept is named, ImageRAG-O's way; settings in [omnigen]). draw_with: which draws without references.
+    repair_with: Literal["ip-adapter", "omnigen"] = "ip-adapter"
+    draw_with: Literal["sdxl", "omnigen"] = "sdxl"
 
     @field_validator("width", "height")
     @classmethod
     def _multiple_of_8(cls, value: int) -> int:
         if value % 8:
             raise ValueError("must be a multiple of 8 (SDXL's latents are 1/8 size)")
+        return value
+
+    @model_validator(mode="after")
+    def _omnigen_sides(self) -> GenerationSettings:
+        if "omnigen" in (self.repair_with, self.draw_with) and (self.width % 16 or self.height % 16):
+            raise ValueError(f"width and height must be multiples of 16 when OmniGen draws (its latents are 1/8 "
+                             f"size in 2x2 patches), got {self.width}x{self.height}")
+        return self
+
+
+@dataclass
+class OmniGenSettings:
+    """OmniGen's own knobs (imgrag/omnigen.py); the defaults are diffusers' OmniGenPipeline's and ImageRAG-O's."""
+
+    guidance_scale: Annotated[float, Field(ge=0.0)] = 2.5  # text guidance
+    img_guidance_scale: Annotated[float, Field(ge=0.0)] = 1.6  # how strongly the input images steer
+    # Input images are cropped/resized to at most this side (a multiple of 16); each costs (side/16)^2 tokens.
+    max_input_image_size: Annotated[int, Field(ge=16, le=2048)] = 1024
+    steps: Positive = 50
+    # Reference pictures one in-context drawing takes, over all concepts: ImageRAG-O's 3 ("can use up to 3 images
+    # in prompt with omnigen"); each adds up to 4096 tokens to a 1024^2 drawing's 4096 (imgrag/omnigen.py).
+    max_references: Annotated[int, Field(ge=1, le=8)] = 3
+
+    @field_validator("max_input_image_size")
+    @classmethod
+    def _multiple_of_16(cls, value: int) -> int:
+        if value % 16:
+            raise ValueError("must be a multiple of 16 (OmniGen's VAE is 8x and its patches 2x2)")
         return value
 
 
@@ -185,6 +220,7 @@ class Settings:
     tiny_kit_dir: str = ""
     models: ModelSettings = field(default_factory=ModelSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    omnigen: OmniGenSettings = field(default_factory=OmniGenSettings)
     judge: JudgeSettings = field(default_factory=JudgeSettings)
     llm: LLMSettings = field(default_factory=LLMSettings)
     budget: BudgetSettings = field(default_factory=BudgetSettings)
@@ -223,7 +259,7 @@ class Settings:
 
 
 _SECTION_CLASSES = {
-    "models": ModelSettings, "generation": GenerationSettings, "judge": JudgeSettings,
+    "models": ModelSettings, "generation": GenerationSettings, "omnigen": OmniGenSettings, "judge": JudgeSettings,
     "llm": LLMSettings, "budget": BudgetSettings, "retrieval": RetrievalSettings, "safety": SafetySettings,
 }
 PROFILES = ("default", "tiny")
@@ -252,9 +288,11 @@ def _tiny_profile() -> dict[str, Any]:
             "llm": f"{kit}/qwen2.5-instruct",
             "embedder": f"local-dir:{kit}/open-clip",
             "lcm_lora": f"{kit}/lcm-lora",
+            "omnigen": f"{kit}/omnigen",
         },
         # Small enough that a CPU finishes a whole run in seconds.
         "generation": {"width": 64, "height": 64, "steps": 2, "guidance": 5.0},
+        "omnigen": {"steps": 2, "max_input_image_size": 64},
         "judge": {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28, "max_new_tokens": 24},
         "llm": {"max_new_tokens": 32},
     }

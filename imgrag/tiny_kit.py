@@ -16,6 +16,8 @@ Layout under ``out_dir``::
     qwen2.5-instruct/      Qwen2ForCausalLM + Qwen2.5-Instruct tokenizer (tool-calling chat template)
     open-clip/             open_clip_config.json + open_clip_model.safetensors ("local-dir:<dir>")
     lcm-lora/              like latent-consistency/lcm-lora-sdxl: pytorch_lora_weights.safetensors (PEFT LoRA keys)
+    omnigen/               OmniGenPipeline.save_pretrained, like Shitao/OmniGen-v1-diffusers (transformer, its own
+                           8x-downsampling VAE, a Llama BPE tokenizer with Phi-3's chat markers, scheduler)
     kit.json               marker, written last: {"version", "seed", "models"}
 
 Builds are seeded and deterministic (same seed, same bytes), write only safetensors, and take a
@@ -23,7 +25,7 @@ few seconds on a 2-core CPU. Each model is built in a temporary sibling folder a
 place; the marker is removed first and written last (atomically), so an interrupted build is
 detected and redone by :func:`ensure_tiny_kit`.
 
-Why one module of ~670 lines: it is one recipe, the kit, whose six builders share the configuration table
+Why one module of ~740 lines: it is one recipe, the kit, whose seven builders share the configuration table
 (also the template of :mod:`imgrag.full_scale`), the tokenizers and the atomic build-and-mark steps; split by
 model, each part would be a short function importing the same shared half.
 """
@@ -54,6 +56,7 @@ MODEL_DIRS: dict[str, str] = {
     "llm": "qwen2.5-instruct",
     "embedder": "open-clip",
     "lcm_lora": "lcm-lora",
+    "omnigen": "omnigen",
 }
 
 # IP-Adapter files, where the real h94/IP-Adapter repository keeps the SDXL ViT-H adapter.
@@ -368,6 +371,7 @@ def _build_locked(out_dir: Path, seed: int, progress: Callable[[str], None] | No
         "llm": _build_qwen_llm,
         "embedder": _build_open_clip,
         "lcm_lora": _build_lcm_lora,
+        "omnigen": _build_omnigen,
     }
     paths = tiny_kit_paths(out_dir)
     with _quiet_progress_bars():
@@ -663,6 +667,64 @@ def build_lcm_lora(dest: Path, unet_config: dict[str, Any], *, rank: int, seed: 
 def _build_lcm_lora(dest: Path, seed: int) -> None:
     """A rank-4 LCM-LoRA for the kit's SDXL UNet (random: it makes nothing faster or better, only different)."""
     build_lcm_lora(dest, SDXL_UNET, rank=TINY_LCM_LORA_RANK, seed=seed)
+
+
+# --- OmniGen (ImageRAG-O's backbone): Shitao/OmniGen-v1-diffusers in miniature ---
+# The processor counts one input-image token per 16x16 pixels (VAE 8x, patch 2): the VAE must downsample 8x
+# (four blocks), or the image-token count does not match the latents (RuntimeError: expanded size 16 vs 256).
+OMNIGEN_TRANSFORMER = {
+    "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 64,
+    "num_layers": 2, "in_channels": 4, "patch_size": 2, "time_step_dim": 16, "pos_embed_max_size": 64,
+    "max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
+    # Phi-3's "su" rope scaling with one factor per rotary frequency (head size 8 -> 4 frequencies)
+    "rope_scaling": {"type": "su", "long_factor": [1.0] * 4, "short_factor": [1.0] * 4},
+}  # fmt: skip
+OMNIGEN_VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (8, 8, 16, 16),
+    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "norm_num_groups": 4, "sample_size": 64, "scaling_factor": 0.13025,  # the SDXL VAE's, which OmniGen uses
+}  # fmt: skip
+OMNIGEN_SCHEDULER = {"invert_sigmas": True, "num_train_timesteps": 1}  # as diffusers' conversion script sets it
+OMNIGEN_BPE_VOCAB_SIZE = 600
+# Llama's <unk> <s> </s> first (the processor drops a chunk's leading id 1, the bos), then Phi-3's chat markers,
+# which OmniGen's processor writes around every instruction.
+OMNIGEN_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
+OMNIGEN_BPE_CORPUS = [
+    "Generate an image according to the following instructions",
+    "According to these images of a red fox: <img><|image_1|></img>, generate a red fox on a wooden cradle",
+    "a photo of a golden retriever puppy sleeping in a cradle beside a red toy rocket",
+    "<|diffusion|> low quality, jpeg artifacts, ugly, duplicate, blurry, bad anatomy",
+]
+
+
+def _omnigen_tokenizer() -> Any:
+    """A LlamaTokenizer over a byte-level BPE trained here, with Phi-3's special tokens (OmniGen's tokenizer is
+    Phi-3's, a Llama sentencepiece tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=OMNIGEN_BPE_VOCAB_SIZE, special_tokens=OMNIGEN_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(OMNIGEN_BPE_CORPUS * 10, trainer=trainer)
+    return LlamaTokenizer(tokenizer_object=bpe, bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>",
+                          pad_token="<|endoftext|>")
+
+
+def _build_omnigen(dest: Path, seed: int) -> None:
+    """OmniGenPipeline: a Phi-3-style OmniGen transformer, an 8x VAE, the BPE tokenizer, flow-matching scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OmniGenPipeline, OmniGenTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = _omnigen_tokenizer()
+    transformer = OmniGenTransformer2DModel(**OMNIGEN_TRANSFORMER, vocab_size=len(tokenizer),
+                                            pad_token_id=tokenizer.pad_token_id)
+    pipe = OmniGenPipeline(transformer=transformer, vae=AutoencoderKL(**OMNIGEN_VAE), tokenizer=tokenizer,
+                           scheduler=FlowMatchEulerDiscreteScheduler(**OMNIGEN_SCHEDULER))
+    pipe.save_pretrained(dest, safe_serialization=True)
 
 
 def quantise_gptq(source: Path, dest: Path, *, bits: int = 4, group_size: int = 32) -> Path:

@@ -19,12 +19,13 @@ from langgraph.prebuilt import ToolRuntime
 from langgraph.types import Command
 
 from imgrag.checkpoints import first_line
+from imgrag.concept_refs import ConceptMapError, ConceptReferences, parse_concepts
 from imgrag.engine import ManagedEmbedder
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
-from imgrag.provenance import for_drawing
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES
 from tools.context import ToolContext
+from tools.repair import BACKBONE_OMNIGEN, draw
 from tools.safety_gate import check_output, screen_drawing_references, screen_references
 
 MAX_QUERIES = 6
@@ -143,11 +144,12 @@ def _check_seed(state: dict, seed: Any) -> int:
 
 
 def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seed: int, references: list[dict],
-          ip_scale: float | None):
+          ip_scale: float | None, concepts: list[ConceptReferences] | None = None):
     """Draw one candidate, score it with CLIP against the user's prompt, save it; return the candidate record.
 
-    The score is always measured against ``state["prompt"]`` (what the user asked for), never the text the
-    LLM chose to draw, so every candidate of a run is measured with one yardstick."""
+    The backbone (SDXL, SDXL + IP-Adapter or OmniGen) and the concept -> reference mapping come from
+    :func:`tools.repair.draw`. The score is always measured against ``state["prompt"]`` (what the user asked
+    for), never the text the LLM chose to draw, so every candidate of a run is measured with one yardstick."""
     images = [open_image(ref["path"]) for ref in references]
     references, images = screen_drawing_references(ctx, references, images)  # issue 18: the safety gate
     candidate_id = ctx.allocate_candidate_id(state.get("candidates") or {})
@@ -156,18 +158,23 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seed: int, 
         ctx.on_event({"event": "denoise", "step": step, "total": total})
 
     # Model calls run on the device's model thread (imgrag.manager), not in this tool's thread.
-    limit = {"deadline": ctx.deadline} if ctx.deadline is not None else {}
-    image = ctx.manager.run("generator", lambda generator: generator.generate(
-        prompt, seed=seed, references=images or None, ip_scale=ip_scale, on_step=on_step, **limit))
+    drawing = draw(ctx, state, prompt=prompt, seed=seed, references=references, images=images, ip_scale=ip_scale,
+                   concepts=concepts, candidate_id=candidate_id, on_step=on_step)
+    image = drawing.image
     image_vector = ctx.manager.run("embedder", lambda embedder: embedder.embed_images([image]))
     clip_score = ctx.manager.run("embedder", lambda embedder: float(
         (image_vector @ embedder.embed_texts([state["prompt"]]).T)[0, 0]))
-    provenance = for_drawing(ctx.settings, prompt=prompt, seed=seed, references=references, ip_scale=ip_scale,
-                             run_id=ctx.record.dir.name, candidate_id=candidate_id)  # issue 18: provenance hook
-    path = ctx.record.save_candidate(candidate_id, image, provenance)
+    path = ctx.record.save_candidate(candidate_id, image, drawing.provenance)
+    used = drawing.references
+    extra: dict[str, Any] = {"backbone": drawing.backbone}
+    if drawing.concepts:
+        extra["concepts"] = drawing.concepts
+    if drawing.sent_prompt is not None:
+        extra["sent_prompt"] = drawing.sent_prompt
+    guided_by_adapter = bool(used) and drawing.backbone != BACKBONE_OMNIGEN
     return {"id": candidate_id, "path": str(path), "prompt": prompt, "seed": seed,
-            "reference_ids": [ref["id"] for ref in references], "ip_scale": ip_scale if references else None,
-            "round": round_no, "clip_score": round(clip_score, 4), "verdict": None,
+            "reference_ids": [ref["id"] for ref in used], "ip_scale": ip_scale if guided_by_adapter else None,
+            "round": round_no, "clip_score": round(clip_score, 4), "verdict": None, **extra,
             **check_output(ctx, image_vector[0])}  # issue 18: flagged outputs are kept, never the answer
 
 
@@ -177,8 +184,31 @@ def _short(text: str, limit: int = MAX_CAPTION_CHARS) -> str:
 
 
 def _describe(candidate: dict) -> str:
-    return json.dumps({"candidate_id": candidate["id"], "round": candidate["round"],
-                       "clip_score": candidate["clip_score"], "references": candidate["reference_ids"]})
+    shown = {"candidate_id": candidate["id"], "round": candidate["round"], "clip_score": candidate["clip_score"],
+             "references": candidate["reference_ids"]}
+    if candidate.get("concepts"):
+        shown["concepts"] = [{"concept": c["concept"], "reference_ids": c["reference_ids"]}
+                             for c in candidate["concepts"]]
+    return json.dumps(shown)
+
+
+def _drawing_trace(candidate: dict) -> dict[str, Any]:
+    """What the trace line of a drawing adds: its backbone and, for a repair, which reference stood for which
+    concept (and the in-context prompt OmniGen read)."""
+    return {k: candidate[k] for k in ("backbone", "concepts", "sent_prompt") if candidate.get(k) is not None}
+
+
+def _check_concepts(concepts: Any, known: dict[str, Any]) -> list[ConceptReferences]:
+    """The ``concepts`` argument as records; every reference id must be one the run knows."""
+    try:
+        records = parse_concepts(concepts)
+    except ConceptMapError as exc:
+        example = '[{"concept": "a red fox", "reference_ids": ["..."]}, ...]'
+        raise ToolArgumentError(f"{exc}; pass {example}") from None
+    unknown = [i for c in records for i in c.reference_ids if i not in known]
+    if unknown:
+        raise ToolArgumentError(f"unknown reference ids {unknown} in concepts; known references: {_known(known)}")
+    return records
 
 
 # Each tool's ``runtime: ToolRuntime[Any, dict]`` is injected by the ToolNode and left out of the schema the LLM
@@ -204,7 +234,8 @@ def make_tools() -> list[BaseTool]:
         def body(round_no: int):
             text = _check_prompt(prompt)
             candidate = _draw(ctx, state, round_no, text, _check_seed(state, seed), [], None)
-            return _describe(candidate), {"candidates": {candidate["id"]: candidate}, "rounds": 1}
+            return (_describe(candidate), {"candidates": {candidate["id"]: candidate}, "rounds": 1},
+                    _drawing_trace(candidate))
 
         return _run(ctx, "generate", args, tool_call_id, state, body, draws=True)
 
@@ -296,22 +327,29 @@ def make_tools() -> list[BaseTool]:
     @tool
     def regenerate(
         prompt: str,
-        reference_ids: list[str],
+        reference_ids: list[str] | None = None,
         ip_scale: float | None = None,
         seed: int | None = None,
+        concepts: list[dict[str, Any]] | None = None,
         *,
         runtime: ToolRuntime[Any, dict],
     ) -> Command:
-        """Draw again guided by reference photos (IP-Adapter). reference_ids come from retrieve; ip_scale
-        (0..1, default from settings) sets how strongly the references steer the picture. Returns a candidate_id."""
+        """Draw again guided by reference photos. reference_ids come from retrieve. concepts says which
+        reference shows which concept: [{"concept": "a red fox", "reference_ids": ["..."]}, ...] in the order the
+        prompt names them; references left out of it stand for the query that found them. With OmniGen each
+        concept's references go into the prompt where it is named; with IP-Adapter all are blended, and ip_scale
+        (0..1, default from settings) sets how strongly they steer. Returns a candidate_id."""
         args = {"prompt": prompt, "reference_ids": reference_ids, "ip_scale": ip_scale, "seed": seed}
+        if concepts is not None:  # only when given, so the fixed policy's IP-Adapter steps keep their arguments
+            args["concepts"] = concepts
         ctx: ToolContext = runtime.context
         state, tool_call_id = runtime.state, runtime.tool_call_id
 
         def body(round_no: int):
             text = _check_prompt(prompt)
             known = state.get("references") or {}
-            ids = list(dict.fromkeys(reference_ids or []))
+            mapping = _check_concepts(concepts, known)
+            ids = list(dict.fromkeys([*(reference_ids or []), *(i for c in mapping for i in c.reference_ids)]))
             if not ids:
                 raise ToolArgumentError("reference_ids is empty; call retrieve first, or generate for a plain picture")
             unknown = [i for i in ids if i not in known]
@@ -323,8 +361,9 @@ def make_tools() -> list[BaseTool]:
             if not 0.0 <= scale <= MAX_IP_SCALE:
                 raise ToolArgumentError(f"ip_scale must be between 0 and {MAX_IP_SCALE:g}, got {ip_scale}")
             draw_seed = _check_seed(state, seed)
-            candidate = _draw(ctx, state, round_no, text, draw_seed, [known[i] for i in ids], scale)
-            return _describe(candidate), {"candidates": {candidate["id"]: candidate}, "rounds": 1}
+            candidate = _draw(ctx, state, round_no, text, draw_seed, [known[i] for i in ids], scale, mapping)
+            return (_describe(candidate), {"candidates": {candidate["id"]: candidate}, "rounds": 1},
+                    _drawing_trace(candidate))
 
         return _run(ctx, "regenerate", args, tool_call_id, state, body, draws=True)
 
