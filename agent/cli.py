@@ -20,11 +20,13 @@ from agent.cli_common import (
     ConfigOpt,
     JsonOpt,
     ProfileOpt,
+    RepairWithOpt,
     StoreOpt,
     app,
     err,
     out,
     print_json,
+    repair_flags,
     settings_from_flags,
 )
 from imgrag.errors import UserError, check_seed
@@ -43,7 +45,7 @@ def build_tiny(
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if a current kit is there.")] = False,
     scale: Annotated[str, typer.Option("--scale", help="tiny (seconds, MBs) or full: the real models' sizes "
-                                       "(~32 GB; for GPU benchmarks).")] = "tiny",
+                                       "(~40 GB; for GPU benchmarks).")] = "tiny",
     as_json: JsonOpt = False,
 ) -> None:
     """Build random-weight models of every real architecture, saved in the real on-disk formats.
@@ -57,7 +59,7 @@ def build_tiny(
     if scale not in ("tiny", "full"):
         raise UserError(f"--scale must be tiny or full, got {scale!r}")
     if scale == "full" and directory is None:
-        raise UserError("--scale full needs a DIRECTORY (about 32 GB); the tiny profile's kit is left alone")
+        raise UserError("--scale full needs a DIRECTORY (about 40 GB); the tiny profile's kit is left alone")
     target = directory or Path(settings_from_flags("tiny").tiny_kit_dir)
     ensure_writable_dir(target, "tiny kit folder")
     start = time.perf_counter()
@@ -77,7 +79,8 @@ def _dir_size(path: Path) -> int:
 
 
 RoleOpt = Annotated[list[str] | None, typer.Option(
-    "--role", "-r", help="Only this role (generator, ip_adapter, judge, llm, embedder, lcm_lora); repeat for several.")]
+    "--role", "-r", help="Only this role (generator, ip_adapter, judge, llm, embedder, lcm_lora, omnigen); repeat for "
+    "several.")]
 
 
 def _roles(role: list[str] | None) -> list[str] | None:
@@ -95,6 +98,7 @@ def download_models(
     config: ConfigOpt = None,
     role: RoleOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List repositories, files and sizes; no network.")] = False,
+    repair_with: RepairWithOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fetch exactly the files each role of the profile needs into the Hugging Face cache.
@@ -113,7 +117,8 @@ def download_models(
         human_size,
     )
 
-    settings = settings_from_flags(profile, config, check_device=False)  # a GPU preset may be fetched anywhere
+    settings = settings_from_flags(profile, config, check_device=False,  # a GPU preset may be fetched anywhere
+                                   **repair_flags(repair_with))
     roles = check_roles(settings, _roles(role))
     cache = hub_cache_dir()
     to_fetch = [r for r in roles if r.source == "hub" and (r.missing or not r.recorded)]
@@ -275,6 +280,7 @@ def _cuda_status() -> str:
 @app.command()
 def doctor(
     profile: ProfileOpt = None, config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = False,
+    repair_with: RepairWithOpt = None,
     show_profile: Annotated[bool, typer.Option("--show-profile", help="Print the built-in preset's TOML file "
                                                "(documented; copy it to start your own) and stop.")] = False,
 ) -> None:
@@ -291,7 +297,7 @@ def doctor(
         return
     import torch
 
-    settings = settings_from_flags(profile, config, store=store, check_device=False)
+    settings = settings_from_flags(profile, config, store=store, check_device=False, **repair_flags(repair_with))
     device = settings.resolved_device()
     report: dict = {"profile": settings.profile, "preset": profile if profile in builtin_presets() else None,
                     "device": device, "dtype": settings.resolved_dtype(),

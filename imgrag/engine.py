@@ -70,10 +70,10 @@ def working_memory_gb(settings: Settings) -> dict[str, Any]:
       have (the judge: its image tokens at ``judge.max_pixels`` + 512 text tokens + ``max_new_tokens``; the
       LLM: 4096 context tokens + ``max_new_tokens``), from the model's own config, plus a quarter;
     - embedder (and DINO): half its weights (a batch of 224x224 pictures through a ViT);
-    - omnigen: per guidance branch (three when there are input images), the transformer's KV cache and one
-      layer's activations over its tokens (the drawing's ``(w/16)(h/16)``, ``omnigen.max_references`` input
-      images of ``(max_input_image_size/16)²`` each, and the text), plus each branch's tokens² attention mask and
-      the VAE (half SDXL's per-megapixel figure).
+    - omnigen: per guidance branch (three when there are input images), one layer's keys, values and
+      activations over its tokens (it keeps no KV cache across layers or steps): the drawing's ``(w/16)(h/16)``,
+      ``omnigen.max_references`` input images of ``(max_input_image_size/16)²`` each, and the text; plus each
+      branch's tokens² attention mask and the VAE (half SDXL's per-megapixel figure).
     """
     g, j = settings.generation, settings.judge
     width = _dtype_bytes(settings)
@@ -110,7 +110,8 @@ def working_memory_gb(settings: Settings) -> dict[str, Any]:
         o = settings.omnigen
         tokens = (TEXT_TOKENS + (g.width // 16) * (g.height // 16)
                   + o.max_references * (o.max_input_image_size // 16) ** 2)
-        layers = SimpleNamespace(num_hidden_layers=config.num_layers, hidden_size=config.hidden_size,
+        # One layer at a time: OmniGen recomputes every layer at each step and keeps no KV cache across them.
+        layers = SimpleNamespace(num_hidden_layers=1, hidden_size=config.hidden_size,
                                  num_attention_heads=config.num_attention_heads,
                                  num_key_value_heads=config.num_key_value_heads,
                                  intermediate_size=config.intermediate_size)

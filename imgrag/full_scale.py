@@ -3,7 +3,7 @@
 ``imgrag models build-tiny --scale full DIR`` writes every model imgrag runs with the REAL
 configuration of its checkpoint (layer counts, widths, heads, vocabularies) and random weights, in
 the same layout as the tiny kit, so a profile pointing at DIR loads them through the real loading
-code. They exist to measure speed and memory on a GPU without downloading ~32 GB of checkpoints:
+code. They exist to measure speed and memory on a GPU without downloading ~40 GB of checkpoints:
 seconds per 1024x1024 generation, per judge call, per model swap (``benchmarks/bench_gpu.py``).
 Their pictures are noise and their answers gibberish, exactly like the tiny kit's, and a random
 model never stops generating early, so token-generation times are for the full ``max_new_tokens``.
@@ -15,10 +15,10 @@ sizes are the real vocabularies below, cost memory and time. Token ids beyond th
 vocabularies decode to nothing, as the real models' padding rows do.
 
 Sizes in float16: SDXL 6.9 GB (UNet 2.6 B parameters, CLIP-L and OpenCLIP-bigG text encoders, VAE),
-IP-Adapter 0.7 GB plus its ViT-H image encoder 1.3 GB, Qwen2.5-VL-3B 7.5 GB, Qwen2.5-7B 15.2 GB;
-CLIP ViT-B-32 0.6 GB in float32 (as laion ships it). Build it on a GPU: models are initialised on
-the device in float16 (about a minute on an H100, most of it writing files). On a CPU it works
-but needs ~64 GB of RAM and a long time.
+IP-Adapter 0.7 GB plus its ViT-H image encoder 1.3 GB, Qwen2.5-VL-3B 7.5 GB, Qwen2.5-7B 15.2 GB, OmniGen-v1
+7.75 GB (bfloat16, as it ships) plus its VAE; CLIP ViT-B-32 0.6 GB in float32 (as laion ships it): ~40 GB in all.
+Build it on a GPU: models are initialised on the device in float16 (about a minute on an H100, most of it
+writing files). On a CPU it works but needs ~64 GB of RAM and a long time.
 
 Why it ships in the runtime package, not beside the benchmarks: the installed CLI builds it
 (``imgrag models build-tiny --scale full``, through :func:`imgrag.tiny_kit.build_tiny_kit`), so a user
@@ -122,6 +122,42 @@ OPEN_CLIP_MODEL_CFG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
 }
 
+# Shitao/OmniGen-v1-diffusers, transformer/config.json: what diffusers' scripts/convert_omnigen_to_diffusers.py
+# writes (huggingface/diffusers, read at commit 54ab894): OmniGenTransformer2DModel's defaults (Phi-3-mini's sizes:
+# hidden 3072, 32 layers of 32 heads, MLP 8192, vocabulary 32064, pad id 32000, 131072 positions over an original
+# 4096, rope base 10000) with patch_size 2, in_channels 4, pos_embed_max_size 192 and Phi-3's "su" rope factors.
+# The VAE is SDXL's (vae/config.json above); the scheduler FlowMatchEulerDiscreteScheduler(invert_sigmas=True,
+# num_train_timesteps=1). 3.762 B parameters plus a 0.113 B position-embedding buffer: 7.75 GB in bfloat16.
+OMNIGEN_LONG_FACTOR = [
+    1.0299999713897705, 1.0499999523162842, 1.0499999523162842, 1.0799999237060547, 1.2299998998641968,
+    1.2299998998641968, 1.2999999523162842, 1.4499999284744263, 1.5999999046325684, 1.6499998569488525,
+    1.8999998569488525, 2.859999895095825, 3.68999981880188, 5.419999599456787, 5.489999771118164, 5.489999771118164,
+    9.09000015258789, 11.579999923706055, 15.65999984741211, 15.769999504089355, 15.789999961853027,
+    18.360000610351562, 21.989999771118164, 23.079999923706055, 30.009998321533203, 32.35000228881836,
+    32.590003967285156, 35.56000518798828, 39.95000457763672, 53.840003967285156, 56.20000457763672,
+    57.95000457763672, 59.29000473022461, 59.77000427246094, 59.920005798339844, 61.190006256103516,
+    61.96000671386719, 62.50000762939453, 63.3700065612793, 63.48000717163086, 63.48000717163086, 63.66000747680664,
+    63.850006103515625, 64.08000946044922, 64.760009765625, 64.80001068115234, 64.81001281738281, 64.81001281738281,
+]
+OMNIGEN_SHORT_FACTOR = [
+    1.05, 1.05, 1.05, 1.1, 1.1, 1.1, 1.2500000000000002, 1.2500000000000002, 1.4000000000000004, 1.4500000000000004,
+    1.5500000000000005, 1.8500000000000008, 1.9000000000000008, 2.000000000000001, 2.000000000000001,
+    2.000000000000001, 2.000000000000001, 2.000000000000001, 2.000000000000001, 2.000000000000001, 2.000000000000001,
+    2.000000000000001, 2.000000000000001, 2.000000000000001, 2.000000000000001, 2.000000000000001, 2.000000000000001,
+    2.000000000000001, 2.000000000000001, 2.000000000000001, 2.000000000000001, 2.000000000000001,
+    2.1000000000000005, 2.1000000000000005, 2.2, 2.3499999999999996, 2.3499999999999996, 2.3499999999999996,
+    2.3499999999999996, 2.3999999999999995, 2.3999999999999995, 2.6499999999999986, 2.6999999999999984,
+    2.8999999999999977, 2.9499999999999975, 3.049999999999997, 3.049999999999997, 3.049999999999997,
+]
+OMNIGEN_TRANSFORMER = {
+    "in_channels": 4, "patch_size": 2, "hidden_size": 3072, "rms_norm_eps": 1e-5, "num_attention_heads": 32,
+    "num_key_value_heads": 32, "intermediate_size": 8192, "num_layers": 32, "pad_token_id": 32000,
+    "vocab_size": 32064, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+    "rope_base": 10000, "pos_embed_max_size": 192, "time_step_dim": 256, "flip_sin_to_cos": True,
+    "downscale_freq_shift": 0, "timestep_activation_fn": "silu",
+    "rope_scaling": {"type": "su", "long_factor": OMNIGEN_LONG_FACTOR, "short_factor": OMNIGEN_SHORT_FACTOR},
+}
+
 
 @dataclass(frozen=True)
 class KitConfigs:
@@ -138,6 +174,8 @@ class KitConfigs:
     qwen_llm: dict[str, Any] = field(default_factory=lambda: dict(QWEN_LLM))
     open_clip: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(OPEN_CLIP_MODEL_CFG)))
     lcm_lora: dict[str, Any] = field(default_factory=lambda: {"rank": LCM_LORA_RANK})  # over the unet above
+    omnigen: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(OMNIGEN_TRANSFORMER)))
+    omnigen_vae: dict[str, Any] = field(default_factory=lambda: dict(SDXL_VAE))
 
     def replace(self, **changes: dict[str, Any]) -> KitConfigs:
         return dataclasses.replace(self, **changes)
@@ -178,7 +216,8 @@ def build_full_kit(out_dir: Path, *, seed: int = 0, force: bool = False,
     paths = tiny_kit_paths(out_dir)
     params: dict[str, int] = {}
     builders = [("generator", _build_sdxl), ("ip_adapter", _build_ip_adapter), ("judge", _build_qwen_vl),
-                ("llm", _build_qwen_llm), ("embedder", _build_open_clip), ("lcm_lora", _build_lcm_lora)]
+                ("llm", _build_qwen_llm), ("embedder", _build_open_clip), ("lcm_lora", _build_lcm_lora),
+                ("omnigen", _build_omnigen)]
     for key, builder in builders:
         say(f"{MODEL_DIRS[key]} (full size)")
         torch.manual_seed(seed)
@@ -338,6 +377,26 @@ def _build_open_clip(dest: Path, tiny: Path, cfg: KitConfigs, device: str, dtype
     return {"open_clip": count}
 
 
+def _build_omnigen(dest: Path, tiny: Path, cfg: KitConfigs, device: str, dtype: Any) -> dict[str, int]:
+    """OmniGen-v1 at full size (Shitao/OmniGen-v1-diffusers' layout), with the tiny kit's tokenizer and scheduler.
+    Built in bfloat16 when the kit is float16, as the checkpoint ships (imgrag.omnigen runs it so)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, OmniGenPipeline, OmniGenTransformer2DModel
+    from transformers import AutoTokenizer
+
+    dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+    with torch.device(device):
+        transformer = OmniGenTransformer2DModel.from_config(cfg.omnigen).to(dtype)
+        vae = AutoencoderKL.from_config(cfg.omnigen_vae).to(dtype)
+    pipe = OmniGenPipeline(transformer=transformer, vae=vae,
+                           tokenizer=AutoTokenizer.from_pretrained(tiny / "tokenizer"),
+                           scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(tiny / "scheduler"))
+    pipe.save_pretrained(dest, safe_serialization=True)
+    counts = {"omnigen.transformer": _count(transformer), "omnigen.vae": _count(vae)}
+    del pipe, transformer, vae
+    return counts
+
+
 def smoke_configs() -> KitConfigs:
     """The full kit's layout and code path with small widths: for dry runs and tests on a CPU (seconds).
 
@@ -362,6 +421,12 @@ def smoke_configs() -> KitConfigs:
                         "fullatt_block_indexes": [1], "out_hidden_size": 64},
         qwen_llm={**QWEN_LLM, "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                   "num_attention_heads": 4, "num_key_value_heads": 2},
+        omnigen={**OMNIGEN_TRANSFORMER, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 4,
+                 "intermediate_size": 64, "num_layers": 2, "vocab_size": 1000, "pad_token_id": 3,
+                 "pos_embed_max_size": 64, "time_step_dim": 16,
+                 "rope_scaling": {"type": "su", "long_factor": [1.0] * 4, "short_factor": [1.0] * 4}},
+        omnigen_vae={**SDXL_VAE, "block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 8,
+                     "sample_size": 64},
         open_clip={"embed_dim": 32,
                    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
                    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}},

@@ -174,6 +174,26 @@ _LCM_LORA_SDXL: list[RepoFile] = [
     _f("pytorch_lora_weights.safetensors", 394 * MB, approx_only=True),
 ]
 
+# Shitao/OmniGen-v1-diffusers: diffusers' convert_omnigen_to_diffusers.py output (OmniGenPipeline.save_pretrained):
+# the transformer in bfloat16 (the script casts it), SDXL's VAE in float32 (335 MB, as in SDXL's own vae/), Phi-3's
+# Llama tokenizer. NOT copied from the hub listing (no machine here reached it): the file names are what that script
+# and diffusers' save_pretrained write, the sizes are computed: the transformer's 3.762 B parameters plus its
+# 192x192x3072 position-embedding buffer (0.113 B), 2 bytes each, in one file (under diffusers' 10 GB shard size).
+OMNIGEN_V1 = "Shitao/OmniGen-v1-diffusers"
+_OMNIGEN_V1: list[RepoFile] = [
+    _f("README.md", 5 * KB, approx_only=True),
+    _f("model_index.json", 400, approx_only=True),
+    _f("scheduler/scheduler_config.json", 500, approx_only=True),
+    _f("tokenizer/special_tokens_map.json", 600, approx_only=True),
+    _f("tokenizer/tokenizer.json", 1.84 * MB, approx_only=True),
+    _f("tokenizer/tokenizer.model", 500 * KB, approx_only=True),
+    _f("tokenizer/tokenizer_config.json", 3.4 * KB, approx_only=True),
+    _f("transformer/config.json", 2.6 * KB, approx_only=True),
+    _f("transformer/diffusion_pytorch_model.safetensors", 7.75 * GB, approx_only=True),
+    _f("vae/config.json", 700, approx_only=True),
+    _f("vae/diffusion_pytorch_model.safetensors", 335 * MB, approx_only=True),
+]
+
 LAYOUTS: dict[str, list[RepoFile]] = {
     SDXL_BASE: _SDXL,
     IP_ADAPTER: _IP_ADAPTER,
@@ -182,4 +202,5 @@ LAYOUTS: dict[str, list[RepoFile]] = {
     QWEN_7B_GPTQ: _QWEN_7B_GPTQ,
     CLIP_B32_LAION: _CLIP_B32_LAION,
     LCM_LORA_SDXL: _LCM_LORA_SDXL,
+    OMNIGEN_V1: _OMNIGEN_V1,
 }

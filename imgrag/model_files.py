@@ -33,15 +33,19 @@ from imgrag.errors import UserError
 from imgrag.hub_layouts import LAYOUTS, RepoFile
 from imgrag.settings import Settings
 
-ROLES = ("generator", "ip_adapter", "judge", "llm", "embedder", "lcm_lora")
+ROLES = ("generator", "ip_adapter", "judge", "llm", "embedder", "lcm_lora", "omnigen")
 ROLE_SETTING = {"generator": "models.generator", "ip_adapter": "models.ip_adapter", "judge": "models.judge",
-                "llm": "models.llm", "embedder": "models.embedder", "lcm_lora": "models.lcm_lora"}
+                "llm": "models.llm", "embedder": "models.embedder", "lcm_lora": "models.lcm_lora",
+                "omnigen": "models.omnigen"}
 LCM_LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name (latent-consistency/lcm-lora-sdxl)
 
 
 def active_roles(settings: Settings) -> list[str]:
-    """The roles this profile loads: the LCM-LoRA only when ``generation.fast = "lcm-lora"``."""
-    return [r for r in ROLES if r != "lcm_lora" or settings.generation.fast == "lcm-lora"]
+    """The roles this profile loads: the LCM-LoRA only when ``generation.fast = "lcm-lora"``, OmniGen only when
+    ``generation.repair_with`` or ``draw_with`` is "omnigen"."""
+    g = settings.generation
+    wanted = {"lcm_lora": g.fast == "lcm-lora", "omnigen": "omnigen" in (g.repair_with, g.draw_with)}
+    return [r for r in ROLES if wanted.get(r, True)]
 
 # SDXL's diffusers folders: the weights are fetched as the "fp16" variant (half the bytes); the generator
 # loads that variant when it is what the folder holds and casts to the settings' dtype.
@@ -54,6 +58,10 @@ OPTIONAL_PATTERNS = ("*.jinja",)
 TRANSFORMERS_PATTERNS = ["*.json", "*.safetensors", "merges.txt", *OPTIONAL_PATTERNS]
 OPEN_CLIP_PATTERNS = ["open_clip_config.json", "open_clip_model.safetensors"]
 FP16_UNET = "unet/diffusion_pytorch_model.fp16.safetensors"
+# OmniGen's diffusers folders: its weights are stored once (the transformer in bfloat16), with no fp16 variant.
+OMNIGEN_COMPONENTS = ("transformer", "vae")
+OMNIGEN_PATTERNS = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
+                    *[p for c in OMNIGEN_COMPONENTS for p in (f"{c}/config.json", f"{c}/*.safetensors")]]
 
 
 @dataclass
@@ -176,6 +184,8 @@ def hub_patterns(role: str, settings: Settings) -> list[str]:
         return list(TRANSFORMERS_PATTERNS)
     if role == "lcm_lora":
         return [LCM_LORA_FILE]
+    if role == "omnigen":
+        return list(OMNIGEN_PATTERNS)
     if role == "embedder":
         _, filename = embedder_hub_repo(settings)
         if settings.models.embedder.strip().startswith("hf-hub:"):
@@ -243,7 +253,7 @@ def check_role(role: str, settings: Settings) -> RoleFiles:
 
 
 # The role names the loaders give imgrag.checkpoints.loading, and the roles here they stand for.
-_LOADER_ROLES = {"generator": "generator", "judge": "judge", "agent LLM": "llm"}
+_LOADER_ROLES = {"generator": "generator", "judge": "judge", "agent LLM": "llm", "OmniGen": "omnigen"}
 
 
 def missing_hub_files(repo: str, loader_role: str) -> list[str]:
@@ -258,7 +268,7 @@ def missing_hub_files(repo: str, loader_role: str) -> list[str]:
         return []
     if role == "generator" and _cached(repo, "unet/diffusion_pytorch_model.safetensors"):
         return []
-    patterns = SDXL_PATTERNS if role == "generator" else TRANSFORMERS_PATTERNS
+    patterns = {"generator": SDXL_PATTERNS, "omnigen": OMNIGEN_PATTERNS}.get(role, TRANSFORMERS_PATTERNS)
     return [f.path for f in select_files(layout, patterns) if _cached(repo, f.path) is None]
 
 
@@ -324,7 +334,7 @@ def _check_folder(role: str, folder: Path, settings: Settings, result: RoleFiles
         result.problems.append(f"no such folder: {folder} ({ROLE_SETTING[role]})")
         return
     needed: list[str | tuple[str, ...]] = []
-    if role == "generator":
+    if role in ("generator", "omnigen"):  # a diffusers pipeline folder: what its model_index.json names
         needed.append("model_index.json")
         index = _read_json(folder / "model_index.json")
         for name, spec in index.items():

@@ -121,8 +121,13 @@ class OmniGenDrawer:
             return tensors
 
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        # The pipeline samples the input images' VAE latents from torch's global generator, not from ``generator``:
+        # seed that too, in a fork, so the same seed gives the same picture and the caller's random state is kept.
+        device = self.pipe.device
+        forked = [device.index or 0] if device.type == "cuda" else []
         try:
-            with quiet_libraries(), torch.no_grad():
+            with quiet_libraries(), torch.no_grad(), torch.random.fork_rng(devices=forked):
+                torch.manual_seed(int(seed))
                 result = self.pipe(prompt=prompt, input_images=images or None, width=width, height=height,
                                    num_inference_steps=steps, guidance_scale=guidance,
                                    img_guidance_scale=img_guidance, max_input_image_size=o.max_input_image_size,

@@ -302,7 +302,7 @@ def build_tiny_kit(
     """Build the whole kit into ``out_dir`` and return :func:`tiny_kit_paths`.
 
     ``scale="full"`` builds the same layout at the real models' sizes instead (:mod:`imgrag.full_scale`,
-    ~32 GB, for GPU benchmarks); ``"tiny"`` (the default) is this module's kit.
+    ~40 GB, for GPU benchmarks); ``"tiny"`` (the default) is this module's kit.
 
     Without ``force``, a kit already there with a current marker and the same seed is kept as is.
     ``progress`` is called once per model with its folder name ("sdxl", "ip-adapter", ...).

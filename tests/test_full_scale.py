@@ -21,6 +21,7 @@ PUBLISHED = {
     "qwen_llm": 7_615_616_512,  # Qwen/Qwen2.5-7B-Instruct
     "qwen_vl": 3_754_622_976,  # Qwen/Qwen2.5-VL-3B-Instruct
     "open_clip": 151_277_313,  # open_clip ViT-B-32
+    "omnigen": 3_762_072_592,  # Shitao/OmniGen-v1-diffusers transformer ("3.8 B" with its position-embedding buffer)
 }
 
 
@@ -31,7 +32,7 @@ def _count(model) -> int:
 def test_full_configurations_have_the_published_sizes() -> None:
     import open_clip
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, OmniGenTransformer2DModel, UNet2DConditionModel
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
@@ -55,6 +56,7 @@ def test_full_configurations_have_the_published_sizes() -> None:
             "qwen_vl": _count(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
                 text_config=dict(F.QWEN_VL_TEXT), vision_config=dict(F.QWEN_VL_VISION), tie_word_embeddings=True))),
             "open_clip": _count(open_clip.CLIP(**F.OPEN_CLIP_MODEL_CFG)),
+            "omnigen": _count(OmniGenTransformer2DModel.from_config(F.OMNIGEN_TRANSFORMER)),
         }
     assert counts == PUBLISHED
     # SDXL's UNet attends over both text encoders' hidden states side by side.
@@ -70,16 +72,18 @@ def test_the_builder_layout_loads_through_the_engine(tmp_path: Path) -> None:
     paths = F.build_full_kit(kit, configs=F.smoke_configs(), device="cpu")
     marker = json.loads((kit / "kit.json").read_text())
     assert marker["scale"] == "full" and marker["parameters"]["sdxl.unet"] > 0
-    assert set(paths) == {"generator", "ip_adapter", "judge", "llm", "embedder", "lcm_lora"}
+    assert set(paths) == {"generator", "ip_adapter", "judge", "llm", "embedder", "lcm_lora", "omnigen"}
     assert F.build_full_kit(kit, configs=F.smoke_configs(), device="cpu") == paths  # kept, not rebuilt
 
     settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")}, overrides={
-        "device": "cpu", "generation": {"width": 64, "height": 64, "steps": 2},
+        "device": "cpu",
         "judge": {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28, "max_new_tokens": 4},
         "llm": {"max_new_tokens": 4},
         "models": {"generator": str(paths["generator"]), "ip_adapter": str(paths["ip_adapter"]),
                    "judge": str(paths["judge"]), "llm": str(paths["llm"]),
-                   "embedder": f"local-dir:{paths['embedder']}"}})
+                   "embedder": f"local-dir:{paths['embedder']}", "omnigen": str(paths["omnigen"])},
+        "generation": {"width": 64, "height": 64, "steps": 2, "repair_with": "omnigen"},
+        "omnigen": {"steps": 2, "max_input_image_size": 64}})
     manager = build_manager(settings)
     with manager.use("generator") as generator:
         image = generator.generate("a cat", seed=1)
@@ -87,6 +91,8 @@ def test_the_builder_layout_loads_through_the_engine(tmp_path: Path) -> None:
         generator.settings.models.lcm_lora = str(paths["lcm_lora"])
         fast = generator.generate("a cat", seed=1, references=[image], fast="lcm-lora")
     assert image.size == guided.size == fast.size == (64, 64)
+    with manager.use("omnigen") as omnigen:
+        assert omnigen.generate("a cat like <img><|image_1|></img>", seed=1, input_images=[image]).size == (64, 64)
     with manager.use("judge") as judge:
         verdict = judge.judge(image, "a cat")
         assert 1 <= judge.last_tokens["output"] <= 4 and isinstance(verdict.match, bool)
