@@ -33,6 +33,8 @@ def redraw_final_full(ctx: ToolContext, state: dict[str, Any]) -> dict[str, Any]
     candidate = (state.get("candidates") or {}).get(state.get("final_candidate") or "")
     if candidate is None or candidate.get("source") == "retrieved":  # a photo of the collection: nothing to redraw
         return None
+    if candidate.get("backbone") == "omnigen":  # few-step modes are SDXL's: OmniGen drew it at its full steps
+        return None
     known = state.get("references") or {}
     args = {"candidate_id": candidate["id"], "seed": candidate["seed"], "steps": g.steps,
             "reference_ids": list(candidate["reference_ids"])}
