@@ -16,6 +16,8 @@ Layout under ``out_dir``::
     qwen2.5-instruct/      Qwen2ForCausalLM + Qwen2.5-Instruct tokenizer (tool-calling chat template)
     open-clip/             open_clip_config.json + open_clip_model.safetensors ("local-dir:<dir>")
     lcm-lora/              like latent-consistency/lcm-lora-sdxl: pytorch_lora_weights.safetensors (PEFT LoRA keys)
+    dino/                  ViTModel + ViTImageProcessor, the layout of facebook/dino-vits16 (eval's DINO score)
+    siglip/                open_clip local-dir SigLIP (timm "map"-pooled ViT, HF tokenizer) for eval's SigLIP score
     omnigen/               OmniGenPipeline.save_pretrained, like Shitao/OmniGen-v1-diffusers (transformer, its own
                            8x-downsampling VAE, a Llama BPE tokenizer with Phi-3's chat markers, scheduler)
     kit.json               marker, written last: {"version", "seed", "models"}
@@ -25,7 +27,7 @@ few seconds on a 2-core CPU. Each model is built in a temporary sibling folder a
 place; the marker is removed first and written last (atomically), so an interrupted build is
 detected and redone by :func:`ensure_tiny_kit`.
 
-Why one module of ~740 lines: it is one recipe, the kit, whose seven builders share the configuration table
+Why one module of ~770 lines: it is one recipe, the kit, whose nine builders share the configuration table
 (also the template of :mod:`imgrag.full_scale`), the tokenizers and the atomic build-and-mark steps; split by
 model, each part would be a short function importing the same shared half.
 """
@@ -56,6 +58,9 @@ MODEL_DIRS: dict[str, str] = {
     "llm": "qwen2.5-instruct",
     "embedder": "open-clip",
     "lcm_lora": "lcm-lora",
+    # imgrag eval's scorers (imgrag/tiny_scorers.py)
+    "dino": "dino",
+    "siglip": "siglip",
     "omnigen": "omnigen",
 }
 
@@ -371,6 +376,8 @@ def _build_locked(out_dir: Path, seed: int, progress: Callable[[str], None] | No
         "llm": _build_qwen_llm,
         "embedder": _build_open_clip,
         "lcm_lora": _build_lcm_lora,
+        "dino": _build_dino,
+        "siglip": _build_siglip,
         "omnigen": _build_omnigen,
     }
     paths = tiny_kit_paths(out_dir)
@@ -747,3 +754,15 @@ def quantise_gptq(source: Path, dest: Path, *, bits: int = 4, group_size: int = 
                    batch_size=1)
     model.save(str(dest))
     return dest
+
+
+def _build_dino(dest: Path, seed: int) -> None:
+    from imgrag.tiny_scorers import build_dino
+
+    build_dino(dest, seed)
+
+
+def _build_siglip(dest: Path, seed: int) -> None:
+    from imgrag.tiny_scorers import build_siglip
+
+    build_siglip(dest, seed)
