@@ -193,11 +193,11 @@ def test_a_crash_inside_the_graph_still_writes_the_result(settings, tmp_path: Pa
         real = graph.next_step
         calls = {"n": 0}
 
-        def flaky(state, scale):
+        def flaky(state, *args):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("a bug in the planner")
-            return real(state, scale)
+            return real(state, *args)
 
         mp.setattr(graph, "next_step", flaky)
         result = runner.run("a cradle", planner="fixed", max_rounds=3)
