@@ -65,6 +65,16 @@ def gate_flags(allow_retrieved: bool | None, allow_flagged: bool | None = None) 
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Directory for run folders (default: output_dir).")]
 
 
+NoMemoryOpt = Annotated[bool, typer.Option(
+    "--no-memory", help="Do not use or update the concept memory (which references fixed which concept in earlier "
+    "matched runs; retrieval.memory). `imgrag memory list` shows it.")]
+
+
+def memory_flag(no_memory: bool) -> dict[str, Any]:
+    """The settings override of ``--no-memory``."""
+    return {"retrieval.memory": False} if no_memory else {}
+
+
 def check_planner(planner: str) -> None:
     """--planner's value, checked before any model loads."""
     from agent.runner import PLANNERS
@@ -247,6 +257,7 @@ def run(
     repair_with: RepairWithOpt = None,
     allow_retrieved: AllowRetrievedOpt = None,
     allow_flagged: AllowFlaggedOpt = None,
+    no_memory: NoMemoryOpt = False,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -270,7 +281,8 @@ def run(
     try:
         with ProgressPrinter() as progress:
             runner, settings = _make_runner(profile, config, store, out_dir, progress, fast,
-                                            {**gate_flags(allow_retrieved, allow_flagged), **repair_flags(repair_with)})
+                                            {**gate_flags(allow_retrieved, allow_flagged), **memory_flag(no_memory),
+                                             **repair_flags(repair_with)})
             if resume:
                 result = runner.resume(resume)
             else:
@@ -301,6 +313,7 @@ def batch(
     repair_with: RepairWithOpt = None,
     allow_retrieved: AllowRetrievedOpt = None,
     allow_flagged: AllowFlaggedOpt = None,
+    no_memory: NoMemoryOpt = False,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -322,7 +335,8 @@ def batch(
     if ray_address is not None:
         summary, settings = _ray_batch(file, len(items), ray_address, workers, resume, planner, max_rounds,
                                        profile, config, store, out_dir, fast,
-                                       {**gate_flags(allow_retrieved, allow_flagged), **repair_flags(repair_with)})
+                                       {**gate_flags(allow_retrieved, allow_flagged), **memory_flag(no_memory),
+                                        **repair_flags(repair_with)})
     else:
         if workers is not None:
             from imgrag.errors import UserError
@@ -332,9 +346,10 @@ def batch(
 
         try:
             with ProgressPrinter() as progress:
-                runner, settings = _make_runner(profile, config, store, out_dir, progress, fast,
-                                                {**gate_flags(allow_retrieved, allow_flagged),
-                                                 **repair_flags(repair_with)})
+                runner, settings = _make_runner(
+                    profile, config, store, out_dir, progress, fast,
+                    {**gate_flags(allow_retrieved, allow_flagged), **memory_flag(no_memory),
+                     **repair_flags(repair_with)})
                 summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
                                        on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
         except RunInterrupted as stop:

@@ -23,9 +23,11 @@ from imgrag.concept_refs import ConceptMapError, ConceptReferences, parse_concep
 from imgrag.engine import ManagedEmbedder
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
+from imgrag.provenance import file_sha256, for_drawing
+from imgrag.steering import MAX_WEIGHT, MODES
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES
 from tools.context import ToolContext
-from tools.repair import BACKBONE_OMNIGEN, draw
+from tools.repair import BACKBONE_OMNIGEN, backbone_for, concepts_for, draw_omnigen
 from tools.safety_gate import check_output, screen_drawing_references, screen_references
 
 MAX_QUERIES = 6
@@ -144,38 +146,90 @@ def _check_seed(state: dict, seed: Any) -> int:
 
 
 def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seed: int, references: list[dict],
-          ip_scale: float | None, concepts: list[ConceptReferences] | None = None):
+          ip_scale: float | None, steers: dict[str, tuple[float, str]] | None = None,
+          concepts: list[ConceptReferences] | None = None):
     """Draw one candidate, score it with CLIP against the user's prompt, save it; return the candidate record.
 
-    The backbone (SDXL, SDXL + IP-Adapter or OmniGen) and the concept -> reference mapping come from
-    :func:`tools.repair.draw`. The score is always measured against ``state["prompt"]`` (what the user asked
-    for), never the text the LLM chose to draw, so every candidate of a run is measured with one yardstick."""
+    The backbone (SDXL, SDXL + IP-Adapter or OmniGen: :func:`tools.repair.backbone_for`) and which reference stands
+    for which concept (``concepts``, filled from each reference's retrieval query) are recorded with it.
+    ``steers`` maps a reference id to its (weight, mode) (:mod:`imgrag.steering`); a reference not in it steers
+    at 1.0, "both" (IP-Adapter only: OmniGen places each reference in its prompt instead). The score is always
+    measured against ``state["prompt"]`` (what the user asked for), never the text the LLM chose to draw, so every
+    candidate of a run is measured with one yardstick."""
     images = [open_image(ref["path"]) for ref in references]
     references, images = screen_drawing_references(ctx, references, images)  # issue 18: the safety gate
     candidate_id = ctx.allocate_candidate_id(state.get("candidates") or {})
+    steers = steers or {}
+    references = [{**ref, "weight": steers.get(ref["id"], (1.0, "both"))[0],
+                   "mode": steers.get(ref["id"], (1.0, "both"))[1]} for ref in references]
+    keys = [file_sha256(ref["path"]) for ref in references]  # the embedding cache's key: the file's content
 
     def on_step(step: int, total: int) -> None:
         ctx.on_event({"event": "denoise", "step": step, "total": total})
 
+    def draw(generator: Any) -> tuple[Any, dict[str, Any]]:
+        calls = getattr(generator, "encoder_calls", 0)
+        steering = {"weights": [r["weight"] for r in references], "modes": [r["mode"] for r in references],
+                    "reference_keys": keys} if references else {}
+        picture = generator.generate(prompt, seed=seed, references=images or None, ip_scale=ip_scale,
+                                     on_step=on_step, **steering, **limit)
+        guidance = dict(getattr(generator, "last_guidance", {}) or {}) if references else {}
+        return picture, {"image_encoder_calls": getattr(generator, "encoder_calls", 0) - calls,
+                         "embeddings_cached": int(guidance.get("cached", 0))} if references else {}
+
     # Model calls run on the device's model thread (imgrag.manager), not in this tool's thread.
-    drawing = draw(ctx, state, prompt=prompt, seed=seed, references=references, images=images, ip_scale=ip_scale,
-                   concepts=concepts, candidate_id=candidate_id, on_step=on_step)
-    image = drawing.image
+    limit = {"deadline": ctx.deadline} if ctx.deadline is not None else {}
+    mapping = concepts_for(state, references, concepts)
+    backbone = backbone_for(ctx, bool(references))
+    sent_prompt: str | None = None
+    if backbone == BACKBONE_OMNIGEN:
+        drawing = draw_omnigen(ctx, prompt=prompt, seed=seed, references=references, images=images,
+                               concepts=mapping, candidate_id=candidate_id, on_step=on_step)
+        image, provenance, sent_prompt = drawing.image, drawing.provenance, drawing.sent_prompt
+        references, placed, steering = drawing.references, drawing.concepts, {}
+    else:
+        image, encoder = ctx.manager.run("generator", draw)
+        # IP-Adapter blends every reference into one embedding: each stands for its concept in the record only.
+        placed = [c.to_dict() for c in mapping] if references else []
+        provenance = for_drawing(ctx.settings, prompt=prompt, seed=seed, references=references, ip_scale=ip_scale,
+                                 run_id=ctx.record.dir.name, candidate_id=candidate_id,  # issue 18: provenance hook
+                                 concepts=placed or None, backbone=backbone)
+        steering = {"reference_weights": {r["id"]: r["weight"] for r in references},
+                    "reference_modes": {r["id"]: r["mode"] for r in references},
+                    "guided_by": sorted({r.get("source") or "retrieved" for r in references}),
+                    "encoder": encoder} if references else {}
     image_vector = ctx.manager.run("embedder", lambda embedder: embedder.embed_images([image]))
     clip_score = ctx.manager.run("embedder", lambda embedder: float(
         (image_vector @ embedder.embed_texts([state["prompt"]]).T)[0, 0]))
-    path = ctx.record.save_candidate(candidate_id, image, drawing.provenance)
-    used = drawing.references
-    extra: dict[str, Any] = {"backbone": drawing.backbone}
-    if drawing.concepts:
-        extra["concepts"] = drawing.concepts
-    if drawing.sent_prompt is not None:
-        extra["sent_prompt"] = drawing.sent_prompt
-    guided_by_adapter = bool(used) and drawing.backbone != BACKBONE_OMNIGEN
+    path = ctx.record.save_candidate(candidate_id, image, provenance)
+    extra: dict[str, Any] = {"backbone": backbone, **({"concepts": placed} if placed else {}),
+                             **({"sent_prompt": sent_prompt} if sent_prompt is not None else {})}
+    adapter = bool(references) and backbone != BACKBONE_OMNIGEN
     return {"id": candidate_id, "path": str(path), "prompt": prompt, "seed": seed,
-            "reference_ids": [ref["id"] for ref in used], "ip_scale": ip_scale if guided_by_adapter else None,
-            "round": round_no, "clip_score": round(clip_score, 4), "verdict": None, **extra,
+            "reference_ids": [ref["id"] for ref in references], "ip_scale": ip_scale if adapter else None,
+            "round": round_no, "clip_score": round(clip_score, 4), "verdict": None, **steering, **extra,
             **check_output(ctx, image_vector[0])}  # issue 18: flagged outputs are kept, never the answer
+
+
+def _steers(ids: list[str], known: dict[str, dict], weights: Any, modes: Any) -> dict[str, tuple[float, str]]:
+    """(weight, mode) per reference id: the call's lists (aligned with ``ids``), else what the reference's record
+    says (a weight the user gave, a remembered one), else 1.0 and "both"; a ToolArgumentError for a bad value."""
+    for name, values in (("weights", weights), ("modes", modes)):
+        if values is not None and (not isinstance(values, list) or len(values) != len(ids)):
+            raise ToolArgumentError(f"{name} must be a list with one entry per reference id ({len(ids)}), got "
+                                    f"{values!r}")
+    steers = {}
+    for n, rid in enumerate(ids):
+        record = known.get(rid) or {}
+        weight = weights[n] if weights is not None else record.get("weight", 1.0)
+        mode = modes[n] if modes is not None else record.get("mode", "both")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= MAX_WEIGHT:
+            raise ToolArgumentError(f"the weight of {rid} must be a number between 0 and {MAX_WEIGHT:g}, got "
+                                    f"{weight!r}")
+        if mode not in MODES:
+            raise ToolArgumentError(f"the mode of {rid} must be one of {', '.join(MODES)}, got {mode!r}")
+        steers[rid] = (float(weight), str(mode))
+    return steers
 
 
 def _short(text: str, limit: int = MAX_CAPTION_CHARS) -> str:
@@ -330,6 +384,8 @@ def make_tools() -> list[BaseTool]:
         reference_ids: list[str] | None = None,
         ip_scale: float | None = None,
         seed: int | None = None,
+        weights: list[float] | None = None,
+        modes: list[str] | None = None,
         concepts: list[dict[str, Any]] | None = None,
         *,
         runtime: ToolRuntime[Any, dict],
@@ -337,9 +393,15 @@ def make_tools() -> list[BaseTool]:
         """Draw again guided by reference photos. reference_ids come from retrieve. concepts says which
         reference shows which concept: [{"concept": "a red fox", "reference_ids": ["..."]}, ...] in the order the
         prompt names them; references left out of it stand for the query that found them. With OmniGen each
-        concept's references go into the prompt where it is named; with IP-Adapter all are blended, and ip_scale
-        (0..1, default from settings) sets how strongly they steer. Returns a candidate_id."""
+        concept's references go into the prompt where it is named. With IP-Adapter all are blended: ip_scale
+        (0..1, default from settings) sets how strongly they steer and, optional, one per reference id in the same
+        order: weights (0..2, default 1; 2 = that reference steers twice as strongly) and modes ("both" = subject
+        and look, "style" = only its look, "content" = only its subject and layout). Returns a candidate_id."""
         args = {"prompt": prompt, "reference_ids": reference_ids, "ip_scale": ip_scale, "seed": seed}
+        if weights is not None:
+            args["weights"] = weights
+        if modes is not None:
+            args["modes"] = modes
         if concepts is not None:  # only when given, so the fixed policy's IP-Adapter steps keep their arguments
             args["concepts"] = concepts
         ctx: ToolContext = runtime.context
@@ -361,9 +423,12 @@ def make_tools() -> list[BaseTool]:
             if not 0.0 <= scale <= MAX_IP_SCALE:
                 raise ToolArgumentError(f"ip_scale must be between 0 and {MAX_IP_SCALE:g}, got {ip_scale}")
             draw_seed = _check_seed(state, seed)
-            candidate = _draw(ctx, state, round_no, text, draw_seed, [known[i] for i in ids], scale, mapping)
+            steers = _steers(ids, known, weights, modes)
+            candidate = _draw(ctx, state, round_no, text, draw_seed, [known[i] for i in ids], scale, steers,
+                              mapping)
             return (_describe(candidate), {"candidates": {candidate["id"]: candidate}, "rounds": 1},
-                    _drawing_trace(candidate))
+                    {**candidate.get("encoder", {}), "guided_by": candidate.get("guided_by"),
+                     **_drawing_trace(candidate)})
 
         return _run(ctx, "regenerate", args, tool_call_id, state, body, draws=True)
 
