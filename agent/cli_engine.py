@@ -99,7 +99,7 @@ def generate(
         raise UserError(f"{output}: the output must end in one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
     ensure_writable_file(output, "output")  # before any model loads, not after the drawing
     references = [open_image(path) for path in ref or []]
-    validate_request(prompt, g.width, g.height, n_steps, g.ip_scale, references)
+    validate_request(prompt, g.width, g.height, n_steps, g.ip_scale, references, generation=g)
 
     prepare_models(settings)
     from imgrag.engine import build_manager

@@ -20,6 +20,7 @@ from agent.cli_common import (
     StoreOpt,
     app,
     err,
+    on_interrupt,
     out,
     prepare_models,
     print_json,
@@ -221,6 +222,15 @@ def _interrupted(stop: Any, command: list[str], as_json: bool) -> None:
     os._exit(130)
 
 
+def _full_disk(full: Any, command: list[str]) -> None:
+    """A run or batch stopped by a full disk: its one line (what was kept) plus the command that continues."""
+    import shlex
+
+    from imgrag.errors import UserError
+
+    raise UserError(f"{full}; free some space, then continue with: {shlex.join(command)}") from None
+
+
 def _make_runner(profile, config, store, out_dir, on_event, fast=None, gates=None):
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
                                    **{"generation.fast": fast, **(gates or {})})
@@ -262,8 +272,11 @@ def run(
         check_seed(seed, "--seed")
     if resume is None and not prompt:
         raise UserError("give a PROMPT, or --resume RUN_ID to continue a run")
-    from agent.runner import RunInterrupted
+    from agent.runner import DiskFull, RunInterrupted
 
+    # Until the run's folder exists (models loading, the store checked), Ctrl-C leaves nothing behind.
+    on_interrupt(f"run {resume} is as it was; continue it with the same command" if resume else
+                 "the run had not started drawing, so nothing was kept; run the same command again")
     try:
         with ProgressPrinter() as progress:
             runner, settings = _make_runner(profile, config, store, out_dir, progress, fast,
@@ -275,6 +288,9 @@ def run(
     except RunInterrupted as stop:
         command = ["imgrag", "run", "--resume", stop.result["run_id"], *_shared_flags(profile, config, store, out_dir)]
         _interrupted(stop, command, as_json)
+    except DiskFull as full:
+        run_id = (full.result or {}).get("run_id") or resume
+        _full_disk(full, ["imgrag", "run", "--resume", str(run_id), *_shared_flags(profile, config, store, out_dir)])
     if as_json:
         print_json(result)
         return
@@ -323,8 +339,12 @@ def batch(
             from imgrag.errors import UserError
 
             raise UserError("--workers goes with --ray (the in-process batch has one worker)")
-        from agent.runner import RunInterrupted
+        from agent.runner import DiskFull, RunInterrupted
 
+        command = ["imgrag", "batch", str(file), "--resume", *_shared_flags(profile, config, store, out_dir),
+                   *(["--planner", planner] if planner != "agent" else []),
+                   *(["--max-rounds", str(max_rounds)] if max_rounds else [])]
+        on_interrupt("prompts finished earlier are kept; continue with: " + " ".join(command))
         try:
             with ProgressPrinter() as progress:
                 runner, settings = _make_runner(profile, config, store, out_dir, progress, fast,
@@ -332,10 +352,9 @@ def batch(
                 summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
                                        on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
         except RunInterrupted as stop:
-            command = ["imgrag", "batch", str(file), "--resume", *_shared_flags(profile, config, store, out_dir),
-                       *(["--planner", planner] if planner != "agent" else []),
-                       *(["--max-rounds", str(max_rounds)] if max_rounds else [])]
             _interrupted(stop, command, as_json)
+        except DiskFull as full:
+            _full_disk(full, command)
     if as_json:
         print_json(summary)
     else:

@@ -27,6 +27,7 @@ from agent.cli_common import (
     TerminalBar,
     app,
     err,
+    on_interrupt,
     out,
     prepare_models,
     print_json,
@@ -114,6 +115,8 @@ def index(
     prepare_models(settings)
 
     progress = _IndexProgress()
+    on_interrupt("the pictures indexed so far are kept (each batch is written whole); run the same `imgrag index` "
+                 "again to add the rest, it reads only what is missing")
     try:
         with _embedder(settings) as embedder:
             ref_store = ReferenceStore.open(settings, embedder.model_id, embedder.dim, for_writing=True)
@@ -122,6 +125,11 @@ def index(
             summary = ref_store.index(paths, embedder, prune=prune, progress=progress, batch_size=batch_size,
                                       on_wait=lambda msg: err.print(f"[yellow]{escape(msg)}[/]", soft_wrap=True),
                                       screen=index_screen(settings.safety, embedder))
+    except Exception as exc:
+        full = store_disk_full(exc, settings.store)
+        if full is None:
+            raise
+        raise UserError(full) from None
     finally:
         progress.close()
 
@@ -133,6 +141,32 @@ def index(
     if usable == 0 and not (prune and summary["removed"] and not summary["skipped"]):
         err.print(f"[red]error:[/] no usable image under {escape(', '.join(str(p) for p in paths))}", soft_wrap=True)
         raise typer.Exit(1)
+
+
+# Below this much free space, a Chroma compaction error is a full disk whatever its wording.
+_LOW_SPACE_BYTES = 64 * 2**20
+
+
+def store_disk_full(exc: BaseException, store: str) -> str | None:
+    """The one line for a store write that failed for want of space (Chroma says "Error in compaction" and
+    SQLite "database or disk is full", over dozens of lines), or None when ``exc`` is about something else."""
+    from imgrag.runs import disk_full_line, is_disk_full
+    from imgrag.store import is_server_uri
+
+    local = not is_server_uri(store)
+    low = False
+    if local and "compaction" in str(exc).lower():
+        import shutil
+
+        try:
+            low = shutil.disk_usage(Path(store).expanduser()).free < _LOW_SPACE_BYTES
+        except OSError:
+            low = False
+    if not (is_disk_full(exc) or low):
+        return None
+    where = disk_full_line(exc, store if local else None) if local else f"the Chroma server at {store}: its disk is full"
+    return (f"{where}; the pictures indexed before are kept; free some space, then run the same `imgrag index` "
+            "again (it adds only what is missing)")
 
 
 def _print_summary(summary: dict[str, Any], location: str) -> None:

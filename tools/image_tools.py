@@ -23,6 +23,7 @@ from imgrag.engine import ManagedEmbedder
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
 from imgrag.provenance import for_drawing
+from imgrag.runs import is_disk_full
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES
 from tools.context import ToolContext
 from tools.safety_gate import check_output, screen_drawing_references, screen_references
@@ -81,6 +82,9 @@ def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict
     becomes an error message the planner can act on and a failed step in the trace and the state
     (``failed_steps``, which the fixed policy reads so it never repeats a step that failed)."""
     args = checkpoint_safe(args)  # recorded in the trace and the state
+    kept = ctx.finished_call(tool_call_id, name, args, state)
+    if kept is not None:
+        return _replay(ctx, name, tool_call_id, state, kept, draws)
     finishing = _finishing(state) if name != "finish" else None
     if finishing:  # a valid finish in the same turn ends the run: the calls beside it would be wasted work
         round_no, refusal = 0, f"this turn also finished the run with {finishing}"
@@ -104,6 +108,10 @@ def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict
     except UserError as exc:
         text, update, ok = f"Error: {exc}", {}, False
     except Exception as exc:  # a model error, out of memory, a vanished file: the run goes on without this step
+        if is_disk_full(exc):  # no step can succeed until space is freed: the run stops and closes its record
+            if draws:
+                ctx.release_round(state)
+            raise
         text, update, ok = f"Error: {name} failed: {type(exc).__name__}: {first_line(exc)}", {}, False
         step["exception"] = traceback.format_exc(limit=8)[-4000:]
     if not ok:
@@ -116,10 +124,29 @@ def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict
         update = {"failed_steps": [{"tool": name, "target": target, "args": args, "error": text[:300],
                                     "kind": step.get("kind", "error")}]}
     seconds = round(time.perf_counter() - start, 3)
-    ctx.record.append_step({"tool": name, "args": args, "ok": ok, "seconds": seconds,
+    if ok:  # the step's result, durable before the checkpoint that records it: a resume replays it (below)
+        step["replay"] = {"text": text, "update": update}
+    ctx.record.append_step({"tool": name, "args": args, "ok": ok, "seconds": seconds, "call_id": tool_call_id,
                             "round": round_no or state.get("rounds", 0), "message": text[:2000], **step})
     ctx.on_event({"event": "tool_end", "tool": name, "ok": ok, "seconds": seconds, "message": text[:300]})
     message = ToolMessage(text, tool_call_id=tool_call_id, name=name, status="success" if ok else "error")
+    return Command(update={"messages": [message], "tool_calls": 1, **update})
+
+
+def _replay(ctx: ToolContext, name: str, tool_call_id: str, state: dict, kept: dict, draws: bool) -> Command:
+    """Answer a call that already finished in an earlier process with the result its trace step kept.
+
+    A run stopped after a tool finished but before LangGraph checkpointed its result (Ctrl-C, a kill, a full
+    disk) runs that tool call again on resume; drawing it again would make a second candidate of the same
+    round and seed and orphan the first. The call's share of the budget is claimed as the first time."""
+    ctx.claim(state, draws=draws)
+    ctx.on_event({"event": "tool_start", "tool": name, "args": kept.get("args") or {}, "round": state.get("rounds", 0)})
+    text, update = kept["replay"]["text"], kept["replay"]["update"]
+    ctx.record.append_step({"event": "replayed", "tool": name, "call_id": tool_call_id,
+                            "note": "finished before the interruption; its result is reused, not redone"})
+    ctx.on_event({"event": "tool_end", "tool": name, "ok": True, "seconds": 0.0,
+                  "message": f"kept from before the interruption: {text[:250]}"})
+    message = ToolMessage(text, tool_call_id=tool_call_id, name=name, status="success")
     return Command(update={"messages": [message], "tool_calls": 1, **update})
 
 

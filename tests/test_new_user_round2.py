@@ -1,0 +1,250 @@
+"""A new user's second round: a full disk, exact resumes, recipes that travel, messages that name the fix.
+
+Each test is of a kind (not of one example): the trace's writes and reads, every tool call on resume, every
+usage error, every bound. Scripted fakes stand in for the models (tests/fakes.py); the manager is the real one."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.runner import DiskFull, Runner, open_checkpointer
+from imgrag.runs import RESERVE_NAME, RunRecord
+from imgrag.settings import load_settings
+from tests.cli import run_cli
+from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, FakeVerdict, MemoryStore, ScriptedJudge
+
+NO_CRADLE = FakeVerdict(False, ["a wooden cradle"], "no cradle")
+MATCH = FakeVerdict(True, [], "all there")
+
+
+@pytest.fixture
+def settings(tmp_path: Path):
+    return load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")})
+
+
+def make_runner(settings, tmp_path: Path, verdicts, generator=None, on_event=None):
+    models = {"generator": generator or FakeGenerator(), "judge": ScriptedJudge(verdicts), "embedder": FakeEmbedder()}
+    refs = tmp_path / "refs"
+    refs.mkdir(exist_ok=True)
+    runner = Runner(settings, manager=FakeManager(models), reference_store=MemoryStore(refs), on_event=on_event,
+                    checkpointer=open_checkpointer(tmp_path / "threads.sqlite"))
+    return runner, models
+
+
+def whole_json_lines(path: Path) -> list[dict]:
+    lines = path.read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == "", "the trace ends in a whole line"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+# ----- the trace: whole lines or none -----
+
+def test_a_trace_line_is_written_whole_or_not_at_all_and_a_torn_line_is_skipped_and_reported(tmp_path, monkeypatch):
+    import imgrag.runs as runs
+
+    record = RunRecord(tmp_path / "run")
+    record.append_step({"event": "start"})
+    before = record.trace_path.read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd: int, data: bytes) -> int:  # the filesystem fills up in the middle of the line
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(runs.os, "write", half_then_full)
+    with pytest.raises(OSError) as caught:
+        record.append_step({"tool": "generate", "message": "x" * 500})
+    assert caught.value.filename == str(record.trace_path)  # the error names the file
+    assert record.trace_path.read_bytes() == before  # the half line was cut back off
+    monkeypatch.setattr(runs.os, "write", real_write)
+
+    # A crash (kill -9) mid-line leaves a torn last line: the next step starts a line of its own.
+    with record.trace_path.open("ab") as fh:
+        fh.write(b'{"tool": "regen')
+    assert [s["event"] for s in record.read_steps()] == ["start"]
+    assert len(record.trace_problems) == 1 and "line 2: torn" in record.trace_problems[0]
+    record.append_step({"event": "resume"})
+    assert [s["event"] for s in record.read_steps()] == ["start", "resume"]
+    assert record.trace_path.read_text().split("\n")[1] == '{"tool": "regen'  # kept, on its own line
+
+
+# ----- a full disk mid-run -----
+
+class DiskFiller:
+    """A filesystem-full fake at the write layer of imgrag.runs: once ``fill()`` is called, every new file and
+    every append in the run folders fails with ENOSPC until the run's reserve file is removed (which is what
+    frees the space on a real disk)."""
+
+    def __init__(self, monkeypatch, runs_dir: Path) -> None:
+        import tempfile
+
+        import imgrag.runs as runs
+
+        self.runs_dir = runs_dir
+        self.full = False
+        real_mkstemp, real_write = tempfile.mkstemp, os.write
+
+        def mkstemp(*args, dir=None, **kwargs):  # noqa: A002  (tempfile's own name)
+            if self._no_room(dir):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dir))
+            return real_mkstemp(*args, dir=dir, **kwargs)
+
+        def write(fd: int, data: bytes) -> int:
+            if self._no_room(os.readlink(f"/proc/self/fd/{fd}")):
+                return real_write(fd, data[:3])  # a short write: the disk filled up mid-line
+            return real_write(fd, data)
+
+        monkeypatch.setattr(runs.tempfile, "mkstemp", mkstemp)
+        monkeypatch.setattr(runs.os, "write", write)
+
+    def _no_room(self, where) -> bool:
+        if not self.full or where is None or not str(where).startswith(str(self.runs_dir)):
+            return False
+        return any(self.runs_dir.glob(f"*/{RESERVE_NAME}"))
+
+    def fill(self) -> None:
+        self.full = True
+
+
+class FillingGenerator(FakeGenerator):
+    def __init__(self, filler: DiskFiller | None, at_call: int) -> None:
+        super().__init__()
+        self.filler, self.at_call = filler, at_call
+
+    def generate(self, *args, **kwargs):
+        image = super().generate(*args, **kwargs)
+        if self.filler is not None and len(self.calls) == self.at_call:
+            self.filler.fill()
+        return image
+
+
+def test_a_full_disk_mid_run_closes_the_record_with_its_best_candidate_and_resume_finishes(settings, tmp_path,
+                                                                                           monkeypatch):
+    filler = DiskFiller(monkeypatch, Path(settings.output_dir))
+    runner, _ = make_runner(settings, tmp_path, [NO_CRADLE, MATCH], generator=FillingGenerator(filler, 2))
+    with pytest.raises(DiskFull) as caught:
+        runner.run("a retriever and a cradle", planner="fixed", max_rounds=3, run_id="full")
+    message = str(caught.value)
+    run_dir = Path(settings.output_dir) / "full"
+    assert "\n" not in message and "No space left on device" in message and "left on the disk of" in message
+    assert str(run_dir / "candidates") in message and "kept 1 candidate(s) and result.json" in message
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["stop_reason"].startswith("the disk is full")
+    assert result["final_candidate"] == "c0" and Path(result["final_image"]).is_file()
+    steps = whole_json_lines(run_dir / "trace.jsonl")
+    assert steps[-1]["event"] == "disk_full"
+    assert not (run_dir / RESERVE_NAME).exists()
+
+    filler.full = False  # space freed: the resume goes on from the checkpoint, nothing finished is redone
+    runner2, models2 = make_runner(settings, tmp_path, [MATCH])
+    result = runner2.resume("full")
+    assert result["status"] == "matched"
+    assert len(models2["generator"].calls) == 1  # only the drawing the full disk refused
+    assert [c["id"] for c in result["candidates"]] == ["c0", "c1"]
+    whole_json_lines(run_dir / "trace.jsonl")
+
+
+def test_a_full_disk_is_one_line_with_the_resume_command(settings, tmp_path, monkeypatch, capsys):
+    import agent.cli_run as cli_run
+
+    filler = DiskFiller(monkeypatch, Path(settings.output_dir))
+    runner, _ = make_runner(settings, tmp_path, [NO_CRADLE], generator=FillingGenerator(filler, 1))
+    monkeypatch.setattr(cli_run, "_make_runner", lambda *a, **k: (runner, settings))
+    code, out, err = run_cli(capsys, "run", "a cradle", "--planner", "fixed", "--profile", "cpu")
+    text = " ".join(err.split())
+    assert code == 1 and "Traceback" not in err and out == ""
+    assert "error:" in text and "No space left on device" in text
+    assert "free some space, then continue with: imgrag run --resume" in text and "--profile cpu" in text
+
+
+# ----- exact resume -----
+
+class StopAfter:
+    """Ctrl-C right after a tool finished, before LangGraph checkpointed its result (the event sink raises)."""
+
+    def __init__(self, tool: str) -> None:
+        self.tool = tool
+
+    def __call__(self, event: dict) -> None:
+        if event["event"] == "tool_end" and event["tool"] == self.tool and event["ok"]:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("tool", ["generate", "critique", "regenerate"])
+def test_a_resume_never_redoes_a_step_that_finished_before_the_interruption(settings, tmp_path, tool) -> None:
+    from agent.runner import RunInterrupted
+
+    runner, models = make_runner(settings, tmp_path, [NO_CRADLE, MATCH], on_event=StopAfter(tool))
+    with pytest.raises(RunInterrupted) as caught:
+        runner.run("a retriever and a cradle", planner="fixed", max_rounds=3, run_id="exact")
+    partial = caught.value.result
+    drawn = len(models["generator"].calls)
+    # The interrupted record names the best candidate drawn so far, even one the checkpoint never got.
+    assert partial["final_image"] is not None and Path(partial["final_image"]).is_file()
+    assert len(partial["candidates"]) == drawn
+
+    runner2, models2 = make_runner(settings, tmp_path, [MATCH] if tool != "generate" else [NO_CRADLE, MATCH])
+    result = runner2.resume("exact")
+    ids = [c["id"] for c in result["candidates"]]
+    assert ids == [f"c{n}" for n in range(len(ids))], ids  # no orphaned candidate, no duplicate round
+    assert len(ids) == drawn + len(models2["generator"].calls)
+    seeds = [(c["round"], c["seed"]) for c in result["candidates"]]
+    assert len(set(seeds)) == len(seeds)
+    if tool == "critique":
+        assert models2["judge"].calls == 1  # the finished critique was replayed; only the next one is asked
+    files = sorted(p.name for p in (Path(settings.output_dir) / "exact" / "candidates").iterdir())
+    assert files == [f"{i}.png" for i in ids]
+    events = [s.get("event") for s in RunRecord(Path(settings.output_dir) / "exact").read_steps()]
+    assert "replayed" in events
+
+
+# ----- usage errors -----
+
+@pytest.mark.parametrize("argv, needles", [
+    (["run", "--no-such-flag"], ["No such option: --no-such-flag", "imgrag run --help"]),
+    (["index"], ["Missing argument", "imgrag index --help"]),
+    (["generate", "a cat", "-o", "x.png", "--steps", "many"], ["--steps", "imgrag generate --help"]),
+    (["search", "x", "-k"], ["-k", "requires an argument"]),
+    (["no-such-command"], ["No such command", "imgrag --help"]),
+])
+def test_usage_errors_are_one_line_and_exit_1(capsys, argv, needles) -> None:
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+# ----- bounds -----
+
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "a cat", "-o", "x.png", "--size", "16384x16384"], "generation.max_side"),
+    (["generate", "a cat", "-o", "x.png", "--steps", "100000"], "generation.max_steps"),
+])
+def test_sizes_and_steps_have_bounds_a_user_can_raise(capsys, tmp_path, monkeypatch, argv, needle) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1 and needle in err and "Traceback" not in err
+    # Raised on purpose, the bound lets it through (the default profile then stops at its missing checkpoint).
+    monkeypatch.setenv("IMGRAG_GENERATION_MAX_SIDE", "16384")
+    monkeypatch.setenv("IMGRAG_GENERATION_MAX_STEPS", "100000")
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1 and needle not in err, err
+
+
+def test_the_bounds_hold_for_the_generator_itself() -> None:
+    from imgrag.errors import UserError
+    from imgrag.generator import validate_request
+    from imgrag.settings import DEFAULT_MAX_SIDE, DEFAULT_MAX_STEPS, GenerationSettings
+
+    validate_request("a cat", DEFAULT_MAX_SIDE, 64, DEFAULT_MAX_STEPS, 0.5)
+    with pytest.raises(UserError, match="max_side"):
+        validate_request("a cat", DEFAULT_MAX_SIDE + 8, 64, 2, 0.5)
+    with pytest.raises(UserError, match="max_steps"):
+        validate_request("a cat", 64, 64, DEFAULT_MAX_STEPS + 1, 0.5)
+    validate_request("a cat", 4096, 64, 2, 0.5, generation=GenerationSettings(max_side=4096))
