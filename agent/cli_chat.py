@@ -45,8 +45,9 @@ class ChatStatus:
         self.status: Any = None
         self.line = StatusText(suffix="[dim](Ctrl-C stops)[/]")
 
-    def begin(self) -> None:
-        self.line.restart()
+    def begin(self, rounds: int = 0) -> None:
+        """Show the line for a new request on a thread that has drawn ``rounds`` pictures already."""
+        self.line.restart(rounds)
         self.resume()
 
     def resume(self) -> None:
@@ -171,7 +172,7 @@ class ChatRepl:
 
     # ----- requests -----
     def request(self, text: str) -> None:
-        self.status.begin()
+        self.status.begin(int(self.session.values().get("rounds") or 0))  # a follow-up: the thread's round
         try:
             result = self.session.send(text)
         finally:

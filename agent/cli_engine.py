@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from agent.cli_common import (
     TINY_WARNING,
@@ -81,6 +82,13 @@ def generate(
         raise UserError("give the output picture: -o OUT.png")
     width, height = parse_size(size)
     guidance: float | None = None
+    if from_image is not None and profile is None:  # the recipe's profile: its models drew the picture
+        from imgrag.provenance import recipe_profile
+
+        profile = recipe_profile(from_image)
+        if profile is not None:
+            err.print(f"[dim]profile {escape(profile)}, from the picture's recipe (--profile chooses another)[/]",
+                      soft_wrap=True)
     if from_image is not None:  # the picture's own provenance fills every value no flag gives
         prompt, ref, seed, steps, guidance, fast, ip_scale, width, height = _from_provenance(
             from_image, prompt, ref, seed, steps, fast, ip_scale, width, height)

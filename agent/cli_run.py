@@ -132,9 +132,10 @@ class StatusText:
         self.suffix = suffix  # markup added after the activity, e.g. "(Ctrl-C stops)"
         self.restart()
 
-    def restart(self) -> None:
+    def restart(self, rounds: int = 0) -> None:
+        """Start the clock again; ``rounds`` is what the thread has drawn already (a chat follow-up)."""
         self.start = time.monotonic()
-        self.round = 0
+        self.round = rounds
         self.text = "starting"
 
     def elapsed(self) -> float:
@@ -189,7 +190,27 @@ class ProgressPrinter:
             print_tool_line(event, seconds)
         elif kind == "run_end":
             reason = f" ({escape(event['stop_reason'])})" if event.get("stop_reason") else ""
-            err.print(f"{elapsed}  {event['status']}{reason}: {escape(str(event['final_image']))}", soft_wrap=True)
+            err.print(f"{elapsed}  {event['status']}{reason}: {escape(answer_text(event))}", soft_wrap=True)
+            print_run_notes(event)
+
+
+def answer_text(result: dict[str, Any]) -> str:
+    """The answer's path, or why there is none (every drawing blocked, nothing drawn)."""
+    if result.get("final_image"):
+        return str(result["final_image"])
+    return "no answer: every drawing was blocked by the safety gate" if result.get("blocked") else "no answer"
+
+
+def print_run_notes(result: dict[str, Any], console: Console | None = None) -> None:
+    """Once per run, what the answer alone hides: every drawing blocked by the safety gate (and which concepts),
+    and how many steps the fixed policy took for a failing LLM planner, and why."""
+    console = console or err
+    if result.get("blocked"):
+        console.print(f"[yellow]warning:[/] {escape(result['blocked'])}", soft_wrap=True)
+    if result.get("fallback_steps"):
+        why = f" ({escape(str(result['fallback_reason']))})" if result.get("fallback_reason") else ""
+        console.print(f"[yellow]note:[/] the LLM planner could not choose {result['fallback_steps']} step(s); the "
+                      f"fixed policy took them{why}", soft_wrap=True)
 
 
 def _shared_flags(profile: str | None, config: Path | None, store: str | None, out_dir: Path | None) -> list[str]:
@@ -293,10 +314,12 @@ def run(
         _full_disk(full, ["imgrag", "run", "--resume", str(run_id), *_shared_flags(profile, config, store, out_dir)])
     if as_json:
         print_json(result)
-        return
-    out.print(f"[bold]{result['status']}[/] after {result['rounds']} round(s): {escape(str(result['final_image']))}",
-              soft_wrap=True)
-    out.print(f"run folder: {escape(result['run_dir'])}   model loads: {result['model_loads']}", soft_wrap=True)
+    else:
+        out.print(f"[bold]{result['status']}[/] after {result['rounds']} round(s): {escape(answer_text(result))}",
+                  soft_wrap=True)
+        out.print(f"run folder: {escape(result['run_dir'])}   model loads: {result['model_loads']}", soft_wrap=True)
+    if result["status"] == "failed":  # no answer at all: a script must see it
+        raise typer.Exit(1)
 
 
 @app.command()

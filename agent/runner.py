@@ -29,6 +29,8 @@ from tools.context import EventSink, Models
 from tools.final_redraw import redraw_final_full
 
 PLANNERS = ("agent", "fixed")
+# What the run_end event carries for a front end to say (result.json holds them too).
+RUN_END_KEYS = ("run_id", "status", "stop_reason", "final_image", "blocked", "fallback_steps", "fallback_reason")
 TINY_NOTE = TINY_WARNING  # result.json's note on the tiny profile: the one text (imgrag.settings)
 # The batch record's functions live in agent/batch.py; importable from here too, as before.
 __all__ = ["FINISHED", "PLANNERS", "TINY_NOTE", "DiskFull", "RunInterrupted", "Runner", "add_loads", "claim_item",
@@ -76,6 +78,23 @@ def finished_calls(values: dict[str, Any], record: RunRecord) -> dict[str, Any]:
             merged["references"].update(update.get("references") or {})
             merged["rounds"] = int(merged.get("rounds") or 0) + int(update.get("rounds") or 0)
     return merged
+
+
+def _what_happened(state: dict[str, Any], candidates: list[dict[str, Any]], final: dict[str, Any] | None,
+                   record: RunRecord) -> dict[str, Any]:
+    """What a front end must say beside the answer: ``blocked`` when every drawing was flagged by the safety gate
+    (so there is no answer, and why), and ``fallback_reason`` when the fixed policy took steps of an agent run."""
+    extra: dict[str, Any] = {"blocked": None, "fallback_reason": None}
+    flagged = [c for c in candidates if c.get("answer_blocked")]
+    if final is None and flagged:
+        concepts = sorted({str((c.get("flagged") or {}).get("concept")) for c in flagged})
+        extra["blocked"] = (f"every drawing ({len(flagged)}) was flagged by the safety gate (safety.enabled; "
+                            f"flagged as {', '.join(concepts)}), so none may be the answer; they are kept in "
+                            f"{record.candidates_dir}; --allow-flagged lets one be the answer")
+    if state.get("fallback_steps"):
+        reasons = [s.get("reason") for s in record.read_steps() if s.get("planner") == "policy" and s.get("reason")]
+        extra["fallback_reason"] = reasons[-1] if reasons else None
+    return extra
 
 
 def add_loads(*counts: dict[str, int] | None) -> dict[str, int]:
@@ -177,13 +196,16 @@ class Runner:
             return
         location, pictures = census
         warning = None
+        from imgrag.store import index_hint
+
+        hint = index_hint(self.settings.profile, location)
         if pictures is None:
-            what = "holds no store yet" if Path(location).is_dir() else "does not exist yet"
+            what = "holds no store yet" if Path(location).is_dir() else "does not exist"
             warning = (f"the store {location} {what}, so retrieval will find no reference; check "
-                       f"--store, or add pictures with `imgrag index PATH --store {location}`")
+                       f"--store, or add pictures with {hint}")
         elif pictures == 0:
             warning = (f"the store {location} holds no pictures, so retrieval will find no reference; add some "
-                       f"with `imgrag index PATH --store {location}`")
+                       f"with {hint}")
         if warning:
             record.append_step({"event": "warning", "warning": warning})
         self.on_event({"event": "store", "location": location, "pictures": pictures, "warning": warning})
@@ -341,8 +363,7 @@ class Runner:
             result = self.stop(run_id, reason, unmatched="budget_exhausted")  # ended, with its best candidate
             if result is None:
                 raise
-            self.on_event({"event": "run_end", **{k: result[k] for k in ("run_id", "status", "stop_reason",
-                                                                         "final_image")}})
+            self.on_event({"event": "run_end", **{k: result.get(k) for k in RUN_END_KEYS}})
             return result
         self.reference_store = ctx.reference_store  # keep the opened store for the next run of a batch
         snapshot = graph.get_state(config)
@@ -358,8 +379,7 @@ class Runner:
         record.append_step({"event": "end", "status": result["status"], "final_image": result["final_image"],
                             "final_source": result["final_source"]})
         record.write_result(result)
-        ends = ("run_id", "status", "stop_reason", "final_image")
-        self.on_event({"event": "run_end", **{k: result[k] for k in ends}})
+        self.on_event({"event": "run_end", **{k: result.get(k) for k in RUN_END_KEYS}})
         return result
 
     def _partial_result(self, graph: Any, config: dict[str, Any], values: dict[str, Any], record: RunRecord,
@@ -435,6 +455,7 @@ class Runner:
             "profile": self.settings.profile,
             "fast": self.settings.generation.fast,  # few-step drawing mode of this run's pictures (imgrag.fast)
         }
+        result.update(_what_happened(state, candidates, final, record))
         if self.settings.is_tiny:
             result["note"] = TINY_NOTE
         return result

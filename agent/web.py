@@ -275,7 +275,10 @@ class WebChat:
                 store = ReferenceStore.open(self.settings, embedder.model_id, embedder.dim)
                 self.runner.reference_store = store
             if store.count() == 0:
-                raise UserError("the store holds no pictures yet: add some with `imgrag index PATH`")
+                from imgrag.store import index_hint
+
+                raise UserError(f"the store holds no pictures yet: add some with "
+                                f"{index_hint(self.settings.profile, self.settings.store)}")
             results = store.search_text(embedder, text, k)
         shown = [(self.thumbnail(r.path), f"{r.score:.3f} · {r.caption or Path(r.path).name}") for r in results]
         return [s for s in shown if s[0] is not None]

@@ -248,3 +248,113 @@ def test_the_bounds_hold_for_the_generator_itself() -> None:
     with pytest.raises(UserError, match="max_steps"):
         validate_request("a cat", 64, 64, DEFAULT_MAX_STEPS + 1, 0.5)
     validate_request("a cat", 4096, 64, 2, 0.5, generation=GenerationSettings(max_side=4096))
+
+
+# ----- recipes that travel -----
+
+def test_a_recipe_keeps_absolute_reference_paths_and_its_profile(tiny_kit, tmp_path, monkeypatch, capsys) -> None:
+    from PIL import Image
+
+    from imgrag.provenance import file_sha256, read_provenance
+
+    monkeypatch.setenv("IMGRAG_TINY_KIT_DIR", str(tiny_kit["generator"].parent))
+    made, elsewhere = tmp_path / "made", tmp_path / "elsewhere"
+    made.mkdir()
+    elsewhere.mkdir()
+    Image.new("RGB", (48, 48), (200, 30, 30)).save(made / "ref.png")
+    monkeypatch.chdir(made)
+    code, _, err = run_cli(capsys, "generate", "a red kettle", "--ref", "ref.png", "-o", "first.png",
+                           "--profile", "tiny")
+    assert code == 0, err
+    doc = read_provenance(made / "first.png")
+    assert doc["profile"] == "tiny"
+    assert doc["references"][0]["path"] == str((made / "ref.png").resolve())  # as typed: "ref.png"
+    assert doc["references"][0]["sha256"] == file_sha256(made / "ref.png")
+
+    monkeypatch.chdir(elsewhere)  # another folder, no --profile: the recipe's own profile and reference
+    code, out, err = run_cli(capsys, "generate", "--from-image", "../made/first.png", "-o", "again.png", "--json")
+    assert code == 0, err
+    assert json.loads(out)["profile"] == "tiny" and "from the picture's recipe" in err
+    assert read_provenance(elsewhere / "again.png")["references"] == doc["references"]
+
+
+# ----- say what happened -----
+
+def test_the_policy_taking_over_is_said_once_per_run(settings, tmp_path, monkeypatch, capsys) -> None:
+    import agent.cli_run as cli_run
+    from langchain_core.messages import AIMessage
+
+    from tests.fakes import ScriptedChatModel
+
+    runner, models = make_runner(settings, tmp_path, [NO_CRADLE, MATCH])
+    models["llm"] = ScriptedChatModel(messages=iter([AIMessage(content="lovely picture") for _ in range(40)]))
+
+    def made(profile, config, store, out_dir, on_event, *rest):
+        runner.on_event = on_event
+        return runner, settings
+
+    monkeypatch.setattr(cli_run, "_make_runner", made)
+    code, _, err = run_cli(capsys, "run", "a retriever and a cradle", "--max-rounds", "3")
+    assert code == 0, err
+    text = " ".join(err.split())
+    assert text.count("the fixed policy took them") == 1, err
+    assert "unusable LLM steps in a row" in text
+
+
+def test_a_missing_store_does_not_exist_and_hints_name_the_profile(tmp_path, capsys) -> None:
+    typo = tmp_path / "stroe"
+    code, _, err = run_cli(capsys, "search", "a cat", "--store", str(typo), "--profile", "tiny")
+    text = " ".join(err.split())
+    assert code == 1 and f"the store {typo} does not exist" in text
+    assert f"imgrag index PATH --profile tiny --store {typo}" in text
+    assert not typo.exists()
+
+
+def test_search_json_keeps_captions_whole(tiny_settings, tmp_path, capsys) -> None:
+    from PIL import Image
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(pics / "leaf.png")
+    caption = "a green leaf " * 40  # longer than the table shows
+    (pics / "leaf.txt").write_text(caption, encoding="utf-8")
+    code, _, err = run_cli(capsys, "index", str(pics), "--profile", "tiny")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "search", "a leaf", "--profile", "tiny", "--json")
+    assert code == 0, err
+    (hit,) = json.loads(out)["results"]
+    assert hit["caption"] == caption.strip()
+
+
+def test_serve_on_a_busy_port_names_the_flag_before_announcing_anything(tmp_path, capsys) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = run_cli(capsys, "serve", "--port", str(port), "--profile", "tiny")
+    assert code == 1 and "http://" not in out
+    assert f"port {port} on 127.0.0.1 is already in use" in err and "--port" in err
+    assert "GRADIO_SERVER_PORT" not in err
+
+
+# ----- Ctrl-C anywhere -----
+
+def test_ctrl_c_while_indexing_says_what_was_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys) -> None:
+    from PIL import Image
+
+    import agent.cli_store as cli_store
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.new("RGB", (8, 8)).save(pics / "a.png")
+
+    def pressed(settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_store, "_embedder", pressed)
+    monkeypatch.setattr(cli_store, "prepare_models", lambda settings: None)
+    code, _, err = run_cli(capsys, "index", str(pics))
+    assert code == 130 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("interrupted: the pictures indexed so far are kept") and "imgrag index" in err

@@ -303,6 +303,7 @@ def make_tools() -> list[BaseTool]:
             found = [] if empty_store else store.retrieve(
                 embedder, cleaned, k=top_k, avoid=avoid_image, rerank_lambda=r.rerank_lambda,
                 min_score=r.min_score)
+            matched = len(found)
             found = screen_references(ctx, store, embedder, found, "retrieve")  # issue 18: the safety gate
             refs = {ref.id: ref.to_dict() for ref in found}
             # Recorded even when empty, so the planner knows this repair was tried.
@@ -314,6 +315,9 @@ def make_tools() -> list[BaseTool]:
                         "query": ref.get("query"), "score": round(float(ref["score"]), 4)} for ref in refs.values()]
             if empty_store:
                 text = "The reference store is empty (the user can add images with `imgrag index`); draw without."
+            elif not listing and matched:  # found, then dropped: other queries would meet the same gate
+                text = (f"{matched} reference(s) matched but the safety gate dropped them all (excluded by "
+                        "safety.exclude, or flagged as unsafe); draw without references or try other queries.")
             else:
                 text = json.dumps(listing) if listing else "No reference matched these queries; try broader ones."
             return text, {"references": refs, "retrievals": [retrieval]}
