@@ -108,6 +108,14 @@ def generate(
     ensure_writable_file(output, "output")  # before any model loads, not after the drawing
     references = [open_image(path) for path in ref or []]
     validate_request(prompt, g.width, g.height, n_steps, g.ip_scale, references, generation=g)
+    if ip_scale is not None and not references:  # a flag that would change nothing is said, not ignored
+        err.print("[yellow]warning:[/] --ip-scale does nothing without --ref (it sets how strongly references "
+                  "steer); drawing from the prompt alone", soft_wrap=True)
+    from imgrag.embedder import prompt_length_notice
+
+    too_long = prompt_length_notice(prompt)
+    if too_long:
+        err.print(f"[yellow]note:[/] {escape(too_long)}", soft_wrap=True)
 
     prepare_models(settings)
     from imgrag.engine import build_manager

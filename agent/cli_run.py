@@ -293,6 +293,12 @@ def run(
         check_seed(seed, "--seed")
     if resume is None and not prompt:
         raise UserError("give a PROMPT, or --resume RUN_ID to continue a run")
+    if resume is not None:  # a resumed run goes on with its own prompt, seed and budget: a flag here would do nothing
+        given = [name for name, value in (("a PROMPT", prompt), ("--seed", seed), ("--max-rounds", max_rounds))
+                 if value is not None]
+        if given:
+            raise UserError(f"--resume continues run {resume} with its own prompt, seed and budget; drop "
+                            f"{' and '.join(given)} (or start a new run without --resume)")
     from agent.runner import DiskFull, RunInterrupted
 
     # Until the run's folder exists (models loading, the store checked), Ctrl-C leaves nothing behind.

@@ -166,6 +166,12 @@ class Runner:
         record.append_step({"event": "start", "prompt": prompt, "planner": planner, "budget": budget,
                             "seed": state["seed"], "profile": self.settings.profile})
         self._tell_store(record, census)
+        from imgrag.embedder import prompt_length_notice
+
+        too_long = prompt_length_notice(prompt)
+        if too_long:  # said once, in words, rather than as the embedder's log line at every score
+            record.append_step({"event": "warning", "warning": too_long})
+            self.on_event({"event": "note", "text": too_long})
         if retrieval_off:
             record.append_step({"event": "retrieval_off", "reason": retrieval_off})
             self.on_event({"event": "note", "text": f"retrieval is unavailable ({retrieval_off}); drawing without "

@@ -281,9 +281,9 @@ def test_a_recipe_keeps_absolute_reference_paths_and_its_profile(tiny_kit, tmp_p
 # ----- say what happened -----
 
 def test_the_policy_taking_over_is_said_once_per_run(settings, tmp_path, monkeypatch, capsys) -> None:
-    import agent.cli_run as cli_run
     from langchain_core.messages import AIMessage
 
+    import agent.cli_run as cli_run
     from tests.fakes import ScriptedChatModel
 
     runner, models = make_runner(settings, tmp_path, [NO_CRADLE, MATCH])
@@ -358,3 +358,30 @@ def test_ctrl_c_while_indexing_says_what_was_kept_and_how_to_go_on(tmp_path, mon
     code, _, err = run_cli(capsys, "index", str(pics))
     assert code == 130 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("interrupted: the pictures indexed so far are kept") and "imgrag index" in err
+
+
+# ----- flags that do nothing, files and prompts a user writes -----
+
+@pytest.mark.parametrize("extra", [["a cat"], ["--seed", "3"], ["--max-rounds", "2"]])
+def test_a_flag_beside_resume_is_refused(capsys, extra) -> None:
+    code, _, err = run_cli(capsys, "run", "--resume", "20260101-000000-abcdef", *extra)
+    assert code == 1 and "--resume continues run" in err and "drop" in err
+
+
+def test_a_flag_that_does_nothing_and_a_prompt_longer_than_the_encoders_read_are_said(tmp_path, capsys) -> None:
+    ref_less = ["generate", "a cat " * 400, "-o", str(tmp_path / "x.png"), "--ip-scale", "0.8"]
+    code, _, err = run_cli(capsys, *ref_less)  # the default profile: stops at its missing checkpoint, after both
+    text = " ".join(err.split())
+    assert "warning: --ip-scale does nothing without --ref" in text
+    assert "note: the prompt is 802 CLIP tokens; SDXL's text encoders and the CLIP scores read only the first 77" \
+        in text
+    assert "WARNING:" not in err
+
+
+def test_a_prompt_file_in_another_encoding_is_told_to_be_saved_as_utf8(tmp_path, capsys) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a cat\na caf\u00e9 au lait\n".encode("cp1252"))
+    code, _, err = run_cli(capsys, "batch", str(prompts))
+    text = " ".join(err.split())
+    assert code == 1 and f"{prompts}:2: the prompt file is not UTF-8 text (byte 0xe9)" in text
+    assert "re-save it as UTF-8" in text
