@@ -1,5 +1,5 @@
-"""``imgrag report`` (one HTML page of a run, batch or eval folder) and ``imgrag eval`` (the agent
-against plain generation on the same seeds)."""
+"""``imgrag report`` (one HTML page of a run, batch or eval folder) and ``imgrag eval`` (every arm against
+plain generation on the same seeds, agent/evaluation.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from agent.cli_common import (
     print_json,
     settings_from_flags,
 )
-from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, check_outputs, check_planner, print_store
+from agent.cli_run import MaxRoundsOpt, OutOpt, check_outputs, check_planner, print_store
+from imgrag.errors import UserError
 
 
 @app.command()
@@ -51,60 +52,101 @@ def report(
 
 
 def _print_eval(doc: dict[str, Any]) -> None:
-    from imgrag.report import EVAL_METRICS
-
-    agg = doc["aggregate"]
-    table = Table(title=f"imgrag eval — {len(doc['items'])} prompts, planner {doc['planner']}")
-    for column in ("metric", "plain", "agent", "prompts"):
+    """The evaluation's headline on the terminal: per metric and arm, the mean and the paired difference."""
+    title = f"imgrag eval — {len(doc['items'])} prompts, arms {', '.join(doc['arms'])}"
+    table = Table(title=title)
+    for column in ("metric", "arm", "mean", "arm − plain [95% CI]", "improved/worsened", "n"):
         table.add_column(column)
-    for key, title in EVAL_METRICS:
-        plain, agent = agg.get(f"plain_{key}"), agg.get(f"agent_{key}")
-        if plain is None and agent is None:
-            continue
-        table.add_row(title, "" if plain is None else f"{plain:.4f}", "" if agent is None else f"{agent:.4f}",
-                      str(agg.get(f"n_{key}", "")))
+    for m in doc["metrics"]:
+        name = m["title"] + (" (agent selects with)" if m["agent_selects_with"] else "")
+        for arm in doc["arms"]:
+            entry = doc["summary"][arm][m["key"]]
+            if not entry["n"]:
+                continue
+            vs = entry.get("vs_plain") or {}
+            diff = (f"{vs['mean_diff']:+.4f} [{vs['ci_low']:+.4f}, {vs['ci_high']:+.4f}]"
+                    if vs.get("mean_diff") is not None else "")
+            shares = f"{vs['improved']:.2f}/{vs['worsened']:.2f}" if vs.get("improved") is not None else ""
+            table.add_row(name, arm, f"{entry['mean']:.4f}", diff, shares, str(entry["n"]))
     out.print(table)
-    stages = ", ".join(f"{k.removeprefix('seconds_')} {v:.2f}s" for k, v in agg.items() if k.startswith("seconds_"))
-    out.print(f"mean seconds per prompt: {stages}")
-    if agg.get("errors"):
-        out.print(f"[red]{agg['errors']} prompt(s) had errors[/]: see eval.json")
+    times = ", ".join(f"{arm} {a['seconds_per_prompt']:.2f}s/{sum(a['model_loads'].values())} loads"
+                      for arm, a in doc["per_arm"].items() if a["seconds_per_prompt"] is not None)
+    out.print(f"per arm, seconds per prompt / model loads: {times}", soft_wrap=True, markup=False)
+    errors = sum(a["errors"] for a in doc["per_arm"].values())
+    if errors:
+        out.print(f"[red]{errors} arm run(s) had errors[/]: see eval.json")
+    if doc.get("note"):
+        out.print(doc["note"], soft_wrap=True, markup=False)
     out.print(f"eval folder: {doc['eval_dir']} (eval.csv, eval.json, report.html)", soft_wrap=True, markup=False)
+
+
+ArmsOpt = Annotated[str | None, typer.Option(
+    "--arms", help="Comma-separated arms (default: plain,imagerag,loop-fixed,loop-agent; --planner fixed: "
+                   "the first three). plain is always run: every difference is against it.")]
 
 
 @app.command("eval")
 def eval_command(
-    file: Annotated[Path, typer.Argument(help='.txt (one prompt a line) or .jsonl ({"prompt", "seed"?, "gold"?}).')],
+    file: Annotated[Path | None, typer.Argument(
+        help='.txt (one prompt a line) or .jsonl ({"prompt", "seed"?, "gold"?}); or give --classes.')] = None,
+    classes: Annotated[Path | None, typer.Option(
+        "--classes", help="A folder with one sub-folder of pictures per class (ImageFolder layout): ImageRAG's "
+                          "protocol, gold pictures held out of retrieval.")] = None,
+    arms: ArmsOpt = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate only the first N prompts.")] = None,
     max_rounds: MaxRoundsOpt = None,
-    planner: PlannerOpt = "agent",
+    planner: Annotated[str | None, typer.Option(
+        "--planner", help="fixed: only the arms that need no LLM (plain, imagerag, loop-fixed); agent: all.")] = None,
     out_dir: OutOpt = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare plain generation with the agent on the same prompts and seeds.
+    """Every arm on the same prompts and seeds, scored by models the agent never selects with.
 
-    Scores: CLIP text-image, CLIP image-image against a gold picture, DINO (when models.dino is set), the
-    judge's match
-    rate, rounds and seconds per stage. Writes eval.csv, eval.json and report.html in an eval folder."""
-    from agent.evaluation import Evaluation, read_eval_file
+    Arms: plain SDXL; ImageRAG's single pass (critique, retrieve, redraw); imgrag's loop with the fixed and
+    the agent planner. Scores: DINO and CLIP image-image against gold pictures, SigLIP and CLIP text-image, the
+    judge's match; the loop selects with the last two (marked). Per metric, the paired difference against plain
+    with a bootstrap 95% interval and the shares improved/worsened. Writes eval.json, eval.csv (a row per prompt
+    and arm) and report.html. With --classes DIR each class folder is split (eval.* settings) into retrieval
+    pictures, indexed into the evaluation's own store, and gold pictures, never retrieved; the prompt is "a photo
+    of a <class>". With a prompt FILE the profile's store is used, its gold pictures excluded."""
+    from agent.evaluation import DEFAULT_ARMS, FIXED_ARMS, Evaluation, check_arms, read_eval_file
 
-    check_planner(planner)
-    items = read_eval_file(file)  # a bad file fails before any model loads
+    if (file is None) == (classes is None):
+        raise UserError("give a prompt FILE or --classes DIR (one of the two)")
+    if classes is not None and store is not None:
+        raise UserError("--classes indexes its own store from the class folders; --store is for a prompt FILE")
+    if planner is not None:
+        check_planner(planner)
+    chosen = check_arms(arms.split(",")) if arms else list(FIXED_ARMS if planner == "fixed" else DEFAULT_ARMS)
+    items = read_eval_file(file) if file is not None else None  # a bad file fails before any model loads
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
+    if classes is not None:
+        from imgrag.class_folders import read_class_folder, split_classes
+
+        e = settings.eval  # a bad folder or split fails before any model loads too
+        split_classes(read_class_folder(classes), gold_per_class=e.gold_per_class,
+                      retrieval_per_class=e.retrieval_per_class, seed=e.split_seed)
     check_outputs(settings)
     prepare_models(settings)
-    total = min(len(items), limit or len(items))
 
     def on_item(record: dict[str, Any]) -> None:
-        a = record["agent"]
-        state = record["error"] or f"agent {a.get('status')} in {a.get('rounds')} round(s)"
-        err.print(f"prompt {record['index'] + 1}/{total}: {state}", soft_wrap=True, markup=False)
+        done = ", ".join(f"{arm} {r.get('status') or 'failed'}" for arm, r in record["arms"].items())
+        err.print(f"prompt {record['index'] + 1}: {done}", soft_wrap=True, markup=False)
 
-    evaluation = Evaluation(settings, planner=planner, max_rounds=max_rounds,
-                            on_event=lambda event: print_store(event) if event["event"] == "store" else None)
-    doc = evaluation.run(file, limit=limit, items=items, on_item=on_item)
+    def on_event(event: dict[str, Any]) -> None:
+        if event["event"] == "store":
+            print_store(event)
+        elif event["event"] == "note":
+            err.print(event["text"], soft_wrap=True, markup=False)
+
+    evaluation = Evaluation(settings, arms=chosen, max_rounds=max_rounds, on_event=on_event)
+    if classes is not None:
+        doc = evaluation.run_classes(classes, limit=limit, on_item=on_item)
+    else:
+        doc = evaluation.run(file, limit=limit, items=items, on_item=on_item)
     if as_json:
         print_json(doc)
         return

@@ -1,27 +1,37 @@
-"""``imgrag eval``: the agent against plain generation on the same prompts and seeds.
+"""``imgrag eval``: arms on the same prompts and seeds, scored by models the agent never selects with.
 
-For every prompt of a file, in one process (each model loads once):
+Two ways to give the prompts:
 
-1. plain generation: one SDXL call with the prompt and the seed, as a user without imgrag would get;
-2. the judge on that picture (the same Qwen2.5-VL call the agent makes), so both sides get a match rate;
-3. the agent: :meth:`agent.runner.Runner.run` with the same prompt and seed (its first drawing is
-   the plain picture again, so any gain comes from the loop);
-4. scores for both final pictures: the CLIP text-image cosine (the embedder of the profile), the
-   CLIP image-image cosine against the gold reference when the prompt has one, and the DINO
-   image-image cosine when ``models.dino`` names a DINOv2 checkpoint (ImageRAG, arXiv 2502.09411,
-   reports these on ImageNet, iNaturalist, CUB and Aircraft subsets).
+- ``--classes DIR`` (ImageRAG's protocol, Shalev-Arkushin et al., arXiv 2502.09411): one folder per class
+  (:mod:`imgrag.class_folders`). Each class is split with a fixed seed into retrieval and gold pictures; the
+  retrieval pictures are indexed into a store of the evaluation's own (``<eval>/store``), which is checked to
+  hold no gold picture; each class is drawn from the prompt ``prompts/eval_class.md`` ("a photo of a <class>"),
+  and every drawing is scored against that class's gold pictures.
+- a prompt file (``.txt`` / ``.jsonl`` with optional ``gold``): the profile's store is used, and every gold
+  picture (by path, and by content wherever the store holds a copy) is added to ``safety.exclude`` for these
+  runs, so no arm can retrieve it.
 
-It writes ``<output_dir>/eval-<file>-<time>/`` with ``eval.csv`` (one row per prompt), ``eval.json``
-(every number, per prompt and averaged), ``report.html``, and ``plain/NNN.png``; the agent's runs are
-ordinary run folders beside it (run id ``<eval folder>-NNN``), each with its own trace.
+Each prompt runs through every arm (:mod:`agent.eval_arms`: plain SDXL, ImageRAG's single pass, imgrag's loop
+with the fixed and the agent planner) on the same seed, in one process (each model loads once, before timing).
+The answers are scored (:mod:`imgrag.scorers`): DINO image-image and CLIP image-image against the gold pictures,
+SigLIP and CLIP text-image against the prompt, and the judge's match. The loop selects its answer by the judge's
+match, then CLIP text-image, so those two columns are marked as the agent's own yardstick; the headline is DINO
+and SigLIP. Per metric and arm, the paired differences against plain give a mean with a bootstrap 95 % interval
+and the shares of prompts improved and worsened (:mod:`imgrag.paired_stats`).
 
-This lives in ``agent/`` because it drives the agent's runner; the scoring itself only needs
-the model manager and, for DINO, transformers.
+Every run records what it retrieved; after the arms, the records are checked against the gold pictures (by path
+and content), and a run that saw one makes the evaluation fail with one line.
+
+It writes ``<output_dir>/eval-<name>-<time>/``: ``eval.json`` (every number), ``eval.csv`` (one row per prompt
+and arm), ``report.html``, and one folder per arm that is not a loop run (the loop runs are ordinary run folders
+beside it). This lives in ``agent/`` because it drives the agent's runner.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import glob
 import json
 import math
 import time
@@ -29,25 +39,55 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.eval_arms import ARM_MODELS, ARMS, ArmContext, ArmResult, EvalItem
 from agent.runner import PLANNERS, TINY_NOTE, Runner, read_prompt_file
 from imgrag.dino import DinoScorer  # noqa: F401  (its old home; imported from here by callers)
 from imgrag.errors import UserError, read_user_text
-from imgrag.images import open_image
-from imgrag.runs import RunRecord, atomic_path, write_json_atomic
+from imgrag.runs import atomic_path, write_json_atomic
 from imgrag.settings import Settings
 
-# Columns of eval.csv, in order. Empty cells mean "not measured" (no gold image, no DINO checkpoint, an error).
-CSV_COLUMNS = [
-    "index", "prompt", "seed", "gold",
-    "plain_image", "plain_clip_text", "plain_clip_gold", "plain_dino_gold", "plain_judge_match",
-    "plain_seconds_generate", "plain_seconds_judge",
-    "agent_run_id", "agent_status", "agent_image", "agent_rounds", "agent_clip_text", "agent_clip_gold",
-    "agent_dino_gold", "agent_judge_match", "agent_seconds", "seconds_scoring", "error",
-]
+BASELINE = "plain"
+DEFAULT_ARMS = ("plain", "imagerag", "loop-fixed", "loop-agent")
+# The arms that need no LLM (`--planner fixed`: a 24 GB card, or no LLM at all).
+FIXED_ARMS = ("plain", "imagerag", "loop-fixed")
+TINY_EVAL_NOTE = TINY_NOTE + " Every number below is plumbing, not a measurement: the scores are of noise."
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """One score column: its key in eval.json/eval.csv, its title, what it measures, and whether the agent's loop
+    selects its answer with it (then it is not evidence that the loop helps: the loop maximises it)."""
+
+    key: str
+    title: str
+    measures: str
+    agent_selects_with: bool = False
+
+    @property
+    def column(self) -> str:
+        """Its eval.csv header: marked when the agent selects with it."""
+        return f"{self.key} (agent selects with)" if self.agent_selects_with else self.key
+
+
+METRICS = (
+    Metric("dino_gold", "DINO image-image vs gold",
+           "mean cosine of the drawing's DINO embedding with each gold picture of its class: does it look like "
+           "the real thing (ImageRAG's DINO column)"),
+    Metric("siglip_text", "SigLIP text-image",
+           "cosine of the drawing's SigLIP embedding with the prompt's: a second text-image family, not the "
+           "agent's own"),
+    Metric("clip_text", "CLIP text-image",
+           "cosine of the drawing's CLIP embedding (the profile's embedder) with the prompt's", True),
+    Metric("clip_gold", "CLIP image-image vs gold",
+           "mean cosine of the drawing's CLIP embedding with each gold picture (the embedder the store retrieves "
+           "with)"),
+    Metric("judge_match", "judge match rate", "the share of answers the judge (Qwen2.5-VL) says match the prompt",
+           True),
+)
 
 
 # ----------------------------------------------------------------------------------------------
-# The prompt file
+# Reading the prompts
 # ----------------------------------------------------------------------------------------------
 
 def read_eval_file(path: str | Path) -> list[dict[str, Any]]:
@@ -76,9 +116,40 @@ def read_eval_file(path: str | Path) -> list[dict[str, Any]]:
     return items
 
 
-# ----------------------------------------------------------------------------------------------
-# Scores
-# ----------------------------------------------------------------------------------------------
+def class_prompt(settings: Settings, class_name: str) -> str:
+    """The prompt for a class: ``eval.prompt_template`` or ``prompts/eval_class.md``, ``{class_name}`` filled."""
+    import prompts
+
+    template = settings.eval.prompt_template.strip()
+    if not template:
+        return prompts.render("eval_class", class_name=class_name).strip()
+    try:
+        return template.format(class_name=class_name).strip()
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UserError(f"eval.prompt_template {template!r} may hold only {{class_name}}: {exc}") from None
+
+
+def class_items(settings: Settings, splits: list[Any]) -> list[EvalItem]:
+    """``eval.prompts_per_class`` items per class, on seeds ``generation.seed``, +1, ... (the same for every
+    class, so a class's prompts differ only by seed)."""
+    items = []
+    for split in splits:
+        prompt = class_prompt(settings, split.name)
+        for n in range(settings.eval.prompts_per_class):
+            items.append(EvalItem(len(items), prompt, settings.generation.seed + n, list(split.gold), split.folder))
+    return items
+
+
+def check_arms(arms: list[str] | tuple[str, ...]) -> list[str]:
+    """The arms asked for, in order, plain first; a UserError naming the known ones otherwise."""
+    arms = list(dict.fromkeys(a.strip() for a in arms if a.strip()))
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise UserError(f"unknown arm(s) {', '.join(unknown)} (known: {', '.join(ARMS)})")
+    if BASELINE not in arms:
+        arms.insert(0, BASELINE)  # every difference is against plain generation
+    return [BASELINE] + [a for a in arms if a != BASELINE]
+
 
 def cosine(a: Any, b: Any) -> float:
     """Cosine of two vectors (the embedders' rows are unit length already; normalising again is cheap
@@ -92,77 +163,199 @@ def cosine(a: Any, b: Any) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
+# Gold pictures: kept out of retrieval, checked in the records
+# ----------------------------------------------------------------------------------------------
+
+class GoldSet:
+    """The gold pictures of an evaluation, known by resolved path and by store id (content hash)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        from imgrag.store.indexing import ID_HEX_CHARS
+        from imgrag.store.walking import content_digest
+
+        self.paths = sorted({str(Path(p).resolve()) for p in paths})
+        self.ids = {content_digest(Path(p).read_bytes())[:ID_HEX_CHARS]: p for p in self.paths}
+
+    def seen_in(self, retrieved: list[dict[str, str]]) -> list[str]:
+        """The gold pictures among ``retrieved`` (``{"id", "path"}``), by id or resolved path."""
+        hits = []
+        for ref in retrieved:
+            path = ref.get("path") or ""
+            resolved = str(Path(path).resolve()) if path else ""
+            if ref.get("id") in self.ids or resolved in self.paths:
+                hits.append(path or self.ids[ref["id"]])
+        return hits
+
+
+def exclusion_patterns(paths: list[str]) -> list[str]:
+    """``safety.exclude`` entries that match exactly these files (glob characters in a name escaped)."""
+    return [glob.escape(p) if any(ch in p for ch in "*?[") else p for p in paths]
+
+
+# ----------------------------------------------------------------------------------------------
 # The evaluation
 # ----------------------------------------------------------------------------------------------
 
 class Evaluation:
-    """Runs one prompt file through plain generation and the agent, and writes the eval folder."""
+    """Runs prompts through every arm and writes the eval folder (see the module docstring)."""
 
     def __init__(self, settings: Settings, *, manager: Any = None, runner: Runner | None = None,
-                 planner: str = "agent", max_rounds: int | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
-        if planner not in PLANNERS:
+                 planner: str | None = None, arms: list[str] | tuple[str, ...] | None = None,
+                 max_rounds: int | None = None, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        if planner is not None and planner not in PLANNERS:
             raise UserError(f"unknown planner {planner!r} (use {' or '.join(PLANNERS)})")
         if max_rounds is not None and max_rounds < 1:
             raise UserError(f"--max-rounds must be at least 1, got {max_rounds}")
+        if arms is None:
+            arms = FIXED_ARMS if planner == "fixed" else DEFAULT_ARMS
+        self.arms = check_arms(arms)
         self.settings = settings
         self.on_event = on_event or (lambda event: None)
         if runner is None:
             runner = Runner(settings, manager=manager, on_event=self.on_event)
         self.runner = runner
-        self.manager = runner.manager  # one manager for plain generation, the agent and the scores
-        self.planner = planner
+        self.manager = runner.manager  # one manager for every arm and every score
         self.max_rounds = max_rounds
 
-    # ----- the whole file -----
+    # ----- the two modes -----
     def run(self, path: str | Path, *, limit: int | None = None, items: list[dict[str, Any]] | None = None,
             on_item: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Evaluate the first ``limit`` prompts of ``path`` (``items``: its :func:`read_eval_file`, when the
-        caller has read it already); return eval.json's document."""
+        """Evaluate the first ``limit`` prompts of a prompt file (``items``: its :func:`read_eval_file`, when the
+        caller has read it already); return eval.json's document. Gold pictures are excluded from retrieval."""
         path = Path(path)
-        items = read_eval_file(path) if items is None else items
-        if limit is not None:
-            if limit < 1:
-                raise UserError(f"--limit must be at least 1, got {limit}")
-            items = items[:limit]
-        base = Path(self.settings.output_dir) / f"eval-{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        raw = read_eval_file(path) if items is None else items
+        raw = raw[:_limit(limit, len(raw))]
+        seed = self.settings.generation.seed
+        todo = [EvalItem(i, it["prompt"], seed if it.get("seed") is None else int(it["seed"]),
+                         [it["gold"]] if it.get("gold") else [], None, it.get("max_rounds"))
+                for i, it in enumerate(raw)]
+        gold = GoldSet([p for it in todo for p in it.gold])
+        eval_dir = self._new_dir(path.stem)
+        store = self._open_store()
+        exclude = list(gold.paths)
+        copies = getattr(store, "paths_of", None)  # the same picture stored under other paths
+        if callable(copies) and gold.ids:
+            exclude += [p for paths in copies(list(gold.ids)).values() for p in paths]
+        settings = dataclasses.replace(self.settings, safety=dataclasses.replace(
+            self.settings.safety, exclude=[*self.settings.safety.exclude, *exclusion_patterns(sorted(set(exclude)))]))
+        info = {"mode": "prompts", "source": str(path), "store": {"location": _location(store, self.settings),
+                                                                  "gold_excluded": sorted(set(exclude))}}
+        return self._evaluate(eval_dir, todo, settings, store, gold, info, on_item)
+
+    def run_classes(self, folder: str | Path, *, limit: int | None = None,
+                    on_item: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """ImageRAG's protocol on a folder per class (see the module docstring); return eval.json's document."""
+        from imgrag.class_folders import read_class_folder, split_classes
+
+        e = self.settings.eval
+        splits = split_classes(read_class_folder(folder), gold_per_class=e.gold_per_class,
+                               retrieval_per_class=e.retrieval_per_class, seed=e.split_seed)
+        todo = class_items(self.settings, splits)
+        todo = todo[:_limit(limit, len(todo))]
+        gold = GoldSet([p for s in splits for p in s.gold])
+        eval_dir = self._new_dir(Path(folder).resolve().name)
+        settings = dataclasses.replace(self.settings, store=str(eval_dir / "store"))
+        store = self._index_retrieval(settings, [p for s in splits for p in s.retrieval])
+        stored = _stored_ids(store)
+        if stored is not None and stored & set(gold.ids):  # cannot happen with the split; checked all the same
+            raise UserError(f"the evaluation store {settings.store} holds gold pictures "
+                            f"({', '.join(gold.ids[i] for i in sorted(stored & set(gold.ids)))}); refusing to run")
+        info = {"mode": "classes", "source": str(Path(folder).resolve()),
+                "split": {"seed": e.split_seed, "gold_per_class": e.gold_per_class,
+                          "retrieval_per_class": e.retrieval_per_class, "prompts_per_class": e.prompts_per_class,
+                          "classes": [{"folder": s.folder, "name": s.name, "gold": s.gold,
+                                       "retrieval": len(s.retrieval)} for s in splits]},
+                "store": {"location": settings.store, "pictures": store.count(), "gold_in_store": 0}}
+        return self._evaluate(eval_dir, todo, settings, store, gold, info, on_item)
+
+    # ----- shared steps -----
+    def _new_dir(self, name: str) -> Path:
+        base = Path(self.settings.output_dir) / f"eval-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         eval_dir, n = base, 1
-        while eval_dir.exists():  # two evaluations of one file in the same second
+        while eval_dir.exists():  # two evaluations of one source in the same second
             n += 1
             eval_dir = base.with_name(f"{base.name}-{n}")
-        (eval_dir / "plain").mkdir(parents=True)
-        load_seconds = self._load_models()
-        start = time.perf_counter()
-        records = []
-        for index, item in enumerate(items):
-            record = self._one(eval_dir, index, item)
-            records.append(record)
-            if on_item:
-                on_item(record)
-        self._score_dino(records)
+        eval_dir.mkdir(parents=True)
+        return eval_dir
+
+    def _open_store(self) -> Any:
+        """The store the prompt-file mode's runs retrieve from (None when retrieval is unavailable)."""
+        if self.runner.check_retrieval() is not None:
+            return None
+        return self.runner.reference_store
+
+    def _index_retrieval(self, settings: Settings, paths: list[str]) -> Any:
+        """Index the retrieval pictures into the evaluation's own store; the runner retrieves from it."""
+        from imgrag.engine import ManagedEmbedder
+        from imgrag.store import ReferenceStore
+
+        embedder = ManagedEmbedder(self.manager)
+        self.on_event({"event": "note", "text": f"indexing {len(paths)} retrieval pictures into {settings.store}"})
+        store = ReferenceStore.open(settings, embedder.model_id, embedder.dim, for_writing=True)
+        store.index(paths, embedder)
+        self.runner.reference_store = store
+        return store
+
+    def _evaluate(self, eval_dir: Path, items: list[EvalItem], settings: Settings, store: Any, gold: GoldSet,
+                  info: dict[str, Any], on_item: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+        from imgrag.scorers import Scorers, scorer_names
+
+        original = self.runner.settings
+        self.runner.settings = settings  # the loop runs see the gold exclusion and the eval's store
+        try:
+            load_seconds = self._load_models()
+            ctx = ArmContext(settings, self.manager, self.runner, store, eval_dir, self.max_rounds)
+            start = time.perf_counter()
+            records = []
+            for item in items:
+                record = self._one(ctx, item)
+                records.append(record)
+                if on_item:
+                    on_item(record)
+            seen = [(r["index"], arm, path) for r in records for arm, res in r["arms"].items()
+                    for path in gold.seen_in(res.get("retrieved") or [])]
+            scorers = Scorers(settings, self.manager)
+            scoring_start = time.perf_counter()
+            for record in records:
+                _score(scorers, record)
+            scoring_seconds = round(time.perf_counter() - scoring_start, 3)
+        finally:
+            self.runner.settings = original
         doc = {
-            "eval_dir": str(eval_dir), "file": str(path), "profile": self.settings.profile,
-            "planner": self.planner,
-            "max_rounds": self.max_rounds or self.settings.budget.max_rounds,
-            "embedder": self.settings.models.embedder, "dino": self.settings.models.dino or None,
-            "generator": self.settings.models.generator, "judge": self.settings.models.judge,
-            "items": records, "aggregate": aggregate(records),
+            "eval_dir": str(eval_dir), **info, "profile": settings.profile,
+            "arms": self.arms, "baseline": BASELINE,
+            "max_rounds": self.max_rounds or settings.budget.max_rounds,
+            "metrics": [{**dataclasses.asdict(m), "column": m.column} for m in METRICS],
+            "agent_selects_with": [m.key for m in METRICS if m.agent_selects_with],
+            "scorers": scorer_names(settings),
+            "generator": settings.models.generator, "judge": settings.models.judge,
+            "items": records,
+            "summary": summarise(records, self.arms, seed=settings.eval.bootstrap_seed),
+            "per_arm": per_arm(records, self.arms),
+            "gold_retrieved": [{"index": i, "arm": arm, "path": path} for i, arm, path in seen],
             "model_loads": self.manager.load_counts(), "model_load_seconds": load_seconds,
-            "seconds": round(time.perf_counter() - start, 3),
+            "seconds": round(time.perf_counter() - start, 3), "seconds_scoring": scoring_seconds,
         }
-        if self.settings.is_tiny:
-            doc["note"] = TINY_NOTE + " The scores below are of noise and mean nothing."
+        if settings.is_tiny:
+            doc["note"] = TINY_EVAL_NOTE
         write_json_atomic(eval_dir / "eval.json", doc)
-        write_csv(eval_dir / "eval.csv", records)
+        write_csv(eval_dir / "eval.csv", doc)
         from imgrag.report import write_report
 
         write_report(eval_dir)
+        if seen:
+            index, arm, path = seen[0]
+            raise UserError(f"prompt {index + 1}, arm {arm} retrieved the gold picture {path}: this evaluation is "
+                            f"invalid (see {eval_dir / 'eval.json'}, gold_retrieved)")
         return doc
 
     def _load_models(self) -> dict[str, float]:
-        """Load every model the evaluation uses before timing anything, so the first prompt's stages do not
-        carry the loads (reported apart, in seconds per model)."""
-        names = ["generator", "judge", "embedder"] + (["llm"] if self.planner == "agent" else [])
+        """Load every model the arms use before timing anything, so the first prompt does not carry the loads
+        (reported apart, in seconds per model)."""
+        names = ["generator", "judge", "embedder"]
+        names += [m for arm in self.arms for m in ARM_MODELS.get(arm, ()) if m not in names]
+        if "llm" in names:
+            self.runner.check_llm()
         seconds = {}
         for name in names:
             start = time.perf_counter()
@@ -170,102 +363,54 @@ class Evaluation:
             seconds[name] = round(time.perf_counter() - start, 3)
         return seconds
 
-    # ----- one prompt -----
-    def _one(self, eval_dir: Path, index: int, item: dict[str, Any]) -> dict[str, Any]:
-        prompt = item["prompt"]
-        seed = self.settings.generation.seed if item.get("seed") is None else int(item["seed"])
-        record: dict[str, Any] = {"index": index, "prompt": prompt, "seed": seed, "gold": item.get("gold"),
-                                  "plain": {}, "agent": {}, "error": None}
-        self.on_event({"event": "eval_item", "index": index, "prompt": prompt})
-        plain_image = agent_image = None
-        try:
-            plain_image = self._plain(eval_dir, index, prompt, seed, record["plain"])
-        except Exception as exc:  # one broken prompt must not stop the evaluation; the error is kept
-            record["plain"]["error"] = f"{type(exc).__name__}: {exc}"
-        try:
-            agent_image = self._agent(eval_dir, index, item, seed, record["agent"])
-        except Exception as exc:
-            record["agent"]["error"] = f"{type(exc).__name__}: {exc}"
-        start = time.perf_counter()
-        try:
-            self._score_clip(record, plain_image, agent_image)
-        except Exception as exc:
-            record["error"] = f"scoring: {type(exc).__name__}: {exc}"
-        record["seconds_scoring"] = round(time.perf_counter() - start, 3)
-        errors = [e for e in (record["plain"].get("error"), record["agent"].get("error"), record["error"]) if e]
+    def _one(self, ctx: ArmContext, item: EvalItem) -> dict[str, Any]:
+        """Every arm on one item; an arm that fails is recorded and the others go on."""
+        self.on_event({"event": "eval_item", "index": item.index, "prompt": item.prompt})
+        record: dict[str, Any] = {"index": item.index, "prompt": item.prompt, "seed": item.seed,
+                                  "class": item.class_folder, "gold": item.gold, "arms": {}}
+        for arm in self.arms:
+            self.on_event({"event": "eval_arm", "index": item.index, "arm": arm})
+            try:
+                result = ARMS[arm](ctx, item)
+            except Exception as exc:  # one broken arm or prompt must not stop the evaluation; the error is kept
+                result = ArmResult(arm, error=f"{type(exc).__name__}: {exc}")
+            record["arms"][arm] = result.to_dict()
+        errors = [f"{arm}: {r['error']}" for arm, r in record["arms"].items() if r.get("error")]
         record["error"] = "; ".join(errors) or None
         return record
 
-    def _plain(self, eval_dir: Path, index: int, prompt: str, seed: int, out: dict[str, Any]) -> Any:
-        """One generator call and one judge call, timed separately."""
-        start = time.perf_counter()
-        image = self.manager.run("generator", lambda generator: generator.generate(prompt, seed=seed))
-        out["seconds_generate"] = round(time.perf_counter() - start, 3)
-        path = eval_dir / "plain" / f"{index:03d}.png"
-        from imgrag.provenance import for_drawing, save_image  # issue 18: every written picture says how
 
-        save_image(image, path, for_drawing(self.settings, prompt=prompt, seed=seed, references=None, ip_scale=None,
-                                            run_id=eval_dir.name, candidate_id=f"plain-{index:03d}"))
-        out["image"] = str(path)
-        start = time.perf_counter()
-        verdict = self.manager.run("judge", lambda judge: judge.judge(image, prompt).to_dict())
-        out["seconds_judge"] = round(time.perf_counter() - start, 3)
-        out["verdict"] = verdict
-        out["judge_match"] = bool(verdict.get("match"))
-        out["seconds"] = round(out["seconds_generate"] + out["seconds_judge"], 3)
-        return image
+def _score(scorers: Any, record: dict[str, Any]) -> None:
+    """Every arm's answer of one prompt scored into its ``scores``; a scoring failure is the prompt's error."""
+    arms = record["arms"]
+    images = {arm: r["image"] for arm, r in arms.items() if r.get("image")}
+    try:
+        scores = scorers.score(record["prompt"], images, record["gold"], {a: arms[a].get("verdict") for a in images})
+    except Exception as exc:  # a scorer that cannot load or run: the pictures are kept, the scores left empty
+        record["error"] = "; ".join(filter(None, [record.get("error"), f"scoring: {type(exc).__name__}: {exc}"]))
+        return
+    for arm, values in scores.items():
+        verdict = values.pop("verdict", None)
+        if verdict is not None:
+            arms[arm]["verdict"] = verdict
+        arms[arm]["scores"].update(values)
 
-    def _agent(self, eval_dir: Path, index: int, item: dict[str, Any], seed: int, out: dict[str, Any]) -> Any:
-        """The agent's run on the same prompt and seed; its own folder sits beside the eval folder."""
-        run_id = f"{eval_dir.name}-{index:03d}"
-        out["run_id"] = run_id
-        result = self.runner.run(item["prompt"], seed=seed, max_rounds=self.max_rounds or item.get("max_rounds"),
-                                 planner=self.planner, run_id=run_id)
-        final = next((c for c in result.get("candidates") or [] if c["id"] == result.get("final_candidate")), None)
-        by_tool = stage_seconds(RunRecord(result["run_dir"]).read_steps(), result.get("seconds"))
-        out.update(run_dir=result.get("run_dir"), status=result.get("status"), rounds=result.get("rounds"),
-                   seconds=result.get("seconds"), seconds_by_tool=by_tool, image=result.get("final_image"),
-                   judge_match=bool(((final or {}).get("verdict") or {}).get("match")),
-                   verdict=(final or {}).get("verdict"), fallback_steps=result.get("fallback_steps"))
-        if result.get("run_dir"):
-            from imgrag.report import write_report
 
-            out["report"] = str(write_report(result["run_dir"]))  # each run's own page, linked from the summary
-        return open_image(result["final_image"]) if result.get("final_image") else None
+def _limit(limit: int | None, total: int) -> int:
+    if limit is None:
+        return total
+    if limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    return limit
 
-    def _score_clip(self, record: dict[str, Any], plain: Any, agent: Any) -> None:
-        """CLIP text-image for both pictures; CLIP image-image against the gold picture when there is one."""
-        pictures = [(side, image) for side, image in (("plain", plain), ("agent", agent)) if image is not None]
-        if not pictures:
-            return
-        gold = open_image(record["gold"]) if record.get("gold") else None
-        images = [image for _, image in pictures] + ([gold] if gold else [])
-        vectors, texts = self.manager.run("embedder", lambda e: (e.embed_images(images),
-                                                                 e.embed_texts([record["prompt"]])))
-        text = texts[0]
-        for i, (side, _) in enumerate(pictures):
-            record[side]["clip_text"] = round(cosine(vectors[i], text), 4)
-            if gold is not None:
-                record[side]["clip_gold"] = round(cosine(vectors[i], vectors[-1]), 4)
 
-    def _score_dino(self, records: list[dict[str, Any]]) -> None:
-        """DINO image-image against the gold pictures, when models.dino is set (loaded once, at the end)."""
-        checkpoint = (self.settings.models.dino or "").strip()
-        todo = [r for r in records if r.get("gold")]
-        if not checkpoint or not todo:
-            return
-        if "dino" not in self.manager.names():  # a manager built without models.dino (or a test's)
-            from imgrag.engine import register_dino
+def _location(store: Any, settings: Settings) -> str:
+    return str(getattr(store, "location", None) or settings.store)
 
-            register_dino(self.manager, self.settings)
-        for record in todo:
-            sides = [s for s in ("plain", "agent") if record[s].get("image")]
-            if not sides:
-                continue
-            images = [open_image(record[s]["image"]) for s in sides] + [open_image(record["gold"])]
-            vectors = self.manager.run("dino", lambda dino, pictures: dino.embed(pictures), images)
-            for i, side in enumerate(sides):
-                record[side]["dino_gold"] = round(cosine(vectors[i], vectors[-1]), 4)
+
+def _stored_ids(store: Any) -> set[str] | None:
+    ids = getattr(store, "ids", None)
+    return set(ids()) if callable(ids) else None
 
 
 def stage_seconds(trace: list[dict[str, Any]], total: float | None) -> dict[str, float]:
@@ -285,63 +430,97 @@ def stage_seconds(trace: list[dict[str, Any]], total: float | None) -> dict[str,
 
 
 # ----------------------------------------------------------------------------------------------
-# Aggregates and files
+# Statistics and files
 # ----------------------------------------------------------------------------------------------
 
-def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
-    return round(sum(values) / len(values), 4) if values else None
+def metric_values(records: list[dict[str, Any]], arm: str, metric: str) -> list[float | None]:
+    """One arm's values of one metric, aligned with ``records`` (None where not measured)."""
+    values = []
+    for record in records:
+        value = ((record["arms"].get(arm) or {}).get("scores") or {}).get(metric)
+        values.append(float(value) if isinstance(value, (int, float)) else None)
+    return values
 
 
-def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means over the prompts that have each metric (n_<metric> says how many), and seconds per stage."""
-    agg: dict[str, Any] = {}
-    for metric in ("clip_text", "clip_gold", "dino_gold", "judge_match", "rounds", "seconds"):
-        for side in ("plain", "agent"):
-            values = [float(r[side][metric]) for r in records if r[side].get(metric) is not None]
-            mean = _mean(values)
-            if mean is not None:
-                agg[f"{side}_{metric}"] = mean
-                agg[f"n_{metric}"] = len(values)
-    # Plain generation is always one round.
-    if any(r["plain"].get("image") for r in records):
-        agg["plain_rounds"] = 1.0
-    stages = {"seconds_plain_generate": [r["plain"].get("seconds_generate") for r in records],
-              "seconds_plain_judge": [r["plain"].get("seconds_judge") for r in records],
-              "seconds_agent_total": [r["agent"].get("seconds") for r in records],
-              "seconds_scoring": [r.get("seconds_scoring") for r in records]}
-    tools = sorted({t for r in records for t in (r["agent"].get("seconds_by_tool") or {})})
-    for tool in tools:
-        stages[f"seconds_agent_{tool}"] = [(r["agent"].get("seconds_by_tool") or {}).get(tool, 0.0)
-                                           for r in records if r["agent"].get("seconds_by_tool") is not None]
-    for key, values in stages.items():
-        mean = _mean([v for v in values if v is not None])
-        if mean is not None:
-            agg[key] = mean
-    agg["errors"] = sum(1 for r in records if r.get("error"))
-    return agg
+def summarise(records: list[dict[str, Any]], arms: list[str], *, seed: int = 0) -> dict[str, Any]:
+    """Per arm and metric: the arm's mean, and for every arm but plain the paired difference against plain
+    (:func:`imgrag.paired_stats.summarise`: mean, bootstrap 95 % interval, shares improved and worsened)."""
+    from imgrag.paired_stats import summarise as paired
+
+    out: dict[str, Any] = {}
+    for arm in arms:
+        out[arm] = {}
+        for m in METRICS:
+            values = metric_values(records, arm, m.key)
+            measured = [v for v in values if v is not None]
+            entry: dict[str, Any] = {"mean": round(sum(measured) / len(measured), 4) if measured else None,
+                                     "n": len(measured)}
+            if arm != BASELINE:
+                entry["vs_plain"] = paired(m.key, arm, values, metric_values(records, BASELINE, m.key),
+                                           seed=seed).to_dict()
+            out[arm][m.key] = entry
+    return out
 
 
-def csv_row(record: dict[str, Any]) -> dict[str, Any]:
-    """One prompt's record flattened to eval.csv's columns."""
-    p, a = record["plain"], record["agent"]
-    return {
-        "index": record["index"], "prompt": record["prompt"], "seed": record["seed"], "gold": record.get("gold"),
-        "plain_image": p.get("image"), "plain_clip_text": p.get("clip_text"), "plain_clip_gold": p.get("clip_gold"),
-        "plain_dino_gold": p.get("dino_gold"), "plain_judge_match": p.get("judge_match"),
-        "plain_seconds_generate": p.get("seconds_generate"), "plain_seconds_judge": p.get("seconds_judge"),
-        "agent_run_id": a.get("run_id"), "agent_status": a.get("status"), "agent_image": a.get("image"),
-        "agent_rounds": a.get("rounds"), "agent_clip_text": a.get("clip_text"), "agent_clip_gold": a.get("clip_gold"),
-        "agent_dino_gold": a.get("dino_gold"), "agent_judge_match": a.get("judge_match"),
-        "agent_seconds": a.get("seconds"), "seconds_scoring": record.get("seconds_scoring"),
-        "error": record.get("error"),
-    }
+def per_arm(records: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
+    """Per arm: mean seconds per prompt, total model loads, mean rounds, errors."""
+    out = {}
+    for arm in arms:
+        results = [r["arms"][arm] for r in records if arm in r["arms"]]
+        seconds = [r["seconds"] for r in results if isinstance(r.get("seconds"), (int, float))]
+        rounds = [r["rounds"] for r in results if isinstance(r.get("rounds"), (int, float))]
+        loads: dict[str, int] = {}
+        for r in results:
+            for name, n in (r.get("model_loads") or {}).items():
+                loads[name] = loads.get(name, 0) + int(n)
+        out[arm] = {"seconds_per_prompt": round(sum(seconds) / len(seconds), 3) if seconds else None,
+                    "rounds": round(sum(rounds) / len(rounds), 3) if rounds else None,
+                    "model_loads": loads, "errors": sum(1 for r in results if r.get("error")),
+                    "prompts": len(results)}
+    return out
 
 
-def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
-    """eval.csv, one row per prompt (written to a temporary file, then renamed)."""
+CSV_FIXED = ["index", "prompt", "seed", "class", "arm", "status", "rounds", "seconds", "model_loads", "image",
+             "retrieved", "run_id"]
+
+
+def csv_columns() -> list[str]:
+    """eval.csv's header: the fixed columns, each metric (marked when the agent selects with it), each metric's
+    difference against plain on the same seed, and the error."""
+    return [*CSV_FIXED, *(m.column for m in METRICS), *(f"{m.key}_minus_plain" for m in METRICS), "error"]
+
+
+def csv_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per prompt and arm."""
+    rows = []
+    for record in doc["items"]:
+        plain = (record["arms"].get(BASELINE) or {}).get("scores") or {}
+        for arm, res in record["arms"].items():
+            scores = res.get("scores") or {}
+            row = {"index": record["index"], "prompt": record["prompt"], "seed": record["seed"],
+                   "class": record.get("class"), "arm": arm, "status": res.get("status"), "rounds": res.get("rounds"),
+                   "seconds": res.get("seconds"), "model_loads": sum((res.get("model_loads") or {}).values()),
+                   "image": res.get("image"), "retrieved": len(res.get("retrieved") or []),
+                   "run_id": res.get("run_id") or (Path(res["run_dir"]).name if res.get("run_dir") else None),
+                   "error": res.get("error")}
+            for m in METRICS:
+                value, base = scores.get(m.key), plain.get(m.key)
+                row[m.column] = value
+                both = isinstance(value, (int, float)) and isinstance(base, (int, float))
+                row[f"{m.key}_minus_plain"] = round(float(value) - float(base), 4) if both and arm != BASELINE \
+                    else None
+            rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, doc: dict[str, Any]) -> None:
+    """eval.csv, one row per prompt and arm (written to a temporary file, then renamed). The tiny profile's
+    note is its first line, a ``#`` comment, so no reader mistakes its numbers for a measurement."""
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        if doc.get("note"):
+            fh.write(f"# {doc['note']}\n")
+        writer = csv.DictWriter(fh, fieldnames=csv_columns())
         writer.writeheader()
-        for record in records:
-            writer.writerow({k: ("" if v is None else v) for k, v in csv_row(record).items()})
+        for row in csv_rows(doc):
+            writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                             for k, v in row.items()})

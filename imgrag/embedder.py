@@ -234,8 +234,10 @@ def _output_dim(model: Any) -> int:
         return int(visual_dim)
     import torch
 
+    # The model's own context (SigLIP's is 64, not CLIP's 77): a custom-text model keeps it on its text tower.
+    length = getattr(model, "context_length", None) or getattr(getattr(model, "text", None), "context_length", 77)
     with torch.inference_mode():
-        return int(model.encode_text(torch.zeros(1, 77, dtype=torch.long)).shape[-1])
+        return int(model.encode_text(torch.zeros(1, int(length), dtype=torch.long)).shape[-1])
 
 
 def _model_identity(name: str, pretrained: str | None) -> str:

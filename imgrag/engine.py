@@ -42,11 +42,25 @@ def build_manager(settings: Settings, *, device: str | None = None) -> ModelMana
     manager.register("embedder", lambda: _load_embedder(settings, device), reserve_gb=estimates["embedder"])
     if (settings.models.dino or "").strip():
         register_dino(manager, settings)
+    if (settings.models.siglip or "").strip():
+        register_siglip(manager, settings)
     return manager
 
 
+def register_siglip(manager: Any, settings: Settings) -> None:
+    """Register the SigLIP of ``models.siglip`` as "siglip" (``imgrag eval``'s second text-image score): an open_clip
+    model loaded by the embedder's own loader."""
+    import dataclasses
+
+    device = manager.device
+    as_embedder = dataclasses.replace(settings, models=dataclasses.replace(
+        settings.models, embedder=settings.models.siglip.strip(), embedder_pretrained=""))
+    manager.register("siglip", lambda: _load_embedder(as_embedder, device),
+                     reserve_gb=working_memory_gb(settings)["embedder"])
+
+
 def register_dino(manager: Any, settings: Settings) -> None:
-    """Register the DINOv2 scorer of ``models.dino`` as "dino" (``imgrag eval``'s image-image score)."""
+    """Register the DINO scorer of ``models.dino`` as "dino" (``imgrag eval``'s image-image score)."""
     device = manager.device
     manager.register("dino", lambda: _load_dino(settings, device), reserve_gb=working_memory_gb(settings)["embedder"])
 

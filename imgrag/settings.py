@@ -82,7 +82,11 @@ class ModelSettings:
     # open_clip name: "hf-hub:org/repo", "local-dir:/path", or "ARCH" with embedder_pretrained.
     embedder: str = "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
     embedder_pretrained: str = ""
-    dino: str = ""  # DINOv2 checkpoint for `imgrag eval`'s image-image scores (AutoModel); empty: no DINO score
+    # `imgrag eval`'s scorers, never what the agent selects with (imgrag/scorers.py); empty: that score is not taken.
+    # ImageRAG's: "facebook/dino-vits16" (DINO ViT-S/16; a DINOv2 such as "facebook/dinov2-base" also loads) and
+    # "hf-hub:timm/ViT-SO400M-14-SigLIP-384" (SigLIP, an open_clip name like embedder).
+    dino: str = ""
+    siglip: str = ""
     lcm_lora: str = "latent-consistency/lcm-lora-sdxl"  # for generation.fast = "lcm-lora" (imgrag.fast)
 
 
@@ -204,6 +208,19 @@ class SafetySettings:
 
 
 @dataclass
+class EvalSettings:
+    """`imgrag eval --classes` (agent/evaluation.py): ImageRAG's protocol on a folder per class."""
+
+    gold_per_class: Positive = 5  # real pictures each class is scored against, never retrieved
+    retrieval_per_class: Annotated[int, Field(ge=0)] = 0  # pictures indexed for retrieval; 0: all that are not gold
+    prompts_per_class: Positive = 1  # drawings per class, on seeds generation.seed, +1, ...
+    split_seed: Annotated[int, Field(ge=0)] = 0  # which pictures are gold (imgrag/class_folders.py)
+    # "{class_name}" is filled in; empty: prompts/eval_class.md ("a photo of a {class_name}", ImageRAG's).
+    prompt_template: str = ""
+    bootstrap_seed: Annotated[int, Field(ge=0)] = 0  # the paired intervals' resampling (imgrag/paired_stats.py)
+
+
+@dataclass
 class Settings:
     profile: str = "default"
     # "auto" picks cuda when present, else cpu.
@@ -226,6 +243,7 @@ class Settings:
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
     safety: SafetySettings = field(default_factory=SafetySettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
 
     @field_validator("device")
     @classmethod
@@ -261,6 +279,7 @@ class Settings:
 _SECTION_CLASSES = {
     "models": ModelSettings, "generation": GenerationSettings, "judge": JudgeSettings,
     "llm": LLMSettings, "budget": BudgetSettings, "retrieval": RetrievalSettings, "safety": SafetySettings,
+    "eval": EvalSettings,
 }
 PROFILES = ("default", "tiny")
 # Built-in presets: documented TOML files shipped in the package, named by their stem (gpu-80gb, gpu-24gb, cpu).
@@ -288,11 +307,14 @@ def _tiny_profile() -> dict[str, Any]:
             "llm": f"{kit}/qwen2.5-instruct",
             "embedder": f"local-dir:{kit}/open-clip",
             "lcm_lora": f"{kit}/lcm-lora",
+            "dino": f"{kit}/dino",
+            "siglip": f"local-dir:{kit}/siglip",
         },
         # Small enough that a CPU finishes a whole run in seconds.
         "generation": {"width": 64, "height": 64, "steps": 2, "guidance": 5.0},
         "judge": {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28, "max_new_tokens": 24},
         "llm": {"max_new_tokens": 32},
+        "eval": {"gold_per_class": 2},
     }
 
 

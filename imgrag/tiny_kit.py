@@ -16,6 +16,8 @@ Layout under ``out_dir``::
     qwen2.5-instruct/      Qwen2ForCausalLM + Qwen2.5-Instruct tokenizer (tool-calling chat template)
     open-clip/             open_clip_config.json + open_clip_model.safetensors ("local-dir:<dir>")
     lcm-lora/              like latent-consistency/lcm-lora-sdxl: pytorch_lora_weights.safetensors (PEFT LoRA keys)
+    dino/                  ViTModel + ViTImageProcessor, the layout of facebook/dino-vits16 (eval's DINO score)
+    siglip/                open_clip local-dir SigLIP (timm "map"-pooled ViT, HF tokenizer) for eval's SigLIP score
     kit.json               marker, written last: {"version", "seed", "models"}
 
 Builds are seeded and deterministic (same seed, same bytes), write only safetensors, and take a
@@ -54,6 +56,9 @@ MODEL_DIRS: dict[str, str] = {
     "llm": "qwen2.5-instruct",
     "embedder": "open-clip",
     "lcm_lora": "lcm-lora",
+    # imgrag eval's scorers (imgrag/tiny_scorers.py)
+    "dino": "dino",
+    "siglip": "siglip",
 }
 
 # IP-Adapter files, where the real h94/IP-Adapter repository keeps the SDXL ViT-H adapter.
@@ -368,6 +373,8 @@ def _build_locked(out_dir: Path, seed: int, progress: Callable[[str], None] | No
         "llm": _build_qwen_llm,
         "embedder": _build_open_clip,
         "lcm_lora": _build_lcm_lora,
+        "dino": _build_dino,
+        "siglip": _build_siglip,
     }
     paths = tiny_kit_paths(out_dir)
     with _quiet_progress_bars():
@@ -685,3 +692,15 @@ def quantise_gptq(source: Path, dest: Path, *, bits: int = 4, group_size: int = 
                    batch_size=1)
     model.save(str(dest))
     return dest
+
+
+def _build_dino(dest: Path, seed: int) -> None:
+    from imgrag.tiny_scorers import build_dino
+
+    build_dino(dest, seed)
+
+
+def _build_siglip(dest: Path, seed: int) -> None:
+    from imgrag.tiny_scorers import build_siglip
+
+    build_siglip(dest, seed)

@@ -20,10 +20,19 @@ NO_CRADLE = FakeVerdict(False, ["a wooden cradle"], "no cradle")
 MATCH = FakeVerdict(True, [], "all there")
 
 
-def make_evaluation(tmp_path: Path, verdicts: list[FakeVerdict], generator: FakeGenerator | None = None,
-                    **settings_env: str) -> tuple[Evaluation, dict]:
+class RedJudge:
+    """A match when the picture is red enough (FakeGenerator: red = 40 x seed): the same verdict for a picture
+    whichever arm, or the scoring, asks."""
+
+    def judge(self, image: Image.Image, prompt: str, **_: object) -> FakeVerdict:
+        return MATCH if image.getpixel((0, 0))[0] >= 150 else NO_CRADLE
+
+
+def make_evaluation(tmp_path: Path, verdicts: list[FakeVerdict] | None = None,
+                    generator: FakeGenerator | None = None, **settings_env: str) -> tuple[Evaluation, dict]:
     settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home"), **settings_env})
-    models = {"generator": generator or FakeGenerator(), "judge": ScriptedJudge(verdicts), "embedder": FakeEmbedder()}
+    judge = RedJudge() if verdicts is None else ScriptedJudge(verdicts)
+    models = {"generator": generator or FakeGenerator(), "judge": judge, "embedder": FakeEmbedder()}
     refs = tmp_path / "refs"
     refs.mkdir(exist_ok=True)
     runner = Runner(settings, manager=FakeManager(models), reference_store=MemoryStore(refs),
@@ -44,60 +53,61 @@ def prompt_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_eval_compares_plain_and_agent_on_the_same_seeds(tmp_path: Path, prompt_file: Path) -> None:
-    # Prompt 1: plain judged (no match), agent c0 (no match), agent c1 matches. Prompt 2: everything matches.
-    evaluation, models = make_evaluation(tmp_path, [NO_CRADLE, NO_CRADLE, MATCH, MATCH])
+def test_eval_compares_every_arm_with_plain_on_the_same_seeds(tmp_path: Path, prompt_file: Path) -> None:
+    # Prompt 1 (seed 3) is judged "no cradle" until the loop redraws on seed 4; prompt 2 (seed 5) matches at once.
+    evaluation, models = make_evaluation(tmp_path)
     doc = evaluation.run(prompt_file, limit=2)
     eval_dir = Path(doc["eval_dir"])
-    assert len(doc["items"]) == 2
+    assert len(doc["items"]) == 2 and doc["arms"] == ["plain", "imagerag", "loop-fixed"]  # --planner fixed
 
-    # The same seed for the plain picture and the agent's first drawing.
+    # Every arm's first drawing uses the prompt's seed.
     seeds = [c["seed"] for c in models["generator"].calls]
-    assert seeds[:2] == [3, 3] and 5 in seeds[2:]
+    assert seeds[0] == 3 and seeds.count(3) >= 3 and 5 in seeds
     first, second = doc["items"]
-    assert first["plain"]["judge_match"] is False and first["agent"]["judge_match"] is True
-    assert first["agent"]["status"] == "matched" and first["agent"]["rounds"] == 2
-    assert second["plain"]["judge_match"] is True and second["agent"]["rounds"] == 1
+    loop = first["arms"]["loop-fixed"]
+    assert loop["status"] == "matched" and loop["rounds"] == 2
+    assert first["arms"]["imagerag"]["status"] == "redrawn" and first["arms"]["imagerag"]["retrieved"]
+    assert second["arms"]["loop-fixed"]["rounds"] == 1
 
-    # CLIP text-image of the saved pictures against the prompt, by the run's own embedder; the agent's final
-    # picture (c1, seed 4: red 160) is redder than the plain one (seed 3: red 120), so it scores higher.
+    # CLIP text-image of the saved pictures against the prompt, by the run's own embedder.
     embedder = models["embedder"]
     text = embedder.embed_texts([first["prompt"]])[0]
-    for side in ("plain", "agent"):
-        saved = embedder.embed_images([Image.open(first[side]["image"]).convert("RGB")])[0]
-        assert first[side]["clip_text"] == pytest.approx(cosine(saved, text), abs=1e-4)
-    assert first["agent"]["clip_text"] > first["plain"]["clip_text"]
+    for arm, result in first["arms"].items():
+        saved = embedder.embed_images([Image.open(result["image"]).convert("RGB")])[0]
+        assert result["scores"]["clip_text"] == pytest.approx(cosine(saved, text), abs=1e-4), arm
+    # The loop's answer (c1, seed 4: red 160) is redder than the plain one (seed 3: red 120): it scores higher.
+    assert loop["scores"]["clip_text"] > first["arms"]["plain"]["scores"]["clip_text"]
     # Image-image against the gold picture only where there is one.
-    assert first["plain"]["clip_gold"] is not None and "clip_gold" not in second["plain"]
-    assert first["agent"]["clip_gold"] > first["plain"]["clip_gold"]  # redder, like the gold picture
+    assert "clip_gold" in first["arms"]["plain"]["scores"] and "clip_gold" not in second["arms"]["plain"]["scores"]
+    assert loop["scores"]["clip_gold"] > first["arms"]["plain"]["scores"]["clip_gold"]  # redder, like the gold
 
-    agg = doc["aggregate"]
-    assert agg["plain_judge_match"] == 0.5 and agg["agent_judge_match"] == 1.0
-    assert agg["n_clip_gold"] == 1 and agg["agent_rounds"] == 1.5 and agg["plain_rounds"] == 1.0
-    assert {"seconds_plain_generate", "seconds_plain_judge", "seconds_agent_total", "seconds_agent_generate",
-            "seconds_agent_critique", "seconds_scoring"} <= set(agg)
-    assert "dino_gold" not in json.dumps(agg)  # no DINO checkpoint configured
+    summary = doc["summary"]
+    assert summary["plain"]["judge_match"]["mean"] == 0.5 and summary["loop-fixed"]["judge_match"]["mean"] == 1.0
+    vs = summary["loop-fixed"]["judge_match"]["vs_plain"]
+    assert vs["mean_diff"] == 0.5 and vs["improved"] == 0.5 and vs["worsened"] == 0.0
+    assert summary["plain"]["clip_gold"]["n"] == 1
+    assert doc["scorers"]["dino_gold"] is None and summary["plain"]["dino_gold"]["n"] == 0  # no DINO configured
+    assert doc["agent_selects_with"] == ["clip_text", "judge_match"]
+    assert doc["per_arm"]["loop-fixed"]["rounds"] == 1.5
 
-    # Files: CSV, JSON, HTML, the plain pictures, and the agent's run folders beside the eval folder.
+    # Files: CSV (a row per prompt and arm), JSON, HTML; the loop runs' folders beside the eval folder.
     rows = list(csv.DictReader((eval_dir / "eval.csv").open()))
-    assert [r["prompt"] for r in rows] == ["a retriever and a cradle", "a rocket on a pad"]
-    assert rows[0]["plain_judge_match"] == "False" and rows[0]["agent_judge_match"] == "True"
-    assert float(rows[0]["agent_clip_text"]) == first["agent"]["clip_text"] and rows[1]["plain_clip_gold"] == ""
-    assert json.loads((eval_dir / "eval.json").read_text())["aggregate"] == agg
+    assert [(r["index"], r["arm"]) for r in rows[:3]] == [("0", "plain"), ("0", "imagerag"), ("0", "loop-fixed")]
+    assert rows[0]["judge_match (agent selects with)"] == "False" and rows[2]["judge_match (agent selects with)"] == \
+        "True"
+    assert float(rows[2]["clip_text (agent selects with)"]) == loop["scores"]["clip_text"]
+    assert rows[3]["clip_gold"] == "" and rows[0]["clip_text_minus_plain"] == ""
+    assert json.loads((eval_dir / "eval.json").read_text())["summary"] == summary
     page = (eval_dir / "report.html").read_text()
-    assert "a retriever and a cradle" in page and "Means over prompts" in page and "CLIP text-image" in page
-    assert page.count("data:image/png;base64,") >= 5  # 2 plain, 2 agent, 1 gold
-    assert (eval_dir / "plain" / "000.png").exists()
+    assert "a retriever and a cradle" in page and "paired differences" in page and "CLIP text-image" in page
+    assert page.count("data:image/png;base64,") >= 7  # 2 prompts x 3 arms, and the gold picture
     for item in doc["items"]:
-        assert (Path(item["agent"]["run_dir"]) / "result.json").exists()
-        assert Path(item["agent"]["run_dir"]).parent == eval_dir.parent
-        # Each agent run gets its own report, linked from the summary by a relative path.
-        assert Path(item["agent"]["report"]).is_file()
-        assert f'href="../{item["agent"]["run_id"]}/report.html"' in page
-    # Models load before timing: the stages are model calls only; the loads are reported apart.
-    assert set(doc["model_load_seconds"]) == {"generator", "judge", "embedder"}  # fixed planner: no LLM
-    assert first["plain"]["seconds"] == pytest.approx(first["plain"]["seconds_generate"]
-                                                      + first["plain"]["seconds_judge"], abs=2e-3)
+        run = item["arms"]["loop-fixed"]
+        assert (Path(run["run_dir"]) / "result.json").exists() and Path(run["run_dir"]).parent == eval_dir.parent
+        assert Path(run["report"]).is_file()  # each loop run gets its own report, linked from the summary
+        assert f'href="../{run["run_id"]}/report.html"' in page
+    # Models load before timing; the loads are reported apart.
+    assert set(doc["model_load_seconds"]) == {"generator", "judge", "embedder"}  # fixed arms: no LLM
 
 
 def test_eval_keeps_going_after_a_broken_prompt(tmp_path: Path, prompt_file: Path) -> None:
@@ -112,11 +122,12 @@ def test_eval_keeps_going_after_a_broken_prompt(tmp_path: Path, prompt_file: Pat
     assert len(doc["items"]) == 3
     broken = doc["items"][1]
     # The manager turns the out-of-memory error into its one-line UserError; the eval records it and goes on.
-    assert "out of GPU memory running 'generator'" in broken["error"] and broken["plain"].get("image") is None
-    assert doc["aggregate"]["errors"] == 1 and doc["items"][2]["agent"]["status"] == "matched"
+    assert "out of GPU memory running 'generator'" in broken["error"] and broken["arms"]["plain"]["image"] is None
+    assert doc["per_arm"]["plain"]["errors"] == 1 and doc["items"][2]["arms"]["loop-fixed"]["status"] == "matched"
 
 
 def test_dino_scores_when_a_checkpoint_is_configured(tmp_path: Path, prompt_file: Path) -> None:
+    """A DINOv2 folder loads through the same scorer as the kit's DINO ViT (AutoModel)."""
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
     dino = tmp_path / "dino"
@@ -127,16 +138,16 @@ def test_dino_scores_when_a_checkpoint_is_configured(tmp_path: Path, prompt_file
     evaluation, _ = make_evaluation(tmp_path, [MATCH], IMGRAG_MODELS_DINO=str(dino))
     doc = evaluation.run(prompt_file, limit=2)
     first, second = doc["items"]
-    # Each side's saved picture against the gold one, by the same checkpoint loaded here.
+    # Each arm's saved picture against the gold one, by the same checkpoint loaded here.
     from imgrag.dino import DinoScorer
 
-    pictures = [Image.open(path).convert("RGB") for path in
-                (first["plain"]["image"], first["agent"]["image"], prompt_file.parent / "gold" / "cradle.png")]
-    vectors = DinoScorer(str(dino)).embed(pictures)
-    assert first["plain"]["dino_gold"] == pytest.approx(cosine(vectors[0], vectors[2]), abs=1e-3)
-    assert first["agent"]["dino_gold"] == pytest.approx(cosine(vectors[1], vectors[2]), abs=1e-3)
-    assert "dino_gold" not in second["plain"]  # no gold picture, no score
-    assert doc["aggregate"]["n_dino_gold"] == 1 and doc["dino"] == str(dino)
+    arms = list(first["arms"])
+    pictures = [Image.open(first["arms"][a]["image"]).convert("RGB") for a in arms]
+    vectors = DinoScorer(str(dino)).embed([*pictures, Image.open(prompt_file.parent / "gold" / "cradle.png")])
+    for n, arm in enumerate(arms):
+        assert first["arms"][arm]["scores"]["dino_gold"] == pytest.approx(cosine(vectors[n], vectors[-1]), abs=1e-3)
+    assert "dino_gold" not in second["arms"]["plain"]["scores"]  # no gold picture, no score
+    assert doc["summary"]["plain"]["dino_gold"]["n"] == 1 and doc["scorers"]["dino_gold"] == str(dino)
 
 
 def test_eval_file_errors_name_the_line(tmp_path: Path) -> None:
@@ -163,7 +174,7 @@ def test_eval_command_rejects_a_bad_file_before_loading_models(tmp_path: Path) -
 
 def test_every_second_of_an_agent_run_belongs_to_a_named_stage(tmp_path: Path, prompt_file: Path) -> None:
     """An LLM that takes its time choosing each step: its seconds are a stage (plan_llm), and the stages add up
-    to the agent's seconds (the rest is the graph's overhead, named too)."""
+    to the loop's seconds (the rest is the graph's overhead, named too)."""
     import itertools
     import time
 
@@ -179,14 +190,11 @@ def test_every_second_of_an_agent_run_belongs_to_a_named_stage(tmp_path: Path, p
     evaluation, models = make_evaluation(tmp_path, [NO_CRADLE, NO_CRADLE, MATCH])
     script = [call("generate", prompt="a retriever and a cradle", seed=3), call("critique", candidate_id="c0")]
     models["llm"] = SlowLLM(messages=itertools.chain(script, itertools.repeat(AIMessage(content="Done?"))))
-    evaluation.planner = "agent"
+    evaluation.arms = ["plain", "loop-agent"]
     doc = evaluation.run(prompt_file, limit=1)
-    agent = doc["items"][0]["agent"]
-    stages = agent["seconds_by_tool"]
+    agent = doc["items"][0]["arms"]["loop-agent"]
+    stages = agent["seconds_by_stage"]
     assert stages["plan_llm"] >= 0.3  # at least two LLM turns of 0.15 s
     assert {"generate", "critique", "overhead"} <= set(stages)
     assert sum(stages.values()) == pytest.approx(agent["seconds"], abs=0.01)
-    agg = doc["aggregate"]
-    assert agg["seconds_agent_plan_llm"] == pytest.approx(stages["plan_llm"], abs=1e-3)
-    page = (Path(doc["eval_dir"]) / "report.html").read_text()
-    assert "agent_plan_llm" in page and "agent_overhead" in page
+    assert doc["per_arm"]["loop-agent"]["seconds_per_prompt"] == pytest.approx(agent["seconds"], abs=1e-3)

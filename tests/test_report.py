@@ -237,7 +237,8 @@ def _assert_inert(page: str) -> None:
     assert "script" not in parser.tags and parser.handlers == []
     assert parser.tags <= {"html", "head", "meta", "title", "style", "body", "main", "h1", "h2", "h3", "div", "span",
                            "b", "i", "p", "br", "ul", "li", "img", "figure", "figcaption", "code", "pre", "details",
-                           "summary", "table", "thead", "tbody", "tr", "th", "td", "a"}
+                           "summary", "table", "thead", "tbody", "tr", "th", "td", "a",
+                           "svg", "line", "text", "rect", "circle"}  # the eval page's plots
     assert "<script" not in page.lower() and "<img src=x" not in page
 
 
@@ -255,10 +256,14 @@ def test_markup_in_prompt_caption_and_file_names_renders_inert(tmp_path: Path) -
     _assert_inert(write_report(batch).read_text())
     ev = tmp_path / "runs" / "eval-x"
     ev.mkdir()
-    (ev / "eval.json").write_text(json.dumps({"file": HOSTILE, "planner": HOSTILE, "aggregate": {"seconds_x": 1.0},
-                                              "items": [{"index": 0, "prompt": HOSTILE, "seed": HOSTILE,
-                                                         "plain": {"error": HOSTILE},
-                                                         "agent": {"run_id": HOSTILE, "status": HOSTILE}}]}))
+    metric = {"key": "dino_gold", "title": HOSTILE, "measures": HOSTILE, "agent_selects_with": True}
+    arm = {"run_id": HOSTILE, "status": HOSTILE, "error": HOSTILE, "image": None, "scores": {"dino_gold": 0.5}}
+    (ev / "eval.json").write_text(json.dumps({
+        "source": HOSTILE, "mode": HOSTILE, "arms": ["plain", HOSTILE], "baseline": "plain", "metrics": [metric],
+        "scorers": {"dino_gold": HOSTILE}, "per_arm": {HOSTILE: {"model_loads": {HOSTILE: 1}}},
+        "summary": {HOSTILE: {"dino_gold": {"n": 1, "mean": 0.5, "vs_plain": {"mean_diff": 0.1}}}},
+        "items": [{"index": 0, "prompt": HOSTILE, "seed": HOSTILE, "class": HOSTILE, "gold": [],
+                   "arms": {"plain": {**arm, "scores": {"dino_gold": 0.4}}, HOSTILE: arm}}]}))
     _assert_inert(write_report(ev).read_text())
 
 

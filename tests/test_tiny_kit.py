@@ -16,7 +16,7 @@ from PIL import Image  # noqa: E402
 
 from imgrag import tiny_kit as kit  # noqa: E402
 
-MODEL_NAMES = ["sdxl", "ip-adapter", "qwen2.5-vl", "qwen2.5-instruct", "open-clip", "lcm-lora"]
+MODEL_NAMES = ["sdxl", "ip-adapter", "qwen2.5-vl", "qwen2.5-instruct", "open-clip", "lcm-lora", "dino", "siglip"]
 
 
 def _weights_digests(root: Path) -> dict[str, str]:
@@ -38,7 +38,7 @@ def _kit_dir(paths: dict[str, Path]) -> Path:
 def test_kit_builds_every_model_and_writes_the_marker(tiny_kit: dict[str, Path]) -> None:
     root = _kit_dir(tiny_kit)
     assert tiny_kit == kit.tiny_kit_paths(root)
-    assert set(tiny_kit) == {"generator", "ip_adapter", "judge", "llm", "embedder", "lcm_lora"}
+    assert set(tiny_kit) == {"generator", "ip_adapter", "judge", "llm", "embedder", "lcm_lora", "dino", "siglip"}
     assert all(path.is_dir() for path in tiny_kit.values())
 
     marker = json.loads((root / "kit.json").read_text())

@@ -105,6 +105,23 @@ class ReferenceStore:
         got = collection.get(ids=list(ids), include=["embeddings"])
         return {i: np.asarray(v, dtype=np.float32) for i, v in zip(got["ids"], got["embeddings"], strict=True)}
 
+    def ids(self) -> list[str]:
+        """Every stored picture's id (the content hash the indexer gives it)."""
+        collection = self._current()
+        return [] if collection is None else list(collection.get(include=[])["ids"])
+
+    def paths_of(self, ids: Sequence[str]) -> dict[str, list[str]]:
+        """Every path the store knows for each of these ids (unknown ids left out): where one picture's copies
+        are, so an exclusion of a file can cover its copies (``imgrag eval``'s gold pictures)."""
+        collection = self._current()
+        if collection is None or not ids:
+            return {}
+        got = collection.get(ids=list(ids), include=["metadatas"])
+        out = {}
+        for ref_id, meta in zip(got["ids"], got["metadatas"], strict=True):
+            out[ref_id] = sorted(_Entry.from_meta(meta).paths)
+        return out
+
     def search_text(self, embedder: SupportsEmbedding, text: str, k: int = 5) -> list[Reference]:
         """The ``k`` pictures closest to a text, best first (score: cosine similarity)."""
         self._check_embedder(embedder)

@@ -1,0 +1,224 @@
+"""The arms of ``imgrag eval``: each draws one prompt on one seed its own way and says what it retrieved.
+
+- ``plain``: one SDXL call, what a user without imgrag gets (the baseline every other arm is paired with);
+- ``imagerag``: ImageRAG's fixed single pass for SDXL (Shalev-Arkushin et al., arXiv 2502.09411, section 3):
+  draw, ask the judge whether the picture matches, and if not retrieve one reference per missing concept
+  (the prompt itself when the judge names none) and redraw once with them through the IP-Adapter; its answer is
+  the redraw, never chosen by a score;
+- ``loop-fixed`` / ``loop-agent``: imgrag's loop (:class:`agent.runner.Runner`) with the fixed policy or the LLM
+  planner, within the run budget; its answer is the loop's own choice (judge match, then CLIP text-image).
+
+Every arm leaves a run folder with ``result.json`` whose ``references`` and ``candidates`` name every picture it
+retrieved, so the evaluation can check from the records that no gold picture was seen. An arm is a function
+``(ArmContext, EvalItem) -> ArmResult`` in :data:`ARMS`; :func:`register_arm` adds one (an in-context repair
+backbone registers its arm there).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgrag.images import open_image
+from imgrag.runs import RunRecord
+from imgrag.settings import Settings
+
+
+@dataclass
+class EvalItem:
+    """One prompt of an evaluation: its text and seed, its class (class-folder mode) and gold pictures."""
+
+    index: int
+    prompt: str
+    seed: int
+    gold: list[str] = field(default_factory=list)
+    class_folder: str | None = None
+    max_rounds: int | None = None
+
+
+@dataclass
+class ArmResult:
+    """What one arm made of one item. ``image`` is its answer (None when it failed, ``error`` says why);
+    ``seconds`` its wall time; ``model_loads`` the loads it caused; ``retrieved`` every reference it was given,
+    as ``{"id", "path"}``; ``verdict`` the judge's verdict on the answer when the arm made one."""
+
+    arm: str
+    image: str | None = None
+    seconds: float | None = None
+    model_loads: dict[str, int] = field(default_factory=dict)
+    rounds: int | None = None
+    status: str | None = None
+    run_id: str | None = None
+    run_dir: str | None = None
+    report: str | None = None
+    retrieved: list[dict[str, str]] = field(default_factory=list)
+    verdict: dict[str, Any] | None = None
+    error: str | None = None
+    scores: dict[str, Any] = field(default_factory=dict)
+    seconds_by_stage: dict[str, float] = field(default_factory=dict)  # a loop run's: each tool, the planner
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ArmContext:
+    """What the arms share: the settings the runs see (gold excluded), the one model manager, the runner for the
+    loop arms, the store the single pass retrieves from, and the eval folder."""
+
+    settings: Settings
+    manager: Any
+    runner: Any
+    store: Any
+    eval_dir: Path
+    max_rounds: int | None = None
+
+
+ArmFunction = Callable[[ArmContext, EvalItem], ArmResult]
+ARMS: dict[str, ArmFunction] = {}
+# Arms and the models they need besides generator, judge and embedder (loaded before timing).
+ARM_MODELS: dict[str, tuple[str, ...]] = {}
+
+
+def register_arm(name: str, function: ArmFunction, models: tuple[str, ...] = ()) -> None:
+    """Add an arm under ``name`` (its column in eval.csv); ``models`` names the extra models it loads."""
+    ARMS[name] = function
+    ARM_MODELS[name] = models
+
+
+def run_dir_references(run_dir: str | Path) -> list[dict[str, str]]:
+    """Every picture a run was given from the store, from its ``result.json``: its ``references`` and its
+    candidates that are retrieved photos; ``[{"id", "path"}]`` (empty when the run wrote no result)."""
+    result = RunRecord(run_dir).read_result() or {}
+    seen = [{"id": str(rid), "path": str((ref or {}).get("path") or "")}
+            for rid, ref in (result.get("references") or {}).items()]
+    seen += [{"id": str(c.get("id")), "path": str(c.get("path") or "")} for c in result.get("candidates") or []
+             if c.get("source") == "retrieved"]
+    return seen
+
+
+def _loads(manager: Any, before: dict[str, int]) -> dict[str, int]:
+    after = manager.load_counts()
+    return {name: n - before.get(name, 0) for name, n in after.items() if n - before.get(name, 0)}
+
+
+def _save(ctx: ArmContext, record: RunRecord, candidate_id: str, image: Any, prompt: str, seed: int,
+          references: list[dict[str, Any]] | None, ip_scale: float | None) -> str:
+    from imgrag.provenance import for_drawing
+
+    doc = for_drawing(ctx.settings, prompt=prompt, seed=seed, references=references, ip_scale=ip_scale,
+                      run_id=record.dir.name, candidate_id=candidate_id)
+    return str(record.save_candidate(candidate_id, image, doc))
+
+
+def plain_arm(ctx: ArmContext, item: EvalItem) -> ArmResult:
+    """One generator call with the prompt and the seed; saved as ``<eval>/plain/NNN/candidates/c0.png``."""
+    out = ArmResult("plain", rounds=1, status="drawn")
+    record = RunRecord(ctx.eval_dir / "plain" / f"{item.index:03d}")
+    before, start = ctx.manager.load_counts(), time.perf_counter()
+    image = ctx.manager.run("generator", lambda g: g.generate(item.prompt, seed=item.seed))
+    out.image = _save(ctx, record, "c0", image, item.prompt, item.seed, None, None)
+    out.seconds = round(time.perf_counter() - start, 3)
+    out.model_loads = _loads(ctx.manager, before)
+    record.append_step({"tool": "generate", "args": {"prompt": item.prompt, "seed": item.seed}, "ok": True,
+                        "seconds": out.seconds})
+    record.write_result({"run_id": record.dir.name, "status": "drawn", "final_image": out.image,
+                         "candidates": [{"id": "c0", "path": out.image, "seed": item.seed, "reference_ids": []}],
+                         "references": {}, "seconds": out.seconds, "profile": ctx.settings.profile})
+    out.run_dir = str(record.dir)
+    return out
+
+
+def imagerag_arm(ctx: ArmContext, item: EvalItem) -> ArmResult:
+    """ImageRAG's single pass (see the module docstring); its trace and result in ``<eval>/imagerag/NNN/``."""
+    from agent.policy import repair_queries
+    from imgrag.engine import ManagedEmbedder
+    from imgrag.safety import excluded_by
+    from tools.budget import MAX_REFERENCES
+
+    out = ArmResult("imagerag")
+    record = RunRecord(ctx.eval_dir / "imagerag" / f"{item.index:03d}")
+    out.run_dir = str(record.dir)
+    before, start = ctx.manager.load_counts(), time.perf_counter()
+    s = ctx.settings
+    first = ctx.manager.run("generator", lambda g: g.generate(item.prompt, seed=item.seed))
+    candidates = [{"id": "c0", "path": _save(ctx, record, "c0", first, item.prompt, item.seed, None, None),
+                   "seed": item.seed, "reference_ids": [], "round": 1}]
+    record.append_step({"tool": "generate", "args": {"prompt": item.prompt, "seed": item.seed}, "ok": True})
+    verdict = ctx.manager.run("judge", lambda j: j.judge(first, item.prompt).to_dict())
+    candidates[0]["verdict"] = verdict
+    record.append_step({"tool": "critique", "args": {"candidate_id": "c0"}, "ok": True, "verdict": verdict})
+    references: dict[str, dict[str, Any]] = {}
+    final, status = candidates[0], "matched"
+    if not verdict.get("match"):
+        queries = repair_queries({"prompt": item.prompt}, verdict)[:MAX_REFERENCES]
+        found = [] if ctx.store is None or ctx.store.count() == 0 else ctx.store.retrieve(
+            ManagedEmbedder(ctx.manager), queries, k=1, rerank_lambda=0.0, min_score=s.retrieval.min_score)
+        for ref in found:  # the same exclusion as the agent's tools: gold pictures and safety.exclude
+            pattern = excluded_by(ref.path, s.safety.exclude)
+            if pattern:
+                record.append_step({"event": "safety", "tool": "retrieve", "dropped": ref.id, "path": ref.path,
+                                    "reason": f"excluded by safety.exclude {pattern!r}"})
+            else:
+                references.setdefault(ref.id, ref.to_dict())
+        chosen = list(references.values())[:MAX_REFERENCES]
+        record.append_step({"tool": "retrieve", "args": {"queries": queries, "k": 1}, "ok": True,
+                            "reference_ids": [r["id"] for r in chosen]})
+        if chosen:
+            images = [open_image(r["path"]) for r in chosen]
+            scale = s.generation.ip_scale
+            redraw = ctx.manager.run("generator", lambda g: g.generate(item.prompt, seed=item.seed, references=images,
+                                                                       ip_scale=scale))
+            final = {"id": "c1", "path": _save(ctx, record, "c1", redraw, item.prompt, item.seed, chosen, scale),
+                     "seed": item.seed, "reference_ids": [r["id"] for r in chosen], "ip_scale": scale, "round": 2}
+            candidates.append(final)
+            record.append_step({"tool": "regenerate", "args": {"reference_ids": final["reference_ids"],
+                                                               "ip_scale": scale, "seed": item.seed}, "ok": True})
+            status = "redrawn"
+        else:
+            status = "no_reference"  # nothing to redraw with: the first picture is the answer, as in ImageRAG
+    out.seconds = round(time.perf_counter() - start, 3)
+    out.model_loads = _loads(ctx.manager, before)
+    out.image, out.status, out.rounds = final["path"], status, len(candidates)
+    out.verdict = final.get("verdict")
+    out.retrieved = [{"id": r["id"], "path": r["path"]} for r in references.values()]
+    record.write_result({"run_id": record.dir.name, "status": status, "final_image": out.image,
+                         "final_candidate": final["id"], "prompt": item.prompt, "rounds": out.rounds,
+                         "candidates": candidates, "references": references, "seconds": out.seconds,
+                         "profile": s.profile})
+    return out
+
+
+def loop_arm(planner: str) -> ArmFunction:
+    """imgrag's loop with ``planner`` ("fixed" or "agent"); its run folder sits beside the eval folder."""
+
+    def arm(ctx: ArmContext, item: EvalItem) -> ArmResult:
+        from agent.evaluation import stage_seconds
+        from imgrag.report import write_report
+
+        out = ArmResult(f"loop-{planner}")
+        out.run_id = f"{ctx.eval_dir.name}-{planner}-{item.index:03d}"
+        before = ctx.manager.load_counts()
+        result = ctx.runner.run(item.prompt, seed=item.seed, max_rounds=ctx.max_rounds or item.max_rounds,
+                                planner=planner, run_id=out.run_id)
+        out.model_loads = _loads(ctx.manager, before)
+        final = next((c for c in result.get("candidates") or [] if c["id"] == result.get("final_candidate")), None)
+        out.image, out.status, out.rounds = result.get("final_image"), result.get("status"), result.get("rounds")
+        out.seconds, out.run_dir = result.get("seconds"), result.get("run_dir")
+        out.verdict = (final or {}).get("verdict")
+        if out.run_dir:
+            out.retrieved = run_dir_references(out.run_dir)
+            out.seconds_by_stage = stage_seconds(RunRecord(out.run_dir).read_steps(), out.seconds)
+            out.report = str(write_report(out.run_dir))  # each run's own page, linked from the summary
+        return out
+
+    return arm
+
+
+register_arm("plain", plain_arm)
+register_arm("imagerag", imagerag_arm)
+register_arm("loop-fixed", loop_arm("fixed"))
+register_arm("loop-agent", loop_arm("agent"), models=("llm",))
