@@ -38,10 +38,10 @@ def serve(
     except ImportError:
         raise UserError("imgrag serve needs Gradio: pip install 'imgrag[web]'") from None
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None)
-    check_port(host, port)  # a busy port is one line naming --port, before any model loads or URL is shown
     if host not in LOOPBACK:
         err.print(f"[yellow]warning:[/] serving on {host}: anyone who can reach this address can use the page, "
                   "draw on this machine and see its runs and store pictures; there is no login.", soft_wrap=True)
+    check_port(host, port)  # a busy port is one line naming --port, before any model loads or URL is shown
     prepare_models(settings)
     from agent.web import WebChat, launch
 
@@ -49,16 +49,7 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     check_port(host, port)  # again: the models took a while, another server may have started meanwhile
     out.print(f"imgrag serve · profile {settings.profile} · http://{shown}:{port}/ (Ctrl-C stops)", soft_wrap=True)
-    try:
-        launch(web, host=host, port=port, block=True)
-    except OSError as exc:  # Gradio's own message names its environment variable, not our flag
-        if "port" not in str(exc).lower():
-            raise
-        raise UserError(_busy(host, port)) from None
-
-
-def _busy(host: str, port: int) -> str:
-    return f"port {port} on {host} is already in use (another server listens there); choose another with --port N"
+    launch(web, host=host, port=port, block=True)
 
 
 def check_port(host: str, port: int) -> None:
@@ -74,6 +65,8 @@ def check_port(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise UserError(_busy(host, port)) from None
+                from agent.web import busy_port_message
+
+                raise UserError(busy_port_message(host, port)) from None
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --host and --port") from None
     return None

@@ -527,6 +527,13 @@ def launch(web: WebChat, host: str = "127.0.0.1", port: int = 7860, block: bool 
         app.launch(server_name=host, server_port=port, share=False, show_error=False, inbrowser=False,
                    allowed_paths=[str(web.output_dir)], blocked_paths=[str(db), f"{db}.locks"],
                    prevent_thread_lock=not block, quiet=True, ssr_mode=False, enable_monitoring=False, **extra)
-    except OSError as exc:
-        raise UserError(f"cannot serve on {host}:{port}: {exc}") from None
+    except OSError as exc:  # Gradio's own text names its environment variable; ours names the flag
+        busy = "port" in str(exc).lower()
+        raise UserError(busy_port_message(host, port) if busy else f"cannot serve on {host}:{port}: {exc}") from None
     return app
+
+
+def busy_port_message(host: str, port: int) -> str:
+    """The one line for a port another server holds: it names ``--port``."""
+    return (f"cannot serve on {host}:{port}: the port is already in use (another server listens there); choose "
+            "another with --port N")

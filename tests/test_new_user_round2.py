@@ -335,7 +335,7 @@ def test_serve_on_a_busy_port_names_the_flag_before_announcing_anything(tmp_path
         port = taken.getsockname()[1]
         code, out, err = run_cli(capsys, "serve", "--port", str(port), "--profile", "tiny")
     assert code == 1 and "http://" not in out
-    assert f"port {port} on 127.0.0.1 is already in use" in err and "--port" in err
+    assert f"cannot serve on 127.0.0.1:{port}: the port is already in use" in err and "--port N" in err
     assert "GRADIO_SERVER_PORT" not in err
 
 
