@@ -17,10 +17,12 @@ from imgrag.runs import write_json_atomic
 FINISHED = ("matched", "budget_exhausted")  # a batch item in one of these is never run again
 
 
-def open_batch(path: Path, output_dir: str | Path, *, resume: bool) -> tuple[Path, dict[str, Any]]:
+def open_batch(path: Path, output_dir: str | Path, *, resume: bool,
+               items: list[dict[str, Any]] | None = None) -> tuple[Path, dict[str, Any]]:
     """The batch folder and its batch.json state: the latest one of this file (same name and content) with
-    ``resume``, else a new one with every prompt pending. Raises UserError for a bad prompt file."""
-    items = read_prompt_file(path)
+    ``resume``, else a new one with every prompt pending (``items``: the file's, already read and checked).
+    Raises UserError for a bad prompt file."""
+    items = read_prompt_file(path) if items is None else items
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
     root = Path(output_dir)
     # The batch's runs live beside it under names with the same prefix: only a folder with batch.json counts.
@@ -61,9 +63,41 @@ def fail_item(item: dict[str, Any], exc: BaseException) -> None:
     item.update(status="failed", error=str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
 
 
+def _relative_to(references: Any, base: Path) -> Any:
+    """A batch line's reference paths read from the batch file's folder when they are relative."""
+    if not isinstance(references, list):
+        return references
+    out = []
+    for ref in references:
+        path = ref.get("path") if isinstance(ref, dict) else ref
+        if isinstance(path, str) and path.strip() and not Path(path).expanduser().is_absolute():
+            path = str(base.resolve() / path)
+            ref = {**ref, "path": path} if isinstance(ref, dict) else path
+        out.append(ref)
+    return out
+
+
+def check_batch_references(path: Path, items: list[dict[str, Any]], settings: Any) -> None:
+    """Every line's ``references`` checked before the first run (a missing or excluded file, a bad weight or
+    mode); one UserError naming every bad line at once, each as ``FILE:LINE: reason``."""
+    from agent.memory_guide import check_user_references
+
+    problems = []
+    for item in items:
+        if item.get("references") is None:
+            continue
+        try:
+            item["references"] = check_user_references(item["references"], settings, where=f"{path}:{item['line']}")
+        except UserError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def read_prompt_file(path: Path) -> list[dict[str, Any]]:
     """Prompts from .txt (one per line; blank lines and # comments skipped) or .jsonl objects
-    ({"prompt", "seed"?, "max_rounds"?}). Errors name the file and line."""
+    ({"prompt", "seed"?, "max_rounds"?, "references"?: [{"path", "weight"?, "mode"?}]}). Errors name the file and
+    line."""
     if not path.exists():
         raise UserError(f"{path}: no such file")
     lines = read_user_text(path, "prompt file").splitlines()
@@ -86,8 +120,10 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
                 if not isinstance(obj["seed"], int) or isinstance(obj["seed"], bool):
                     raise UserError(f"{path}:{number}: \"seed\" must be an integer")
                 check_seed(obj["seed"], f"{path}:{number}: seed")
-            items.append({"prompt": obj["prompt"].strip(), "seed": obj.get("seed"),
-                          "max_rounds": obj.get("max_rounds")})
+            item = {"prompt": obj["prompt"].strip(), "seed": obj.get("seed"), "max_rounds": obj.get("max_rounds")}
+            if obj.get("references") is not None:  # checked (files, exclusions, bounds) by check_batch_references
+                item.update(references=_relative_to(obj["references"], path.parent), line=number)
+            items.append(item)
         else:
             items.append({"prompt": line, "seed": None, "max_rounds": None})
     if not items:

@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from agent import cli_chat, cli_engine, cli_report, cli_run, cli_serve, cli_store  # noqa: F401  (they register commands)
+from agent import cli_chat, cli_engine, cli_memory, cli_report, cli_run, cli_serve, cli_store  # noqa: F401  (they register commands)
 from agent.cli_common import (
     ConfigOpt,
     JsonOpt,

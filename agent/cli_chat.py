@@ -24,11 +24,13 @@ from agent.cli_run import (
     AllowFlaggedOpt,
     AllowRetrievedOpt,
     MaxRoundsOpt,
+    NoMemoryOpt,
     OutOpt,
     PlannerOpt,
     StatusText,
     check_planner,
     gate_flags,
+    memory_flag,
     print_store,
     print_tool_line,
 )
@@ -371,6 +373,7 @@ def chat(
     fast: FastOpt = None,
     allow_retrieved: AllowRetrievedOpt = None,
     allow_flagged: AllowFlaggedOpt = None,
+    no_memory: NoMemoryOpt = False,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -384,6 +387,7 @@ def chat(
 
     check_planner(planner)
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
-                                   **{"generation.fast": fast, **gate_flags(allow_retrieved, allow_flagged)})
+                                   **{"generation.fast": fast, **gate_flags(allow_retrieved, allow_flagged),
+                                      **memory_flag(no_memory)})
     prepare_models(settings)
     ChatRepl(settings, planner, max_rounds).run(thread)

@@ -32,7 +32,9 @@ from agent.cli_common import (
 )
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
+from imgrag.provenance import file_sha256
 from imgrag.runs import ensure_writable_file
+from imgrag.steering import ReferenceSteer, parse_ref_arg
 
 # Formats Pillow writes from the file name alone.
 OUTPUT_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -57,9 +59,11 @@ def generate(
         "--from-image", metavar="PICTURE",
         help="Redraw from the provenance a picture imgrag wrote carries (prompt, seed, steps, size, references); "
              "flags given beside it override those values.")] = None,
-    ref: Annotated[list[Path] | None, typer.Option(
-        "--ref", metavar="PATH",
-        help="A reference image to guide the drawing through IP-Adapter; repeat for several.")] = None,
+    ref: Annotated[list[str] | None, typer.Option(
+        "--ref", metavar="PATH[:WEIGHT][:MODE]",
+        help="A reference image to guide the drawing through IP-Adapter; repeat for several. WEIGHT (0..2, default "
+             "1) multiplies --ip-scale for this one; MODE is both (default), style (its look only) or content (its "
+             "subject and layout only): photo.jpg:0.6:style.")] = None,
     ip_scale: Annotated[float | None, typer.Option(
         "--ip-scale", help="How strongly the references steer, 0..1 (default: generation.ip_scale).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same picture (default: generation.seed).")]
@@ -89,9 +93,10 @@ def generate(
         if profile is not None:
             err.print(f"[dim]profile {escape(profile)}, from the picture's recipe (--profile chooses another)[/]",
                       soft_wrap=True)
+    refs = None if ref is None else [parse_ref_arg(text) for text in ref]  # [(path, ReferenceSteer)]
     if from_image is not None:  # the picture's own provenance fills every value no flag gives
-        prompt, ref, seed, steps, guidance, fast, ip_scale, width, height = _from_provenance(
-            from_image, prompt, ref, seed, steps, fast, ip_scale, width, height)
+        prompt, refs, seed, steps, guidance, fast, ip_scale, width, height = _from_provenance(
+            from_image, prompt, refs, seed, steps, fast, ip_scale, width, height)
     if prompt is None:
         raise UserError("say what to draw: imgrag generate PROMPT -o OUT.png (or --from-image PICTURE)")
     if seed is not None:
@@ -106,7 +111,7 @@ def generate(
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UserError(f"{output}: the output must end in one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
     ensure_writable_file(output, "output")  # before any model loads, not after the drawing
-    references = [open_image(path) for path in ref or []]
+    references = [open_image(path) for path, _ in refs or []]
     validate_request(prompt, g.width, g.height, n_steps, g.ip_scale, references, generation=g)
     if ip_scale is not None and not references:  # a flag that would change nothing is said, not ignored
         err.print("[yellow]warning:[/] --ip-scale does nothing without --ref (it sets how strongly references "
@@ -116,6 +121,9 @@ def generate(
     too_long = prompt_length_notice(prompt)
     if too_long:
         err.print(f"[yellow]note:[/] {escape(too_long)}", soft_wrap=True)
+    steering = {"weights": [s.weight for _, s in refs], "modes": [s.mode for _, s in refs],
+                "reference_keys": [file_sha256(path) for path, _ in refs]} if refs else {}
+    entries = [{"path": path, "weight": s.weight, "mode": s.mode} for path, s in refs or []]
 
     prepare_models(settings)
     from imgrag.engine import build_manager
@@ -123,20 +131,32 @@ def generate(
     manager = build_manager(settings)
     start = time.perf_counter()
     bar = TerminalBar("drawing")  # on a pipe, nothing per step: logs stay short
-    try:
-        image = manager.run("generator", lambda generator: generator.generate(
+    encoder: dict[str, int] = {}
+
+    def draw(generator: Any) -> Any:
+        calls = generator.encoder_calls
+        picture = generator.generate(
             prompt, seed=g.seed, references=references or None, ip_scale=g.ip_scale, width=g.width,
-            height=g.height, steps=n_steps, guidance=guidance, on_step=bar, fast=plan.mode))
+            height=g.height, steps=n_steps, guidance=guidance, on_step=bar, fast=plan.mode, **steering)
+        if references:  # a reference whose embedding is cached runs no image encoder (imgrag.embed_cache)
+            encoder.update(calls=generator.encoder_calls - calls, cached=generator.last_guidance.get("cached", 0))
+        return picture
+
+    try:
+        image = manager.run("generator", draw)
     finally:
         bar.close()
     save_image(image, output, for_drawing(  # provenance in the picture, in the same atomic write
-        settings, prompt=prompt, seed=g.seed, references=[{"path": p} for p in ref or []], ip_scale=g.ip_scale,
+        settings, prompt=prompt, seed=g.seed, references=entries, ip_scale=g.ip_scale,
         steps=n_steps, guidance=guidance, fast=plan.mode))
     seconds = round(time.perf_counter() - start, 3)
     result: dict[str, Any] = {
         "output": str(output), "prompt": prompt, "seed": g.seed, "steps": n_steps, "width": g.width,
-        "height": g.height, "guidance": guidance, "fast": plan.mode, "references": [str(p) for p in ref or []],
-        "ip_scale": g.ip_scale if references else None, "seconds": seconds, "model_loads": manager.load_counts(),
+        "height": g.height, "guidance": guidance, "fast": plan.mode,
+        "references": [str(e["path"]) for e in entries],
+        "reference_steering": [{"weight": e["weight"], "mode": e["mode"]} for e in entries],
+        "ip_scale": g.ip_scale if references else None, "image_encoder": encoder or None, "seconds": seconds,
+        "model_loads": manager.load_counts(),
         "profile": settings.profile, "from_image": str(from_image) if from_image else None,
     }
     if settings.is_tiny:
@@ -150,7 +170,8 @@ def generate(
               f"in {seconds} s", markup=False)
 
 
-def _from_provenance(picture: Path, prompt: str | None, ref: list[Path] | None, seed: int | None,
+def _from_provenance(picture: Path, prompt: str | None, ref: list[tuple[Path, ReferenceSteer]] | None,
+                     seed: int | None,
                      steps: int | None, fast: str | None, ip_scale: float | None, width: int | None,
                      height: int | None) -> tuple:
     """The drawing values of ``picture``'s provenance, each replaced by the flag the user gave for it.
@@ -172,7 +193,7 @@ def _from_provenance(picture: Path, prompt: str | None, ref: list[Path] | None, 
             if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
                 raise UserError(f"{picture}: its reference {path} has changed since (sha256 differs); "
                                 "pass --ref to use it anyway")
-            ref.append(path)
+            ref.append((path, ReferenceSteer(entry.get("weight", 1.0), entry.get("mode", "both"))))
     return (doc["prompt"] if prompt is None else prompt, ref,
             doc.get("seed") if seed is None else seed, doc.get("steps") if steps is None else steps,
             doc.get("guidance") if fast is None else None, doc.get("fast") if fast is None else fast,

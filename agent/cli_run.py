@@ -64,6 +64,16 @@ def gate_flags(allow_retrieved: bool | None, allow_flagged: bool | None = None) 
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Directory for run folders (default: output_dir).")]
 
 
+NoMemoryOpt = Annotated[bool, typer.Option(
+    "--no-memory", help="Do not use or update the concept memory (which references fixed which concept in earlier "
+    "matched runs; retrieval.memory). `imgrag memory list` shows it.")]
+
+
+def memory_flag(no_memory: bool) -> dict[str, Any]:
+    """The settings override of ``--no-memory``."""
+    return {"retrieval.memory": False} if no_memory else {}
+
+
 def check_planner(planner: str) -> None:
     """--planner's value, checked before any model loads."""
     from agent.runner import PLANNERS
@@ -275,6 +285,7 @@ def run(
     fast: FastOpt = None,
     allow_retrieved: AllowRetrievedOpt = None,
     allow_flagged: AllowFlaggedOpt = None,
+    no_memory: NoMemoryOpt = False,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -307,7 +318,7 @@ def run(
     try:
         with ProgressPrinter() as progress:
             runner, settings = _make_runner(profile, config, store, out_dir, progress, fast,
-                                            gate_flags(allow_retrieved, allow_flagged))
+                                            {**gate_flags(allow_retrieved, allow_flagged), **memory_flag(no_memory)})
             if resume:
                 result = runner.resume(resume)
             else:
@@ -341,6 +352,7 @@ def batch(
     fast: FastOpt = None,
     allow_retrieved: AllowRetrievedOpt = None,
     allow_flagged: AllowFlaggedOpt = None,
+    no_memory: NoMemoryOpt = False,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     store: StoreOpt = None,
@@ -362,7 +374,7 @@ def batch(
     if ray_address is not None:
         summary, settings = _ray_batch(file, len(items), ray_address, workers, resume, planner, max_rounds,
                                        profile, config, store, out_dir, fast,
-                                       gate_flags(allow_retrieved, allow_flagged))
+                                       {**gate_flags(allow_retrieved, allow_flagged), **memory_flag(no_memory)})
     else:
         if workers is not None:
             from imgrag.errors import UserError
@@ -376,8 +388,9 @@ def batch(
         on_interrupt("prompts finished earlier are kept; continue with: " + " ".join(command))
         try:
             with ProgressPrinter() as progress:
-                runner, settings = _make_runner(profile, config, store, out_dir, progress, fast,
-                                                gate_flags(allow_retrieved, allow_flagged))
+                runner, settings = _make_runner(
+                    profile, config, store, out_dir, progress, fast,
+                    {**gate_flags(allow_retrieved, allow_flagged), **memory_flag(no_memory)})
                 summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
                                        on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
         except RunInterrupted as stop:

@@ -301,7 +301,10 @@ class Evaluation:
         from imgrag.scorers import Scorers, scorer_names
 
         original = self.runner.settings
-        self.runner.settings = settings  # the loop runs see the gold exclusion and the eval's store
+        # The loop runs see the gold exclusion and the eval's store, and no concept memory: each prompt is measured
+        # on its own, never helped by what an earlier prompt of the evaluation taught.
+        settings = dataclasses.replace(settings, retrieval=dataclasses.replace(settings.retrieval, memory=False))
+        self.runner.settings = settings
         try:
             load_seconds = self._load_models()
             ctx = ArmContext(settings, self.manager, self.runner, store, eval_dir, self.max_rounds)

@@ -140,9 +140,21 @@ def _status_summary(state: dict[str, Any]) -> str:
         if is_stale(c):
             verdict = "not critiqued against the current prompt"
         refs = f", references {c['reference_ids']} at scale {c['ip_scale']}" if c.get("reference_ids") else ""
+        steered = {rid: f"{w:g}:{(c.get('reference_modes') or {}).get(rid, 'both')}"
+                   for rid, w in (c.get("reference_weights") or {}).items()}
+        if any(v != "1:both" for v in steered.values()):
+            refs += f" (weight:mode {steered})"
+        if "memory" in (c.get("guided_by") or []):
+            refs += " (remembered references)"
         lines.append(f"- {cid}: seed {c['seed']}{refs}; clip {c['clip_score']}; {verdict}")
     if focus in (state.get("candidates") or {}):
         lines.append(f"Best so far: {focus}; continue from it.")
+    start = state.get("start_guidance") or {}
+    if start.get("reference_ids") and not state.get("candidates"):
+        about = f" for {', '.join(start['concepts'])} (concept memory: they fixed it in an earlier run)" \
+            if start.get("concepts") else ""
+        lines.append(f"Start guided: regenerate with references {start['reference_ids']}{about} "
+                     "instead of a plain first drawing.")
     refs = list((state.get("references") or {}).items())
     if refs:  # numbered as the chat's /refs numbers them, so "use the second reference" means the same here
         listed = [(n, rid, r) for n, (rid, r) in enumerate(refs, 1)][-SUMMARY_ITEMS:]
@@ -363,7 +375,9 @@ def build_graph(chat_model_name: str = "llm") -> StateGraph:
             ids = list(answer.get("reference_ids", proposed))
             approved.append({"proposed": proposed, "approved": ids})
             if ids:
-                calls.append({**call, "args": {**args, "reference_ids": ids}})
+                # Weights and modes are aligned with the proposed ids; for other ids each reference's record says.
+                kept = {k: v for k, v in args.items() if ids == proposed or k not in ("weights", "modes")}
+                calls.append({**call, "args": {**kept, "reference_ids": ids}})
             else:
                 plain = {"prompt": args.get("prompt"), "seed": args.get("seed")}
                 calls.append({**call, "name": "generate", "args": plain})
@@ -389,10 +403,13 @@ def build_graph(chat_model_name: str = "llm") -> StateGraph:
 
 
 def initial_state(prompt: str, *, seed: int, run_id: str, run_dir: str, planner: str,
-                  budget: dict[str, float], approve: bool = False, retrieval_off: str | None = None) -> dict[str, Any]:
-    """A new run's state; ``retrieval_off`` says why retrieval cannot work in it (checked when the run starts)."""
+                  budget: dict[str, float], approve: bool = False, retrieval_off: str | None = None,
+                  references: dict[str, dict] | None = None, start_guidance: dict | None = None) -> dict[str, Any]:
+    """A new run's state; ``retrieval_off`` says why retrieval cannot work in it (checked when the run starts);
+    ``references`` and ``start_guidance`` are what round 1 is guided by (agent/memory_guide.py), if anything."""
     return {"messages": [HumanMessage(prompt)], "prompt": prompt, "seed": seed, "run_id": run_id,
-            "run_dir": run_dir, "planner": planner, "budget": budget, "candidates": {}, "references": {},
+            "run_dir": run_dir, "planner": planner, "budget": budget, "candidates": {},
+            "references": dict(references or {}), "start_guidance": start_guidance,
             "retrievals": [], "rounds": 0, "tool_calls": 0, "failures": 0, "fallback_steps": 0, "seconds": 0.0,
             "finished": None, "status": None, "stop_reason": None, "final_candidate": None,
             "approve": approve, "continue_from": None, "failed_steps": [], "retrieval_off": retrieval_off}

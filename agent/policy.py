@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from imgrag.steering import mode_for_verdict, policy_weights
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES, rounds_spent
 
 # Each guided round that still misses something pushes the references harder (up to MAX_IP_SCALE).
@@ -48,6 +49,25 @@ def failed_for(state: dict[str, Any], tool: str, target: str | None, args: dict[
                for f in state.get("failed_steps") or [])
 
 
+def reference_steering(references: dict[str, dict[str, Any]], chosen: list[str],
+                       verdict: dict[str, Any] | None) -> dict[str, list]:
+    """The fixed policy's ``weights`` and ``modes`` for a guided drawing with ``chosen``.
+
+    A reference whose record carries a weight or mode (the user's, or a remembered one) keeps it. The others
+    are weighed by :func:`imgrag.steering.policy_weights` from their retrieval scores (the best one 1.0, each
+    other its score relative to the best, at least 0.5), and take the mode of the judge's verdict
+    (:func:`imgrag.steering.mode_for_verdict`: "style" when only the look is wrong, else "both")."""
+    if not chosen:
+        return {}
+    scored = [float(references.get(rid, {}).get("score") or 0.0) for rid in chosen]
+    derived = policy_weights(scored)
+    mode = mode_for_verdict(verdict)
+    weights = [float(references.get(rid, {}).get("weight", w))
+               for rid, w in zip(chosen, derived, strict=True)]
+    modes = [str(references.get(rid, {}).get("mode", mode)) for rid in chosen]
+    return {"weights": weights, "modes": modes}
+
+
 def next_step(state: dict[str, Any], base_ip_scale: float) -> tuple[str, dict[str, Any]] | None:
     """The next tool call (name, arguments), or None when the policy has nothing left to do.
 
@@ -58,6 +78,13 @@ def next_step(state: dict[str, Any], base_ip_scale: float) -> tuple[str, dict[st
     rounds = state.get("rounds", 0)
     latest = latest_candidate(state)
     if latest is None:
+        start = [rid for rid in (state.get("start_guidance") or {}).get("reference_ids") or []
+                 if rid in (state.get("references") or {})][:MAX_REFERENCES]
+        if start:  # the user's references or remembered ones (agent/memory_guide.py): round 1 is guided
+            guided = {"prompt": prompt, "reference_ids": start, "ip_scale": round(base_ip_scale, 2), "seed": seed,
+                      **reference_steering(state.get("references") or {}, start, None)}
+            if not failed_for(state, "regenerate", None, guided):
+                return "regenerate", guided
         first = {"prompt": prompt, "seed": seed}
         return None if failed_for(state, "generate", None, first) else ("generate", first)
     verdict = latest.get("verdict")
@@ -83,7 +110,8 @@ def next_step(state: dict[str, Any], base_ip_scale: float) -> tuple[str, dict[st
     next_seed = seed + rounds
     guided_so_far = sum(1 for c in (state.get("candidates") or {}).values() if c.get("reference_ids"))
     scale = min(MAX_IP_SCALE, base_ip_scale + IP_SCALE_STEP * guided_so_far)
-    guided = {"prompt": prompt, "reference_ids": chosen, "ip_scale": round(scale, 2), "seed": next_seed}
+    guided = {"prompt": prompt, "reference_ids": chosen, "ip_scale": round(scale, 2), "seed": next_seed,
+              **reference_steering(references, chosen, verdict)}
     if chosen and not failed_for(state, "regenerate", latest["id"], guided):
         return "regenerate", guided
     plain = {"prompt": prompt, "seed": next_seed}

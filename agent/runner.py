@@ -18,7 +18,15 @@ from typing import Any
 from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.checkpoint.sqlite import SqliteSaver
 
-from agent.batch import FINISHED, claim_item, fail_item, open_batch, read_prompt_file, settle_item
+from agent.batch import (
+    FINISHED,
+    check_batch_references,
+    claim_item,
+    fail_item,
+    open_batch,
+    read_prompt_file,
+    settle_item,
+)
 from agent.graph import RunContext, build_graph, initial_state, outcome
 from imgrag.checkpoints import first_line
 from imgrag.errors import ModelLoadError, UserError, check_seed
@@ -135,11 +143,17 @@ class Runner:
 
     # ----- one run -----
     def run(self, prompt: str, *, seed: int | None = None, max_rounds: int | None = None, planner: str = "agent",
-            run_id: str | None = None, approve: bool = False) -> dict[str, Any]:
+            run_id: str | None = None, approve: bool = False,
+            references: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Run one prompt to a match or the budget; return result.json's document.
 
         With ``approve`` (the chat's /approve on) the thread pauses before each regenerate: the result then
-        has ``pending`` (the interrupt's question) and is not final; answer with :meth:`continue_thread`."""
+        has ``pending`` (the interrupt's question) and is not final; answer with :meth:`continue_thread`.
+        ``references`` (``[{"path", "weight"?, "mode"?}]``, a batch line's) guide round 1; so do remembered ones
+        for the concepts the prompt names (``retrieval.memory``; see agent/memory_guide.py)."""
+        from agent.memory_guide import check_user_references
+
+        user_refs = check_user_references(references, self.settings)
         prompt = (prompt or "").strip()
         if not prompt:
             raise UserError("the prompt is empty")
@@ -160,11 +174,19 @@ class Runner:
         budget = run_budget(self.settings, max_rounds)
         census = self._store_census()  # before check_retrieval opens the store (a typo'd path reads as empty)
         retrieval_off = self.check_retrieval()
+        from agent.memory_guide import start_references
+
+        start_refs, start_guidance, memory_event = start_references(self.settings, self.manager, prompt, user_refs,
+                                                                    self.on_event)
         state = initial_state(prompt, seed=seed, run_id=run_id, run_dir=str(run_dir), planner=planner, budget=budget,
-                              approve=approve, retrieval_off=retrieval_off)
+                              approve=approve, retrieval_off=retrieval_off, references=start_refs,
+                              start_guidance=start_guidance)
         record = RunRecord(run_dir)
         record.append_step({"event": "start", "prompt": prompt, "planner": planner, "budget": budget,
-                            "seed": state["seed"], "profile": self.settings.profile})
+                            "seed": state["seed"], "profile": self.settings.profile,
+                            **({"references": user_refs} if user_refs else {})})
+        if memory_event:
+            record.append_step(memory_event)  # which remembered references guide round 1, and which did not
         self._tell_store(record, census)
         from imgrag.embedder import prompt_length_notice
 
@@ -382,6 +404,11 @@ class Runner:
             result["pending"] = [i.value for i in snapshot.interrupts]
             self.on_event({"event": "paused", "run_id": run_id})
             return result
+        from agent.memory_guide import learn_from_run
+
+        learned = learn_from_run(self.settings, {**snapshot.values, "status": result["status"]})
+        if learned:
+            record.append_step(learned)
         record.append_step({"event": "end", "status": result["status"], "final_image": result["final_image"],
                             "final_source": result["final_source"]})
         record.write_result(result)
@@ -438,8 +465,8 @@ class Runner:
             model_loads = (record.read_result() or {}).get("model_loads") or {}
         candidates = sorted((state.get("candidates") or {}).values(), key=lambda c: int(c["id"][1:]))
         final = (state.get("candidates") or {}).get(state.get("final_candidate") or "")
-        steps = [{k: s.get(k) for k in ("tool", "args", "ok", "seconds")}
-                 for s in record.read_steps() if "tool" in s and "args" in s]
+        traced = [s for s in record.read_steps() if "tool" in s and "args" in s]
+        steps = [{k: s.get(k) for k in ("tool", "args", "ok", "seconds")} for s in traced]
         result = {
             "run_id": state["run_id"],
             "status": state.get("status") or "failed",
@@ -460,6 +487,10 @@ class Runner:
             "run_dir": str(record.dir),
             "profile": self.settings.profile,
             "fast": self.settings.generation.fast,  # few-step drawing mode of this run's pictures (imgrag.fast)
+            # Forward passes of the IP-Adapter's image encoder, and references read from the embedding cache instead.
+            "image_encoder": {"calls": sum(int(s.get("image_encoder_calls") or 0) for s in traced),
+                              "cached_embeddings": sum(int(s.get("embeddings_cached") or 0) for s in traced)},
+            "start_guidance": state.get("start_guidance"),
         }
         result.update(_what_happened(state, candidates, final, record))
         if self.settings.is_tiny:
@@ -471,7 +502,9 @@ class Runner:
               max_rounds: int | None = None, on_item: Callable[[dict], None] | None = None) -> dict[str, Any]:
         """Run every prompt of a .txt (one a line) or .jsonl file; resumable, one failure never stops the rest."""
         path = Path(path)
-        batch_dir, state = open_batch(path, self.settings.output_dir, resume=resume)
+        items = read_prompt_file(path)
+        check_batch_references(path, items, self.settings)  # every bad line named at once, before any run
+        batch_dir, state = open_batch(path, self.settings.output_dir, resume=resume, items=items)
         start = time.perf_counter()
         if resume and (batch_dir / "summary.json").exists() and all(
                 item["status"] in FINISHED for item in state["items"]):
@@ -488,7 +521,7 @@ class Runner:
                     claim_item(batch_dir, state, item)
                     result = self.run(item["prompt"], seed=item.get("seed"),
                                       max_rounds=max_rounds or item.get("max_rounds"), planner=planner,
-                                      run_id=item["run_id"])
+                                      run_id=item["run_id"], references=item.get("references"))
                 settle_item(item, result)
             except KeyboardInterrupt as exc:
                 # Kept as interrupted with its run id: the next --resume continues it from its checkpoint.

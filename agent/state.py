@@ -45,6 +45,8 @@ class AgentState(TypedDict, total=False):
     finished: Annotated[dict | None, first_finish]  # set by the finish tool: {candidate_id, reason}
     failed_steps: Annotated[list[dict], operator.add]  # {tool, args, error} of every call that failed
     retrieval_off: str | None  # why retrieval cannot work in this run (checked once at its start), or None
+    # References round 1 is drawn with (a batch line's own, remembered ones): {reference_ids, concepts, source}.
+    start_guidance: dict | None
     status: str | None  # matched | budget_exhausted | failed, once the run ends; interrupted: a request cut off
     stop_reason: str | None
     final_candidate: str | None

@@ -130,6 +130,10 @@ def _load_generator(settings: Settings, device: str, manager: ModelManager | Non
     from imgrag.generator import Generator
 
     generator = Generator.from_pretrained(settings, device, place=False)
+    if settings.generation.embed_cache:
+        from imgrag.embed_cache import EmbeddingCache, cache_folder
+
+        generator.embed_cache = EmbeddingCache(cache_folder(settings))
     if manager is not None:
         # The IP-Adapter and its image encoder load straight onto the pipeline's device: make room for them first.
         generator.before_adapter_load = lambda gib: manager.make_room("generator", gib)

@@ -41,6 +41,7 @@ from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed
 from imgrag.fast import FastSwitch, draw_plan
 from imgrag.model_files import generator_variant, is_local_ref
 from imgrag.settings import MAX_IP_SCALE, Settings
+from imgrag.steering import ReferenceSteer, check_mode, check_weight, instantstyle_scale
 
 
 class NonFiniteDrawingError(UserError):
@@ -64,6 +65,12 @@ class Generator:
         # Called with the adapter's GiB before it loads onto the pipeline's device (the engine asks the model
         # manager to make room: diffusers puts the adapter and its image encoder straight onto that device).
         self.before_adapter_load: Callable[[float], None] | None = None
+        # Reference embeddings kept across drawings and processes (imgrag.embed_cache); None: encode every time.
+        self.embed_cache: Any = None
+        self.encoder_calls = 0  # forward passes of the adapter's image encoder (a hook counts them; see below)
+        self.last_guidance: dict[str, Any] = {}  # what the latest guided drawing did: encoded, cached, scales
+        self._encoder_ids: dict[str, str] = {}  # encoder identity per device type (imgrag.embed_cache)
+        self._mode_scales: dict[str, dict[str, float]] = {}  # per-processor scale of each mode (imgrag.steering)
         pipe.set_progress_bar_config(disable=True)  # the command line draws its own bar from on_step
 
     @classmethod
@@ -108,7 +115,12 @@ class Generator:
         with loading("IP-Adapter", self.settings.models.ip_adapter, IP_ADAPTER_EXPECTED):
             self.pipe.load_ip_adapter(a.ref, subfolder=a.subfolder, weight_name=a.weight,
                                       image_encoder_folder=a.image_encoder)
+        # Counting the encoder's real forward passes is how a cached drawing shows it ran none.
+        self.pipe.image_encoder.register_forward_pre_hook(self._count_encoder_call)
         self.adapter_loaded = True
+
+    def _count_encoder_call(self, module: Any, inputs: Any) -> None:
+        self.encoder_calls += 1
 
     def adapter_size_gb(self) -> float:
         """GiB the IP-Adapter and its image encoder will take in the pipeline's dtype, read from the safetensors
@@ -138,8 +150,17 @@ class Generator:
         on_step: Callable[[int, int], None] | None = None,
         deadline: float | None = None,
         fast: str | None = None,
+        weights: list[float] | None = None,
+        modes: list[str] | None = None,
+        reference_keys: list[str | None] | None = None,
     ) -> Image.Image:
         """Draw one picture; with ``references``, guided by all of them through the one adapter.
+
+        ``weights`` (0..2 each, default 1) and ``modes`` ("both", "style", "content"; default "both") are aligned
+        with ``references``: each reference is attended on its own and added at ``ip_scale x weight`` in the UNet
+        blocks its mode selects (:mod:`imgrag.steering`). ``reference_keys`` are the references' content hashes
+        (sha256 of the file): with an :attr:`embed_cache`, a reference whose embedding is cached for this encoder
+        is not encoded again (:mod:`imgrag.embed_cache`); the picture is the same either way, byte for byte.
 
         Same arguments and seed on the same device give the same picture. ``on_step(done, total)`` is
         called after every denoising step. ``deadline`` (a ``time.monotonic()`` instant) stops the
@@ -158,14 +179,22 @@ class Generator:
         guidance = plan.guidance if guidance is None else guidance
         ip_scale = g.ip_scale if ip_scale is None else ip_scale
         validate_request(prompt, width, height, steps, ip_scale, references, generation=g)
+        steers = reference_steers(len(references or []), weights, modes)
+        if reference_keys is not None and len(reference_keys) != len(references or []):
+            raise UserError(f"{len(reference_keys)} reference keys for {len(references or [])} references")
         seed = check_seed(seed)
 
         self.fast.apply(plan.mode)
         kwargs: dict[str, Any] = {}
         if references:
             self.load_ip_adapter()
-            self.pipe.set_ip_adapter_scale(ip_scale)
-            kwargs["ip_adapter_image"] = [list(references)]  # one adapter, several images: [[r1, r2]]
+            # One adapter, several images ([[r1, r2]]), each attended on its own at its own scale: diffusers'
+            # per-image path, entered through an all-ones mask per image (see imgrag.steering for why).
+            embeds = self._reference_embeds(list(references), reference_keys, self._cfg(guidance))
+            kwargs["ip_adapter_image_embeds"] = [embeds]
+            self._set_reference_scales(ip_scale, steers)
+            kwargs["cross_attention_kwargs"] = {
+                "ip_adapter_masks": [torch.ones(1, len(references), height // 8, width // 8)]}
         elif self.adapter_loaded:
             self.pipe.set_ip_adapter_scale(0.0)
             kwargs["ip_adapter_image_embeds"] = [self._zero_image_embeds(guidance)]
@@ -251,6 +280,78 @@ class Generator:
             latents = latents / config.scaling_factor
         return vae.decode(latents, return_dict=False)[0]
 
+    def _cfg(self, guidance: float) -> bool:
+        """Whether this drawing runs classifier-free guidance (so image embeddings come in negative+positive)."""
+        return guidance > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+
+    def _hidden_states_adapter(self) -> bool:
+        """A "plus" adapter reads the encoder's hidden states, a plain one its projected embedding (as diffusers'
+        ``prepare_ip_adapter_image_embeds`` decides)."""
+        from diffusers.models.embeddings import ImageProjection
+
+        layers = self.pipe.unet.encoder_hid_proj.image_projection_layers
+        return not isinstance(layers[0], ImageProjection)
+
+    def encoder_identity(self) -> str:
+        """The loaded image encoder's identity for the embedding cache (:func:`imgrag.embed_cache.encoder_identity`),
+        computed once per device type."""
+        from imgrag.embed_cache import encoder_identity
+
+        kind = self.pipe.device.type
+        if kind not in self._encoder_ids:
+            self._encoder_ids[kind] = encoder_identity(self.pipe, self._hidden_states_adapter())
+        return self._encoder_ids[kind]
+
+    def _reference_embeds(self, images: list[Image.Image], keys: list[str | None] | None, cfg: bool) -> Any:
+        """``ip_adapter_image_embeds``' one entry for these references: [2 if cfg else 1, n, ...] (negative half
+        first, as diffusers' ``prepare_ip_adapter_image_embeds`` lays it out). Each reference is encoded alone
+        (so a cached one and a fresh one are the same tensor), or read from :attr:`embed_cache`."""
+        import torch
+
+        cache = self.embed_cache
+        identity = self.encoder_identity() if cache is not None else ""
+        hidden = self._hidden_states_adapter()
+        dtype = next(self.pipe.image_encoder.parameters()).dtype
+        conds, unconds, encoded, cached = [], [], 0, 0
+        for image, key in zip(images, keys or [None] * len(images), strict=True):
+            found = cache.get(identity, key) if cache is not None and key else None
+            if found is None:
+                with torch.no_grad():
+                    cond, uncond = self.pipe.encode_image(image, self.pipe.device, 1, hidden)
+                cond, uncond = cond[0], uncond[0]
+                encoded += 1
+                if cache is not None and key:
+                    cache.put(identity, key, cond, uncond)
+            else:
+                cond, uncond = found
+                cached += 1
+            conds.append(cond.to(self.pipe.device, dtype))
+            unconds.append(uncond.to(self.pipe.device, dtype))
+        self.last_guidance = {"references": len(images), "encoded": encoded, "cached": cached}
+        positive = torch.stack(conds)[None]
+        return torch.cat([torch.stack(unconds)[None], positive]) if cfg else positive
+
+    def mode_scales(self, mode: str) -> dict[str, float]:
+        """Per attention processor name, the factor ``mode`` gives it: diffusers' ``set_ip_adapter_scale`` expands
+        the InstantStyle dict (:func:`imgrag.steering.instantstyle_scale`) and the processors' scales are read."""
+        if mode not in self._mode_scales:
+            self.pipe.set_ip_adapter_scale(instantstyle_scale(self.pipe.unet.config, mode))
+            self._mode_scales[mode] = {name: float(proc.scale[0])
+                                       for name, proc in self.pipe.unet.attn_processors.items()
+                                       if isinstance(getattr(proc, "scale", None), list)}
+        return self._mode_scales[mode]
+
+    def _set_reference_scales(self, ip_scale: float, steers: list[ReferenceSteer]) -> None:
+        """Give every IP-Adapter attention processor one scale per reference: ``ip_scale x weight x`` the mode's
+        factor for that processor (0 outside the blocks a style or content mode keeps)."""
+        factors = [self.mode_scales(s.mode) for s in steers]
+        for name, proc in self.pipe.unet.attn_processors.items():
+            if name in factors[0]:
+                proc.scale = [[ip_scale * s.weight * f[name]
+                               for s, f in zip(steers, factors, strict=True)]]
+        self.last_guidance["scales"] = [round(ip_scale * s.weight, 4) for s in steers]
+        self.last_guidance["modes"] = [s.mode for s in steers]
+
     def _zero_image_embeds(self, guidance: float) -> Any:
         """All-zero image embeddings in the exact shape the pipeline expects for this adapter.
 
@@ -260,7 +361,7 @@ class Generator:
         """
         import torch
 
-        cfg = guidance > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+        cfg = self._cfg(guidance)
         if cfg not in self._zero_embeds:
             blank = Image.new("RGB", (224, 224))
             embeds = self.pipe.prepare_ip_adapter_image_embeds(
@@ -268,6 +369,17 @@ class Generator:
                 num_images_per_prompt=1, do_classifier_free_guidance=cfg)
             self._zero_embeds[cfg] = torch.zeros_like(embeds[0])
         return self._zero_embeds[cfg].to(self.pipe.device)
+
+
+def reference_steers(count: int, weights: list[float] | None, modes: list[str] | None) -> list[ReferenceSteer]:
+    """One :class:`~imgrag.steering.ReferenceSteer` per reference from the aligned lists (None: 1.0, "both");
+    a UserError when a list's length or a value is wrong."""
+    for name, values in (("weights", weights), ("modes", modes)):
+        if values is not None and len(values) != count:
+            raise UserError(f"{len(values)} {name} for {count} references: give one per reference")
+    return [ReferenceSteer(check_weight(1.0 if weights is None else weights[i], "a reference's weight"),
+                           check_mode("both" if modes is None else modes[i], "a reference's mode"))
+            for i in range(count)]
 
 
 def _adapter_present(settings: Settings) -> bool:

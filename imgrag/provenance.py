@@ -63,10 +63,11 @@ def absolute_path(path: str | Path) -> str:
 
 def reference_entries(references: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``[{"path", "id", "sha256"}]`` for references given as dicts with a ``path`` (and a store ``id`` when
-    they came from the store). The path is stored absolute and resolved (:func:`absolute_path`); the hash is of
-    the file's bytes as they are now, when the picture is drawn."""
-    return [{"path": absolute_path(ref["path"]), "id": ref.get("id"), "sha256": file_sha256(ref["path"])}
-            for ref in references]
+    they came from the store), plus ``weight`` and ``mode`` (imgrag.steering) where the reference has them. The
+    path is stored absolute and resolved (:func:`absolute_path`); the hash is of the file's bytes as they are now,
+    when the picture is drawn."""
+    return [{"path": absolute_path(ref["path"]), "id": ref.get("id"), "sha256": file_sha256(ref["path"]),
+             **{k: ref[k] for k in ("weight", "mode") if ref.get(k) is not None}} for ref in references]
 
 
 def recipe_profile(picture: str | Path) -> str | None:
@@ -111,6 +112,9 @@ def parameters_line(doc: dict[str, Any]) -> str:
     if doc.get("references"):
         pairs.append(f"IP-Adapter scale: {doc.get('ip_scale')}")
         pairs.append("References: " + " ".join(r["path"] for r in doc["references"]))
+        if any(r.get("weight", 1.0) != 1.0 or r.get("mode", "both") != "both" for r in doc["references"]):
+            pairs.append("Reference steering: " + " ".join(
+                f"{r.get('weight', 1.0):g}:{r.get('mode', 'both')}" for r in doc["references"]))
     if doc.get("fast") not in (None, "off"):
         pairs.append(f"Fast: {doc['fast']}")
     pairs.append(f"Version: imgrag {doc.get('imgrag_version')}")

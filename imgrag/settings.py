@@ -107,6 +107,9 @@ class GenerationSettings:
     # The largest side and step count a drawing may ask for (see DEFAULT_MAX_SIDE); raise them to draw past them.
     max_side: Positive = DEFAULT_MAX_SIDE
     max_steps: Positive = DEFAULT_MAX_STEPS
+    # Keep the IP-Adapter image encoder's embedding of each reference (imgrag/embed_cache.py): a reference used again
+    # is not encoded again. Stored beside the store (ip_embeds/), keyed by content hash and encoder identity.
+    embed_cache: bool = True
 
     @field_validator("width", "height")
     @classmethod
@@ -185,6 +188,11 @@ class RetrievalSettings:
     # judge critiques, and a matched photo may be the run's answer. Off by default: a run draws (--allow-retrieved).
     allow_retrieved: bool = False
     photo_candidates: Annotated[int, Field(ge=1, le=8)] = 2  # how many of the best matches are considered
+    # Concept memory (imgrag/store/memory.py): which references fixed which concept in a matched run, kept in the
+    # store's folder; a later prompt naming the concept starts guided by them (the fixed policy's round 1).
+    memory: bool = True
+    # A remembered reference guides round 1 only when CLIP's cosine of it and the concept passes this.
+    memory_min_score: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.2
 
 
 # What the safety gate (imgrag/safety.py) checks for by default: written as CLIP captions.

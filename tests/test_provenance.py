@@ -104,7 +104,8 @@ def test_generate_writes_provenance_and_from_image_redraws_the_same_picture(tiny
     assert code == 0, err
     doc = read_provenance(first)
     assert (doc["prompt"], doc["seed"], doc["steps"], doc["ip_scale"]) == ("a red kettle", 11, 2, 0.7)
-    assert doc["references"] == [{"path": str(ref), "id": None, "sha256": file_sha256(ref)}]
+    assert doc["references"] == [{"path": str(ref), "id": None, "sha256": file_sha256(ref), "weight": 1.0,
+                                  "mode": "both"}]
 
     again = tmp_path / "again.png"
     code, out, err = _run(capsys, "generate", "--from-image", str(first), "-o", str(again), "--json")

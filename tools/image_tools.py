@@ -22,8 +22,9 @@ from imgrag.checkpoints import first_line
 from imgrag.engine import ManagedEmbedder
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
-from imgrag.provenance import for_drawing
+from imgrag.provenance import file_sha256, for_drawing
 from imgrag.runs import is_disk_full
+from imgrag.steering import MAX_WEIGHT, MODES
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES
 from tools.context import ToolContext
 from tools.safety_gate import check_output, screen_drawing_references, screen_references
@@ -170,32 +171,71 @@ def _check_seed(state: dict, seed: Any) -> int:
 
 
 def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seed: int, references: list[dict],
-          ip_scale: float | None):
+          ip_scale: float | None, steers: dict[str, tuple[float, str]] | None = None):
     """Draw one candidate, score it with CLIP against the user's prompt, save it; return the candidate record.
 
-    The score is always measured against ``state["prompt"]`` (what the user asked for), never the text the
-    LLM chose to draw, so every candidate of a run is measured with one yardstick."""
+    ``steers`` maps a reference id to its (weight, mode) (:mod:`imgrag.steering`); a reference not in it steers
+    at 1.0, "both". The score is always measured against ``state["prompt"]`` (what the user asked for), never the
+    text the LLM chose to draw, so every candidate of a run is measured with one yardstick."""
     images = [open_image(ref["path"]) for ref in references]
     references, images = screen_drawing_references(ctx, references, images)  # issue 18: the safety gate
     candidate_id = ctx.allocate_candidate_id(state.get("candidates") or {})
+    steers = steers or {}
+    references = [{**ref, "weight": steers.get(ref["id"], (1.0, "both"))[0],
+                   "mode": steers.get(ref["id"], (1.0, "both"))[1]} for ref in references]
+    keys = [file_sha256(ref["path"]) for ref in references]  # the embedding cache's key: the file's content
 
     def on_step(step: int, total: int) -> None:
         ctx.on_event({"event": "denoise", "step": step, "total": total})
 
+    def draw(generator: Any) -> tuple[Any, dict[str, Any]]:
+        calls = getattr(generator, "encoder_calls", 0)
+        steering = {"weights": [r["weight"] for r in references], "modes": [r["mode"] for r in references],
+                    "reference_keys": keys} if references else {}
+        picture = generator.generate(prompt, seed=seed, references=images or None, ip_scale=ip_scale,
+                                     on_step=on_step, **steering, **limit)
+        guidance = dict(getattr(generator, "last_guidance", {}) or {}) if references else {}
+        return picture, {"image_encoder_calls": getattr(generator, "encoder_calls", 0) - calls,
+                         "embeddings_cached": int(guidance.get("cached", 0))} if references else {}
+
     # Model calls run on the device's model thread (imgrag.manager), not in this tool's thread.
     limit = {"deadline": ctx.deadline} if ctx.deadline is not None else {}
-    image = ctx.manager.run("generator", lambda generator: generator.generate(
-        prompt, seed=seed, references=images or None, ip_scale=ip_scale, on_step=on_step, **limit))
+    image, encoder = ctx.manager.run("generator", draw)
     image_vector = ctx.manager.run("embedder", lambda embedder: embedder.embed_images([image]))
     clip_score = ctx.manager.run("embedder", lambda embedder: float(
         (image_vector @ embedder.embed_texts([state["prompt"]]).T)[0, 0]))
     provenance = for_drawing(ctx.settings, prompt=prompt, seed=seed, references=references, ip_scale=ip_scale,
                              run_id=ctx.record.dir.name, candidate_id=candidate_id)  # issue 18: provenance hook
     path = ctx.record.save_candidate(candidate_id, image, provenance)
+    steering = {"reference_weights": {r["id"]: r["weight"] for r in references},
+                "reference_modes": {r["id"]: r["mode"] for r in references},
+                "guided_by": sorted({r.get("source") or "retrieved" for r in references}),
+                "encoder": encoder} if references else {}
     return {"id": candidate_id, "path": str(path), "prompt": prompt, "seed": seed,
             "reference_ids": [ref["id"] for ref in references], "ip_scale": ip_scale if references else None,
-            "round": round_no, "clip_score": round(clip_score, 4), "verdict": None,
+            "round": round_no, "clip_score": round(clip_score, 4), "verdict": None, **steering,
             **check_output(ctx, image_vector[0])}  # issue 18: flagged outputs are kept, never the answer
+
+
+def _steers(ids: list[str], known: dict[str, dict], weights: Any, modes: Any) -> dict[str, tuple[float, str]]:
+    """(weight, mode) per reference id: the call's lists (aligned with ``ids``), else what the reference's record
+    says (a weight the user gave, a remembered one), else 1.0 and "both"; a ToolArgumentError for a bad value."""
+    for name, values in (("weights", weights), ("modes", modes)):
+        if values is not None and (not isinstance(values, list) or len(values) != len(ids)):
+            raise ToolArgumentError(f"{name} must be a list with one entry per reference id ({len(ids)}), got "
+                                    f"{values!r}")
+    steers = {}
+    for n, rid in enumerate(ids):
+        record = known.get(rid) or {}
+        weight = weights[n] if weights is not None else record.get("weight", 1.0)
+        mode = modes[n] if modes is not None else record.get("mode", "both")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= MAX_WEIGHT:
+            raise ToolArgumentError(f"the weight of {rid} must be a number between 0 and {MAX_WEIGHT:g}, got "
+                                    f"{weight!r}")
+        if mode not in MODES:
+            raise ToolArgumentError(f"the mode of {rid} must be one of {', '.join(MODES)}, got {mode!r}")
+        steers[rid] = (float(weight), str(mode))
+    return steers
 
 
 def _short(text: str, limit: int = MAX_CAPTION_CHARS) -> str:
@@ -330,12 +370,21 @@ def make_tools() -> list[BaseTool]:
         reference_ids: list[str],
         ip_scale: float | None = None,
         seed: int | None = None,
+        weights: list[float] | None = None,
+        modes: list[str] | None = None,
         *,
         runtime: ToolRuntime[Any, dict],
     ) -> Command:
         """Draw again guided by reference photos (IP-Adapter). reference_ids come from retrieve; ip_scale
-        (0..1, default from settings) sets how strongly the references steer the picture. Returns a candidate_id."""
+        (0..1, default from settings) sets how strongly the references steer the picture. Optional, one per
+        reference id in the same order: weights (0..2, default 1; 2 = that reference steers twice as strongly)
+        and modes ("both" = subject and look, "style" = only its look, "content" = only its subject and layout).
+        Returns a candidate_id."""
         args = {"prompt": prompt, "reference_ids": reference_ids, "ip_scale": ip_scale, "seed": seed}
+        if weights is not None:
+            args["weights"] = weights
+        if modes is not None:
+            args["modes"] = modes
         ctx: ToolContext = runtime.context
         state, tool_call_id = runtime.state, runtime.tool_call_id
 
@@ -354,8 +403,10 @@ def make_tools() -> list[BaseTool]:
             if not 0.0 <= scale <= MAX_IP_SCALE:
                 raise ToolArgumentError(f"ip_scale must be between 0 and {MAX_IP_SCALE:g}, got {ip_scale}")
             draw_seed = _check_seed(state, seed)
-            candidate = _draw(ctx, state, round_no, text, draw_seed, [known[i] for i in ids], scale)
-            return _describe(candidate), {"candidates": {candidate["id"]: candidate}, "rounds": 1}
+            steers = _steers(ids, known, weights, modes)
+            candidate = _draw(ctx, state, round_no, text, draw_seed, [known[i] for i in ids], scale, steers)
+            return (_describe(candidate), {"candidates": {candidate["id"]: candidate}, "rounds": 1},
+                    {**candidate.get("encoder", {}), "guided_by": candidate.get("guided_by")})
 
         return _run(ctx, "regenerate", args, tool_call_id, state, body, draws=True)
 

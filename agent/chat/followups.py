@@ -39,6 +39,15 @@ _REF_NOUN = r"(?:references?|refs?)(?:\s+(?:photos?|images?|pictures?))?"
 _USE_REFS = re.compile(
     rf"\buse\s+(?:only\s+)?(?:the\s+)?(?P<ords>{_ORD}(?:{_SEP}{_ORD})*)\s+{_REF_NOUN}{_ENDS}"
     rf"|\buse\s+(?:only\s+)?(?:the\s+)?{_REF_NOUN}\s+(?:#)?(?P<nums>\d+(?:{_SEP}#?\d+)*)\b", re.I)
+# "use the second reference more strongly", "... less strongly", "... at weight 1.5", "... for its style only":
+# a reference's weight or mode (imgrag.steering) for this request's guided drawings, which then use it.
+_STEER_REF = re.compile(
+    rf"\buse\s+(?:the\s+)?(?:(?P<ord>{_ORD})\s+{_REF_NOUN}|{_REF_NOUN}\s+#?(?P<num>\d+))\s+"
+    r"(?:(?P<much>much\s+)?(?P<more>more|less)\s+(?:strongly|heavily|weakly)"
+    r"|(?:with|at)\s+(?:a\s+)?weight\s+(?:of\s+)?(?P<weight>\d*\.?\d+)"
+    r"|(?:only\s+)?for\s+(?:its\s+)?(?P<mode>style|look|content|subject|layout)(?:\s+only)?)"
+    rf"{_ENDS}", re.I)
+STRONGER, WEAKER = 1.5, 0.5  # "more strongly" multiplies the weight by 1.5 ("much more": 2), "less" by 0.5 (0.25)
 _GO_ON = re.compile(r"\b(?:(?:try|go|draw(?:\s+it)?|do\s+it)\s+again|keep\s+going|go\s+on|continue)\b", re.I)
 _FILLER = {"and", "then", "please", "also", "just", "now", "ok", "okay", "try", "give", "it", "me", "with", "but",
            "so", "more", "the", "again", "thanks", "thank", "you"}
@@ -53,6 +62,8 @@ class FollowUp:
     rounds: int | None = None
     picks: list[int] = field(default_factory=list)  # /refs numbers, 1-based; -1 is the last
     prompt: str | None = None  # the whole new prompt, rewritten by the LLM (replaces the old one); None: unchanged
+    # /refs number -> {"factor": x} (more/less strongly), {"weight": w} or {"mode": m}: see _STEER_REF
+    steer: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 def _ordinal(word: str) -> int:
@@ -79,6 +90,8 @@ def parse_followup(text: str) -> FollowUp:
         n = (match.group("n") or "one").lower()
         result.rounds = int(n) if n.isdigit() else _NUMBERS[n]
     rest = _MORE_ROUNDS.sub(" ", rest)
+    result.steer = parse_steering(rest)
+    rest = _STEER_REF.sub(" ", rest)
     for match in _USE_REFS.finditer(rest):
         if match.group("ords"):
             result.picks += [_ordinal(w) for w in re.findall(_ORD, match.group("ords"), flags=re.I)]
@@ -89,6 +102,43 @@ def parse_followup(text: str) -> FollowUp:
     if any(w.lower() not in _FILLER for w in words):
         result.refinement = _trim(rest) or None
     return result
+
+
+def parse_steering(text: str) -> dict[int, dict[str, Any]]:
+    """The reference steering a message asks for, by /refs number (see :data:`_STEER_REF`)."""
+    steer: dict[int, dict[str, Any]] = {}
+    for match in _STEER_REF.finditer(text):
+        number = _ordinal(match.group("ord")) if match.group("ord") else int(match.group("num"))
+        how = steer.setdefault(number, {})
+        if match.group("more"):
+            stronger = match.group("more").lower() == "more" and "weakly" not in match.group(0).lower()
+            factor = STRONGER if stronger else WEAKER
+            how["factor"] = factor ** 2 if match.group("much") else factor
+        elif match.group("weight"):
+            how["weight"] = float(match.group("weight"))
+        else:
+            how["mode"] = "style" if match.group("mode").lower() in ("style", "look") else "content"
+    return steer
+
+
+def steer_records(steer: dict[int, dict[str, Any]], references: dict[str, dict],
+                  resolve: Any) -> dict[str, dict]:
+    """The thread's reference records with the steering applied (``resolve(number) -> id``; it raises a
+    UserError for a number the thread does not have); a weight out of 0..2 is a UserError."""
+    from imgrag.steering import MAX_WEIGHT, check_weight
+
+    changed = {}
+    for number, how in steer.items():
+        rid = resolve(str(number))
+        record = dict(references[rid])
+        if "factor" in how:
+            record["weight"] = round(min(MAX_WEIGHT, float(record.get("weight", 1.0)) * how["factor"]), 3)
+        if "weight" in how:
+            record["weight"] = check_weight(how["weight"], f"the weight of reference {number}")
+        if "mode" in how:
+            record["mode"] = how["mode"]
+        changed[rid] = record
+    return changed
 
 
 MAX_FOLLOWUP_ROUNDS = 20

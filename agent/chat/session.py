@@ -23,7 +23,14 @@ from typing import Any
 from langgraph.types import Command
 
 from agent.chat.commands import check_reference_count, reference_number, resolve_reference
-from agent.chat.followups import FollowUp, follow_up_update, parse_followup, read_followup_with_llm
+from agent.chat.followups import (
+    FollowUp,
+    follow_up_update,
+    parse_followup,
+    parse_steering,
+    read_followup_with_llm,
+    steer_records,
+)
 from agent.chat.threads import THREAD_PREFIX, list_threads, requests_of, thread_ids
 from agent.graph import best_candidate, is_stale, outcome
 from agent.runner import PLANNERS, Runner
@@ -154,8 +161,11 @@ class ChatSession:
         values = self.values()
         references = values.get("references") or {}
         followup = self._read_followup(values["prompt"], text, references)
-        picks = check_reference_count(list(dict.fromkeys(resolve_reference(str(p), references)
-                                                         for p in followup.picks)))
+        # "use the second reference more strongly": read by the rules whoever read the rest of the message
+        steer = followup.steer or parse_steering(text)
+        steered = steer_records(steer, references, lambda n: resolve_reference(n, references))
+        picks = check_reference_count(list(dict.fromkeys(
+            [resolve_reference(str(p), references) for p in followup.picks] + list(steered))))
         rounds = self._check_rounds(followup.rounds or self.rounds)
         update = follow_up_update(values, text, followup, rounds=rounds, budget=self.settings.budget,
                                   approve=self.approve or bool(picks), planner=self.planner)
@@ -165,6 +175,11 @@ class ChatSession:
             self._note(f"prompt: {update['prompt']}")
         if followup.rounds:
             self._note(f"{rounds} more round(s) for this request")
+        if steered:
+            update["references"] = steered  # merged into the thread's records: the drawings read weight and mode
+            self._note("reference steering: " + ", ".join(
+                f"{reference_number(references, rid)} weight {r.get('weight', 1.0):g}, {r.get('mode', 'both')}"
+                for rid, r in steered.items()))
         if picks:
             self._note("guided drawings of this request use reference " + ", ".join(
                 f"{reference_number(references, p)} ({p})" for p in picks))

@@ -1,0 +1,185 @@
+"""Concept memory: which references fixed which concept, so the next prompt naming it starts guided.
+
+When a run ends matched and its answer was drawn guided by references, each of those references is remembered
+under the concept it was retrieved for (its query: the judge's missing phrase, or the prompt), with the run id and
+the judge's reason. A later run whose prompt names a remembered concept may draw its first round guided by the
+remembered references instead of drawing plain, being judged, and retrieving again (:mod:`agent.memory_guide`).
+
+Wrong memories cannot stick: a remembered reference that guided a drawing the judge did not match is demoted (its
+``mismatches`` count grows); one with at least as many mismatches as matches is not used again until a later match
+with it promotes it back. ``imgrag memory list`` shows the entries, ``imgrag memory forget CONCEPT`` drops one.
+
+Format: one JSON document, ``concept_memory.json``, in the store's folder (``<output_dir>`` for a Chroma server),
+validated by a pydantic schema when read (it is a file a user or another program can edit: an invalid one is a
+one-line error, never a traceback) and written atomically under a file lock, so two processes never lose an update.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from imgrag.errors import UserError
+from imgrag.runs import write_json_atomic
+
+FILE_NAME = "concept_memory.json"
+SCHEMA = "imgrag.memory/1"
+MAX_REFERENCES_PER_CONCEPT = 8  # the best-kept ones; older, weaker entries make room
+
+
+class RememberedReference(BaseModel):
+    """One reference remembered for a concept: where it is, its content hash, how it steered, its record."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    store_id: str | None = None
+    caption: str = ""
+    weight: float = Field(default=1.0, ge=0.0, le=2.0)
+    mode: Literal["both", "style", "content"] = "both"
+    matches: int = Field(default=1, ge=0)
+    mismatches: int = Field(default=0, ge=0)
+    run_ids: list[str] = Field(default_factory=list)  # the latest few runs that matched with it
+    reason: str = ""  # the judge's reason in the latest matched run
+    updated: float = 0.0  # unix seconds
+
+    @property
+    def demoted(self) -> bool:
+        """Not used to guide: it led to as many mismatches as matches (or more)."""
+        return self.mismatches >= self.matches
+
+
+class ConceptEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    concept: str
+    references: list[RememberedReference] = Field(default_factory=list)
+
+
+class MemoryFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_: Literal["imgrag.memory/1"] = Field(default=SCHEMA, alias="schema")
+    concepts: dict[str, ConceptEntry] = Field(default_factory=dict)
+
+
+def concept_key(concept: str) -> str:
+    """The key a concept is kept under: lower case, words only (``"The wooden cradle!"`` -> ``"the wooden
+    cradle"``)."""
+    return " ".join(re.findall(r"[\w]+", concept.lower()))
+
+
+_ARTICLES = {"a", "an", "the", "some", "photo", "of", "picture"}
+
+
+def names_concept(text: str, concept: str) -> bool:
+    """Whether ``text`` (a prompt, a judge's missing phrase) names ``concept``: every word of the concept other
+    than articles ("a", "the", "a photo of") appears in the text as a whole word."""
+    words = [w for w in concept_key(concept).split() if w not in _ARTICLES]
+    have = set(concept_key(text).split())
+    return bool(words) and all(w in have for w in words)
+
+
+def memory_folder(settings: Any) -> Path:
+    """The folder the memory file lives in: a local store's folder, or ``output_dir`` for a Chroma server."""
+    store = str(settings.store)
+    if store.startswith(("http://", "https://")):
+        return Path(settings.output_dir)
+    return Path(store).expanduser()
+
+
+class ConceptMemory:
+    """The memory file of one store (see the module docstring)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / FILE_NAME
+
+    @classmethod
+    def for_settings(cls, settings: Any) -> ConceptMemory:
+        return cls(memory_folder(settings))
+
+    def read(self) -> MemoryFile:
+        """The file's content (empty when there is none); a UserError of one line when it is not valid."""
+        if not self.path.is_file():
+            return MemoryFile()
+        try:
+            return MemoryFile.model_validate(json.loads(self.path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValidationError) as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            raise UserError(f"{self.path}: not a valid concept memory ({first}); fix it or delete the file "
+                            "(`imgrag memory forget --all`)") from None
+
+    @contextmanager
+    def _editing(self) -> Iterator[MemoryFile]:
+        from filelock import FileLock
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path) + ".lock", timeout=30):
+            doc = self.read()
+            yield doc
+            write_json_atomic(self.path, doc.model_dump(by_alias=True))
+
+    def entries(self) -> list[ConceptEntry]:
+        """Every remembered concept, in the order they were first remembered."""
+        return list(self.read().concepts.values())
+
+    def recall(self, text: str) -> list[tuple[ConceptEntry, list[RememberedReference]]]:
+        """The concepts ``text`` names (:func:`names_concept`), each with its references that are not demoted,
+        the most matched first."""
+        found = []
+        for entry in self.read().concepts.values():
+            if names_concept(text, entry.concept):
+                usable = sorted((r for r in entry.references if not r.demoted),
+                                key=lambda r: (r.mismatches - r.matches, -r.updated))
+                if usable:
+                    found.append((entry, usable))
+        return found
+
+    def remember(self, concept: str, reference: dict[str, Any], *, run_id: str, reason: str = "") -> None:
+        """Record that ``reference`` (a dict with ``path``, ``sha256`` and optionally ``id``, ``caption``,
+        ``weight``, ``mode``) guided a matched answer for ``concept``: a new entry, or one more match."""
+        key = concept_key(concept)
+        if not key or not reference.get("sha256"):
+            return
+        now = time.time()
+        with self._editing() as doc:
+            entry = doc.concepts.setdefault(key, ConceptEntry(concept=concept.strip()))
+            known = next((r for r in entry.references if r.sha256 == reference["sha256"]), None)
+            if known is None:
+                entry.references.append(RememberedReference(
+                    path=str(reference["path"]), sha256=reference["sha256"], store_id=reference.get("id"),
+                    caption=str(reference.get("caption") or "")[:300], weight=float(reference.get("weight", 1.0)),
+                    mode=reference.get("mode", "both"), run_ids=[run_id], reason=reason[:300], updated=now))
+            else:
+                known.matches += 1
+                known.path, known.updated, known.reason = str(reference["path"]), now, reason[:300]
+                known.run_ids = [*known.run_ids, run_id][-5:]
+            entry.references.sort(key=lambda r: (r.mismatches - r.matches, -r.updated))
+            del entry.references[MAX_REFERENCES_PER_CONCEPT:]
+
+    def demote(self, concept: str, sha256: str) -> bool:
+        """Count a mismatch against a remembered reference of ``concept``; True when there was one to demote."""
+        key = concept_key(concept)
+        with self._editing() as doc:
+            entry = doc.concepts.get(key)
+            known = next((r for r in entry.references if r.sha256 == sha256), None) if entry else None
+            if known is None:
+                return False
+            known.mismatches += 1
+            known.updated = time.time()
+            return True
+
+    def forget(self, concept: str | None) -> int:
+        """Drop one concept (None: all of them); how many concepts were dropped."""
+        with self._editing() as doc:
+            if concept is None:
+                dropped = len(doc.concepts)
+                doc.concepts.clear()
+                return dropped
+            return 1 if doc.concepts.pop(concept_key(concept), None) is not None else 0

@@ -1,0 +1,158 @@
+"""Concept memory and references given per prompt, through the real runner with a scripted judge: a matched
+guided run is remembered, the next prompt naming the concept starts guided, a demoted memory is not used."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from agent.chat.followups import parse_followup, steer_records
+from agent.graph import _status_summary
+from agent.runner import Runner, open_checkpointer
+from imgrag.errors import UserError
+from imgrag.settings import load_settings
+from imgrag.store.memory import ConceptMemory, names_concept
+from tests.cli import run_cli
+from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, FakeVerdict, MemoryStore, ScriptedJudge
+
+NO_CRADLE = FakeVerdict(False, ["a wooden cradle"], "no cradle")
+MATCH = FakeVerdict(True, [], "all there")
+
+
+def _settings(**overrides):
+    return load_settings("default", environ={"IMGRAG_HOME": os.environ["IMGRAG_HOME"]}, overrides=overrides)
+
+
+def _runner(settings, tmp_path: Path, verdicts, generator=None) -> Runner:
+    models = {"generator": generator or FakeGenerator(), "judge": ScriptedJudge(verdicts), "embedder": FakeEmbedder()}
+    refs = tmp_path / "refs"
+    refs.mkdir(exist_ok=True)
+    return Runner(settings, manager=FakeManager(models), reference_store=MemoryStore(refs),
+                  checkpointer=open_checkpointer(tmp_path / "threads.sqlite"))
+
+
+def _tools(result: dict) -> list[str]:
+    return [s["tool"] for s in result["steps"]]
+
+
+def _trace(result: dict) -> list[dict]:
+    return [json.loads(line) for line in (Path(result["run_dir"]) / "trace.jsonl").read_text().splitlines()]
+
+
+def test_memory_makes_the_next_run_start_guided_and_a_demoted_one_is_not_used(tmp_path: Path, capsys) -> None:
+    settings = _settings()
+    first = _runner(settings, tmp_path, [NO_CRADLE, MATCH]).run("a retriever and a cradle", planner="fixed",
+                                                                  max_rounds=3)
+    assert first["status"] == "matched" and _tools(first)[:3] == ["generate", "critique", "retrieve"]
+    assert any(s.get("event") == "memory_update" and s["remembered"] for s in _trace(first))
+    memory = ConceptMemory.for_settings(settings)
+    [entry] = memory.entries()
+    assert entry.concept == "a wooden cradle" and entry.references[0].path.endswith("cradle.png")
+
+    # A prompt naming the concept: round 1 is drawn with the remembered reference, and matches in one round.
+    generator = FakeGenerator()
+    second = _runner(settings, tmp_path, [MATCH], generator).run("a wooden cradle by the window", planner="fixed")
+    assert _tools(second) == ["regenerate", "critique"] and second["rounds"] == 1
+    assert generator.calls[0]["references"] == 1
+    assert second["candidates"][0]["guided_by"] == ["memory"]
+    trace = _trace(second)
+    assert any(s.get("event") == "memory" and s["concepts"] == ["a wooden cradle"] for s in trace)
+    assert [s.get("guided_by") for s in trace if s.get("tool") == "regenerate"] == [["memory"]]
+    assert memory.entries()[0].references[0].matches == 2
+
+    # --no-memory (retrieval.memory = false): neither used nor updated.
+    off = _runner(_settings(retrieval={"memory": False}), tmp_path, [MATCH]).run("a wooden cradle", planner="fixed")
+    assert _tools(off) == ["generate", "critique"]
+
+    # Two mismatches with it demote it (2 matches, 2 mismatches); a demoted memory guides nothing.
+    for _ in range(2):
+        miss = _runner(settings, tmp_path, [NO_CRADLE]).run("a wooden cradle", planner="fixed", max_rounds=1)
+        assert _tools(miss)[0] == "regenerate"
+    assert memory.entries()[0].references[0].demoted
+    after = _runner(settings, tmp_path, [MATCH]).run("a wooden cradle", planner="fixed")
+    assert _tools(after) == ["generate", "critique"]
+
+    code, out, err = run_cli(capsys, "memory", "list", "--json")
+    assert code == 0, err
+    listed = json.loads(out)["concepts"]
+    assert listed[0]["concept"] == "a wooden cradle" and listed[0]["references"][0]["demoted"] is True
+    code, out, err = run_cli(capsys, "memory", "forget", "A wooden cradle")
+    assert code == 0, err
+    assert memory.entries() == []
+    code, _, err = run_cli(capsys, "memory", "forget", "a kettle")
+    assert code == 1 and "no remembered concept" in err and "Traceback" not in err
+
+
+def test_a_remembered_reference_below_the_threshold_is_not_used(tmp_path: Path) -> None:
+    settings = _settings(retrieval={"memory_min_score": 0.99})  # the fake CLIP scores about 0.8-0.96
+    _runner(settings, tmp_path, [NO_CRADLE, MATCH]).run("a retriever and a cradle", planner="fixed", max_rounds=3)
+    again = _runner(settings, tmp_path, [MATCH]).run("a wooden cradle", planner="fixed")
+    assert _tools(again)[0] == "generate"
+    [event] = [s for s in _trace(again) if s.get("event") == "memory"]
+    assert event["reference_ids"] == [] and event["considered"][0]["skipped"].startswith("below")
+
+
+def test_batch_lines_carry_references_with_weights(tmp_path: Path) -> None:
+    settings = _settings()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (12, 12), (200, 20, 20)).save(photos / "kettle.png")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a red kettle", "references": [
+        {"path": "photos/kettle.png", "weight": 0.6, "mode": "style"}]}) + "\n" +
+        json.dumps({"prompt": "a plain heron"}) + "\n", encoding="utf-8")
+    generator = FakeGenerator()
+    runner = _runner(settings, tmp_path, [MATCH], generator)
+    summary = runner.batch(prompts, planner="fixed")
+    assert [i["status"] for i in summary["items"]] == ["matched", "matched"], summary["items"]
+    first, second = (json.loads((Path(summary["batch_dir"]).parent / i["run_id"] / "result.json").read_text())
+                     for i in summary["items"])
+    assert _tools(first) == ["regenerate", "critique"] and _tools(second) == ["generate", "critique"]
+    [candidate] = first["candidates"]
+    rid = candidate["reference_ids"][0]
+    assert candidate["reference_weights"] == {rid: 0.6} and candidate["reference_modes"] == {rid: "style"}
+    assert first["steps"][0]["args"]["weights"] == [0.6] and first["start_guidance"]["source"] == "user"
+    assert first["references"][rid]["path"] == str((photos / "kettle.png").resolve())
+
+
+def test_bad_batch_references_are_named_line_by_line_before_any_run(tmp_path: Path) -> None:
+    photos = tmp_path / "private"
+    photos.mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "me.png")
+    settings = _settings(safety={"exclude": [str(photos)]})
+    prompts = tmp_path / "bad.jsonl"
+    prompts.write_text("\n".join(json.dumps(line) for line in (
+        {"prompt": "fine"},
+        {"prompt": "a", "references": [{"path": "missing.png"}]},
+        {"prompt": "b", "references": [{"path": str(photos / "me.png")}]},
+        {"prompt": "c", "references": [{"path": str(photos / "me.png"), "weight": 5}]},
+    )) + "\n", encoding="utf-8")
+    generator = FakeGenerator()
+    with pytest.raises(UserError) as caught:
+        _runner(settings, tmp_path, [MATCH], generator).batch(prompts, planner="fixed")
+    message = str(caught.value)
+    assert f"{prompts}:2:" in message and "missing.png" in message
+    assert f"{prompts}:3:" in message and "safety.exclude" in message
+    assert f"{prompts}:4:" in message and "\n" not in message
+    assert generator.calls == []
+
+
+def test_the_agent_sees_the_start_guidance_and_the_chat_reads_steering() -> None:
+    state = {"budget": {"max_rounds": 3, "max_tool_calls": 20}, "candidates": {},
+             "references": {"mem-1": {"query": "a wooden cradle"}},
+             "start_guidance": {"reference_ids": ["mem-1"], "concepts": ["a wooden cradle"], "source": "memory"}}
+    assert "Start guided: regenerate with references ['mem-1'] for a wooden cradle (concept memory" \
+        in _status_summary(state)
+    followup = parse_followup("use the second reference more strongly and make it blue")
+    assert followup.steer == {2: {"factor": 1.5}} and followup.refinement == "make it blue"
+    assert parse_followup("use the first reference for its style only").steer == {1: {"mode": "style"}}
+    assert parse_followup("use reference 3 at weight 0.4").steer == {3: {"weight": 0.4}}
+    refs = {"a": {"weight": 1.0}, "b": {"weight": 1.6}}
+    changed = steer_records({2: {"factor": 1.5}}, refs, lambda n: list(refs)[int(n) - 1])
+    assert changed == {"b": {"weight": 2.0}}  # capped at 2
+    assert names_concept("A wooden Cradle by the window", "a wooden cradle")
+    assert not names_concept("a wooden chair", "a wooden cradle")
