@@ -71,8 +71,16 @@ def test_memory_makes_the_next_run_start_guided_and_a_demoted_one_is_not_used(tm
     off = _runner(_settings(retrieval={"memory": False}), tmp_path, [MATCH]).run("a wooden cradle", planner="fixed")
     assert _tools(off) == ["generate", "critique"]
 
-    # Two mismatches with it demote it (2 matches, 2 mismatches); a demoted memory guides nothing.
-    for _ in range(2):
+    # The judge naming a remembered concept: the repair's retrieval brings the remembered reference too.
+    third = _runner(settings, tmp_path, [NO_CRADLE, MATCH]).run("a retriever and a cradle", planner="fixed",
+                                                                  max_rounds=3)
+    [retrieved] = [s for s in _trace(third) if s.get("tool") == "retrieve"]
+    assert retrieved["remembered"] and retrieved["remembered"][0] in third["candidates"][1]["reference_ids"]
+
+    # As many mismatches as matches demote it; a demoted memory guides nothing.
+    matches = memory.entries()[0].references[0].matches
+    assert matches == 3
+    for _ in range(matches):
         miss = _runner(settings, tmp_path, [NO_CRADLE]).run("a wooden cradle", planner="fixed", max_rounds=1)
         assert _tools(miss)[0] == "regenerate"
     assert memory.entries()[0].references[0].demoted
@@ -163,3 +171,19 @@ def test_the_agent_sees_the_start_guidance_and_the_chat_reads_steering() -> None
     assert changed == {"b": {"weight": 2.0}}  # capped at 2
     assert names_concept("A wooden Cradle by the window", "a wooden cradle")
     assert not names_concept("a wooden chair", "a wooden cradle")
+
+
+def test_the_chat_steers_a_reference_for_the_next_drawings(tmp_path: Path) -> None:
+    from agent.chat.session import ChatSession
+
+    settings = _settings(retrieval={"memory": False})
+    runner = _runner(settings, tmp_path, [FakeVerdict(False, ["a wooden cradle", "a retriever"], "neither")])
+    session = ChatSession(runner, rounds=2, planner="fixed")
+    first = session.send("a retriever and a cradle")
+    assert first["candidates"][-1]["reference_ids"] == ["ref-cradle", "ref-retriever"]
+    result = session.send("use the second reference more strongly")
+    assert result["prompt"] == "a retriever and a cradle"  # a directive, not a change of the picture
+    later = result["candidates"][2:]
+    assert later and all(c["reference_ids"] == ["ref-retriever"] for c in later)
+    assert all(c["reference_weights"] == {"ref-retriever": 1.5} for c in later), [(c["reference_ids"], c.get("reference_weights")) for c in later]
+    assert session.values()["references"]["ref-retriever"]["weight"] == 1.5
