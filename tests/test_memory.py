@@ -185,5 +185,5 @@ def test_the_chat_steers_a_reference_for_the_next_drawings(tmp_path: Path) -> No
     assert result["prompt"] == "a retriever and a cradle"  # a directive, not a change of the picture
     later = result["candidates"][2:]
     assert later and all(c["reference_ids"] == ["ref-retriever"] for c in later)
-    assert all(c["reference_weights"] == {"ref-retriever": 1.5} for c in later), [(c["reference_ids"], c.get("reference_weights")) for c in later]
+    assert all(c["reference_weights"] == {"ref-retriever": 1.5} for c in later)
     assert session.values()["references"]["ref-retriever"]["weight"] == 1.5
