@@ -187,3 +187,18 @@ def test_the_chat_steers_a_reference_for_the_next_drawings(tmp_path: Path) -> No
     assert later and all(c["reference_ids"] == ["ref-retriever"] for c in later)
     assert all(c["reference_weights"] == {"ref-retriever": 1.5} for c in later)
     assert session.values()["references"]["ref-retriever"]["weight"] == 1.5
+
+
+def test_a_run_restarted_from_its_trace_keeps_its_references(tmp_path: Path) -> None:
+    from imgrag.runs import RunRecord
+
+    settings = _settings()
+    picture = tmp_path / "kettle.png"
+    Image.new("RGB", (12, 12), (200, 20, 20)).save(picture)
+    record = RunRecord(Path(settings.output_dir) / "killed-early")  # killed before its first checkpoint
+    record.append_step({"event": "start", "prompt": "a red kettle", "planner": "fixed", "seed": 0,
+                        "budget": {"max_rounds": 2, "max_tool_calls": 20, "max_seconds": 600.0},
+                        "references": [{"path": str(picture), "weight": 0.7, "mode": "content"}]})
+    result = _runner(settings, tmp_path, [MATCH]).resume("killed-early")
+    assert _tools(result) == ["regenerate", "critique"]
+    assert list(result["candidates"][0]["reference_weights"].values()) == [0.7]
