@@ -342,7 +342,8 @@ def run(
 @app.command()
 def batch(
     file: Annotated[
-        Path, typer.Argument(help='.txt (one prompt a line) or .jsonl ({"prompt", "seed", "max_rounds"}).')
+        Path, typer.Argument(help='.txt (one prompt a line) or .jsonl ({"prompt", "seed", "max_rounds", "references": '
+                    '[{"path", "weight", "mode"}]}; references guide the prompt\'s first round).')
     ],
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest batch of this file; finished "
                                          "prompts are skipped.")] = False,

@@ -294,8 +294,15 @@ class Runner:
         start = next((s for s in record.read_steps() if s.get("event") == "start"), None)
         if start is None:
             raise UserError(f"no run with thread id {run_id!r} in {self.settings.threads_db}")
+        from agent.memory_guide import check_user_references, start_references
+
+        # The references round 1 was to be guided by: the run's own (as its start line recorded them), and the
+        # memory's as it stands now.
+        user_refs = check_user_references(start.get("references"), self.settings)
+        start_refs, start_guidance, _ = start_references(self.settings, self.manager, start["prompt"], user_refs)
         state = initial_state(start["prompt"], seed=start["seed"], run_id=run_id, run_dir=str(record.dir),
-                              planner=start["planner"], budget=start["budget"], approve=False)
+                              planner=start["planner"], budget=start["budget"], approve=False,
+                              references=start_refs, start_guidance=start_guidance)
         record.append_step({"event": "restart", "reason": "no checkpoint was written before the run stopped"})
         return self._drive(state, run_id, record, state)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from langchain_core.messages import ToolMessage
@@ -217,6 +218,29 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seed: int, 
             **check_output(ctx, image_vector[0])}  # issue 18: flagged outputs are kept, never the answer
 
 
+MAX_REMEMBERED = 2  # remembered references a retrieval adds per call, before the store's own results
+
+
+def _remembered(ctx: ToolContext, embedder: Any, queries: list[str]) -> dict[str, dict]:
+    """References the concept memory holds for concepts these queries name (imgrag/store/memory.py), as records
+    marked ``source: "memory"``; none when ``retrieval.memory`` is off. A memory that cannot be read costs only
+    itself: the store's results still come."""
+    r = ctx.settings.retrieval
+    if not r.memory:
+        return {}
+    from imgrag.store.memory import ConceptMemory, recall_references
+
+    memory = ConceptMemory.for_settings(ctx.settings)
+    found: dict[str, dict] = {}
+    try:
+        for query in queries:
+            got, _ = recall_references(memory, query, embedder, r.memory_min_score, MAX_REMEMBERED - len(found))
+            found.update(got)
+    except UserError:
+        return {}
+    return found
+
+
 def _steers(ids: list[str], known: dict[str, dict], weights: Any, modes: Any) -> dict[str, tuple[float, str]]:
     """(weight, mode) per reference id: the call's lists (aligned with ``ids``), else what the reference's record
     says (a weight the user gave, a remembered one), else 1.0 and "both"; a ToolArgumentError for a bad value."""
@@ -346,21 +370,30 @@ def make_tools() -> list[BaseTool]:
             matched = len(found)
             found = screen_references(ctx, store, embedder, found, "retrieve")  # issue 18: the safety gate
             refs = {ref.id: ref.to_dict() for ref in found}
+            remembered = _remembered(ctx, embedder, cleaned)
+            paths = {str(Path(ref["path"]).resolve()) for ref in remembered.values()}  # one picture, one record
+            refs = {**remembered, **{rid: ref for rid, ref in refs.items()
+                                     if rid not in remembered and str(Path(ref["path"]).resolve()) not in paths}}
+            known = state.get("references") or {}
+            for rid, ref in refs.items():  # a weight or mode the user gave this reference survives its retrieval
+                ref.update({k: known[rid][k] for k in ("weight", "mode", "source") if k in (known.get(rid) or {})})
             # Recorded even when empty, so the planner knows this repair was tried.
             candidates = state.get("candidates") or {}
             repairing = avoid_candidate_id or max(candidates, key=lambda c: int(c[1:]), default=None)
             retrieval = {"for": repairing, "queries": cleaned, "reference_ids": list(refs)}
             # Captions are cut short: indexed captions run to 2,000 characters, and every one stays in the thread.
             listing = [{"reference_id": ref["id"], "caption": _short(ref.get("caption") or ""),
-                        "query": ref.get("query"), "score": round(float(ref["score"]), 4)} for ref in refs.values()]
-            if empty_store:
+                        "query": ref.get("query"), "score": round(float(ref["score"]), 4),
+                        **({"remembered": True} if ref.get("source") == "memory" else {})} for ref in refs.values()]
+            if empty_store and not remembered:
                 text = "The reference store is empty (the user can add images with `imgrag index`); draw without."
             elif not listing and matched:  # found, then dropped: other queries would meet the same gate
                 text = (f"{matched} reference(s) matched but the safety gate dropped them all (excluded by "
                         "safety.exclude, or flagged as unsafe); draw without references or try other queries.")
             else:
                 text = json.dumps(listing) if listing else "No reference matched these queries; try broader ones."
-            return text, {"references": refs, "retrievals": [retrieval]}
+            return text, {"references": refs, "retrievals": [retrieval]}, (
+                {"remembered": list(remembered)} if remembered else {})
 
         return _run(ctx, "retrieve", args, tool_call_id, state, body)
 
