@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from imgrag.errors import UserError, check_seed
+from imgrag.errors import UserError, check_seed, read_user_text
 from imgrag.runs import write_json_atomic
 
 FINISHED = ("matched", "budget_exhausted")  # a batch item in one of these is never run again
@@ -100,10 +100,7 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
     line."""
     if not path.exists():
         raise UserError(f"{path}: no such file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read as text ({exc})") from None
+    lines = read_user_text(path, "prompt file").splitlines()
     items: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
         line = line.strip()

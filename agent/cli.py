@@ -417,23 +417,56 @@ def _fail_on_problems(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user mistakes print one line and exit 1; Ctrl-C exits 130."""
+    """Console entry point: user mistakes (usage errors too) print one line and exit 1; Ctrl-C prints what was
+    kept and how to go on, and exits 130."""
+    from agent.cli_common import click_exceptions as click_errors
+    from agent.cli_common import interrupted_line
+    from imgrag.runs import disk_full_line, is_disk_full
+
     try:
         from agent.ray_batch import expand_ray_flag
 
-        app(args=expand_ray_flag(sys.argv[1:] if argv is None else argv), prog_name="imgrag")
+        command = typer.main.get_command(app)
+        code = command.main(args=expand_ray_flag(sys.argv[1:] if argv is None else argv), prog_name="imgrag",
+                            standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:  # `imgrag` or `imgrag models` alone: the help, as before
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(exc)
+        sys.exit(exc.exit_code)
+    except click_errors.UsageError as exc:
+        # Click's usage errors (an unknown flag, a missing argument, a bad value) are the user's mistake: one
+        # line and exit 1 like every other, naming the --help to read.
+        where = exc.ctx.command_path if exc.ctx is not None else "imgrag"
+        message = " ".join(exc.format_message().split()).rstrip(".")
+        err.print(f"[red]error:[/] {escape(message)} (see `{escape(where)} --help`)", soft_wrap=True)
+        sys.exit(1)
+    except typer.Abort:  # EOF at a prompt
+        err.print("[yellow]interrupted[/]")
+        sys.exit(130)
     except UserError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)  # escaped: keeps 'imgrag[web]'
         sys.exit(1)
     except OSError as exc:
         # A path that cannot be read or written mid-work (a full disk, a folder removed meanwhile): one line
         # naming it, never a traceback. Checks before the work catch most of these earlier.
-        where = f"{exc.filename}: " if exc.filename else ""
-        err.print(f"[red]error:[/] {escape(where + (exc.strerror or str(exc)))}", soft_wrap=True)
+        if is_disk_full(exc):
+            line = disk_full_line(exc)
+        else:
+            line = (f"{exc.filename}: " if exc.filename else "") + (exc.strerror or str(exc))
+        err.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]")
+        err.print(interrupted_line(), soft_wrap=True)
         sys.exit(130)
+    except Exception as exc:
+        if not is_disk_full(exc):  # a library's wrapped error of a full disk (SQLite, Chroma): one line too
+            raise
+        err.print(f"[red]error:[/] {escape(disk_full_line(exc))}", soft_wrap=True)
+        sys.exit(1)
+    if code == 130:  # Typer turns Ctrl-C into Exit(130), silently: say what was kept and how to go on
+        err.print(interrupted_line(), soft_wrap=True)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -58,8 +58,9 @@ class ChatStatus:
         self.status: Any = None
         self.line = StatusText(suffix="[dim](Ctrl-C stops)[/]")
 
-    def begin(self) -> None:
-        self.line.restart()
+    def begin(self, rounds: int = 0) -> None:
+        """Show the line for a new request on a thread that has drawn ``rounds`` pictures already."""
+        self.line.restart(rounds)
         self.resume()
 
     def resume(self) -> None:
@@ -184,7 +185,7 @@ class ChatRepl:
 
     # ----- requests -----
     def request(self, text: str) -> None:
-        self.status.begin()
+        self.status.begin(int(self.session.values().get("rounds") or 0))  # a follow-up: the thread's round
         try:
             result = self.session.send(text)
         finally:
@@ -340,12 +341,15 @@ class ChatRepl:
             out.print("no references on this thread yet (they come from retrieval)")
             return
         table = Table(title="references (✓: used by the best picture)")
-        for column in ("#", "id", "about", "score", "", "path"):
+        for column in ("#", "id", "about", "score", "weight:mode", "", "path"):
             table.add_column(column, overflow="fold")
         for ref in refs:
             score = "" if ref.get("score") is None else f"{float(ref['score']):.3f}"
+            # "use the second reference more strongly" changes these (imgrag.steering); "(memory)": remembered
+            steer = f"{float(ref.get('weight', 1.0)):g}:{ref.get('mode', 'both')}"
+            steer += f" ({ref['source']})" if ref.get("source") in ("user", "memory") else ""
             table.add_row(str(ref["number"]), ref["id"], escape(ref.get("caption") or ref.get("query") or ""), score,
-                          "✓" if ref["used_by_best"] else "", escape(ref.get("path", "")))
+                          steer, "✓" if ref["used_by_best"] else "", escape(ref.get("path", "")))
         out.print(table)
 
     def cmd_budget(self, arg: str) -> None:

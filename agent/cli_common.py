@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 import sys
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import typer.core
 from rich.console import Console
+
+# Typer 0.29 carries its own copy of Click: its usage errors are that copy's classes (the entry point reformats them).
+from typer._click import exceptions as click_exceptions  # noqa: F401  (agent/cli.py imports it from here)
 
 from imgrag.errors import UserError
 from imgrag.settings import TINY_WARNING, Settings, SettingsError, load_settings
@@ -128,6 +132,25 @@ def prepare_models(settings: Settings) -> None:
 
         err.print(f"[yellow]{TINY_WARNING}[/]")
         ensure_tiny_kit(Path(settings.tiny_kit_dir), progress=lambda msg: err.print(f"[dim]tiny kit: {msg}[/]"))
+
+
+# What Ctrl-C keeps at this point of the command and how to go on: set by each command as it starts work, read
+# by the entry point (agent/cli.py) when the command stops on Ctrl-C. Run and batch print their own resume line.
+_INTERRUPT_NOTE: ContextVar[str] = ContextVar(
+    "imgrag_interrupt_note", default="nothing was written yet; run the same command again")
+
+
+def on_interrupt(note: str) -> None:
+    """Say what a Ctrl-C from here on keeps and how to go on (one clause, e.g. "the pictures indexed so far are
+    kept; run the same imgrag index again to add the rest")."""
+    _INTERRUPT_NOTE.set(note)
+
+
+def interrupted_line() -> str:
+    """The one line printed on Ctrl-C (rich markup): ``interrupted: <what was kept and how to go on>``."""
+    from rich.markup import escape
+
+    return f"[yellow]interrupted:[/] {escape(_INTERRUPT_NOTE.get())}"
 
 
 def print_json(document: Any) -> None:

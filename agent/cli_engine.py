@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from agent.cli_common import (
     TINY_WARNING,
@@ -85,6 +86,13 @@ def generate(
         raise UserError("give the output picture: -o OUT.png")
     width, height = parse_size(size)
     guidance: float | None = None
+    if from_image is not None and profile is None:  # the recipe's profile: its models drew the picture
+        from imgrag.provenance import recipe_profile
+
+        profile = recipe_profile(from_image)
+        if profile is not None:
+            err.print(f"[dim]profile {escape(profile)}, from the picture's recipe (--profile chooses another)[/]",
+                      soft_wrap=True)
     refs = None if ref is None else [parse_ref_arg(text) for text in ref]  # [(path, ReferenceSteer)]
     if from_image is not None:  # the picture's own provenance fills every value no flag gives
         prompt, refs, seed, steps, guidance, fast, ip_scale, width, height = _from_provenance(
@@ -104,7 +112,15 @@ def generate(
         raise UserError(f"{output}: the output must end in one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
     ensure_writable_file(output, "output")  # before any model loads, not after the drawing
     references = [open_image(path) for path, _ in refs or []]
-    validate_request(prompt, g.width, g.height, n_steps, g.ip_scale, references)
+    validate_request(prompt, g.width, g.height, n_steps, g.ip_scale, references, generation=g)
+    if ip_scale is not None and not references:  # a flag that would change nothing is said, not ignored
+        err.print("[yellow]warning:[/] --ip-scale does nothing without --ref (it sets how strongly references "
+                  "steer); drawing from the prompt alone", soft_wrap=True)
+    from imgrag.embedder import prompt_length_notice
+
+    too_long = prompt_length_notice(prompt)
+    if too_long:
+        err.print(f"[yellow]note:[/] {escape(too_long)}", soft_wrap=True)
     steering = {"weights": [s.weight for _, s in refs], "modes": [s.mode for _, s in refs],
                 "reference_keys": [file_sha256(path) for path, _ in refs]} if refs else {}
     entries = [{"path": path, "weight": s.weight, "mode": s.mode} for path, s in refs or []]

@@ -21,6 +21,7 @@ from agent.cli_common import (
     StoreOpt,
     app,
     err,
+    on_interrupt,
     out,
     prepare_models,
     print_json,
@@ -143,9 +144,10 @@ class StatusText:
         self.suffix = suffix  # markup added after the activity, e.g. "(Ctrl-C stops)"
         self.restart()
 
-    def restart(self) -> None:
+    def restart(self, rounds: int = 0) -> None:
+        """Start the clock again; ``rounds`` is what the thread has drawn already (a chat follow-up)."""
         self.start = time.monotonic()
-        self.round = 0
+        self.round = rounds
         self.text = "starting"
 
     def elapsed(self) -> float:
@@ -200,7 +202,27 @@ class ProgressPrinter:
             print_tool_line(event, seconds)
         elif kind == "run_end":
             reason = f" ({escape(event['stop_reason'])})" if event.get("stop_reason") else ""
-            err.print(f"{elapsed}  {event['status']}{reason}: {escape(str(event['final_image']))}", soft_wrap=True)
+            err.print(f"{elapsed}  {event['status']}{reason}: {escape(answer_text(event))}", soft_wrap=True)
+            print_run_notes(event)
+
+
+def answer_text(result: dict[str, Any]) -> str:
+    """The answer's path, or why there is none (every drawing blocked, nothing drawn)."""
+    if result.get("final_image"):
+        return str(result["final_image"])
+    return "no answer: every drawing was blocked by the safety gate" if result.get("blocked") else "no answer"
+
+
+def print_run_notes(result: dict[str, Any], console: Console | None = None) -> None:
+    """Once per run, what the answer alone hides: every drawing blocked by the safety gate (and which concepts),
+    and how many steps the fixed policy took for a failing LLM planner, and why."""
+    console = console or err
+    if result.get("blocked"):
+        console.print(f"[yellow]warning:[/] {escape(result['blocked'])}", soft_wrap=True)
+    if result.get("fallback_steps"):
+        why = f" ({escape(str(result['fallback_reason']))})" if result.get("fallback_reason") else ""
+        console.print(f"[yellow]note:[/] the LLM planner could not choose {result['fallback_steps']} step(s); the "
+                      f"fixed policy took them{why}", soft_wrap=True)
 
 
 def _shared_flags(profile: str | None, config: Path | None, store: str | None, out_dir: Path | None) -> list[str]:
@@ -231,6 +253,15 @@ def _interrupted(stop: Any, command: list[str], as_json: bool) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(130)
+
+
+def _full_disk(full: Any, command: list[str]) -> None:
+    """A run or batch stopped by a full disk: its one line (what was kept) plus the command that continues."""
+    import shlex
+
+    from imgrag.errors import UserError
+
+    raise UserError(f"{full}; free some space, then continue with: {shlex.join(command)}") from None
 
 
 def _make_runner(profile, config, store, out_dir, on_event, fast=None, gates=None):
@@ -276,8 +307,17 @@ def run(
         check_seed(seed, "--seed")
     if resume is None and not prompt:
         raise UserError("give a PROMPT, or --resume RUN_ID to continue a run")
-    from agent.runner import RunInterrupted
+    if resume is not None:  # a resumed run goes on with its own prompt, seed and budget: a flag here would do nothing
+        given = [name for name, value in (("a PROMPT", prompt), ("--seed", seed), ("--max-rounds", max_rounds))
+                 if value is not None]
+        if given:
+            raise UserError(f"--resume continues run {resume} with its own prompt, seed and budget; drop "
+                            f"{' and '.join(given)} (or start a new run without --resume)")
+    from agent.runner import DiskFull, RunInterrupted
 
+    # Until the run's folder exists (models loading, the store checked), Ctrl-C leaves nothing behind.
+    on_interrupt(f"run {resume} is as it was; continue it with the same command" if resume else
+                 "the run had not started drawing, so nothing was kept; run the same command again")
     try:
         with ProgressPrinter() as progress:
             runner, settings = _make_runner(profile, config, store, out_dir, progress, fast,
@@ -291,18 +331,24 @@ def run(
         command = ["imgrag", "run", "--resume", stop.result["run_id"], *_shared_flags(profile, config, store, out_dir),
                    *(["--repair-with", repair_with] if repair_with else [])]
         _interrupted(stop, command, as_json)
+    except DiskFull as full:
+        run_id = (full.result or {}).get("run_id") or resume
+        _full_disk(full, ["imgrag", "run", "--resume", str(run_id), *_shared_flags(profile, config, store, out_dir)])
     if as_json:
         print_json(result)
-        return
-    out.print(f"[bold]{result['status']}[/] after {result['rounds']} round(s): {escape(str(result['final_image']))}",
-              soft_wrap=True)
-    out.print(f"run folder: {escape(result['run_dir'])}   model loads: {result['model_loads']}", soft_wrap=True)
+    else:
+        out.print(f"[bold]{result['status']}[/] after {result['rounds']} round(s): {escape(answer_text(result))}",
+                  soft_wrap=True)
+        out.print(f"run folder: {escape(result['run_dir'])}   model loads: {result['model_loads']}", soft_wrap=True)
+    if result["status"] == "failed":  # no answer at all: a script must see it
+        raise typer.Exit(1)
 
 
 @app.command()
 def batch(
     file: Annotated[
-        Path, typer.Argument(help='.txt (one prompt a line) or .jsonl ({"prompt", "seed", "max_rounds"}).')
+        Path, typer.Argument(help='.txt (one prompt a line) or .jsonl ({"prompt", "seed", "max_rounds", "references": '
+                    '[{"path", "weight", "mode"}]}; references guide the prompt\'s first round).')
     ],
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest batch of this file; finished "
                                          "prompts are skipped.")] = False,
@@ -342,8 +388,12 @@ def batch(
             from imgrag.errors import UserError
 
             raise UserError("--workers goes with --ray (the in-process batch has one worker)")
-        from agent.runner import RunInterrupted
+        from agent.runner import DiskFull, RunInterrupted
 
+        command = ["imgrag", "batch", str(file), "--resume", *_shared_flags(profile, config, store, out_dir),
+                   *(["--planner", planner] if planner != "agent" else []),
+                   *(["--max-rounds", str(max_rounds)] if max_rounds else [])]
+        on_interrupt("prompts finished earlier are kept; continue with: " + " ".join(command))
         try:
             with ProgressPrinter() as progress:
                 runner, settings = _make_runner(
@@ -358,6 +408,8 @@ def batch(
                        *(["--repair-with", repair_with] if repair_with else []),
                        *(["--max-rounds", str(max_rounds)] if max_rounds else [])]
             _interrupted(stop, command, as_json)
+        except DiskFull as full:
+            _full_disk(full, command)
     if as_json:
         print_json(summary)
     else:

@@ -53,10 +53,32 @@ def serve(
     if host not in LOOPBACK:
         err.print(f"[yellow]warning:[/] serving on {host}: anyone who can reach this address can use the page, "
                   "draw on this machine and see its runs and store pictures; there is no login.", soft_wrap=True)
+    check_port(host, port)  # a busy port is one line naming --port, before any model loads or URL is shown
     prepare_models(settings)
     from agent.web import WebChat, launch
 
     web = WebChat(settings, planner=planner, rounds=max_rounds)
     shown = f"[{host}]" if ":" in host else host
+    check_port(host, port)  # again: the models took a while, another server may have started meanwhile
     out.print(f"imgrag serve · profile {settings.profile} · http://{shown}:{port}/ (Ctrl-C stops)", soft_wrap=True)
     launch(web, host=host, port=port, block=True)
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise a one-line UserError naming ``--port`` when ``host:port`` cannot be listened on (taken, or not
+    this machine's address). Checked by binding it, the one test that holds for every platform."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server sets it: TIME_WAIT is no owner
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                from agent.web import busy_port_message
+
+                raise UserError(busy_port_message(host, port)) from None
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --host and --port") from None
+    return None

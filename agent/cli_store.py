@@ -27,6 +27,7 @@ from agent.cli_common import (
     TerminalBar,
     app,
     err,
+    on_interrupt,
     out,
     prepare_models,
     print_json,
@@ -114,6 +115,8 @@ def index(
     prepare_models(settings)
 
     progress = _IndexProgress()
+    on_interrupt("the pictures indexed so far are kept (each batch is written whole); run the same `imgrag index` "
+                 "again to add the rest, it reads only what is missing")
     try:
         with _embedder(settings) as embedder:
             ref_store = ReferenceStore.open(settings, embedder.model_id, embedder.dim, for_writing=True)
@@ -122,6 +125,11 @@ def index(
             summary = ref_store.index(paths, embedder, prune=prune, progress=progress, batch_size=batch_size,
                                       on_wait=lambda msg: err.print(f"[yellow]{escape(msg)}[/]", soft_wrap=True),
                                       screen=index_screen(settings.safety, embedder))
+    except Exception as exc:
+        full = store_disk_full(exc, settings.store)
+        if full is None:
+            raise
+        raise UserError(full) from None
     finally:
         progress.close()
 
@@ -133,6 +141,32 @@ def index(
     if usable == 0 and not (prune and summary["removed"] and not summary["skipped"]):
         err.print(f"[red]error:[/] no usable image under {escape(', '.join(str(p) for p in paths))}", soft_wrap=True)
         raise typer.Exit(1)
+
+
+# Below this much free space, a Chroma compaction error is a full disk whatever its wording.
+_LOW_SPACE_BYTES = 64 * 2**20
+
+
+def store_disk_full(exc: BaseException, store: str) -> str | None:
+    """The one line for a store write that failed for want of space (Chroma says "Error in compaction" and
+    SQLite "database or disk is full", over dozens of lines), or None when ``exc`` is about something else."""
+    from imgrag.runs import disk_full_line, is_disk_full
+    from imgrag.store import is_server_uri
+
+    local = not is_server_uri(store)
+    low = False
+    if local and "compaction" in str(exc).lower():
+        import shutil
+
+        try:
+            low = shutil.disk_usage(Path(store).expanduser()).free < _LOW_SPACE_BYTES
+        except OSError:
+            low = False
+    if not (is_disk_full(exc) or low):
+        return None
+    where = disk_full_line(exc, store) if local else f"the Chroma server at {store}: its disk is full"
+    return (f"{where}; the pictures indexed before are kept; free some space, then run the same `imgrag index` "
+            "again (it adds only what is missing)")
 
 
 def _print_summary(summary: dict[str, Any], location: str) -> None:
@@ -175,25 +209,34 @@ def search(
         raise UserError(f"-k must be between 1 and {MAX_K}, got {k}")
     query_image = open_image(image) if image is not None else None  # a bad file fails before any model loads
     settings = settings_from_flags(profile, config, store=store)
+    from imgrag.store import ReferenceStore, index_hint, is_server_uri
+
+    if not is_server_uri(settings.store) and not Path(settings.store).expanduser().exists():
+        raise UserError(f"the store {settings.store} does not exist; check --store, or make it with "
+                        f"{index_hint(settings.profile, store)}")  # before any model loads
     prepare_models(settings)
-    from imgrag.store import ReferenceStore
 
     with _embedder(settings) as embedder:
         ref_store = ReferenceStore.open(settings, embedder.model_id, embedder.dim)
         total = ref_store.count()
         if total == 0:
             raise UserError(f"the store at {ref_store.location} holds no pictures yet: add some with "
-                            "`imgrag index PATH`")
+                            f"{index_hint(settings.profile, store)}")
         if query_image is not None:
             results = ref_store.search_image(embedder, query_image, k)
         else:
             results = ref_store.search_text(embedder, text or "", k)
         from imgrag.safety import excluded_by  # issue 18: safety.exclude holds for every retrieval
 
+        matched = len(results)
         results = [r for r in results if excluded_by(r.path, settings.safety.exclude) is None]
+    if matched > len(results):  # said, not hidden: a folder safety.exclude leaves out is why
+        err.print(f"[yellow]note:[/] {matched - len(results)} of the {matched} best matches are in folders "
+                  "safety.exclude leaves out, so they are not listed", soft_wrap=True)
 
-    if as_json:
-        print_json({"results": [{"id": r.id, "path": r.path, "score": round(r.score, 6)} for r in results]})
+    if as_json:  # captions whole, as the store keeps them
+        print_json({"results": [{"id": r.id, "path": r.path, "score": round(r.score, 6), "caption": r.caption}
+                                for r in results]})
         return
     table = Table(title=f"{len(results)} of {total} pictures for "
                         f"{('image ' + str(image)) if image else repr(text)}")

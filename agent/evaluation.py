@@ -42,7 +42,7 @@ from typing import Any
 from agent.eval_arms import ARM_MODELS, ARMS, ArmContext, ArmResult, EvalItem
 from agent.runner import PLANNERS, TINY_NOTE, Runner, read_prompt_file
 from imgrag.dino import DinoScorer  # noqa: F401  (its old home; imported from here by callers)
-from imgrag.errors import UserError
+from imgrag.errors import UserError, read_user_text
 from imgrag.runs import atomic_path, write_json_atomic
 from imgrag.settings import Settings
 
@@ -98,7 +98,7 @@ def read_eval_file(path: str | Path) -> list[dict[str, Any]]:
     items = read_prompt_file(path)  # validates prompt, seed and max_rounds; errors name file and line
     if path.suffix != ".jsonl":
         return [{**item, "gold": None} for item in items]
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+    lines = [(n, line) for n, line in enumerate(read_user_text(path, "prompt file").splitlines(), start=1)
              if line.strip() and not line.strip().startswith("#")]
     for item, (number, line) in zip(items, lines, strict=True):
         gold = json.loads(line).get("gold")

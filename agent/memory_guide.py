@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from imgrag.errors import UserError
-from imgrag.images import open_image, probe_image
+from imgrag.images import probe_image
 from imgrag.provenance import file_sha256
 from imgrag.safety import excluded_by
 from imgrag.steering import check_mode, check_weight
-from imgrag.store.memory import ConceptMemory
+from imgrag.store.memory import ConceptMemory, recall_references
 from tools.budget import MAX_REFERENCES
 
 
@@ -79,8 +79,13 @@ def start_references(settings: Any, manager: Any, prompt: str, user: list[dict[s
     event = None
     concepts: list[str] = []
     if settings.retrieval.memory and len(records) < MAX_REFERENCES:
-        recalled = ConceptMemory.for_settings(settings).recall(prompt)
-        chosen, considered = _recall(settings, manager, recalled, MAX_REFERENCES - len(records))
+        from imgrag.engine import ManagedEmbedder
+
+        memory = ConceptMemory.for_settings(settings)
+        recalled = memory.recall(prompt)
+        chosen, considered = recall_references(memory, prompt, ManagedEmbedder(manager),
+                                               settings.retrieval.memory_min_score,
+                                               MAX_REFERENCES - len(records)) if recalled else ({}, [])
         for rid, record in chosen.items():
             records.setdefault(rid, record)
         concepts = list(dict.fromkeys(r["query"] for r in chosen.values()))
@@ -95,37 +100,6 @@ def start_references(settings: Any, manager: Any, prompt: str, user: list[dict[s
     sources = sorted({r["source"] for r in records.values()})
     start = {"reference_ids": list(records), "concepts": concepts, "source": "+".join(sources)}
     return records, start, event
-
-
-def _recall(settings: Any, manager: Any, recalled: list, room: int) -> tuple[dict[str, dict], list[dict]]:
-    """The remembered references that pass the checks of the module docstring, at most ``room``."""
-    chosen: dict[str, dict] = {}
-    considered: list[dict] = []
-    for entry, references in recalled:
-        for ref in references:
-            if len(chosen) >= room:
-                break
-            note = {"concept": entry.concept, "path": ref.path}
-            considered.append(note)
-            if file_sha256(ref.path) != ref.sha256:
-                note["skipped"] = "the file is gone or has changed since it was remembered"
-                continue
-            try:
-                image = open_image(ref.path)
-            except UserError as exc:
-                note["skipped"] = str(exc)
-                continue
-            score = float(manager.run("embedder", lambda embedder, image=image, text=entry.concept: (
-                embedder.embed_images([image]) @ embedder.embed_texts([text]).T)[0, 0]))
-            note["score"] = round(score, 4)
-            if score < settings.retrieval.memory_min_score:
-                note["skipped"] = "below retrieval.memory_min_score"
-                continue
-            rid = f"mem-{ref.sha256[:12]}"
-            chosen[rid] = {"id": rid, "path": ref.path, "caption": ref.caption, "score": round(score, 4),
-                           "query": entry.concept, "weight": ref.weight, "mode": ref.mode, "source": "memory",
-                           "store_id": ref.store_id}
-    return chosen, considered
 
 
 def learn_from_run(settings: Any, state: dict[str, Any]) -> dict[str, Any] | None:
@@ -151,12 +125,16 @@ def learn_from_run(settings: Any, state: dict[str, Any]) -> dict[str, Any] | Non
         if state.get("status") == "matched" and final and final.get("reference_ids"):
             weights = final.get("reference_weights") or {}
             modes = final.get("reference_modes") or {}
+            seen: set[tuple[str, str | None]] = set()
             for rid in final["reference_ids"]:
                 ref = references.get(rid) or {}
                 concept = ref.get("query")
                 if not concept or ref.get("source") == "user":
                     continue  # a user's reference stands for no concept the run named
                 sha = file_sha256(ref["path"])
+                if (concept, sha) in seen:  # one picture under two ids (the store's and the memory's): one match
+                    continue
+                seen.add((concept, sha))
                 memory.remember(concept, {**ref, "sha256": sha, "id": ref.get("store_id") or ref.get("id"),
                                           "weight": weights.get(rid, ref.get("weight", 1.0)),
                                           "mode": modes.get(rid, ref.get("mode", "both"))},

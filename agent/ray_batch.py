@@ -132,12 +132,16 @@ class BatchWorker:
         return {"name": self.name, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
                 "settings_digest": self.digest}
 
-    def run(self, prompt: str, seed: int | None, max_rounds: int | None, planner: str, run_id: str) -> dict[str, Any]:
+    def run(self, prompt: str, seed: int | None, max_rounds: int | None, planner: str, run_id: str,
+            references: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Run one prompt; return its result.json document and every file of its run folder as bytes.
 
-        The scratch run folder is removed afterwards: the driver keeps the record."""
+        ``references`` (a batch line's, checked by the driver) are read by the worker at the same paths: a
+        cluster sharing the pictures' filesystem. The scratch run folder is removed afterwards: the driver keeps
+        the record."""
         start = time.perf_counter()
-        result = self.runner.run(prompt, seed=seed, max_rounds=max_rounds, planner=planner, run_id=run_id)
+        result = self.runner.run(prompt, seed=seed, max_rounds=max_rounds, planner=planner, run_id=run_id,
+                                 references=references)
         run_dir = Path(result["run_dir"])
         files = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -246,12 +250,22 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
     ``on_progress`` gets events: ``workers`` (their identities), ``item`` (a prompt settled, with its worker),
     ``worker_died``. Raises UserError for an embedded store, a missing Ray, an unreachable cluster; a Ctrl-C
     saves batch.json (prompts in flight back to pending) and propagates."""
-    from agent.batch import FINISHED, claim_item, fail_item, open_batch, settle_item
+    from agent.batch import (
+        FINISHED,
+        check_batch_references,
+        claim_item,
+        fail_item,
+        open_batch,
+        read_prompt_file,
+        settle_item,
+    )
 
     progress = on_progress or (lambda event: None)
     check_shared_services(settings)
     path = Path(path)
-    batch_dir, state = open_batch(path, settings.output_dir, resume=resume)
+    items = read_prompt_file(path)
+    check_batch_references(path, items, settings)  # every bad line named at once, before any worker starts
+    batch_dir, state = open_batch(path, settings.output_dir, resume=resume, items=items)
     queue = deque(item for item in state["items"] if item["status"] not in FINISHED)
     if not queue:  # a resume with nothing left: no cluster, no worker, the record as it is
         return _summary(batch_dir, path, state, [], [], settings, address, {}, time.perf_counter())
@@ -291,7 +305,7 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
                 if item["index"] not in retrying:  # anything else (pending, failed, cut off) starts a fresh run
                     claim_item(batch_dir, state, item)
                 ref = slot.actor.run.remote(item["prompt"], item.get("seed"), max_rounds or item.get("max_rounds"),
-                                            planner, item["run_id"])
+                                            planner, item["run_id"], item.get("references"))
                 in_flight[ref] = (slot, item)
                 submitted[ref] = time.perf_counter()
 

@@ -30,17 +30,19 @@ from agent.batch import (
 from agent.graph import RunContext, build_graph, initial_state, outcome
 from imgrag.checkpoints import first_line
 from imgrag.errors import ModelLoadError, UserError, check_seed
-from imgrag.runs import RUN_ID_PATTERN, RunRecord, new_run_id, write_json_atomic
+from imgrag.runs import RUN_ID_PATTERN, RunRecord, disk_full_line, is_disk_full, new_run_id, write_json_atomic
 from imgrag.settings import TINY_WARNING, Settings
 from tools.budget import Clock, recursion_limit, run_budget
 from tools.context import EventSink, Models
 from tools.final_redraw import redraw_final_full
 
 PLANNERS = ("agent", "fixed")
+# What the run_end event carries for a front end to say (result.json holds them too).
+RUN_END_KEYS = ("run_id", "status", "stop_reason", "final_image", "blocked", "fallback_steps", "fallback_reason")
 TINY_NOTE = TINY_WARNING  # result.json's note on the tiny profile: the one text (imgrag.settings)
 # The batch record's functions live in agent/batch.py; importable from here too, as before.
-__all__ = ["FINISHED", "PLANNERS", "TINY_NOTE", "RunInterrupted", "Runner", "add_loads", "claim_item", "fail_item",
-           "open_batch", "open_checkpointer", "read_prompt_file", "settle_item"]
+__all__ = ["FINISHED", "PLANNERS", "TINY_NOTE", "DiskFull", "RunInterrupted", "Runner", "add_loads", "claim_item",
+           "fail_item", "open_batch", "open_checkpointer", "read_prompt_file", "settle_item"]
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -52,6 +54,55 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(f"run {result['run_id']} interrupted")
         self.result = result
         self.batch_dir = batch_dir
+
+
+class DiskFull(UserError):
+    """A write failed for want of space mid-run: the record was closed at the last checkpoint with what it has
+    (``result``, status ``interrupted``) and the thread left as it was, so ``--resume`` goes on once space is freed.
+    The message is one line: the path, the space left there, and what was kept."""
+
+    def __init__(self, message: str, result: dict[str, Any] | None, batch_dir: str | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+        self.batch_dir = batch_dir
+
+
+def finished_calls(values: dict[str, Any], record: RunRecord) -> dict[str, Any]:
+    """``values`` with the results of the tool calls that finished after the last checkpoint (their trace steps
+    kept them, see tools.image_tools) merged in: what a run stopped between a tool's end and its checkpoint had
+    really drawn, so its partial result names those candidates too."""
+    messages = values.get("messages") or []
+    answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
+    last_ai = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
+    pending = {c["id"] for c in (last_ai.tool_calls if last_ai else []) if c["id"] not in answered}
+    if not pending:
+        return values
+    merged = {**values, "candidates": dict(values.get("candidates") or {}),
+              "references": dict(values.get("references") or {})}
+    for step in record.read_steps():
+        if step.get("call_id") in pending and step.get("ok") and isinstance(step.get("replay"), dict):
+            update = step["replay"].get("update") or {}
+            merged["candidates"].update(update.get("candidates") or {})
+            merged["references"].update(update.get("references") or {})
+            merged["rounds"] = int(merged.get("rounds") or 0) + int(update.get("rounds") or 0)
+    return merged
+
+
+def _what_happened(state: dict[str, Any], candidates: list[dict[str, Any]], final: dict[str, Any] | None,
+                   record: RunRecord) -> dict[str, Any]:
+    """What a front end must say beside the answer: ``blocked`` when every drawing was flagged by the safety gate
+    (so there is no answer, and why), and ``fallback_reason`` when the fixed policy took steps of an agent run."""
+    extra: dict[str, Any] = {"blocked": None, "fallback_reason": None}
+    flagged = [c for c in candidates if c.get("answer_blocked")]
+    if final is None and flagged:
+        concepts = sorted({str((c.get("flagged") or {}).get("concept")) for c in flagged})
+        extra["blocked"] = (f"every drawing ({len(flagged)}) was flagged by the safety gate (safety.enabled; "
+                            f"flagged as {', '.join(concepts)}), so none may be the answer; they are kept in "
+                            f"{record.candidates_dir}; --allow-flagged lets one be the answer")
+    if state.get("fallback_steps"):
+        reasons = [s.get("reason") for s in record.read_steps() if s.get("planner") == "policy" and s.get("reason")]
+        extra["fallback_reason"] = reasons[-1] if reasons else None
+    return extra
 
 
 def add_loads(*counts: dict[str, int] | None) -> dict[str, int]:
@@ -137,6 +188,12 @@ class Runner:
         if memory_event:
             record.append_step(memory_event)  # which remembered references guide round 1, and which did not
         self._tell_store(record, census)
+        from imgrag.embedder import prompt_length_notice
+
+        too_long = prompt_length_notice(prompt)
+        if too_long:  # said once, in words, rather than as the embedder's log line at every score
+            record.append_step({"event": "warning", "warning": too_long})
+            self.on_event({"event": "note", "text": too_long})
         if retrieval_off:
             record.append_step({"event": "retrieval_off", "reason": retrieval_off})
             self.on_event({"event": "note", "text": f"retrieval is unavailable ({retrieval_off}); drawing without "
@@ -167,13 +224,16 @@ class Runner:
             return
         location, pictures = census
         warning = None
+        from imgrag.store import index_hint
+
+        hint = index_hint(self.settings.profile, location)
         if pictures is None:
-            what = "holds no store yet" if Path(location).is_dir() else "does not exist yet"
+            what = "holds no store yet" if Path(location).is_dir() else "does not exist"
             warning = (f"the store {location} {what}, so retrieval will find no reference; check "
-                       f"--store, or add pictures with `imgrag index PATH --store {location}`")
+                       f"--store, or add pictures with {hint}")
         elif pictures == 0:
             warning = (f"the store {location} holds no pictures, so retrieval will find no reference; add some "
-                       f"with `imgrag index PATH --store {location}`")
+                       f"with {hint}")
         if warning:
             record.append_step({"event": "warning", "warning": warning})
         self.on_event({"event": "store", "location": location, "pictures": pictures, "warning": warning})
@@ -234,8 +294,15 @@ class Runner:
         start = next((s for s in record.read_steps() if s.get("event") == "start"), None)
         if start is None:
             raise UserError(f"no run with thread id {run_id!r} in {self.settings.threads_db}")
+        from agent.memory_guide import check_user_references, start_references
+
+        # The references round 1 was to be guided by: the run's own (as its start line recorded them), and the
+        # memory's as it stands now.
+        user_refs = check_user_references(start.get("references"), self.settings)
+        start_refs, start_guidance, _ = start_references(self.settings, self.manager, start["prompt"], user_refs)
         state = initial_state(start["prompt"], seed=start["seed"], run_id=run_id, run_dir=str(record.dir),
-                              planner=start["planner"], budget=start["budget"], approve=False)
+                              planner=start["planner"], budget=start["budget"], approve=False,
+                              references=start_refs, start_guidance=start_guidance)
         record.append_step({"event": "restart", "reason": "no checkpoint was written before the run stopped"})
         return self._drive(state, run_id, record, state)
 
@@ -308,34 +375,35 @@ class Runner:
         # model_loads in result.json: what this run loaded, in this process and in the ones before it (a resume).
         earlier = (record.read_result() or {}).get("model_loads") if record.result_path.exists() else None
         before = self.manager.load_counts() if loads_before is None else loads_before
+        record.reserve_space()  # given back when the run ends, or on a full disk to close the record
         try:
             for _ in graph.stream(graph_input, config, stream_mode="updates", context=ctx):
                 pass
         except KeyboardInterrupt:
             # Ctrl-C: close the record from the last checkpoint, leaving the thread as it is so --resume goes on.
-            snapshot = graph.get_state(config)
-            # The best candidate of the last checkpoint is the partial answer (finalize never ran to name it).
-            state = {**(snapshot.values or values), "final_candidate": outcome(snapshot.values or values)[
-                "final_candidate"]}
-            result = self._result(state, record, add_loads(earlier, self._loads_since(before)))
-            result.update(status="interrupted", stop_reason="interrupted (Ctrl-C)")
-            record.append_step({"event": "interrupted", "checkpoint": (snapshot.config or {}).get(
-                "configurable", {}).get("checkpoint_id")})
+            record.release_space()
+            result = self._partial_result(graph, config, values, record, add_loads(earlier, self._loads_since(before)),
+                                          "interrupted (Ctrl-C)")
+            record.append_step({"event": "interrupted", "checkpoint": result.pop("_checkpoint")})
             record.write_result(result)
             raise RunInterrupted(result) from None
         except Exception as exc:  # no error ends a run without its result: close it at its last checkpoint
+            if is_disk_full(exc):
+                raise self._full_disk(exc, graph, config, values, record,
+                                      add_loads(earlier, self._loads_since(before))) from None
+            record.release_space()
             reason = f"error: {type(exc).__name__}: {first_line(exc)}"
             record.append_step({"event": "error", "error": reason, "exception": traceback.format_exc(limit=8)[-4000:]})
             self.reference_store = ctx.reference_store
             result = self.stop(run_id, reason, unmatched="budget_exhausted")  # ended, with its best candidate
             if result is None:
                 raise
-            self.on_event({"event": "run_end", **{k: result[k] for k in ("run_id", "status", "stop_reason",
-                                                                         "final_image")}})
+            self.on_event({"event": "run_end", **{k: result.get(k) for k in RUN_END_KEYS}})
             return result
         self.reference_store = ctx.reference_store  # keep the opened store for the next run of a batch
         snapshot = graph.get_state(config)
         final_full = None if snapshot.interrupts else redraw_final_full(ctx, snapshot.values)
+        record.release_space()
         result = self._result(snapshot.values, record, add_loads(earlier, self._loads_since(before)))
         if final_full:
             result["final_full"] = final_full  # the matched fast draft redrawn at full steps, when asked
@@ -351,9 +419,45 @@ class Runner:
         record.append_step({"event": "end", "status": result["status"], "final_image": result["final_image"],
                             "final_source": result["final_source"]})
         record.write_result(result)
-        ends = ("run_id", "status", "stop_reason", "final_image")
-        self.on_event({"event": "run_end", **{k: result[k] for k in ends}})
+        self.on_event({"event": "run_end", **{k: result.get(k) for k in RUN_END_KEYS}})
         return result
+
+    def _partial_result(self, graph: Any, config: dict[str, Any], values: dict[str, Any], record: RunRecord,
+                        model_loads: dict[str, int], reason: str) -> dict[str, Any]:
+        """result.json of a run cut off mid-way (status ``interrupted``): its last checkpoint plus the tool calls
+        that finished after it, with the best candidate so far as its answer (finalize never ran to name it).
+        ``_checkpoint`` (popped by the caller) is the checkpoint id the thread stays at."""
+        try:
+            snapshot = graph.get_state(config)
+            state, checkpoint = snapshot.values or values, (snapshot.config or {}).get("configurable", {}).get(
+                "checkpoint_id")
+        except Exception:  # the checkpointer itself failed (a full disk under it): the run's starting state
+            state, checkpoint = values, None
+        state = finished_calls(state, record)
+        state = {**state, "final_candidate": outcome(state)["final_candidate"]}
+        result = self._result(state, record, model_loads)
+        result.update(status="interrupted", stop_reason=reason, _checkpoint=checkpoint)
+        return result
+
+    def _full_disk(self, exc: BaseException, graph: Any, config: dict[str, Any], values: dict[str, Any],
+                   record: RunRecord, model_loads: dict[str, int]) -> DiskFull:
+        """Close the record of a run whose disk filled up, as Ctrl-C does (the thread stays at its checkpoint, so
+        ``--resume`` goes on), using the space the run set aside; return the one-line error to raise."""
+        fallback = self.settings.threads_db if "sqlite" in type(exc).__module__ else record.dir
+        line = disk_full_line(exc, fallback)
+        record.release_space()
+        result = self._partial_result(graph, config, values, record, model_loads, f"the disk is full ({line})")
+        checkpoint = result.pop("_checkpoint")
+        kept = "result.json"
+        try:
+            record.append_step({"event": "disk_full", "error": line, "checkpoint": checkpoint})
+            record.write_result(result)
+        except OSError:
+            kept = "its trace up to the last step (result.json could not be written)"
+        drawn = len(result["candidates"])
+        message = (f"{line}; run {result['run_id']} kept {drawn} candidate(s) and {kept} in {record.dir}"
+                   + (f", best so far {result['final_image']}" if result["final_image"] else ""))
+        return DiskFull(message, result)
 
     def _loads_since(self, before: dict[str, int]) -> dict[str, int]:
         now = self.manager.load_counts()
@@ -395,6 +499,7 @@ class Runner:
                               "cached_embeddings": sum(int(s.get("embeddings_cached") or 0) for s in traced)},
             "start_guidance": state.get("start_guidance"),
         }
+        result.update(_what_happened(state, candidates, final, record))
         if self.settings.is_tiny:
             result["note"] = TINY_NOTE
         return result
@@ -432,6 +537,14 @@ class Runner:
                 result = exc.result if isinstance(exc, RunInterrupted) else {"run_id": item["run_id"]}
                 raise RunInterrupted(result, batch_dir=str(batch_dir)) from None
             except Exception as exc:  # one broken prompt must not stop the batch; the error is kept
+                if isinstance(exc, DiskFull) or is_disk_full(exc):  # but a full disk stops every prompt after it
+                    item.update(status="interrupted", error=None, model_loads=self._loads_since(before))
+                    try:
+                        write_json_atomic(batch_dir / "batch.json", state)
+                    except OSError:
+                        pass  # the item stays "running" on disk: --resume continues it the same way
+                    message = str(exc) if isinstance(exc, DiskFull) else disk_full_line(exc, batch_dir)
+                    raise DiskFull(message, getattr(exc, "result", None), batch_dir=str(batch_dir)) from None
                 fail_item(item, exc)
             # This prompt's loads (its run's record), not the process's running total; that stays in the summary.
             item.setdefault("model_loads", self._loads_since(before))

@@ -275,7 +275,10 @@ class WebChat:
                 store = ReferenceStore.open(self.settings, embedder.model_id, embedder.dim)
                 self.runner.reference_store = store
             if store.count() == 0:
-                raise UserError("the store holds no pictures yet: add some with `imgrag index PATH`")
+                from imgrag.store import index_hint
+
+                raise UserError(f"the store holds no pictures yet: add some with "
+                                f"{index_hint(self.settings.profile, self.settings.store)}")
             results = store.search_text(embedder, text, k)
         shown = [(self.thumbnail(r.path), f"{r.score:.3f} · {r.caption or Path(r.path).name}") for r in results]
         return [s for s in shown if s[0] is not None]
@@ -524,6 +527,13 @@ def launch(web: WebChat, host: str = "127.0.0.1", port: int = 7860, block: bool 
         app.launch(server_name=host, server_port=port, share=False, show_error=False, inbrowser=False,
                    allowed_paths=[str(web.output_dir)], blocked_paths=[str(db), f"{db}.locks"],
                    prevent_thread_lock=not block, quiet=True, ssr_mode=False, enable_monitoring=False, **extra)
-    except OSError as exc:
-        raise UserError(f"cannot serve on {host}:{port}: {exc}") from None
+    except OSError as exc:  # Gradio's own text names its environment variable; ours names the flag
+        busy = "port" in str(exc).lower()
+        raise UserError(busy_port_message(host, port) if busy else f"cannot serve on {host}:{port}: {exc}") from None
     return app
+
+
+def busy_port_message(host: str, port: int) -> str:
+    """The one line for a port another server holds: it names ``--port``."""
+    return (f"cannot serve on {host}:{port}: the port is already in use (another server listens there); choose "
+            "another with --port N")

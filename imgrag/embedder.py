@@ -120,7 +120,8 @@ class Embedder:
         for text in texts:
             count = self._token_count(text)
             if count is not None and self.context_length and count > self.context_length:
-                log.warning("text of %d tokens cut to the embedder's %d: %.60r...", count, self.context_length, text)
+                # A debug line only: the front ends say it once, in words (prompt_length_notice).
+                log.debug("text of %d tokens cut to the embedder's %d: %.60r...", count, self.context_length, text)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         tokens = self.tokenizer(texts)
@@ -144,6 +145,45 @@ class Embedder:
         except Exception:  # a count is only for the warning; never fail an embedding over it
             return None
         return None
+
+
+# CLIP's text context, in tokens with the start and end markers: SDXL's two text encoders and CLIP scorers read
+# no more (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision").
+CLIP_CONTEXT = 77
+_BPE: list[Any] = []
+
+
+def clip_token_count(text: str) -> int:
+    """Tokens CLIP's BPE (open_clip's ``SimpleTokenizer``, the vocabulary SDXL's encoders share) makes of
+    ``text``, start and end markers included. No model is loaded; the vocabulary loads once (~0.3 s)."""
+    if not _BPE:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        _BPE.append(SimpleTokenizer())
+    return len(_BPE[0].encode(text)) + 2
+
+
+def prompt_length_notice(prompt: str, limit: int = CLIP_CONTEXT) -> str | None:
+    """One line when ``prompt`` is longer than the text encoders read (SDXL's and CLIP's 77 tokens), naming
+    where it is cut; None when it fits. A prompt of at most ``limit - 2`` characters always fits (a token covers
+    at least one character), so short prompts cost no tokenizer."""
+    if len(prompt) <= limit - 2:
+        return None
+    count = clip_token_count(prompt)
+    if count <= limit:
+        return None
+    words = prompt.split()
+    low, high = 0, len(words)  # binary search for the longest opening that fits: where the encoders stop reading
+    while low < high:
+        mid = (low + high + 1) // 2
+        if clip_token_count(" ".join(words[:mid])) <= limit:
+            low = mid
+        else:
+            high = mid - 1
+    kept = " ".join(words[:low])
+    tail = kept[-40:] if len(kept) > 40 else kept
+    return (f"the prompt is {count} CLIP tokens; SDXL's text encoders and the CLIP scores read only the first "
+            f"{limit} (up to \"…{tail}\"), so the rest changes nothing; put what matters first")
 
 
 def _load_openai_archive(name: str, path: Path) -> tuple[Any, Any, Any]:

@@ -1,5 +1,7 @@
 """Errors a user can cause. The command line prints their message on one line and exits 1."""
 
+import os
+
 
 class UserError(Exception):
     """A mistake in the user's input (a path, a prompt, a setting); the message says which and why."""
@@ -34,3 +36,23 @@ def check_seed(seed: object, where: str = "seed") -> int:
 
 class TimeBudgetSpent(UserError):
     """A long model call (a drawing, a generation) stopped because the run's time budget ran out."""
+
+
+def read_user_text(path: "str | os.PathLike[str]", what: str = "file") -> str:
+    """The text of a file the user wrote (a prompt list, a caption), read as UTF-8.
+
+    A file in another encoding (Windows-1252, UTF-16 from Notepad) is one UserError naming the line and byte
+    that are not UTF-8 and saying to re-save it as UTF-8; a file that cannot be read names the reason."""
+    from pathlib import Path
+
+    data_path = Path(path)
+    try:
+        data = data_path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{data_path}: cannot read the {what}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{data_path}:{line}: the {what} is not UTF-8 text (byte 0x{data[exc.start]:02x}); re-save "
+                        "it as UTF-8 (in most editors: Save As, encoding UTF-8)") from None

@@ -178,7 +178,7 @@ class Generator:
         steps = plan.steps if steps is None else steps
         guidance = plan.guidance if guidance is None else guidance
         ip_scale = g.ip_scale if ip_scale is None else ip_scale
-        validate_request(prompt, width, height, steps, ip_scale, references)
+        validate_request(prompt, width, height, steps, ip_scale, references, generation=g)
         steers = reference_steers(len(references or []), weights, modes)
         if reference_keys is not None and len(reference_keys) != len(references or []):
             raise UserError(f"{len(reference_keys)} reference keys for {len(references or [])} references")
@@ -397,8 +397,15 @@ def _adapter_present(settings: Settings) -> bool:
 
 
 def validate_request(prompt: str, width: int, height: int, steps: int, ip_scale: float,
-                     references: list[Image.Image] | None = None) -> None:
-    """Raise a UserError for a request SDXL cannot draw (the command line checks before loading anything)."""
+                     references: list[Image.Image] | None = None, generation: Any = None) -> None:
+    """Raise a UserError for a request SDXL cannot draw (the command line checks before loading anything), or one
+    past the bounds of ``generation`` (its ``max_side``/``max_steps``; the defaults when None)."""
+    from imgrag.settings import check_drawing_bounds
+
+    try:
+        check_drawing_bounds(width, height, steps, generation)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError("the prompt is empty: say what to draw")
     for name, value in (("width", width), ("height", height)):

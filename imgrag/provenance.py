@@ -55,12 +55,30 @@ def file_sha256(path: str | Path) -> str | None:
     return digest.hexdigest()
 
 
+def absolute_path(path: str | Path) -> str:
+    """``path`` made absolute and resolved (``~`` expanded, links and ``..`` followed), so a recipe read from another
+    folder finds the same file."""
+    return str(Path(path).expanduser().resolve())
+
+
 def reference_entries(references: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``[{"path", "id", "sha256"}]`` for references given as dicts with a ``path`` (and a store ``id`` when
     they came from the store), plus ``weight`` and ``mode`` (imgrag.steering) where the reference has them. The
-    hash is of the file's bytes as they are now, when the picture is drawn."""
-    return [{"path": str(ref["path"]), "id": ref.get("id"), "sha256": file_sha256(ref["path"]),
+    path is stored absolute and resolved (:func:`absolute_path`); the hash is of the file's bytes as they are now,
+    when the picture is drawn."""
+    return [{"path": absolute_path(ref["path"]), "id": ref.get("id"), "sha256": file_sha256(ref["path"]),
              **{k: ref[k] for k in ("weight", "mode") if ref.get(k) is not None}} for ref in references]
+
+
+def recipe_profile(picture: str | Path) -> str | None:
+    """The profile a picture's provenance names (``"tiny"``, ``"default"``), or None when it carries none: what
+    ``imgrag generate --from-image`` loads when no ``--profile`` is given."""
+    try:
+        doc = read_provenance(picture)
+    except Exception:  # an unreadable picture: the recipe reader says why, in one line
+        return None
+    profile = (doc or {}).get("profile")
+    return profile if isinstance(profile, str) and profile else None
 
 
 def describe(settings: Any, *, prompt: str, seed: int, steps: int, guidance: float, width: int, height: int,

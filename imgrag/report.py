@@ -205,7 +205,13 @@ def _candidate_view(c: dict[str, Any], references: dict[str, dict], final_id: st
         "prompt_drawn": c.get("prompt") if c.get("prompt") and c.get("prompt") != run_prompt else None,
         "verdict": c.get("verdict") or None, "stale_verdict": c.get("stale_verdict") or None,
         "stale_prompt": c.get("stale_prompt"),
-        "references": [_reference_view(rid, references.get(rid) or {}) for rid in c.get("reference_ids") or []],
+        "references": [{**_reference_view(rid, references.get(rid) or {}),
+                        # how it steered this drawing (imgrag.steering): its weight and mode, and where it came from
+                        "weight": (c.get("reference_weights") or {}).get(rid),
+                        "mode": (c.get("reference_modes") or {}).get(rid),
+                        "source": (references.get(rid) or {}).get("source") or "retrieved"}
+                       for rid in c.get("reference_ids") or []],
+        "guided_by_memory": "memory" in (c.get("guided_by") or []),
         "retrieved": c.get("source") == "retrieved",  # a photo of the collection, not a drawing (issue 18)
         "backbone": c.get("backbone"), "concepts": _concepts_view(c.get("concepts") or []),
         "sent_prompt": c.get("sent_prompt"),

@@ -8,11 +8,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import secrets
+import shutil
+import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,8 +34,65 @@ def new_run_id() -> str:
 
 
 def path_error(path: str | Path, exc: OSError, doing: str = "cannot write") -> UserError:
-    """One line naming the path and the system's reason (``/x/y: cannot write: Permission denied``)."""
-    return UserError(f"{path}: {doing}: {exc.strerror or exc}")
+    """One line naming the path and the system's reason (``/x/y: cannot write: Permission denied``); a full disk
+    also says how much space is left there."""
+    reason = exc.strerror or str(exc)
+    if is_disk_full(exc):
+        reason += space_left(path)
+    return UserError(f"{path}: {doing}: {reason}")
+
+
+# errno values that mean "no room left": the disk, or the user's quota on it.
+_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) says the disk is full: an OSError with ENOSPC/EDQUOT, SQLite's
+    "database or disk is full", or a library's wrapped message of either (Chroma's "Error in compaction")."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        text = str(exc).lower()
+        if "no space left on device" in text or "disk is full" in text or "disk quota exceeded" in text:
+            return True
+        if isinstance(exc, sqlite3.OperationalError) and "full" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return False
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KB"``: sizes in messages (powers of 1024, one decimal)."""
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def space_left(path: str | Path) -> str:
+    """`` (12.0 KB left on /mnt)``: the free space of the disk holding ``path`` (its nearest existing folder),
+    for a message about a full disk; empty when it cannot be measured."""
+    probe = Path(path).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return ""
+    return f" ({human_bytes(free)} left on the disk of {probe})"
+
+
+def disk_full_line(exc: BaseException, fallback_path: str | Path | None = None) -> str:
+    """One line for a full disk: the path that could not be written and the space left there.
+
+    ``fallback_path`` names the place when the error carries no file name (SQLite, Chroma)."""
+    where = getattr(exc, "filename", None) or fallback_path
+    if where is None:
+        return "the disk is full (No space left on device); free some space and run the command again"
+    return f"{where}: No space left on device{space_left(where)}"
 
 
 def ensure_writable_dir(path: str | Path, what: str = "output folder") -> Path:
@@ -113,10 +174,24 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+def _last_byte(path: Path, size: int) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(size - 1)
+        return fh.read(1)
+
+
 def write_json_atomic(path: Path, document: Any) -> None:
     """Write JSON to ``path`` through :func:`atomic_path`."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+# One writer at a time per process for every trace: parallel tool calls append to the same file.
+_TRACE_LOCK = threading.Lock()
+# Kept free in each run folder while the run works and given back on a full disk, so result.json and the last
+# trace lines can still be written: a run on a full disk closes its record instead of losing it.
+RESERVE_BYTES = 256 * 1024
+RESERVE_NAME = ".space-reserve"
 
 
 class RunRecord:
@@ -128,6 +203,31 @@ class RunRecord:
         self.candidates_dir = self.dir / "candidates"
         self.trace_path = self.dir / "trace.jsonl"
         self.result_path = self.dir / "result.json"
+        # What the last read_steps skipped: ``["trace.jsonl line 7: torn (…)"]`` for the front ends to report.
+        self.trace_problems: list[str] = []
+
+    def reserve_space(self) -> None:
+        """Set aside :data:`RESERVE_BYTES` in the run folder (a file of zeros) for closing the record on a full
+        disk; :meth:`release_space` gives it back. A disk already too full for it is left as it is: the first
+        write that fails then says so."""
+        path = self.dir / RESERVE_NAME
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if path.exists() and path.stat().st_size >= RESERVE_BYTES:
+                return
+            with open(path, "wb") as fh:
+                fh.write(b"\0" * RESERVE_BYTES)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            path.unlink(missing_ok=True)
+
+    def release_space(self) -> None:
+        """Remove the reserve file (at the end of a run, and on a full disk before the record is closed)."""
+        try:
+            (self.dir / RESERVE_NAME).unlink(missing_ok=True)
+        except OSError:
+            pass
 
     def candidate_path(self, candidate_id: str) -> Path:
         """Where a candidate's picture goes (the folder is made on demand)."""
@@ -146,27 +246,55 @@ class RunRecord:
         return path
 
     def append_step(self, step: dict[str, Any]) -> None:
-        """Append one step to trace.jsonl and make it durable before returning."""
-        line = json.dumps({"time": round(time.time(), 3), **step}, default=str)
+        """Append one step to trace.jsonl, whole or not at all, and make it durable before returning.
+
+        The line goes out in one ``write`` on an O_APPEND descriptor; a write that fails part-way (a full disk)
+        is cut back off, so the trace never keeps half a line. A torn line left by a crash is ended with a
+        newline first, so the new step starts a line of its own. Raises the OSError of a failed write."""
+        data = (json.dumps({"time": round(time.time(), 3), **step}, default=str) + "\n").encode("utf-8")
         self.dir.mkdir(parents=True, exist_ok=True)
-        with self.trace_path.open("a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        with _TRACE_LOCK:
+            fd = os.open(self.trace_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                size = os.fstat(fd).st_size
+                if size and _last_byte(self.trace_path, size) != b"\n":
+                    data = b"\n" + data
+                try:
+                    written = os.write(fd, data)
+                    if written != len(data):
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.trace_path))
+                    os.fsync(fd)
+                except OSError as exc:
+                    try:
+                        os.ftruncate(fd, size)  # give back the part that was written
+                    except OSError:
+                        pass
+                    if exc.filename is None:
+                        exc.filename = str(self.trace_path)
+                    raise
+            finally:
+                os.close(fd)
 
     def read_steps(self) -> list[dict[str, Any]]:
-        """Every complete step of the trace; a torn last line (a crash mid-write) or a line that is not a JSON
-        object is ignored."""
+        """Every complete step of the trace. A line that is not a whole JSON object (a torn line, from a crash
+        mid-write) is skipped and named in :attr:`trace_problems`."""
+        self.trace_problems = []
         if not self.trace_path.exists():
             return []
         steps = []
-        for line in self.trace_path.read_text(encoding="utf-8").splitlines():
+        lines = self.trace_path.read_bytes().decode("utf-8", errors="replace").split("\n")
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
             try:
                 step = json.loads(line)
             except json.JSONDecodeError:
-                continue
+                step = None
             if isinstance(step, dict):
                 steps.append(step)
+            else:
+                self.trace_problems.append(f"{self.trace_path} line {number}: torn (not a whole JSON object: a "
+                                           "write cut off by a crash or a full disk); skipped")
         return steps
 
     def write_result(self, result: dict[str, Any]) -> None:

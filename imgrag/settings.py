@@ -48,6 +48,13 @@ MAX_IP_SCALE = 1.0
 TINY_WARNING = ("tiny profile: random-weight models — the images are noise and the verdicts junk; "
                 "this checks the plumbing, not quality.")
 Positive = Annotated[int, Field(ge=1)]
+# Upper bounds of one drawing, raisable on purpose (generation.max_side, generation.max_steps). SDXL was trained
+# at about 1024x1024: at 2048 a side it already repeats its subject, and memory and time grow with the pixel count
+# (16384x16384 is 256 times 1024x1024). Past ~150 steps no sampler imgrag uses changes the picture; 100,000 steps is
+# a typo that would run for days. Recipes (--from-image) and every other way a size or step count arrives use
+# these same bounds (check_drawing_bounds).
+DEFAULT_MAX_SIDE = 2048
+DEFAULT_MAX_STEPS = 150
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -104,6 +111,9 @@ class GenerationSettings:
     # where the concept is named, ImageRAG-O's way; settings in [omnigen]). draw_with: which draws without references.
     repair_with: Literal["ip-adapter", "omnigen"] = "ip-adapter"
     draw_with: Literal["sdxl", "omnigen"] = "sdxl"
+    # The largest side and step count a drawing may ask for (see DEFAULT_MAX_SIDE); raise them to draw past them.
+    max_side: Positive = DEFAULT_MAX_SIDE
+    max_steps: Positive = DEFAULT_MAX_STEPS
     # Keep the IP-Adapter image encoder's embedding of each reference (imgrag/embed_cache.py): a reference used again
     # is not encoded again. Stored beside the store (ip_embeds/), keyed by content hash and encoder identity.
     embed_cache: bool = True
@@ -121,6 +131,33 @@ class GenerationSettings:
             raise ValueError(f"width and height must be multiples of 16 when OmniGen draws (its latents are 1/8 "
                              f"size in 2x2 patches), got {self.width}x{self.height}")
         return self
+
+
+    @model_validator(mode="after")
+    def _within_bounds(self) -> GenerationSettings:
+        check_drawing_bounds(self.width, self.height, self.steps, self)
+        if self.fast_steps is not None:
+            check_drawing_bounds(None, None, self.fast_steps, self)
+        return self
+
+
+def check_drawing_bounds(width: int | None, height: int | None, steps: int | None, generation: Any) -> None:
+    """Raise ValueError (one line naming the setting that raises the bound) when a drawing's size or step count
+    exceeds ``generation.max_side`` / ``generation.max_steps``; None skips that check.
+
+    The one bounds check for every way a drawing is asked for: settings and flags (``--size``, ``--steps``), a
+    recipe read back with ``--from-image``, a batch line."""
+    side = int(getattr(generation, "max_side", DEFAULT_MAX_SIDE))
+    most = int(getattr(generation, "max_steps", DEFAULT_MAX_STEPS))
+    for name, value in (("width", width), ("height", height)):
+        if value is not None and value > side:
+            raise ValueError(f"{name} {value} is above generation.max_side = {side} (SDXL draws best near 1024; "
+                             f"memory and time grow with the pixels); set generation.max_side (or "
+                             f"IMGRAG_GENERATION_MAX_SIDE) higher to draw that large on purpose")
+    if steps is not None and steps > most:
+        raise ValueError(f"{steps} steps is above generation.max_steps = {most} (more steps no longer change the "
+                         f"picture, only the time); set generation.max_steps (or IMGRAG_GENERATION_MAX_STEPS) higher "
+                         "to use more on purpose")
 
 
 @dataclass

@@ -339,6 +339,9 @@ def test_show_refs_and_save(settings, tmp_path: Path) -> None:
         session.candidate("c9")
     refs = session.references()
     assert [(r["number"], r["id"]) for r in refs] == [(1, "ref-cradle"), (2, "ref-retriever")]
+    with pytest.raises(UserError, match=r"the folder .*out does not exist; create it first"):
+        session.save(str(tmp_path / "out" / "best.jpg"))  # a typo'd folder is never made silently
+    (tmp_path / "out").mkdir()
     best, path = session.save(str(tmp_path / "out" / "best.jpg"))
     assert path.exists() and Image.open(path).format == "JPEG" and best["id"] == result["final_candidate"]
     _, folder_copy = session.save(str(tmp_path) + "/")

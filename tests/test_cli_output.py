@@ -99,9 +99,9 @@ def test_a_missing_or_empty_store_is_named_when_the_run_starts(tmp_path) -> None
     runner.run("a dog", planner="fixed", max_rounds=1)
     told = [e for e in events if e["event"] == "store"]
     assert len(told) == 1 and told[0]["pictures"] is None and not typo.exists()  # once per runner; nothing created
-    assert f"the store {typo} does not exist yet" in told[0]["warning"]
+    assert f"the store {typo} does not exist" in told[0]["warning"]
     trace = [json.loads(line) for line in (Path(result["run_dir"]) / "trace.jsonl").read_text().splitlines()]
-    assert any(t.get("event") == "warning" and "does not exist yet" in t["warning"] for t in trace)
+    assert any(t.get("event") == "warning" and "does not exist" in t["warning"] for t in trace)
     console, buffer = terminal(100)
     print_store(told[0], console)
     assert buffer.getvalue().startswith("warning: the store")

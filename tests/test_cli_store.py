@@ -42,7 +42,7 @@ def test_index_then_search_json(capsys: pytest.CaptureFixture, tiny_settings, ph
     assert code == 0
     results = json.loads(out)["results"]
     assert len(results) == 3
-    assert all(set(r) == {"id", "path", "score"} and Path(r["path"]).exists() for r in results)
+    assert all(set(r) == {"id", "path", "score", "caption"} and Path(r["path"]).exists() for r in results)
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
 
     query = photos / "set1" / "p3.png"
@@ -111,7 +111,10 @@ def test_user_mistakes_are_one_line_and_exit_1(capsys: pytest.CaptureFixture, ar
 def test_search_on_an_empty_store_says_how_to_fill_it(capsys: pytest.CaptureFixture, tiny_settings,
                                                       tmp_path: Path) -> None:
     code, out, err = run_cli(capsys, "search", "a rocket", "--profile", "tiny", "--store", str(tmp_path / "none"))
-    assert code == 1 and out == "" and "holds no pictures yet" in err and "imgrag index" in err
+    assert code == 1 and out == "" and "does not exist" in err and "imgrag index PATH --profile tiny" in err
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_cli(capsys, "search", "a rocket", "--profile", "tiny", "--store", str(tmp_path / "empty"))
+    assert code == 1 and out == "" and "holds no pictures yet" in err and "imgrag index PATH --profile tiny" in err
 
 
 def test_search_with_a_non_image_is_a_user_error(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

@@ -56,8 +56,10 @@ def test_ctrl_c_in_run_writes_an_interrupted_result_and_the_resume_command(tiny_
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "interrupted"
     assert result["model_loads"]["generator"] == 1  # what this run loaded before Ctrl-C
-    # c0 was drawn and judged before Ctrl-C: the partial record names it as the answer so far.
-    assert result["final_candidate"] == "c0" and Path(result["final_image"]).is_file()
+    # c0 was drawn and judged before Ctrl-C: the partial record names the best so far (c0, or a later drawing
+    # that finished before the signal landed, whether or not it was checkpointed).
+    assert result["final_candidate"] in {c["id"] for c in result["candidates"]}
+    assert Path(result["final_image"]).is_file()
     expected = f"resume with: imgrag run --resume {run_dir.name} --profile tiny --out {out_dir}"
     assert expected in err, err
     assert "Traceback" not in err

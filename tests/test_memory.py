@@ -62,14 +62,25 @@ def test_memory_makes_the_next_run_start_guided_and_a_demoted_one_is_not_used(tm
     trace = _trace(second)
     assert any(s.get("event") == "memory" and s["concepts"] == ["a wooden cradle"] for s in trace)
     assert [s.get("guided_by") for s in trace if s.get("tool") == "regenerate"] == [["memory"]]
+    from imgrag.report import render_run
+
+    assert "concept memory" in render_run(second["run_dir"]) and "(remembered)" in render_run(second["run_dir"])
     assert memory.entries()[0].references[0].matches == 2
 
     # --no-memory (retrieval.memory = false): neither used nor updated.
     off = _runner(_settings(retrieval={"memory": False}), tmp_path, [MATCH]).run("a wooden cradle", planner="fixed")
     assert _tools(off) == ["generate", "critique"]
 
-    # Two mismatches with it demote it (2 matches, 2 mismatches); a demoted memory guides nothing.
-    for _ in range(2):
+    # The judge naming a remembered concept: the repair's retrieval brings the remembered reference too.
+    third = _runner(settings, tmp_path, [NO_CRADLE, MATCH]).run("a retriever and a cradle", planner="fixed",
+                                                                  max_rounds=3)
+    [retrieved] = [s for s in _trace(third) if s.get("tool") == "retrieve"]
+    assert retrieved["remembered"] and retrieved["remembered"][0] in third["candidates"][1]["reference_ids"]
+
+    # As many mismatches as matches demote it; a demoted memory guides nothing.
+    matches = memory.entries()[0].references[0].matches
+    assert matches == 3
+    for _ in range(matches):
         miss = _runner(settings, tmp_path, [NO_CRADLE]).run("a wooden cradle", planner="fixed", max_rounds=1)
         assert _tools(miss)[0] == "regenerate"
     assert memory.entries()[0].references[0].demoted
@@ -117,6 +128,10 @@ def test_batch_lines_carry_references_with_weights(tmp_path: Path) -> None:
     assert candidate["reference_weights"] == {rid: 0.6} and candidate["reference_modes"] == {rid: "style"}
     assert first["steps"][0]["args"]["weights"] == [0.6] and first["start_guidance"]["source"] == "user"
     assert first["references"][rid]["path"] == str((photos / "kettle.png").resolve())
+    from imgrag.report import render_run
+
+    page = render_run(first["run_dir"])  # the report says how each reference steered
+    assert "weight 0.60, style" in page and "(yours)" in page
 
 
 def test_bad_batch_references_are_named_line_by_line_before_any_run(tmp_path: Path) -> None:
@@ -156,3 +171,34 @@ def test_the_agent_sees_the_start_guidance_and_the_chat_reads_steering() -> None
     assert changed == {"b": {"weight": 2.0}}  # capped at 2
     assert names_concept("A wooden Cradle by the window", "a wooden cradle")
     assert not names_concept("a wooden chair", "a wooden cradle")
+
+
+def test_the_chat_steers_a_reference_for_the_next_drawings(tmp_path: Path) -> None:
+    from agent.chat.session import ChatSession
+
+    settings = _settings(retrieval={"memory": False})
+    runner = _runner(settings, tmp_path, [FakeVerdict(False, ["a wooden cradle", "a retriever"], "neither")])
+    session = ChatSession(runner, rounds=2, planner="fixed")
+    first = session.send("a retriever and a cradle")
+    assert first["candidates"][-1]["reference_ids"] == ["ref-cradle", "ref-retriever"]
+    result = session.send("use the second reference more strongly")
+    assert result["prompt"] == "a retriever and a cradle"  # a directive, not a change of the picture
+    later = result["candidates"][2:]
+    assert later and all(c["reference_ids"] == ["ref-retriever"] for c in later)
+    assert all(c["reference_weights"] == {"ref-retriever": 1.5} for c in later)
+    assert session.values()["references"]["ref-retriever"]["weight"] == 1.5
+
+
+def test_a_run_restarted_from_its_trace_keeps_its_references(tmp_path: Path) -> None:
+    from imgrag.runs import RunRecord
+
+    settings = _settings()
+    picture = tmp_path / "kettle.png"
+    Image.new("RGB", (12, 12), (200, 20, 20)).save(picture)
+    record = RunRecord(Path(settings.output_dir) / "killed-early")  # killed before its first checkpoint
+    record.append_step({"event": "start", "prompt": "a red kettle", "planner": "fixed", "seed": 0,
+                        "budget": {"max_rounds": 2, "max_tool_calls": 20, "max_seconds": 600.0},
+                        "references": [{"path": str(picture), "weight": 0.7, "mode": "content"}]})
+    result = _runner(settings, tmp_path, [MATCH]).resume("killed-early")
+    assert _tools(result) == ["regenerate", "critique"]
+    assert list(result["candidates"][0]["reference_weights"].values()) == [0.7]

@@ -194,6 +194,21 @@ def test_every_output_flagged_means_no_answer(tmp_path: Path) -> None:
     result = runner.run("a wooden cradle", planner="fixed", max_rounds=2, seed=1)
     assert result["final_image"] is None and result["status"] == "failed"
     assert len(result["candidates"]) == 2 and all(c["answer_blocked"] for c in result["candidates"])
+    assert result["blocked"].startswith("every drawing (2) was flagged by the safety gate") and UNSAFE in result[
+        "blocked"]
+
+
+def test_retrieve_says_when_every_match_was_dropped_by_the_gate(tmp_path: Path) -> None:
+    from langchain_core.messages import ToolMessage
+
+    private = tmp_path / "private"
+    runner, _ = make_runner(tmp_path, [NO_CRADLE], {"cradle": (200, 0, 0)}, exclude=[str(private)],
+                            folder="private")
+    result = runner.run("a wooden cradle", planner="fixed", max_rounds=2, seed=2)
+    messages = runner.thread_state(result["run_id"]).values["messages"]
+    said = [m.content for m in messages if isinstance(m, ToolMessage) and m.name == "retrieve"]
+    assert said and all("matched but the safety gate dropped them all" in text for text in said)
+    assert not any("No reference matched" in text for text in said)
 
 
 def test_the_llm_cannot_finish_with_a_flagged_output(tmp_path: Path) -> None:
@@ -281,9 +296,11 @@ def test_a_real_run_with_everything_flagged(tiny_settings, tmp_path: Path, capsy
     config.write_text("[safety]\nenabled = true\nthreshold = -1.0\n", encoding="utf-8")
     common = ("--profile", "tiny", "--config", str(config), "--planner", "fixed", "--max-rounds", "2", "--json")
     code, out, err = run_cli(capsys, "run", "a wooden cradle", *common)
-    assert code == 0, err
+    assert code == 1, err  # no answer: a failed run, said on screen with the gate that blocked it
+    assert "warning: every drawing (2) was flagged by the safety gate" in " ".join(err.split())
     result = json.loads(out)
     assert result["final_image"] is None and result["status"] == "failed" and result["references"] == {}
+    assert "safety gate" in result["blocked"]
     assert all(c["answer_blocked"] and Path(c["path"]).is_file() for c in result["candidates"])
     dropped = [s for s in trace(result) if s.get("event") == "safety"]
     assert dropped and all(Path(s["path"]).parent == folder for s in dropped)

@@ -222,7 +222,8 @@ def test_serve_refuses_a_busy_port_in_one_line_and_warns_off_loopback(serve_env:
                               timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "warning: serving on 0.0.0.0: anyone who can reach this address" in done.stderr
-    assert f"error: cannot serve on 0.0.0.0:{port}" in done.stderr
+    assert f"error: cannot serve on 0.0.0.0:{port}: the port is already in use" in done.stderr
+    assert "--port N" in done.stderr and "GRADIO_SERVER_PORT" not in done.stderr
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -133,3 +134,28 @@ def test_cached_embeddings_give_the_same_picture_and_skip_the_encoder(generator:
     finally:
         generator._encoder_ids.clear()
         generator.embed_cache = None
+
+
+def test_generate_takes_a_weight_and_mode_per_reference(tiny_settings, tmp_path: Path, capsys) -> None:
+    from imgrag.provenance import read_provenance
+    from tests.cli import run_cli
+
+    refs = []
+    for i, colour in enumerate(((200, 0, 0), (0, 0, 200))):
+        refs.append(tmp_path / f"ref{i}.png")
+        Image.new("RGB", (40, 30), colour).save(refs[-1])
+    target = tmp_path / "out.png"
+    code, out, err = run_cli(capsys, "generate", "a cat", "--profile", "tiny", "--ref", f"{refs[0]}:1.5",
+                             "--ref", f"{refs[1]}:0.5:style", "--steps", "1", "-o", str(target), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["reference_steering"] == [{"weight": 1.5, "mode": "both"}, {"weight": 0.5, "mode": "style"}]
+    assert doc["image_encoder"]["calls"] == 2  # encoded once each, then cached beside the store
+    steering = [(r["weight"], r["mode"]) for r in read_provenance(target)["references"]]
+    assert steering == [(1.5, "both"), (0.5, "style")]
+    code, out, err = run_cli(capsys, "generate", "a cat", "--profile", "tiny", "--ref", f"{refs[0]}:1.5",
+                             "--ref", f"{refs[1]}:0.5:style", "--steps", "1", "-o", str(target), "--json")
+    assert code == 0 and json.loads(out)["image_encoder"] == {"calls": 0, "cached": 2}
+    code, _, err = run_cli(capsys, "generate", "a cat", "--profile", "tiny", "--ref", f"{refs[0]}:7",
+                           "-o", str(target))
+    assert code == 1 and "weight must be within 0..2" in err and "Traceback" not in err

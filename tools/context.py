@@ -54,6 +54,27 @@ class ToolContext:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _next_candidate: int = 0
     _claims: Claims = field(default_factory=Claims)
+    _finished: dict[str, dict[str, Any]] | None = None
+
+    def finished_call(self, call_id: str, name: str, args: dict[str, Any],
+                      state: dict[str, Any]) -> dict[str, Any] | None:
+        """The trace step of a call that already finished in an earlier process and whose result the checkpoint
+        never got (the process stopped in between), or None.
+
+        Matched by the call's id, tool and arguments; a call the state already answered is a new call that
+        reuses an id (scripted or careless LLMs), never a replay. The trace is read once per context."""
+        if not call_id:
+            return None
+        if any(getattr(m, "tool_call_id", None) == call_id for m in state.get("messages") or []):
+            return None
+        with self._lock:
+            if self._finished is None:
+                self._finished = {s["call_id"]: s for s in self.record.read_steps()
+                                  if s.get("call_id") and s.get("ok") and isinstance(s.get("replay"), dict)}
+        kept = self._finished.get(call_id)
+        if kept is None or kept.get("tool") != name or kept.get("args") != args:
+            return None
+        return kept
 
     def claim(self, state: dict[str, Any], *, draws: bool) -> tuple[int, str | None]:
         """Claim one tool call (and one round when the call ``draws``) for a call of the current turn

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from langchain_core.messages import ToolMessage
@@ -24,6 +25,7 @@ from imgrag.engine import ManagedEmbedder
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
 from imgrag.provenance import file_sha256, for_drawing
+from imgrag.runs import is_disk_full
 from imgrag.steering import MAX_WEIGHT, MODES
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES
 from tools.context import ToolContext
@@ -84,6 +86,9 @@ def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict
     becomes an error message the planner can act on and a failed step in the trace and the state
     (``failed_steps``, which the fixed policy reads so it never repeats a step that failed)."""
     args = checkpoint_safe(args)  # recorded in the trace and the state
+    kept = ctx.finished_call(tool_call_id, name, args, state)
+    if kept is not None:
+        return _replay(ctx, name, tool_call_id, state, kept, draws)
     finishing = _finishing(state) if name != "finish" else None
     if finishing:  # a valid finish in the same turn ends the run: the calls beside it would be wasted work
         round_no, refusal = 0, f"this turn also finished the run with {finishing}"
@@ -107,6 +112,10 @@ def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict
     except UserError as exc:
         text, update, ok = f"Error: {exc}", {}, False
     except Exception as exc:  # a model error, out of memory, a vanished file: the run goes on without this step
+        if is_disk_full(exc):  # no step can succeed until space is freed: the run stops and closes its record
+            if draws:
+                ctx.release_round(state)
+            raise
         text, update, ok = f"Error: {name} failed: {type(exc).__name__}: {first_line(exc)}", {}, False
         step["exception"] = traceback.format_exc(limit=8)[-4000:]
     if not ok:
@@ -119,10 +128,29 @@ def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict
         update = {"failed_steps": [{"tool": name, "target": target, "args": args, "error": text[:300],
                                     "kind": step.get("kind", "error")}]}
     seconds = round(time.perf_counter() - start, 3)
-    ctx.record.append_step({"tool": name, "args": args, "ok": ok, "seconds": seconds,
+    if ok:  # the step's result, durable before the checkpoint that records it: a resume replays it (below)
+        step["replay"] = {"text": text, "update": update}
+    ctx.record.append_step({"tool": name, "args": args, "ok": ok, "seconds": seconds, "call_id": tool_call_id,
                             "round": round_no or state.get("rounds", 0), "message": text[:2000], **step})
     ctx.on_event({"event": "tool_end", "tool": name, "ok": ok, "seconds": seconds, "message": text[:300]})
     message = ToolMessage(text, tool_call_id=tool_call_id, name=name, status="success" if ok else "error")
+    return Command(update={"messages": [message], "tool_calls": 1, **update})
+
+
+def _replay(ctx: ToolContext, name: str, tool_call_id: str, state: dict, kept: dict, draws: bool) -> Command:
+    """Answer a call that already finished in an earlier process with the result its trace step kept.
+
+    A run stopped after a tool finished but before LangGraph checkpointed its result (Ctrl-C, a kill, a full
+    disk) runs that tool call again on resume; drawing it again would make a second candidate of the same
+    round and seed and orphan the first. The call's share of the budget is claimed as the first time."""
+    ctx.claim(state, draws=draws)
+    ctx.on_event({"event": "tool_start", "tool": name, "args": kept.get("args") or {}, "round": state.get("rounds", 0)})
+    text, update = kept["replay"]["text"], kept["replay"]["update"]
+    ctx.record.append_step({"event": "replayed", "tool": name, "call_id": tool_call_id,
+                            "note": "finished before the interruption; its result is reused, not redone"})
+    ctx.on_event({"event": "tool_end", "tool": name, "ok": True, "seconds": 0.0,
+                  "message": f"kept from before the interruption: {text[:250]}"})
+    message = ToolMessage(text, tool_call_id=tool_call_id, name=name, status="success")
     return Command(update={"messages": [message], "tool_calls": 1, **update})
 
 
@@ -209,6 +237,29 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seed: int, 
             "reference_ids": [ref["id"] for ref in references], "ip_scale": ip_scale if adapter else None,
             "round": round_no, "clip_score": round(clip_score, 4), "verdict": None, **steering, **extra,
             **check_output(ctx, image_vector[0])}  # issue 18: flagged outputs are kept, never the answer
+
+
+MAX_REMEMBERED = 2  # remembered references a retrieval adds per call, before the store's own results
+
+
+def _remembered(ctx: ToolContext, embedder: Any, queries: list[str]) -> dict[str, dict]:
+    """References the concept memory holds for concepts these queries name (imgrag/store/memory.py), as records
+    marked ``source: "memory"``; none when ``retrieval.memory`` is off. A memory that cannot be read costs only
+    itself: the store's results still come."""
+    r = ctx.settings.retrieval
+    if not r.memory:
+        return {}
+    from imgrag.store.memory import ConceptMemory, recall_references
+
+    memory = ConceptMemory.for_settings(ctx.settings)
+    found: dict[str, dict] = {}
+    try:
+        for query in queries:
+            got, _ = recall_references(memory, query, embedder, r.memory_min_score, MAX_REMEMBERED - len(found))
+            found.update(got)
+    except UserError:
+        return {}
+    return found
 
 
 def _steers(ids: list[str], known: dict[str, dict], weights: Any, modes: Any) -> dict[str, tuple[float, str]]:
@@ -361,20 +412,33 @@ def make_tools() -> list[BaseTool]:
             found = [] if empty_store else store.retrieve(
                 embedder, cleaned, k=top_k, avoid=avoid_image, rerank_lambda=r.rerank_lambda,
                 min_score=r.min_score)
+            matched = len(found)
             found = screen_references(ctx, store, embedder, found, "retrieve")  # issue 18: the safety gate
             refs = {ref.id: ref.to_dict() for ref in found}
+            remembered = _remembered(ctx, embedder, cleaned)
+            paths = {str(Path(ref["path"]).resolve()) for ref in remembered.values()}  # one picture, one record
+            refs = {**remembered, **{rid: ref for rid, ref in refs.items()
+                                     if rid not in remembered and str(Path(ref["path"]).resolve()) not in paths}}
+            known = state.get("references") or {}
+            for rid, ref in refs.items():  # a weight or mode the user gave this reference survives its retrieval
+                ref.update({k: known[rid][k] for k in ("weight", "mode", "source") if k in (known.get(rid) or {})})
             # Recorded even when empty, so the planner knows this repair was tried.
             candidates = state.get("candidates") or {}
             repairing = avoid_candidate_id or max(candidates, key=lambda c: int(c[1:]), default=None)
             retrieval = {"for": repairing, "queries": cleaned, "reference_ids": list(refs)}
             # Captions are cut short: indexed captions run to 2,000 characters, and every one stays in the thread.
             listing = [{"reference_id": ref["id"], "caption": _short(ref.get("caption") or ""),
-                        "query": ref.get("query"), "score": round(float(ref["score"]), 4)} for ref in refs.values()]
-            if empty_store:
+                        "query": ref.get("query"), "score": round(float(ref["score"]), 4),
+                        **({"remembered": True} if ref.get("source") == "memory" else {})} for ref in refs.values()]
+            if empty_store and not remembered:
                 text = "The reference store is empty (the user can add images with `imgrag index`); draw without."
+            elif not listing and matched:  # found, then dropped: other queries would meet the same gate
+                text = (f"{matched} reference(s) matched but the safety gate dropped them all (excluded by "
+                        "safety.exclude, or flagged as unsafe); draw without references or try other queries.")
             else:
                 text = json.dumps(listing) if listing else "No reference matched these queries; try broader ones."
-            return text, {"references": refs, "retrievals": [retrieval]}
+            return text, {"references": refs, "retrievals": [retrieval]}, (
+                {"remembered": list(remembered)} if remembered else {})
 
         return _run(ctx, "retrieve", args, tool_call_id, state, body)
 

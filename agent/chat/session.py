@@ -385,8 +385,9 @@ class ChatSession:
             path = path.with_suffix(".png")
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise UserError(f"{path}: unknown picture format {path.suffix!r} (use .png, .jpg or .webp)")
+        if not path.parent.is_dir():  # a typo'd folder is refused, never made behind the user's back
+            raise UserError(f"the folder {path.parent} does not exist; create it first, or /save into an existing one")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             from imgrag.provenance import copy_with_provenance  # issue 18: the copy keeps how it was made
 
             copy_with_provenance(best["path"], path)

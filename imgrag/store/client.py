@@ -153,3 +153,12 @@ def _imgrag_collections(client: Any) -> list[tuple[Any, dict[str, Any]]]:
         if "imgrag_embedder" in meta:
             found.append((collection, meta))
     return found
+
+
+def index_hint(profile: str, store: str | None = None) -> str:
+    """The ``imgrag index`` command that fills ``store`` with ``profile``'s embedder, in backticks: the same
+    --profile (and --store), so following the hint never indexes with another profile's models."""
+    flags = [] if profile == "default" else [f"--profile {profile}"]
+    if store:
+        flags.append(f"--store {store}")
+    return "`" + " ".join(["imgrag index PATH", *flags]) + "`"

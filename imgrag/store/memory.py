@@ -183,3 +183,43 @@ class ConceptMemory:
                 doc.concepts.clear()
                 return dropped
             return 1 if doc.concepts.pop(concept_key(concept), None) is not None else 0
+
+
+def recall_references(memory: ConceptMemory, text: str, embedder: Any, min_score: float,
+                      room: int) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """The remembered references that may guide a drawing for ``text`` (a prompt, or a judge's missing phrase), as
+    reference records keyed ``mem-<sha256[:12]>`` (``source`` "memory", ``query`` the concept, ``score`` the CLIP
+    cosine), at most ``room``; and a note per reference considered (its score, or why it was skipped).
+
+    A reference is used when the concept is named by ``text`` (:func:`names_concept`), it is not demoted, its file
+    is still there with the same content (sha256), and the cosine of its picture and the concept's text under
+    ``embedder`` (``embed_images``/``embed_texts``, unit rows) reaches ``min_score``."""
+    from imgrag.images import open_image
+    from imgrag.provenance import file_sha256
+
+    chosen: dict[str, dict[str, Any]] = {}
+    considered: list[dict[str, Any]] = []
+    for entry, references in memory.recall(text):
+        for ref in references:
+            if len(chosen) >= room:
+                break
+            note: dict[str, Any] = {"concept": entry.concept, "path": ref.path}
+            considered.append(note)
+            if file_sha256(ref.path) != ref.sha256:
+                note["skipped"] = "the file is gone or has changed since it was remembered"
+                continue
+            try:
+                image = open_image(ref.path)
+            except UserError as exc:
+                note["skipped"] = str(exc)
+                continue
+            score = float((embedder.embed_images([image]) @ embedder.embed_texts([entry.concept]).T)[0, 0])
+            note["score"] = round(score, 4)
+            if score < min_score:
+                note["skipped"] = "below retrieval.memory_min_score"
+                continue
+            rid = f"mem-{ref.sha256[:12]}"
+            chosen[rid] = {"id": rid, "path": ref.path, "caption": ref.caption, "score": round(score, 4),
+                           "query": entry.concept, "weight": ref.weight, "mode": ref.mode, "source": "memory",
+                           "store_id": ref.store_id}
+    return chosen, considered
