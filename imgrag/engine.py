@@ -1,8 +1,8 @@
 """The engine's entry point: a model manager with every model of a profile registered.
 
-``build_manager(settings)`` registers "generator", "judge", "llm" and "embedder" (and "dino" when
-``models.dino`` is set, "omnigen" when ``generation.repair_with`` or ``draw_with`` is "omnigen"); nothing is
-loaded until a ``manager.run(name, ...)`` or ``manager.use(name)`` asks for it. The wrappers are imported inside
+``build_manager(settings)`` registers "generator", "judge", "llm" and "embedder" (and "omnigen" when
+``generation.repair_with`` or ``draw_with`` is "omnigen"; "dino" and "siglip" are registered by
+:class:`imgrag.scorers.Scorers` when an evaluation needs them); nothing is loaded until a ``manager.run(name, ...)`` or ``manager.use(name)`` asks for it. The wrappers are imported inside
 the loaders so that a command needing one model never pays for importing the libraries of the others.
 
 Each model is registered with a stated estimate of its working memory (:func:`working_memory_gb`),
@@ -42,10 +42,8 @@ def build_manager(settings: Settings, *, device: str | None = None) -> ModelMana
     manager.register("embedder", lambda: _load_embedder(settings, device), reserve_gb=estimates["embedder"])
     if uses_omnigen(settings):
         manager.register("omnigen", lambda: _load_omnigen(settings, device), reserve_gb=estimates["omnigen"])
-    if (settings.models.dino or "").strip():
-        register_dino(manager, settings)
-    if (settings.models.siglip or "").strip():
-        register_siglip(manager, settings)
+    # DINO and SigLIP score evaluations only: imgrag.scorers registers them when an evaluation asks, so a run's
+    # model_loads names only the models a run can load.
     return manager
 
 

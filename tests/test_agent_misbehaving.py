@@ -111,7 +111,7 @@ class FailingGenerator(FakeGenerator):
 
 
 @pytest.mark.parametrize("error", [RuntimeError("CUDA error: an illegal memory access"),
-                                   MemoryError("out of memory"), OSError(28, "No space left on device"),
+                                   MemoryError("out of memory"), OSError(5, "Input/output error"),
                                    ValueError("a bad argument the schema allowed")],
                          ids=["model-error", "oom", "io-error", "value-error"])
 def test_a_failing_drawing_becomes_an_error_message(settings, tmp_path: Path, error: BaseException) -> None:

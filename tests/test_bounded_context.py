@@ -47,13 +47,15 @@ def test_a_twenty_request_thread_stays_under_a_fixed_token_bound(tiny_kit, tmp_p
     state = initial_state("request 0", seed=0, run_id="t", run_dir=str(tmp_path), planner="agent",
                           budget={"max_rounds": 100, "max_tool_calls": 500, "max_seconds": 1e9})
     state["messages"] = []
+    # What every prompt carries whatever the thread: the system text and the tools' schemas.
+    fixed = len(chat.tokenizer(chat.render([HumanMessage("-")], tools))["input_ids"])
     sizes, whole = [], []
     for n in range(20):
         add_request(state, n)
         sizes.append(len(chat.tokenizer(chat.render(llm_messages(state), tools))["input_ids"]))
         whole.append(len(chat.tokenizer(chat.render(state["messages"], tools))["input_ids"]))
-    print("prompt tokens per request:", sizes, "whole thread:", whole[-1])
-    assert max(sizes) < 6000, sizes
+    print("fixed part:", fixed, "prompt tokens per request:", sizes, "whole thread:", whole[-1])
+    assert max(sizes) - fixed < 4000, (fixed, sizes)  # the window's share stays under a fixed bound
     assert max(sizes[10:]) - min(sizes[10:]) < 100, sizes  # per-step prompt size stops growing
     assert whole[-1] > 5 * sizes[-1]  # the whole thread would not have fitted
     window = llm_messages(state)

@@ -76,7 +76,7 @@ def test_dino_goes_through_the_manager(tiny_settings, tmp_path: Path) -> None:
 
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
-    from imgrag.engine import build_manager
+    from imgrag.engine import build_manager, register_dino
 
     dino = tmp_path / "dino"
     config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -85,7 +85,8 @@ def test_dino_goes_through_the_manager(tiny_settings, tmp_path: Path) -> None:
     BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(dino)
     settings = replace(tiny_settings, models=replace(tiny_settings.models, dino=str(dino)))
     manager = build_manager(settings)
-    assert "dino" in manager.names()
+    assert "dino" not in manager.names()  # registered only when an evaluation scores with it
+    register_dino(manager, settings)
     vectors = manager.run("dino", lambda scorer: (threading.get_ident(), scorer.embed([Image.new("RGB", (40, 40))])))
     assert vectors[0] == manager.thread.ident and vectors[1].shape == (1, 32)
     assert manager.stats()["dino"]["loads"] == 1 and manager.stats()["dino"]["size_gb"] > 0
