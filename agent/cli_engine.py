@@ -22,12 +22,14 @@ from agent.cli_common import (
     FastOpt,
     JsonOpt,
     ProfileOpt,
+    RepairWithOpt,
     TerminalBar,
     app,
     err,
     out,
     prepare_models,
     print_json,
+    repair_flags,
     settings_from_flags,
 )
 from imgrag.errors import UserError, check_seed
@@ -73,11 +75,20 @@ def generate(
     size: Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT, multiples of 8 (default: the profile's).")]
     = None,
     fast: FastOpt = None,
+    repair_with: RepairWithOpt = None,
+    concept: Annotated[list[str] | None, typer.Option(
+        "--concept", metavar="TEXT",
+        help="With --repair-with omnigen: the concept the matching --ref shows (first --concept for the first "
+             "--ref; repeat once per --ref). Without it every reference stands for the whole prompt.")] = None,
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Draw one picture with SDXL; with --ref, guided by reference images (IP-Adapter)."""
+    """Draw one picture with SDXL; with --ref, guided by reference images (IP-Adapter, or OmniGen in context).
+
+    With --repair-with omnigen the references go into OmniGen's prompt, each beside the concept it shows
+    (--concept), ImageRAG-O's way; per-reference weights and modes are IP-Adapter's and do not apply there.
+    """
     from imgrag.fast import draw_plan
     from imgrag.generator import validate_request
     from imgrag.provenance import for_drawing, save_image
@@ -95,16 +106,30 @@ def generate(
                       soft_wrap=True)
     refs = None if ref is None else [parse_ref_arg(text) for text in ref]  # [(path, ReferenceSteer)]
     if from_image is not None:  # the picture's own provenance fills every value no flag gives
+        given_refs = refs
         prompt, refs, seed, steps, guidance, fast, ip_scale, width, height = _from_provenance(
             from_image, prompt, refs, seed, steps, fast, ip_scale, width, height)
+        if repair_with is None and recipe_backbone(from_image) == "omnigen":  # drawn by OmniGen: redrawn by it
+            repair_with = "omnigen"
+            if concept is None and given_refs is None:
+                concept = recipe_concepts(from_image)
     if prompt is None:
         raise UserError("say what to draw: imgrag generate PROMPT -o OUT.png (or --from-image PICTURE)")
     if seed is not None:
         check_seed(seed, "--seed")
+    omnigen_asked = (repair_with or "").strip().lower() == "omnigen"
     settings = settings_from_flags(profile, config, **{
-        "generation.seed": seed, "generation.steps": steps, "generation.ip_scale": ip_scale,
-        "generation.width": width, "generation.height": height, "generation.fast": fast})
+        "generation.seed": seed, "generation.steps": None if omnigen_asked and refs else steps,
+        "generation.ip_scale": ip_scale, "generation.width": width, "generation.height": height,
+        "generation.fast": fast, "omnigen.steps": steps if omnigen_asked and refs else None,
+        **repair_flags(repair_with)})
     g = settings.generation
+    if refs and g.repair_with == "omnigen" or not refs and g.draw_with == "omnigen":
+        _generate_omnigen(settings, prompt, refs or [], concept, output=output, from_image=from_image,
+                          flags_without_effect={"--ip-scale": ip_scale, "--fast": fast}, as_json=as_json)
+        return
+    if concept:
+        raise UserError("--concept places references in OmniGen's prompt: it needs --repair-with omnigen")
     plan = draw_plan(g)  # a fast method brings its own steps and guidance; --steps still wins
     n_steps = plan.steps if steps is None else steps
     guidance = plan.guidance if guidance is None else guidance
@@ -168,6 +193,106 @@ def generate(
     fast_note = f", {plan.mode}" if plan.mode != "off" else ""
     out.print(f"wrote {output} ({g.width}x{g.height}, {n_steps} steps{fast_note}, seed {g.seed}{guided}) "
               f"in {seconds} s", markup=False)
+
+
+def _generate_omnigen(settings: Any, prompt: str, refs: list[tuple[Path, ReferenceSteer]],
+                      concepts: list[str] | None, *, output: Path, from_image: Path | None,
+                      flags_without_effect: dict[str, Any], as_json: bool) -> None:
+    """``imgrag generate`` on OmniGen: ``refs`` placed in the prompt beside the concept each shows (``concepts``,
+    one per reference, or the whole prompt for all), at most ``omnigen.max_references`` of them
+    (:func:`imgrag.concept_refs.concept_prompt`). Raises UserError for a weight or mode other than the default
+    (IP-Adapter's, not OmniGen's) and a --concept count that does not match the --ref count."""
+    from imgrag.concept_refs import ConceptReferences, concept_prompt, merge_concepts
+    from imgrag.engine import build_manager
+    from imgrag.omnigen import validate_omnigen_request
+    from imgrag.provenance import for_omnigen_drawing, save_image
+
+    steered = [str(path) for path, s in refs if (s.weight, s.mode) != (1.0, "both")]
+    if steered:
+        raise UserError(f"--ref {steered[0]}: OmniGen has no per-reference weight or mode (IP-Adapter's); drop "
+                        ":WEIGHT/:MODE, or draw with --repair-with ip-adapter")
+    if concepts and len(concepts) != len(refs):
+        raise UserError(f"give one --concept per --ref: {len(concepts)} --concept for {len(refs)} --ref")
+    for flag, value in flags_without_effect.items():
+        if value is not None:
+            err.print(f"[yellow]warning:[/] {flag} does nothing on OmniGen (it is SDXL's); ignored", soft_wrap=True)
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise UserError(f"{output}: the output must end in one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
+    ensure_writable_file(output, "output")
+    g, o = settings.generation, settings.omnigen
+    ids = [f"ref{n}" for n in range(1, len(refs) + 1)]
+    mapping = merge_concepts([ConceptReferences(concept=(concepts[n] if concepts else prompt), reference_ids=[i])
+                              for n, i in enumerate(ids)])
+    planned = concept_prompt(prompt, mapping, o.max_references)
+    by_id = {i: path for i, (path, _) in zip(ids, refs, strict=True)}
+    images = [open_image(by_id[i]) for i in planned.image_ids]
+    validate_omnigen_request(planned.text, g.width, g.height, o.steps, images)
+    for placed in planned.concepts:
+        for left in placed.left_out:
+            err.print(f"[yellow]note:[/] {escape(str(by_id[left['reference_id']]))} left out: {escape(left['why'])}",
+                      soft_wrap=True)
+
+    prepare_models(settings)
+    manager = build_manager(settings)
+    start = time.perf_counter()
+    bar = TerminalBar("drawing (OmniGen)")
+    try:
+        image = manager.run("omnigen", lambda omnigen: omnigen.generate(
+            planned.text, seed=g.seed, input_images=images or None, on_step=bar))
+    finally:
+        bar.close()
+    used = [{"path": by_id[i], "id": i} for i in planned.image_ids]
+    placed_map = planned.mapping() if refs else []
+    save_image(image, output, for_omnigen_drawing(settings, prompt=prompt, sent_prompt=planned.text, seed=g.seed,
+                                                  references=used, concepts=placed_map))
+    seconds = round(time.perf_counter() - start, 3)
+    result: dict[str, Any] = {
+        "output": str(output), "backbone": "omnigen", "prompt": prompt, "sent_prompt": planned.text,
+        "seed": g.seed, "steps": o.steps, "width": g.width, "height": g.height, "guidance": o.guidance_scale,
+        "img_guidance": o.img_guidance_scale, "fast": "off", "references": [str(by_id[i]) for i in planned.image_ids],
+        "concepts": placed_map, "seconds": seconds, "model_loads": manager.load_counts(), "profile": settings.profile,
+        "from_image": str(from_image) if from_image else None,
+    }
+    if settings.is_tiny:
+        result["warning"] = TINY_WARNING
+    if as_json:
+        print_json(result)
+        return
+    guided = f", {len(images)} reference(s) in context" if images else ""
+    out.print(f"wrote {output} (OmniGen, {g.width}x{g.height}, {o.steps} steps, seed {g.seed}{guided}) in {seconds} s",
+              markup=False)
+
+
+def recipe_backbone(picture: Path) -> str | None:
+    """The backbone a picture's provenance names ("omnigen", "sdxl+ip-adapter", ...), or None."""
+    from imgrag.provenance import read_provenance
+
+    try:
+        doc = read_provenance(picture) or {}
+    except Exception:  # an unreadable recipe: _from_provenance says why, in one line
+        return None
+    backbone = doc.get("backbone") if isinstance(doc, dict) else None
+    return backbone if isinstance(backbone, str) else None
+
+
+def recipe_concepts(picture: Path) -> list[str] | None:
+    """The concept each of an OmniGen picture's references stood for, in the recipe's reference order; None when
+    the recipe has no complete mapping (each reference then stands for the whole prompt)."""
+    from imgrag.provenance import read_provenance
+
+    try:
+        doc = read_provenance(picture) or {}
+    except Exception:
+        return None
+    by_id: dict[str, str] = {}
+    for entry in doc.get("concepts") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("concept"), str):
+            for ref_id in entry.get("reference_ids") or []:
+                if isinstance(ref_id, str):
+                    by_id.setdefault(ref_id, entry["concept"])
+    refs = [r for r in doc.get("references") or [] if isinstance(r, dict)]
+    named = [by_id.get(r.get("id")) for r in refs]
+    return named if refs and all(isinstance(n, str) for n in named) else None
 
 
 def _from_provenance(picture: Path, prompt: str | None, ref: list[tuple[Path, ReferenceSteer]] | None,

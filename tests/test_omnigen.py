@@ -367,3 +367,46 @@ def test_a_tiny_run_repairs_with_omnigen_from_two_concepts(tiny_settings, tmp_pa
     code, _, err = run_cli(capsys, "report", str(run_dir))
     page = (run_dir / "report.html").read_text(encoding="utf-8")
     assert code == 0 and 'class="concepts"' in page and "a wooden cradle" in page and "(image 2)" in page
+
+
+# ----- one drawing from the command line: generate --ref --repair-with omnigen, and its redraw -----
+
+
+def test_generate_places_each_ref_beside_its_concept_and_redraws_from_the_recipe(tiny_settings, tmp_path: Path,
+                                                                                 capsys) -> None:
+    fox, cradle = tmp_path / "fox.png", tmp_path / "cradle.png"
+    Image.new("RGB", (48, 48), (200, 90, 30)).save(fox)
+    Image.new("RGB", (48, 48), (120, 80, 40)).save(cradle)
+    out_png = tmp_path / "out.png"
+    code, out, err = run_cli(capsys, "generate", "a red fox on a wooden cradle", "-o", str(out_png), "--profile",
+                             "tiny", "--repair-with", "omnigen", "--ref", str(fox), "--concept", "a red fox",
+                             "--ref", str(cradle), "--concept", "a wooden cradle", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["backbone"] == "omnigen" and result["model_loads"].get("generator", 0) == 0
+    assert [c["concept"] for c in result["concepts"]] == ["a red fox", "a wooden cradle"]
+    assert [c["images"] for c in result["concepts"]] == [[1], [2]]
+    assert result["sent_prompt"].count("<img><|image_") == 2 and "warning" in result  # tiny: noise
+    with Image.open(out_png) as picture:
+        doc = json.loads(picture.info["imgrag"])
+    assert doc["backbone"] == "omnigen" and doc["concepts"] == result["concepts"]
+
+    again = tmp_path / "again.png"
+    code, out, err = run_cli(capsys, "generate", "--from-image", str(out_png), "-o", str(again), "--json")
+    assert code == 0, err
+    redraw = json.loads(out)
+    assert redraw["backbone"] == "omnigen" and redraw["concepts"] == result["concepts"]
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out_png)))
+
+
+def test_generate_on_omnigen_refuses_what_does_not_apply(tiny_settings, tmp_path: Path, capsys) -> None:
+    fox = tmp_path / "fox.png"
+    Image.new("RGB", (48, 48), (200, 90, 30)).save(fox)
+    base = ["generate", "a fox", "-o", str(tmp_path / "o.png"), "--profile", "tiny"]
+    code, _, err = run_cli(capsys, *base, "--repair-with", "omnigen", "--ref", f"{fox}:0.5:style")
+    assert code == 1 and "no per-reference weight or mode" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, *base, "--repair-with", "omnigen", "--ref", str(fox), "--concept", "a", "--concept",
+                           "b")
+    assert code == 1 and "one --concept per --ref" in err
+    code, _, err = run_cli(capsys, *base, "--ref", str(fox), "--concept", "a fox")
+    assert code == 1 and "needs --repair-with omnigen" in err
