@@ -39,6 +39,7 @@ if [ ! -f "$KIT/kit.json" ]; then
     > "$OUT/build.json" 2> "$OUT/build.err"
   echo "build rc=$? in $(( $(date +%s) - start )) s"; tail -3 "$OUT/build.err"
 fi
+[ "${OMNIGEN:-1}" = only ] && PASSES=""
 for pass in $PASSES; do
   code=$PWD
   if [ "$pass" = before ]; then
@@ -50,6 +51,15 @@ for pass in $PASSES; do
     ${BENCH_ARGS:-} 2>&1 | grep -v "Writing model shards" > "$OUT/bench-$pass.log"
   echo "$pass: rc=$? in $(( $(date +%s) - start )) s"; tail -20 "$OUT/bench-$pass.log"
 done
+# The repair backbones on the same kit (it holds OmniGen-v1 at full size): guided drawings at 1024x1024 with 0-3
+# references on SDXL + IP-Adapter and on OmniGen, peak memory, one repair round on each (about 3-4 minutes).
+# OMNIGEN=0 skips it; OMNIGEN=only runs it alone (PASSES is then ignored).
+if [ "${OMNIGEN:-1}" != 0 ]; then
+  start=$(date +%s)
+  PYTHONPATH="$PWD:${PYTHONPATH:-}" python3 benchmarks/bench_omnigen.py --kit "$KIT" --repeats "${OMNIGEN_REPEATS:-2}" \
+    --json "$OUT/bench-omnigen.json" > "$OUT/bench-omnigen.log" 2>&1
+  echo "omnigen: rc=$? in $(( $(date +%s) - start )) s"; tail -12 "$OUT/bench-omnigen.log"
+fi
 if [ -f "$OUT/bench-before.json" ] && [ -f "$OUT/bench-after.json" ]; then
   python3 benchmarks/bench_gpu.py --compare "$OUT/bench-before.json" "$OUT/bench-after.json" | tee "$OUT/compare.md"
 fi
