@@ -84,7 +84,8 @@ def _print_eval(doc: dict[str, Any]) -> None:
 
 ArmsOpt = Annotated[str | None, typer.Option(
     "--arms", help="Comma-separated arms (default: plain,imagerag,loop-fixed,loop-agent; --planner fixed: "
-                   "the first three). plain is always run: every difference is against it.")]
+                   "the first three; --repair-with omnigen adds plain-omnigen,imagerag-o, ImageRAG-O's pass and its "
+                   "baseline). plain is always run: every difference is against it.")]
 
 
 @app.command("eval")
@@ -108,14 +109,15 @@ def eval_command(
 ) -> None:
     """Every arm on the same prompts and seeds, scored by models the agent never selects with.
 
-    Arms: plain SDXL; ImageRAG's single pass (critique, retrieve, redraw); imgrag's loop with the fixed and
-    the agent planner. Scores: DINO and CLIP image-image against gold pictures, SigLIP and CLIP text-image, the
-    judge's match; the loop selects with the last two (marked). Per metric, the paired difference against plain
-    with a bootstrap 95% interval and the shares improved/worsened. Writes eval.json, eval.csv (a row per prompt
-    and arm) and report.html. With --classes DIR each class folder is split (eval.* settings) into retrieval
-    pictures, indexed into the evaluation's own store, and gold pictures, never retrieved; the prompt is "a photo
-    of a <class>". With a prompt FILE the profile's store is used, its gold pictures excluded."""
-    from agent.evaluation import DEFAULT_ARMS, FIXED_ARMS, Evaluation, check_arms, read_eval_file
+    Arms: plain SDXL; ImageRAG's single pass (critique, retrieve, redraw); imgrag's loop with the fixed and the
+    agent planner; with --repair-with omnigen also plain OmniGen and ImageRAG-O's pass on it. Scores: DINO and
+    CLIP image-image against gold pictures, SigLIP and CLIP text-image, the judge's match; the loop selects with
+    the last two (marked). Per metric, the paired difference against plain with a bootstrap 95% interval and the
+    shares improved/worsened. Writes eval.json, eval.csv (a row per prompt and arm) and report.html. With
+    --classes DIR each class folder is split (eval.* settings) into retrieval pictures, indexed into the
+    evaluation's own store, and gold pictures, never retrieved; the prompt is "a photo of a <class>". With a
+    prompt FILE the profile's store is used, its gold pictures excluded."""
+    from agent.evaluation import Evaluation, check_arms, default_arms, read_eval_file
 
     if (file is None) == (classes is None):
         raise UserError("give a prompt FILE or --classes DIR (one of the two)")
@@ -123,10 +125,10 @@ def eval_command(
         raise UserError("--classes indexes its own store from the class folders; --store is for a prompt FILE")
     if planner is not None:
         check_planner(planner)
-    chosen = check_arms(arms.split(",")) if arms else list(FIXED_ARMS if planner == "fixed" else DEFAULT_ARMS)
     items = read_eval_file(file) if file is not None else None  # a bad file fails before any model loads
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
                                    **repair_flags(repair_with))
+    chosen = check_arms(arms.split(",")) if arms else default_arms(planner, settings)
     if classes is not None:
         from imgrag.class_folders import read_class_folder, split_classes
 

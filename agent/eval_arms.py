@@ -5,6 +5,10 @@
   draw, ask the judge whether the picture matches, and if not retrieve one reference per missing concept
   (the prompt itself when the judge names none) and redraw once with them through the IP-Adapter; its answer is
   the redraw, never chosen by a score;
+- ``plain-omnigen`` and ``imagerag-o``: the same two on OmniGen, ImageRAG-O's way: OmniGen draws the first
+  picture from the prompt alone, and the redraw places each missing concept's reference beside it in OmniGen's
+  prompt (:func:`imgrag.concept_refs.concept_prompt`). Paired with plain SDXL like every arm; their own
+  baseline is ``plain-omnigen`` (ImageRAG's table compares OmniGen with ImageRAG-O);
 - ``loop-fixed`` / ``loop-agent``: imgrag's loop (:class:`agent.runner.Runner`) with the fixed policy or the LLM
   planner, within the run budget; its answer is the loop's own choice (judge match, then CLIP text-image).
 
@@ -106,11 +110,18 @@ def _loads(manager: Any, before: dict[str, int]) -> dict[str, int]:
 
 
 def _save(ctx: ArmContext, record: RunRecord, candidate_id: str, image: Any, prompt: str, seed: int,
-          references: list[dict[str, Any]] | None, ip_scale: float | None) -> str:
-    from imgrag.provenance import for_drawing
+          references: list[dict[str, Any]] | None, ip_scale: float | None, drawn: dict[str, Any] | None = None) -> str:
+    """Save one candidate with its provenance: SDXL's, or OmniGen's when ``drawn`` (what :func:`_draw` added)
+    says OmniGen drew it."""
+    from imgrag.provenance import for_drawing, for_omnigen_drawing
 
-    doc = for_drawing(ctx.settings, prompt=prompt, seed=seed, references=references, ip_scale=ip_scale,
-                      run_id=record.dir.name, candidate_id=candidate_id)
+    if (drawn or {}).get("backbone") == "omnigen":
+        doc = for_omnigen_drawing(ctx.settings, prompt=prompt, sent_prompt=drawn["sent_prompt"], seed=seed,
+                                  references=references, concepts=drawn.get("concepts"), run_id=record.dir.name,
+                                  candidate_id=candidate_id)
+    else:
+        doc = for_drawing(ctx.settings, prompt=prompt, seed=seed, references=references, ip_scale=ip_scale,
+                          run_id=record.dir.name, candidate_id=candidate_id)
     return str(record.save_candidate(candidate_id, image, doc))
 
 
@@ -132,26 +143,79 @@ def plain_arm(ctx: ArmContext, item: EvalItem) -> ArmResult:
     return out
 
 
+def _draw(ctx: ArmContext, backbone: str, prompt: str, seed: int, chosen: list[dict[str, Any]],
+          concepts: dict[str, str]) -> tuple[Any, dict[str, Any]]:
+    """One drawing of an arm on ``backbone`` ("sdxl": SDXL, guided through the IP-Adapter by ``chosen``;
+    "omnigen": each of ``chosen`` placed beside the concept it was retrieved for, ``concepts[id]``). Returns the
+    picture and what the candidate record adds (the scale, or the mapping and the prompt OmniGen read)."""
+    images = [open_image(r["path"]) for r in chosen]
+    if backbone == "sdxl":
+        scale = ctx.settings.generation.ip_scale if chosen else None
+        picture = ctx.manager.run("generator", lambda g: g.generate(prompt, seed=seed, references=images or None,
+                                                                    ip_scale=scale))
+        return picture, ({"ip_scale": scale} if chosen else {})
+    from imgrag.concept_refs import ConceptReferences, concept_prompt, merge_concepts
+
+    mapping = merge_concepts([ConceptReferences(concept=concepts.get(r["id"]) or prompt, reference_ids=[r["id"]])
+                              for r in chosen])
+    planned = concept_prompt(prompt, mapping, ctx.settings.omnigen.max_references)
+    by_id = {r["id"]: image for r, image in zip(chosen, images, strict=True)}
+    picture = ctx.manager.run("omnigen", lambda o: o.generate(
+        planned.text, seed=seed, input_images=[by_id[i] for i in planned.image_ids] or None))
+    return picture, {"backbone": "omnigen", "sent_prompt": planned.text,
+                     **({"concepts": planned.mapping()} if chosen else {})}
+
+
+def plain_omnigen_arm(ctx: ArmContext, item: EvalItem) -> ArmResult:
+    """One OmniGen drawing from the prompt alone (ImageRAG-O's baseline); in ``<eval>/plain-omnigen/NNN/``."""
+    out = ArmResult("plain-omnigen")
+    record = RunRecord(ctx.eval_dir / "plain-omnigen" / f"{item.index:03d}")
+    before, start = ctx.manager.load_counts(), time.perf_counter()
+    picture, extra = _draw(ctx, "omnigen", item.prompt, item.seed, [], {})
+    path = _save(ctx, record, "c0", picture, item.prompt, item.seed, None, None, extra)
+    out.seconds = round(time.perf_counter() - start, 3)
+    out.model_loads = _loads(ctx.manager, before)
+    out.image, out.status, out.rounds, out.run_dir = path, "drawn", 1, str(record.dir)
+    record.write_result({"run_id": record.dir.name, "status": "drawn", "final_image": path, "final_candidate": "c0",
+                         "prompt": item.prompt, "rounds": 1, "references": {}, "seconds": out.seconds,
+                         "candidates": [{"id": "c0", "path": path, "seed": item.seed, "reference_ids": [], **extra}],
+                         "profile": ctx.settings.profile})
+    return out
+
+
 def imagerag_arm(ctx: ArmContext, item: EvalItem) -> ArmResult:
-    """ImageRAG's single pass (see the module docstring); its trace and result in ``<eval>/imagerag/NNN/``."""
+    """ImageRAG's single pass on SDXL + IP-Adapter (see the module docstring); in ``<eval>/imagerag/NNN/``."""
+    return single_pass(ctx, item, "imagerag", "sdxl")
+
+
+def imagerag_o_arm(ctx: ArmContext, item: EvalItem) -> ArmResult:
+    """ImageRAG-O's single pass on OmniGen (see the module docstring); in ``<eval>/imagerag-o/NNN/``."""
+    return single_pass(ctx, item, "imagerag-o", "omnigen")
+
+
+def single_pass(ctx: ArmContext, item: EvalItem, name: str, backbone: str) -> ArmResult:
+    """Draw, judge, retrieve one reference per missing concept (the prompt itself when none is named), redraw once
+    on ``backbone`` ("sdxl" or "omnigen"); the answer is the redraw, never chosen by a score (ImageRAG,
+    arXiv 2502.09411, section 3). Its trace and result go to ``<eval>/<name>/NNN/``."""
     from agent.policy import repair_queries
     from imgrag.engine import ManagedEmbedder
     from imgrag.safety import excluded_by
     from tools.budget import MAX_REFERENCES
 
-    out = ArmResult("imagerag")
-    record = RunRecord(ctx.eval_dir / "imagerag" / f"{item.index:03d}")
+    out = ArmResult(name)
+    record = RunRecord(ctx.eval_dir / name / f"{item.index:03d}")
     out.run_dir = str(record.dir)
     before, start = ctx.manager.load_counts(), time.perf_counter()
     s = ctx.settings
-    first = ctx.manager.run("generator", lambda g: g.generate(item.prompt, seed=item.seed))
-    candidates = [{"id": "c0", "path": _save(ctx, record, "c0", first, item.prompt, item.seed, None, None),
-                   "seed": item.seed, "reference_ids": [], "round": 1}]
+    first, extra = _draw(ctx, backbone, item.prompt, item.seed, [], {})
+    candidates = [{"id": "c0", "path": _save(ctx, record, "c0", first, item.prompt, item.seed, None, None, extra),
+                   "seed": item.seed, "reference_ids": [], "round": 1, **extra}]
     record.append_step({"tool": "generate", "args": {"prompt": item.prompt, "seed": item.seed}, "ok": True})
     verdict = ctx.manager.run("judge", lambda j: j.judge(first, item.prompt).to_dict())
     candidates[0]["verdict"] = verdict
     record.append_step({"tool": "critique", "args": {"candidate_id": "c0"}, "ok": True, "verdict": verdict})
     references: dict[str, dict[str, Any]] = {}
+    concept_of: dict[str, str] = {}
     final, status = candidates[0], "matched"
     if not verdict.get("match"):
         queries = repair_queries({"prompt": item.prompt}, verdict)[:MAX_REFERENCES]
@@ -164,19 +228,19 @@ def imagerag_arm(ctx: ArmContext, item: EvalItem) -> ArmResult:
                                     "reason": f"excluded by safety.exclude {pattern!r}"})
             else:
                 references.setdefault(ref.id, ref.to_dict())
+                concept_of.setdefault(ref.id, ref.to_dict().get("query") or item.prompt)
         chosen = list(references.values())[:MAX_REFERENCES]
         record.append_step({"tool": "retrieve", "args": {"queries": queries, "k": 1}, "ok": True,
                             "reference_ids": [r["id"] for r in chosen]})
         if chosen:
-            images = [open_image(r["path"]) for r in chosen]
-            scale = s.generation.ip_scale
-            redraw = ctx.manager.run("generator", lambda g: g.generate(item.prompt, seed=item.seed, references=images,
-                                                                       ip_scale=scale))
-            final = {"id": "c1", "path": _save(ctx, record, "c1", redraw, item.prompt, item.seed, chosen, scale),
-                     "seed": item.seed, "reference_ids": [r["id"] for r in chosen], "ip_scale": scale, "round": 2}
+            redraw, extra = _draw(ctx, backbone, item.prompt, item.seed, chosen, concept_of)
+            scale = extra.get("ip_scale")
+            final = {"id": "c1", "path": _save(ctx, record, "c1", redraw, item.prompt, item.seed, chosen, scale,
+                                               extra),
+                     "seed": item.seed, "reference_ids": [r["id"] for r in chosen], "round": 2, **extra}
             candidates.append(final)
             record.append_step({"tool": "regenerate", "args": {"reference_ids": final["reference_ids"],
-                                                               "ip_scale": scale, "seed": item.seed}, "ok": True})
+                                                               "seed": item.seed, **extra}, "ok": True})
             status = "redrawn"
         else:
             status = "no_reference"  # nothing to redraw with: the first picture is the answer, as in ImageRAG
@@ -220,5 +284,7 @@ def loop_arm(planner: str) -> ArmFunction:
 
 register_arm("plain", plain_arm)
 register_arm("imagerag", imagerag_arm)
+register_arm("plain-omnigen", plain_omnigen_arm, models=("omnigen",))
+register_arm("imagerag-o", imagerag_o_arm, models=("omnigen",))
 register_arm("loop-fixed", loop_arm("fixed"))
 register_arm("loop-agent", loop_arm("agent"), models=("llm",))

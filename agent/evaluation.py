@@ -50,6 +50,8 @@ BASELINE = "plain"
 DEFAULT_ARMS = ("plain", "imagerag", "loop-fixed", "loop-agent")
 # The arms that need no LLM (`--planner fixed`: a 24 GB card, or no LLM at all).
 FIXED_ARMS = ("plain", "imagerag", "loop-fixed")
+# ImageRAG-O's arms, added to the defaults by `--repair-with omnigen` (or named in --arms).
+OMNIGEN_ARMS = ("plain-omnigen", "imagerag-o")
 TINY_EVAL_NOTE = TINY_NOTE + " Every number below is plumbing, not a measurement: the scores are of noise."
 
 
@@ -140,6 +142,15 @@ def class_items(settings: Settings, splits: list[Any]) -> list[EvalItem]:
     return items
 
 
+def default_arms(planner: str | None, settings: Settings) -> list[str]:
+    """The arms run when ``--arms`` is not given: every arm, or only the LLM-free ones for ``planner == "fixed"``;
+    with ``generation.repair_with = "omnigen"``, ImageRAG-O's pass and its OmniGen baseline after SDXL's."""
+    arms = list(FIXED_ARMS if planner == "fixed" else DEFAULT_ARMS)
+    if settings.generation.repair_with == "omnigen":
+        arms[2:2] = OMNIGEN_ARMS
+    return arms
+
+
 def check_arms(arms: list[str] | tuple[str, ...]) -> list[str]:
     """The arms asked for, in order, plain first; a UserError naming the known ones otherwise."""
     arms = list(dict.fromkeys(a.strip() for a in arms if a.strip()))
@@ -206,15 +217,17 @@ class Evaluation:
             raise UserError(f"unknown planner {planner!r} (use {' or '.join(PLANNERS)})")
         if max_rounds is not None and max_rounds < 1:
             raise UserError(f"--max-rounds must be at least 1, got {max_rounds}")
-        if arms is None:
-            arms = FIXED_ARMS if planner == "fixed" else DEFAULT_ARMS
-        self.arms = check_arms(arms)
+        self.arms = check_arms(default_arms(planner, settings) if arms is None else arms)
         self.settings = settings
         self.on_event = on_event or (lambda event: None)
         if runner is None:
             runner = Runner(settings, manager=manager, on_event=self.on_event)
         self.runner = runner
         self.manager = runner.manager  # one manager for every arm and every score
+        if any("omnigen" in ARM_MODELS.get(arm, ()) for arm in self.arms) and "omnigen" not in self.manager.names():
+            from imgrag.engine import register_omnigen
+
+            register_omnigen(self.manager, settings)
         self.max_rounds = max_rounds
 
     # ----- the two modes -----

@@ -2,8 +2,9 @@
 
 ``build_manager(settings)`` registers "generator", "judge", "llm" and "embedder" (and "omnigen" when
 ``generation.repair_with`` or ``draw_with`` is "omnigen"; "dino" and "siglip" are registered by
-:class:`imgrag.scorers.Scorers` when an evaluation needs them); nothing is loaded until a ``manager.run(name, ...)`` or ``manager.use(name)`` asks for it. The wrappers are imported inside
-the loaders so that a command needing one model never pays for importing the libraries of the others.
+:class:`imgrag.scorers.Scorers` when an evaluation needs them, "omnigen" by an evaluation's OmniGen arms); nothing
+is loaded until a ``manager.run(name, ...)`` or ``manager.use(name)`` asks for it. The wrappers are imported
+inside the loaders so that a command needing one model never pays for importing the libraries of the others.
 
 Each model is registered with a stated estimate of its working memory (:func:`working_memory_gb`),
 which the manager counts beside its weights until it has measured the real peak on CUDA.
@@ -41,7 +42,7 @@ def build_manager(settings: Settings, *, device: str | None = None) -> ModelMana
                      on_host=settings.models.llm_backend == "openai")
     manager.register("embedder", lambda: _load_embedder(settings, device), reserve_gb=estimates["embedder"])
     if uses_omnigen(settings):
-        manager.register("omnigen", lambda: _load_omnigen(settings, device), reserve_gb=estimates["omnigen"])
+        register_omnigen(manager, settings)
     # DINO and SigLIP score evaluations only: imgrag.scorers registers them when an evaluation asks, so a run's
     # model_loads names only the models a run can load.
     return manager
@@ -51,6 +52,14 @@ def uses_omnigen(settings: Settings) -> bool:
     """Whether OmniGen draws anything under these settings (``generation.repair_with`` or ``draw_with``)."""
     g = settings.generation
     return "omnigen" in (g.repair_with, g.draw_with)
+
+
+def register_omnigen(manager: Any, settings: Settings) -> None:
+    """Register OmniGen (``models.omnigen``) as "omnigen", with its working-memory estimate; a manager built for
+    settings that never draw with it (an evaluation's OmniGen arms) gets it this way."""
+    device = manager.device
+    manager.register("omnigen", lambda: _load_omnigen(settings, device),
+                     reserve_gb=working_memory_gb(settings)["omnigen"])
 
 
 def register_siglip(manager: Any, settings: Settings) -> None:

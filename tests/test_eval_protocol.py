@@ -169,6 +169,34 @@ def test_eval_classes_runs_every_arm_and_never_retrieves_gold(tiny_settings, tmp
     assert "tiny profile" in err
 
 
+def test_repair_with_omnigen_adds_imagerag_o_and_its_baseline(tiny_settings, tmp_path: Path, capsys,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import imgrag.engine
+    from tests.fakes import FakeVerdict, ScriptedJudge
+
+    root = make_classes(tmp_path / "classes", {"red_kite": 4, "snowy_owl": 4})
+    # The tiny judge's verdicts are junk: a scripted one names a missing concept, so the single passes redraw.
+    verdict = FakeVerdict(False, ["a red kite"], "scripted", True)
+    monkeypatch.setattr(imgrag.engine, "_load_judge", lambda *_: ScriptedJudge([verdict]))
+    code, out, err = run_cli(capsys, "eval", "--classes", str(root), "--profile", "tiny", "--planner", "fixed",
+                             "--repair-with", "omnigen", "--max-rounds", "2", "--limit", "1", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["arms"] == ["plain", "imagerag", "plain-omnigen", "imagerag-o", "loop-fixed"]
+    arms = doc["items"][0]["arms"]
+    assert all(r["error"] is None for r in arms.values()), {a: r["error"] for a, r in arms.items()}
+    record = json.loads((Path(arms["imagerag-o"]["run_dir"]) / "result.json").read_text())
+    first, redraw = record["candidates"]
+    assert first["backbone"] == "omnigen" and redraw["backbone"] == "omnigen"
+    assert [c["concept"] for c in redraw["concepts"]] == ["a red kite"] and "<|image_1|>" in redraw["sent_prompt"]
+    with Image.open(redraw["path"]) as picture:
+        assert json.loads(picture.info["imgrag"])["backbone"] == "omnigen"
+    sdxl = json.loads((Path(arms["imagerag"]["run_dir"]) / "result.json").read_text())
+    assert "backbone" not in sdxl["candidates"][-1] and sdxl["candidates"][-1]["ip_scale"] is not None
+    assert arms["plain-omnigen"]["model_loads"].get("generator", 0) == 0
+    assert "imagerag-o" in doc["summary"] and doc["gold_retrieved"] == []
+
+
 def test_prompt_file_mode_excludes_its_gold_pictures_from_retrieval(tmp_path: Path) -> None:
     """The store holds the gold picture (and a copy of it elsewhere): neither is ever a reference."""
     from agent.evaluation import Evaluation
