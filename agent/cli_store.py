@@ -243,7 +243,7 @@ def search(
                                 for r in results]})
         return
     table = Table(title=f"{len(results)} of {total} pictures for "
-                        f"{('image ' + str(image)) if image else repr(text)}")
+                        f"{('image ' + display_name(image)) if image else repr(text)}")
     for column in ("#", "score", "path", "caption"):
         table.add_column(column, overflow="fold")
     for rank, ref in enumerate(results, 1):  # a long caption is cut at a word, and says so ("…")

@@ -12,7 +12,6 @@ header claims before decoding anything, so a 40000x40000 PNG costs nothing.
 
 from __future__ import annotations
 
-import math
 import struct
 import warnings
 import zlib
