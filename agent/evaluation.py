@@ -277,7 +277,7 @@ class Evaluation:
                 "split": {"seed": e.split_seed, "gold_per_class": e.gold_per_class,
                           "retrieval_per_class": e.retrieval_per_class, "prompts_per_class": e.prompts_per_class,
                           "classes": [{"folder": s.folder, "name": s.name, "gold": s.gold,
-                                       "retrieval": len(s.retrieval)} for s in splits]},
+                                       "retrieval": len(s.retrieval), "skipped": s.skipped} for s in splits]},
                 "store": {"location": settings.store, "pictures": store.count(), "gold_in_store": 0}}
         return self._evaluate(eval_dir, todo, settings, store, gold, info, on_item)
 
@@ -343,6 +343,8 @@ class Evaluation:
             "max_rounds": self.max_rounds or settings.budget.max_rounds,
             "metrics": [{**dataclasses.asdict(m), "column": m.column} for m in METRICS],
             "agent_selects_with": [m.key for m in METRICS if m.agent_selects_with],
+            # Gold pictures that passed the split's header check but could not be decoded: left out of the scores.
+            "gold_unreadable": [{"path": path, "reason": why} for path, why in sorted(scorers.skipped.items())],
             "scorers": scorer_names(settings),
             "generator": settings.models.generator, "judge": settings.models.judge,
             "items": records,

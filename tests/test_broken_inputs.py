@@ -194,3 +194,45 @@ def test_critique_takes_extreme_shapes(capsys: pytest.CaptureFixture, tiny_setti
     code, out, err = run_cli(capsys, "critique", str(picture), "a red bar", "--profile", "tiny", "--json")
     assert code == 0, err
     assert "Traceback" not in err and isinstance(json.loads(out)["match"], bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# the evaluation: a broken picture of a class costs only itself
+# ----------------------------------------------------------------------------------------------
+
+def truncated_png(path: Path) -> Path:
+    """A PNG whose header reads fine but whose pixel data is cut short: only decoding finds out."""
+    import numpy as np
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_a_class_split_leaves_unreadable_pictures_out_with_their_reason(tmp_path: Path) -> None:
+    from imgrag.class_folders import read_class_folder, split_classes
+    from tests.test_eval_protocol import make_classes
+
+    root = make_classes(tmp_path / "classes", {"fox": 4})
+    png_with_huge_text(root / "fox" / "meta.png")
+    split = split_classes(read_class_folder(root), gold_per_class=1, seed=0)[0]
+    assert [(Path(s["path"]).name, "MAX_TEXT_CHUNK" in s["reason"]) for s in split.skipped] == [("meta.png", True)]
+    assert not any(p.endswith("meta.png") for p in split.gold + split.retrieval)
+    assert len(split.gold) + len(split.retrieval) == 4
+
+
+def test_a_gold_picture_that_does_not_decode_is_left_out_of_the_scores(tiny_settings, tmp_path: Path) -> None:
+    from imgrag.engine import build_manager
+    from imgrag.scorers import Scorers
+
+    good = solid(tmp_path / "gold.png", (200, 30, 30), size=32)
+    broken = truncated_png(tmp_path / "cut.png")
+    probe_image(broken)  # the header alone looks fine
+    drawn = solid(tmp_path / "drawn.png", (190, 40, 40), size=32)
+    scorers = Scorers(tiny_settings, build_manager(tiny_settings))
+    scores = scorers.score("a red square", {"plain": str(drawn)}, [str(good), str(broken)],
+                           verdicts={"plain": {"match": False}})
+    assert "clip_gold" in scores["plain"] and list(scorers.skipped) == [str(broken)]
+    assert scorers.score("a red square", {"plain": str(drawn)}, [str(broken)],
+                         verdicts={"plain": {"match": False}})["plain"].get("clip_gold") is None
