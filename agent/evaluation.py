@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import glob
 import json
 import math
 import time
@@ -199,8 +198,9 @@ class GoldSet:
 
 
 def exclusion_patterns(paths: list[str]) -> list[str]:
-    """``safety.exclude`` entries that match exactly these files (glob characters in a name escaped)."""
-    return [glob.escape(p) if any(ch in p for ch in "*?[") else p for p in paths]
+    """``safety.exclude`` entries that match exactly these files: literal paths (an entry is a glob only with
+    ``glob:``), so a name with ``[`` or ``*`` in it means itself."""
+    return list(paths)
 
 
 # ----------------------------------------------------------------------------------------------
