@@ -107,8 +107,10 @@ def generate(
     refs = None if ref is None else [parse_ref_arg(text) for text in ref]  # [(path, ReferenceSteer)]
     if from_image is not None:  # the picture's own provenance fills every value no flag gives
         given_refs = refs
+        # The bounds a recipe is held to are the settings this drawing will use (profile, --config).
+        bounds = settings_from_flags(profile, config, **repair_flags(repair_with))
         prompt, refs, seed, steps, guidance, fast, ip_scale, width, height = _from_provenance(
-            from_image, prompt, refs, seed, steps, fast, ip_scale, width, height)
+            from_image, prompt, refs, seed, steps, fast, ip_scale, width, height, settings=bounds)
         if repair_with is None and recipe_backbone(from_image) == "omnigen":  # drawn by OmniGen: redrawn by it
             repair_with = "omnigen"
             if concept is None and given_refs is None:
@@ -305,32 +307,45 @@ def recipe_concepts(picture: Path) -> list[str] | None:
 def _from_provenance(picture: Path, prompt: str | None, ref: list[tuple[Path, ReferenceSteer]] | None,
                      seed: int | None,
                      steps: int | None, fast: str | None, ip_scale: float | None, width: int | None,
-                     height: int | None) -> tuple:
-    """The drawing values of ``picture``'s provenance, each replaced by the flag the user gave for it.
+                     height: int | None, *, settings: Any) -> tuple:
+    """The drawing values of ``picture``'s recipe (its provenance), each replaced by the flag the user gave for it.
 
-    Raises a one-line UserError when the picture carries no imgrag provenance, or a reference it names has
-    vanished or changed since (its sha256 differs): a redraw from other references is not the same picture."""
-    from imgrag.provenance import file_sha256, read_provenance
+    The recipe is untrusted input: it is read through :class:`imgrag.provenance.Recipe` (types, a prompt), held to
+    the command line's bounds under ``settings`` (:meth:`~imgrag.provenance.Recipe.check_bounds`), and each of
+    its references goes through the same check as a batch line's (missing, not a picture, ``safety.exclude``; see
+    :func:`agent.memory_guide.check_user_references`). Every error is one UserError naming the picture's recipe as
+    the source: no provenance, a bad field, a value past a bound, a reference that vanished, changed since (its
+    sha256 differs) or is excluded."""
+    from agent.memory_guide import check_user_references
+    from imgrag.provenance import file_sha256, read_recipe
 
-    doc = read_provenance(picture)
-    if doc is None:
+    recipe = read_recipe(picture)
+    if recipe is None:
         raise UserError(f"{picture}: carries no imgrag provenance (not drawn by imgrag, or its metadata was "
                         "stripped); give the prompt and settings instead")
+    where = f"{picture}'s recipe"
+    flags = {"seed": seed, "steps": steps, "fast": fast, "ip_scale": ip_scale, "width": width, "height": height}
+    # Only what the drawing will use is held to the bounds: a flag given beside the picture replaces its value.
+    used = recipe.model_copy(update={k: None for k, v in flags.items() if v is not None}
+                             | ({"references": []} if ref is not None else {}))
+    used.check_bounds(settings.generation, where)
     if ref is None:
         ref = []
-        for entry in doc.get("references") or []:
-            path = Path(entry["path"])
+        for entry in recipe.references:
+            path = Path(entry.path)
             if not path.exists():
-                raise UserError(f"{picture}: its reference {path} no longer exists; pass --ref to replace it")
-            if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
-                raise UserError(f"{picture}: its reference {path} has changed since (sha256 differs); "
+                raise UserError(f"{where}: its reference {path} no longer exists; pass --ref to replace it")
+            if entry.sha256 and file_sha256(path) != entry.sha256:
+                raise UserError(f"{where}: its reference {path} has changed since (sha256 differs); "
                                 "pass --ref to use it anyway")
-            ref.append((path, ReferenceSteer(entry.get("weight", 1.0), entry.get("mode", "both"))))
-    return (doc["prompt"] if prompt is None else prompt, ref,
-            doc.get("seed") if seed is None else seed, doc.get("steps") if steps is None else steps,
-            doc.get("guidance") if fast is None else None, doc.get("fast") if fast is None else fast,
-            doc.get("ip_scale") if ip_scale is None else ip_scale,
-            doc.get("width") if width is None else width, doc.get("height") if height is None else height)
+            ref.append((path, ReferenceSteer(entry.weight, entry.mode)))
+        check_user_references([{"path": str(path), "weight": s.weight, "mode": s.mode} for path, s in ref],
+                              settings, where=where)
+    return (recipe.prompt if prompt is None else prompt, ref,
+            recipe.seed if seed is None else seed, recipe.steps if steps is None else steps,
+            recipe.guidance if fast is None else None, recipe.fast if fast is None else fast,
+            recipe.ip_scale if ip_scale is None else ip_scale,
+            recipe.width if width is None else width, recipe.height if height is None else height)
 
 
 @app.command()

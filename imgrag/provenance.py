@@ -21,10 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from imgrag.file_names import display_name, is_text_name
 
@@ -219,3 +220,123 @@ def for_omnigen_drawing(settings: Any, *, prompt: str, sent_prompt: str, seed: i
                     models={"omnigen": settings.models.omnigen}, concepts=concepts or None,
                     omnigen={"sent_prompt": sent_prompt, "img_guidance_scale": o.img_guidance_scale,
                              "max_input_image_size": o.max_input_image_size})
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a recipe back (`imgrag generate --from-image`): the picture's metadata is untrusted input
+# ----------------------------------------------------------------------------------------------
+
+class RecipeReference(BaseModel):
+    """One reference of a recipe, as :func:`reference_entries` writes it."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    path: Annotated[str, StringConstraints(min_length=1)]
+    id: str | None = None
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
+    weight: float = 1.0
+    mode: str = "both"
+
+
+class RecipeConcept(BaseModel):
+    """One concept of an OmniGen recipe and the references that stood for it (the ``concepts`` field)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    concept: str
+    reference_ids: list[str] = Field(default_factory=list)
+
+
+class Recipe(BaseModel):
+    """A picture's provenance document (:data:`SCHEMA`) read strictly: what ``--from-image`` redraws from.
+
+    Accepts what :func:`describe` writes for SDXL and OmniGen drawings (``backbone``, ``concepts``, ``omnigen``,
+    references with a store ``id``); fields it does not use are ignored, the ones it uses must have their type. The
+    numbers are bounded by :meth:`check_bounds` with the same checks as the command line's flags."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+    schema_id: Literal["imgrag.provenance/1"] = Field(alias="schema")
+    prompt: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    ip_scale: float | None = None
+    fast: str | None = None
+    profile: str | None = None
+    references: list[RecipeReference] = Field(default_factory=list)
+    backbone: str | None = None  # "omnigen", "sdxl+ip-adapter", ...: what drew it
+    concepts: list[RecipeConcept] | None = None
+    omnigen: dict[str, Any] | None = None
+
+    def check_bounds(self, generation: Any, where: str) -> None:
+        """Raise a UserError starting with ``where`` (``"PICTURE's recipe"``) for a value the command line would
+        refuse as a flag: the seed range, ``generation.max_side``/``max_steps``, sides in multiples of 8, at least
+        one step, ``ip_scale`` within 0..MAX_IP_SCALE, a finite guidance of at least 0, a known fast mode, and each
+        reference's weight and mode."""
+        import math
+
+        from imgrag.errors import UserError, check_seed
+        from imgrag.settings import MAX_IP_SCALE, check_drawing_bounds
+        from imgrag.steering import check_mode, check_weight
+
+        if self.seed is not None:
+            check_seed(self.seed, f"{where}: seed")
+        try:
+            check_drawing_bounds(self.width, self.height, self.steps, generation)
+        except ValueError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        for name, value in (("width", self.width), ("height", self.height)):
+            if value is not None and (value < 8 or value % 8):
+                raise UserError(f"{where}: {name} must be a positive multiple of 8, got {value}")
+        if self.steps is not None and self.steps < 1:
+            raise UserError(f"{where}: steps must be at least 1, got {self.steps}")
+        if self.ip_scale is not None and not 0.0 <= self.ip_scale <= MAX_IP_SCALE:
+            raise UserError(f"{where}: ip_scale must be within 0..{MAX_IP_SCALE:g}, got {self.ip_scale}")
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0.0):
+            raise UserError(f"{where}: guidance must be a number of at least 0, got {self.guidance}")
+        if self.fast is not None and self.fast not in ("off", "lcm-lora", "distilled"):
+            raise UserError(f"{where}: fast must be off, lcm-lora or distilled, got {self.fast!r}")
+        for n, ref in enumerate(self.references, 1):
+            check_weight(ref.weight, f"{where}: reference {n}'s weight")
+            check_mode(ref.mode, f"{where}: reference {n}'s mode")
+
+
+def _recipe_error(exc: ValidationError, where: str) -> str:
+    """The first schema error of a recipe as one line: the field (references counted from 1, as the command line
+    counts them) and what is wrong with it."""
+    error = exc.errors()[0]
+    loc = [str(p) for p in error.get("loc", ())]
+    kind = error.get("type")
+    owner, field_name = "", ".".join(loc) or "the document"
+    if len(loc) >= 2 and loc[0] == "references" and loc[1].isdigit():
+        owner, field_name = f"reference {int(loc[1]) + 1}", ".".join(loc[2:])
+        if not field_name and kind in ("model_type", "model_attributes_type", "dict_type"):
+            got = type(error.get("input")).__name__
+            return f"{where}: {owner} must be an object {{\"path\", \"sha256\", ...}}, got a {got}"
+    if kind == "missing":
+        return f"{where}: {owner} has no {field_name}" if owner else f"{where}: it has no {field_name}"
+    value = error.get("input")
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    label = f"{owner}'s {field_name}" if owner and field_name else owner or field_name
+    return f"{where}: {label}: {error.get('msg', 'invalid').lower()} (got {shown})"
+
+
+def read_recipe(picture: str | Path) -> Recipe | None:
+    """The recipe embedded in ``picture`` read through :class:`Recipe`, or None when it carries no imgrag
+    provenance. Raises a one-line UserError naming the picture's recipe as the source of a bad value (a reference
+    given as a string, no prompt, a wrong type); bounds are :meth:`Recipe.check_bounds`'s."""
+    from imgrag.errors import UserError
+
+    doc = read_provenance(picture)
+    if doc is None:
+        return None
+    where = f"{picture}'s recipe"
+    try:
+        return Recipe.model_validate(doc)
+    except ValidationError as exc:
+        raise UserError(_recipe_error(exc, where)) from None
