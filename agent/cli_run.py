@@ -391,8 +391,9 @@ def run(
 def batch(
     file: Annotated[
         Path, typer.Argument(help='.txt (one prompt a line) or .jsonl ({"prompt", "seed", "max_rounds", "references": '
-                    '[{"path", "weight", "mode"}], "negative_prompt", "guidance", "scheduler", "per_round"}; references '
-                    'guide the prompt\'s first round; the drawing keys override the flags for that line).')
+                    '[{"path", "weight", "mode"}], "negative_prompt", "guidance", "scheduler", "per_round"}; '
+                    'references guide the prompt\'s first round; the drawing keys override the flags for that '
+                    'line).')
     ],
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest batch of this file; finished "
                                          "prompts are skipped.")] = False,
@@ -423,7 +424,6 @@ def batch(
 
     With --ray, one worker per GPU of a Ray cluster, each loading its models once; the record is the same."""
     from agent.runner import read_prompt_file
-
     from imgrag.draw_options import check_guidance
 
     check_planner(planner)

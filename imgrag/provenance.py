@@ -4,9 +4,9 @@ A PNG carries two text chunks (``tEXt``/``iTXt``, written with Pillow's ``PngInf
 
 - ``imgrag``: one JSON document (:data:`SCHEMA`): the prompt, negative prompt, seed, steps, guidance, size,
   adapter scale, fast mode and scheduler (the choice, ``scheduler``, "" for the checkpoint's own, and what drew,
-  ``sampler``); for a round of several drawings its batch (size and place); the model ids that drew it; the imgrag version; the run and candidate ids; and, for a guided
-  picture, the path, store id and sha256 of every reference photo that steered it. ``imgrag generate
-  --from-image`` reads it back and redraws.
+  ``sampler``); for a round of several drawings its batch (size and place); the model ids that drew it; the
+  imgrag version; the run and candidate ids; and, for a guided picture, the path, store id and sha256 of every
+  reference photo that steered it. ``imgrag generate --from-image`` reads it back and redraws.
 - ``parameters``: the same settings as one human-readable line in the style AUTOMATIC1111 and ComfyUI users
   know (``prompt\\nNegative prompt: ...\\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 7, Size: 1024x1024,
   Model: ...``), for tools that show it.
@@ -133,7 +133,8 @@ def parameters_line(doc: dict[str, Any]) -> str:
         pairs.append(f"Fast: {doc['fast']}")
     pairs.append(f"Version: imgrag {doc.get('imgrag_version')}")
     # On one line, as A1111 writes it: a reader splits the block at its line breaks.
-    negative = f"Negative prompt: {' '.join(str(doc['negative_prompt']).split())}\n" if doc.get("negative_prompt") else ""
+    negative = " ".join(str(doc.get("negative_prompt") or "").split())
+    negative = f"Negative prompt: {negative}\n" if negative else ""
     return doc["prompt"] + "\n" + negative + ", ".join(pairs)
 
 

@@ -41,7 +41,8 @@ def run_budget(settings: Settings, max_rounds: int | None = None, per_round: int
 
 
 def extra_critiques(rounds: int, per_round: int) -> int:
-    """Tool calls ``rounds`` rounds of ``per_round`` drawings need beyond rounds of one: a critique per extra drawing."""
+    """Tool calls ``rounds`` rounds of ``per_round`` drawings need beyond rounds of one: one critique per extra
+    drawing."""
     return max(0, int(per_round) - 1) * int(rounds)
 
 

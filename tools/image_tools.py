@@ -230,10 +230,12 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
         steering = {"weights": [r["weight"] for r in references], "modes": [r["mode"] for r in references],
                     "reference_keys": keys} if references else {}
         previews = {"on_preview": on_preview} if ctx.previews else {}
-        pictures = generator.generate_batch(
-            prompt, seeds=seeds, references=images or None, ip_scale=ip_scale, on_step=on_step,
-            negative_prompt=options.negative_prompt, scheduler=options.scheduler, guidance=options.guidance,
-            **previews, **steering, **limit)
+        drawing = {"references": images or None, "ip_scale": ip_scale, "on_step": on_step,
+                   "negative_prompt": options.negative_prompt, "scheduler": options.scheduler,
+                   "guidance": options.guidance, **previews, **steering, **limit}
+        # One drawing is the generator's generate; a round of several its batched call (one pipeline call).
+        pictures = ([generator.generate(prompt, seed=seeds[0], **drawing)] if len(seeds) == 1
+                    else generator.generate_batch(prompt, seeds=seeds, **drawing))
         guidance = dict(getattr(generator, "last_guidance", {}) or {}) if references else {}
         encoder = {"image_encoder_calls": getattr(generator, "encoder_calls", 0) - calls,
                    "embeddings_cached": int(guidance.get("cached", 0))} if references else {}
