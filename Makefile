@@ -27,6 +27,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 demo: $(STAMP)
 	IMGRAG_HOME=$(IMGRAG_HOME) ./scripts/demo.sh

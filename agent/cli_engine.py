@@ -222,7 +222,7 @@ def generate(
     guided = f", guided by {len(references)} reference(s) at scale {g.ip_scale:g}" if references else ""
     fast_note = f", {plan.mode}" if plan.mode != "off" else ""
     out.print(f"wrote {output} ({g.width}x{g.height}, {n_steps} steps{fast_note}, {drew.get('sampler')}, CFG "
-              f"{guidance:g}, seed {g.seed}{guided}) in {seconds} s", markup=False)
+              f"{guidance:g}, seed {g.seed}{guided}) in {seconds} s", markup=False, soft_wrap=True)
 
 
 def _generate_omnigen(settings: Any, prompt: str, refs: list[tuple[Path, ReferenceSteer]],
@@ -290,7 +290,7 @@ def _generate_omnigen(settings: Any, prompt: str, refs: list[tuple[Path, Referen
         return
     guided = f", {len(images)} reference(s) in context" if images else ""
     out.print(f"wrote {output} (OmniGen, {g.width}x{g.height}, {o.steps} steps, seed {g.seed}{guided}) in {seconds} s",
-              markup=False)
+              markup=False, soft_wrap=True)
 
 
 def recipe_drawing(picture: Path) -> tuple[str | None, str | None]:

@@ -429,22 +429,6 @@ def _stored_ids(store: Any) -> set[str] | None:
     return set(ids()) if callable(ids) else None
 
 
-def stage_seconds(trace: list[dict[str, Any]], total: float | None) -> dict[str, float]:
-    """A run's seconds by stage, from its trace: each tool by name, each planner as ``plan_<kind>`` (the LLM
-    choosing a step: ``plan_llm``), and ``overhead`` for the rest of ``total`` (the graph, checkpoints, the trace
-    itself), so the stages add up to the run's seconds. Tools run in parallel can add up to more; overhead is
-    then 0."""
-    stages: dict[str, float] = {}
-    for step in trace:
-        if "event" in step or not isinstance(step.get("seconds"), (int, float)):
-            continue
-        name = f"plan_{step['planner']}" if step.get("planner") else str(step.get("tool"))
-        stages[name] = stages.get(name, 0.0) + float(step["seconds"])
-    if isinstance(total, (int, float)):
-        stages["overhead"] = max(0.0, float(total) - sum(stages.values()))
-    return {name: round(seconds, 3) for name, seconds in stages.items()}
-
-
 # ----------------------------------------------------------------------------------------------
 # Statistics and files
 # ----------------------------------------------------------------------------------------------
