@@ -263,7 +263,8 @@ def _checkpoint_status(result, is_tiny: bool, profile: str | None = None) -> str
         return f"MISSING {len(result.missing)} of {len(result.files)} files: {fetch}"
     if result.missing:
         return f"MISSING {len(result.missing)} of {len(result.files)} files"
-    return "PROBLEM"
+    more = f" (and {len(result.problems) - 1} more)" if len(result.problems) > 1 else ""
+    return f"PROBLEM: {result.problems[0]}{more}" if result.problems else "PROBLEM"
 
 
 def _cuda_status() -> str:
@@ -398,7 +399,9 @@ def _problems(report: dict, is_tiny: bool) -> list[str]:
     problems = [report["device_problem"]] if report["device_problem"] else []
     for role, info in report["checkpoints"].items():
         if not info["ok"] and not (is_tiny and info["status"].startswith("not built yet")):
-            problems.append(f"{role}: {info['status']}")
+            # each finding on its own line (a file an LFS pointer, another truncated), else the status
+            findings = info["problems"] + ([info["status"]] if info["missing"] or not info["problems"] else [])
+            problems.extend(f"{role}: {p}" for p in findings)
         server = info.get("server")
         if server and not server["ok"]:
             problems.append(f"{role} server: {server['problem']}")
@@ -416,6 +419,18 @@ def _fail_on_problems(report: dict) -> None:
         raise UserError(f"{problems[0]}{more}; runs with this profile will fail here")
 
 
+def _printable_streams() -> None:
+    """A file name that is not UTF-8 (imgrag.file_names) reaching stdout or stderr is written with escapes, never
+    a UnicodeEncodeError: the places that show a path use its display name; this catches the one that does not."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a stream that cannot change its error handler keeps its own
+                pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes (usage errors too) print one line and exit 1; Ctrl-C prints what was
     kept and how to go on, and exits 130."""
@@ -423,6 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     from agent.cli_common import interrupted_line
     from imgrag.runs import disk_full_line, is_disk_full
 
+    _printable_streams()
     try:
         from agent.ray_batch import expand_ray_flag
 

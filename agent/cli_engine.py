@@ -150,7 +150,12 @@ def generate(
                           as_json=as_json)
         return
     if concept:
-        raise UserError("--concept places references in OmniGen's prompt: it needs --repair-with omnigen")
+        raise UserError("--concept says what a --ref shows in OmniGen's prompt: it needs --ref PATH and "
+                        "--repair-with omnigen" if refs else "--concept says what a --ref shows: give one --ref per "
+                        "--concept (and --repair-with omnigen)")
+    if repair_with is not None and not refs:  # a flag that would change nothing is said, not ignored
+        err.print("[yellow]warning:[/] --repair-with picks what draws a guided drawing; without --ref the picture is "
+                  f"drawn from the prompt alone ({'OmniGen' if g.draw_with == 'omnigen' else 'SDXL'})", soft_wrap=True)
     plan = draw_plan(g)  # a fast method brings its own steps and guidance; --steps and --guidance still win
     check_with_fast(g.scheduler, plan.mode)
     n_steps = plan.steps if steps is None else steps
@@ -241,6 +246,8 @@ def _generate_omnigen(settings: Any, prompt: str, refs: list[tuple[Path, Referen
     if steered:
         raise UserError(f"--ref {steered[0]}: OmniGen has no per-reference weight or mode (IP-Adapter's); drop "
                         ":WEIGHT/:MODE, or draw with --repair-with ip-adapter")
+    if not refs and settings.generation.draw_with == "omnigen" and concepts:
+        raise UserError("--concept says what a --ref shows: give one --ref per --concept")
     if concepts and len(concepts) != len(refs):
         raise UserError(f"give one --concept per --ref: {len(concepts)} --concept for {len(refs)} --ref")
     for flag, value in flags_without_effect.items():
@@ -256,7 +263,7 @@ def _generate_omnigen(settings: Any, prompt: str, refs: list[tuple[Path, Referen
     planned = concept_prompt(prompt, mapping, o.max_references)
     by_id = {i: path for i, (path, _) in zip(ids, refs, strict=True)}
     images = [open_image(by_id[i]) for i in planned.image_ids]
-    validate_omnigen_request(planned.text, g.width, g.height, o.steps, images)
+    validate_omnigen_request(planned.text, g.width, g.height, o.steps, images, generation=g)
     for placed in planned.concepts:
         for left in placed.left_out:
             err.print(f"[yellow]note:[/] {escape(str(by_id[left['reference_id']]))} left out: {escape(left['why'])}",

@@ -34,6 +34,7 @@ from agent.cli_common import (
     settings_from_flags,
 )
 from imgrag.errors import UserError
+from imgrag.file_names import display_name
 from imgrag.settings import Settings
 
 MAX_K = 1000
@@ -182,9 +183,12 @@ def _print_summary(summary: dict[str, Any], location: str) -> None:
     out.print(f"store: {escape(location)}", soft_wrap=True)  # a path: on its own line, never cut
     for item in summary["skipped"][:50]:
         # markup off: a path may contain [brackets]
-        err.print(f"skipped {item['path']}: {item['reason']}", style="yellow", soft_wrap=True, markup=False)
+        err.print(f"skipped {display_name(item['path'])}: {item['reason']}", style="yellow", soft_wrap=True,
+                  markup=False)
     if len(summary["skipped"]) > 50:
         err.print(f"[yellow]... and {len(summary['skipped']) - 50} more skipped (--json lists them all)[/]")
+    for item in summary.get("notes", [])[:50]:
+        err.print(f"note: {display_name(item['path'])}: {item['note']}", soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -239,10 +243,10 @@ def search(
                                 for r in results]})
         return
     table = Table(title=f"{len(results)} of {total} pictures for "
-                        f"{('image ' + str(image)) if image else repr(text)}")
+                        f"{('image ' + display_name(image)) if image else repr(text)}")
     for column in ("#", "score", "path", "caption"):
         table.add_column(column, overflow="fold")
     for rank, ref in enumerate(results, 1):  # a long caption is cut at a word, and says so ("…")
         caption = textwrap.shorten(ref.caption, CAPTION_CHARS, placeholder=" …") if ref.caption.strip() else ""
-        table.add_row(str(rank), f"{ref.score:.3f}", escape(ref.path), escape(caption))
+        table.add_row(str(rank), f"{ref.score:.3f}", escape(display_name(ref.path)), escape(caption))
     out.print(table)

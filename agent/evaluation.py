@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import glob
 import json
 import math
 import time
@@ -199,8 +198,9 @@ class GoldSet:
 
 
 def exclusion_patterns(paths: list[str]) -> list[str]:
-    """``safety.exclude`` entries that match exactly these files (glob characters in a name escaped)."""
-    return [glob.escape(p) if any(ch in p for ch in "*?[") else p for p in paths]
+    """``safety.exclude`` entries that match exactly these files: literal paths (an entry is a glob only with
+    ``glob:``), so a name with ``[`` or ``*`` in it means itself."""
+    return list(paths)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +277,7 @@ class Evaluation:
                 "split": {"seed": e.split_seed, "gold_per_class": e.gold_per_class,
                           "retrieval_per_class": e.retrieval_per_class, "prompts_per_class": e.prompts_per_class,
                           "classes": [{"folder": s.folder, "name": s.name, "gold": s.gold,
-                                       "retrieval": len(s.retrieval)} for s in splits]},
+                                       "retrieval": len(s.retrieval), "skipped": s.skipped} for s in splits]},
                 "store": {"location": settings.store, "pictures": store.count(), "gold_in_store": 0}}
         return self._evaluate(eval_dir, todo, settings, store, gold, info, on_item)
 
@@ -343,6 +343,8 @@ class Evaluation:
             "max_rounds": self.max_rounds or settings.budget.max_rounds,
             "metrics": [{**dataclasses.asdict(m), "column": m.column} for m in METRICS],
             "agent_selects_with": [m.key for m in METRICS if m.agent_selects_with],
+            # Gold pictures that passed the split's header check but could not be decoded: left out of the scores.
+            "gold_unreadable": [{"path": path, "reason": why} for path, why in sorted(scorers.skipped.items())],
             "scorers": scorer_names(settings),
             "generator": settings.models.generator, "judge": settings.models.judge,
             "items": records,

@@ -51,10 +51,11 @@ def check_user_references(references: Any, settings: Any, *, base: Path | None =
         path = Path(item["path"]).expanduser()
         if not path.is_absolute() and base is not None:
             path = base / path
+        # excluded_by sees the path as written (a link kept in an excluded folder) and resolved (a link into one)
+        pattern = excluded_by(path, settings.safety.exclude)
         path = path.resolve()
         weight = check_weight(item.get("weight", 1.0), f"{where}: reference {n}'s weight")
         mode = check_mode(item.get("mode", "both"), f"{where}: reference {n}'s mode")
-        pattern = excluded_by(path, settings.safety.exclude)
         if pattern is not None:
             raise UserError(f"{where}: reference {path} is excluded by safety.exclude {pattern!r}")
         try:

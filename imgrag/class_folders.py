@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgrag.errors import UserError
-from imgrag.images import IMAGE_SUFFIXES  # what `imgrag index` takes
+from imgrag.images import IMAGE_SUFFIXES, UnreadableImage, probe_image  # what `imgrag index` takes
 
 SPLIT_FOLDERS = {"train", "test", "validation", "valid", "val", "dev"}
 _NUMBER_PREFIX = re.compile(r"^\d+[._\-\s]+")
@@ -36,6 +36,8 @@ class ClassSplit:
     name: str
     retrieval: list[str] = field(default_factory=list)
     gold: list[str] = field(default_factory=list)
+    # Files of the class that cannot be read as pictures ({"path", "reason"}): on neither side, said in eval.json.
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
 
 def class_words(folder: str) -> str:
@@ -79,7 +81,8 @@ def split_classes(classes: dict[str, list[str]], *, gold_per_class: int, retriev
                   seed: int = 0) -> list[ClassSplit]:
     """Split every class (see the module docstring); classes in sorted order.
 
-    A class with fewer than ``gold_per_class + 1`` distinct pictures is a UserError naming it (the protocol
+    A file that cannot be read as a picture is left out of both parts and listed in the split's ``skipped``. A class
+    with fewer than ``gold_per_class + 1`` distinct readable pictures is a UserError naming it (the protocol
     needs at least one retrieval picture beside its gold ones). ``retrieval_per_class`` 0 keeps all the rest."""
     from imgrag.store.walking import content_digest
 
@@ -90,11 +93,17 @@ def split_classes(classes: dict[str, list[str]], *, gold_per_class: int, retriev
     splits = []
     for folder in sorted(classes):
         groups: dict[str, list[str]] = {}
+        skipped: list[dict[str, str]] = []
         for path in sorted(classes[folder]):
-            try:
+            try:  # one unreadable picture is that picture's problem: left out of both sides, with its reason
+                probe_image(path)
                 digest = content_digest(Path(path).read_bytes())
+            except UnreadableImage as exc:
+                skipped.append({"path": path, "reason": exc.reason})
+                continue
             except OSError as exc:
-                raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+                skipped.append({"path": path, "reason": f"cannot read: {exc.strerror or exc}"})
+                continue
             groups.setdefault(digest, []).append(path)
         if len(groups) < gold_per_class + 1:
             raise UserError(f"class {folder!r} has {len(groups)} distinct picture(s); the protocol needs at least "
@@ -106,5 +115,5 @@ def split_classes(classes: dict[str, list[str]], *, gold_per_class: int, retriev
         retrieval = rest if retrieval_per_class == 0 else rest[:retrieval_per_class]
         splits.append(ClassSplit(folder, class_words(folder),
                                  retrieval=sorted(p for d in retrieval for p in groups[d]),
-                                 gold=sorted(p for d in gold for p in groups[d])))
+                                 gold=sorted(p for d in gold for p in groups[d]), skipped=skipped))
     return splits

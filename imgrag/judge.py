@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -280,6 +281,47 @@ def clean_phrase(text: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+# Qwen2.5-VL sees a picture as 28 px patches (14 px, merged 2x2), and qwen-vl-utils refuses an aspect ratio of 200
+# or more; a shape far from square also leaves the short side under one patch once the picture is shrunk into
+# max_pixels. The judge is shown a letterboxed copy instead: never more elongated than JUDGE_MAX_ASPECT (nor than
+# what max_pixels allows with a short side of at least one patch), never a side under one patch.
+JUDGE_PATCH_PX = 28
+JUDGE_MAX_ASPECT = 50.0
+
+
+def judge_view(image: Image.Image, max_pixels: int) -> Image.Image:
+    """``image`` as RGB in a shape qwen-vl-utils and Qwen2.5-VL's processor accept for a ``max_pixels`` bound.
+
+    A picture more elongated than the bound allows is padded on its short side with imgrag's neutral grey
+    (:data:`imgrag.images.NEUTRAL_BACKGROUND`), centred: the content keeps its proportions, nothing is cut. A side
+    under :data:`JUDGE_PATCH_PX` (20x20, or 2 px after padding) is then scaled up to one patch (bicubic). A usual
+    picture comes back unchanged (as RGB). Raises UserError when ``max_pixels`` is under one patch (no shape fits).
+    """
+    from imgrag.errors import UserError
+    from imgrag.images import NEUTRAL_BACKGROUND
+
+    patch_area = JUDGE_PATCH_PX * JUDGE_PATCH_PX
+    if max_pixels < patch_area:
+        raise UserError(f"judge.max_pixels is {max_pixels}: the judge needs at least {patch_area} "
+                        f"({JUDGE_PATCH_PX}x{JUDGE_PATCH_PX}) to see a picture")
+    image = image.convert("RGB")
+    width, height = image.size
+    # Shrunk into max_pixels, the short side is sqrt(max_pixels / aspect): at least one patch, with room for the
+    # rounding down to whole patches.
+    max_aspect = max(1.0, min(JUDGE_MAX_ASPECT, max_pixels / patch_area / 2))
+    if max(width, height) / min(width, height) > max_aspect:
+        new_w = max(width, math.ceil(height / max_aspect))
+        new_h = max(height, math.ceil(width / max_aspect))
+        canvas = Image.new("RGB", (new_w, new_h), NEUTRAL_BACKGROUND)
+        canvas.paste(image, ((new_w - width) // 2, (new_h - height) // 2))
+        image, (width, height) = canvas, canvas.size
+    if min(width, height) < JUDGE_PATCH_PX:
+        scale = JUDGE_PATCH_PX / min(width, height)
+        image = image.resize((max(JUDGE_PATCH_PX, math.ceil(width * scale)),
+                              max(JUDGE_PATCH_PX, math.ceil(height * scale))), Image.Resampling.BICUBIC)
+    return image
+
+
 class Judge:
     """Qwen2.5-VL with its processor; greedy decoding, images resized within the settings' pixel bounds."""
 
@@ -330,7 +372,7 @@ class Judge:
 
         bounds = self.settings.judge
         messages = [{"role": "user", "content": [
-            {"type": "image", "image": image.convert("RGB"), "min_pixels": bounds.min_pixels,
+            {"type": "image", "image": judge_view(image, bounds.max_pixels), "min_pixels": bounds.min_pixels,
              "max_pixels": bounds.max_pixels},
             {"type": "text", "text": question},
         ]}]

@@ -72,6 +72,7 @@ class FileStatus:
     present: bool
     size: int | None = None
     approx_only: bool = False
+    where: Path | None = None  # the file on disk, when it is here (for reading its header)
 
 
 @dataclass
@@ -229,8 +230,11 @@ def check_role(role: str, settings: Settings) -> RoleFiles:
         layout = LAYOUTS.get(repo or "")
         if layout is not None:
             result.recorded = True
-            result.files = [FileStatus(f.path, _cached(repo, f.path) is not None, f.size, f.approx_only)
-                            for f in select_files(layout, result.patterns)]
+            result.files = []
+            for f in select_files(layout, result.patterns):
+                cached = _cached(repo, f.path)
+                result.files.append(FileStatus(f.path, cached is not None, f.size, f.approx_only,
+                                               Path(cached) if cached else None))
             known = {f.path for f in layout}
             for pattern in result.patterns:
                 if not any(ch in pattern for ch in "*?[") and pattern not in known:
@@ -249,7 +253,73 @@ def check_role(role: str, settings: Settings) -> RoleFiles:
                                "optimum) to load it")
     if role == "ip_adapter" and (not result.missing or (source == "local" and Path(ref).expanduser().is_dir())):
         _check_adapter(settings, result)
+    for f in result.files:
+        problem = weight_file_problem(f.where) if f.present and f.where is not None else None
+        if problem:
+            result.problems.append(f"{f.path}: {problem}")
     return result
+
+
+# What a Git LFS pointer starts with: a clone without `git lfs` (or a hub download through a proxy that serves the
+# pointer) leaves this ~130-byte text file where the weights should be.
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
+# A safetensors header is JSON of a few hundred bytes per tensor; one claiming more than this is not a header.
+MAX_SAFETENSORS_HEADER = 100 * 2**20
+
+
+def weight_file_problem(path: Path) -> str | None:
+    """Why a file a loader will open is not what it should be, in words, or None when it looks whole.
+
+    Every file: empty (0 bytes), or a Git LFS pointer. A ``.safetensors`` file: its header is read as the format
+    defines it (an 8-byte little-endian length, then that much JSON naming each tensor's dtype, shape and
+    ``data_offsets`` into the data that follows) and the file's size must be exactly 8 + header + the last offset,
+    so a truncated download (or extra bytes) is found without loading a tensor. Reads at most the header."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file (0 bytes): the download or copy did not finish; fetch it again"
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if (head + fh.read(len(LFS_POINTER_PREFIX) - len(head))).startswith(LFS_POINTER_PREFIX):
+                return ("a Git LFS pointer, not the weights: run `git lfs pull` in its repository, or fetch it with "
+                        "`imgrag models download`")
+            if path.suffix != ".safetensors":
+                return None
+            if len(head) < 8:
+                return f"not a safetensors file: {size} bytes, shorter than its 8-byte header length"
+            fh.seek(8)
+            return _safetensors_problem(int.from_bytes(head, "little"), fh, size)
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+
+
+def _safetensors_problem(header_len: int, fh: Any, size: int) -> str | None:
+    """The header check of :func:`weight_file_problem` (``fh`` just past the 8-byte length)."""
+    if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > size:
+        return (f"truncated or not safetensors: its header claims {header_len} bytes and the file holds {size}; "
+                "fetch it again")
+    try:
+        header = json.loads(fh.read(header_len).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return "not safetensors: its header is not JSON (a truncated or corrupt file); fetch it again"
+    if not isinstance(header, dict):
+        return "not safetensors: its header is not a JSON object; fetch it again"
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            return f"not safetensors: tensor {name!r} has no valid data_offsets; fetch it again"
+        end = max(end, offsets[1])
+    expected = 8 + header_len + end
+    if size < expected:
+        return (f"truncated: its header needs {expected} bytes and the file holds {size} "
+                f"({human_size(expected - size)} short); fetch it again")
+    if size > expected:
+        return f"{size - expected} bytes past the end its header gives: a corrupt file; fetch it again"
+    return None
 
 
 # The role names the loaders give imgrag.checkpoints.loading, and the roles here they stand for.
@@ -320,7 +390,7 @@ def _check_local(role: str, settings: Settings, result: RoleFiles) -> None:
                                    f"{m.embedder_pretrained!r}: use an hf-hub: name or a weights file")
             return
         pretrained = Path(m.embedder_pretrained).expanduser()
-        result.files = [FileStatus(str(pretrained), pretrained.is_file(), _size(pretrained))]
+        result.files = [FileStatus(str(pretrained), pretrained.is_file(), _size(pretrained), where=pretrained)]
         if pretrained.is_file() and is_torchscript_archive(pretrained):
             result.notes.append("an OpenAI CLIP TorchScript archive: loaded with open_clip's OpenAI loader")
         return
@@ -373,7 +443,8 @@ def _check_folder(role: str, folder: Path, settings: Settings, result: RoleFiles
         names = (item,) if isinstance(item, str) else item
         here = next((n for n in names if (folder / n).is_file()), None)
         shown = here or " or ".join(names)
-        result.files.append(FileStatus(shown, here is not None, _size(folder / here) if here else None))
+        result.files.append(FileStatus(shown, here is not None, _size(folder / here) if here else None,
+                                       where=folder / here if here else None))
 
 
 def _weights(folder: Path, component: str, stems: tuple[str, ...]) -> list[str | tuple[str, ...]]:

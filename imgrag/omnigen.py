@@ -107,7 +107,7 @@ class OmniGenDrawer:
         guidance = o.guidance_scale if guidance is None else guidance
         img_guidance = o.img_guidance_scale if img_guidance is None else img_guidance
         images = list(input_images or [])
-        validate_omnigen_request(prompt, width, height, steps, images)
+        validate_omnigen_request(prompt, width, height, steps, images, generation=g)
         seed = check_seed(seed)
 
         stopped: list[int] = []
@@ -157,8 +157,15 @@ def omnigen_dtype(settings: Settings, device: str) -> Any:
 
 
 def validate_omnigen_request(prompt: str, width: int, height: int, steps: int,
-                             images: list[Image.Image] | None = None) -> None:
-    """Raise a UserError for a drawing OmniGen cannot make (checked before the model is asked)."""
+                             images: list[Image.Image] | None = None, generation: Any = None) -> None:
+    """Raise a UserError for a drawing OmniGen cannot make (checked before the model is asked), or one past the
+    bounds of ``generation`` (``max_side``/``max_steps``, the same as SDXL's; the defaults when None)."""
+    from imgrag.settings import check_drawing_bounds
+
+    try:
+        check_drawing_bounds(width, height, steps, generation)
+    except ValueError as exc:
+        raise UserError(f"OmniGen: {exc}") from None
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError("the prompt is empty: say what to draw")
     for name, value in (("width", width), ("height", height)):

@@ -28,6 +28,8 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from imgrag.file_names import display_name, is_text_name
+
 PROVENANCE_KEY = "imgrag"
 PARAMETERS_KEY = "parameters"
 SCHEMA = "imgrag.provenance/1"
@@ -143,10 +145,12 @@ def save_kwargs(path: Path, doc: dict[str, Any] | None) -> dict[str, Any]:
     if doc is None:
         return {}
     text = json.dumps(doc, ensure_ascii=False, default=str)
+    if not is_text_name(text):  # a path that is not UTF-8 (imgrag.file_names): JSON's \u escapes keep it whole
+        text = json.dumps(doc, ensure_ascii=True, default=str)
     if path.suffix.lower() == ".png":
         info = PngInfo()
         info.add_itxt(PROVENANCE_KEY, text)  # iTXt: UTF-8, so any prompt survives
-        info.add_itxt(PARAMETERS_KEY, parameters_line(doc))
+        info.add_itxt(PARAMETERS_KEY, display_name(parameters_line(doc)))
         return {"pnginfo": info}
     exif = Image.Exif()
     # EXIF text is ASCII: JSON's \u escapes carry any prompt through it intact.
@@ -168,10 +172,10 @@ def save_image(image: Image.Image, path: str | Path, doc: dict[str, Any] | None)
 def read_provenance(path: str | Path) -> dict[str, Any] | None:
     """The provenance document embedded in a picture, or None when it carries none (not made by imgrag, or
     its metadata was stripped). Raises UserError when the file cannot be opened as a picture."""
-    from imgrag.images import probe_image
+    from imgrag.images import probe_image, reading_image
 
     probe_image(path)
-    with Image.open(path) as im:
+    with reading_image(path), Image.open(path) as im:
         text = im.info.get(PROVENANCE_KEY) if hasattr(im, "info") else None
         if text is None:
             text = im.getexif().get(_EXIF_DESCRIPTION)

@@ -35,6 +35,7 @@ from typing import Any
 import jinja2
 
 from imgrag.errors import UserError
+from imgrag.file_names import display_name
 from imgrag.runs import RunRecord, atomic_path
 from imgrag.settings import TINY_WARNING
 
@@ -74,13 +75,11 @@ def image_data_uri(path: str | Path | None, max_px: int = THUMB_PX) -> str | Non
 
 @functools.lru_cache(maxsize=512)
 def _encoded_thumbnail(path: str, version: int, max_px: int) -> str | None:  # version: the cache key only
-    from PIL import Image, UnidentifiedImageError
+    from imgrag.images import UnreadableImage, open_image
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            image = im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        image = open_image(path)
+    except UnreadableImage:
         return None
     buffer = io.BytesIO()
     if max(image.size) <= SMALL_IMAGE_PX:
@@ -251,7 +250,8 @@ def _steps_view(trace: list[dict[str, Any]], result: dict[str, Any]) -> list[dic
             row.update(kind="planner", planner=s["planner"], tool=s.get("tool"))
         else:
             detail = s.get("message") or ""
-            args = "" if s.get("args") is None else json.dumps(s["args"], ensure_ascii=False, default=str)
+            args = "" if s.get("args") is None else display_name(json.dumps(s["args"], ensure_ascii=False,
+                                                                               default=str))
             row.update(kind="tool", tool=s.get("tool"), args=shorten(args, ARGS_CHARS))
         rows.append({**row, "ok": s.get("ok"), "seconds": s.get("seconds"), "detail": shorten(detail, DETAIL_CHARS)})
     return rows

@@ -12,9 +12,10 @@ Rule: a picture is **flagged** when its cosine similarity to any concept's text 
 scores on your own collection with ``imgrag search "CONCEPT" --json``. The check is off until ``safety.enabled``
 is set, because that threshold was not measured here (no real CLIP weights on the machines this was built on).
 
-Besides the check, ``safety.exclude`` lists folders and globs the store must never retrieve from: a path under
-such a folder, or matching such a glob (``fnmatch`` on the absolute path, ``**/private/*``), is never a
-reference or a candidate photo, whatever its content.
+Besides the check, ``safety.exclude`` lists folders (or files) the store must never retrieve from, whatever their
+content: see :func:`excluded_by`. An entry is a literal path (``scans [old]`` is that folder, brackets and all)
+unless it starts with ``glob:`` (``glob:*/scans/id-*``, Python's ``fnmatch``, matched against the whole path).
+Both sides are compared after resolving symbolic links, so a link into an excluded folder is excluded too.
 
 What it cannot do: a zero-shot check at a fixed threshold misses what the concepts do not name, what CLIP does
 not see (small regions, text in the picture, context), and errs both ways near the threshold; it knows nothing
@@ -63,20 +64,35 @@ def flags(image_vectors: np.ndarray, concept_vectors: np.ndarray, concepts: Sequ
             for i, j in enumerate(best)]
 
 
-def excluded_by(path: str | Path, patterns: Sequence[str]) -> str | None:
-    """The first ``safety.exclude`` entry that covers ``path`` (a folder above it, or a glob it matches), or None.
+GLOB_PREFIX = "glob:"
 
-    Paths are compared absolute, with ``~`` expanded; a glob is matched against the whole path."""
-    full = os.path.abspath(os.path.expanduser(str(path)))
+
+def _forms(path: str) -> set[str]:
+    """``path`` absolute (``~`` expanded) as written and with every symbolic link resolved."""
+    written = os.path.abspath(os.path.expanduser(path))
+    return {written, os.path.realpath(written)}
+
+
+def excluded_by(path: str | Path, patterns: Sequence[str]) -> str | None:
+    """The first ``safety.exclude`` entry that covers ``path``, or None.
+
+    An entry is a literal path (a folder covers everything under it; a file covers itself), whatever characters
+    its name holds (``[``, ``*``, ``?``, spaces, any script); ``glob:PATTERN`` is an ``fnmatch`` pattern on the whole
+    absolute path (``*`` also crosses ``/``). Both ``path`` and each entry are compared absolute (``~`` expanded), as
+    written and with symbolic links resolved: a link into an excluded folder, and a link kept inside one that points
+    elsewhere, are both excluded (what the link leads to, and where it was found)."""
+    candidates = _forms(str(path))
     for pattern in patterns:
-        expanded = os.path.expanduser(pattern)
-        if any(ch in expanded for ch in "*?["):
+        if pattern.startswith(GLOB_PREFIX):
+            expanded = os.path.expanduser(pattern[len(GLOB_PREFIX):])
             target = expanded if os.path.isabs(expanded) or expanded.startswith("*") else os.path.abspath(expanded)
-            if fnmatch.fnmatch(full, target):
+            if any(fnmatch.fnmatchcase(full, target) for full in candidates):
                 return pattern
-        else:
-            folder = os.path.abspath(expanded).rstrip(os.sep)
-            if full == folder or full.startswith(folder + os.sep):
+            continue
+        for folder in _forms(pattern):
+            folder = folder.rstrip(os.sep) or os.sep
+            prefix = folder if folder.endswith(os.sep) else folder + os.sep
+            if any(full == folder or full.startswith(prefix) for full in candidates):
                 return pattern
     return None
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from imgrag.images import open_image
+from imgrag.images import UnreadableImage, open_image
 
 IMAGERAG_CHECKPOINTS = {"clip": "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
                         "siglip": "hf-hub:timm/ViT-SO400M-14-SigLIP-384", "dino": "facebook/dino-vits16"}
@@ -69,18 +69,28 @@ class Scorers:
                 register_dino(manager, settings)
             self.image_image["dino_gold"] = "dino"
         self._gold: dict[tuple[str, str], np.ndarray] = {}
+        self.skipped: dict[str, str] = {}  # gold path -> why it could not be decoded
 
     def _embed(self, model: str, images: list[Any]) -> np.ndarray:
         if model == "dino":
             return np.asarray(self.manager.run("dino", lambda d: d.embed(images)))
         return np.asarray(self.manager.run(model, lambda e: e.embed_images(images)))
 
-    def _gold_vectors(self, model: str, gold: list[str]) -> np.ndarray:
-        todo = [p for p in gold if (model, p) not in self._gold]
-        if todo:
-            for path, vector in zip(todo, self._embed(model, [open_image(p) for p in todo]), strict=True):
+    def _gold_vectors(self, model: str, gold: list[str]) -> np.ndarray | None:
+        """The gold pictures' vectors under ``model``; a gold file that cannot be decoded is left out (and listed in
+        ``skipped``), so one broken picture costs only itself. None when none is readable."""
+        todo = [p for p in gold if (model, p) not in self._gold and p not in self.skipped]
+        pictures = {}
+        for path in todo:
+            try:
+                pictures[path] = open_image(path)
+            except UnreadableImage as exc:
+                self.skipped[path] = exc.reason
+        if pictures:
+            for path, vector in zip(pictures, self._embed(model, list(pictures.values())), strict=True):
                 self._gold[(model, path)] = vector
-        return np.stack([self._gold[(model, p)] for p in gold])
+        vectors = [self._gold[(model, p)] for p in gold if (model, p) in self._gold]
+        return np.stack(vectors) if vectors else None
 
     def score(self, prompt: str, images: dict[str, str], gold: list[str],
               verdicts: dict[str, dict[str, Any] | None] | None = None) -> dict[str, dict[str, Any]]:
@@ -100,6 +110,8 @@ class Scorers:
         if gold:
             for metric, model in self.image_image.items():
                 references = self._gold_vectors(model, gold)
+                if references is None:
+                    continue
                 vectors = self._embed(model, pictures)
                 for name, vector in zip(names, vectors, strict=True):
                     out[name][metric] = round(_mean_cosine(vector, references), 4)

@@ -265,9 +265,26 @@ class SafetySettings:
     concepts: list[str] = field(default_factory=lambda: list(DEFAULT_UNSAFE_CONCEPTS))
     # Flagged when cosine(image, concept text) >= threshold; see imgrag/safety.py for how it was chosen.
     threshold: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.26
-    exclude: list[str] = field(default_factory=list)  # folders and globs never retrieved from
+    # Folders (or files) never retrieved from: literal paths, or "glob:PATTERN" (imgrag/safety.py, excluded_by).
+    exclude: list[str] = field(default_factory=list)
     skip_flagged_at_index: bool = False  # `imgrag index` leaves flagged pictures out of the store
     allow_flagged: bool = False  # a flagged output may be the answer (--allow-flagged)
+
+    @field_validator("exclude")
+    @classmethod
+    def _literal_or_glob(cls, entries: list[str]) -> list[str]:
+        # An entry is literal unless it says glob:. One with * or ? that names no path was surely meant as a
+        # pattern (older settings wrote globs bare): refusing it beats excluding nothing without a word.
+        import os
+
+        for entry in entries:
+            if not entry.strip():
+                raise ValueError("an empty entry would exclude nothing; remove it")
+            if (not entry.startswith("glob:") and any(ch in entry for ch in "*?")
+                    and not os.path.lexists(os.path.expanduser(entry))):
+                raise ValueError(f"{entry!r} names no file or folder but looks like a pattern: write "
+                                 f"'glob:{entry}' for a glob (entries are literal paths otherwise)")
+        return entries
 
 
 @dataclass

@@ -12,7 +12,7 @@ from PIL import Image
 from agent.cli_common import TINY_WARNING
 from tests.cli import run_cli
 
-INDEX_KEYS = {"added", "duplicates", "updated", "unchanged", "removed", "skipped", "total", "seconds"}
+INDEX_KEYS = {"added", "duplicates", "updated", "unchanged", "removed", "skipped", "notes", "total", "seconds"}
 
 
 @pytest.fixture

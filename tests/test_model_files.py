@@ -63,7 +63,8 @@ def _cache_files(cache: Path, repo: str, paths: list[str]) -> None:
     for path in paths:
         target = root / "snapshots" / commit / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(b"x")
+        # a weights file is a well-formed safetensors file with no tensors (doctor reads its header)
+        target.write_bytes(b"\x02" + b"\0" * 7 + b"{}" if path.endswith(".safetensors") else b"x")
 
 
 # ----- the recorded layouts and the patterns -----
@@ -374,3 +375,85 @@ def test_doctor_probes_the_llm_server_and_the_chroma_server(capsys, monkeypatch:
     assert code == 1 and "unreachable" in report["checkpoints"]["llm"]["server"]["problem"]
     assert not report["store"]["server"]["ok"] and "unreachable" in report["store"]["server"]["problem"]
     assert not report["ok"] and len(report["problems"]) == 2  # the LLM server and the store server
+
+
+# ----------------------------------------------------------------------------------------------
+# doctor reads headers: a weight file that is an LFS pointer, truncated, empty or not safetensors
+# ----------------------------------------------------------------------------------------------
+
+LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
+               b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 12345\n")
+
+
+def _broken_kit_copy(tiny_kit, tmp_path):
+    """A copy of the tiny kit with one weight file each: an LFS pointer, truncated, empty, a bad header."""
+    import shutil
+
+    kit = tmp_path / "kit"
+    shutil.copytree(tiny_kit["generator"].parent, kit, symlinks=True)
+    (kit / "qwen2.5-vl" / "model.safetensors").write_bytes(LFS_POINTER)
+    unet = kit / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"
+    data = unet.read_bytes()
+    unet.write_bytes(data[: len(data) - 100])
+    (kit / "open-clip" / "open_clip_model.safetensors").write_bytes(b"")
+    (kit / "qwen2.5-instruct" / "config.json").write_bytes(b"")
+    return kit
+
+
+def test_weight_file_problem_kinds(tmp_path) -> None:
+    import json as _json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from imgrag.model_files import weight_file_problem
+
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.zeros(4, 4)}, str(good))
+    assert weight_file_problem(good) is None
+    data = good.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:-10])
+    assert "truncated: its header needs" in weight_file_problem(cut)
+    head = tmp_path / "head.safetensors"
+    head.write_bytes(data[:20])
+    assert "truncated or not safetensors" in weight_file_problem(head)
+    longer = tmp_path / "longer.safetensors"
+    longer.write_bytes(data + b"\0" * 3)
+    assert "3 bytes past the end" in weight_file_problem(longer)
+    pointer = tmp_path / "pointer.bin"
+    pointer.write_bytes(LFS_POINTER)
+    assert "Git LFS pointer" in weight_file_problem(pointer)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    assert "empty file" in weight_file_problem(empty)
+    garbage = tmp_path / "garbage.safetensors"
+    header = b"{not json"
+    garbage.write_bytes(len(header).to_bytes(8, "little") + header)
+    assert "header is not JSON" in weight_file_problem(garbage)
+    offsets = tmp_path / "offsets.safetensors"
+    header = _json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", 4]}}).encode()
+    offsets.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    assert "no valid data_offsets" in weight_file_problem(offsets)
+    assert "cannot read" in weight_file_problem(tmp_path / "missing.bin")
+
+
+def test_doctor_lists_every_broken_weight_file_and_exits_1(capsys, tiny_kit, tmp_path, monkeypatch) -> None:
+    import json as _json
+
+    from tests.cli import run_cli
+
+    kit = _broken_kit_copy(tiny_kit, tmp_path)
+    monkeypatch.setenv("IMGRAG_TINY_KIT_DIR", str(kit))
+    code, out, err = run_cli(capsys, "doctor", "--profile", "tiny", "--json")
+    assert code == 1 and "Traceback" not in err
+    report = _json.loads(out)
+    problems = "\n".join(report["problems"])
+    assert "judge: model.safetensors: a Git LFS pointer" in problems
+    assert "generator: unet/diffusion_pytorch_model.safetensors: truncated: its header needs" in problems
+    assert "embedder: open_clip_model.safetensors: empty file" in problems
+    assert "llm: config.json: empty file" in problems
+    assert report["ok"] is False and not report["checkpoints"]["judge"]["ok"]
+    assert report["checkpoints"]["ip_adapter"]["ok"]  # the untouched roles stay ok
+    code, out, err = run_cli(capsys, "doctor", "--profile", "tiny")
+    assert code == 1 and "Git LFS pointer" in err.replace("\n", " ") + out.replace("\n", " ")

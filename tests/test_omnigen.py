@@ -409,4 +409,10 @@ def test_generate_on_omnigen_refuses_what_does_not_apply(tiny_settings, tmp_path
                            "b")
     assert code == 1 and "one --concept per --ref" in err
     code, _, err = run_cli(capsys, *base, "--ref", str(fox), "--concept", "a fox")
-    assert code == 1 and "needs --repair-with omnigen" in err
+    assert code == 1 and "needs --ref PATH and --repair-with omnigen" in err
+    code, _, err = run_cli(capsys, *base, "--repair-with", "omnigen", "--concept", "a fox")
+    assert code == 1 and "give one --ref per --concept" in err
+    code, _, err = run_cli(capsys, *base, "--repair-with", "omnigen", "--ref", str(fox), "--steps", "100000")
+    assert code == 1 and "generation.max_steps" in err and "OmniGen" in err  # the same bound as SDXL's
+    code, _, err = run_cli(capsys, *base, "--repair-with", "omnigen")
+    assert code == 0 and "without --ref the picture is drawn from the prompt alone (SDXL)" in err

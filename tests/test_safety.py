@@ -63,8 +63,8 @@ def test_excluded_folders_and_globs(tmp_path: Path) -> None:
     private = tmp_path / "private"
     assert excluded_by(private / "a.jpg", [str(private)]) == str(private)
     assert excluded_by(tmp_path / "private-not" / "a.jpg", [str(private)]) is None  # a folder, not a prefix
-    assert excluded_by(tmp_path / "x" / "id-scan.png", ["*/id-*"]) == "*/id-*"
-    assert excluded_by(tmp_path / "x" / "kettle.png", ["*/id-*", str(private)]) is None
+    assert excluded_by(tmp_path / "x" / "id-scan.png", ["glob:*/id-*"]) == "glob:*/id-*"
+    assert excluded_by(tmp_path / "x" / "kettle.png", ["glob:*/id-*", str(private)]) is None
 
 
 # ----- in runs (scripted verdicts; an embedder that reads blue as the unsafe concept) -----

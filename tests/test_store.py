@@ -197,7 +197,8 @@ def test_index_then_search_text_and_image(tmp_path: Path, colours: Path) -> None
     store = open_store(tmp_path, emb)
     summary = store.index([colours], emb)
     assert summary["added"] == 5 and summary["total"] == 5 and summary["skipped"] == []
-    assert set(summary) == {"added", "duplicates", "updated", "unchanged", "removed", "skipped", "total", "seconds"}
+    assert set(summary) == {"added", "duplicates", "updated", "unchanged", "removed", "skipped", "notes", "total",
+                            "seconds"}
     reader = open_store(tmp_path, emb, for_writing=False)
     top = reader.search_text(emb, "green", k=2)
     assert Path(top[0].path).name == "green.png" and top[0].score > top[1].score

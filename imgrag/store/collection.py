@@ -276,7 +276,8 @@ class ReferenceStore:
             self.last_index_timings = {k: round(v, 4) for k, v in timings.items()}
             return IndexSummary(added=job.added, duplicates=job.duplicates, updated=job.updated,
                                 unchanged=job.unchanged, removed=job.removed,
-                                skipped=skipped, total=self.count(), seconds=round(time.perf_counter() - start, 3))
+                                skipped=skipped, notes=job.notes, total=self.count(),
+                                seconds=round(time.perf_counter() - start, 3))
 
     def _ensure_collection(self) -> Any:
         if self._collection is None:

@@ -12,6 +12,8 @@ from typing import Any, Protocol, TypedDict
 import numpy as np
 from PIL import Image
 
+from imgrag.file_names import from_stored
+
 
 class SupportsEmbedding(Protocol):
     """What the store needs from an embedder (imgrag.embedder.Embedder, or a test's fake)."""
@@ -33,6 +35,7 @@ class IndexSummary(TypedDict):
     unchanged: int
     removed: int
     skipped: list[dict[str, str]]
+    notes: list[dict[str, str]]  # files stored with a remark ({"path", "note"}): a name that is not UTF-8
     total: int  # pictures in the store afterwards
     seconds: float
 
@@ -68,12 +71,20 @@ class _Entry:
             paths = json.loads(meta.get("paths") or "{}")
         except ValueError:
             paths = {}
-        if not paths and meta.get("path"):
-            paths = {meta["path"]: [-1, -1, -1, -1]}  # unknown signature: the next index re-checks it
+        primary = cls(meta).primary
+        if not paths and primary:
+            paths = {primary: [-1, -1, -1, -1]}  # unknown signature: the next index re-checks it
         return cls(meta, {str(p): list(sig) for p, sig in paths.items()})
+
+    @property
+    def primary(self) -> str | None:
+        """The picture's first path as the file system has it. The ``path`` field holds its display name
+        (:mod:`imgrag.file_names`), and ``path_bytes`` the name's bytes when they are not UTF-8; ``paths`` is JSON
+        with ``\\u`` escapes, which keep any name whole."""
+        return from_stored(self.meta.get("path"), self.meta.get("path_bytes"))
 
     def live_path(self) -> str | None:
         """The first of this picture's paths (primary first) that still exists."""
-        primary = self.meta.get("path")
+        primary = self.primary
         ordered = ([primary] if primary in self.paths else []) + sorted(p for p in self.paths if p != primary)
         return next((p for p in ordered if os.path.isfile(p)), None)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from imgrag.errors import UserError
+from imgrag.file_names import is_text_name, stored_name
 from imgrag.images import probe_image
 from imgrag.store.entries import SupportsEmbedding, _Entry
 from imgrag.store.walking import (
@@ -46,6 +47,7 @@ class _IndexJob:
         self.batch_size = batch_size
         self.timings = timings
         self.skipped = skipped
+        self.notes: list[dict[str, str]] = []  # files stored with something worth saying (a name that is not UTF-8)
         self.entries: dict[str, _Entry] = {}
         self.owners: dict[str, list[str]] = {}  # path -> ids whose path map lists it (normally one)
         self.added = self.duplicates = self.updated = self.unchanged = self.removed = 0
@@ -147,6 +149,9 @@ class _IndexJob:
             self.entries[ref_id].paths[f.path] = signature
             self.owners[f.path] = [ref_id]
             self._dirty.add(ref_id)
+            if not is_text_name(f.path) and previous != [ref_id]:
+                self.notes.append({"path": f.path, "note": "its name is not valid UTF-8: stored with its bytes and "
+                                   "shown with \\x escapes (the file itself is untouched)"})
         return new
 
     def _skip(self, path: str, reason: str) -> None:
@@ -207,8 +212,11 @@ class _IndexJob:
             caption = read_caption(sidecar_path(path) if entry.paths[path][2] >= 0 else None)
             if caption:
                 break
-        entry.meta.update(path=ordered[0], paths=json.dumps(entry.paths, sort_keys=True), caption=caption,
-                          indexed_at=round(time.time(), 3))
+        # Chroma keeps text only: a name that is not UTF-8 is stored as its display name plus its bytes
+        # (imgrag.file_names); path_bytes is always written so that a rename to a text name clears it.
+        shown, raw = stored_name(ordered[0])
+        entry.meta.update(path=shown, path_bytes=raw, paths=json.dumps(entry.paths, sort_keys=True),
+                          caption=caption, indexed_at=round(time.time(), 3))
         return dict(entry.meta)
 
     def prune(self, roots: list[str]) -> None:

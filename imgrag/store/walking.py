@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from imgrag.errors import UserError
-from imgrag.images import IMAGE_SUFFIXES, decode_rgb
+from imgrag.images import IMAGE_SUFFIXES, UnreadableImage, decode_rgb
 
 MAX_CAPTION_CHARS = 2000
 # Pictures are shrunk to this box right after decoding: CLIP sees 224 px, and a batch of full-size
@@ -146,6 +146,8 @@ def walk_images(roots: Sequence[str | Path]) -> tuple[list[ImageFile], list[dict
 
 def _user_reason(exc: UserError, path: str) -> str:
     """A probe error without the leading ``<path>: `` (the summary shows the path beside it)."""
+    if isinstance(exc, UnreadableImage):
+        return exc.reason
     text = str(exc)
     return text[len(path) + 2:] if text.startswith(path + ": ") else text
 
