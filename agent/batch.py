@@ -94,10 +94,25 @@ def check_batch_references(path: Path, items: list[dict[str, Any]], settings: An
         raise UserError("; ".join(problems))
 
 
+# A .jsonl line's keys for how its prompt is drawn: imgrag.draw_options.DrawOptions's fields, named as the settings.
+DRAWING_KEYS = ("negative_prompt", "guidance", "scheduler", "per_round")
+
+
+def line_options(base: Any, item: dict[str, Any]) -> Any:
+    """The drawing options of a batch item: ``base`` (a :class:`~imgrag.draw_options.DrawOptions`: the settings' and
+    the command line's, or a Settings to take them from) changed by the line's own keys (:data:`DRAWING_KEYS`)."""
+    from imgrag.draw_options import DrawOptions
+
+    options = base if isinstance(base, DrawOptions) else DrawOptions.from_settings(base)
+    return options.changed(f"line {item.get('line', '?')}", **(item.get("drawing") or {}))
+
+
 def read_prompt_file(path: Path) -> list[dict[str, Any]]:
     """Prompts from .txt (one per line; blank lines and # comments skipped) or .jsonl objects
-    ({"prompt", "seed"?, "max_rounds"?, "references"?: [{"path", "weight"?, "mode"?}]}). Errors name the file and
-    line."""
+    ({"prompt", "seed"?, "max_rounds"?, "references"?: [{"path", "weight"?, "mode"?}], "negative_prompt"?,
+    "guidance"?, "scheduler"?, "per_round"?}). Errors name the file and line."""
+    from imgrag.draw_options import parse_options
+
     if not path.exists():
         raise UserError(f"{path}: no such file")
     lines = read_user_text(path, "prompt file").splitlines()
@@ -123,6 +138,12 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
             item = {"prompt": obj["prompt"].strip(), "seed": obj.get("seed"), "max_rounds": obj.get("max_rounds")}
             if obj.get("references") is not None:  # checked (files, exclusions, bounds) by check_batch_references
                 item.update(references=_relative_to(obj["references"], path.parent), line=number)
+            if obj.get("negative") is not None and obj.get("negative_prompt") is None:  # as the flag is named
+                obj["negative_prompt"] = obj["negative"]
+            drawing = {k: obj[k] for k in DRAWING_KEYS if obj.get(k) is not None}
+            if drawing:  # checked now: a bad scheduler name or guidance is named with its line
+                checked = parse_options(drawing, f"{path}:{number}")
+                item.update(drawing={k: getattr(checked, k) for k in drawing}, line=number)
             items.append(item)
         else:
             items.append({"prompt": line, "seed": None, "max_rounds": None})

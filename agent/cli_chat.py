@@ -52,11 +52,15 @@ REVIEW_PROMPT = "references> "
 
 
 class ChatStatus:
-    """The live status line (tool, round, elapsed) on stderr while a request runs, and a line per finished tool."""
+    """The live status line (tool, round, elapsed) on stderr while a request runs, a line per finished tool, and the
+    drawing's live preview where the terminal shows pictures (:mod:`agent.terminal_images`; else none)."""
 
-    def __init__(self) -> None:
+    def __init__(self, preview: Any = None) -> None:
+        from agent.terminal_images import TerminalPreview
+
         self.status: Any = None
         self.line = StatusText(suffix="[dim](Ctrl-C stops)[/]")
+        self.preview = preview if preview is not None else TerminalPreview(err.file)
 
     def begin(self, rounds: int = 0) -> None:
         """Show the line for a new request on a thread that has drawn ``rounds`` pictures already."""
@@ -74,7 +78,19 @@ class ChatStatus:
             self.status = None
 
     def __call__(self, event: dict[str, Any]) -> None:
+        from agent.terminal_images import preview_event_image
+
         kind = event["event"]
+        image = preview_event_image(event)
+        if image is not None:
+            running = self.status is not None
+            self.end()  # the status line steps aside while the picture is drawn above it
+            self.preview.show(image)
+            if running:
+                self.resume()
+            return
+        if kind in ("note", "tool_end", "store"):
+            self.preview.detach()  # printed below the preview: the next drawing's preview gets its own place
         if kind == "note":
             out.print(f"[cyan]·[/] {escape(event['text'])}", soft_wrap=True)
             return
@@ -125,8 +141,9 @@ class ChatRepl:
         self.status = ChatStatus()
         self.home = imgrag_home()
         self.reader = LineReader(self.home / "chat_history")
-        self.session = ChatSession(Runner(settings), planner=planner, rounds=rounds, reviewer=self.review,
-                                   on_event=self.status)
+        # Previews are made only when this terminal can show them (they cost a little per step).
+        self.session = ChatSession(Runner(settings, previews=self.status.preview.available), planner=planner,
+                                   rounds=rounds, reviewer=self.review, on_event=self.status)
         self._hinted_preview = False
 
     # ----- the loop -----
@@ -179,7 +196,7 @@ class ChatRepl:
         if item is None:
             return None
         if isinstance(item, SlashCommand):
-            return getattr(self, f"cmd_{item.name}")(item.arg)
+            return getattr(self, f"cmd_{item.name.replace('-', '_')}")(item.arg)
         self.request(item)
         return None
 
@@ -364,6 +381,35 @@ class ChatRepl:
             self.session.set_approve(arg)
         out.print("approve " + ("on: each guided redraw waits for your review of its references"
                                 if self.session.approve else "off: the agent chooses references itself"))
+
+    def cmd_negative(self, arg: str) -> None:
+        if arg:
+            self.session.set_drawing(negative_prompt="" if arg.strip().lower() in ("off", "none") else arg)
+        negative = self.session.drawing_options().negative_prompt
+        out.print(f"negative prompt: {escape(negative)}" if negative else "no negative prompt", soft_wrap=True)
+
+    def cmd_guidance(self, arg: str) -> None:
+        if arg:
+            self.session.set_guidance(arg)
+        guidance = self.session.drawing_options().guidance
+        out.print(f"guidance {guidance:g}" if guidance is not None else
+                  f"guidance: the settings' ({self.settings.generation.guidance:g}, or the fast mode's)")
+
+    def cmd_scheduler(self, arg: str) -> None:
+        from imgrag.schedulers import choices_text
+
+        if arg.strip().lower() == "list":
+            out.print(f"schedulers: {choices_text()}; default: the checkpoint's own", soft_wrap=True)
+            return
+        if arg:
+            self.session.set_drawing(scheduler=arg)
+        scheduler = self.session.drawing_options().scheduler
+        out.print(f"scheduler {scheduler}" if scheduler else "scheduler: the checkpoint's own", soft_wrap=True)
+
+    def cmd_per_round(self, arg: str) -> None:
+        if arg:
+            self.session.set_per_round(arg)
+        out.print(f"{self.session.drawing_options().per_round} drawing(s) per round")
 
     def cmd_undo(self, arg: str) -> None:
         summary = self.session.undo()

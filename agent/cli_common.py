@@ -93,6 +93,43 @@ RepairWithOpt = Annotated[str | None, typer.Option(
          "concept's references placed in OmniGen's prompt; ImageRAG-O). Default: generation.repair_with.")]
 
 
+NegativeOpt = Annotated[str | None, typer.Option(
+    "--negative", metavar="TEXT",
+    help="What the drawing should leave out (a negative prompt: \"blurry, text, watermark\"); the judge never sees it. "
+         "Default: generation.negative_prompt.")]
+GuidanceOpt = Annotated[float | None, typer.Option(
+    "--guidance", metavar="FLOAT",
+    help="Classifier-free guidance scale, 0..30: how closely SDXL follows the prompt (default: generation.guidance, "
+         "or the --fast method's; 1 or less switches guidance and the negative prompt off).")]
+SchedulerOpt = Annotated[str | None, typer.Option(
+    "--scheduler", metavar="NAME",
+    help="The sampler, by its A1111 name: \"Euler a\", \"DPM++ 2M Karras\", UniPC, DDIM, ... (imgrag generate --help "
+         "and README list them all); default: generation.scheduler, else the checkpoint's own.")]
+PerRoundOpt = Annotated[int | None, typer.Option(
+    "--per-round", metavar="N",
+    help="Drawings per round, 1..8: N seeds drawn in one batched call, each judged; the run goes on from the best "
+         "(default: generation.per_round, 1).")]
+
+
+def drawing_flags(negative: str | None = None, scheduler: str | None = None,
+                  per_round: int | None = None) -> dict[str, Any]:
+    """The settings overrides of ``--negative``, ``--scheduler`` and ``--per-round`` (None: not given); the settings
+    check them; a scheduler name outside the list is one line listing the choices."""
+    from imgrag.schedulers import check_scheduler
+
+    if scheduler is not None:
+        check_scheduler(scheduler, "--scheduler")  # named as the flag, not as the setting it sets
+    return {"generation.negative_prompt": negative, "generation.scheduler": scheduler,
+            "generation.per_round": per_round}
+
+
+def drawing_options(settings: Settings, guidance: float | None = None) -> Any:
+    """A run's :class:`imgrag.draw_options.DrawOptions`: the settings' (flags included) plus ``--guidance``."""
+    from imgrag.draw_options import DrawOptions, check_guidance
+
+    return DrawOptions.from_settings(settings).changed(guidance=check_guidance(guidance, "--guidance"))
+
+
 def repair_flags(repair_with: str | None) -> dict[str, Any]:
     """The settings override of ``--repair-with`` (None: not given); the settings check the choice."""
     return {"generation.repair_with": repair_with.strip().lower() if repair_with else None}

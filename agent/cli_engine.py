@@ -20,11 +20,15 @@ from agent.cli_common import (
     TINY_WARNING,
     ConfigOpt,
     FastOpt,
+    GuidanceOpt,
     JsonOpt,
+    NegativeOpt,
     ProfileOpt,
     RepairWithOpt,
+    SchedulerOpt,
     TerminalBar,
     app,
+    drawing_flags,
     err,
     out,
     prepare_models,
@@ -74,6 +78,9 @@ def generate(
         "--steps", help="Denoising steps (default: generation.steps, or the --fast method's).")] = None,
     size: Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT, multiples of 8 (default: the profile's).")]
     = None,
+    negative: NegativeOpt = None,
+    guidance: GuidanceOpt = None,
+    scheduler: SchedulerOpt = None,
     fast: FastOpt = None,
     repair_with: RepairWithOpt = None,
     concept: Annotated[list[str] | None, typer.Option(
@@ -88,15 +95,23 @@ def generate(
 
     With --repair-with omnigen the references go into OmniGen's prompt, each beside the concept it shows
     (--concept), ImageRAG-O's way; per-reference weights and modes are IP-Adapter's and do not apply there.
+
+    --scheduler takes these names (A1111's, mapped to diffusers' schedulers as diffusers' docs map them):
+    "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM++ SDE", "DPM++ SDE Karras", DPM2,
+    "DPM2 Karras", "DPM2 a", "DPM2 a Karras", Euler, "Euler a", Heun, LMS, "LMS Karras", DDIM, PLMS, UniPC, DEIS;
+    default keeps the checkpoint's own.
     """
+    from imgrag.draw_options import check_guidance
     from imgrag.fast import draw_plan
     from imgrag.generator import validate_request
     from imgrag.provenance import for_drawing, save_image
+    from imgrag.schedulers import check_with_fast
 
     if output is None:
         raise UserError("give the output picture: -o OUT.png")
     width, height = parse_size(size)
-    guidance: float | None = None
+    guidance_flag = check_guidance(guidance, "--guidance")
+    negative_flag, scheduler_flag = negative, scheduler  # as given, before a recipe fills them
     if from_image is not None and profile is None:  # the recipe's profile: its models drew the picture
         from imgrag.provenance import recipe_profile
 
@@ -110,7 +125,11 @@ def generate(
         # The bounds a recipe is held to are the settings this drawing will use (profile, --config).
         bounds = settings_from_flags(profile, config, **repair_flags(repair_with))
         prompt, refs, seed, steps, guidance, fast, ip_scale, width, height = _from_provenance(
-            from_image, prompt, refs, seed, steps, fast, ip_scale, width, height, settings=bounds)
+            from_image, prompt, refs, seed, steps, fast, ip_scale, width, height, settings=bounds,
+            guidance=guidance_flag)
+        recipe_negative, recipe_scheduler = recipe_drawing(from_image)
+        negative = recipe_negative if negative is None else negative
+        scheduler = recipe_scheduler if scheduler is None else scheduler
         if repair_with is None and recipe_backbone(from_image) == "omnigen":  # drawn by OmniGen: redrawn by it
             repair_with = "omnigen"
             if concept is None and given_refs is None:
@@ -124,11 +143,13 @@ def generate(
         "generation.seed": seed, "generation.steps": None if omnigen_asked and refs else steps,
         "generation.ip_scale": ip_scale, "generation.width": width, "generation.height": height,
         "generation.fast": fast, "omnigen.steps": steps if omnigen_asked and refs else None,
-        **repair_flags(repair_with)})
+        **repair_flags(repair_with), **drawing_flags(negative, scheduler)})
     g = settings.generation
     if refs and g.repair_with == "omnigen" or not refs and g.draw_with == "omnigen":
         _generate_omnigen(settings, prompt, refs or [], concept, output=output, from_image=from_image,
-                          flags_without_effect={"--ip-scale": ip_scale, "--fast": fast}, as_json=as_json)
+                          flags_without_effect={"--ip-scale": ip_scale, "--fast": fast, "--negative": negative_flag,
+                                                "--guidance": guidance_flag, "--scheduler": scheduler_flag},
+                          as_json=as_json)
         return
     if concept:
         raise UserError("--concept says what a --ref shows in OmniGen's prompt: it needs --ref PATH and "
@@ -137,9 +158,10 @@ def generate(
     if repair_with is not None and not refs:  # a flag that would change nothing is said, not ignored
         err.print("[yellow]warning:[/] --repair-with picks what draws a guided drawing; without --ref the picture is "
                   f"drawn from the prompt alone ({'OmniGen' if g.draw_with == 'omnigen' else 'SDXL'})", soft_wrap=True)
-    plan = draw_plan(g)  # a fast method brings its own steps and guidance; --steps still wins
+    plan = draw_plan(g)  # a fast method brings its own steps and guidance; --steps and --guidance still win
+    check_with_fast(g.scheduler, plan.mode)
     n_steps = plan.steps if steps is None else steps
-    guidance = plan.guidance if guidance is None else guidance
+    guidance = guidance_flag if guidance_flag is not None else plan.guidance if guidance is None else guidance
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UserError(f"{output}: the output must end in one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
     ensure_writable_file(output, "output")  # before any model loads, not after the drawing
@@ -148,6 +170,9 @@ def generate(
     if ip_scale is not None and not references:  # a flag that would change nothing is said, not ignored
         err.print("[yellow]warning:[/] --ip-scale does nothing without --ref (it sets how strongly references "
                   "steer); drawing from the prompt alone", soft_wrap=True)
+    if g.negative_prompt and guidance <= 1:
+        err.print(f"[yellow]warning:[/] the negative prompt does nothing at guidance {guidance:g} (it steers the "
+                  "unconditional branch of classifier-free guidance, which is off at 1 or less)", soft_wrap=True)
     from imgrag.embedder import prompt_length_notice
 
     too_long = prompt_length_notice(prompt)
@@ -164,12 +189,15 @@ def generate(
     start = time.perf_counter()
     bar = TerminalBar("drawing")  # on a pipe, nothing per step: logs stay short
     encoder: dict[str, int] = {}
+    drew: dict[str, str] = {}
 
     def draw(generator: Any) -> Any:
         calls = generator.encoder_calls
         picture = generator.generate(
             prompt, seed=g.seed, references=references or None, ip_scale=g.ip_scale, width=g.width,
-            height=g.height, steps=n_steps, guidance=guidance, on_step=bar, fast=plan.mode, **steering)
+            height=g.height, steps=n_steps, guidance=guidance, on_step=bar, fast=plan.mode,
+            negative_prompt=g.negative_prompt, scheduler=g.scheduler, **steering)
+        drew["sampler"] = generator.last_scheduler
         if references:  # a reference whose embedding is cached runs no image encoder (imgrag.embed_cache)
             encoder.update(calls=generator.encoder_calls - calls, cached=generator.last_guidance.get("cached", 0))
         return picture
@@ -180,11 +208,13 @@ def generate(
         bar.close()
     save_image(image, output, for_drawing(  # provenance in the picture, in the same atomic write
         settings, prompt=prompt, seed=g.seed, references=entries, ip_scale=g.ip_scale,
-        steps=n_steps, guidance=guidance, fast=plan.mode))
+        steps=n_steps, guidance=guidance, fast=plan.mode, negative_prompt=g.negative_prompt, scheduler=g.scheduler,
+        sampler=drew.get("sampler")))
     seconds = round(time.perf_counter() - start, 3)
     result: dict[str, Any] = {
-        "output": str(output), "prompt": prompt, "seed": g.seed, "steps": n_steps, "width": g.width,
-        "height": g.height, "guidance": guidance, "fast": plan.mode,
+        "output": str(output), "prompt": prompt, "negative_prompt": g.negative_prompt, "seed": g.seed,
+        "steps": n_steps, "width": g.width, "height": g.height, "guidance": guidance, "fast": plan.mode,
+        "scheduler": g.scheduler, "sampler": drew.get("sampler"),
         "references": [str(e["path"]) for e in entries],
         "reference_steering": [{"weight": e["weight"], "mode": e["mode"]} for e in entries],
         "ip_scale": g.ip_scale if references else None, "image_encoder": encoder or None, "seconds": seconds,
@@ -198,8 +228,8 @@ def generate(
         return
     guided = f", guided by {len(references)} reference(s) at scale {g.ip_scale:g}" if references else ""
     fast_note = f", {plan.mode}" if plan.mode != "off" else ""
-    out.print(f"wrote {output} ({g.width}x{g.height}, {n_steps} steps{fast_note}, seed {g.seed}{guided}) "
-              f"in {seconds} s", markup=False, soft_wrap=True)
+    out.print(f"wrote {output} ({g.width}x{g.height}, {n_steps} steps{fast_note}, {drew.get('sampler')}, CFG "
+              f"{guidance:g}, seed {g.seed}{guided}) in {seconds} s", markup=False, soft_wrap=True)
 
 
 def _generate_omnigen(settings: Any, prompt: str, refs: list[tuple[Path, ReferenceSteer]],
@@ -272,6 +302,20 @@ def _generate_omnigen(settings: Any, prompt: str, refs: list[tuple[Path, Referen
               markup=False, soft_wrap=True)
 
 
+def recipe_drawing(picture: Path) -> tuple[str | None, str | None]:
+    """The negative prompt and scheduler choice a picture's provenance names, checked as a flag would be (a recipe
+    is untrusted input): a scheduler outside the list or a negative prompt that is not text is one UserError naming
+    the picture. (None, None) for a picture drawn before recipes kept them."""
+    from imgrag.draw_options import parse_options
+    from imgrag.provenance import read_provenance
+
+    doc = read_provenance(picture) or {}
+    given = {k: doc[k] for k in ("negative_prompt", "scheduler") if doc.get(k) is not None}
+    checked = parse_options(given, f"{picture}'s recipe")
+    return (checked.negative_prompt if "negative_prompt" in given else None,
+            checked.scheduler if "scheduler" in given else None)
+
+
 def recipe_backbone(picture: Path) -> str | None:
     """The backbone a picture's provenance names ("omnigen", "sdxl+ip-adapter", ...), or None."""
     from imgrag.provenance import read_provenance
@@ -307,7 +351,7 @@ def recipe_concepts(picture: Path) -> list[str] | None:
 def _from_provenance(picture: Path, prompt: str | None, ref: list[tuple[Path, ReferenceSteer]] | None,
                      seed: int | None,
                      steps: int | None, fast: str | None, ip_scale: float | None, width: int | None,
-                     height: int | None, *, settings: Any) -> tuple:
+                     height: int | None, *, settings: Any, guidance: float | None = None) -> tuple:
     """The drawing values of ``picture``'s recipe (its provenance), each replaced by the flag the user gave for it.
 
     The recipe is untrusted input: it is read through :class:`imgrag.provenance.Recipe` (types, a prompt), held to
@@ -324,7 +368,8 @@ def _from_provenance(picture: Path, prompt: str | None, ref: list[tuple[Path, Re
         raise UserError(f"{picture}: carries no imgrag provenance (not drawn by imgrag, or its metadata was "
                         "stripped); give the prompt and settings instead")
     where = f"{picture}'s recipe"
-    flags = {"seed": seed, "steps": steps, "fast": fast, "ip_scale": ip_scale, "width": width, "height": height}
+    flags = {"seed": seed, "steps": steps, "fast": fast, "ip_scale": ip_scale, "width": width, "height": height,
+             "guidance": guidance}
     # Only what the drawing will use is held to the bounds: a flag given beside the picture replaces its value.
     used = recipe.model_copy(update={k: None for k, v in flags.items() if v is not None}
                              | ({"references": []} if ref is not None else {}))

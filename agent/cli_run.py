@@ -15,11 +15,17 @@ from rich.text import Text
 from agent.cli_common import (
     ConfigOpt,
     FastOpt,
+    GuidanceOpt,
     JsonOpt,
+    NegativeOpt,
+    PerRoundOpt,
     ProfileOpt,
     RepairWithOpt,
+    SchedulerOpt,
     StoreOpt,
     app,
+    drawing_flags,
+    drawing_options,
     err,
     on_interrupt,
     out,
@@ -173,11 +179,15 @@ class StatusText:
 
 
 class ProgressPrinter:
-    """Turns the runner's events into one live status line and a line per finished tool on stderr."""
+    """Turns the runner's events into one live status line and a line per finished tool on stderr, and shows the
+    drawings' live previews where the terminal can (:mod:`agent.terminal_images`; ``previews=False`` for --json)."""
 
-    def __init__(self) -> None:
+    def __init__(self, previews: bool = True) -> None:
+        from agent.terminal_images import TerminalPreview
+
         self.line = StatusText()
         self.status = err.status(self.line, spinner="dots")
+        self.preview = TerminalPreview(err.file, enabled=previews)
 
     def __enter__(self) -> ProgressPrinter:
         self.status.__enter__()
@@ -187,9 +197,19 @@ class ProgressPrinter:
         self.status.__exit__(*exc)
 
     def __call__(self, event: dict[str, Any]) -> None:
+        from agent.terminal_images import preview_event_image
+
         seconds = self.line.elapsed()
         elapsed = f"{seconds:6.1f}s"
         kind = event["event"]
+        image = preview_event_image(event)
+        if image is not None:
+            self.status.stop()  # the status line steps aside while the picture is drawn above it
+            self.preview.show(image)
+            self.status.start()
+            return
+        if kind in ("store", "run_start", "note", "tool_end", "run_end"):
+            self.preview.detach()
         if self.line.update(event):
             self.status.update(self.line)
         elif kind == "store":
@@ -271,7 +291,19 @@ def _make_runner(profile, config, store, out_dir, on_event, fast=None, gates=Non
     prepare_models(settings)
     from agent.runner import Runner
 
-    return Runner(settings, on_event=on_event), settings
+    previews = bool(getattr(getattr(on_event, "preview", None), "available", False))  # only where they are shown
+    return Runner(settings, on_event=on_event, previews=previews), settings
+
+
+def drawing_resume_flags(negative: str | None, guidance: float | None, scheduler: str | None,
+                         per_round: int | None) -> list[str]:
+    """The drawing flags a batch's resume command repeats (a run keeps its own in its state)."""
+    flags: list[str] = []
+    for name, value in (("--negative", negative), ("--guidance", guidance), ("--scheduler", scheduler),
+                        ("--per-round", per_round)):
+        if value is not None:
+            flags += [name, str(value)]
+    return flags
 
 
 @app.command()
@@ -284,6 +316,10 @@ def run(
     resume: Annotated[
         str | None, typer.Option("--resume", help="Continue a killed run by its thread (run) id.")
     ] = None,
+    per_round: PerRoundOpt = None,
+    negative: NegativeOpt = None,
+    guidance: GuidanceOpt = None,
+    scheduler: SchedulerOpt = None,
     fast: FastOpt = None,
     repair_with: RepairWithOpt = None,
     allow_retrieved: AllowRetrievedOpt = None,
@@ -296,7 +332,10 @@ def run(
 ) -> None:
     """Draw, judge, retrieve for what is missing and redraw, until a match or the budget.
 
-    The best picture wins: a judge match first, then the best CLIP text-image score.
+    The best picture wins: a judge match first, then the best CLIP text-image score. With --per-round N each
+    round draws N pictures (seeds in a row, one batched call), the judge critiques each, and the next round
+    repairs the best of them. Where the terminal shows pictures (kitty, iTerm2, sixel), a live preview of each
+    drawing appears; never with --json.
 
     Writes a run folder (candidates/, trace.jsonl, result.json). With --json, prints result.json.
     """
@@ -308,25 +347,29 @@ def run(
     if resume is None and not prompt:
         raise UserError("give a PROMPT, or --resume RUN_ID to continue a run")
     if resume is not None:  # a resumed run goes on with its own prompt, seed and budget: a flag here would do nothing
-        given = [name for name, value in (("a PROMPT", prompt), ("--seed", seed), ("--max-rounds", max_rounds))
+        given = [name for name, value in (("a PROMPT", prompt), ("--seed", seed), ("--max-rounds", max_rounds),
+                                          ("--per-round", per_round), ("--negative", negative),
+                                          ("--guidance", guidance), ("--scheduler", scheduler))
                  if value is not None]
         if given:
-            raise UserError(f"--resume continues run {resume} with its own prompt, seed and budget; drop "
-                            f"{' and '.join(given)} (or start a new run without --resume)")
+            raise UserError(f"--resume continues run {resume} with its own prompt, seed, budget and drawing options; "
+                            f"drop {' and '.join(given)} (or start a new run without --resume)")
     from agent.runner import DiskFull, RunInterrupted
 
     # Until the run's folder exists (models loading, the store checked), Ctrl-C leaves nothing behind.
     on_interrupt(f"run {resume} is as it was; continue it with the same command" if resume else
                  "the run had not started drawing, so nothing was kept; run the same command again")
     try:
-        with ProgressPrinter() as progress:
+        with ProgressPrinter(previews=not as_json) as progress:
             runner, settings = _make_runner(profile, config, store, out_dir, progress, fast,
                                             {**gate_flags(allow_retrieved, allow_flagged), **memory_flag(no_memory),
-                                             **repair_flags(repair_with)})
+                                             **repair_flags(repair_with),
+                                             **drawing_flags(negative, scheduler, per_round)})
             if resume:
                 result = runner.resume(resume)
             else:
-                result = runner.run(prompt or "", seed=seed, max_rounds=max_rounds, planner=planner)
+                result = runner.run(prompt or "", seed=seed, max_rounds=max_rounds, planner=planner,
+                                    options=drawing_options(settings, guidance))
     except RunInterrupted as stop:
         command = ["imgrag", "run", "--resume", stop.result["run_id"], *_shared_flags(profile, config, store, out_dir),
                    *(["--repair-with", repair_with] if repair_with else [])]
@@ -348,13 +391,19 @@ def run(
 def batch(
     file: Annotated[
         Path, typer.Argument(help='.txt (one prompt a line) or .jsonl ({"prompt", "seed", "max_rounds", "references": '
-                    '[{"path", "weight", "mode"}]}; references guide the prompt\'s first round).')
+                    '[{"path", "weight", "mode"}], "negative_prompt", "guidance", "scheduler", "per_round"}; '
+                    'references guide the prompt\'s first round; the drawing keys override the flags for that '
+                    'line).')
     ],
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest batch of this file; finished "
                                          "prompts are skipped.")] = False,
     max_rounds: MaxRoundsOpt = None,
     planner: PlannerOpt = "agent",
     out_dir: OutOpt = None,
+    per_round: PerRoundOpt = None,
+    negative: NegativeOpt = None,
+    guidance: GuidanceOpt = None,
+    scheduler: SchedulerOpt = None,
     fast: FastOpt = None,
     repair_with: RepairWithOpt = None,
     allow_retrieved: AllowRetrievedOpt = None,
@@ -375,14 +424,18 @@ def batch(
 
     With --ray, one worker per GPU of a Ray cluster, each loading its models once; the record is the same."""
     from agent.runner import read_prompt_file
+    from imgrag.draw_options import check_guidance
 
     check_planner(planner)
+    check_guidance(guidance, "--guidance")
     items = read_prompt_file(file)  # a bad file fails before any model loads
+    drawing = drawing_flags(negative, scheduler, per_round)
+    again = drawing_resume_flags(negative, guidance, scheduler, per_round)
     if ray_address is not None:
         summary, settings = _ray_batch(file, len(items), ray_address, workers, resume, planner, max_rounds,
                                        profile, config, store, out_dir, fast,
                                        {**gate_flags(allow_retrieved, allow_flagged), **memory_flag(no_memory),
-                                        **repair_flags(repair_with)})
+                                        **repair_flags(repair_with), **drawing}, guidance)
     else:
         if workers is not None:
             from imgrag.errors import UserError
@@ -392,21 +445,22 @@ def batch(
 
         command = ["imgrag", "batch", str(file), "--resume", *_shared_flags(profile, config, store, out_dir),
                    *(["--planner", planner] if planner != "agent" else []),
-                   *(["--max-rounds", str(max_rounds)] if max_rounds else [])]
+                   *(["--max-rounds", str(max_rounds)] if max_rounds else []), *again]
         on_interrupt("prompts finished earlier are kept; continue with: " + " ".join(command))
         try:
-            with ProgressPrinter() as progress:
+            with ProgressPrinter(previews=False) as progress:  # a batch is a script's: no pictures on the terminal
                 runner, settings = _make_runner(
                     profile, config, store, out_dir, progress, fast,
                     {**gate_flags(allow_retrieved, allow_flagged), **memory_flag(no_memory),
-                     **repair_flags(repair_with)})
+                     **repair_flags(repair_with), **drawing})
                 summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
-                                       on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"))
+                                       on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"),
+                                       options=drawing_options(settings, guidance))
         except RunInterrupted as stop:
             command = ["imgrag", "batch", str(file), "--resume", *_shared_flags(profile, config, store, out_dir),
                        *(["--planner", planner] if planner != "agent" else []),
                        *(["--repair-with", repair_with] if repair_with else []),
-                       *(["--max-rounds", str(max_rounds)] if max_rounds else [])]
+                       *(["--max-rounds", str(max_rounds)] if max_rounds else []), *again]
             _interrupted(stop, command, as_json)
         except DiskFull as full:
             _full_disk(full, command)
@@ -437,7 +491,7 @@ def print_batch(summary: dict[str, Any], console: Console | None = None) -> None
 
 
 def _ray_batch(file, total, address, workers, resume, planner, max_rounds, profile, config, store, out_dir, fast,
-               gates=None):
+               gates=None, guidance=None):
     """``batch --ray``: settings and shared services checked, then the prompts spread over Ray workers."""
     from agent.ray_batch import check_shared_services, run_batch
 
@@ -449,7 +503,8 @@ def _ray_batch(file, total, address, workers, resume, planner, max_rounds, profi
     try:
         with RayProgress(err, total) as progress:
             summary = run_batch(settings, file, address=address, workers=workers, resume=resume, planner=planner,
-                                max_rounds=max_rounds, on_progress=progress)
+                                max_rounds=max_rounds, on_progress=progress,
+                                options=drawing_options(settings, guidance))
     except KeyboardInterrupt:
         err.print(f"finished prompts are kept; continue with: imgrag batch {escape(str(file))} --ray --resume",
                   soft_wrap=True)

@@ -30,6 +30,7 @@ from agent.retrieve_or_generate import answer_rank, drawings_only, photo_step
 from agent.state import AgentState
 from imgrag.chat_model import QwenChatModel, content_text, read_reply
 from imgrag.checkpoints import first_line
+from imgrag.draw_options import options_of
 from tools.budget import Clock, spent
 from tools.context import ToolContext
 from tools.image_tools import TOOL_NAMES, checkpoint_safe, make_tools
@@ -97,7 +98,9 @@ def working_view(state: dict[str, Any]) -> dict[str, Any]:
     view = dict(state)
     if focus.get("candidate_id") in candidates:
         low, high = candidates[focus["candidate_id"]]["round"], focus["rounds"]
-        view["candidates"] = {cid: c for cid, c in candidates.items() if not low < c["round"] <= high}
+        # The best's round-mates (a round of several drawings) are set aside too: the repair starts from the best.
+        view["candidates"] = {cid: c for cid, c in candidates.items()
+                              if not low < c["round"] <= high and (c["round"] != low or cid == focus["candidate_id"])}
     if focus.get("retrievals_from") is not None:
         view["retrievals"] = (state.get("retrievals") or [])[focus["retrievals_from"]:]
     return view
@@ -149,7 +152,9 @@ def _status_summary(state: dict[str, Any]) -> str:
         if c.get("reference_ids") and c.get("backbone") == "omnigen":
             refs = ", OmniGen with " + "; ".join(f"{_cut(m['concept'], 60)}: {m['reference_ids']}"
                                                  for m in c.get("concepts") or [])
-        lines.append(f"- {cid}: seed {c['seed']}{refs}; clip {c['clip_score']}; {verdict}")
+        batch = c.get("batch") or {}
+        drawn = f" (round {c['round']}, drawing {batch['index'] + 1} of {batch['size']})" if batch else ""
+        lines.append(f"- {cid}: seed {c['seed']}{drawn}{refs}; clip {c['clip_score']}; {verdict}")
     if focus in (state.get("candidates") or {}):
         lines.append(f"Best so far: {focus}; continue from it.")
     start = state.get("start_guidance") or {}
@@ -229,8 +234,10 @@ def _check_reply(reply: AIMessage, names: tuple[str, ...] = TOOL_NAMES) -> str |
 
 def _policy_message(state: dict[str, Any], ctx: RunContext, chat_model_name: str = "llm") -> AIMessage | None:
     settings = ctx.settings  # issue 18: retrieve or generate comes first, then the drawing policy
+    per_round = options_of(state, settings).per_round
     step = (photo_step(state, settings.retrieval.allow_retrieved)
-            or next_step(drawings_only(state), settings.generation.ip_scale, settings.generation.repair_with))
+            or next_step(drawings_only(state), settings.generation.ip_scale, settings.generation.repair_with,
+                         per_round))
     if step is None:
         return None
     name, args = step
@@ -410,10 +417,12 @@ def build_graph(chat_model_name: str = "llm") -> StateGraph:
 
 def initial_state(prompt: str, *, seed: int, run_id: str, run_dir: str, planner: str,
                   budget: dict[str, float], approve: bool = False, retrieval_off: str | None = None,
-                  references: dict[str, dict] | None = None, start_guidance: dict | None = None) -> dict[str, Any]:
+                  references: dict[str, dict] | None = None, start_guidance: dict | None = None,
+                  drawing: dict[str, Any] | None = None) -> dict[str, Any]:
     """A new run's state; ``retrieval_off`` says why retrieval cannot work in it (checked when the run starts);
-    ``references`` and ``start_guidance`` are what round 1 is guided by (agent/memory_guide.py), if anything."""
-    return {"messages": [HumanMessage(prompt)], "prompt": prompt, "seed": seed, "run_id": run_id,
+    ``references`` and ``start_guidance`` are what round 1 is guided by (agent/memory_guide.py), if anything;
+    ``drawing`` its drawing options (:class:`imgrag.draw_options.DrawOptions`, as a dict; None: the settings')."""
+    return {"messages": [HumanMessage(prompt)], "prompt": prompt, "seed": seed, "run_id": run_id, "drawing": drawing,
             "run_dir": run_dir, "planner": planner, "budget": budget, "candidates": {},
             "references": dict(references or {}), "start_guidance": start_guidance,
             "retrievals": [], "rounds": 0, "tool_calls": 0, "failures": 0, "fallback_steps": 0, "seconds": 0.0,

@@ -16,9 +16,32 @@ from tools.budget import MAX_IP_SCALE, MAX_REFERENCES, rounds_spent
 IP_SCALE_STEP = 0.15
 
 
+def _number(candidate: dict[str, Any]) -> int:
+    cid = str(candidate["id"])
+    return int(cid[1:]) if cid[1:].isdigit() else -1
+
+
+def round_best(candidates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best of one round's candidates: a judge match first, then the best CLIP score, then the first drawn."""
+    return max(candidates, key=lambda c: (bool((c.get("verdict") or {}).get("match")), c.get("clip_score") or 0.0,
+                                          -_number(c)))
+
+
 def latest_candidate(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The candidate the run works on: of the latest round's candidates (several when a round draws several,
+    ``--per-round``), the first one not judged yet, so every drawing is critiqued before the run goes on; once all
+    are judged (or their critique failed), the round's best (:func:`round_best`), which the repair starts from."""
     candidates = list((state.get("candidates") or {}).values())
-    return max(candidates, key=lambda c: (c["round"], int(c["id"][1:]))) if candidates else None
+    if not candidates:
+        return None
+    last = max(c["round"] for c in candidates)
+    this_round = sorted((c for c in candidates if c["round"] == last), key=_number)
+    waiting = [c for c in this_round if c.get("verdict") is None
+               and not failed_for(state, "critique", c["id"], {"candidate_id": c["id"]})]
+    if waiting:
+        return waiting[0]
+    judged = [c for c in this_round if c.get("verdict") is not None]
+    return round_best(judged) if judged else this_round[-1]
 
 
 def retrieval_for(state: dict[str, Any], candidate_id: str) -> dict[str, Any] | None:
@@ -95,9 +118,13 @@ def reference_steering(references: dict[str, dict[str, Any]], chosen: list[str],
     return {"weights": weights, "modes": modes}
 
 
-def next_step(state: dict[str, Any], base_ip_scale: float,
-              repair_with: str = "ip-adapter") -> tuple[str, dict[str, Any]] | None:
+def next_step(state: dict[str, Any], base_ip_scale: float, repair_with: str = "ip-adapter",
+              per_round: int = 1) -> tuple[str, dict[str, Any]] | None:
     """The next tool call (name, arguments), or None when the policy has nothing left to do.
+
+    ``per_round``: the drawings each round makes (the tools draw them; each is critiqued, and the repair goes on
+    from the round's best, :func:`latest_candidate`). Round r draws on seeds ``seed + (r-1) * per_round`` onwards, so
+    no two rounds share a seed.
 
     With ``repair_with = "omnigen"`` a repair passes ``concepts`` (:func:`concept_mapping`): each missing
     concept with the references retrieved for it, which OmniGen places in its prompt (ImageRAG-O's way).
@@ -138,8 +165,9 @@ def next_step(state: dict[str, Any], base_ip_scale: float,
     kept = [rid for rid in latest.get("reference_ids") or []
             if rid in references and references[rid].get("query") not in still_missing]
     chosen = list(dict.fromkeys(retrieval["reference_ids"] + kept))[:MAX_REFERENCES]
-    next_seed = seed + rounds
-    guided_so_far = sum(1 for c in (state.get("candidates") or {}).values() if c.get("reference_ids"))
+    next_seed = seed + rounds * max(1, int(per_round))
+    # Guided rounds, not drawings: a round of several drawings pushes the references once.
+    guided_so_far = len({c["round"] for c in (state.get("candidates") or {}).values() if c.get("reference_ids")})
     scale = min(MAX_IP_SCALE, base_ip_scale + IP_SCALE_STEP * guided_so_far)
     guided = {"prompt": prompt, "reference_ids": chosen, "ip_scale": round(scale, 2), "seed": next_seed,
               **reference_steering(references, chosen, verdict)}

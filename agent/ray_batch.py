@@ -133,15 +133,18 @@ class BatchWorker:
                 "settings_digest": self.digest}
 
     def run(self, prompt: str, seed: int | None, max_rounds: int | None, planner: str, run_id: str,
-            references: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            references: list[dict[str, Any]] | None = None, drawing: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run one prompt; return its result.json document and every file of its run folder as bytes.
 
         ``references`` (a batch line's, checked by the driver) are read by the worker at the same paths: a
-        cluster sharing the pictures' filesystem. The scratch run folder is removed afterwards: the driver keeps
-        the record."""
+        cluster sharing the pictures' filesystem. ``drawing``: the line's drawing options (checked by the driver;
+        :mod:`imgrag.draw_options`). The scratch run folder is removed afterwards: the driver keeps the record."""
+        from imgrag.draw_options import parse_options
+
         start = time.perf_counter()
+        options = parse_options(drawing, "drawing options") if drawing is not None else None
         result = self.runner.run(prompt, seed=seed, max_rounds=max_rounds, planner=planner, run_id=run_id,
-                                 references=references)
+                                 references=references, options=options)
         run_dir = Path(result["run_dir"])
         files = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -242,19 +245,21 @@ def _worker_resources(ray: Any, settings: Settings, workers: int | None) -> tupl
 
 def run_batch(settings: Settings, path: str | Path, *, address: str | None = None, workers: int | None = None,
               resume: bool = False, planner: str = "agent", max_rounds: int | None = None,
-              on_progress: Progress | None = None) -> dict[str, Any]:
+              on_progress: Progress | None = None, options: Any = None) -> dict[str, Any]:
     """Run every prompt of ``path`` on Ray workers and return the batch summary (summary.json).
 
     ``address``: a Ray address (``auto``, ``host:port``, ``ray://host:port``), or None/"local" for a cluster on
     this machine. ``workers``: how many (default: one per GPU of the cluster, or 1 without GPUs).
     ``on_progress`` gets events: ``workers`` (their identities), ``item`` (a prompt settled, with its worker),
-    ``worker_died``. Raises UserError for an embedded store, a missing Ray, an unreachable cluster; a Ctrl-C
-    saves batch.json (prompts in flight back to pending) and propagates."""
+    ``worker_died``. ``options``: how every prompt is drawn (an :class:`imgrag.draw_options.DrawOptions`; default the
+    settings'), changed by a .jsonl line's own keys. Raises UserError for an embedded store, a missing Ray, an
+    unreachable cluster; a Ctrl-C saves batch.json (prompts in flight back to pending) and propagates."""
     from agent.batch import (
         FINISHED,
         check_batch_references,
         claim_item,
         fail_item,
+        line_options,
         open_batch,
         read_prompt_file,
         settle_item,
@@ -305,7 +310,8 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
                 if item["index"] not in retrying:  # anything else (pending, failed, cut off) starts a fresh run
                     claim_item(batch_dir, state, item)
                 ref = slot.actor.run.remote(item["prompt"], item.get("seed"), max_rounds or item.get("max_rounds"),
-                                            planner, item["run_id"], item.get("references"))
+                                            planner, item["run_id"], item.get("references"),
+                                            line_options(options or settings, item).to_state())
                 in_flight[ref] = (slot, item)
                 submitted[ref] = time.perf_counter()
 

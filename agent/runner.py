@@ -23,14 +23,17 @@ from agent.batch import (
     check_batch_references,
     claim_item,
     fail_item,
+    line_options,
     open_batch,
     read_prompt_file,
     settle_item,
 )
 from agent.graph import RunContext, build_graph, initial_state, outcome
 from imgrag.checkpoints import first_line
+from imgrag.draw_options import DrawOptions, options_of, parse_options
 from imgrag.errors import ModelLoadError, UserError, check_seed
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, disk_full_line, is_disk_full, new_run_id, write_json_atomic
+from imgrag.schedulers import check_with_fast
 from imgrag.settings import TINY_WARNING, Settings
 from tools.budget import Clock, recursion_limit, run_budget
 from tools.context import EventSink, Models
@@ -126,7 +129,7 @@ class Runner:
     """Runs prompts through the agent graph with models loaded once."""
 
     def __init__(self, settings: Settings, manager: Models | None = None, on_event: EventSink | None = None,
-                 checkpointer: SqliteSaver | None = None, reference_store: Any = None) -> None:
+                 checkpointer: SqliteSaver | None = None, reference_store: Any = None, previews: bool = False) -> None:
         if manager is None:
             from imgrag.engine import build_manager
 
@@ -136,6 +139,8 @@ class Runner:
         self.on_event = on_event or (lambda event: None)
         self.checkpointer = checkpointer or open_checkpointer(settings.threads_db)
         self.reference_store = reference_store  # None: opened from settings.store when a run starts
+        # Live previews of the drawings as "preview" events (imgrag/previews.py): a front end that shows them asks.
+        self.previews = previews
         self._store_told = False  # the store's picture count is said once per runner (a batch, a chat)
         self._llm_checked = False
         # Compiled once per runner (so once per process): each run passes its own RunContext when it invokes it.
@@ -144,8 +149,11 @@ class Runner:
     # ----- one run -----
     def run(self, prompt: str, *, seed: int | None = None, max_rounds: int | None = None, planner: str = "agent",
             run_id: str | None = None, approve: bool = False,
-            references: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            references: list[dict[str, Any]] | None = None, options: DrawOptions | None = None) -> dict[str, Any]:
         """Run one prompt to a match or the budget; return result.json's document.
+
+        ``options`` (negative prompt, guidance, scheduler, drawings per round; default the settings') are kept in
+        the run's state, so a resume draws the same way (:mod:`imgrag.draw_options`).
 
         With ``approve`` (the chat's /approve on) the thread pauses before each regenerate: the result then
         has ``pending`` (the interrupt's question) and is not final; answer with :meth:`continue_thread`.
@@ -168,10 +176,12 @@ class Runner:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UserError(f"run {run_id} already exists in {run_dir}; use --resume {run_id} to continue it")
         seed = check_seed(self.settings.generation.seed if seed is None else seed)
+        options = options or DrawOptions.from_settings(self.settings)
+        check_with_fast(options.scheduler, self.settings.generation.fast)
         if planner == "agent":
             self.check_llm()
         loads_before = self.manager.load_counts()  # the run's checks load models too (the embedder): they count
-        budget = run_budget(self.settings, max_rounds)
+        budget = run_budget(self.settings, max_rounds, options.per_round)
         census = self._store_census()  # before check_retrieval opens the store (a typo'd path reads as empty)
         retrieval_off = self.check_retrieval()
         from agent.memory_guide import start_references
@@ -180,10 +190,10 @@ class Runner:
                                                                     self.on_event)
         state = initial_state(prompt, seed=seed, run_id=run_id, run_dir=str(run_dir), planner=planner, budget=budget,
                               approve=approve, retrieval_off=retrieval_off, references=start_refs,
-                              start_guidance=start_guidance)
+                              start_guidance=start_guidance, drawing=options.to_state())
         record = RunRecord(run_dir)
         record.append_step({"event": "start", "prompt": prompt, "planner": planner, "budget": budget,
-                            "seed": state["seed"], "profile": self.settings.profile,
+                            "seed": state["seed"], "profile": self.settings.profile, "drawing": options.to_state(),
                             **({"references": user_refs} if user_refs else {})})
         if memory_event:
             record.append_step(memory_event)  # which remembered references guide round 1, and which did not
@@ -300,9 +310,12 @@ class Runner:
         # memory's as it stands now.
         user_refs = check_user_references(start.get("references"), self.settings)
         start_refs, start_guidance, _ = start_references(self.settings, self.manager, start["prompt"], user_refs)
+        drawing = start.get("drawing")  # the run's drawing options as its start line recorded them (None: settings')
         state = initial_state(start["prompt"], seed=start["seed"], run_id=run_id, run_dir=str(record.dir),
                               planner=start["planner"], budget=start["budget"], approve=False,
-                              references=start_refs, start_guidance=start_guidance)
+                              references=start_refs, start_guidance=start_guidance,
+                              drawing=parse_options(drawing, f"{record.trace_path}: drawing").to_state()
+                              if isinstance(drawing, dict) else None)
         record.append_step({"event": "restart", "reason": "no checkpoint was written before the run stopped"})
         return self._drive(state, run_id, record, state)
 
@@ -367,7 +380,7 @@ class Runner:
         write result.json; ``values`` is the state the run starts from (for its clock and budget)."""
         clock = Clock(seconds_before=float(values.get("seconds") or 0.0))
         ctx = RunContext(self.settings, self.manager, record, on_event=self.on_event,
-                         reference_store=self.reference_store, clock=clock,
+                         reference_store=self.reference_store, clock=clock, previews=self.previews,
                          deadline=clock.deadline(float(values["budget"]["max_seconds"])))
         graph = self._graph
         config = {"configurable": {"thread_id": run_id}, "recursion_limit": recursion_limit(values["budget"])}
@@ -494,6 +507,8 @@ class Runner:
             "run_dir": str(record.dir),
             "profile": self.settings.profile,
             "fast": self.settings.generation.fast,  # few-step drawing mode of this run's pictures (imgrag.fast)
+            # negative prompt, guidance, scheduler and drawings per round of this run (imgrag.draw_options)
+            "drawing": options_of(state, self.settings).to_state(),
             # Forward passes of the IP-Adapter's image encoder, and references read from the embedding cache instead.
             "image_encoder": {"calls": sum(int(s.get("image_encoder_calls") or 0) for s in traced),
                               "cached_embeddings": sum(int(s.get("embeddings_cached") or 0) for s in traced)},
@@ -506,8 +521,11 @@ class Runner:
 
     # ----- batches -----
     def batch(self, path: str | Path, *, resume: bool = False, planner: str = "agent",
-              max_rounds: int | None = None, on_item: Callable[[dict], None] | None = None) -> dict[str, Any]:
-        """Run every prompt of a .txt (one a line) or .jsonl file; resumable, one failure never stops the rest."""
+              max_rounds: int | None = None, on_item: Callable[[dict], None] | None = None,
+              options: DrawOptions | None = None) -> dict[str, Any]:
+        """Run every prompt of a .txt (one a line) or .jsonl file; resumable, one failure never stops the rest.
+
+        ``options``: how every prompt is drawn (default the settings'); a .jsonl line's own keys change them for it."""
         path = Path(path)
         items = read_prompt_file(path)
         check_batch_references(path, items, self.settings)  # every bad line named at once, before any run
@@ -528,7 +546,8 @@ class Runner:
                     claim_item(batch_dir, state, item)
                     result = self.run(item["prompt"], seed=item.get("seed"),
                                       max_rounds=max_rounds or item.get("max_rounds"), planner=planner,
-                                      run_id=item["run_id"], references=item.get("references"))
+                                      run_id=item["run_id"], references=item.get("references"),
+                                      options=line_options(options or self.settings, item))
                 settle_item(item, result)
             except KeyboardInterrupt as exc:
                 # Kept as interrupted with its run id: the next --resume continues it from its checkpoint.

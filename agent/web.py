@@ -35,9 +35,13 @@ from typing import Any
 
 from agent.chat import MAX_ROUNDS_PER_REQUEST, ChatSession, check_reference_count, verdict_text
 from agent.cli_run import activity
+from imgrag.draw_options import MAX_GUIDANCE, MAX_PER_ROUND
 from imgrag.errors import UserError
+from imgrag.schedulers import SCHEDULER_NAMES
 
 THUMB_PX = 256
+PREVIEW_PX = 256  # the live preview's side on the page (the latents' picture is enlarged to it)
+DEFAULT_SCHEDULER = "default (the checkpoint's own)"
 WORKING = "working…"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -47,8 +51,30 @@ class ReviewNeeded(Exception):
 
 
 def fresh_page(rounds: int) -> dict[str, Any]:
-    """A browser tab's state: its thread, rounds per request and /approve (a plain dict: Gradio copies it)."""
-    return {"thread_id": None, "rounds": rounds, "approve": False}
+    """A browser tab's state: its thread, rounds per request, /approve and the drawing options set on the page
+    (negative prompt, guidance, scheduler, drawings per round, as the chat's /negative... set them; a plain dict:
+    Gradio copies it)."""
+    return {"thread_id": None, "rounds": rounds, "approve": False, "drawing": {}}
+
+
+def page_drawing(settings: Any, negative: str | None, guidance: Any, scheduler: str | None,
+                 per_round: Any) -> dict[str, Any]:
+    """The page's drawing fields as the chat session's overrides (:attr:`agent.chat.ChatSession.drawing`): only the
+    fields the user changed from the settings' values (the page starts with them), so a thread opened from the
+    terminal keeps the options it has unless a field says otherwise. An empty guidance field and the "default"
+    scheduler are the settings' own. Checked by the session when set (:meth:`WebChat.session`)."""
+    g = settings.generation
+    drawing: dict[str, Any] = {}
+    if (negative or "").strip() != g.negative_prompt:
+        drawing["negative_prompt"] = (negative or "").strip()
+    if guidance not in (None, ""):
+        drawing["guidance"] = float(guidance)
+    chosen = "" if not scheduler or scheduler == DEFAULT_SCHEDULER else scheduler
+    if chosen != g.scheduler:
+        drawing["scheduler"] = chosen
+    if per_round not in (None, "") and int(per_round) != g.per_round:
+        drawing["per_round"] = int(per_round)
+    return drawing
 
 
 def error_text(exc: BaseException, log: Path) -> str:
@@ -76,7 +102,8 @@ class WebChat:
 
         self.settings = settings
         self.planner = planner
-        self.runner = runner or Runner(settings)  # one model manager for the whole server
+        # One model manager for the whole server; its drawings send live previews for the page's preview picture.
+        self.runner = runner or Runner(settings, previews=True)
         self.rounds = ChatSession(self.runner, planner=planner, rounds=rounds).rounds  # checked as the chat does
         self.output_dir = Path(settings.output_dir).resolve()
         self.error_log = imgrag_home() / "serve-errors.log"
@@ -97,6 +124,8 @@ class WebChat:
         session = ChatSession(self.runner, planner=self.planner, rounds=page["rounds"], approve=page["approve"],
                               reviewer=reviewer, on_event=on_event)
         session.thread_id = page["thread_id"]
+        if page.get("drawing"):
+            session.set_drawing(**page["drawing"])  # checked as the chat's /negative, /guidance... check them
         return session
 
     def stream(self, page: dict[str, Any], work: Callable[[ChatSession], dict[str, Any]],
@@ -284,6 +313,15 @@ class WebChat:
         return [s for s in shown if s[0] is not None]
 
 
+def enlarged(image: Any) -> Any:
+    """A live preview (the latents' own size: 1/8 of the drawing's side) enlarged to :data:`PREVIEW_PX` for the page."""
+    from PIL import Image
+
+    factor = max(1, PREVIEW_PX // max(1, max(image.size)))
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST) if factor > 1 \
+        else image
+
+
 def label(reference_id: str, reference: dict[str, Any]) -> str:
     """What a reference is called on the page: its caption, else its file's name, else its id."""
     return reference.get("caption") or (Path(reference["path"]).name if reference.get("path") else reference_id)
@@ -328,6 +366,17 @@ def build_app(web: WebChat) -> Any:
                                        maximum=MAX_ROUNDS_PER_REQUEST, elem_id="rounds-per-request")
                     approve = gr.Checkbox(value=False, label="review references before each guided redraw (/approve)",
                                           elem_id="approve")
+                with gr.Accordion("drawing options", open=False, elem_id="drawing-options"):
+                    negative = gr.Textbox(value=s.generation.negative_prompt, label="negative prompt (what to leave "
+                                          "out; the judge never sees it)", elem_id="negative")
+                    with gr.Row():
+                        guidance = gr.Number(value=None, label=f"guidance, 0..{MAX_GUIDANCE:g} (empty: the "
+                                             "settings')", minimum=0, maximum=MAX_GUIDANCE, elem_id="guidance")
+                        scheduler = gr.Dropdown(choices=[DEFAULT_SCHEDULER, *SCHEDULER_NAMES],
+                                                value=s.generation.scheduler or DEFAULT_SCHEDULER,
+                                                label="scheduler (A1111's names)", elem_id="scheduler")
+                        per_round = gr.Number(value=s.generation.per_round, label="drawings per round", precision=0,
+                                              minimum=1, maximum=MAX_PER_ROUND, elem_id="per-round")
                 with gr.Row():
                     threads = gr.Dropdown(label="threads (newest first)", choices=[], elem_id="threads", scale=4)
                     open_btn = gr.Button("Open", elem_id="open", scale=1)
@@ -336,6 +385,8 @@ def build_app(web: WebChat) -> Any:
             with gr.Column(scale=2):
                 header = gr.Markdown("**New thread.** Describe a picture.", elem_id="thread")
                 report = gr.Markdown("", elem_id="report")
+                preview = gr.Image(label="live preview (from the latents, while drawing)", elem_id="preview",
+                                   interactive=False, height=PREVIEW_PX, type="pil")
                 best = gr.Image(label="best picture", elem_id="best", interactive=False, height=256)
                 table = gr.Markdown("", elem_id="rounds")
                 candidates = gr.Gallery(label="candidates (verdicts in the captions)", elem_id="candidates",
@@ -377,16 +428,23 @@ def build_app(web: WebChat) -> Any:
         def drive(history: list, state: dict[str, Any], work: Callable[[ChatSession], dict[str, Any]],
                   answer: dict[str, Any] | None, progress: Any) -> Iterator[list[Any]]:
             """Stream one request into the chat: a 'working' message with a line per tool, the progress bar of
-            the drawing, the panels after each tool, then the answer (or the pause, or the error)."""
+            the drawing and its live preview, the panels after each tool, then the answer (or the pause, or the
+            error). The last element of each update is the threads list, the one before it the preview."""
             log = assistant("", metadata={"title": WORKING, "status": "pending"})
             history = [*history, log]
             lines: list[str] = []
-            yield [history, state, *panel_values(state), gr.update()]
+            yield [history, state, *panel_values(state), gr.update(), gr.update()]
             for kind, item in web.stream(state, work, answer):
                 if kind == "event":
                     event = item
                     if event["event"] == "denoise":
                         progress((event["step"], event["total"]), desc="drawing", unit="steps")
+                        continue
+                    if event["event"] == "preview":  # only the picture changes: the panels stay as they are
+                        yield [history, state, *[gr.update() for _ in panels],
+                               gr.update(value=enlarged(event["image"]),
+                                         label=f"live preview, step {event['step']}/{event['total']}"),
+                               gr.update()]
                         continue
                     if event["event"] == "tool_end":
                         lines.append(tool_text(event))
@@ -398,7 +456,7 @@ def build_app(web: WebChat) -> Any:
                             continue
                         log["metadata"] = {**log["metadata"], "title": f"{WORKING} {text}"}
                     log["content"] = "\n".join(lines)
-                    yield [history, state, *panel_values(state), gr.update()]
+                    yield [history, state, *panel_values(state), gr.update(), gr.update()]
                     continue
                 log["metadata"] = {"title": "what the agent did", "status": "done"}
                 if not lines:  # nothing ran (a mistake in the message): only the answer stays
@@ -411,22 +469,25 @@ def build_app(web: WebChat) -> Any:
                                                    "with (right), then press the button.")]
                 else:
                     history = history + [assistant(item)]
-                yield [history, state, *panel_values(state), thread_choices(state)]
+                yield [history, state, *panel_values(state), gr.update(), thread_choices(state)]
 
         def on_send(text: str, history: list, state: dict[str, Any], n_rounds: Any, approve_on: bool,
+                    negative_text: str, guidance_value: Any, scheduler_name: str, per_round_value: Any,
                     progress: Any = gr.Progress()) -> Iterator[list[Any]]:
             state = dict(state)
             text = (text or "").strip()
             if not text:
                 history = [*history, assistant("error: the message is empty; describe the picture, or say what "
                                                         "to change")]
-                yield ["", history, state, *panel_values(state), gr.update()]
+                yield ["", history, state, *panel_values(state), gr.update(), gr.update()]
                 return
             try:
                 state["rounds"] = ChatSession._check_rounds(int(n_rounds or 0))
+                state["drawing"] = page_drawing(s, negative_text, guidance_value, scheduler_name, per_round_value)
+                web.session(state)  # the drawing options checked now: a bad value is one line, nothing runs
             except (UserError, ValueError, TypeError) as exc:
                 yield ["", [*history, assistant(error_text(exc, web.error_log))], state, *panel_values(state),
-                       gr.update()]
+                       gr.update(), gr.update()]
                 return
             state["approve"] = bool(approve_on)
             history = [*history, {"role": "user", "content": text}]
@@ -440,7 +501,7 @@ def build_app(web: WebChat) -> Any:
                 ids = check_reference_count(list(checked or []))
             except UserError as exc:
                 yield [[*history, assistant(error_text(exc, web.error_log))], state, *panel_values(state),
-                       gr.update()]
+                       gr.update(), gr.update()]
                 return
             said = "draw with " + (", ".join(ids) if ids else "no references")
             history = [*history, {"role": "user", "content": said}]
@@ -457,7 +518,7 @@ def build_app(web: WebChat) -> Any:
                     history = web.history(state) + ([assistant(note)] if note else [])
                 except Exception as exc:
                     history = [*history, assistant(error_text(exc, web.error_log))]
-                return [history, state, *panel_values(state), thread_choices(state)]
+                return [history, state, *panel_values(state), gr.update(), thread_choices(state)]
 
             return handler
 
@@ -486,12 +547,12 @@ def build_app(web: WebChat) -> Any:
                 gr.Warning(error_text(exc, web.error_log))
                 return []
 
-        outputs = [chatbot, page, *panels, threads]
+        outputs = [chatbot, page, *panels, preview, threads]
         # One queue of width 1 for everything that touches the models or writes a thread.
         models = {"concurrency_limit": 1, "concurrency_id": "models"}
         for trigger in (send.click, message.submit):
-            trigger(on_send, [message, chatbot, page, rounds, approve], [message, *outputs], show_progress_on=chatbot,
-                    **models)
+            trigger(on_send, [message, chatbot, page, rounds, approve, negative, guidance, scheduler, per_round],
+                    [message, *outputs], show_progress_on=chatbot, **models)
         review_btn.click(on_review, [review_refs, chatbot, page], outputs, show_progress_on=chatbot, **models)
         stop.click(web.stop, None, None, queue=False)
         open_btn.click(guarded(do_open), [chatbot, page, threads], outputs, **models)
@@ -504,7 +565,7 @@ def build_app(web: WebChat) -> Any:
             wanted = (request.query_params.get("thread") or "").strip() if request else ""
             if wanted:
                 return guarded(do_open)(history, state, wanted)
-            return [history, state, *panel_values(state), thread_choices(state)]
+            return [history, state, *panel_values(state), gr.update(), thread_choices(state)]
 
         # Gradio finds the request by its annotation; postponed annotations would hide gr.Request from it.
         on_load.__annotations__["request"] = gr.Request

@@ -86,7 +86,8 @@ def working_memory_gb(settings: Settings) -> dict[str, Any]:
     """Per model, the estimate of its working memory in GiB: a function of the loaded model.
 
     - generator: ``SDXL_WORKING_GIB_PER_MPX`` per megapixel of the requested size (the VAE decode and the
-      UNet's activations grow with the picture), scaled by the dtype's width;
+      UNet's activations grow with the picture), scaled by the dtype's width; a batched round of several drawings
+      asks for :func:`batch_extra_gb` more when it starts (the generator's ``before_batch``);
     - judge and LLM: the KV cache plus one layer's prefill activations for the longest prompt the call can
       have (the judge: its image tokens at ``judge.max_pixels`` + 512 text tokens + ``max_new_tokens``; the
       LLM: 4096 context tokens + ``max_new_tokens``), from the model's own config, plus a quarter;
@@ -100,7 +101,7 @@ def working_memory_gb(settings: Settings) -> dict[str, Any]:
     width = _dtype_bytes(settings)
 
     def generator(model: Any) -> float:
-        return SDXL_WORKING_GIB_PER_MPX * g.width * g.height / 2**20 * width / 2
+        return generator_picture_gb(settings)
 
     def judge(model: Any) -> float:
         config = getattr(getattr(model, "model", None), "config", None)
@@ -143,6 +144,21 @@ def working_memory_gb(settings: Settings) -> dict[str, Any]:
     return {"generator": generator, "judge": judge, "llm": llm, "embedder": embedder, "omnigen": omnigen}
 
 
+def generator_picture_gb(settings: Settings) -> float:
+    """SDXL's stated working memory for one picture of ``settings.generation``'s size, GiB: the reserve of one
+    drawing, and what each extra picture of a batched round asks for on top (:func:`batch_extra_gb`)."""
+    g = settings.generation
+    return SDXL_WORKING_GIB_PER_MPX * g.width * g.height / 2**20 * _dtype_bytes(settings) / 2
+
+
+def batch_extra_gb(settings: Settings, pictures: int) -> float:
+    """GiB a batched drawing of ``pictures`` needs beyond one picture's reserve: one picture's estimate per extra
+    picture. An upper bound: the VAE decodes the batch one picture at a time (imgrag.generator), and the VAE decode
+    is most of the per-picture figure; only the UNet's activations grow with the batch. Measured peaks on CUDA
+    replace the one-picture reserve (imgrag.manager), not this extra."""
+    return generator_picture_gb(settings) * max(0, int(pictures) - 1)
+
+
 def transformer_working_gb(config: Any, tokens: int, dtype_bytes: int) -> float:
     """GiB a decoder needs beyond its weights for ``tokens`` positions: the KV cache (2 x layers x KV heads x
     head size per token) plus one layer's prefill activations (4 hidden-wide + 3 MLP-wide tensors per token),
@@ -176,6 +192,8 @@ def _load_generator(settings: Settings, device: str, manager: ModelManager | Non
     if manager is not None:
         # The IP-Adapter and its image encoder load straight onto the pipeline's device: make room for them first.
         generator.before_adapter_load = lambda gib: manager.make_room("generator", gib)
+        # A round of several drawings in one call: the extra pictures' working memory, counted for this call only.
+        generator.before_batch = lambda n: manager.make_room("generator", batch_extra_gb(settings, n), working=True)
     return generator
 
 

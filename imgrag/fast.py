@@ -113,7 +113,7 @@ class FastSwitch:
             self.pipe.enable_lora()
         elif self.lora_loaded:
             self.pipe.disable_lora()
-        self.pipe.scheduler = self._scheduler(mode)
+        self.pipe.scheduler = self.scheduler_for(mode)
         self.mode = mode
 
     def load_lora(self) -> None:
@@ -129,7 +129,13 @@ class FastSwitch:
                                  f"(expected {LCM_LORA_EXPECTED})")
         self.lora_loaded = True
 
-    def _scheduler(self, mode: str) -> Any:
+    @property
+    def own_scheduler(self) -> Any:
+        """The checkpoint's own scheduler, as loaded (the base every other scheduler is made from)."""
+        return self._schedulers["off"]
+
+    def scheduler_for(self, mode: str) -> Any:
+        """The scheduler object ``mode`` draws with (made once per mode from the checkpoint's own config)."""
         if mode not in self._schedulers:
             base = self._schedulers["off"]
             if mode == "lcm-lora":

@@ -37,9 +37,12 @@ from PIL import Image
 
 from imgrag.adapters import ResolvedAdapter, resolve_ip_adapter
 from imgrag.checkpoints import first_line, loading, quiet_libraries
+from imgrag.draw_options import MAX_PER_ROUND
 from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed
 from imgrag.fast import FastSwitch, draw_plan
 from imgrag.model_files import generator_variant, is_local_ref
+from imgrag.schedulers import SchedulerSwitch
+from imgrag.schedulers import describe as describe_scheduler
 from imgrag.settings import MAX_IP_SCALE, Settings
 from imgrag.steering import ReferenceSteer, check_mode, check_weight, instantstyle_scale
 
@@ -71,6 +74,11 @@ class Generator:
         self.last_guidance: dict[str, Any] = {}  # what the latest guided drawing did: encoded, cached, scales
         self._encoder_ids: dict[str, str] = {}  # encoder identity per device type (imgrag.embed_cache)
         self._mode_scales: dict[str, dict[str, float]] = {}  # per-processor scale of each mode (imgrag.steering)
+        self.schedulers = SchedulerSwitch()  # the chosen samplers (imgrag.schedulers), made once each
+        self.last_scheduler = describe_scheduler(pipe.scheduler)  # what the latest drawing sampled with
+        # Called with a batch's size before a drawing of several pictures (the engine asks the model manager for the
+        # extra pictures' working memory: imgrag.engine.working_memory_gb counts one).
+        self.before_batch: Callable[[int], None] | None = None
         pipe.set_progress_bar_config(disable=True)  # the command line draws its own bar from on_step
 
     @classmethod
@@ -136,11 +144,15 @@ class Generator:
         parameters = count if count else 0.35e9 + 0.63e9
         return parameters * self.pipe.dtype.itemsize / 2**30
 
-    def generate(
+    def generate(self, prompt: str, *, seed: int, **kwargs: Any) -> Image.Image:
+        """Draw one picture: :meth:`generate_batch` with one seed (every other argument is the same)."""
+        return self.generate_batch(prompt, seeds=[seed], **kwargs)[0]
+
+    def generate_batch(
         self,
         prompt: str,
         *,
-        seed: int,
+        seeds: list[int],
         references: list[Image.Image] | None = None,
         ip_scale: float | None = None,
         width: int | None = None,
@@ -153,8 +165,18 @@ class Generator:
         weights: list[float] | None = None,
         modes: list[str] | None = None,
         reference_keys: list[str | None] | None = None,
-    ) -> Image.Image:
-        """Draw one picture; with ``references``, guided by all of them through the one adapter.
+        negative_prompt: str | None = None,
+        scheduler: str | None = None,
+        on_preview: Callable[[int, int, list[Image.Image]], None] | None = None,
+        preview_every: int | None = None,
+    ) -> list[Image.Image]:
+        """Draw one picture per seed of ``seeds`` in ONE batched pipeline call; with ``references``, guided by all of
+        them through the one adapter. Returns the pictures in the order of ``seeds``.
+
+        The batch is diffusers' ``num_images_per_prompt`` with one ``torch.Generator`` per seed, so each picture is
+        (up to floating-point batching) the one a single call with that seed draws, and one seed alone is exactly
+        the single call. Before a batch of more than one the model manager is asked for the extra pictures' working
+        memory (:attr:`before_batch`); the VAE decodes the pictures one at a time, so its share does not grow.
 
         ``weights`` (0..2 each, default 1) and ``modes`` ("both", "style", "content"; default "both") are aligned
         with ``references``: each reference is attended on its own and added at ``ip_scale x weight`` in the UNet
@@ -162,14 +184,25 @@ class Generator:
         (sha256 of the file): with an :attr:`embed_cache`, a reference whose embedding is cached for this encoder
         is not encoded again (:mod:`imgrag.embed_cache`); the picture is the same either way, byte for byte.
 
-        Same arguments and seed on the same device give the same picture. ``on_step(done, total)`` is
-        called after every denoising step. ``deadline`` (a ``time.monotonic()`` instant) stops the
-        drawing at the first step boundary past it (diffusers' ``callback_on_step_end`` sets the
-        pipeline's interrupt flag) and raises :class:`~imgrag.errors.TimeBudgetSpent`: a half-denoised
-        picture is noise, not a candidate. ``fast`` picks a few-step mode for this drawing (default
-        ``generation.fast``; see :mod:`imgrag.fast`), whose steps and guidance apply unless given here.
+        ``negative_prompt`` (default ``generation.negative_prompt``; "" none) is what the drawing steers away from
+        (it takes the unconditional branch of classifier-free guidance, so it does nothing at guidance <= 1).
+        ``scheduler`` (default ``generation.scheduler``) is an A1111 sampler name (:mod:`imgrag.schedulers`), swapped
+        in from the checkpoint's config; "" keeps the checkpoint's own (or the fast mode's). :attr:`last_scheduler`
+        then names the scheduler that drew.
+
+        Same arguments and seeds on the same device give the same pictures. ``on_step(done, total)`` is called
+        after every denoising step; ``on_preview(done, total, pictures)`` every ``preview_every`` steps (default
+        ``generation.preview_every``; 0 never) with one small picture per seed made from the latents
+        (:mod:`imgrag.previews`). ``deadline`` (a ``time.monotonic()`` instant) stops the drawing at the first step
+        boundary past it (diffusers' ``callback_on_step_end`` sets the pipeline's interrupt flag) and raises
+        :class:`~imgrag.errors.TimeBudgetSpent`: a half-denoised picture is noise, not a candidate. ``fast`` picks a
+        few-step mode for this drawing (default ``generation.fast``; see :mod:`imgrag.fast`), whose steps and
+        guidance apply unless given here.
         """
         import torch
+
+        from imgrag.previews import due, latents_to_rgb
+        from imgrag.schedulers import check_scheduler
 
         g = self.settings.generation
         width = g.width if width is None else width
@@ -178,14 +211,29 @@ class Generator:
         steps = plan.steps if steps is None else steps
         guidance = plan.guidance if guidance is None else guidance
         ip_scale = g.ip_scale if ip_scale is None else ip_scale
+        negative = (g.negative_prompt if negative_prompt is None else negative_prompt).strip()
+        chosen = check_scheduler(g.scheduler if scheduler is None else scheduler)
+        every = g.preview_every if preview_every is None else int(preview_every)
         validate_request(prompt, width, height, steps, ip_scale, references, generation=g)
         steers = reference_steers(len(references or []), weights, modes)
         if reference_keys is not None and len(reference_keys) != len(references or []):
             raise UserError(f"{len(reference_keys)} reference keys for {len(references or [])} references")
-        seed = check_seed(seed)
+        seeds = [check_seed(seed) for seed in seeds]
+        if not 1 <= len(seeds) <= MAX_PER_ROUND:
+            raise UserError(f"a batch draws 1 to {MAX_PER_ROUND} pictures (one per seed), got {len(seeds)} seeds")
 
         self.fast.apply(plan.mode)
+        # The chosen sampler, or the mode's own; set at every call, since the previous drawing may have chosen another.
+        self.pipe.scheduler = self.schedulers.pick(chosen, plan.mode, self.fast.own_scheduler,
+                                                   self.fast.scheduler_for(plan.mode))
+        self.last_scheduler = describe_scheduler(self.pipe.scheduler)
+        if len(seeds) > 1 and self.before_batch is not None:
+            self.before_batch(len(seeds))
         kwargs: dict[str, Any] = {}
+        if negative:
+            kwargs["negative_prompt"] = negative  # None (not ""): SDXL then zeroes the unconditional branch as before
+        if len(seeds) > 1:
+            kwargs["num_images_per_prompt"] = len(seeds)
         if references:
             self.load_ip_adapter()
             # One adapter, several images ([[r1, r2]]), each attended on its own at its own scale: diffusers'
@@ -200,28 +248,33 @@ class Generator:
             kwargs["ip_adapter_image_embeds"] = [self._zero_image_embeds(guidance)]
 
         stopped: list[int] = []
-        if on_step is not None or deadline is not None:
+        previews = on_preview is not None and every > 0
+        if on_step is not None or deadline is not None or previews:
             def callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
                 if on_step is not None:
                     on_step(step + 1, pipe.num_timesteps)
+                if previews and due(step + 1, pipe.num_timesteps, every) and "latents" in tensors:
+                    on_preview(step + 1, pipe.num_timesteps, latents_to_rgb(tensors["latents"]))
                 if deadline is not None and time.monotonic() >= deadline and not stopped:
                     stopped.append(step + 1)
                     pipe._interrupt = True  # the SDXL pipelines skip the remaining steps when it is set
                 return tensors
 
             kwargs["callback_on_step_end"] = callback
-        generator = torch.Generator(device=self.pipe.device).manual_seed(int(seed))
+        generators = [torch.Generator(device=self.pipe.device).manual_seed(int(seed)) for seed in seeds]
         try:
             with quiet_libraries():
                 # The pipeline stops at the latents; _decode checks them and the pixels for NaN (see there).
                 result = self.pipe(prompt=prompt, width=width, height=height, num_inference_steps=steps,
-                                   guidance_scale=guidance, generator=generator, output_type="latent", **kwargs)
+                                   guidance_scale=guidance, generator=generators[0] if len(seeds) == 1 else generators,
+                                   output_type="latent", **kwargs)
         except ValueError as exc:  # diffusers' own argument checks; anything else is a bug and should show
             raise UserError(f"generation refused: {first_line(exc)}") from exc
         if stopped:
             raise TimeBudgetSpent(f"the time budget ran out during the drawing (stopped after step {stopped[0]} "
                                   f"of {steps})")
-        return self._decode(result.images)
+        # One picture at a time through the VAE: its decode is most of a drawing's working memory (imgrag.engine).
+        return [self._decode(result.images[i:i + 1]) for i in range(len(seeds))]
 
     def _decode(self, latents: Any) -> Image.Image:
         """Decode the final latents to a picture, never letting a broken (non-finite) drawing through.

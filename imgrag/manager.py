@@ -92,6 +92,7 @@ class _Entry:
     resident: bool = False  # on the device and counted against the budget
     in_use: int = 0  # nesting depth of use() on this model; an in-use model is never evicted
     growth_gb: float = 0.0  # room asked for with make_room() during the current use
+    call_working_gb: float = 0.0  # of growth_gb, the working memory of this call alone (a batch's extra pictures)
     last_used: int = 0
     loads: int = 0
     evictions: int = 0
@@ -196,22 +197,31 @@ class ModelManager:
                 raise UserError(self._oom_message(name, "running")) from None
             finally:
                 entry.in_use -= 1
-                entry.growth_gb = 0.0
+                call_working, entry.growth_gb, entry.call_working_gb = entry.call_working_gb, 0.0, 0.0
                 if entry.measured and entry.model is not None:
                     entry.size_gb = measure_gb(entry.model)  # the generator grows when its adapter loads
                 if measuring:
                     peak = self.probe.working_gb()
                     if peak is not None:
+                        # A batch's extra pictures were asked for on top of the reserve: the reserve stays the
+                        # working memory of one call of the usual size, so the next batch does not count them twice.
+                        peak = max(0.0, peak - call_working)
                         entry.reserve_gb = peak if not entry.reserve_measured else max(entry.reserve_gb, peak)
                         entry.reserve_measured = True
 
-    def make_room(self, name: str, extra_gb: float) -> None:
+    def make_room(self, name: str, extra_gb: float, *, working: bool = False) -> None:
         """Before ``name`` (in use by this thread) grows by ``extra_gb`` GiB on the device (the generator's
-        IP-Adapter and image encoder): evict others until it fits, or raise a ``UserError`` as ``use()`` does."""
+        IP-Adapter and image encoder): evict others until it fits, or raise a ``UserError`` as ``use()`` does.
+
+        ``working``: the room is working memory of this call alone (the extra pictures of a batched drawing), not
+        weights; it is left out of the peak measured for the model's reserve (see :meth:`use`)."""
         entry = self._entry(name)
         with _holding(self.lock):
             if entry.resident:
-                entry.growth_gb += max(0.0, float(extra_gb))
+                extra = max(0.0, float(extra_gb))
+                entry.growth_gb += extra
+                if working:
+                    entry.call_working_gb += extra
                 self._fit(entry)
 
     def evict(self, name: str) -> None:

@@ -2,12 +2,14 @@
 
 A PNG carries two text chunks (``tEXt``/``iTXt``, written with Pillow's ``PngInfo``):
 
-- ``imgrag``: one JSON document (:data:`SCHEMA`): the prompt, seed, steps, guidance, size, adapter scale and
-  fast mode; the model ids that drew it; the imgrag version; the run and candidate ids; and, for a guided
-  picture, the path, store id and sha256 of every reference photo that steered it. ``imgrag generate
-  --from-image`` reads it back and redraws.
+- ``imgrag``: one JSON document (:data:`SCHEMA`): the prompt, negative prompt, seed, steps, guidance, size,
+  adapter scale, fast mode and scheduler (the choice, ``scheduler``, "" for the checkpoint's own, and what drew,
+  ``sampler``); for a round of several drawings its batch (size and place); the model ids that drew it; the
+  imgrag version; the run and candidate ids; and, for a guided picture, the path, store id and sha256 of every
+  reference photo that steered it. ``imgrag generate --from-image`` reads it back and redraws.
 - ``parameters``: the same settings as one human-readable line in the style AUTOMATIC1111 and ComfyUI users
-  know (``prompt\\nSteps: 30, CFG scale: 5, Seed: 7, Size: 1024x1024, Model: ...``), for tools that show it.
+  know (``prompt\\nNegative prompt: ...\\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 7, Size: 1024x1024,
+  Model: ...``), for tools that show it.
 
 A JPEG or WebP has no text chunks; the JSON goes into its EXIF ``ImageDescription`` tag instead. Writing goes
 through :func:`imgrag.runs.atomic_path`, so the metadata arrives with the picture or not at all.
@@ -86,7 +88,8 @@ def recipe_profile(picture: str | Path) -> str | None:
 
 def describe(settings: Any, *, prompt: str, seed: int, steps: int, guidance: float, width: int, height: int,
              ip_scale: float | None = None, fast: str = "off", references: list[dict[str, Any]] | None = None,
-             run_id: str | None = None, candidate_id: str | None = None, **extra: Any) -> dict[str, Any]:
+             run_id: str | None = None, candidate_id: str | None = None, negative_prompt: str = "",
+             scheduler: str = "", sampler: str | None = None, **extra: Any) -> dict[str, Any]:
     """The provenance document of one drawing (see the module docstring for its fields).
 
     ``settings`` is an :class:`imgrag.settings.Settings` (for the model ids and profile); ``references`` come
@@ -103,16 +106,23 @@ def describe(settings: Any, *, prompt: str, seed: int, steps: int, guidance: flo
         "width": int(width), "height": int(height), "ip_scale": float(ip_scale) if refs and ip_scale is not None
         else None, "fast": fast, "models": models, "profile": settings.profile, "imgrag_version": imgrag_version(),
         "run_id": run_id, "candidate_id": candidate_id, "references": refs,
+        "negative_prompt": negative_prompt or "", "scheduler": scheduler or "", "sampler": sampler,
     }
     doc.update({k: v for k, v in extra.items() if v is not None})
     return doc
 
 
 def parameters_line(doc: dict[str, Any]) -> str:
-    """The AUTOMATIC1111-style summary: the prompt, then ``Key: value`` pairs on one line."""
-    pairs = [f"Steps: {doc['steps']}", f"CFG scale: {doc['guidance']:g}", f"Seed: {doc['seed']}",
-             f"Size: {doc['width']}x{doc['height']}",
-             f"Model: {doc['models'].get('generator') or doc['models'].get('omnigen')}"]
+    """The AUTOMATIC1111-style summary: the prompt, a ``Negative prompt:`` line when there is one, then ``Key: value``
+    pairs on one line (A1111's own keys where it has one: ``Sampler``, ``CFG scale``, ``Batch size``, ``Batch pos``)."""
+    pairs = [f"Steps: {doc['steps']}"]
+    if doc.get("sampler"):
+        pairs.append(f"Sampler: {doc['sampler']}")
+    pairs += [f"CFG scale: {doc['guidance']:g}", f"Seed: {doc['seed']}", f"Size: {doc['width']}x{doc['height']}",
+              f"Model: {doc['models'].get('generator') or doc['models'].get('omnigen')}"]
+    batch = doc.get("batch") or {}
+    if int(batch.get("size") or 1) > 1:
+        pairs += [f"Batch size: {batch['size']}", f"Batch pos: {batch.get('index', 0)}"]
     if doc.get("backbone") == "omnigen":
         pairs.append(f"Image guidance: {(doc.get('omnigen') or {}).get('img_guidance_scale')}")
     if doc.get("references"):
@@ -125,7 +135,10 @@ def parameters_line(doc: dict[str, Any]) -> str:
     if doc.get("fast") not in (None, "off"):
         pairs.append(f"Fast: {doc['fast']}")
     pairs.append(f"Version: imgrag {doc.get('imgrag_version')}")
-    return doc["prompt"] + "\n" + ", ".join(pairs)
+    # On one line, as A1111 writes it: a reader splits the block at its line breaks.
+    negative = " ".join(str(doc.get("negative_prompt") or "").split())
+    negative = f"Negative prompt: {negative}\n" if negative else ""
+    return doc["prompt"] + "\n" + negative + ", ".join(pairs)
 
 
 def save_kwargs(path: Path, doc: dict[str, Any] | None) -> dict[str, Any]:
@@ -190,10 +203,12 @@ def copy_with_provenance(source: str | Path, target: str | Path, **changes: Any)
 def for_drawing(settings: Any, *, prompt: str, seed: int, references: list[dict[str, Any]] | None,
                 ip_scale: float | None, run_id: str | None = None, candidate_id: str | None = None,
                 steps: int | None = None, guidance: float | None = None, fast: str | None = None,
-                width: int | None = None, height: int | None = None, **extra: Any) -> dict[str, Any]:
+                width: int | None = None, height: int | None = None, negative_prompt: str | None = None,
+                scheduler: str | None = None, sampler: str | None = None, **extra: Any) -> dict[str, Any]:
     """The provenance of a drawing made with ``settings.generation`` (what the generator uses for every value
-    not given here: the same rules as :meth:`imgrag.generator.Generator.generate`). ``extra`` keys (None ones
-    dropped) join the document: ``backbone``, ``concepts`` (which reference stood for which concept)."""
+    not given here: the same rules as :meth:`imgrag.generator.Generator.generate_batch`). ``sampler`` is what drew
+    (the generator's ``last_scheduler``). ``extra`` keys (None ones dropped) join the document: ``backbone``,
+    ``concepts`` (which reference stood for which concept), ``batch`` (``{"size", "index"}`` of a round's drawings)."""
     from imgrag.fast import draw_plan
 
     g = settings.generation
@@ -202,7 +217,9 @@ def for_drawing(settings: Any, *, prompt: str, seed: int, references: list[dict[
     return describe(settings, prompt=prompt, seed=seed, steps=plan.steps if steps is None else steps,
                     guidance=plan.guidance if guidance is None else guidance, width=width or g.width,
                     height=height or g.height, ip_scale=(g.ip_scale if ip_scale is None else ip_scale) if refs
-                    else None, fast=plan.mode, references=refs, run_id=run_id, candidate_id=candidate_id, **extra)
+                    else None, fast=plan.mode, references=refs, run_id=run_id, candidate_id=candidate_id,
+                    negative_prompt=g.negative_prompt if negative_prompt is None else negative_prompt,
+                    scheduler=g.scheduler if scheduler is None else scheduler, sampler=sampler, **extra)
 
 
 def for_omnigen_drawing(settings: Any, *, prompt: str, sent_prompt: str, seed: int,
@@ -274,10 +291,9 @@ class Recipe(BaseModel):
     def check_bounds(self, generation: Any, where: str) -> None:
         """Raise a UserError starting with ``where`` (``"PICTURE's recipe"``) for a value the command line would
         refuse as a flag: the seed range, ``generation.max_side``/``max_steps``, sides in multiples of 8, at least
-        one step, ``ip_scale`` within 0..MAX_IP_SCALE, a finite guidance of at least 0, a known fast mode, and each
-        reference's weight and mode."""
-        import math
-
+        one step, ``ip_scale`` within 0..MAX_IP_SCALE, the guidance range
+        (:func:`imgrag.draw_options.check_guidance`), a known fast mode, and each reference's weight and mode."""
+        from imgrag.draw_options import check_guidance
         from imgrag.errors import UserError, check_seed
         from imgrag.settings import MAX_IP_SCALE, check_drawing_bounds
         from imgrag.steering import check_mode, check_weight
@@ -295,8 +311,7 @@ class Recipe(BaseModel):
             raise UserError(f"{where}: steps must be at least 1, got {self.steps}")
         if self.ip_scale is not None and not 0.0 <= self.ip_scale <= MAX_IP_SCALE:
             raise UserError(f"{where}: ip_scale must be within 0..{MAX_IP_SCALE:g}, got {self.ip_scale}")
-        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0.0):
-            raise UserError(f"{where}: guidance must be a number of at least 0, got {self.guidance}")
+        check_guidance(self.guidance, f"{where}: guidance")
         if self.fast is not None and self.fast not in ("off", "lcm-lora", "distilled"):
             raise UserError(f"{where}: fast must be off, lcm-lora or distilled, got {self.fast!r}")
         for n, ref in enumerate(self.references, 1):

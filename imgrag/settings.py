@@ -28,7 +28,8 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
-from imgrag.errors import SEED_MAX
+from imgrag.draw_options import MAX_NEGATIVE_CHARS, MAX_PER_ROUND
+from imgrag.errors import SEED_MAX, UserError
 
 
 class SettingsError(ValueError):
@@ -117,6 +118,24 @@ class GenerationSettings:
     # Keep the IP-Adapter image encoder's embedding of each reference (imgrag/embed_cache.py): a reference used again
     # is not encoded again. Stored beside the store (ip_embeds/), keyed by content hash and encoder identity.
     embed_cache: bool = True
+    # What every SDXL drawing should leave out (--negative); the judge never sees it (imgrag/draw_options.py).
+    negative_prompt: Annotated[str, Field(max_length=MAX_NEGATIVE_CHARS)] = ""
+    # The sampler by its A1111 name ("Euler a", "DPM++ 2M Karras"; imgrag/schedulers.py); "": the checkpoint's own.
+    scheduler: str = ""
+    # Drawings per round, on consecutive seeds in one batched call, each judged; the round goes on from the best.
+    per_round: Annotated[int, Field(ge=1, le=MAX_PER_ROUND)] = 1
+    # A live preview from the latents every this many denoising steps (imgrag/previews.py); 0: none.
+    preview_every: Annotated[int, Field(ge=0)] = 5
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _known_scheduler(cls, value: Any) -> str:
+        from imgrag.schedulers import check_scheduler
+
+        try:
+            return check_scheduler(value if value is None or isinstance(value, str) else str(value))
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("width", "height")
     @classmethod
@@ -374,7 +393,8 @@ def _tiny_profile() -> dict[str, Any]:
             "omnigen": f"{kit}/omnigen",
         },
         # Small enough that a CPU finishes a whole run in seconds.
-        "generation": {"width": 64, "height": 64, "steps": 2, "guidance": 5.0},
+        # A preview at every step: the tiny drawings have only two.
+        "generation": {"width": 64, "height": 64, "steps": 2, "guidance": 5.0, "preview_every": 1},
         "omnigen": {"steps": 2, "max_input_image_size": 64},
         "judge": {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28, "max_new_tokens": 24},
         "llm": {"max_new_tokens": 32},

@@ -59,6 +59,13 @@ class FakeGenerator:
         self.calls.append({"prompt": prompt, "seed": seed, "references": len(references or []), "ip_scale": ip_scale})
         return Image.new("RGB", (16, 16), (seed * 40 % 256, 10 * len(references or []), 99))
 
+    def generate_batch(self, prompt: str, *, seeds: list[int], **kwargs: Any) -> list[Image.Image]:
+        """A round of several drawings: one picture per seed (each call recorded, with the batch's size)."""
+        pictures = [self.generate(prompt, seed=seed, **kwargs) for seed in seeds]
+        for call in self.calls[-len(seeds):]:
+            call["batch"] = len(seeds)
+        return pictures
+
 
 class FakeEmbedder:
     model_id = "fake"

@@ -130,7 +130,7 @@ class _Runner:
     summary: dict = {}
     error: BaseException | None = None
 
-    def __init__(self, settings, on_event=None) -> None:
+    def __init__(self, settings, on_event=None, previews=False) -> None:
         pass
 
     def batch(self, *args, **kwargs) -> dict:

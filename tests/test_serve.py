@@ -267,10 +267,17 @@ def test_the_page_in_a_browser_continues_a_terminal_thread(serve_env: dict[str, 
             box.send_keys(text)
             driver.find_element(By.ID, "send").click()
 
-        # A new thread on the page: candidates with verdicts, references with scores, the best picture.
+        # A new thread on the page: candidates with verdicts, references with scores, the best picture, and the
+        # drawing's live preview; a negative prompt typed in the drawing options reaches the drawings.
         driver.get(f"http://127.0.0.1:{port}/")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#drawing-options button"))
+        driver.find_element(By.CSS_SELECTOR, "#drawing-options button").click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#negative textarea").is_displayed())
+        driver.find_element(By.CSS_SELECTOR, "#negative textarea").send_keys("blurry, watermark")
         say("a retriever and a cradle")
         wait.until(lambda d: "best:" in text_of("chat"))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#preview img"))
+        assert "live preview, step 1/2" in text_of("preview")
         assert "the judge" in text_of("rounds") and "c1" in text_of("rounds")
         assert len(driver.find_elements(By.CSS_SELECTOR, "#candidates img")) == 2
         assert len(driver.find_elements(By.CSS_SELECTOR, "#references img")) >= 1
@@ -280,6 +287,10 @@ def test_the_page_in_a_browser_continues_a_terminal_thread(serve_env: dict[str, 
         driver.save_screenshot(str(tmp_path / "serve.png"))
         page_thread = text_of("thread").split()[1]
         assert page_thread.startswith("chat-") and page_thread != "chat-from-terminal"
+        from imgrag.provenance import read_provenance
+
+        drawn = Path(serve_env["IMGRAG_HOME"]) / "runs" / page_thread / "candidates" / "c0.png"
+        assert read_provenance(drawn)["negative_prompt"] == "blurry, watermark"
         # The report link works; nothing outside the run folders is served, the thread database included.
         link = driver.find_element(By.CSS_SELECTOR, "#report a").get_attribute("href")
         assert status_of(link) == 200 and "report.html" in link

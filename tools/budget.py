@@ -29,17 +29,30 @@ __all__ = ["MAX_IP_SCALE", "MAX_REFERENCES", "Claims", "Clock", "recursion_limit
 MAX_REFERENCES = 4  # reference pictures one drawing may use (the tools refuse more; the policy and chat pick fewer)
 
 
-def run_budget(settings: Settings, max_rounds: int | None = None) -> dict[str, float]:
-    """A new run's budget: the settings' ``budget`` section, with ``max_rounds`` (``--max-rounds``) when given."""
+def run_budget(settings: Settings, max_rounds: int | None = None, per_round: int = 1) -> dict[str, float]:
+    """A new run's budget: the settings' ``budget`` section, with ``max_rounds`` (``--max-rounds``) when given.
+
+    A round of ``per_round`` drawings takes a critique for each: the tool-call budget grows by the extra critiques
+    (``(per_round - 1)`` a round), so several drawings a round do not cut the run's rounds short."""
     b = settings.budget
-    return {"max_rounds": max_rounds or b.max_rounds, "max_tool_calls": b.max_tool_calls, "max_seconds": b.max_seconds}
+    rounds = max_rounds or b.max_rounds
+    return {"max_rounds": rounds, "max_tool_calls": b.max_tool_calls + extra_critiques(rounds, per_round),
+            "max_seconds": b.max_seconds}
 
 
-def request_budget(state: dict[str, Any], rounds: int, budget: BudgetSettings) -> dict[str, float]:
-    """The budget of a chat follow-up: one request's worth (``rounds`` pictures, tool calls enough for them, the
-    settings' seconds) beyond what the thread has already spent."""
+def extra_critiques(rounds: int, per_round: int) -> int:
+    """Tool calls ``rounds`` rounds of ``per_round`` drawings need beyond rounds of one: one critique per extra
+    drawing."""
+    return max(0, int(per_round) - 1) * int(rounds)
+
+
+def request_budget(state: dict[str, Any], rounds: int, budget: BudgetSettings, per_round: int = 1) -> dict[str, float]:
+    """The budget of a chat follow-up: one request's worth (``rounds`` pictures, tool calls enough for them and for
+    the critiques of ``per_round`` drawings a round, the settings' seconds) beyond what the thread has already
+    spent."""
+    calls = max(budget.max_tool_calls, 4 * rounds + 2) + extra_critiques(rounds, per_round)
     return {"max_rounds": int(state.get("rounds", 0)) + rounds,
-            "max_tool_calls": int(state.get("tool_calls", 0)) + max(budget.max_tool_calls, 4 * rounds + 2),
+            "max_tool_calls": int(state.get("tool_calls", 0)) + calls,
             "max_seconds": float(state.get("seconds") or 0.0) + budget.max_seconds}
 
 

@@ -51,6 +51,9 @@ class ToolContext:
     reference_store: Any = None
     # When this process's share of the run's time budget ends (a time.monotonic() instant); None: no limit.
     deadline: float | None = None
+    # Whether drawings send "preview" events (a small picture from the latents; imgrag/previews.py) to on_event:
+    # on for the chat and the web page, off for scripts (--json) and batches.
+    previews: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _next_candidate: int = 0
     _claims: Claims = field(default_factory=Claims)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from imgrag.draw_options import options_of
 from imgrag.errors import UserError
 from imgrag.images import open_image
 from imgrag.provenance import for_drawing, save_image
@@ -36,20 +37,23 @@ def redraw_final_full(ctx: ToolContext, state: dict[str, Any]) -> dict[str, Any]
     if candidate.get("backbone") == "omnigen":  # few-step modes are SDXL's: OmniGen drew it at its full steps
         return None
     known = state.get("references") or {}
+    options = options_of(state, ctx.settings)  # the run's negative prompt, guidance and scheduler, as its drafts had
     args = {"candidate_id": candidate["id"], "seed": candidate["seed"], "steps": g.steps,
             "reference_ids": list(candidate["reference_ids"])}
+    drawing = {"negative_prompt": options.negative_prompt, "scheduler": options.scheduler,
+               "guidance": options.guidance}
     ctx.on_event({"event": "tool_start", "tool": "final_redraw", "args": args, "round": state.get("rounds", 0)})
     start = time.perf_counter()
     try:
         images = [open_image(known[ref_id]["path"]) for ref_id in candidate["reference_ids"]]
-        image = ctx.manager.run("generator", lambda generator: generator.generate(
+        image, sampler = ctx.manager.run("generator", lambda generator: (generator.generate(
             candidate["prompt"], seed=candidate["seed"], references=images or None,
-            ip_scale=candidate.get("ip_scale"), fast="off"))
+            ip_scale=candidate.get("ip_scale"), fast="off", **drawing), generator.last_scheduler))
         path = ctx.record.dir / FINAL_FULL_NAME
         provenance = for_drawing(ctx.settings, prompt=candidate["prompt"], seed=candidate["seed"],
                                  references=[known[r] for r in candidate["reference_ids"]],
                                  ip_scale=candidate.get("ip_scale"), run_id=ctx.record.dir.name,
-                                 candidate_id=candidate["id"], fast="off")
+                                 candidate_id=candidate["id"], fast="off", sampler=sampler, **drawing)
         save_image(image, path, provenance)  # atomic: never half a PNG on disk
         outcome: dict[str, Any] = {"path": str(path), "candidate_id": candidate["id"], "steps": g.steps}
         message = f"redrew {candidate['id']} at {g.steps} steps: {path}"

@@ -21,6 +21,7 @@ from langgraph.types import Command
 
 from imgrag.checkpoints import first_line
 from imgrag.concept_refs import ConceptMapError, ConceptReferences, parse_concepts
+from imgrag.draw_options import MAX_PER_ROUND, DrawOptions, options_of
 from imgrag.engine import ManagedEmbedder
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
@@ -173,20 +174,43 @@ def _check_seed(state: dict, seed: Any) -> int:
         raise ToolArgumentError(f"{exc}; pick another seed") from None
 
 
-def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seed: int, references: list[dict],
+def _seeds(seed: int, n: int) -> list[int]:
+    """The seeds of a round of ``n`` drawings: ``seed`` and the ones after it (each checked: the last may pass the
+    range)."""
+    try:
+        return [check_seed(seed + k) for k in range(n)]
+    except UserError as exc:
+        raise ToolArgumentError(f"{exc}; pick a smaller seed") from None
+
+
+def _check_n(n: Any, options: DrawOptions) -> int:
+    """How many drawings a round makes: ``n``, else the run's ``per_round``; 1..MAX_PER_ROUND."""
+    if n is None:
+        return options.per_round
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PER_ROUND:
+        raise ToolArgumentError(f"n must be a whole number from 1 to {MAX_PER_ROUND} (drawings this round), got {n!r}")
+    return n
+
+
+def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list[int], references: list[dict],
           ip_scale: float | None, steers: dict[str, tuple[float, str]] | None = None,
-          concepts: list[ConceptReferences] | None = None):
-    """Draw one candidate, score it with CLIP against the user's prompt, save it; return the candidate record.
+          concepts: list[ConceptReferences] | None = None) -> list[dict[str, Any]]:
+    """Draw one round: a candidate per seed of ``seeds`` (SDXL draws them in one batched call), each scored with CLIP
+    against the user's prompt and saved; return their records, in the order of ``seeds``.
 
     The backbone (SDXL, SDXL + IP-Adapter or OmniGen: :func:`tools.repair.backbone_for`) and which reference stands
-    for which concept (``concepts``, filled from each reference's retrieval query) are recorded with it.
+    for which concept (``concepts``, filled from each reference's retrieval query) are recorded with each.
     ``steers`` maps a reference id to its (weight, mode) (:mod:`imgrag.steering`); a reference not in it steers
-    at 1.0, "both" (IP-Adapter only: OmniGen places each reference in its prompt instead). The score is always
-    measured against ``state["prompt"]`` (what the user asked for), never the text the LLM chose to draw, so every
-    candidate of a run is measured with one yardstick."""
+    at 1.0, "both" (IP-Adapter only: OmniGen places each reference in its prompt instead). The run's drawing options
+    (negative prompt, guidance, scheduler: :func:`imgrag.draw_options.options_of`) apply to SDXL's drawings; OmniGen
+    has its own guidance and sampler. The score is always measured against ``state["prompt"]`` (what the user asked
+    for), never the text the LLM chose to draw, nor the negative prompt: every candidate of a run is measured with
+    one yardstick. With ``ctx.previews`` on, SDXL's drawing sends ``preview`` events (a small picture from the
+    latents every ``generation.preview_every`` steps, :mod:`imgrag.previews`)."""
     images = [open_image(ref["path"]) for ref in references]
     references, images = screen_drawing_references(ctx, references, images)  # issue 18: the safety gate
-    candidate_id = ctx.allocate_candidate_id(state.get("candidates") or {})
+    ids = [ctx.allocate_candidate_id(state.get("candidates") or {}) for _ in seeds]
+    options = options_of(state, ctx.settings)
     steers = steers or {}
     references = [{**ref, "weight": steers.get(ref["id"], (1.0, "both"))[0],
                    "mode": steers.get(ref["id"], (1.0, "both"))[1]} for ref in references]
@@ -195,48 +219,76 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seed: int, 
     def on_step(step: int, total: int) -> None:
         ctx.on_event({"event": "denoise", "step": step, "total": total})
 
-    def draw(generator: Any) -> tuple[Any, dict[str, Any]]:
+    def on_preview(step: int, total: int, pictures: list[Any]) -> None:
+        from imgrag.previews import strip
+
+        ctx.on_event({"event": "preview", "step": step, "total": total, "image": strip(pictures),
+                      "candidates": list(ids)})
+
+    def draw(generator: Any) -> tuple[list[Any], dict[str, Any], str | None]:
         calls = getattr(generator, "encoder_calls", 0)
         steering = {"weights": [r["weight"] for r in references], "modes": [r["mode"] for r in references],
                     "reference_keys": keys} if references else {}
-        picture = generator.generate(prompt, seed=seed, references=images or None, ip_scale=ip_scale,
-                                     on_step=on_step, **steering, **limit)
+        previews = {"on_preview": on_preview} if ctx.previews else {}
+        drawing = {"references": images or None, "ip_scale": ip_scale, "on_step": on_step,
+                   "negative_prompt": options.negative_prompt, "scheduler": options.scheduler,
+                   "guidance": options.guidance, **previews, **steering, **limit}
+        # One drawing is the generator's generate; a round of several its batched call (one pipeline call).
+        pictures = ([generator.generate(prompt, seed=seeds[0], **drawing)] if len(seeds) == 1
+                    else generator.generate_batch(prompt, seeds=seeds, **drawing))
         guidance = dict(getattr(generator, "last_guidance", {}) or {}) if references else {}
-        return picture, {"image_encoder_calls": getattr(generator, "encoder_calls", 0) - calls,
-                         "embeddings_cached": int(guidance.get("cached", 0))} if references else {}
+        encoder = {"image_encoder_calls": getattr(generator, "encoder_calls", 0) - calls,
+                   "embeddings_cached": int(guidance.get("cached", 0))} if references else {}
+        return pictures, encoder, getattr(generator, "last_scheduler", None)
 
     # Model calls run on the device's model thread (imgrag.manager), not in this tool's thread.
     limit = {"deadline": ctx.deadline} if ctx.deadline is not None else {}
     mapping = concepts_for(state, references, concepts)
     backbone = backbone_for(ctx, bool(references))
-    sent_prompt: str | None = None
-    if backbone == BACKBONE_OMNIGEN:
-        drawing = draw_omnigen(ctx, prompt=prompt, seed=seed, references=references, images=images,
-                               concepts=mapping, candidate_id=candidate_id, on_step=on_step)
-        image, provenance, sent_prompt = drawing.image, drawing.provenance, drawing.sent_prompt
-        references, placed, steering = drawing.references, drawing.concepts, {}
+    batch = len(seeds)
+    drawn: list[tuple[Any, dict[str, Any], dict[str, Any]]] = []  # (picture, provenance, record fields) per seed
+    if backbone == BACKBONE_OMNIGEN:  # OmniGen draws a round's pictures one after another
+        for candidate_id, seed in zip(ids, seeds, strict=True):
+            drawing = draw_omnigen(ctx, prompt=prompt, seed=seed, references=references, images=images,
+                                   concepts=mapping, candidate_id=candidate_id, on_step=on_step)
+            provenance = {**drawing.provenance, **({"batch": {"size": batch, "index": len(drawn)}} if batch > 1
+                                                   else {})}
+            drawn.append((drawing.image, provenance, {
+                "reference_ids": [ref["id"] for ref in drawing.references],
+                **({"concepts": drawing.concepts} if drawing.concepts else {}), "sent_prompt": drawing.sent_prompt}))
     else:
-        image, encoder = ctx.manager.run("generator", draw)
+        pictures, encoder, sampler = ctx.manager.run("generator", draw)
         # IP-Adapter blends every reference into one embedding: each stands for its concept in the record only.
         placed = [c.to_dict() for c in mapping] if references else []
-        provenance = for_drawing(ctx.settings, prompt=prompt, seed=seed, references=references, ip_scale=ip_scale,
-                                 run_id=ctx.record.dir.name, candidate_id=candidate_id,  # issue 18: provenance hook
-                                 concepts=placed or None, backbone=backbone)
         steering = {"reference_weights": {r["id"]: r["weight"] for r in references},
                     "reference_modes": {r["id"]: r["mode"] for r in references},
                     "guided_by": sorted({r.get("source") or "retrieved" for r in references}),
                     "encoder": encoder} if references else {}
-    image_vector = ctx.manager.run("embedder", lambda embedder: embedder.embed_images([image]))
-    clip_score = ctx.manager.run("embedder", lambda embedder: float(
-        (image_vector @ embedder.embed_texts([state["prompt"]]).T)[0, 0]))
-    path = ctx.record.save_candidate(candidate_id, image, provenance)
-    extra: dict[str, Any] = {"backbone": backbone, **({"concepts": placed} if placed else {}),
-                             **({"sent_prompt": sent_prompt} if sent_prompt is not None else {})}
-    adapter = bool(references) and backbone != BACKBONE_OMNIGEN
-    return {"id": candidate_id, "path": str(path), "prompt": prompt, "seed": seed,
-            "reference_ids": [ref["id"] for ref in references], "ip_scale": ip_scale if adapter else None,
-            "round": round_no, "clip_score": round(clip_score, 4), "verdict": None, **steering, **extra,
-            **check_output(ctx, image_vector[0])}  # issue 18: flagged outputs are kept, never the answer
+        for k, (candidate_id, seed, picture) in enumerate(zip(ids, seeds, pictures, strict=True)):
+            provenance = for_drawing(ctx.settings, prompt=prompt, seed=seed, references=references,
+                                     ip_scale=ip_scale, run_id=ctx.record.dir.name,  # issue 18: provenance hook
+                                     candidate_id=candidate_id, concepts=placed or None, backbone=backbone,
+                                     guidance=options.guidance, negative_prompt=options.negative_prompt,
+                                     scheduler=options.scheduler, sampler=sampler,
+                                     batch={"size": batch, "index": k} if batch > 1 else None)
+            drawn.append((picture, provenance, {
+                "reference_ids": [ref["id"] for ref in references], **({"concepts": placed} if placed else {}),
+                "negative_prompt": options.negative_prompt, "guidance": provenance["guidance"],
+                "sampler": sampler, **steering}))
+    image_vectors = ctx.manager.run("embedder", lambda embedder: embedder.embed_images([d[0] for d in drawn]))
+    text_vector = ctx.manager.run("embedder", lambda embedder: embedder.embed_texts([state["prompt"]]))
+    candidates = []
+    for k, (candidate_id, seed, (image, provenance, fields)) in enumerate(zip(ids, seeds, drawn, strict=True)):
+        path = ctx.record.save_candidate(candidate_id, image, provenance)
+        adapter = bool(fields["reference_ids"]) and backbone != BACKBONE_OMNIGEN
+        clip_score = float((image_vectors[k:k + 1] @ text_vector.T)[0, 0])
+        candidates.append({
+            "id": candidate_id, "path": str(path), "prompt": prompt, "seed": seed,
+            "ip_scale": ip_scale if adapter else None, "round": round_no, "clip_score": round(clip_score, 4),
+            "verdict": None, "backbone": backbone, **fields,
+            **({"batch": {"size": batch, "index": k, "candidates": list(ids)}} if batch > 1 else {}),
+            **check_output(ctx, image_vectors[k])})  # issue 18: flagged outputs are kept, never the answer
+    return candidates
 
 
 MAX_REMEMBERED = 2  # remembered references a retrieval adds per call, before the store's own results
@@ -297,10 +349,27 @@ def _describe(candidate: dict) -> str:
     return json.dumps(shown)
 
 
-def _drawing_trace(candidate: dict) -> dict[str, Any]:
-    """What the trace line of a drawing adds: its backbone and, for a repair, which reference stood for which
-    concept (and the in-context prompt OmniGen read)."""
-    return {k: candidate[k] for k in ("backbone", "concepts", "sent_prompt") if candidate.get(k) is not None}
+def _describe_round(candidates: list[dict]) -> str:
+    """The tool's answer for a round: one candidate as before, several as a list with what to do next."""
+    if len(candidates) == 1:
+        return _describe(candidates[0])
+    return json.dumps({"candidates": [json.loads(_describe(c)) for c in candidates],
+                       "note": f"{len(candidates)} drawings this round: critique each, then go on from the best"})
+
+
+def _drawing_trace(candidates: list[dict]) -> dict[str, Any]:
+    """What the trace line of a drawing adds: its candidates, its backbone, the sampler, negative prompt and guidance
+    it drew with and, for a repair, which reference stood for which concept (and the in-context prompt OmniGen
+    read)."""
+    first = candidates[0]
+    return {"candidates": [c["id"] for c in candidates], "seeds": [c["seed"] for c in candidates],
+            **{k: first[k] for k in ("backbone", "concepts", "sent_prompt", "sampler", "negative_prompt", "guidance")
+               if first.get(k) is not None}}
+
+
+def _round_update(candidates: list[dict]) -> dict[str, Any]:
+    """The state update of a round: every candidate it drew, and the one round it used."""
+    return {"candidates": {c["id"]: c for c in candidates}, "rounds": 1}
 
 
 def _check_concepts(concepts: Any, known: dict[str, Any]) -> list[ConceptReferences]:
@@ -327,20 +396,24 @@ def make_tools() -> list[BaseTool]:
     def generate(
         prompt: str,
         seed: int | None = None,
+        n: int | None = None,
         *,
         runtime: ToolRuntime[Any, dict],
     ) -> Command:
         """Draw a new picture from the text prompt alone (no references). Returns a candidate_id.
-        Use a different seed to get a different composition."""
+        Use a different seed to get a different composition. n (1..8, default the run's drawings per round) draws
+        n pictures on seeds seed, seed+1, ... in one round: critique each and go on from the best."""
         args = {"prompt": prompt, "seed": seed}
+        if n is not None:  # only when given, so the fixed policy's steps keep their arguments
+            args["n"] = n
         ctx: ToolContext = runtime.context
         state, tool_call_id = runtime.state, runtime.tool_call_id
 
         def body(round_no: int):
             text = _check_prompt(prompt)
-            candidate = _draw(ctx, state, round_no, text, _check_seed(state, seed), [], None)
-            return (_describe(candidate), {"candidates": {candidate["id"]: candidate}, "rounds": 1},
-                    _drawing_trace(candidate))
+            count = _check_n(n, options_of(state, ctx.settings))
+            candidates = _draw(ctx, state, round_no, text, _seeds(_check_seed(state, seed), count), [], None)
+            return _describe_round(candidates), _round_update(candidates), _drawing_trace(candidates)
 
         return _run(ctx, "generate", args, tool_call_id, state, body, draws=True)
 
@@ -451,6 +524,7 @@ def make_tools() -> list[BaseTool]:
         weights: list[float] | None = None,
         modes: list[str] | None = None,
         concepts: list[dict[str, Any]] | None = None,
+        n: int | None = None,
         *,
         runtime: ToolRuntime[Any, dict],
     ) -> Command:
@@ -460,8 +534,11 @@ def make_tools() -> list[BaseTool]:
         concept's references go into the prompt where it is named. With IP-Adapter all are blended: ip_scale
         (0..1, default from settings) sets how strongly they steer and, optional, one per reference id in the same
         order: weights (0..2, default 1; 2 = that reference steers twice as strongly) and modes ("both" = subject
-        and look, "style" = only its look, "content" = only its subject and layout). Returns a candidate_id."""
+        and look, "style" = only its look, "content" = only its subject and layout). n (1..8, default the run's
+        drawings per round) draws n pictures on seeds seed, seed+1, ...: critique each. Returns a candidate_id."""
         args = {"prompt": prompt, "reference_ids": reference_ids, "ip_scale": ip_scale, "seed": seed}
+        if n is not None:
+            args["n"] = n
         if weights is not None:
             args["weights"] = weights
         if modes is not None:
@@ -486,13 +563,13 @@ def make_tools() -> list[BaseTool]:
             scale = ctx.settings.generation.ip_scale if ip_scale is None else float(ip_scale)
             if not 0.0 <= scale <= MAX_IP_SCALE:
                 raise ToolArgumentError(f"ip_scale must be between 0 and {MAX_IP_SCALE:g}, got {ip_scale}")
-            draw_seed = _check_seed(state, seed)
+            count = _check_n(n, options_of(state, ctx.settings))
+            seeds = _seeds(_check_seed(state, seed), count)
             steers = _steers(ids, known, weights, modes)
-            candidate = _draw(ctx, state, round_no, text, draw_seed, [known[i] for i in ids], scale, steers,
-                              mapping)
-            return (_describe(candidate), {"candidates": {candidate["id"]: candidate}, "rounds": 1},
-                    {**candidate.get("encoder", {}), "guided_by": candidate.get("guided_by"),
-                     **_drawing_trace(candidate)})
+            candidates = _draw(ctx, state, round_no, text, seeds, [known[i] for i in ids], scale, steers, mapping)
+            return (_describe_round(candidates), _round_update(candidates),
+                    {**candidates[0].get("encoder", {}), "guided_by": candidates[0].get("guided_by"),
+                     **_drawing_trace(candidates)})
 
         return _run(ctx, "regenerate", args, tool_call_id, state, body, draws=True)
 

@@ -26,6 +26,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "refs": ("/refs", "the references retrieved on this thread, numbered"),
     "budget": ("/budget N", "rounds (pictures) each request may draw"),
     "approve": ("/approve on|off", "pause before each guided redraw to accept, drop or replace its references"),
+    "negative": ("/negative [TEXT|off]", "what the drawings leave out from the next request on (the judge never "
+                 "sees it); alone: the current one"),
+    "guidance": ("/guidance [N|default]", "classifier-free guidance, 0..30 (default: the settings', or the fast "
+                 "mode's)"),
+    "scheduler": ("/scheduler [NAME|default|list]", "the sampler by its A1111 name (\"Euler a\", \"DPM++ 2M "
+                  "Karras\"); list: every name"),
+    "per-round": ("/per-round N", "drawings per round, 1..8: each judged, the request goes on from the best"),
     "undo": ("/undo", "take back the last request: the thread returns to where the one before ended"),
     "save": ("/save PATH", "copy the best picture to PATH (a file, or a folder)"),
     "quit": ("/quit", "leave (Ctrl-D too); threads are kept"),

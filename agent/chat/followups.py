@@ -191,16 +191,22 @@ def refine_prompt(prompt: str, refinement: str) -> str:
 
 
 def follow_up_update(state: dict[str, Any], message: str, followup: FollowUp, *, rounds: int,
-                     budget: BudgetSettings, approve: bool, planner: str | None = None) -> dict[str, Any]:
+                     budget: BudgetSettings, approve: bool, planner: str | None = None,
+                     drawing: dict[str, Any] | None = None) -> dict[str, Any]:
     """The state update for a follow-up on a settled thread (merged through the state's reducers). ``planner``
-    is the chat's planner: a thread resumed under another ``--planner`` runs its next request with it."""
+    is the chat's planner: a thread resumed under another ``--planner`` runs its next request with it. ``drawing``:
+    the thread's drawing options from this request on (:class:`imgrag.draw_options.DrawOptions` as a dict; the chat's
+    /negative, /guidance, /scheduler, /per-round); None keeps the thread's."""
     used_rounds = int(state.get("rounds", 0))
+    per_round = int(((drawing or state.get("drawing")) or {}).get("per_round") or 1)
     update: dict[str, Any] = {
         "messages": [HumanMessage(message)], "planner": planner or state["planner"],
         "failures": 0, "finished": None, "status": None, "stop_reason": None, "approve": approve,
         # A new request gets one request's worth of budget beyond what the thread has spent.
-        "budget": request_budget(state, rounds, budget),
+        "budget": request_budget(state, rounds, budget, per_round),
     }
+    if drawing is not None:
+        update["drawing"] = drawing
     best = best_candidate(state)
     update["continue_from"] = {"candidate_id": best["id"], "rounds": used_rounds} if best else None
     if followup.prompt or followup.refinement:

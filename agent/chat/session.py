@@ -35,6 +35,7 @@ from agent.chat.threads import THREAD_PREFIX, list_threads, requests_of, thread_
 from agent.graph import best_candidate, is_stale, outcome
 from agent.runner import PLANNERS, Runner
 from agent.thread_lock import busy_elsewhere, writes_thread
+from imgrag.draw_options import DrawOptions, options_of, parse_options
 from imgrag.errors import UserError
 from imgrag.images import IMAGE_SUFFIXES
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, new_run_id
@@ -105,6 +106,9 @@ class ChatSession:
         self.reviewer = reviewer
         self.on_event = on_event or (lambda event: None)
         self.thread_id: str | None = None
+        # Drawing options the user set in this chat (/negative, /guidance, /scheduler, /per-round): applied to every
+        # request from the next on, over the thread's own (imgrag.draw_options).
+        self.drawing: dict[str, Any] = {}
         self.cancelled = threading.Event()
         self._picks: list[str] | None = None
         self._picks_used = False
@@ -154,7 +158,7 @@ class ChatSession:
     def _start(self, text: str) -> dict[str, Any]:
         self.thread_id = self.thread_id or THREAD_PREFIX + new_run_id()
         return self.runner.run(text, planner=self.planner, max_rounds=self.rounds, run_id=self.thread_id,
-                               approve=self.approve)
+                               approve=self.approve, options=self.drawing_options({}))
 
     def _follow_up(self, text: str) -> dict[str, Any]:
         self.settle_cut_off()
@@ -167,8 +171,9 @@ class ChatSession:
         picks = check_reference_count(list(dict.fromkeys(
             [resolve_reference(str(p), references) for p in followup.picks] + list(steered))))
         rounds = self._check_rounds(followup.rounds or self.rounds)
+        drawing = self.drawing_options(values).to_state() if self.drawing else None
         update = follow_up_update(values, text, followup, rounds=rounds, budget=self.settings.budget,
-                                  approve=self.approve or bool(picks), planner=self.planner)
+                                  approve=self.approve or bool(picks), planner=self.planner, drawing=drawing)
         if values.get("planner") and values["planner"] != self.planner:
             self._note(f"planner {self.planner} from this request on (the thread ran with {values['planner']})")
         if "prompt" in update:
@@ -278,6 +283,49 @@ class ChatSession:
             raise UserError(f"/budget takes a number of rounds, got {text!r}") from None
         self.rounds = self._check_rounds(n)
         return self.rounds
+
+    def drawing_options(self, values: dict[str, Any] | None = None) -> DrawOptions:
+        """The drawing options the next request uses: the thread's (``values``; default the current thread's; a new
+        thread: the settings'), with what was set in this chat over them."""
+        values = self.values() if values is None else values
+        return parse_options({**options_of(values, self.settings).model_dump(), **self.drawing}, "drawing options")
+
+    def set_drawing(self, **changes: Any) -> DrawOptions:
+        """Set drawing options for the requests from the next on (``negative_prompt``, ``guidance``, ``scheduler``,
+        ``per_round``; a None guidance: the settings' again); a bad value is a UserError and changes nothing."""
+        if "scheduler" in changes:
+            from imgrag.schedulers import check_scheduler
+
+            changes["scheduler"] = check_scheduler(changes["scheduler"], "scheduler")
+        wanted = {**self.drawing, **changes}
+        parse_options({**options_of(None, self.settings).model_dump(), **wanted}, "drawing options")  # checked
+        self.drawing = wanted
+        return self.drawing_options()
+
+    def set_guidance(self, text: str) -> DrawOptions:
+        """``/guidance N`` (0..30) or ``/guidance default``."""
+        from imgrag.draw_options import check_guidance
+
+        word = text.strip().lower()
+        if word in ("default", "off", "none"):
+            return self.set_drawing(guidance=None)
+        try:
+            value = float(word)
+        except ValueError:
+            raise UserError(f"/guidance takes a number from 0 to 30, or default; got {text!r}") from None
+        return self.set_drawing(guidance=check_guidance(value, "/guidance"))
+
+    def set_per_round(self, text: str) -> DrawOptions:
+        """``/per-round N``: drawings per round, 1..:data:`imgrag.draw_options.MAX_PER_ROUND`."""
+        from imgrag.draw_options import MAX_PER_ROUND
+
+        try:
+            n = int(text)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= MAX_PER_ROUND:
+            raise UserError(f"/per-round takes a whole number from 1 to {MAX_PER_ROUND}, got {text!r}")
+        return self.set_drawing(per_round=n)
 
     def set_approve(self, text: str) -> bool:
         value = text.strip().lower()

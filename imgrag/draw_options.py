@@ -1,0 +1,104 @@
+"""How a run draws beyond its prompt: negative prompt, guidance, scheduler, drawings per round.
+
+One typed record, :class:`DrawOptions`, for every way these arrive: the settings (``generation.negative_prompt``,
+``generation.scheduler``, ``generation.per_round``), the command line (``--negative``, ``--guidance``,
+``--scheduler``, ``--per-round``), a batch line's keys of the same names, the chat's slash commands and the web
+page's fields. A run keeps its options in its graph state (``state["drawing"]``), so a resumed run and a chat
+thread go on drawing the same way, and every drawing of it reads them from there (:func:`options_of`).
+
+The judge never sees the negative prompt: it checks the picture against the user's prompt alone (what to leave
+out is a drawing instruction, not part of what the picture must show).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from imgrag.errors import UserError
+from imgrag.schedulers import check_scheduler
+
+# Drawings one round may make in one batched call; each is judged. Eight 1024² SDXL drawings in one batch already
+# need about 40 GiB of working memory by the engine's estimate (imgrag.engine.working_memory_gb).
+MAX_PER_ROUND = 8
+# Classifier-free guidance past 30 burns SDXL's pictures to noise; A1111's slider stops there too.
+MAX_GUIDANCE = 30.0
+# CLIP reads 77 tokens of a negative prompt, as of the prompt; this bounds what a record keeps of a pasted essay.
+MAX_NEGATIVE_CHARS = 2000
+
+
+class DrawOptions(BaseModel):
+    """The drawing options of one run (see the module docstring).
+
+    ``guidance`` None: the fast mode's guidance, else ``generation.guidance`` (:func:`imgrag.fast.draw_plan`); a
+    value given here wins over both, as ``--steps`` does. ``scheduler`` "": the checkpoint's own (or the fast mode's);
+    else one of :data:`imgrag.schedulers.SCHEDULER_NAMES`, in its canonical spelling."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    negative_prompt: Annotated[str, Field(max_length=MAX_NEGATIVE_CHARS)] = ""
+    guidance: Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE)] | None = None
+    scheduler: str = ""
+    per_round: Annotated[int, Field(ge=1, le=MAX_PER_ROUND)] = 1
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _trimmed(cls, value: str) -> str:
+        return value.strip()
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _known_scheduler(cls, value: Any) -> str:
+        try:
+            return check_scheduler(value)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> DrawOptions:
+        """The options ``settings.generation`` gives a new run (guidance stays None: the settings' own rule)."""
+        g = settings.generation
+        return cls(negative_prompt=g.negative_prompt, scheduler=g.scheduler, per_round=g.per_round)
+
+    def to_state(self) -> dict[str, Any]:
+        """The plain dict the graph state keeps (checkpointed as msgpack)."""
+        return self.model_dump()
+
+    def changed(self, where: str = "drawing options", **changes: Any) -> DrawOptions:
+        """A copy with ``changes`` (None values ignored), checked; a bad value is one UserError naming ``where``."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        return parse_options({**self.model_dump(), **given}, where)
+
+
+def check_guidance(value: float | None, where: str = "guidance") -> float | None:
+    """``value`` as a float within 0..:data:`MAX_GUIDANCE`, or None; else a one-line UserError naming ``where``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= MAX_GUIDANCE:
+        raise UserError(f"{where} must be a number from 0 to {MAX_GUIDANCE:g} (SDXL's usual is 5 to 8; 1 or less "
+                        f"switches guidance off), got {value!r}")
+    return float(value)
+
+
+def parse_options(values: dict[str, Any], where: str = "drawing options") -> DrawOptions:
+    """:class:`DrawOptions` from untrusted values (a batch line, a recipe, the page's fields): unknown keys and bad
+    values are one :class:`~imgrag.errors.UserError` (``where: key: why``)."""
+    try:
+        return DrawOptions(**values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(p) for p in error["loc"]) or "options"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = f"unknown key (known: {', '.join(DrawOptions.model_fields)})"
+        raise UserError(f"{where}: {key}: {message}") from None
+
+
+def options_of(state: dict[str, Any] | None, settings: Any) -> DrawOptions:
+    """The drawing options of a run: its state's (``state["drawing"]``), else the settings' (a state made before
+    runs kept them, or none at all)."""
+    kept = (state or {}).get("drawing")
+    if isinstance(kept, dict):
+        return parse_options(kept, "the run's drawing options")
+    return DrawOptions.from_settings(settings)
