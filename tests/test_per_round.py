@@ -176,6 +176,7 @@ def test_per_round_3_judges_three_candidates_per_round_on_the_tiny_kit(
     assert code == 0, err
     page = (Path(result["run_dir"]) / "report.html").read_text(encoding="utf-8")
     assert all(f"candidates/{c['id']}.png" in page for c in result["candidates"])
+    assert page.count("of 3 this round") == 6 and "<b>sampler</b> Euler" in page
 
 
 def test_the_agents_tools_take_n(tmp_path: Path) -> None:
