@@ -200,3 +200,26 @@ def test_the_agents_tools_take_n(tmp_path: Path) -> None:
     assert steps[1]["ok"] and [c["round"] for c in result["candidates"]] == [1, 1]
     assert [c.get("batch") for c in generator.calls] == [2, 2]
     assert result["status"] == "matched" and result["final_candidate"] == "c1"
+
+
+def test_a_chat_follow_up_goes_on_from_the_best_of_a_round(tmp_path: Path) -> None:
+    """After a round of several, a refinement re-judges the thread's best only (its round-mates stay in the
+    record), then repairs it."""
+    from agent.chat import ChatSession
+
+    settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")})
+    (tmp_path / "refs").mkdir()
+    judge = ScriptedJudge([FakeVerdict(False, ["a wooden cradle"], "no cradle")])
+    manager = FakeManager({"generator": FakeGenerator(), "judge": judge, "embedder": FakeEmbedder()})
+    runner = Runner(settings, manager=manager, reference_store=MemoryStore(tmp_path / "refs"),
+                    checkpointer=open_checkpointer(settings.threads_db))
+    session = ChatSession(runner, planner="fixed", rounds=1)
+    session.set_per_round("3")
+    first = session.send("a dog and a cradle")
+    assert [c["round"] for c in first["candidates"]] == [1, 1, 1] and judge.calls == 3
+    best = first["final_candidate"]
+    second = session.send("make the cradle wooden")
+    steps = [s for s in second["steps"] if s["tool"] == "critique"][3:]
+    assert steps[0]["args"] == {"candidate_id": best}  # the best is judged again against the new prompt
+    assert [c["round"] for c in second["candidates"]].count(2) == 3  # the repair round drew three again
+    assert all(s["args"]["candidate_id"] not in {"c0", "c1", "c2"} - {best} for s in steps)
