@@ -223,3 +223,18 @@ def test_a_chat_follow_up_goes_on_from_the_best_of_a_round(tmp_path: Path) -> No
     assert steps[0]["args"] == {"candidate_id": best}  # the best is judged again against the new prompt
     assert [c["round"] for c in second["candidates"]].count(2) == 3  # the repair round drew three again
     assert all(s["args"]["candidate_id"] not in {"c0", "c1", "c2"} - {best} for s in steps)
+
+
+def test_omnigen_draws_a_round_of_several_one_after_another(
+        settings: Settings, capsys: pytest.CaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGRAG_TINY_KIT_DIR", settings.tiny_kit_dir)
+    monkeypatch.setenv("IMGRAG_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("IMGRAG_GENERATION_DRAW_WITH", "omnigen")
+    code, stdout, err = run_cli(capsys, "run", "a red fox", "--profile", "tiny", "--planner", "fixed",
+                                "--per-round", "2", "--max-rounds", "1", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert [(c["backbone"], c["round"], c["seed"]) for c in result["candidates"]] == [("omnigen", 1, 0),
+                                                                                       ("omnigen", 1, 1)]
+    assert all(read_provenance(c["path"])["batch"]["size"] == 2 for c in result["candidates"])
+    assert [s["tool"] for s in result["steps"]] == ["generate", "critique", "critique"]
