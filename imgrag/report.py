@@ -214,6 +214,9 @@ def _candidate_view(c: dict[str, Any], references: dict[str, dict], final_id: st
         "retrieved": c.get("source") == "retrieved",  # a photo of the collection, not a drawing (issue 18)
         "backbone": c.get("backbone"), "concepts": _concepts_view(c.get("concepts") or []),
         "sent_prompt": c.get("sent_prompt"),
+        # how it was drawn (imgrag.draw_options): the sampler, the guidance, what it was to leave out, its round's place
+        "sampler": c.get("sampler"), "guidance": c.get("guidance"), "negative_prompt": c.get("negative_prompt") or None,
+        "batch": c.get("batch") or None,
     }
 
 

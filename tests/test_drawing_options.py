@@ -272,3 +272,32 @@ def test_the_chat_sets_them_for_the_next_requests(tmp_path: Path) -> None:
             generator.kwargs[-1]["scheduler"]) == ("text", None, "DDIM")
     assert session.values()["drawing"]["scheduler"] == "DDIM"  # kept in the thread: a later process draws the same
     assert all("text" not in p for p in judge.prompts)
+
+
+def test_the_terminal_chats_slash_commands(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.chat import parse_line
+    from agent.cli_chat import ChatRepl
+
+    monkeypatch.setenv("IMGRAG_HOME", str(tmp_path / "home"))
+    repl = ChatRepl(load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")}), "fixed", 1)
+    assert parse_line("/sch euler a").name == "scheduler" and parse_line("/per 3").name == "per-round"
+    with pytest.raises(UserError, match="ambiguous"):
+        parse_line("/ne off")  # /new or /negative
+    repl.handle("/scheduler euler a")
+    repl.handle("/negative blurry, text")
+    repl.handle("/guidance 6.5")
+    repl.handle("/per-round 3")
+    assert repl.session.drawing == {"scheduler": "Euler a", "negative_prompt": "blurry, text", "guidance": 6.5,
+                                    "per_round": 3}
+    shown = capsys.readouterr().out
+    assert "scheduler Euler a" in shown and "negative prompt: blurry, text" in shown
+    assert "3 drawing(s) per round" in shown
+    repl.guard(lambda: repl.handle("/scheduler Euler b"))
+    err = capsys.readouterr().err
+    assert "error: unknown scheduler 'Euler b'; choose one of" in err and "Traceback" not in err
+    repl.handle("/scheduler list")
+    assert "DPM++ 2M Karras" in capsys.readouterr().out
+    repl.handle("/negative off")
+    repl.handle("/scheduler default")
+    assert repl.session.drawing_options().negative_prompt == "" and repl.session.drawing_options().scheduler == ""

@@ -176,6 +176,7 @@ def test_per_round_3_judges_three_candidates_per_round_on_the_tiny_kit(
     assert code == 0, err
     page = (Path(result["run_dir"]) / "report.html").read_text(encoding="utf-8")
     assert all(f"candidates/{c['id']}.png" in page for c in result["candidates"])
+    assert page.count("of 3 this round") == 6 and "<b>sampler</b> Euler" in page
 
 
 def test_the_agents_tools_take_n(tmp_path: Path) -> None:
@@ -199,3 +200,41 @@ def test_the_agents_tools_take_n(tmp_path: Path) -> None:
     assert steps[1]["ok"] and [c["round"] for c in result["candidates"]] == [1, 1]
     assert [c.get("batch") for c in generator.calls] == [2, 2]
     assert result["status"] == "matched" and result["final_candidate"] == "c1"
+
+
+def test_a_chat_follow_up_goes_on_from_the_best_of_a_round(tmp_path: Path) -> None:
+    """After a round of several, a refinement re-judges the thread's best only (its round-mates stay in the
+    record), then repairs it."""
+    from agent.chat import ChatSession
+
+    settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")})
+    (tmp_path / "refs").mkdir()
+    judge = ScriptedJudge([FakeVerdict(False, ["a wooden cradle"], "no cradle")])
+    manager = FakeManager({"generator": FakeGenerator(), "judge": judge, "embedder": FakeEmbedder()})
+    runner = Runner(settings, manager=manager, reference_store=MemoryStore(tmp_path / "refs"),
+                    checkpointer=open_checkpointer(settings.threads_db))
+    session = ChatSession(runner, planner="fixed", rounds=1)
+    session.set_per_round("3")
+    first = session.send("a dog and a cradle")
+    assert [c["round"] for c in first["candidates"]] == [1, 1, 1] and judge.calls == 3
+    best = first["final_candidate"]
+    second = session.send("make the cradle wooden")
+    steps = [s for s in second["steps"] if s["tool"] == "critique"][3:]
+    assert steps[0]["args"] == {"candidate_id": best}  # the best is judged again against the new prompt
+    assert [c["round"] for c in second["candidates"]].count(2) == 3  # the repair round drew three again
+    assert all(s["args"]["candidate_id"] not in {"c0", "c1", "c2"} - {best} for s in steps)
+
+
+def test_omnigen_draws_a_round_of_several_one_after_another(
+        settings: Settings, capsys: pytest.CaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGRAG_TINY_KIT_DIR", settings.tiny_kit_dir)
+    monkeypatch.setenv("IMGRAG_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("IMGRAG_GENERATION_DRAW_WITH", "omnigen")
+    code, stdout, err = run_cli(capsys, "run", "a red fox", "--profile", "tiny", "--planner", "fixed",
+                                "--per-round", "2", "--max-rounds", "1", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert [(c["backbone"], c["round"], c["seed"]) for c in result["candidates"]] == [("omnigen", 1, 0),
+                                                                                       ("omnigen", 1, 1)]
+    assert all(read_provenance(c["path"])["batch"]["size"] == 2 for c in result["candidates"])
+    assert [s["tool"] for s in result["steps"]] == ["generate", "critique", "critique"]

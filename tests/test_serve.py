@@ -152,6 +152,24 @@ def test_errors_are_one_line_and_nothing_outside_the_run_folders_is_served(setti
     assert isinstance(shown, Image.Image) and max(shown.size) == 256
 
 
+@needs_gradio
+def test_the_pages_drawing_options_reach_the_requests_and_a_bad_one_is_one_line(settings, tmp_path: Path) -> None:
+    from agent.web import DEFAULT_SCHEDULER, WebChat, fresh_page, page_drawing
+
+    runner = fake_runner(settings, tmp_path)
+    web = WebChat(settings, planner="fixed", rounds=1, runner=runner)
+    assert page_drawing(settings, "", None, DEFAULT_SCHEDULER, 1) == {}  # left as they came: the thread's own
+    page = fresh_page(1)
+    page["drawing"] = page_drawing(settings, " blurry ", 6, "Euler a", 2)
+    assert page["drawing"] == {"negative_prompt": "blurry", "guidance": 6.0, "scheduler": "Euler a", "per_round": 2}
+    _, (kind, result) = drain(web.stream(page, lambda session: session.send("a retriever and a cradle")))
+    assert kind == "result" and result["drawing"] == page["drawing"]
+    assert [c["round"] for c in result["candidates"]] == [1, 1]  # two drawings in the one round
+    page["drawing"] = page_drawing(settings, "", None, "Euler b", 1)
+    with pytest.raises(UserError, match="unknown scheduler 'Euler b'"):
+        web.session(page)
+
+
 # ----- the page in a real browser -----
 
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
