@@ -504,6 +504,6 @@ def write_report(path: str | Path, out: str | Path | None = None) -> Path:
         raise UserError(f"{target}: the report is an HTML page; name the file .html (a browser can print it to PDF)")
     kind = folder_kind(path)
     page = {"run": render_run, "batch": render_batch, "eval": render_eval}[kind](path)
-    with atomic_path(target) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+    with atomic_path(target) as tmp:  # a file name that is not UTF-8 appears with \x escapes (imgrag.file_names)
+        tmp.write_text(display_name(page), encoding="utf-8")
     return target

@@ -236,3 +236,16 @@ def test_a_gold_picture_that_does_not_decode_is_left_out_of_the_scores(tiny_sett
     assert "clip_gold" in scores["plain"] and list(scorers.skipped) == [str(broken)]
     assert scorers.score("a red square", {"plain": str(drawn)}, [str(broken)],
                          verdicts={"plain": {"match": False}})["plain"].get("clip_gold") is None
+
+
+def test_a_report_naming_a_reference_that_is_not_utf8_is_written(tmp_path: Path) -> None:
+    from imgrag.report import write_report
+    from imgrag.runs import RunRecord
+
+    record = RunRecord(tmp_path / "run-1")
+    odd = str(tmp_path / LATIN1_NAME)
+    record.append_step({"tool": "retrieve", "ok": True, "args": {"path": odd}, "message": f"found {odd}"})
+    record.write_result({"prompt": "a cat", "status": "matched", "references": {"r1": {"path": odd}},
+                         "candidates": [], "final_image": None})
+    page = write_report(record.dir).read_text(encoding="utf-8")
+    assert "caf\\xe9.png" in page
