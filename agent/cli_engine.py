@@ -120,8 +120,8 @@ def generate(
             err.print(f"[dim]profile {escape(profile)}, from the picture's recipe (--profile chooses another)[/]",
                       soft_wrap=True)
     refs = None if ref is None else [parse_ref_arg(text) for text in ref]  # [(path, ReferenceSteer)]
+    given_refs = refs
     if from_image is not None:  # the picture's own provenance fills every value no flag gives
-        given_refs = refs
         # The bounds a recipe is held to are the settings this drawing will use (profile, --config).
         bounds = settings_from_flags(profile, config, **repair_flags(repair_with))
         prompt, refs, seed, steps, guidance, fast, ip_scale, width, height = _from_provenance(
@@ -145,6 +145,8 @@ def generate(
         "generation.fast": fast, "omnigen.steps": steps if omnigen_asked and refs else None,
         **repair_flags(repair_with), **drawing_flags(negative, scheduler)})
     g = settings.generation
+    if from_image is not None and given_refs is None and refs and settings.safety.enabled:
+        _screen_recipe_references(settings, from_image, [path for path, _ in refs])
     if refs and g.repair_with == "omnigen" or not refs and g.draw_with == "omnigen":
         _generate_omnigen(settings, prompt, refs or [], concept, output=output, from_image=from_image,
                           flags_without_effect={"--ip-scale": ip_scale, "--fast": fast, "--negative": negative_flag,
@@ -300,6 +302,31 @@ def _generate_omnigen(settings: Any, prompt: str, refs: list[tuple[Path, Referen
     guided = f", {len(images)} reference(s) in context" if images else ""
     out.print(f"wrote {output} (OmniGen, {g.width}x{g.height}, {o.steps} steps, seed {g.seed}{guided}) in {seconds} s",
               markup=False, soft_wrap=True)
+
+
+def _screen_recipe_references(settings: Any, picture: Path, paths: list[Path]) -> None:
+    """The safety gate on the references a picture's recipe names (the user did not choose them here): each is
+    embedded and checked against ``safety.concepts`` like a drawing's references in a run; a flagged one is a
+    one-line UserError naming the picture's recipe. Only called when ``safety.enabled``."""
+    from imgrag.engine import build_manager
+    from imgrag.safety import SafetyGate
+
+    prepare_models(settings)
+    manager = build_manager(settings)
+
+    class _Texts:  # what SafetyGate needs of an embedder: the concepts' text vectors, on the model thread
+        model_id = "embedder"
+
+        @staticmethod
+        def embed_texts(texts: list[str]) -> Any:
+            return manager.run("embedder", lambda e: e.embed_texts(texts))
+
+    images = [open_image(path) for path in paths]
+    vectors = manager.run("embedder", lambda e: e.embed_images(images))
+    for path, flag in zip(paths, SafetyGate(settings.safety, _Texts()).check(vectors), strict=True):
+        if flag is not None:
+            raise UserError(f"{picture}'s recipe: its reference {path} is flagged by the safety gate as "
+                            f"{flag.concept!r} (similarity {flag.score:.3f}); pass --ref to draw with others")
 
 
 def recipe_drawing(picture: Path) -> tuple[str | None, str | None]:

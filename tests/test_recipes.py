@@ -146,3 +146,17 @@ def test_a_good_recipe_with_a_reference_still_redraws(tiny_env, tmp_path: Path, 
     code, _, err = run_cli(capsys, "generate", "--from-image", str(first), "-o", str(again))
     assert code == 0, err
     assert read_provenance(again)["references"][0]["mode"] == "style"
+
+
+def test_the_safety_gate_checks_a_recipes_references(tiny_env, tmp_path: Path, capsys) -> None:
+    """The real tiny CLIP and the real gate: at threshold -1 every picture is flagged, so a recipe's reference is
+    refused before anything is drawn; a --ref given by hand replaces the recipe's and is the user's choice."""
+    ref = _noise(tmp_path / "ref.png")
+    drawn = _picture(tmp_path, _recipe(references=[{"path": str(ref), "sha256": file_sha256(ref)}]))
+    config = tmp_path / "strict.toml"
+    config.write_text("[safety]\nenabled = true\nthreshold = -1.0\n", encoding="utf-8")
+    target = tmp_path / "again.png"
+    code, _, err = run_cli(capsys, "generate", "--from-image", str(drawn), "-o", str(target), "--config", str(config))
+    line = error_line(err)
+    assert code == 1 and f"{drawn}'s recipe: its reference {ref} is flagged by the safety gate" in line, line
+    assert not target.exists()
