@@ -8,7 +8,6 @@ continues from its last checkpoint with ``resume``.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 import traceback
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from langchain_core.messages import AIMessage, ToolMessage
-from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from agent.batch import (
     FINISHED,
@@ -29,6 +28,7 @@ from agent.batch import (
     settle_item,
 )
 from agent.graph import RunContext, build_graph, initial_state, outcome
+from agent.thread_store import CheckpointWriteError, UntrustedThread, open_checkpointer
 from imgrag.checkpoints import first_line
 from imgrag.draw_options import DrawOptions, options_of, parse_options
 from imgrag.errors import ModelLoadError, UserError, check_seed
@@ -44,8 +44,8 @@ PLANNERS = ("agent", "fixed")
 RUN_END_KEYS = ("run_id", "status", "stop_reason", "final_image", "blocked", "fallback_steps", "fallback_reason")
 TINY_NOTE = TINY_WARNING  # result.json's note on the tiny profile: the one text (imgrag.settings)
 # The batch record's functions live in agent/batch.py; importable from here too, as before.
-__all__ = ["FINISHED", "PLANNERS", "TINY_NOTE", "DiskFull", "RunInterrupted", "Runner", "add_loads", "claim_item",
-           "fail_item", "open_batch", "open_checkpointer", "read_prompt_file", "settle_item"]
+__all__ = ["FINISHED", "PLANNERS", "TINY_NOTE", "CheckpointFailed", "DiskFull", "RunInterrupted", "Runner", "add_loads",
+           "claim_item", "fail_item", "open_batch", "open_checkpointer", "read_prompt_file", "settle_item"]
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -65,6 +65,17 @@ class DiskFull(UserError):
     The message is one line: the path, the space left there, and what was kept."""
 
     def __init__(self, message: str, result: dict[str, Any] | None, batch_dir: str | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+        self.batch_dir = batch_dir
+
+
+class CheckpointFailed(UserError):
+    """A run's checkpoint could not be written (agent/thread_store.py's CheckpointWriteError): its record was closed
+    from the state in memory (``result``, status ``interrupted``, result.json written) and the thread left at its
+    last checkpoint. The message is one line: the database's reason, what was kept and how to go on."""
+
+    def __init__(self, message: str, result: dict[str, Any], batch_dir: str | None = None) -> None:
         super().__init__(message)
         self.result = result
         self.batch_dir = batch_dir
@@ -117,19 +128,12 @@ def add_loads(*counts: dict[str, int] | None) -> dict[str, int]:
     return total
 
 
-def open_checkpointer(path: str | Path) -> SqliteSaver:
-    """The SQLite checkpointer shared by runs, batches and chat threads."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), check_same_thread=False)
-    return SqliteSaver(conn)
-
-
 class Runner:
     """Runs prompts through the agent graph with models loaded once."""
 
     def __init__(self, settings: Settings, manager: Models | None = None, on_event: EventSink | None = None,
-                 checkpointer: SqliteSaver | None = None, reference_store: Any = None, previews: bool = False) -> None:
+                 checkpointer: BaseCheckpointSaver | None = None, reference_store: Any = None,
+                 previews: bool = False) -> None:
         if manager is None:
             from imgrag.engine import build_manager
 
@@ -137,7 +141,7 @@ class Runner:
         self.settings = settings
         self.manager = manager
         self.on_event = on_event or (lambda event: None)
-        self.checkpointer = checkpointer or open_checkpointer(settings.threads_db)
+        self.checkpointer = checkpointer or open_checkpointer(settings.threads_db, settings.threads_busy_timeout)
         self.reference_store = reference_store  # None: opened from settings.store when a run starts
         # Live previews of the drawings as "preview" events (imgrag/previews.py): a front end that shows them asks.
         self.previews = previews
@@ -389,9 +393,16 @@ class Runner:
         earlier = (record.read_result() or {}).get("model_loads") if record.result_path.exists() else None
         before = self.manager.load_counts() if loads_before is None else loads_before
         record.reserve_space()  # given back when the run ends, or on a full disk to close the record
+        latest = values  # the state after the last step, in memory: the record if the database fails under the run
         try:
-            for _ in graph.stream(graph_input, config, stream_mode="updates", context=ctx):
-                pass
+            # Each checkpoint is written before the next step starts ("sync"): a write that fails stops the run at
+            # that step, so the record closed from memory and a --resume from the last checkpoint meet there.
+            for chunk in graph.stream(graph_input, config, stream_mode="values", context=ctx, durability="sync"):
+                if isinstance(chunk, dict) and "run_id" in chunk:
+                    latest = chunk
+            snapshot = graph.get_state(config)
+            # The matched fast draft redrawn at full steps, when asked: inside this handling, as a tool is.
+            final_full = None if snapshot.interrupts else redraw_final_full(ctx, snapshot.values)
         except KeyboardInterrupt:
             # Ctrl-C: close the record from the last checkpoint, leaving the thread as it is so --resume goes on.
             record.release_space()
@@ -400,6 +411,11 @@ class Runner:
             record.append_step({"event": "interrupted", "checkpoint": result.pop("_checkpoint")})
             record.write_result(result)
             raise RunInterrupted(result) from None
+        except UntrustedThread:
+            record.release_space()
+            raise  # nothing of the thread was read, so nothing ran: one line, the record left as it was
+        except CheckpointWriteError as exc:  # the database failed under the run: its record from the state in memory
+            raise self._checkpoint_failed(exc, latest, record, add_loads(earlier, self._loads_since(before))) from None
         except Exception as exc:  # no error ends a run without its result: close it at its last checkpoint
             if is_disk_full(exc):
                 raise self._full_disk(exc, graph, config, values, record,
@@ -414,8 +430,6 @@ class Runner:
             self.on_event({"event": "run_end", **{k: result.get(k) for k in RUN_END_KEYS}})
             return result
         self.reference_store = ctx.reference_store  # keep the opened store for the next run of a batch
-        snapshot = graph.get_state(config)
-        final_full = None if snapshot.interrupts else redraw_final_full(ctx, snapshot.values)
         record.release_space()
         result = self._result(snapshot.values, record, add_loads(earlier, self._loads_since(before)))
         if final_full:
@@ -436,16 +450,19 @@ class Runner:
         return result
 
     def _partial_result(self, graph: Any, config: dict[str, Any], values: dict[str, Any], record: RunRecord,
-                        model_loads: dict[str, int], reason: str) -> dict[str, Any]:
-        """result.json of a run cut off mid-way (status ``interrupted``): its last checkpoint plus the tool calls
-        that finished after it, with the best candidate so far as its answer (finalize never ran to name it).
-        ``_checkpoint`` (popped by the caller) is the checkpoint id the thread stays at."""
-        try:
-            snapshot = graph.get_state(config)
-            state, checkpoint = snapshot.values or values, (snapshot.config or {}).get("configurable", {}).get(
-                "checkpoint_id")
-        except Exception:  # the checkpointer itself failed (a full disk under it): the run's starting state
-            state, checkpoint = values, None
+                        model_loads: dict[str, int], reason: str, *, in_memory: bool = False) -> dict[str, Any]:
+        """result.json of a run cut off mid-way (status ``interrupted``): its last checkpoint (with ``in_memory``,
+        ``values`` as they are, the database unread) plus the tool calls that finished after it, with the best
+        candidate so far as its answer (finalize never ran to name it). ``_checkpoint`` (popped by the caller) is
+        the checkpoint id the thread stays at (None when unread)."""
+        state, checkpoint = values, None
+        if not in_memory:
+            try:
+                snapshot = graph.get_state(config)
+                state, checkpoint = snapshot.values or values, (snapshot.config or {}).get("configurable", {}).get(
+                    "checkpoint_id")
+            except Exception:  # the checkpointer itself failed (a full disk under it): the run's starting state
+                state, checkpoint = values, None
         state = finished_calls(state, record)
         state = {**state, "final_candidate": outcome(state)["final_candidate"]}
         result = self._result(state, record, model_loads)
@@ -471,6 +488,24 @@ class Runner:
         message = (f"{line}; run {result['run_id']} kept {drawn} candidate(s) and {kept} in {record.dir}"
                    + (f", best so far {result['final_image']}" if result["final_image"] else ""))
         return DiskFull(message, result)
+
+    def _checkpoint_failed(self, exc: CheckpointWriteError, latest: dict[str, Any], record: RunRecord,
+                           model_loads: dict[str, int]) -> CheckpointFailed:
+        """Close the record of a run whose checkpoint could not be written (the database locked past its busy
+        timeout, an I/O error) from ``latest``, the state the run holds in memory, without reading the database;
+        the thread stays at its last written checkpoint, so ``--resume`` goes on. Returns the one-line error."""
+        record.release_space()
+        result = self._partial_result(None, {}, latest, record, model_loads, f"the thread database failed: "
+                                      f"{exc.reason}", in_memory=True)
+        result.pop("_checkpoint")
+        record.append_step({"event": "checkpoint_failed", "error": str(exc)})
+        record.write_result(result)
+        self.on_event({"event": "run_end", **{k: result.get(k) for k in RUN_END_KEYS}})
+        drawn = len(result["candidates"])
+        message = (f"{exc}; run {result['run_id']} kept {drawn} candidate(s) and result.json in {record.dir}"
+                   + (f", best so far {result['final_image']}" if result["final_image"] else "")
+                   + f"; once the database is free, continue it with --resume {result['run_id']}")
+        return CheckpointFailed(message, result)
 
     def _loads_since(self, before: dict[str, int]) -> dict[str, int]:
         now = self.manager.load_counts()
@@ -564,6 +599,12 @@ class Runner:
                         pass  # the item stays "running" on disk: --resume continues it the same way
                     message = str(exc) if isinstance(exc, DiskFull) else disk_full_line(exc, batch_dir)
                     raise DiskFull(message, getattr(exc, "result", None), batch_dir=str(batch_dir)) from None
+                if isinstance(exc, CheckpointFailed):  # the database is not writable now: the prompts after it neither
+                    item.update(status="interrupted", error=None, model_loads=self._loads_since(before))
+                    write_json_atomic(batch_dir / "batch.json", state)
+                    raise CheckpointFailed(f"{exc}; the batch stopped at prompt {item['index'] + 1} (imgrag batch "
+                                           f"{path} --resume continues it)", exc.result,
+                                           batch_dir=str(batch_dir)) from None
                 fail_item(item, exc)
             # This prompt's loads (its run's record), not the process's running total; that stays in the summary.
             item.setdefault("model_loads", self._loads_since(before))

@@ -315,6 +315,9 @@ class Settings:
     store: str = ""
     output_dir: str = ""
     threads_db: str = ""
+    # Seconds a write to threads_db waits while another process (a chat, a page, a batch) holds its lock; sqlite3's
+    # own default is 5. A write that still fails ends the run with its result.json (agent/thread_store.py).
+    threads_busy_timeout: Annotated[float, Field(gt=0.0, le=3600.0)] = 30.0
     tiny_kit_dir: str = ""
     models: ModelSettings = field(default_factory=ModelSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)

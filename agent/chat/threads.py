@@ -17,7 +17,12 @@ def thread_ids(checkpointer: BaseCheckpointSaver) -> list[str]:
 
     ``list(None)`` yields every checkpoint of every thread, newest first, so the first time a thread shows up is
     its latest activity. It reads each checkpoint, which is fine for a person's chats; a shared server with many
-    thousands of runs would want a checkpointer that lists threads itself."""
+    thousands of runs would want a checkpointer that lists threads itself. imgrag's own
+    (:class:`agent.thread_store.ThreadStore`) does: it reads the ids alone, so a thread it would refuse to read does
+    not hide the others."""
+    listed = getattr(checkpointer, "thread_ids", None)
+    if callable(listed):
+        return list(listed())
     seen: dict[str, None] = {}
     for item in checkpointer.list(None):
         configurable = item.config["configurable"]
@@ -29,15 +34,24 @@ def thread_ids(checkpointer: BaseCheckpointSaver) -> list[str]:
 def list_threads(graph: Any, checkpointer: BaseCheckpointSaver, limit: int = 20,
                  prefix: str = THREAD_PREFIX) -> list[dict[str, Any]]:
     """The threads whose id starts with ``prefix``, most recently active first, at most ``limit``: id, date, first
-    request, number of requests, status. ``graph`` is the compiled graph over ``checkpointer``."""
+    request, number of requests, status. ``graph`` is the compiled graph over ``checkpointer``. A thread the
+    checkpointer refuses to read (it holds data imgrag does not write, :class:`agent.thread_store.UntrustedThread`)
+    is listed with status "refused" and nothing of it is read."""
+    from agent.thread_store import UntrustedThread
+
     listed = []
     for tid in thread_ids(checkpointer):
         if not tid.startswith(prefix):
             continue
-        snapshot = graph.get_state({"configurable": {"thread_id": tid}})
-        requests = requests_of(snapshot.values)
-        listed.append({"id": tid, "date": _when(snapshot.created_at), "first": requests[0] if requests else "",
-                       "requests": len(requests), "status": snapshot.values.get("status") or "unfinished"})
+        try:
+            snapshot = graph.get_state({"configurable": {"thread_id": tid}})
+        except UntrustedThread:
+            listed.append({"id": tid, "date": "", "first": "", "requests": 0,
+                           "status": "refused (holds data imgrag does not write)"})
+        else:
+            requests = requests_of(snapshot.values)
+            listed.append({"id": tid, "date": _when(snapshot.created_at), "first": requests[0] if requests else "",
+                           "requests": len(requests), "status": snapshot.values.get("status") or "unfinished"})
         if len(listed) >= limit:
             break
     return listed
