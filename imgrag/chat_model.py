@@ -36,6 +36,7 @@ from imgrag.deadlines import time_limit
 from imgrag.errors import ModelLoadError, UserError
 from imgrag.reasoning import answer_text
 from imgrag.settings import Settings
+from imgrag.untrusted import control_markers, neutralise, neutralise_tree
 
 LLM_EXPECTED = "a Qwen2.5 (or Qwen3) instruct checkpoint with its tool-calling chat template"
 # Families whose chat template speaks the <tool_call>{"name", "arguments"}</tool_call> dialect we parse.
@@ -129,21 +130,25 @@ def read_reply(reply: AIMessage) -> AIMessage:
                                     "response_metadata": metadata})
 
 
-def to_template_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+def to_template_messages(messages: Sequence[BaseMessage], markers: Sequence[str] = ()) -> list[dict[str, Any]]:
     """LangChain messages -> the dicts Qwen's chat template reads.
 
     Tool-call arguments must be dicts: ``convert_to_openai_messages`` gives JSON strings, which the
     template's ``| tojson`` would encode a second time. Content blocks become plain text.
+    Every content string and argument passes :func:`imgrag.untrusted.neutralise` (with the tokenizer's
+    ``markers``): captions, file names, prompts and tool results are content, never template markup.
     """
     out = []
     for message in convert_to_openai_messages(list(messages)):
         message = dict(message)
-        message["content"] = content_text(message.get("content"))
+        message["content"] = neutralise(content_text(message.get("content")), markers)
         calls = []
         for call in message.get("tool_calls") or []:
             function = dict(call["function"])
             if isinstance(function.get("arguments"), str):
                 function["arguments"] = json.loads(function["arguments"] or "{}")
+            function["arguments"] = neutralise_tree(function.get("arguments") or {}, markers)
+            function["name"] = neutralise(str(function.get("name", "")), markers)
             calls.append({**call, "function": function})
         if calls:
             message["tool_calls"] = calls
@@ -207,7 +212,8 @@ class QwenChatModel(BaseChatModel):
 
     def render(self, messages: Sequence[BaseMessage], tools: list[dict[str, Any]] | None = None) -> str:
         """The exact prompt text the model sees (useful for debugging and tests)."""
-        return self.tokenizer.apply_chat_template(to_template_messages(messages), tools=tools or None,
+        markers = control_markers(self.tokenizer)
+        return self.tokenizer.apply_chat_template(to_template_messages(messages, markers), tools=tools or None,
                                                   add_generation_prompt=True, tokenize=False)
 
     def _generate(

@@ -24,6 +24,7 @@ from imgrag.checkpoints import check_model_type, loading, qwen_dtype
 from imgrag.deadlines import time_limit
 from imgrag.reasoning import answer_text, matching_brace
 from imgrag.settings import Settings
+from imgrag.untrusted import control_markers, neutralise
 
 JUDGE_EXPECTED = "a Qwen2.5-VL checkpoint (Qwen2_5_VLForConditionalGeneration + its processor)"
 
@@ -374,7 +375,8 @@ class Judge:
         messages = [{"role": "user", "content": [
             {"type": "image", "image": judge_view(image, bounds.max_pixels), "min_pixels": bounds.min_pixels,
              "max_pixels": bounds.max_pixels},
-            {"type": "text", "text": question},
+            # The question holds the user's prompt and captions: content, never template markup.
+            {"type": "text", "text": neutralise(question, control_markers(self.processor))},
         ]}]
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         images, _ = process_vision_info(messages)  # resized to multiples of 28 within the bounds
