@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite import SqliteSaver
 
 from imgrag.errors import UserError
+from imgrag.file_names import from_stored, is_text_name
 from imgrag.runs import is_disk_full
 
 DEFAULT_BUSY_TIMEOUT_S = 30.0
@@ -98,6 +100,37 @@ def _on_serde_event(event: dict[str, Any]) -> None:
 
 register_serde_event_listener(_on_serde_event)  # type: ignore[arg-type]
 
+# msgpack strings are UTF-8, and ormsgpack writes a lone surrogate as "?": a path that is not UTF-8
+# (imgrag.file_names) would come back as another, missing file. Such a string is written as its bytes instead.
+_FILE_NAME_TAG = "__imgrag_file_name_bytes__"
+
+
+def _keep_file_names(value: Any) -> Any:
+    """``value`` with every string that is not valid UTF-8 (inside plain dicts, lists and tuples) replaced by
+    ``{_FILE_NAME_TAG: hex of its file-system bytes}``; the same object when there is none."""
+    if isinstance(value, str):
+        return value if is_text_name(value) else {_FILE_NAME_TAG: os.fsencode(value).hex()}
+    if isinstance(value, dict):
+        kept = {key: _keep_file_names(item) for key, item in value.items()}
+        return value if all(kept[key] is value[key] for key in value) else kept
+    if isinstance(value, list | tuple):
+        items = [_keep_file_names(item) for item in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else type(value)(items)
+    return value
+
+
+def _restore_file_names(value: Any) -> Any:
+    """The inverse of :func:`_keep_file_names`."""
+    if isinstance(value, dict):
+        if len(value) == 1 and isinstance(value.get(_FILE_NAME_TAG), str):
+            return from_stored(None, value[_FILE_NAME_TAG])
+        return {key: _restore_file_names(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_restore_file_names(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_restore_file_names(item) for item in value)
+    return value
+
 
 class StrictSerializer(JsonPlusSerializer):
     """LangGraph's serializer in strict msgpack mode, allowing only :data:`CHECKPOINT_TYPES`; a record naming any
@@ -106,10 +139,13 @@ class StrictSerializer(JsonPlusSerializer):
     def __init__(self) -> None:
         super().__init__(allowed_msgpack_modules=CHECKPOINT_TYPES, pickle_fallback=False)
 
+    def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+        return super().dumps_typed(_keep_file_names(obj))
+
     def loads_typed(self, data: tuple[str, bytes]) -> Any:
         value, what = self.read(data)
         if what is None:
-            return value
+            return _restore_file_names(value)
         if getattr(_local, "lenient", False):
             return _Refused(what)
         raise RefusedRecord(what)

@@ -249,3 +249,29 @@ def test_a_report_naming_a_reference_that_is_not_utf8_is_written(tmp_path: Path)
                          "candidates": [], "final_image": None})
     page = write_report(record.dir).read_text(encoding="utf-8")
     assert "caf\\xe9.png" in page
+
+
+def test_a_run_guided_by_a_reference_whose_name_is_not_utf8_checkpoints_and_resumes(
+        capsys: pytest.CaptureFixture, tiny_settings, tmp_path: Path) -> None:
+    """The only picture of the store has a Latin-1 name: the run retrieves it, draws with it, checkpoints the state
+    holding its path (strict msgpack), writes its record, and a resume of the finished run reads it back."""
+    folder = tmp_path / "odd"
+    odd = solid(folder / LATIN1_NAME, (10, 10, 200), size=40)
+    code, _, err = run_cli(capsys, "index", str(folder), "--profile", "tiny", "--json")
+    assert code == 0, err
+    out_dir = tmp_path / "runs"
+    code, out, err = run_cli(capsys, "run", "a blue square", "--profile", "tiny", "--max-rounds", "2",
+                             "--out", str(out_dir), "--json")
+    assert code == 0, err
+    assert "Traceback" not in err
+    result = json.loads(out)
+    guided = [c for c in result["candidates"] if c["reference_ids"]]
+    assert guided, "the second round is drawn with the retrieved picture"
+    used = {result["references"][ref_id]["path"] for c in guided for ref_id in c["reference_ids"]}
+    assert used == {str(odd)}  # JSON's \u escapes carry the bytes through, the name still opens the file
+    run_dir = Path(result["final_image"]).parents[1]
+    assert json.loads((run_dir / "result.json").read_text(encoding="utf-8")) == result
+    run_id = Path(result["final_image"]).parents[1].name
+    code, out, err = run_cli(capsys, "run", "--resume", run_id, "--profile", "tiny", "--out", str(out_dir), "--json")
+    assert code == 0, err
+    assert json.loads(out)["rounds"] == result["rounds"]

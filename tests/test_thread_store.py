@@ -292,3 +292,16 @@ def test_a_write_error_names_the_thread_and_the_database(tmp_path: Path) -> None
     assert str(error) == (f"cannot write the checkpoint of thread 'chat-1' to {tmp_path / 'threads.sqlite'}: "
                           "database is locked: another process held it longer than the 30 s busy timeout "
                           "(threads_busy_timeout)")
+
+
+def test_a_file_name_that_is_not_utf8_survives_a_checkpoint() -> None:
+    """ormsgpack would write a lone surrogate as "?" (another, missing file): the serializer keeps the bytes."""
+    import os
+
+    from agent.thread_store import StrictSerializer
+
+    odd = os.fsdecode(b"/pics/caf\xe9.png")
+    state = {"references": {"r1": {"path": odd, "caption": "plain"}}, "paths": [odd, "/pics/ok.png"], "n": 3}
+    serde = StrictSerializer()
+    assert serde.loads_typed(serde.dumps_typed(state)) == state
+    assert serde.loads_typed(serde.dumps_typed({"p": "/pics/ok.png"})) == {"p": "/pics/ok.png"}
