@@ -11,7 +11,7 @@ export ANONYMIZED_TELEMETRY := False
 DEMO_HOME := $(CURDIR)/.imgrag
 IMGRAG_HOME ?= $(DEMO_HOME)
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-fast lint demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q || [ $$? -eq 5 ]
 
+# While developing: everything but the end-to-end subprocess tests (marked slow); CI runs the whole suite.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" || [ $$? -eq 5 ]
+
+# ruff, and the import contracts of .importlinter (the layers, no cycles).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-cache
