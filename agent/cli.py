@@ -31,6 +31,7 @@ from agent.cli_common import (
 )
 from imgrag.errors import UserError, check_seed
 from imgrag.runs import ensure_writable_dir
+from imgrag.text import first_line
 
 models_app = typer.Typer(help="Model checkpoints: download the real ones, or build the offline tiny kit.",
                          no_args_is_help=True)
@@ -236,7 +237,7 @@ def _http(method: str, url: str, headers: dict, payload: dict | None = None, tim
             detail = detail.get("message", detail) if isinstance(detail, dict) else detail
         except ValueError:
             detail = text
-        return exc.code, f"HTTP {exc.code}: {str(detail).strip().splitlines()[0][:300] if str(detail).strip() else ''}"
+        return exc.code, f"HTTP {exc.code}: {first_line(str(detail))}"
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         return None, f"unreachable ({reason})"

@@ -17,7 +17,6 @@ import typer
 from rich.markup import escape
 
 from agent.cli_common import (
-    TINY_WARNING,
     ConfigOpt,
     FastOpt,
     GuidanceOpt,
@@ -40,6 +39,7 @@ from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
 from imgrag.provenance import file_sha256
 from imgrag.runs import ensure_writable_file
+from imgrag.settings import TINY_WARNING
 from imgrag.steering import ReferenceSteer, parse_ref_arg
 
 # Formats Pillow writes from the file name alone.

@@ -34,17 +34,17 @@ from agent.cli_common import (
     repair_flags,
     settings_from_flags,
 )
+from tools.budget import check_rounds
 
 PlannerOpt = Annotated[
     str, typer.Option("--planner", help="agent: the LLM chooses each tool; fixed: ImageRAG's pipeline, no LLM loaded.")
 ]
-def _check_max_rounds(value: int | None) -> int | None:
-    """Checked here (not with Typer's min=) so a bad value is the usual one-line error, before any work."""
-    if value is not None and value < 1:
-        from imgrag.errors import UserError
 
-        raise UserError(f"--max-rounds must be at least 1, got {value}")
-    return value
+
+def _check_max_rounds(value: int | None) -> int | None:
+    """Checked here (not with Typer's min=) so a bad value is the usual one-line error, before any work. A
+    function of one argument: Typer hands the value to a callback's last parameter."""
+    return check_rounds(value, "--max-rounds")
 
 
 MaxRoundsOpt = Annotated[

@@ -36,7 +36,7 @@ from typing import Any
 from PIL import Image
 
 from imgrag.adapters import ResolvedAdapter, resolve_ip_adapter
-from imgrag.checkpoints import first_line, loading, quiet_libraries
+from imgrag.checkpoints import loading, quiet_libraries
 from imgrag.draw_options import MAX_PER_ROUND
 from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed
 from imgrag.fast import FastSwitch, draw_plan
@@ -45,6 +45,7 @@ from imgrag.schedulers import SchedulerSwitch
 from imgrag.schedulers import describe as describe_scheduler
 from imgrag.settings import MAX_IP_SCALE, Settings
 from imgrag.steering import ReferenceSteer, check_mode, check_weight, instantstyle_scale
+from imgrag.text import first_line
 
 
 class NonFiniteDrawingError(UserError):

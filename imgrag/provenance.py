@@ -30,6 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from imgrag.file_names import display_name, is_text_name
+from imgrag.text import shorten
 
 PROVENANCE_KEY = "imgrag"
 PARAMETERS_KEY = "parameters"
@@ -335,8 +336,7 @@ def _recipe_error(exc: ValidationError, where: str) -> str:
         return f"{where}: {owner} has no {field_name}" if owner else f"{where}: it has no {field_name}"
     value = error.get("input")
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
+    shown = shorten(shown, 80, collapse=False)
     label = f"{owner}'s {field_name}" if owner and field_name else owner or field_name
     return f"{where}: {label}: {error.get('msg', 'invalid').lower()} (got {shown})"
 

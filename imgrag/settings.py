@@ -48,6 +48,8 @@ MAX_IP_SCALE = 1.0
 # Said once by every command, kept in result.json's note and shown on the report when the profile is "tiny".
 TINY_WARNING = ("tiny profile: random-weight models — the images are noise and the verdicts junk; "
                 "this checks the plumbing, not quality.")
+# The same, short enough to stand beside each answer the chat and the web page show.
+TINY_MARK = "tiny profile: random weights, the picture is noise and the verdict junk"
 Positive = Annotated[int, Field(ge=1)]
 # Upper bounds of one drawing, raisable on purpose (generation.max_side, generation.max_steps). SDXL was trained
 # at about 1024x1024: at 2048 a side it already repeats its subject, and memory and time grow with the pixel count

@@ -19,7 +19,7 @@ from langchain_core.tools import BaseTool, tool
 from langgraph.prebuilt import ToolRuntime
 from langgraph.types import Command
 
-from imgrag.checkpoints import first_line
+from imgrag.candidate_ids import candidate_number
 from imgrag.concept_refs import ConceptMapError, ConceptReferences, parse_concepts
 from imgrag.draw_options import MAX_PER_ROUND, DrawOptions, options_of
 from imgrag.engine import ManagedEmbedder
@@ -28,6 +28,7 @@ from imgrag.images import open_image
 from imgrag.provenance import file_sha256, for_drawing
 from imgrag.runs import is_disk_full
 from imgrag.steering import MAX_WEIGHT, MODES
+from imgrag.text import describe_error, shorten
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES
 from tools.context import ToolContext
 from tools.repair import BACKBONE_OMNIGEN, backbone_for, concepts_for, draw_omnigen
@@ -117,7 +118,7 @@ def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict
             if draws:
                 ctx.release_round(state)
             raise
-        text, update, ok = f"Error: {name} failed: {type(exc).__name__}: {first_line(exc)}", {}, False
+        text, update, ok = f"Error: {name} failed: {describe_error(exc)}", {}, False
         step["exception"] = traceback.format_exc(limit=8)[-4000:]
     if not ok:
         if draws:
@@ -125,7 +126,7 @@ def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict
         # The candidate the call was for: named in its arguments, else the latest drawn (None before any).
         candidates = state.get("candidates") or {}
         target = args.get("candidate_id") or args.get("avoid_candidate_id") or max(
-            candidates, key=lambda c: int(c[1:]) if c[1:].isdigit() else -1, default=None)
+            candidates, key=candidate_number, default=None)
         update = {"failed_steps": [{"tool": name, "target": target, "args": args, "error": text[:300],
                                     "kind": step.get("kind", "error")}]}
     seconds = round(time.perf_counter() - start, 3)
@@ -335,11 +336,6 @@ def _steers(ids: list[str], known: dict[str, dict], weights: Any, modes: Any) ->
     return steers
 
 
-def _short(text: str, limit: int = MAX_CAPTION_CHARS) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
-
-
 def _describe(candidate: dict) -> str:
     shown = {"candidate_id": candidate["id"], "round": candidate["round"], "clip_score": candidate["clip_score"],
              "references": candidate["reference_ids"]}
@@ -497,10 +493,10 @@ def make_tools() -> list[BaseTool]:
                 ref.update({k: known[rid][k] for k in ("weight", "mode", "source") if k in (known.get(rid) or {})})
             # Recorded even when empty, so the planner knows this repair was tried.
             candidates = state.get("candidates") or {}
-            repairing = avoid_candidate_id or max(candidates, key=lambda c: int(c[1:]), default=None)
+            repairing = avoid_candidate_id or max(candidates, key=candidate_number, default=None)
             retrieval = {"for": repairing, "queries": cleaned, "reference_ids": list(refs)}
             # Captions are cut short: indexed captions run to 2,000 characters, and every one stays in the thread.
-            listing = [{"reference_id": ref["id"], "caption": _short(ref.get("caption") or ""),
+            listing = [{"reference_id": ref["id"], "caption": shorten(ref.get("caption"), MAX_CAPTION_CHARS),
                         "query": ref.get("query"), "score": round(float(ref["score"]), 4),
                         **({"remembered": True} if ref.get("source") == "memory" else {})} for ref in refs.values()]
             if empty_store and not remembered:
