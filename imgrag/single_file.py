@@ -49,7 +49,7 @@ EXPECTED = ("a single-file SDXL checkpoint (.safetensors in the original A1111/C
 
 def find_single_file(ref: str) -> Path | None:
     """The single-file checkpoint ``ref`` names: a path ending in ``.safetensors`` (whether or not it is there yet),
-    or a folder without ``model_index.json`` that holds exactly one ``.safetensors`` file. None for a diffusers
+    or a folder without ``model_index.json`` or ``config.json`` that holds exactly one ``.safetensors`` file. None for a diffusers
     folder, a hub id, or anything else (the folder loader reports those).
 
     A folder without ``model_index.json`` holding several ``.safetensors`` files is a UserError naming them: which
@@ -60,7 +60,9 @@ def find_single_file(ref: str) -> Path | None:
     path = Path(ref).expanduser()
     if path.suffix.lower() == SUFFIX and not path.is_dir():
         return path
-    if not path.is_dir() or (path / "model_index.json").exists():
+    # A diffusers pipeline folder, or a model folder of transformers or diffusers (its config.json beside the
+    # weights): not a checkpoint file's folder; the folder loader says what it is.
+    if not path.is_dir() or (path / "model_index.json").exists() or (path / "config.json").exists():
         return None
     files = sorted(p for p in path.iterdir() if p.suffix.lower() == SUFFIX and p.is_file())
     if len(files) == 1:
