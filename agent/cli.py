@@ -69,8 +69,9 @@ def build_tiny(
     if as_json:
         print_json({"directory": str(target), "models": {k: str(v) for k, v in paths.items()}, "seconds": seconds})
         return
+    width = max(len(role) for role in paths)
     for role, path in paths.items():
-        out.print(f"{role:10} {path}", markup=False)
+        out.print(f"{role:{width}} {path}", markup=False)
     err.print(f"{scale} kit ready in {target} ({seconds} s). Random weights: outputs are noise.", markup=False)
 
 
