@@ -49,8 +49,8 @@ EXPECTED = ("a single-file SDXL checkpoint (.safetensors in the original A1111/C
 
 def find_single_file(ref: str) -> Path | None:
     """The single-file checkpoint ``ref`` names: a path ending in ``.safetensors`` (whether or not it is there yet),
-    or a folder without ``model_index.json`` or ``config.json`` that holds exactly one ``.safetensors`` file. None for a diffusers
-    folder, a hub id, or anything else (the folder loader reports those).
+    or a folder without ``model_index.json`` or ``config.json`` that holds exactly one ``.safetensors`` file. None
+    for a diffusers folder, a hub id, or anything else (the folder loader reports those).
 
     A folder without ``model_index.json`` holding several ``.safetensors`` files is a UserError naming them: which
     one is the checkpoint cannot be guessed."""
