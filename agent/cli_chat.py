@@ -1,4 +1,4 @@
-"""``imgrag chat``: the terminal chat (issue #6).
+"""``imgrag chat``: the terminal chat.
 
 The conversation logic lives in ``agent/chat/``; this file is the screen: a prompt_toolkit prompt with a
 persistent input history, a live status line on stderr while the agent works, the slash commands, and the

@@ -51,7 +51,7 @@ MaxRoundsOpt = Annotated[
     int | None, typer.Option("--max-rounds", callback=_check_max_rounds,
                              help="Pictures the run may draw (default: budget.max_rounds).")
 ]
-# Issue 18: what a run may answer with (settings retrieval.allow_retrieved and safety.allow_flagged).
+# What a run may answer with (settings retrieval.allow_retrieved and safety.allow_flagged).
 AllowRetrievedOpt = Annotated[bool | None, typer.Option(
     "--allow-retrieved/--no-allow-retrieved",
     help="Let a photo of your collection that shows the whole prompt be the answer instead of a drawing "

@@ -56,7 +56,7 @@ def is_stale(candidate: dict[str, Any]) -> bool:
 def best_candidate(state: dict[str, Any]) -> dict[str, Any] | None:
     """The run's answer: the candidate named by finish, else a judge match, else the best CLIP score.
     Candidates judged only against an earlier prompt of a chat thread come last."""
-    # issue 18: a drawing the safety gate blocked is never the answer (it stays on disk and in the record)
+    # a drawing the safety gate blocked is never the answer (it stays on disk and in the record)
     candidates = {cid: c for cid, c in (state.get("candidates") or {}).items() if not c.get("answer_blocked")}
     finished = state.get("finished")
     if finished and finished.get("candidate_id") in candidates:
@@ -64,7 +64,7 @@ def best_candidate(state: dict[str, Any]) -> dict[str, Any] | None:
     if not candidates:
         return None
     return max(candidates.values(),
-               key=lambda c: (answer_rank(c),  # issue 18: an unmatched photo is never the answer
+               key=lambda c: (answer_rank(c),  # an unmatched photo is never the answer
                               bool((c.get("verdict") or {}).get("match")), not is_stale(c), c.get("clip_score") or 0.0,
                               -c["round"]))
 
@@ -111,7 +111,7 @@ def stop_reason(state: dict[str, Any], elapsed: float, latest: dict[str, Any] | 
     :func:`working_view`); the budgets are :func:`tools.budget.spent`'s."""
     if state.get("finished"):
         return "finished"
-    if latest and (latest.get("verdict") or {}).get("match") and answer_rank(latest):  # issue 18: not a blocked one
+    if latest and (latest.get("verdict") or {}).get("match") and answer_rank(latest):  # a blocked drawing is no match
         return "matched"
     return spent(state, elapsed, latest)
 
@@ -233,7 +233,7 @@ def _check_reply(reply: AIMessage, names: tuple[str, ...] = TOOL_NAMES) -> str |
 
 
 def _policy_message(state: dict[str, Any], ctx: RunContext, chat_model_name: str = "llm") -> AIMessage | None:
-    settings = ctx.settings  # issue 18: retrieve or generate comes first, then the drawing policy
+    settings = ctx.settings  # a photo that already answers comes first, then the drawing policy
     per_round = options_of(state, settings).per_round
     step = (photo_step(state, settings.retrieval.allow_retrieved)
             or next_step(drawings_only(state), settings.generation.ip_scale, settings.generation.repair_with,

@@ -527,7 +527,7 @@ class Runner:
             "status": state.get("status") or "failed",
             "final_image": final["path"] if final else None,
             "final_candidate": state.get("final_candidate"),
-            "final_source": (final.get("source") or "drawn") if final else None,  # "retrieved": a photo (issue 18)
+            "final_source": (final.get("source") or "drawn") if final else None,  # "retrieved": a photo, not a drawing
             "prompt": state["prompt"],
             "rounds": state.get("rounds", 0),
             "stop_reason": state.get("stop_reason"),

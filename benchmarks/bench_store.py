@@ -1,4 +1,4 @@
-"""Benchmark of the reference store (issue #4), on synthetic data, CPU only, offline.
+"""Benchmark of the reference store, on synthetic data, CPU only, offline.
 
 1. Indexing throughput with a real-size open_clip ViT-B-32 at random weights (the real model's cost
    without its download): images per second, and where the time goes (embedder, decoding, store).

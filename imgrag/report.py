@@ -211,7 +211,7 @@ def _candidate_view(c: dict[str, Any], references: dict[str, dict], final_id: st
                         "source": (references.get(rid) or {}).get("source") or "retrieved"}
                        for rid in c.get("reference_ids") or []],
         "guided_by_memory": "memory" in (c.get("guided_by") or []),
-        "retrieved": c.get("source") == "retrieved",  # a photo of the collection, not a drawing (issue 18)
+        "retrieved": c.get("source") == "retrieved",  # a photo of the collection, not a drawing
         "backbone": c.get("backbone"), "concepts": _concepts_view(c.get("concepts") or []),
         "sent_prompt": c.get("sent_prompt"),
         # how it was drawn (imgrag.draw_options): the sampler, the guidance, what it was to leave out, its round's place

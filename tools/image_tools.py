@@ -208,7 +208,7 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
     one yardstick. With ``ctx.previews`` on, SDXL's drawing sends ``preview`` events (a small picture from the
     latents every ``generation.preview_every`` steps, :mod:`imgrag.previews`)."""
     images = [open_image(ref["path"]) for ref in references]
-    references, images = screen_drawing_references(ctx, references, images)  # issue 18: the safety gate
+    references, images = screen_drawing_references(ctx, references, images)  # no flagged reference guides a drawing
     ids = [ctx.allocate_candidate_id(state.get("candidates") or {}) for _ in seeds]
     options = options_of(state, ctx.settings)
     steers = steers or {}
@@ -266,7 +266,7 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
                     "encoder": encoder} if references else {}
         for k, (candidate_id, seed, picture) in enumerate(zip(ids, seeds, pictures, strict=True)):
             provenance = for_drawing(ctx.settings, prompt=prompt, seed=seed, references=references,
-                                     ip_scale=ip_scale, run_id=ctx.record.dir.name,  # issue 18: provenance hook
+                                     ip_scale=ip_scale, run_id=ctx.record.dir.name,  # how it was made
                                      candidate_id=candidate_id, concepts=placed or None, backbone=backbone,
                                      guidance=options.guidance, negative_prompt=options.negative_prompt,
                                      scheduler=options.scheduler, sampler=sampler,
@@ -287,7 +287,7 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
             "ip_scale": ip_scale if adapter else None, "round": round_no, "clip_score": round(clip_score, 4),
             "verdict": None, "backbone": backbone, **fields,
             **({"batch": {"size": batch, "index": k, "candidates": list(ids)}} if batch > 1 else {}),
-            **check_output(ctx, image_vectors[k])})  # issue 18: flagged outputs are kept, never the answer
+            **check_output(ctx, image_vectors[k])})  # flagged outputs are kept for the record, never the answer
     return candidates
 
 
@@ -486,7 +486,7 @@ def make_tools() -> list[BaseTool]:
                 embedder, cleaned, k=top_k, avoid=avoid_image, rerank_lambda=r.rerank_lambda,
                 min_score=r.min_score)
             matched = len(found)
-            found = screen_references(ctx, store, embedder, found, "retrieve")  # issue 18: the safety gate
+            found = screen_references(ctx, store, embedder, found, "retrieve")  # flagged photos never reach the planner
             refs = {ref.id: ref.to_dict() for ref in found}
             remembered = _remembered(ctx, embedder, cleaned)
             paths = {str(Path(ref["path"]).resolve()) for ref in remembered.values()}  # one picture, one record
@@ -591,7 +591,7 @@ def make_tools() -> list[BaseTool]:
             verdict = candidate.get("verdict")
             if not verdict:
                 raise ToolArgumentError(f"{candidate_id} has not been critiqued yet; call critique first")
-            if candidate.get("answer_blocked"):  # issue 18: the safety gate
+            if candidate.get("answer_blocked"):  # the safety gate blocked it: never the answer
                 raise ToolArgumentError(f"{candidate_id} was flagged by the safety gate ({candidate['flagged']}) and "
                                         "cannot be the answer; draw another (a new seed)")
             if not verdict.get("match"):

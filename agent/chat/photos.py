@@ -1,4 +1,4 @@
-"""The chat's "use photo N as the answer" (issue 18, retrieve or generate).
+"""The chat's "use photo N as the answer": a photo of the collection can be the answer, not only a drawing.
 
 The user names a photo of the thread: a /refs number or id (a reference retrieved for a repair, or a photo the
 agent considered), or a photo candidate's id. It becomes a candidate marked ``"source": "retrieved"`` with its

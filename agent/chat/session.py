@@ -144,7 +144,7 @@ class ChatSession:
         self.cancelled.clear()
         try:
             with _ctrl_c_sets(self.cancelled):
-                from agent.chat.photos import parse_use_photo, use_photo  # issue 18: "use photo N as the answer"
+                from agent.chat.photos import parse_use_photo, use_photo  # only chat messages naming a photo need it
 
                 if self.values() and (photo := parse_use_photo(text)) is not None:
                     return use_photo(self, photo)
@@ -436,7 +436,7 @@ class ChatSession:
         if not path.parent.is_dir():  # a typo'd folder is refused, never made behind the user's back
             raise UserError(f"the folder {path.parent} does not exist; create it first, or /save into an existing one")
         try:
-            from imgrag.provenance import copy_with_provenance  # issue 18: the copy keeps how it was made
+            from imgrag.provenance import copy_with_provenance  # the copy keeps how it was made
 
             copy_with_provenance(best["path"], path)
         except OSError as exc:
