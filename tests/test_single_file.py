@@ -108,6 +108,12 @@ def test_from_single_file_gives_the_folder_forms_weights_exactly(settings: Setti
     assert single.scheduler.config == folder.scheduler.config
 
 
+def test_the_single_file_loads_in_the_profiles_dtype(single_settings: Settings) -> None:
+    """An fp16 profile (a GPU's "auto") gets an fp16 pipeline from the float32 file, as the folder form does."""
+    pipe = load_sdxl_pipeline(replace(single_settings, dtype="float16"))
+    assert {getattr(pipe, n).dtype for n in ("unet", "vae", "text_encoder", "text_encoder_2")} == {torch.float16}
+
+
 # ----- the same pictures, with every drawing option -----
 
 
@@ -406,3 +412,52 @@ def test_models_download_fetches_the_configuration_then_the_file_loads_from_the_
     assert code == 0, err
     assert np.allclose(_pixels(Image.open(tmp_path / "cached.png")), _pixels(Image.open(tmp_path / "folder.png")),
                        atol=1)
+
+
+# ----- the real SDXL architecture: names only (meta tensors, no memory) -----
+
+
+def test_the_real_sdxl_architecture_maps_to_the_names_real_checkpoints_use_and_back() -> None:
+    """The inverse mapping is written for any block count; on the real SDXL configs (3 UNet blocks of 2 layers, up
+    to 10 transformer layers, a 4-block VAE, CLIP-L and the 32-layer OpenCLIP-bigG) it must give the names real
+    single-file checkpoints use, and diffusers' own converters must map those back onto every weight, same shape."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        CHECKPOINT_KEY_NAMES,
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+        infer_diffusers_model_type,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from imgrag import full_scale as F
+    from imgrag.single_file import original_layout
+
+    with torch.device("meta"):
+        pipe = SimpleNamespace(unet=UNet2DConditionModel(**F.SDXL_UNET), vae=AutoencoderKL(**F.SDXL_VAE),
+                               text_encoder=CLIPTextModel(CLIPTextConfig(**F.SDXL_TEXT_ENCODER)),
+                               text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**F.SDXL_TEXT_ENCODER_2)))
+    state = original_layout(pipe)
+    for key in (CHECKPOINT_KEY_NAMES["xl_base"], CHECKPOINT_KEY_NAMES["clip_sdxl"],
+                CHECKPOINT_KEY_NAMES["open_clip_sdxl"], UNET_PREFIX + "output_blocks.2.2.conv.weight",
+                UNET_PREFIX + "output_blocks.5.2.conv.weight", UNET_PREFIX + "input_blocks.6.0.op.weight",
+                UNET_PREFIX + "input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight",
+                UNET_PREFIX + "middle_block.2.out_layers.3.weight", VAE_PREFIX + "decoder.up.3.upsample.conv.weight",
+                VAE_PREFIX + "encoder.mid.attn_1.proj_out.weight", OPEN_CLIP_PREFIX + "text_projection",
+                OPEN_CLIP_PREFIX + "transformer.resblocks.31.attn.in_proj_weight"):
+        assert key in state, key
+    assert not [k for k in state if "output_blocks.8.2" in k or "output_blocks.8.1.conv" in k]  # no last upsampler
+    assert infer_diffusers_model_type(state) == "xl_base"
+
+    def same(model: torch.nn.Module, converted: dict) -> None:
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in converted.items()} == expected
+
+    same(pipe.unet, convert_ldm_unet_checkpoint(state, dict(pipe.unet.config)))
+    same(pipe.vae, convert_ldm_vae_checkpoint(state, dict(pipe.vae.config)))
+    same(pipe.text_encoder, {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(state).items()})
+    same(pipe.text_encoder_2, convert_open_clip_checkpoint(pipe.text_encoder_2, state, prefix=OPEN_CLIP_PREFIX))
