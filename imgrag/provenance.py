@@ -63,7 +63,7 @@ def file_sha256(path: str | Path) -> str | None:
 
 
 # sha256 of checkpoint files already hashed, by resolved path, size and modification time (a real SDXL file is ~7 GB,
-# ~15 s to hash): kept under IMGRAG_HOME as A1111 keeps its cache.json of model hashes.
+# all of which hashing reads): kept under IMGRAG_HOME as A1111 keeps its cache.json of model hashes.
 HASH_CACHE_NAME = "checkpoint_hashes.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
