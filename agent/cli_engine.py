@@ -112,6 +112,7 @@ def generate(
     width, height = parse_size(size)
     guidance_flag = check_guidance(guidance, "--guidance")
     negative_flag, scheduler_flag = negative, scheduler  # as given, before a recipe fills them
+    model_flags: dict[str, str] = {}
     if from_image is not None and profile is None:  # the recipe's profile: its models drew the picture
         from imgrag.provenance import recipe_profile
 
@@ -128,6 +129,8 @@ def generate(
             from_image, prompt, refs, seed, steps, fast, ip_scale, width, height, settings=bounds,
             guidance=guidance_flag)
         recipe_negative, recipe_scheduler = recipe_drawing(from_image)
+        if config is None:  # drawn by a single-file checkpoint: redrawn by the same file (a --config chooses)
+            model_flags = recipe_generator(from_image)
         negative = recipe_negative if negative is None else negative
         scheduler = recipe_scheduler if scheduler is None else scheduler
         if repair_with is None and recipe_backbone(from_image) == "omnigen":  # drawn by OmniGen: redrawn by it
@@ -143,7 +146,7 @@ def generate(
         "generation.seed": seed, "generation.steps": None if omnigen_asked and refs else steps,
         "generation.ip_scale": ip_scale, "generation.width": width, "generation.height": height,
         "generation.fast": fast, "omnigen.steps": steps if omnigen_asked and refs else None,
-        **repair_flags(repair_with), **drawing_flags(negative, scheduler)})
+        **repair_flags(repair_with), **drawing_flags(negative, scheduler), **model_flags})
     g = settings.generation
     if from_image is not None and given_refs is None and refs and settings.safety.enabled:
         _screen_recipe_references(settings, from_image, [path for path, _ in refs])
@@ -341,6 +344,27 @@ def recipe_drawing(picture: Path) -> tuple[str | None, str | None]:
     checked = parse_options(given, f"{picture}'s recipe")
     return (checked.negative_prompt if "negative_prompt" in given else None,
             checked.scheduler if "scheduler" in given else None)
+
+
+def recipe_generator(picture: Path) -> dict[str, str]:
+    """The settings that redraw ``picture`` with the single-file checkpoint its recipe names (``generator_file``:
+    ``models.generator`` and ``models.generator_config``), or {} when a folder or hub id drew it. The file must still
+    be there with the same sha256 (:func:`imgrag.provenance.checkpoint_sha256`); otherwise one UserError naming the
+    picture's recipe and saying how to redraw with another checkpoint."""
+    from imgrag.provenance import checkpoint_sha256, read_recipe
+
+    recipe = read_recipe(picture)
+    entry = recipe.generator_file if recipe is not None else None
+    if entry is None:
+        return {}
+    where, path = f"{picture}'s recipe", Path(entry.path)
+    instead = "give --config with models.generator to redraw it with another checkpoint"
+    if not path.is_file():
+        raise UserError(f"{where}: it was drawn by the single-file checkpoint {path}, which is no longer there; "
+                        f"{instead}")
+    if entry.sha256 and checkpoint_sha256(path) != entry.sha256:
+        raise UserError(f"{where}: its checkpoint {path} has changed since (sha256 differs); {instead}")
+    return {"models.generator": str(path), **({"models.generator_config": entry.config} if entry.config else {})}
 
 
 def recipe_backbone(picture: Path) -> str | None:

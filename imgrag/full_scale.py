@@ -233,7 +233,8 @@ def build_full_kit(out_dir: Path, *, seed: int = 0, force: bool = False,
         os.replace(tmp, dest)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    for key in set(MODEL_DIRS) - {key for key, _ in builders}:  # eval's scorers stay tiny: benchmarks skip them
+    # eval's scorers stay tiny (benchmarks skip them), and so does the single-file SDXL (configured by the tiny sdxl)
+    for key in set(MODEL_DIRS) - {key for key, _ in builders}:
         shutil.rmtree(paths[key], ignore_errors=True)
         shutil.copytree(source[key], paths[key])
     marker = {"version": KIT_VERSION, "seed": seed, "scale": "full", "models": dict(MODEL_DIRS), "dtype": dtype,

@@ -70,7 +70,12 @@ def imgrag_home() -> Path:
 class ModelSettings:
     """Checkpoints: a hub id or a local directory each."""
 
+    # A diffusers folder or hub id, or a single-file checkpoint (.safetensors in the A1111/ComfyUI layout, or a folder
+    # holding one): imgrag/single_file.py.
     generator: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    # Where a single-file generator's configuration (component configs, tokenizers, scheduler; no weights) comes from:
+    # a diffusers SDXL folder, or a hub id in the local cache (`imgrag models download` fetches its configs).
+    generator_config: str = "stabilityai/stable-diffusion-xl-base-1.0"
     ip_adapter: str = "h94/IP-Adapter"
     ip_adapter_subfolder: str = "sdxl_models"
     ip_adapter_weight: str = "ip-adapter_sdxl_vit-h.safetensors"
@@ -388,6 +393,7 @@ def _tiny_profile() -> dict[str, Any]:
         "profile": "tiny",
         "models": {
             "generator": f"{kit}/sdxl",
+            "generator_config": f"{kit}/sdxl",
             "ip_adapter": f"{kit}/ip-adapter",
             "judge": f"{kit}/qwen2.5-vl",
             "llm": f"{kit}/qwen2.5-instruct",

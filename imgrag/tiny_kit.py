@@ -10,6 +10,8 @@ plumbing (loading, shapes, prompts, chat templates, generation calls) works.
 Layout under ``out_dir``::
 
     sdxl/                  StableDiffusionXLPipeline.save_pretrained (AutoPipelineForText2Image loads it)
+    sdxl-single/           the same SDXL as one file, tiny-sdxl.safetensors, in the original A1111/ComfyUI key
+                           layout (from_single_file loads it, configured by sdxl/; imgrag.single_file)
     ip-adapter/            like h94/IP-Adapter: sdxl_models/ip-adapter_sdxl_vit-h.safetensors
                            + models/image_encoder/ (CLIPVisionModelWithProjection)
     qwen2.5-vl/            Qwen2_5_VLForConditionalGeneration + Qwen2_5_VLProcessor
@@ -27,7 +29,7 @@ few seconds on a 2-core CPU. Each model is built in a temporary sibling folder a
 place; the marker is removed first and written last (atomically), so an interrupted build is
 detected and redone by :func:`ensure_tiny_kit`.
 
-Why one module of ~770 lines: it is one recipe, the kit, whose nine builders share the configuration table
+Why one module of ~770 lines: it is one recipe, the kit, whose builders share the configuration table
 (also the template of :mod:`imgrag.full_scale`), the tokenizers and the atomic build-and-mark steps; split by
 model, each part would be a short function importing the same shared half.
 """
@@ -45,7 +47,7 @@ from typing import Any
 
 from imgrag.runs import write_json_atomic
 
-KIT_VERSION = 2
+KIT_VERSION = 3
 DEFAULT_SEED = 0
 MARKER_NAME = "kit.json"
 LOCK_NAME = ".kit.lock"
@@ -53,6 +55,7 @@ LOCK_NAME = ".kit.lock"
 # Folder of each model under the kit directory, keyed by the settings' model names.
 MODEL_DIRS: dict[str, str] = {
     "generator": "sdxl",
+    "generator_single_file": "sdxl-single",  # models.generator's other form (no setting of its own)
     "ip_adapter": "ip-adapter",
     "judge": "qwen2.5-vl",
     "llm": "qwen2.5-instruct",
@@ -65,6 +68,7 @@ MODEL_DIRS: dict[str, str] = {
 }
 
 # IP-Adapter files, where the real h94/IP-Adapter repository keeps the SDXL ViT-H adapter.
+SDXL_SINGLE_FILE_NAME = "tiny-sdxl.safetensors"  # in sdxl-single/
 IP_ADAPTER_SUBFOLDER = "sdxl_models"
 IP_ADAPTER_WEIGHT_NAME = "ip-adapter_sdxl_vit-h.safetensors"
 IP_ADAPTER_IMAGE_ENCODER_FOLDER = "models/image_encoder"
@@ -371,6 +375,7 @@ def _build_locked(out_dir: Path, seed: int, progress: Callable[[str], None] | No
     (out_dir / MARKER_NAME).unlink(missing_ok=True)  # an interrupted build must look unbuilt
     builders: dict[str, Callable[[Path, int], None]] = {
         "generator": _build_sdxl,
+        "generator_single_file": _build_sdxl_single_file,
         "ip_adapter": _build_ip_adapter,
         "judge": _build_qwen_vl,
         "llm": _build_qwen_llm,
@@ -432,6 +437,19 @@ def _write_marker(out_dir: Path, seed: int) -> None:
 
 def _build_sdxl(dest: Path, seed: int) -> None:
     """StableDiffusionXLPipeline: two CLIP text encoders, VAE, UNet, Euler scheduler."""
+    _tiny_sdxl_pipeline(seed).save_pretrained(dest, safe_serialization=True)
+
+
+def _build_sdxl_single_file(dest: Path, seed: int) -> None:
+    """The kit's SDXL (the same seed, so the same weights as sdxl/) as one safetensors file in the original key
+    layout that A1111 and ComfyUI keep checkpoints in (:func:`imgrag.single_file.save_single_file`)."""
+    from imgrag.single_file import save_single_file
+
+    save_single_file(_tiny_sdxl_pipeline(seed), dest / SDXL_SINGLE_FILE_NAME)
+
+
+def _tiny_sdxl_pipeline(seed: int) -> Any:
+    """The kit's random-weight StableDiffusionXLPipeline, in memory (seeded: the same weights every time)."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -461,7 +479,7 @@ def _build_sdxl(dest: Path, seed: int) -> None:
         image_encoder=None,
         feature_extractor=None,
     )
-    pipe.save_pretrained(dest, safe_serialization=True)
+    return pipe
 
 
 def _clip_tokenizer() -> Any:
