@@ -54,7 +54,7 @@ def build_tiny(
     Their pictures are noise and their verdicts junk: they exist so that tests and the offline demo
     go through the same loading code as real checkpoints.
     """
-    from imgrag.tiny_kit import build_tiny_kit
+    from imgrag.full_scale import build_kit  # torch and the model libraries load only inside the builders
 
     check_seed(seed, "--seed")
     if scale not in ("tiny", "full"):
@@ -64,8 +64,8 @@ def build_tiny(
     target = directory or Path(settings_from_flags("tiny").tiny_kit_dir)
     ensure_writable_dir(target, "tiny kit folder")
     start = time.perf_counter()
-    paths = build_tiny_kit(target, seed=seed, force=force, scale=scale,
-                           progress=lambda msg: err.print(f"[dim]built {escape(msg)}[/]"))
+    paths = build_kit(target, scale=scale, seed=seed, force=force,
+                      progress=lambda msg: err.print(f"[dim]built {escape(msg)}[/]"))
     seconds = round(time.perf_counter() - start, 2)
     if as_json:
         print_json({"directory": str(target), "models": {k: str(v) for k, v in paths.items()}, "seconds": seconds})

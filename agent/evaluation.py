@@ -40,9 +40,9 @@ from typing import Any
 
 from agent.eval_arms import ARM_MODELS, ARMS, ArmContext, ArmResult, EvalItem
 from agent.runner import PLANNERS, Runner, read_prompt_file
+from imgrag.atomic_files import atomic_path, write_json_atomic
 from imgrag.dino import DinoScorer  # noqa: F401  (its old home; imported from here by callers)
 from imgrag.errors import UserError, read_user_text
-from imgrag.runs import atomic_path, write_json_atomic
 from imgrag.settings import TINY_WARNING, Settings
 from imgrag.text import describe_error
 from tools.budget import check_rounds

@@ -41,8 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from imgrag.atomic_files import atomic_path, write_json_atomic
 from imgrag.errors import UserError
-from imgrag.runs import atomic_path, write_json_atomic
 from imgrag.settings import Settings
 from imgrag.text import describe_error, last_line
 
@@ -80,14 +80,14 @@ def check_shared_services(settings: Settings) -> None:
     """Distribution needs services every worker can reach: the store must be a Chroma server.
 
     Raises UserError naming the alternative when it is an embedded store (a folder)."""
-    from imgrag.store import _connect, is_server_uri
+    from imgrag.store import chroma_client, is_server_uri
 
     if not is_server_uri(settings.store):
         raise UserError(f"--ray needs a store every worker can reach, and {settings.store} is an embedded store "
                         "(a folder on this machine): start a Chroma server (`chroma run --path DIR --host 0.0.0.0 "
                         "--port 8000`) and pass --store http://HOST:8000")
     # Reaching it now fails fast, before a cluster starts and workers load models.
-    _connect(settings.store, create=False)
+    chroma_client(settings.store, create=False)
 
 
 def settings_digest(settings: Settings) -> str:

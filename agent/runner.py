@@ -29,10 +29,11 @@ from agent.batch import (
 )
 from agent.graph import RunContext, build_graph, initial_state, outcome
 from agent.thread_store import CheckpointWriteError, UntrustedThread, open_checkpointer
+from imgrag.atomic_files import write_json_atomic
 from imgrag.candidate_ids import candidate_number
 from imgrag.draw_options import DrawOptions, options_of, parse_options
 from imgrag.errors import ModelLoadError, UserError, check_seed
-from imgrag.runs import RUN_ID_PATTERN, RunRecord, disk_full_line, is_disk_full, new_run_id, write_json_atomic
+from imgrag.runs import RUN_ID_PATTERN, RunRecord, disk_full_line, is_disk_full, new_run_id
 from imgrag.schedulers import check_with_fast
 from imgrag.settings import TINY_WARNING, Settings
 from imgrag.text import describe_error

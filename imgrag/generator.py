@@ -40,7 +40,8 @@ from imgrag.checkpoints import loading, quiet_libraries
 from imgrag.draw_options import MAX_PER_ROUND
 from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed
 from imgrag.fast import FastSwitch, draw_plan
-from imgrag.model_files import generator_variant, is_local_ref, weight_file_problem
+from imgrag.hub_cache import hub_cached, is_local_ref
+from imgrag.model_files import generator_variant, weight_file_problem
 from imgrag.schedulers import SchedulerSwitch
 from imgrag.schedulers import describe as describe_scheduler
 from imgrag.settings import MAX_IP_SCALE, Settings
@@ -482,8 +483,6 @@ def _adapter_present(settings: Settings) -> bool:
     Plain drawing needs no adapter, so an absent one is reported only at the first guided drawing; one
     that is there but wrong (another file name, an encoder of the wrong width) is reported at once.
     """
-    from imgrag.checkpoints import hub_cached
-
     ref = settings.models.ip_adapter.strip()
     if not ref:
         return False

@@ -34,10 +34,11 @@ from typing import Any
 
 import jinja2
 
+from imgrag.atomic_files import atomic_path
 from imgrag.candidate_ids import candidate_number
 from imgrag.errors import UserError
 from imgrag.file_names import display_name
-from imgrag.runs import RunRecord, atomic_path
+from imgrag.runs import RunRecord
 from imgrag.settings import TINY_WARNING
 from imgrag.text import shorten
 

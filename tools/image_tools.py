@@ -79,7 +79,7 @@ def checkpoint_safe(value: Any) -> Any:
     return value
 
 
-def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict, body, *,
+def run_tool_call(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict, body, *,
          draws: bool = False) -> Command:
     """Run one tool body, time it, trace it, and turn its outcome into a ToolMessage + state update.
 
@@ -411,7 +411,7 @@ def make_tools() -> list[BaseTool]:
             candidates = _draw(ctx, state, round_no, text, _seeds(_check_seed(state, seed), count), [], None)
             return _describe_round(candidates), _round_update(candidates), _drawing_trace(candidates)
 
-        return _run(ctx, "generate", args, tool_call_id, state, body, draws=True)
+        return run_tool_call(ctx, "generate", args, tool_call_id, state, body, draws=True)
 
     @tool
     def critique(
@@ -438,7 +438,7 @@ def make_tools() -> list[BaseTool]:
             return (json.dumps({"candidate_id": candidate_id, **shown}), {"candidates": {candidate_id: updated}},
                     {"tokens": tokens})
 
-        return _run(ctx, "critique", args, tool_call_id, state, body)
+        return run_tool_call(ctx, "critique", args, tool_call_id, state, body)
 
     @tool
     def retrieve(
@@ -509,7 +509,7 @@ def make_tools() -> list[BaseTool]:
             return text, {"references": refs, "retrievals": [retrieval]}, (
                 {"remembered": list(remembered)} if remembered else {})
 
-        return _run(ctx, "retrieve", args, tool_call_id, state, body)
+        return run_tool_call(ctx, "retrieve", args, tool_call_id, state, body)
 
     @tool
     def regenerate(
@@ -567,7 +567,7 @@ def make_tools() -> list[BaseTool]:
                     {**candidates[0].get("encoder", {}), "guided_by": candidates[0].get("guided_by"),
                      **_drawing_trace(candidates)})
 
-        return _run(ctx, "regenerate", args, tool_call_id, state, body, draws=True)
+        return run_tool_call(ctx, "regenerate", args, tool_call_id, state, body, draws=True)
 
     @tool
     def finish(
@@ -595,7 +595,7 @@ def make_tools() -> list[BaseTool]:
                                         "repair it with retrieve and regenerate")
             return f"Finished with {candidate_id}.", {"finished": {"candidate_id": candidate_id, "reason": reason}}
 
-        return _run(ctx, "finish", args, tool_call_id, state, body)
+        return run_tool_call(ctx, "finish", args, tool_call_id, state, body)
 
     return [generate, critique, retrieve, regenerate, finish]
 

@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from imgrag.atomic_files import write_json_atomic
 from imgrag.errors import UserError
-from imgrag.runs import write_json_atomic
 from imgrag.text import first_line
 
 FILE_NAME = "concept_memory.json"
