@@ -25,9 +25,11 @@ from imgrag.draw_options import MAX_PER_ROUND, DrawOptions, options_of
 from imgrag.engine import ManagedEmbedder
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
+from imgrag.previews import strip
 from imgrag.provenance import file_sha256, for_drawing
 from imgrag.runs import is_disk_full
 from imgrag.steering import MAX_WEIGHT, MODES
+from imgrag.store.memory import ConceptMemory, recall_references
 from imgrag.text import describe_error, shorten
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES
 from tools.context import ToolContext
@@ -221,8 +223,6 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
         ctx.on_event({"event": "denoise", "step": step, "total": total})
 
     def on_preview(step: int, total: int, pictures: list[Any]) -> None:
-        from imgrag.previews import strip
-
         ctx.on_event({"event": "preview", "step": step, "total": total, "image": strip(pictures),
                       "candidates": list(ids)})
 
@@ -302,8 +302,6 @@ def _remembered(ctx: ToolContext, embedder: Any, queries: list[str]) -> dict[str
     r = ctx.settings.retrieval
     if not r.memory:
         return {}
-    from imgrag.store.memory import ConceptMemory, recall_references
-
     memory = ConceptMemory.for_settings(ctx.settings)
     found: dict[str, dict] = {}
     try:
