@@ -233,8 +233,12 @@ def answer_text(result: dict[str, Any]) -> str:
 
 def print_run_notes(result: dict[str, Any], console: Console | None = None) -> None:
     """Once per run, what the answer alone hides: every drawing blocked by the safety gate (and which concepts),
-    and how many steps the fixed policy took for a failing LLM planner, and why."""
+    how many steps the fixed policy took for a failing LLM planner, and why, and a full-step redraw that failed."""
     console = console or err
+    redraw = result.get("final_full") or {}
+    if redraw.get("error"):
+        console.print(f"[yellow]warning:[/] the full-step redraw of {escape(str(redraw['candidate_id']))} failed "
+                      f"({escape(redraw['error'])}); the answer is its fast draft", soft_wrap=True)
     if result.get("blocked"):
         console.print(f"[yellow]warning:[/] {escape(result['blocked'])}", soft_wrap=True)
     if result.get("fallback_steps"):

@@ -48,7 +48,8 @@ from tools.final_redraw import redraw_final_full
 
 PLANNERS = ("agent", "fixed")
 # What the run_end event carries for a front end to say (result.json holds them too).
-RUN_END_KEYS = ("run_id", "status", "stop_reason", "final_image", "blocked", "fallback_steps", "fallback_reason")
+RUN_END_KEYS = ("run_id", "status", "stop_reason", "final_image", "blocked", "fallback_steps", "fallback_reason",
+                "final_full")
 # The batch record's functions live in agent/batch.py; importable from here too, as before.
 __all__ = ["FINISHED", "PLANNERS", "CheckpointFailed", "DiskFull", "RunInterrupted", "Runner", "add_loads",
            "claim_item", "fail_item", "open_batch", "open_checkpointer", "read_prompt_file", "settle_item"]

@@ -18,6 +18,7 @@ from imgrag.errors import UserError
 from imgrag.images import open_image
 from imgrag.provenance import for_drawing, save_image
 from tools.context import ToolContext
+from tools.failures import step_failure
 
 FINAL_FULL_NAME = "final-full.png"
 
@@ -25,8 +26,11 @@ FINAL_FULL_NAME = "final-full.png"
 def redraw_final_full(ctx: ToolContext, state: dict[str, Any]) -> dict[str, Any] | None:
     """Redraw the run's matched final candidate at full steps when the settings ask for it; else None.
 
-    Returns ``{"path", "candidate_id", "steps", "seconds"}`` or, when drawing failed (out of memory, a vanished
-    reference), ``{"candidate_id", "error"}``: no error here ends a run, and the trace gets a step either way.
+    Returns ``{"path", "candidate_id", "steps", "seconds"}`` or, when drawing failed, ``{"candidate_id", "error"}``:
+    it catches what a tool catches (:func:`tools.failures.step_failure`: a user's mistake, a vanished reference, a
+    generator or model error, out of memory), so no error here ends a run, and the trace gets a step either way. Only
+    a full disk is raised: nothing can be written until space is freed, and the runner, which calls this inside its
+    own error handling, closes the record for it (one line, a resume hint).
     """
     g = ctx.settings.generation
     if g.fast == "off" or not g.fast_final_redraw or state.get("status") != "matched":
@@ -44,7 +48,11 @@ def redraw_final_full(ctx: ToolContext, state: dict[str, Any]) -> dict[str, Any]
                "guidance": options.guidance}
     ctx.on_event({"event": "tool_start", "tool": "final_redraw", "args": args, "round": state.get("rounds", 0)})
     start = time.perf_counter()
+    step_extra: dict[str, Any] = {}
     try:
+        lost = [ref_id for ref_id in candidate["reference_ids"] if ref_id not in known]
+        if lost:  # the run's record lost them: the user's to know, not a bug
+            raise UserError(f"reference(s) {', '.join(lost)} of {candidate['id']} are no longer in the run's state")
         images = [open_image(known[ref_id]["path"]) for ref_id in candidate["reference_ids"]]
         image, sampler = ctx.manager.run("generator", lambda generator: (generator.generate(
             candidate["prompt"], seed=candidate["seed"], references=images or None,
@@ -57,13 +65,15 @@ def redraw_final_full(ctx: ToolContext, state: dict[str, Any]) -> dict[str, Any]
         save_image(image, path, provenance)  # atomic: never half a PNG on disk
         outcome: dict[str, Any] = {"path": str(path), "candidate_id": candidate["id"], "steps": g.steps}
         message = f"redrew {candidate['id']} at {g.steps} steps: {path}"
-    except (UserError, KeyError) as exc:  # KeyError: a reference id the state no longer knows
-        outcome = {"candidate_id": candidate["id"], "error": str(exc)}
-        message = f"Error: {exc}"
+    except Exception as exc:  # what a tool catches (tools/failures.py): the matched draft stays the answer
+        failure = step_failure("final_redraw", exc)  # a full disk is raised again: the runner closes the record
+        outcome = {"candidate_id": candidate["id"], "error": failure.text.removeprefix("Error: ")}
+        message = failure.text
+        step_extra = failure.trace
     seconds = round(time.perf_counter() - start, 3)
     outcome["seconds"] = seconds
     ok = "error" not in outcome
     ctx.record.append_step({"tool": "final_redraw", "args": args, "ok": ok, "seconds": seconds,
-                            "round": state.get("rounds", 0), "message": message})
+                            "round": state.get("rounds", 0), "message": message, **step_extra})
     ctx.on_event({"event": "tool_end", "tool": "final_redraw", "ok": ok, "seconds": seconds, "message": message})
     return outcome

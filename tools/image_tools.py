@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +29,16 @@ from imgrag.provenance import file_sha256, for_drawing
 from imgrag.runs import is_disk_full
 from imgrag.steering import MAX_WEIGHT, MODES
 from imgrag.store.memory import ConceptMemory, recall_references
-from imgrag.text import describe_error, shorten
+from imgrag.text import shorten
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES
 from tools.context import ToolContext
+from tools.failures import ToolArgumentError, step_failure
 from tools.repair import BACKBONE_OMNIGEN, backbone_for, concepts_for, draw_omnigen
 from tools.safety_gate import check_output, screen_drawing_references, screen_references
 
 MAX_QUERIES = 6
 MAX_K = 8
 MAX_CAPTION_CHARS = 160  # of a reference's caption, in what the LLM reads
-
-
-class ToolArgumentError(Exception):
-    """An argument the LLM got wrong; the message goes back to it."""
 
 
 def _known(ids: Any) -> str:
@@ -110,18 +106,14 @@ def run_tool_call(ctx: ToolContext, name: str, args: dict, tool_call_id: str, st
         text, update, *more = body(round_no)
         step.update(more[0] if more else {})
         ok = True
-    except ToolArgumentError as exc:
-        text, update, ok = f"Error: {exc}", {}, False
-        step["kind"] = "argument"
-    except UserError as exc:
-        text, update, ok = f"Error: {exc}", {}, False
-    except Exception as exc:  # a model error, out of memory, a vanished file: the run goes on without this step
-        if is_disk_full(exc):  # no step can succeed until space is freed: the run stops and closes its record
-            if draws:
-                ctx.release_round(state)
-            raise
-        text, update, ok = f"Error: {name} failed: {describe_error(exc)}", {}, False
-        step["exception"] = traceback.format_exc(limit=8)[-4000:]
+    except Exception as exc:  # what a step catches (tools/failures.py): the run goes on without this step
+        if draws and is_disk_full(exc):  # raised again below: the round it claimed is given back first
+            ctx.release_round(state)
+        failure = step_failure(name, exc)
+        text, update, ok = failure.text, {}, False
+        step.update(failure.trace)
+        if failure.kind == "argument":
+            step["kind"] = "argument"
     if not ok:
         if draws:
             ctx.release_round(state)
