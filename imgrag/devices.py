@@ -90,12 +90,15 @@ class ModelThread:
             if item is None:
                 return
             future, job = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(job())
-            except BaseException as exc:  # handed to the caller, who re-raises it
-                future.set_exception(exc)
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(job())
+                except BaseException as exc:  # handed to the caller, who re-raises it
+                    future.set_exception(exc)
+            # The finished call is forgotten before waiting for the next: its closure holds the caller's context
+            # variables (a run's LangGraph config and context, with everything the run built), which would otherwise
+            # stay alive as long as this thread waits.
+            del item, future, job
 
 
 def held_depth(lock: Any) -> int:

@@ -97,6 +97,13 @@ def excluded_by(path: str | Path, patterns: Sequence[str]) -> str | None:
     return None
 
 
+def concept_check_on(settings: Any) -> bool:
+    """Whether the concept check runs for ``safety`` settings (``safety.enabled`` and at least one concept): when it
+    is off, no gate is built, no concept is embedded and no picture's vector is checked (``safety.exclude`` still
+    applies, as :func:`excluded_by`)."""
+    return bool(settings.enabled and settings.concepts)
+
+
 class SafetyGate:
     """The gate of one run or index job: ``safety`` settings plus an embedder for the concepts' text vectors.
 
@@ -110,7 +117,7 @@ class SafetyGate:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.settings.enabled and self.settings.concepts)
+        return concept_check_on(self.settings)
 
     def concept_vectors(self) -> np.ndarray:
         if self._concept_vectors is None:

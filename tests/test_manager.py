@@ -484,3 +484,27 @@ def test_pinning_only_for_cuda() -> None:
     assert not pinning_available("cpu")
     assert not ModelManager(_settings(), device="cpu").pinned
     assert pinning_available("cuda") == torch.cuda.is_available()
+
+
+def test_the_model_thread_forgets_a_finished_call() -> None:
+    """A call's closure and the caller's context variables (a run's LangGraph config) are not kept by the waiting
+    thread: nothing of a finished run stays alive through the model thread."""
+    import contextvars
+    import gc
+    import weakref
+
+    from imgrag.devices import ModelThread
+
+    class Payload:
+        pass
+
+    var: contextvars.ContextVar = contextvars.ContextVar("run")
+    thread = ModelThread("test-forget")
+    payload = Payload()
+    var.set(payload)
+    assert thread.call(lambda held=payload: var.get() is held)
+    var.set(None)
+    alive = weakref.ref(payload)
+    del payload
+    gc.collect()
+    assert alive() is None

@@ -309,3 +309,79 @@ def test_a_real_run_with_everything_flagged(tiny_settings, tmp_path: Path, capsy
     assert code == 0, err
     result = json.loads(out)
     assert Path(result["final_image"]).is_file() and result["candidates"][0]["flagged"]
+
+
+# ----- the gate's life: one run's, and none at all when the check is off -----
+
+class CountingEmbedder(ConceptEmbedder):
+    """ConceptEmbedder that records every text it embeds (the concepts are embedded only by a gate)."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        self.texts.extend(texts)
+        return super().embed_texts(texts)
+
+
+@pytest.fixture
+def built_gates(monkeypatch: pytest.MonkeyPatch) -> list:
+    """A weak reference to every SafetyGate the tools build (the real class, spied on)."""
+    import weakref
+
+    import tools.safety_gate as safety_gate
+
+    built: list = []
+
+    class Spied(SafetyGate):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(weakref.ref(self))
+
+    monkeypatch.setattr(safety_gate, "SafetyGate", Spied)
+    return built
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_with_the_check_off_no_gate_is_built_and_no_concept_embedded(tmp_path: Path, built_gates: list,
+                                                                    exclude: bool) -> None:
+    private = tmp_path / "private"
+    runner, models = make_runner(tmp_path, [NO_CRADLE, NO_CRADLE, MATCH], {"gore": BLUE, "cradle": (200, 0, 0)},
+                                 exclude=[str(private / "gore.png")] if exclude else None, folder="private")
+    runner.settings = dataclasses.replace(runner.settings,
+                                          safety=dataclasses.replace(runner.settings.safety, enabled=False))
+    models["embedder"] = embedder = CountingEmbedder()
+    result = runner.run("a wooden cradle", planner="fixed", max_rounds=3, seed=1)  # seed 1 draws a "gore" picture
+    assert built_gates == []
+    assert not set(embedder.texts) & {UNSAFE, "nudity"}
+    assert models["generator"].calls[0]["seed"] == 1  # c0 is the blue picture: unchecked, so not flagged
+    assert all(c["flagged"] is None and not c["answer_blocked"] for c in result["candidates"])
+    assert any(c["reference_ids"] for c in result["candidates"]), "a guided redraw ran (its references screened)"
+    # safety.exclude still applies with the concept check off; the blue reference passes when nothing excludes it.
+    assert ("ref-gore" in result["references"]) is not exclude
+    assert any(s.get("event") == "safety" and "excluded" in s["reason"] for s in trace(result)) is exclude
+
+
+def test_the_gate_is_the_runs_and_goes_with_it(tmp_path: Path, built_gates: list) -> None:
+    """Each run builds its own gate (concepts embedded once per run, not per check) and nothing keeps it after the
+    run: not a process-wide cache, not the model thread's last call; the manager and its models go with the runner."""
+    import gc
+    import weakref
+
+    runner, models = make_runner(tmp_path, [NO_CRADLE, NO_CRADLE, MATCH, NO_CRADLE, NO_CRADLE, MATCH],
+                                 {"gore": BLUE, "cradle": (200, 0, 0)})
+    models["embedder"] = embedder = CountingEmbedder()
+    first = runner.run("a wooden cradle", planner="fixed", max_rounds=3, seed=2)
+    assert len(first["candidates"]) == 3 and any(c["reference_ids"] for c in first["candidates"])
+    per_run = len(built_gates)
+    # One gate per embedder it checks with (the store's, the drawing's), not one per check.
+    assert 1 <= per_run <= 2 and embedder.texts.count(UNSAFE) == per_run
+    runner.run("a wooden cradle", planner="fixed", max_rounds=3, seed=2)
+    assert len(built_gates) == 2 * per_run  # the second run built its own
+    gc.collect()
+    assert all(ref() is None for ref in built_gates), "no gate outlives its run (the runner lives on)"
+
+    manager, model = weakref.ref(runner.manager), weakref.ref(embedder)
+    del runner, models, embedder
+    gc.collect()
+    assert manager() is None and model() is None

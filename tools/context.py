@@ -60,6 +60,16 @@ class ToolContext:
     _next_candidate: int = 0
     _claims: Claims = field(default_factory=Claims)
     _finished: dict[str, dict[str, Any]] | None = None
+    # What the tools build once per run (the safety gate and its concept vectors): it lives and dies with this
+    # context, so nothing of a run (its manager, its models) outlives it in a process-wide cache.
+    _built: dict[Any, Any] = field(default_factory=dict)
+
+    def once(self, key: Any, build: Callable[[], T]) -> T:
+        """``build()``'s value for ``key``, built on this run's first call and kept for the rest of the run."""
+        with self._lock:
+            if key not in self._built:
+                self._built[key] = build()
+            return self._built[key]
 
     def finished_call(self, call_id: str, name: str, args: dict[str, Any],
                       state: dict[str, Any]) -> dict[str, Any] | None:

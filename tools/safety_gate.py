@@ -7,6 +7,10 @@
 - Outputs: a drawing's CLIP image vector (computed anyway for its score) is checked; a flagged candidate is kept
   on disk and in the record (``flagged``), and unless ``safety.allow_flagged`` it is never the answer
   (``answer_blocked``).
+
+With the concept check off (:func:`imgrag.safety.concept_check_on`), none of this builds a gate, embeds a concept
+or checks a vector: only ``safety.exclude`` is applied. With it on, the gate (and its concepts' text vectors) is
+built once per run and kept in the run's context (:meth:`tools.context.ToolContext.once`), so it goes with the run.
 """
 
 from __future__ import annotations
@@ -15,22 +19,20 @@ from typing import Any
 
 import numpy as np
 
-from imgrag.safety import SafetyGate
+from imgrag.safety import SafetyGate, concept_check_on, excluded_by
 from tools.context import ToolContext
-
-# Concept text vectors per (manager, embedder, concepts): embedded once per process, not per call.
-_GATES: dict[tuple, SafetyGate] = {}
 
 
 def gate_for(ctx: ToolContext, embedder: Any) -> SafetyGate:
-    """The run's :class:`SafetyGate` over ``embedder`` (anything with ``embed_texts`` and ``model_id``)."""
-    s = ctx.settings.safety
-    key = (id(ctx.manager), getattr(embedder, "model_id", None), tuple(s.concepts), s.threshold, s.enabled,
-           tuple(s.exclude))
-    gate = _GATES.get(key)
-    if gate is None:
-        gate = _GATES[key] = SafetyGate(s, embedder)
-    return gate
+    """The run's :class:`SafetyGate` over ``embedder`` (anything with ``embed_texts`` and ``model_id``): built on the
+    run's first check and kept in its context, so the concepts are embedded once per run and per embedder."""
+    return ctx.once(("safety_gate", getattr(embedder, "model_id", None)),
+                    lambda: SafetyGate(ctx.settings.safety, embedder))
+
+
+def _excluded(ctx: ToolContext, path: str) -> str | None:
+    pattern = excluded_by(path, ctx.settings.safety.exclude)
+    return f"excluded by safety.exclude {pattern!r}" if pattern else None
 
 
 def _reason(flag: Any) -> str:
@@ -39,13 +41,9 @@ def _reason(flag: Any) -> str:
 
 def screen_references(ctx: ToolContext, store: Any, embedder: Any, found: list[Any], tool: str) -> list[Any]:
     """``found`` (store References) without the excluded and flagged ones; each dropped one gets a trace line."""
-    gate = gate_for(ctx, embedder)
-    reasons: dict[str, str] = {}
-    for ref in found:
-        pattern = gate.excluded(ref.path)
-        if pattern:
-            reasons[ref.id] = f"excluded by safety.exclude {pattern!r}"
-    if gate.enabled:
+    reasons = {ref.id: reason for ref in found if (reason := _excluded(ctx, ref.path))}
+    if concept_check_on(ctx.settings.safety):
+        gate = gate_for(ctx, embedder)
         rest = [ref for ref in found if ref.id not in reasons]
         vectors = store.embeddings([ref.id for ref in rest]) if rest else {}
         checked = [ref for ref in rest if ref.id in vectors]
@@ -65,12 +63,10 @@ def screen_drawing_references(ctx: ToolContext, references: list[dict], images: 
     with a trace line. Checked on the embedder's vectors of the pictures themselves."""
     if not references:
         return references, images
-    embedder = _Embedder(ctx)
-    gate = gate_for(ctx, embedder)
-    reasons = [gate.excluded(ref["path"]) for ref in references]
-    reasons = [f"excluded by safety.exclude {r!r}" if r else None for r in reasons]
-    if gate.enabled:
-        for n, flag in enumerate(gate.check(embedder.embed_images(images))):
+    reasons = [_excluded(ctx, ref["path"]) for ref in references]
+    if concept_check_on(ctx.settings.safety):
+        embedder = _Embedder(ctx)
+        for n, flag in enumerate(gate_for(ctx, embedder).check(embedder.embed_images(images))):
             if flag is not None and reasons[n] is None:
                 reasons[n] = _reason(flag)
     for ref, reason in zip(references, reasons, strict=True):
@@ -83,8 +79,9 @@ def screen_drawing_references(ctx: ToolContext, references: list[dict], images: 
 
 def check_output(ctx: ToolContext, image_vector: np.ndarray) -> dict[str, Any]:
     """Fields for a drawn candidate's record: ``flagged`` ({concept, score} or None) and ``answer_blocked``."""
-    gate = gate_for(ctx, _Embedder(ctx))
-    flag = gate.check(np.atleast_2d(image_vector))[0]
+    if not concept_check_on(ctx.settings.safety):
+        return {"flagged": None, "answer_blocked": False}
+    flag = gate_for(ctx, _Embedder(ctx)).check(np.atleast_2d(image_vector))[0]
     if flag is None:
         return {"flagged": None, "answer_blocked": False}
     return {"flagged": flag.to_dict(), "answer_blocked": not ctx.settings.safety.allow_flagged}
