@@ -26,12 +26,13 @@ from langgraph.types import interrupt
 
 import prompts
 from agent.policy import latest_candidate, next_step
-from agent.retrieve_or_generate import answer_rank, drawings_only, photo_step
+from agent.retrieve_or_generate import drawings_only, photo_step
 from agent.state import AgentState
 from imgrag.candidate_ids import candidate_number
 from imgrag.chat_model import QwenChatModel, content_text, read_reply
 from imgrag.draw_options import options_of
 from imgrag.text import describe_error, shorten
+from tools.answers import best_answer, can_finish, is_matched, is_stale
 from tools.budget import Clock, spent
 from tools.context import ToolContext
 from tools.image_tools import TOOL_NAMES, checkpoint_safe, make_tools
@@ -49,25 +50,11 @@ class RunContext(ToolContext):
 
 # ----- helpers the nodes share -----
 
-def is_stale(candidate: dict[str, Any]) -> bool:
-    """Whether the candidate's only verdict was given against an earlier prompt (a chat refinement changed it)."""
-    return candidate.get("verdict") is None and bool(candidate.get("stale_verdict"))
-
-
 def best_candidate(state: dict[str, Any]) -> dict[str, Any] | None:
-    """The run's answer: the candidate named by finish, else a judge match, else the best CLIP score.
-    Candidates judged only against an earlier prompt of a chat thread come last."""
-    # a drawing the safety gate blocked is never the answer (it stays on disk and in the record)
-    candidates = {cid: c for cid, c in (state.get("candidates") or {}).items() if not c.get("answer_blocked")}
-    finished = state.get("finished")
-    if finished and finished.get("candidate_id") in candidates:
-        return candidates[finished["candidate_id"]]
-    if not candidates:
-        return None
-    return max(candidates.values(),
-               key=lambda c: (answer_rank(c),  # an unmatched photo is never the answer
-                              bool((c.get("verdict") or {}).get("match")), not is_stale(c), c.get("clip_score") or 0.0,
-                              -c["round"]))
+    """The run's answer (:func:`tools.answers.best_answer`): the candidate named by finish, else a judge match,
+    else the best CLIP score, among the candidates that may be the answer (never one the safety gate blocked, never
+    an unmatched photo); candidates judged only against an earlier prompt of a chat thread come last."""
+    return best_answer((state.get("candidates") or {}).values(), (state.get("finished") or {}).get("candidate_id"))
 
 
 def outcome(state: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +62,7 @@ def outcome(state: dict[str, Any]) -> dict[str, Any]:
     best = best_candidate(state)
     if best is None:
         status = "failed"
-    elif (best.get("verdict") or {}).get("match"):
+    elif is_matched(best):
         status = "matched"
     else:
         status = "budget_exhausted"
@@ -112,7 +99,7 @@ def stop_reason(state: dict[str, Any], elapsed: float, latest: dict[str, Any] | 
     :func:`working_view`); the budgets are :func:`tools.budget.spent`'s."""
     if state.get("finished"):
         return "finished"
-    if latest and (latest.get("verdict") or {}).get("match") and answer_rank(latest):  # a blocked drawing is no match
+    if can_finish(latest):  # a match that may be the answer (a blocked drawing is no match)
         return "matched"
     return spent(state, elapsed, latest)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from imgrag.candidate_ids import candidate_number
 from imgrag.steering import mode_for_verdict, policy_weights
+from tools.answers import can_finish, is_matched
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES, rounds_spent
 
 # Each guided round that still misses something pushes the references harder (up to MAX_IP_SCALE).
@@ -19,7 +20,7 @@ IP_SCALE_STEP = 0.15
 
 def round_best(candidates: list[dict[str, Any]]) -> dict[str, Any]:
     """The best of one round's candidates: a judge match first, then the best CLIP score, then the first drawn."""
-    return max(candidates, key=lambda c: (bool((c.get("verdict") or {}).get("match")), c.get("clip_score") or 0.0,
+    return max(candidates, key=lambda c: (is_matched(c), c.get("clip_score") or 0.0,
                                           -candidate_number(c["id"])))
 
 
@@ -145,7 +146,7 @@ def next_step(state: dict[str, Any], base_ip_scale: float, repair_with: str = "i
     if verdict is None:
         ask = {"candidate_id": latest["id"]}
         return None if failed_for(state, "critique", latest["id"], ask) else ("critique", ask)
-    if verdict.get("match"):
+    if can_finish(latest):  # the finish tool's own rule (tools/answers.py): a match that may be the answer
         return "finish", {"candidate_id": latest["id"], "reason": "the judge reports a match"}
     if rounds_spent(state):
         return None

@@ -30,6 +30,7 @@ from imgrag.runs import is_disk_full
 from imgrag.steering import MAX_WEIGHT, MODES
 from imgrag.store.memory import ConceptMemory, recall_references
 from imgrag.text import shorten
+from tools.answers import can_finish, finish_refusal
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES
 from tools.context import ToolContext
 from tools.failures import ToolArgumentError, step_failure
@@ -151,12 +152,13 @@ def _replay(ctx: ToolContext, name: str, tool_call_id: str, state: dict, kept: d
 
 
 def _finishing(state: dict) -> str | None:
-    """The candidate a ``finish`` call of the current turn ends the run with, when that call will succeed."""
+    """The candidate a ``finish`` call of the current turn ends the run with, when that call will succeed (the same
+    rule as ``finish``: :func:`tools.answers.can_finish`)."""
     messages = state.get("messages") or []
     candidates = state.get("candidates") or {}
     for call in getattr(messages[-1], "tool_calls", None) or [] if messages else []:
         cid = (call.get("args") or {}).get("candidate_id")
-        if call.get("name") == "finish" and ((candidates.get(cid) or {}).get("verdict") or {}).get("match"):
+        if call.get("name") == "finish" and can_finish(candidates.get(cid)):
             return cid
     return None
 
@@ -573,16 +575,9 @@ def make_tools() -> list[BaseTool]:
         state, tool_call_id = runtime.state, runtime.tool_call_id
 
         def body(_: int):
-            candidate = _candidate(state, candidate_id)
-            verdict = candidate.get("verdict")
-            if not verdict:
-                raise ToolArgumentError(f"{candidate_id} has not been critiqued yet; call critique first")
-            if candidate.get("answer_blocked"):  # the safety gate blocked it: never the answer
-                raise ToolArgumentError(f"{candidate_id} was flagged by the safety gate ({candidate['flagged']}) and "
-                                        "cannot be the answer; draw another (a new seed)")
-            if not verdict.get("match"):
-                raise ToolArgumentError(f"the judge did not match {candidate_id} (missing: {verdict.get('missing')}); "
-                                        "repair it with retrieve and regenerate")
+            refusal = finish_refusal(_candidate(state, candidate_id))  # the one rule (tools/answers.py)
+            if refusal:
+                raise ToolArgumentError(refusal)
             return f"Finished with {candidate_id}.", {"finished": {"candidate_id": candidate_id, "reason": reason}}
 
         return run_tool_call(ctx, "finish", args, tool_call_id, state, body)

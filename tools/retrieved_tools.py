@@ -4,7 +4,7 @@ When the user allows it (``retrieval.allow_retrieved``, ``--allow-retrieved``), 
 ``consider_photos``: the store's best matches for the *whole* prompt become candidates of the run, marked
 ``"source": "retrieved"`` with the photo's own path (nothing is copied or drawn). The judge critiques them like
 drawings; a matched photo can be finished with, and is then the run's answer. A photo the judge does not match
-never becomes the answer (:func:`agent.retrieve_or_generate.answer_rank`), so a run without a matching photo
+never becomes the answer (:func:`tools.answers.answer_refusal`), so a run without a matching photo
 goes on drawing as before.
 
 Its CLIP score is the store's cosine similarity of the prompt's text embedding and the photo's image embedding:
@@ -21,12 +21,12 @@ from langgraph.prebuilt import ToolRuntime
 from langgraph.types import Command
 
 from imgrag.engine import ManagedEmbedder
+from tools.answers import SOURCE_RETRIEVED
 from tools.context import ToolContext
 from tools.image_tools import ToolArgumentError, run_tool_call
 from tools.safety_gate import screen_references
 
 RETRIEVED_TOOL_NAMES = ("consider_photos",)
-SOURCE_RETRIEVED = "retrieved"
 
 
 def photo_candidate(candidate_id: str, reference: dict[str, Any], prompt: str, round_no: int,

@@ -33,7 +33,7 @@ from agent.chat.followups import (
 )
 from agent.chat.photos import parse_use_photo, use_photo
 from agent.chat.threads import THREAD_PREFIX, list_threads, requests_of, thread_ids
-from agent.graph import best_candidate, is_stale, outcome
+from agent.graph import best_candidate, outcome
 from agent.runner import PLANNERS, Runner
 from agent.thread_lock import busy_elsewhere, writes_thread
 from imgrag.candidate_ids import parse_candidate, sorted_ids
@@ -43,6 +43,7 @@ from imgrag.images import IMAGE_SUFFIXES
 from imgrag.provenance import copy_with_provenance
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, new_run_id
 from imgrag.schedulers import check_scheduler
+from tools.answers import is_stale
 from tools.budget import check_rounds
 
 STOPPED_BY_USER = "stopped by the user (Ctrl-C)"
