@@ -57,12 +57,20 @@ def fresh_page(rounds: int) -> dict[str, Any]:
     return {"thread_id": None, "rounds": rounds, "approve": False, "drawing": {}}
 
 
+def settings_lora_text(settings: Any) -> str:
+    """The page's LoRA field as it starts: the settings' ``[[models.loras]]``, one ``PATH:WEIGHT`` a line."""
+    from imgrag.loras import settings_loras
+
+    return "\n".join(f"{choice.path}:{choice.weight:g}" for choice in settings_loras(settings))
+
+
 def page_drawing(settings: Any, negative: str | None, guidance: Any, scheduler: str | None,
-                 per_round: Any) -> dict[str, Any]:
+                 per_round: Any, loras: str | None = None) -> dict[str, Any]:
     """The page's drawing fields as the chat session's overrides (:attr:`agent.chat.ChatSession.drawing`): only the
     fields the user changed from the settings' values (the page starts with them), so a thread opened from the
     terminal keeps the options it has unless a field says otherwise. An empty guidance field and the "default"
-    scheduler are the settings' own. Checked by the session when set (:meth:`WebChat.session`)."""
+    scheduler are the settings' own. The LoRA field holds the whole list, one ``PATH[:WEIGHT]`` a line; its files
+    are checked here (a UserError naming the file). Checked by the session when set (:meth:`WebChat.session`)."""
     g = settings.generation
     drawing: dict[str, Any] = {}
     if (negative or "").strip() != g.negative_prompt:
@@ -74,6 +82,12 @@ def page_drawing(settings: Any, negative: str | None, guidance: Any, scheduler: 
         drawing["scheduler"] = chosen
     if per_round not in (None, "") and int(per_round) != g.per_round:
         drawing["per_round"] = int(per_round)
+    lines = [line.strip() for line in (loras or "").splitlines() if line.strip()]
+    if loras is not None and lines != [line for line in settings_lora_text(settings).splitlines() if line]:
+        from imgrag.loras import merge_loras, parse_lora_arg
+
+        chosen = merge_loras((), [parse_lora_arg(line, "LoRA") for line in lines], "LoRA")
+        drawing["loras"] = [choice.model_dump() for choice in chosen]
     return drawing
 
 
@@ -377,6 +391,9 @@ def build_app(web: WebChat) -> Any:
                                                 label="scheduler (A1111's names)", elem_id="scheduler")
                         per_round = gr.Number(value=s.generation.per_round, label="drawings per round", precision=0,
                                               minimum=1, maximum=MAX_PER_ROUND, elem_id="per-round")
+                    loras = gr.Textbox(value=settings_lora_text(s), lines=2, elem_id="loras",
+                                       label="LoRAs: one PATH[:WEIGHT] a line (an SDXL LoRA's .safetensors; weight "
+                                             "-4..4, 0 off)")
                 with gr.Row():
                     threads = gr.Dropdown(label="threads (newest first)", choices=[], elem_id="threads", scale=4)
                     open_btn = gr.Button("Open", elem_id="open", scale=1)
@@ -473,7 +490,7 @@ def build_app(web: WebChat) -> Any:
 
         def on_send(text: str, history: list, state: dict[str, Any], n_rounds: Any, approve_on: bool,
                     negative_text: str, guidance_value: Any, scheduler_name: str, per_round_value: Any,
-                    progress: Any = gr.Progress()) -> Iterator[list[Any]]:
+                    lora_text: str | None = None, progress: Any = gr.Progress()) -> Iterator[list[Any]]:
             state = dict(state)
             text = (text or "").strip()
             if not text:
@@ -483,7 +500,8 @@ def build_app(web: WebChat) -> Any:
                 return
             try:
                 state["rounds"] = ChatSession._check_rounds(int(n_rounds or 0))
-                state["drawing"] = page_drawing(s, negative_text, guidance_value, scheduler_name, per_round_value)
+                state["drawing"] = page_drawing(s, negative_text, guidance_value, scheduler_name, per_round_value,
+                                                lora_text)
                 web.session(state)  # the drawing options checked now: a bad value is one line, nothing runs
             except (UserError, ValueError, TypeError) as exc:
                 yield ["", [*history, assistant(error_text(exc, web.error_log))], state, *panel_values(state),
@@ -551,8 +569,8 @@ def build_app(web: WebChat) -> Any:
         # One queue of width 1 for everything that touches the models or writes a thread.
         models = {"concurrency_limit": 1, "concurrency_id": "models"}
         for trigger in (send.click, message.submit):
-            trigger(on_send, [message, chatbot, page, rounds, approve, negative, guidance, scheduler, per_round],
-                    [message, *outputs], show_progress_on=chatbot, **models)
+            trigger(on_send, [message, chatbot, page, rounds, approve, negative, guidance, scheduler, per_round,
+                              loras], [message, *outputs], show_progress_on=chatbot, **models)
         review_btn.click(on_review, [review_refs, chatbot, page], outputs, show_progress_on=chatbot, **models)
         stop.click(web.stop, None, None, queue=False)
         open_btn.click(guarded(do_open), [chatbot, page, threads], outputs, **models)
