@@ -152,7 +152,7 @@ def generate(
     g = settings.generation
     # The LoRAs: the recipe's with --from-image (what drew the picture), else [[models.loras]]; --lora adds to them.
     base_loras = (recipe_loras(from_image) if from_image is not None
-                  else check_loras(settings_loras(settings), "[[models.loras]]"))
+                  else check_loras(settings_loras(settings), "[[models.loras]]: LoRA"))
     loras = merge_loras(base_loras, lora_given, "--lora")
     if from_image is not None and given_refs is None and refs and settings.safety.enabled:
         _screen_recipe_references(settings, from_image, [path for path, _ in refs])

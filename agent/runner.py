@@ -182,12 +182,12 @@ class Runner:
         seed = check_seed(self.settings.generation.seed if seed is None else seed)
         options = options or DrawOptions.from_settings(self.settings)
         check_with_fast(options.scheduler, self.settings.generation.fast)
-        if options.loras and self.settings.generation.draw_with == "sdxl":
-            # A LoRA made for another base model is one line now, not a failed tool call in every round.
-            self.manager.run("generator", lambda generator: generator.prepare_loras(options.loras))
         if planner == "agent":
             self.check_llm()
         loads_before = self.manager.load_counts()  # the run's checks load models too (the embedder): they count
+        if options.loras and self.settings.generation.draw_with == "sdxl":
+            # A LoRA made for another base model is one line now, not a failed tool call in every round.
+            self.manager.run("generator", lambda generator: generator.prepare_loras(options.loras))
         budget = run_budget(self.settings, max_rounds, options.per_round)
         census = self._store_census()  # before check_retrieval opens the store (a typo'd path reads as empty)
         retrieval_off = self.check_retrieval()

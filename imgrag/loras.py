@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -325,12 +326,17 @@ class LoraSwitch:
         self.load_calls += 1
         self.active = None  # a load makes the new adapter the active one
         try:
-            with quiet_libraries(), lora_load_quiet():
+            with quiet_libraries(), lora_load_quiet() as quiet:
                 self.pipe.load_lora_weights(state, adapter_name=adapter)
         except Exception as exc:
             self._forget(adapter)
             raise ModelLoadError(f"LoRA {shown} does not fit this generator ({_why(exc)}): it was made for "
                                  "another base model (SD 1.5, SD 2, Flux, ...); use an SDXL LoRA") from None
+        if quiet.unexpected:  # some of its layers matched no module: diffusers only warns, and draws with the rest
+            self._forget(adapter)
+            raise ModelLoadError(f"LoRA {shown} does not fit this generator (it adapts {quiet.unexpected[0]}, which "
+                                 "this generator has not): it was made for another base model (SD 1.5, SD 2, "
+                                 "Flux, ...); use an SDXL LoRA")
         parts = tuple(part for part, names in self.pipe.get_list_adapters().items() if adapter in names)
         if "unet" not in parts:
             self._forget(adapter)
@@ -397,7 +403,7 @@ def _why(exc: BaseException) -> str:
     """What a failed LoRA load says, in a few words: the first mismatched shape, or the modules it names that this
     UNet has not."""
     text = str(exc)
-    mismatch = re.search(r"size mismatch for ([\w.]+): copying a param with shape (torch\.Size\(\[[\d, ]*\]\)) "
+    mismatch = re.search(r"size mismatch for ([\w.-]+): copying a param with shape (torch\.Size\(\[[\d, ]*\]\)) "
                          r"from checkpoint, the shape in current model is (torch\.Size\(\[[\d, ]*\]\))", text)
     if mismatch:
         module = re.sub(r"\.lora_[AB]\.[\w-]+\.weight$", "", mismatch.group(1))
@@ -411,12 +417,28 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_first(exc)}"
 
 
-class lora_load_quiet:
+class lora_load_quiet(logging.Handler):
     """Quiet while a LoRA loads: transformers prints a load report table for a text encoder whose LoRA shapes do not
     match (besides raising; the error is reported in one line), and PEFT warns "Already found a peft_config" for every
-    adapter after the first, which is what several LoRAs in one pipeline are meant to be."""
+    adapter after the first, which is what several LoRAs in one pipeline are meant to be.
 
-    def __enter__(self) -> None:
+    What diffusers' PEFT loader logs about a LoRA's keys that matched no module of the UNet (its only report of a
+    LoRA that fits in part: it loads the rest) is kept, as module names, in :attr:`unexpected`."""
+
+    # Where load_lora_adapter warns of unexpected keys (diffusers' _maybe_warn_for_unhandled_keys logs there).
+    _LOGGER = "diffusers.utils.peft_utils"
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.unexpected: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        found = re.search(r"led to unexpected keys found in the model: ([^ ]+?)[,.]? ", message + " ")
+        if found:
+            self.unexpected.append(re.sub(r"\.lora_[AB]\.[\w-]+\.weight$|\.lora_[AB]\.weight$", "", found.group(1)))
+
+    def __enter__(self) -> lora_load_quiet:
         import warnings
 
         from diffusers.utils import logging as dlog
@@ -428,11 +450,21 @@ class lora_load_quiet:
         self._warnings = warnings.catch_warnings()
         self._warnings.__enter__()
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        peft_log = logging.getLogger(self._LOGGER)
+        self._peft = (peft_log.level, peft_log.propagate)
+        peft_log.setLevel(logging.WARNING)  # heard here, past the CRITICAL above, and printed nowhere
+        peft_log.propagate = False
+        peft_log.addHandler(self)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         from diffusers.utils import logging as dlog
         from transformers.utils import logging as tlog
 
+        peft_log = logging.getLogger(self._LOGGER)
+        peft_log.removeHandler(self)
+        peft_log.setLevel(self._peft[0])
+        peft_log.propagate = self._peft[1]
         self._warnings.__exit__(*exc)
         dlog.set_verbosity(self._saved[0])
         tlog.set_verbosity(self._saved[1])

@@ -758,7 +758,7 @@ def to_kohya(state: dict[str, Any], *, layers_per_block: int = SDXL_UNET["layers
 
 def build_user_loras(dest: Path, seed: int) -> dict[str, Path]:
     """Write the kit's two LoRAs into ``dest``: :data:`STYLE_LORA_NAME` (diffusers/PEFT layout, written by
-    diffusers' ``save_lora_weights``) and :data:`SUBJECT_LORA_NAME` (kohya layout, with sd-scripts' metadata), two
+    diffusers' ``save_lora_weights``) and :data:`SUBJECT_LORA_NAME` (kohya layout, as sd-scripts writes it), two
     different random LoRAs for the kit's SDXL. Returns their paths."""
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import save_file
@@ -769,8 +769,9 @@ def build_user_loras(dest: Path, seed: int) -> dict[str, Path]:
     StableDiffusionXLPipeline.save_lora_weights(
         dest, unet_lora_layers=parts["unet"], text_encoder_lora_layers=parts["text_encoder"],
         text_encoder_2_lora_layers=parts["text_encoder_2"], weight_name=STYLE_LORA_NAME, safe_serialization=True)
-    metadata = {"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0",
-                "ss_network_dim": str(USER_LORA_RANK), "ss_network_alpha": str(USER_LORA_RANK / 2)}
+    # One of sd-scripts' ss_* metadata keys: safetensors writes the metadata map in no fixed order, and the kit's
+    # files must be the same bytes at every build.
+    metadata = {"ss_base_model_version": "sdxl_base_v1-0"}
     save_file(to_kohya(user_lora_state_dict(seed + 2)), str(dest / SUBJECT_LORA_NAME), metadata=metadata)
     return {"style": dest / STYLE_LORA_NAME, "subject": dest / SUBJECT_LORA_NAME}
 

@@ -16,8 +16,8 @@ from PIL import Image  # noqa: E402
 
 from imgrag import tiny_kit as kit  # noqa: E402
 
-MODEL_NAMES = ["sdxl", "ip-adapter", "qwen2.5-vl", "qwen2.5-instruct", "open-clip", "lcm-lora", "dino", "siglip",
-               "omnigen"]
+MODEL_NAMES = ["sdxl", "ip-adapter", "qwen2.5-vl", "qwen2.5-instruct", "open-clip", "lcm-lora", "loras", "dino",
+               "siglip", "omnigen"]
 
 
 def _weights_digests(root: Path) -> dict[str, str]:
@@ -39,8 +39,8 @@ def _kit_dir(paths: dict[str, Path]) -> Path:
 def test_kit_builds_every_model_and_writes_the_marker(tiny_kit: dict[str, Path]) -> None:
     root = _kit_dir(tiny_kit)
     assert tiny_kit == kit.tiny_kit_paths(root)
-    assert set(tiny_kit) == {"generator", "ip_adapter", "judge", "llm", "embedder", "lcm_lora", "dino", "siglip",
-                             "omnigen"}
+    assert set(tiny_kit) == {"generator", "ip_adapter", "judge", "llm", "embedder", "lcm_lora", "loras", "dino",
+                             "siglip", "omnigen"}
     assert all(path.is_dir() for path in tiny_kit.values())
 
     marker = json.loads((root / "kit.json").read_text())
@@ -80,9 +80,9 @@ def test_rebuild_is_deterministic_reports_progress_and_recovers_from_a_crash(
     assert calls == MODEL_NAMES
 
     expected = _weights_digests(_kit_dir(tiny_kit))
-    # 4 SDXL parts, adapter + its image encoder, 2 Qwens, open_clip, LCM-LoRA, DINO, SigLIP, OmniGen's
-    # transformer and VAE
-    assert len(expected) == 14
+    # 4 SDXL parts, adapter + its image encoder, 2 Qwens, open_clip, LCM-LoRA, the two user LoRAs, DINO, SigLIP,
+    # OmniGen's transformer and VAE
+    assert len(expected) == 16
     assert _weights_digests(root) == expected
 
     # A stale marker (older kit version) makes ensure_tiny_kit rebuild.
