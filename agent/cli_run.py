@@ -286,18 +286,31 @@ def _full_disk(full: Any, command: list[str]) -> None:
     raise UserError(f"{full}; free some space, then continue with: {shlex.join(command)}") from None
 
 
-def _make_runner(profile, config, store, out_dir, on_event, fast=None, gates=None, guidance=None, loras=None):
-    """(runner, settings, drawing options): the settings, the output folder and the drawing options (``--guidance``,
-    the ``--lora`` files) checked before the tiny kit is built or any model loads."""
+def _make_runner(profile, config, store, out_dir, on_event, fast=None, gates=None, check=None):
+    """(runner, settings): the settings and the output folder checked, then ``check(settings)`` (the drawing options:
+    ``--guidance``, the ``--lora`` files), all before the tiny kit is built or any model loads."""
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
                                    **{"generation.fast": fast, **(gates or {})})
     check_outputs(settings)
-    options = drawing_options(settings, guidance, loras)
+    if check is not None:
+        check(settings)
     prepare_models(settings)
     from agent.runner import Runner
 
     previews = bool(getattr(getattr(on_event, "preview", None), "available", False))  # only where they are shown
-    return Runner(settings, on_event=on_event, previews=previews), settings, options
+    return Runner(settings, on_event=on_event, previews=previews), settings
+
+
+class _Options:
+    """The drawing options a command's flags give, made (and so checked) once by :func:`_make_runner`'s check."""
+
+    def __init__(self, guidance: float | None, loras: list[str] | None) -> None:
+        self.guidance, self.loras, self.options = guidance, loras, None
+
+    def __call__(self, settings: Any) -> Any:
+        if self.options is None:
+            self.options = drawing_options(settings, self.guidance, self.loras)
+        return self.options
 
 
 def drawing_resume_flags(negative: str | None, guidance: float | None, scheduler: str | None,
@@ -369,14 +382,16 @@ def run(
                  "the run had not started drawing, so nothing was kept; run the same command again")
     try:
         with ProgressPrinter(previews=not as_json) as progress:
-            runner, settings, options = _make_runner(
+            options = _Options(guidance, lora)
+            runner, settings = _make_runner(
                 profile, config, store, out_dir, progress, fast,
                 {**gate_flags(allow_retrieved, allow_flagged), **memory_flag(no_memory), **repair_flags(repair_with),
-                 **drawing_flags(negative, scheduler, per_round)}, guidance, lora)
+                 **drawing_flags(negative, scheduler, per_round)}, options)
             if resume:
                 result = runner.resume(resume)
             else:
-                result = runner.run(prompt or "", seed=seed, max_rounds=max_rounds, planner=planner, options=options)
+                result = runner.run(prompt or "", seed=seed, max_rounds=max_rounds, planner=planner,
+                                    options=options(settings))
     except RunInterrupted as stop:
         command = ["imgrag", "run", "--resume", stop.result["run_id"], *_shared_flags(profile, config, store, out_dir),
                    *(["--repair-with", repair_with] if repair_with else [])]
@@ -458,13 +473,14 @@ def batch(
         on_interrupt("prompts finished earlier are kept; continue with: " + " ".join(command))
         try:
             with ProgressPrinter(previews=False) as progress:  # a batch is a script's: no pictures on the terminal
-                runner, settings, options = _make_runner(
+                options = _Options(guidance, lora)
+                runner, settings = _make_runner(
                     profile, config, store, out_dir, progress, fast,
                     {**gate_flags(allow_retrieved, allow_flagged), **memory_flag(no_memory),
-                     **repair_flags(repair_with), **drawing}, guidance, lora)
+                     **repair_flags(repair_with), **drawing}, options)
                 summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
                                        on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"),
-                                       options=options)
+                                       options=options(settings))
         except RunInterrupted as stop:
             command = ["imgrag", "batch", str(file), "--resume", *_shared_flags(profile, config, store, out_dir),
                        *(["--planner", planner] if planner != "agent" else []),

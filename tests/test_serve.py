@@ -163,7 +163,7 @@ def test_the_pages_drawing_options_reach_the_requests_and_a_bad_one_is_one_line(
     page["drawing"] = page_drawing(settings, " blurry ", 6, "Euler a", 2)
     assert page["drawing"] == {"negative_prompt": "blurry", "guidance": 6.0, "scheduler": "Euler a", "per_round": 2}
     _, (kind, result) = drain(web.stream(page, lambda session: session.send("a retriever and a cradle")))
-    assert kind == "result" and result["drawing"] == page["drawing"]
+    assert kind == "result" and result["drawing"] == {**page["drawing"], "loras": []}
     assert [c["round"] for c in result["candidates"]] == [1, 1]  # two drawings in the one round
     page["drawing"] = page_drawing(settings, "", None, "Euler b", 1)
     with pytest.raises(UserError, match="unknown scheduler 'Euler b'"):
