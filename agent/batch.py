@@ -15,6 +15,8 @@ from pydantic import ValidationError
 
 from imgrag.errors import UserError, check_seed, read_user_text
 from imgrag.runs import write_json_atomic
+from imgrag.text import describe_error
+from tools.budget import check_rounds
 
 FINISHED = ("matched", "budget_exhausted")  # a batch item in one of these is never run again
 
@@ -62,7 +64,7 @@ def settle_item(item: dict[str, Any], result: dict[str, Any]) -> None:
 
 def fail_item(item: dict[str, Any], exc: BaseException) -> None:
     """Record a prompt that failed: a UserError's line as it is, anything else with its type."""
-    item.update(status="failed", error=str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
+    item.update(status="failed", error=str(exc) if isinstance(exc, UserError) else describe_error(exc))
 
 
 def _relative_to(references: Any, base: Path) -> Any:
@@ -155,9 +157,8 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
                 raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
             if not isinstance(obj, dict) or not str(obj.get("prompt", "")).strip():
                 raise UserError(f"{path}:{number}: each line needs an object with a non-empty \"prompt\"")
-            if "max_rounds" in obj and (not isinstance(obj["max_rounds"], int) or isinstance(obj["max_rounds"], bool)
-                                        or obj["max_rounds"] < 1):
-                raise UserError(f"{path}:{number}: \"max_rounds\" must be a whole number of at least 1")
+            if "max_rounds" in obj:
+                check_rounds(obj["max_rounds"], f'{path}:{number}: "max_rounds"')
             if obj.get("seed") is not None:
                 if not isinstance(obj["seed"], int) or isinstance(obj["seed"], bool):
                     raise UserError(f"{path}:{number}: \"seed\" must be an integer")

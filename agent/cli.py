@@ -31,6 +31,7 @@ from agent.cli_common import (
 )
 from imgrag.errors import UserError, check_seed
 from imgrag.runs import ensure_writable_dir
+from imgrag.text import first_line
 
 models_app = typer.Typer(help="Model checkpoints: download the real ones, or build the offline tiny kit.",
                          no_args_is_help=True)
@@ -69,8 +70,9 @@ def build_tiny(
     if as_json:
         print_json({"directory": str(target), "models": {k: str(v) for k, v in paths.items()}, "seconds": seconds})
         return
+    width = max(len(role) for role in paths)
     for role, path in paths.items():
-        out.print(f"{role:10} {path}", markup=False)
+        out.print(f"{role:{width}} {path}", markup=False)
     err.print(f"{scale} kit ready in {target} ({seconds} s). Random weights: outputs are noise.", markup=False)
 
 
@@ -121,10 +123,10 @@ def download_models(
                                    **repair_flags(repair_with))
     roles = check_roles(settings, _roles(role))
     cache = hub_cache_dir()
-    to_fetch = [r for r in roles if r.source == "hub" and (r.missing or not r.recorded)]
+    to_fetch = [r for r in roles if r.downloadable]
     summary = {"profile": profile or settings.profile, "dry_run": dry_run, "cache": str(cache),
                "free_bytes": free_disk_bytes(cache), "total_bytes": sum(r.total_bytes for r in roles),
-               "to_download_bytes": sum(r.missing_bytes for r in to_fetch),
+               "to_download_bytes": sum(r.fetch_bytes for r in to_fetch),
                "sizes_approximate": any(r.approx_only for r in roles)}
     if not as_json:
         _print_plan(roles, summary)
@@ -133,11 +135,11 @@ def download_models(
             raise UserError("cannot download: HF_HUB_OFFLINE=1 is set, so the model hub is off limits; unset it, or "
                             + OFFLINE_HINT.format(cache=cache))
         for result in to_fetch:
-            err.print(f"[bold]fetching {result.repo_id}[/] ({result.role}): {len(result.missing) or '?'} files, "
-                      f"{human_size(result.missing_bytes) if result.recorded else 'size unknown'}")
+            err.print(f"[bold]fetching {result.repo_id}[/] ({result.role}): {len(result.to_fetch) or '?'} files, "
+                      f"{human_size(result.fetch_bytes) if result.recorded else 'size unknown'}")
             download(result)
         roles = check_roles(settings, _roles(role))
-        left = [f"{r.role}: {', '.join(f.path for f in r.missing)}" for r in roles if r.source == "hub" and r.missing]
+        left = [f"{r.role}: {', '.join(f.path for f in r.to_fetch)}" for r in roles if r.to_fetch]
         if left:
             raise UserError("still missing after the download: " + "; ".join(left))
     summary["roles"] = [r.as_dict() for r in roles]
@@ -162,12 +164,17 @@ def _print_plan(roles: list, summary: dict) -> None:
         if r.source == "hub":
             out.print(f"[bold]{r.role}[/]: {r.repo_id} ({count})", soft_wrap=True)
             out.print(f"  allow_patterns: {' '.join(r.patterns)}", soft_wrap=True)
+        elif r.repo_id:  # a single-file generator: the file is the user's, its configuration comes from the hub
+            out.print(f"[bold]{r.role}[/]: {r.ref} (local file; its configuration from {r.repo_id}, {count})",
+                      soft_wrap=True)
+            out.print(f"  allow_patterns: {' '.join(r.patterns)}", soft_wrap=True)
         else:
             out.print(f"[bold]{r.role}[/]: {r.ref} (local: nothing to download)", soft_wrap=True)
         if r.source == "hub" and not r.recorded:
             out.print("  sizes unknown offline (this repository's layout is not recorded in imgrag)")
         for f in r.files:
-            mark = "[green]here[/]" if f.present else "[yellow]to fetch[/]" if r.source == "hub" else "[red]MISSING[/]"
+            fetchable = r.source == "hub" or (r.repo_id and not f.local)
+            mark = "[green]here[/]" if f.present else "[yellow]to fetch[/]" if fetchable else "[red]MISSING[/]"
             size = human_size(f.size) + ("~" if f.approx_only else "")
             out.print(f"  {size:>10}  {f.path}  {mark}", soft_wrap=True)
         for problem in r.problems:
@@ -236,7 +243,7 @@ def _http(method: str, url: str, headers: dict, payload: dict | None = None, tim
             detail = detail.get("message", detail) if isinstance(detail, dict) else detail
         except ValueError:
             detail = text
-        return exc.code, f"HTTP {exc.code}: {str(detail).strip().splitlines()[0][:300] if str(detail).strip() else ''}"
+        return exc.code, f"HTTP {exc.code}: {first_line(str(detail))}"
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         return None, f"unreachable ({reason})"
@@ -249,15 +256,19 @@ def _checkpoint_status(result, is_tiny: bool, profile: str | None = None) -> str
     if result.source == "unset":
         return "not set"
     if result.ok:
+        if result.source == "local" and any(f.local for f in result.files):
+            return "single-file checkpoint, its configuration here"
         if result.source == "local":
             folder = Path(result.ref.removeprefix("local-dir:")).expanduser()
             return "local directory" if folder.is_dir() else "local file"
         return "in the local hub cache"
-    if is_tiny and result.missing:
+    if is_tiny and result.missing and not any(f.local for f in result.files):  # a user's single file: not the kit's
         return "not built yet: `imgrag models build-tiny` (or any --profile tiny command) builds it"
-    if result.source == "hub":
+    if result.source == "hub" or result.to_fetch:
         # The same --profile as doctor's: without it the download would fetch the default profile's checkpoint.
         fetch = f"`imgrag models download{f' --profile {profile}' if profile else ''} --role {result.role}`"
+        if result.source != "hub":  # a single-file generator whose configuration is not in the cache
+            return f"its configuration ({result.repo_id}) is not downloaded: {fetch}"
         if len(result.missing) == len(result.files):
             return f"not downloaded: {fetch}"
         return f"MISSING {len(result.missing)} of {len(result.files)} files: {fetch}"
@@ -323,14 +334,15 @@ def doctor(
     roles = check_roles(settings)
     report["checkpoints"] = {
         r.role: {"ref": r.ref, "status": _checkpoint_status(r, settings.is_tiny, profile), "ok": r.ok,
-                 "missing": [f.path for f in r.missing], "files": len(r.files), "problems": r.problems,
+                 "missing": [f.path for f in r.missing], "to_fetch_bytes": r.fetch_bytes, "files": len(r.files),
+                 "problems": r.problems,
                  "notes": r.notes}
         for r in roles
     }
     if settings.models.llm_backend == "openai":
         report["checkpoints"]["llm"]["server"] = _probe_llm(settings)
     cache = hub_cache_dir()
-    needed = sum(r.missing_bytes for r in roles if r.source == "hub")
+    needed = sum(r.fetch_bytes for r in roles)
     report["disk"] = {"hub_cache": str(cache), "still_needed_bytes": needed, "free_bytes": free_disk_bytes(cache),
                       "sizes_approximate": any(r.approx_only for r in roles if r.source == "hub" and r.missing)}
     store_info: dict = {"location": settings.store}
@@ -369,6 +381,8 @@ def doctor(
         lines = [info["ref"], f"[{colour}]{info['status']}[/]"]
         if r.missing and len(r.missing) == len(r.files) and r.source == "hub":  # the dry run lists them
             lines.append(f"[red]all {len(r.files)} files missing[/] ({human_size(r.missing_bytes)})")
+        elif r.to_fetch and len(r.to_fetch) == len([f for f in r.files if not f.local]):  # a single file's config
+            lines.append(f"[red]all {len(r.to_fetch)} configuration files missing[/] ({human_size(r.fetch_bytes)})")
         else:
             lines += [f"[red]missing:[/] {path}" for path in info["missing"][:12]]
             if len(info["missing"]) > 12:

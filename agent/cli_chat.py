@@ -1,4 +1,4 @@
-"""``imgrag chat``: the terminal chat (issue #6).
+"""``imgrag chat``: the terminal chat.
 
 The conversation logic lives in ``agent/chat/``; this file is the screen: a prompt_toolkit prompt with a
 persistent input history, a live status line on stderr while the agent works, the slash commands, and the
@@ -46,6 +46,8 @@ from agent.cli_run import (
     print_tool_line,
 )
 from imgrag.errors import UserError
+from imgrag.settings import TINY_MARK
+from imgrag.text import describe_error
 
 PROMPT = "imgrag> "
 REVIEW_PROMPT = "references> "
@@ -186,7 +188,7 @@ class ChatRepl:
                 where = f"; the details are in {log}"
             except OSError:
                 where = ""
-            err.print(f"[red]error:[/] {type(exc).__name__}: {escape(str(exc))[:300]}{where}", soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(describe_error(exc))}{where}", soft_wrap=True)
         return None
 
     def handle(self, line: str) -> str | None:
@@ -223,7 +225,7 @@ class ChatRepl:
         if best is None:
             out.print("nothing was drawn")
             return
-        tiny = " [dim](tiny profile: junk)[/]" if self.settings.is_tiny else ""
+        tiny = f" [dim]({TINY_MARK})[/]" if self.settings.is_tiny else ""
         out.print(f"best: {best['id']}, {escape(verdict_text(best))}{tiny}", soft_wrap=True)
         out.print(f"picture: {escape(best['path'])}", soft_wrap=True)
 

@@ -151,9 +151,6 @@ def repair_flags(repair_with: str | None) -> dict[str, Any]:
     return {"generation.repair_with": repair_with.strip().lower() if repair_with else None}
 
 
-# TINY_WARNING: the one text (imgrag.settings), imported above for the CLI modules that take it from here.
-
-
 def settings_from_flags(
     profile: str | None, config: Path | None = None, *, check_device: bool = True, **overrides: Any
 ) -> Settings:

@@ -17,7 +17,6 @@ import typer
 from rich.markup import escape
 
 from agent.cli_common import (
-    TINY_WARNING,
     ConfigOpt,
     FastOpt,
     GuidanceOpt,
@@ -43,6 +42,7 @@ from imgrag.images import open_image
 from imgrag.loras import check_loras, merge_loras, settings_loras
 from imgrag.provenance import file_sha256
 from imgrag.runs import ensure_writable_file
+from imgrag.settings import TINY_WARNING
 from imgrag.steering import ReferenceSteer, parse_ref_arg
 
 # Formats Pillow writes from the file name alone.
@@ -117,6 +117,7 @@ def generate(
     guidance_flag = check_guidance(guidance, "--guidance")
     lora_given = lora_args(lora)
     negative_flag, scheduler_flag = negative, scheduler  # as given, before a recipe fills them
+    model_flags: dict[str, str] = {}
     if from_image is not None and profile is None:  # the recipe's profile: its models drew the picture
         from imgrag.provenance import recipe_profile
 
@@ -133,6 +134,8 @@ def generate(
             from_image, prompt, refs, seed, steps, fast, ip_scale, width, height, settings=bounds,
             guidance=guidance_flag)
         recipe_negative, recipe_scheduler = recipe_drawing(from_image)
+        if config is None:  # drawn by a single-file checkpoint: redrawn by the same file (a --config chooses)
+            model_flags = recipe_generator(from_image)
         negative = recipe_negative if negative is None else negative
         scheduler = recipe_scheduler if scheduler is None else scheduler
         if repair_with is None and recipe_backbone(from_image) == "omnigen":  # drawn by OmniGen: redrawn by it
@@ -148,7 +151,7 @@ def generate(
         "generation.seed": seed, "generation.steps": None if omnigen_asked and refs else steps,
         "generation.ip_scale": ip_scale, "generation.width": width, "generation.height": height,
         "generation.fast": fast, "omnigen.steps": steps if omnigen_asked and refs else None,
-        **repair_flags(repair_with), **drawing_flags(negative, scheduler)})
+        **repair_flags(repair_with), **drawing_flags(negative, scheduler), **model_flags})
     g = settings.generation
     # The LoRAs: the recipe's with --from-image (what drew the picture), else [[models.loras]]; --lora adds to them.
     base_loras = (recipe_loras(from_image) if from_image is not None
@@ -362,15 +365,15 @@ def recipe_loras(picture: Path) -> tuple[Any, ...]:
     drops them). () for a recipe without LoRAs."""
     from pydantic import ValidationError
 
-    from imgrag.loras import LoraChoice, check_lora_file, lora_sha256, stem_name
-    from imgrag.provenance import read_recipe
+    from imgrag.loras import LoraChoice, check_lora_file, stem_name
+    from imgrag.provenance import checkpoint_sha256, read_recipe
 
     recipe = read_recipe(picture)
     where = f"{picture}'s recipe: LoRA"
     chosen = []
     for entry in recipe.loras if recipe is not None else []:
         path = check_lora_file(entry.path, where)
-        if entry.sha256 and lora_sha256(path) != entry.sha256:
+        if entry.sha256 and checkpoint_sha256(path) != entry.sha256:
             raise UserError(f"{where} {path} has changed since (sha256 differs); pass --lora none and --lora "
                             f"{path}:{entry.weight:g} to draw with it as it is now")
         try:
@@ -379,6 +382,27 @@ def recipe_loras(picture: Path) -> tuple[Any, ...]:
         except ValidationError as exc:
             raise UserError(f"{where} {path}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     return tuple(chosen)
+
+
+def recipe_generator(picture: Path) -> dict[str, str]:
+    """The settings that redraw ``picture`` with the single-file checkpoint its recipe names (``generator_file``:
+    ``models.generator`` and ``models.generator_config``), or {} when a folder or hub id drew it. The file must still
+    be there with the same sha256 (:func:`imgrag.provenance.checkpoint_sha256`); otherwise one UserError naming the
+    picture's recipe and saying how to redraw with another checkpoint."""
+    from imgrag.provenance import checkpoint_sha256, read_recipe
+
+    recipe = read_recipe(picture)
+    entry = recipe.generator_file if recipe is not None else None
+    if entry is None:
+        return {}
+    where, path = f"{picture}'s recipe", Path(entry.path)
+    instead = "give --config with models.generator to redraw it with another checkpoint"
+    if not path.is_file():
+        raise UserError(f"{where}: it was drawn by the single-file checkpoint {path}, which is no longer there; "
+                        f"{instead}")
+    if entry.sha256 and checkpoint_sha256(path) != entry.sha256:
+        raise UserError(f"{where}: its checkpoint {path} has changed since (sha256 differs); {instead}")
+    return {"models.generator": str(path), **({"models.generator_config": entry.config} if entry.config else {})}
 
 
 def recipe_backbone(picture: Path) -> str | None:

@@ -36,24 +36,24 @@ from agent.cli_common import (
     repair_flags,
     settings_from_flags,
 )
+from tools.budget import check_rounds
 
 PlannerOpt = Annotated[
     str, typer.Option("--planner", help="agent: the LLM chooses each tool; fixed: ImageRAG's pipeline, no LLM loaded.")
 ]
-def _check_max_rounds(value: int | None) -> int | None:
-    """Checked here (not with Typer's min=) so a bad value is the usual one-line error, before any work."""
-    if value is not None and value < 1:
-        from imgrag.errors import UserError
 
-        raise UserError(f"--max-rounds must be at least 1, got {value}")
-    return value
+
+def _check_max_rounds(value: int | None) -> int | None:
+    """Checked here (not with Typer's min=) so a bad value is the usual one-line error, before any work. A
+    function of one argument: Typer hands the value to a callback's last parameter."""
+    return check_rounds(value, "--max-rounds")
 
 
 MaxRoundsOpt = Annotated[
     int | None, typer.Option("--max-rounds", callback=_check_max_rounds,
                              help="Pictures the run may draw (default: budget.max_rounds).")
 ]
-# Issue 18: what a run may answer with (settings retrieval.allow_retrieved and safety.allow_flagged).
+# What a run may answer with (settings retrieval.allow_retrieved and safety.allow_flagged).
 AllowRetrievedOpt = Annotated[bool | None, typer.Option(
     "--allow-retrieved/--no-allow-retrieved",
     help="Let a photo of your collection that shows the whole prompt be the answer instead of a drawing "

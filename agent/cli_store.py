@@ -121,7 +121,7 @@ def index(
     try:
         with _embedder(settings) as embedder:
             ref_store = ReferenceStore.open(settings, embedder.model_id, embedder.dim, for_writing=True)
-            from imgrag.safety import index_screen  # issue 18: --skip-flagged
+            from imgrag.safety import index_screen  # only --skip-flagged needs it
 
             summary = ref_store.index(paths, embedder, prune=prune, progress=progress, batch_size=batch_size,
                                       on_wait=lambda msg: err.print(f"[yellow]{escape(msg)}[/]", soft_wrap=True),
@@ -230,7 +230,7 @@ def search(
             results = ref_store.search_image(embedder, query_image, k)
         else:
             results = ref_store.search_text(embedder, text or "", k)
-        from imgrag.safety import excluded_by  # issue 18: safety.exclude holds for every retrieval
+        from imgrag.safety import excluded_by  # safety.exclude holds for every retrieval, search included
 
         matched = len(results)
         results = [r for r in results if excluded_by(r.path, settings.safety.exclude) is None]

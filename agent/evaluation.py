@@ -39,11 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.eval_arms import ARM_MODELS, ARMS, ArmContext, ArmResult, EvalItem
-from agent.runner import PLANNERS, TINY_NOTE, Runner, read_prompt_file
+from agent.runner import PLANNERS, Runner, read_prompt_file
 from imgrag.dino import DinoScorer  # noqa: F401  (its old home; imported from here by callers)
 from imgrag.errors import UserError, read_user_text
 from imgrag.runs import atomic_path, write_json_atomic
-from imgrag.settings import Settings
+from imgrag.settings import TINY_WARNING, Settings
+from imgrag.text import describe_error
+from tools.budget import check_rounds
 
 BASELINE = "plain"
 DEFAULT_ARMS = ("plain", "imagerag", "loop-fixed", "loop-agent")
@@ -51,7 +53,7 @@ DEFAULT_ARMS = ("plain", "imagerag", "loop-fixed", "loop-agent")
 FIXED_ARMS = ("plain", "imagerag", "loop-fixed")
 # ImageRAG-O's arms, added to the defaults by `--repair-with omnigen` (or named in --arms).
 OMNIGEN_ARMS = ("plain-omnigen", "imagerag-o")
-TINY_EVAL_NOTE = TINY_NOTE + " Every number below is plumbing, not a measurement: the scores are of noise."
+TINY_EVAL_NOTE = TINY_WARNING + " Every number below is plumbing, not a measurement: the scores are of noise."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,8 +217,7 @@ class Evaluation:
                  max_rounds: int | None = None, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         if planner is not None and planner not in PLANNERS:
             raise UserError(f"unknown planner {planner!r} (use {' or '.join(PLANNERS)})")
-        if max_rounds is not None and max_rounds < 1:
-            raise UserError(f"--max-rounds must be at least 1, got {max_rounds}")
+        check_rounds(max_rounds)
         self.arms = check_arms(default_arms(planner, settings) if arms is None else arms)
         self.settings = settings
         self.on_event = on_event or (lambda event: None)
@@ -391,7 +392,7 @@ class Evaluation:
             try:
                 result = ARMS[arm](ctx, item)
             except Exception as exc:  # one broken arm or prompt must not stop the evaluation; the error is kept
-                result = ArmResult(arm, error=f"{type(exc).__name__}: {exc}")
+                result = ArmResult(arm, error=describe_error(exc))
             record["arms"][arm] = result.to_dict()
         errors = [f"{arm}: {r['error']}" for arm, r in record["arms"].items() if r.get("error")]
         record["error"] = "; ".join(errors) or None
@@ -405,7 +406,7 @@ def _score(scorers: Any, record: dict[str, Any]) -> None:
     try:
         scores = scorers.score(record["prompt"], images, record["gold"], {a: arms[a].get("verdict") for a in images})
     except Exception as exc:  # a scorer that cannot load or run: the pictures are kept, the scores left empty
-        record["error"] = "; ".join(filter(None, [record.get("error"), f"scoring: {type(exc).__name__}: {exc}"]))
+        record["error"] = "; ".join(filter(None, [record.get("error"), f"scoring: {describe_error(exc)}"]))
         return
     for arm, values in scores.items():
         verdict = values.pop("verdict", None)

@@ -28,9 +28,10 @@ import prompts
 from agent.policy import latest_candidate, next_step
 from agent.retrieve_or_generate import answer_rank, drawings_only, photo_step
 from agent.state import AgentState
+from imgrag.candidate_ids import candidate_number
 from imgrag.chat_model import QwenChatModel, content_text, read_reply
-from imgrag.checkpoints import first_line
 from imgrag.draw_options import options_of
+from imgrag.text import describe_error, shorten
 from tools.budget import Clock, spent
 from tools.context import ToolContext
 from tools.image_tools import TOOL_NAMES, checkpoint_safe, make_tools
@@ -56,7 +57,7 @@ def is_stale(candidate: dict[str, Any]) -> bool:
 def best_candidate(state: dict[str, Any]) -> dict[str, Any] | None:
     """The run's answer: the candidate named by finish, else a judge match, else the best CLIP score.
     Candidates judged only against an earlier prompt of a chat thread come last."""
-    # issue 18: a drawing the safety gate blocked is never the answer (it stays on disk and in the record)
+    # a drawing the safety gate blocked is never the answer (it stays on disk and in the record)
     candidates = {cid: c for cid, c in (state.get("candidates") or {}).items() if not c.get("answer_blocked")}
     finished = state.get("finished")
     if finished and finished.get("candidate_id") in candidates:
@@ -64,7 +65,7 @@ def best_candidate(state: dict[str, Any]) -> dict[str, Any] | None:
     if not candidates:
         return None
     return max(candidates.values(),
-               key=lambda c: (answer_rank(c),  # issue 18: an unmatched photo is never the answer
+               key=lambda c: (answer_rank(c),  # an unmatched photo is never the answer
                               bool((c.get("verdict") or {}).get("match")), not is_stale(c), c.get("clip_score") or 0.0,
                               -c["round"]))
 
@@ -111,7 +112,7 @@ def stop_reason(state: dict[str, Any], elapsed: float, latest: dict[str, Any] | 
     :func:`working_view`); the budgets are :func:`tools.budget.spent`'s."""
     if state.get("finished"):
         return "finished"
-    if latest and (latest.get("verdict") or {}).get("match") and answer_rank(latest):  # issue 18: not a blocked one
+    if latest and (latest.get("verdict") or {}).get("match") and answer_rank(latest):  # a blocked drawing is no match
         return "matched"
     return spent(state, elapsed, latest)
 
@@ -132,7 +133,7 @@ def _status_summary(state: dict[str, Any]) -> str:
              f"tool calls: {state.get('tool_calls', 0)} of {budget['max_tool_calls']}."]
     if state.get("retrieval_off"):
         lines.append(f"Retrieval is unavailable in this run ({state['retrieval_off'][:200]}); draw without references.")
-    ordered = sorted((state.get("candidates") or {}).items(), key=lambda kv: int(kv[0][1:]))
+    ordered = sorted((state.get("candidates") or {}).items(), key=lambda kv: candidate_number(kv[0]))
     focus = (state.get("continue_from") or {}).get("candidate_id")
     shown = [kv for n, kv in enumerate(ordered) if n >= len(ordered) - SUMMARY_ITEMS or kv[0] == focus]
     if len(shown) < len(ordered):
@@ -150,7 +151,7 @@ def _status_summary(state: dict[str, Any]) -> str:
         if "memory" in (c.get("guided_by") or []):
             refs += " (remembered references)"
         if c.get("reference_ids") and c.get("backbone") == "omnigen":
-            refs = ", OmniGen with " + "; ".join(f"{_cut(m['concept'], 60)}: {m['reference_ids']}"
+            refs = ", OmniGen with " + "; ".join(f"{shorten(m['concept'], 60)}: {m['reference_ids']}"
                                                  for m in c.get("concepts") or [])
         batch = c.get("batch") or {}
         drawn = f" (round {c['round']}, drawing {batch['index'] + 1} of {batch['size']})" if batch else ""
@@ -167,17 +168,12 @@ def _status_summary(state: dict[str, Any]) -> str:
     if refs:  # numbered as the chat's /refs numbers them, so "use the second reference" means the same here
         listed = [(n, rid, r) for n, (rid, r) in enumerate(refs, 1)][-SUMMARY_ITEMS:]
         lines.append("References retrieved: " + "; ".join(
-            f"[{n}] {rid} ({_cut(r.get('caption') or r.get('query') or '', 80)})" for n, rid, r in listed))
+            f"[{n}] {rid} ({shorten(r.get('caption') or r.get('query') or '', 80)})" for n, rid, r in listed))
     failed = (state.get("failed_steps") or [])[-3:]
     if failed:
         lines.append("Recent failed steps (do not repeat them as they were): " + "; ".join(
-            f"{f['tool']} for {f.get('target') or 'the run'}: {_cut(f.get('error') or '', 120)}" for f in failed))
+            f"{f['tool']} for {f.get('target') or 'the run'}: {shorten(f.get('error') or '', 120)}" for f in failed))
     return "\n".join(lines)
-
-
-def _cut(text: str, limit: int) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
 def context_window(messages: list[BaseMessage], max_messages: int = WINDOW_MESSAGES,
@@ -196,7 +192,7 @@ def context_window(messages: list[BaseMessage], max_messages: int = WINDOW_MESSA
     if requests and requests[-1] < start:
         window.insert(0, messages[requests[-1]])
     return [m if len(content_text(m.content)) <= max_chars
-            else m.model_copy(update={"content": _cut(content_text(m.content), max_chars) + " (cut)"})
+            else m.model_copy(update={"content": shorten(content_text(m.content), max_chars) + " (cut)"})
             for m in window]
 
 
@@ -233,7 +229,7 @@ def _check_reply(reply: AIMessage, names: tuple[str, ...] = TOOL_NAMES) -> str |
 
 
 def _policy_message(state: dict[str, Any], ctx: RunContext, chat_model_name: str = "llm") -> AIMessage | None:
-    settings = ctx.settings  # issue 18: retrieve or generate comes first, then the drawing policy
+    settings = ctx.settings  # a photo that already answers comes first, then the drawing policy
     per_round = options_of(state, settings).per_round
     step = (photo_step(state, settings.retrieval.allow_retrieved)
             or next_step(drawings_only(state), settings.generation.ip_scale, settings.generation.repair_with,
@@ -256,7 +252,7 @@ def _caption_queries(state: dict[str, Any], ctx: RunContext, missing: list[str],
     try:  # the manager runs a local LLM on the model thread, a remote one here without the GPU lock
         captions = ctx.manager.run(chat_model_name, caption_concepts, state["prompt"], missing)
     except Exception as exc:  # the LLM cannot load: retrieve with the phrases, as without the step
-        ctx.record.append_step({"event": "captions", "ok": False, "error": f"{type(exc).__name__}: {first_line(exc)}"})
+        ctx.record.append_step({"event": "captions", "ok": False, "error": describe_error(exc)})
         return missing
     ctx.record.append_step({"event": "captions", "ok": not captions.fallback, "concepts": missing,
                             "captions": captions.captions, "notes": captions.notes})
@@ -318,7 +314,7 @@ def build_graph(chat_model_name: str = "llm") -> StateGraph:
             try:
                 reply = _invoke_llm(ctx, tools, [*asked, *feedback], state)
             except Exception as exc:  # the planner must go on: the fixed policy takes the remaining steps
-                reason = f"{type(exc).__name__}: {first_line(exc)}"
+                reason = describe_error(exc)
                 ctx.llm_down = reason
                 ctx.record.append_step({"planner": "llm", "ok": False, "seconds": round(time.perf_counter() - start, 3),
                                         "tool": None, "error": f"the LLM call failed: {reason}"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from imgrag.candidate_ids import candidate_number
 from imgrag.steering import mode_for_verdict, policy_weights
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES, rounds_spent
 
@@ -16,15 +17,10 @@ from tools.budget import MAX_IP_SCALE, MAX_REFERENCES, rounds_spent
 IP_SCALE_STEP = 0.15
 
 
-def _number(candidate: dict[str, Any]) -> int:
-    cid = str(candidate["id"])
-    return int(cid[1:]) if cid[1:].isdigit() else -1
-
-
 def round_best(candidates: list[dict[str, Any]]) -> dict[str, Any]:
     """The best of one round's candidates: a judge match first, then the best CLIP score, then the first drawn."""
     return max(candidates, key=lambda c: (bool((c.get("verdict") or {}).get("match")), c.get("clip_score") or 0.0,
-                                          -_number(c)))
+                                          -candidate_number(c["id"])))
 
 
 def latest_candidate(state: dict[str, Any]) -> dict[str, Any] | None:
@@ -35,7 +31,7 @@ def latest_candidate(state: dict[str, Any]) -> dict[str, Any] | None:
     if not candidates:
         return None
     last = max(c["round"] for c in candidates)
-    this_round = sorted((c for c in candidates if c["round"] == last), key=_number)
+    this_round = sorted((c for c in candidates if c["round"] == last), key=lambda c: candidate_number(c["id"]))
     waiting = [c for c in this_round if c.get("verdict") is None
                and not failed_for(state, "critique", c["id"], {"candidate_id": c["id"]})]
     if waiting:

@@ -44,6 +44,7 @@ from typing import Any
 from imgrag.errors import UserError
 from imgrag.runs import atomic_path, write_json_atomic
 from imgrag.settings import Settings
+from imgrag.text import describe_error, last_line
 
 # agent.runner (LangGraph) and imgrag.store (Chroma) are imported where used: the CLI imports this module on every
 # start for expand_ray_flag.
@@ -224,7 +225,7 @@ def connect(ray: Any, address: str | None, workers: int | None) -> bool:
         else:
             ray.init(address=address, **options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise UserError(f"cannot join the Ray cluster at {address} ({type(exc).__name__}: {str(exc)[:200]}); "
+        raise UserError(f"cannot join the Ray cluster at {address} ({describe_error(exc, 200)}); "
                         "start one with `ray start --head` or leave out the address for a local one") from None
     return True
 
@@ -292,7 +293,7 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
         try:
             identities = ray.get([s.actor.identity.remote() for s in slots])
         except ray.exceptions.RayActorError as exc:  # e.g. imgrag missing on a node, or its models
-            reason = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            reason = last_line(exc)  # the remote traceback comes first, its cause last
             raise UserError(f"the Ray workers could not start: {reason}") from None
         for slot, ident in zip(slots, identities, strict=True):
             slot.pid = ident["pid"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from imgrag.candidate_ids import candidate_number
 from tools.retrieved_tools import SOURCE_RETRIEVED
 
 
@@ -48,7 +49,7 @@ def photo_step(state: dict[str, Any], allowed: bool) -> tuple[str, dict[str, Any
     drawn = any(not is_photo(c) for c in candidates.values())
     if allowed and not drawn and not state.get("retrieval_off") and not _considered(state):
         return "consider_photos", {}
-    photos = sorted((c for c in candidates.values() if is_photo(c)), key=lambda c: int(c["id"][1:]))
+    photos = sorted((c for c in candidates.values() if is_photo(c)), key=lambda c: candidate_number(c["id"]))
     for photo in photos:
         if (photo.get("verdict") or {}).get("match"):
             return "finish", {"candidate_id": photo["id"], "reason": "a photo of the collection shows the prompt"}

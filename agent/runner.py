@@ -29,22 +29,22 @@ from agent.batch import (
 )
 from agent.graph import RunContext, build_graph, initial_state, outcome
 from agent.thread_store import CheckpointWriteError, UntrustedThread, open_checkpointer
-from imgrag.checkpoints import first_line
+from imgrag.candidate_ids import candidate_number
 from imgrag.draw_options import DrawOptions, options_of, parse_options
 from imgrag.errors import ModelLoadError, UserError, check_seed
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, disk_full_line, is_disk_full, new_run_id, write_json_atomic
 from imgrag.schedulers import check_with_fast
 from imgrag.settings import TINY_WARNING, Settings
-from tools.budget import Clock, recursion_limit, run_budget
+from imgrag.text import describe_error
+from tools.budget import Clock, check_rounds, recursion_limit, run_budget
 from tools.context import EventSink, Models
 from tools.final_redraw import redraw_final_full
 
 PLANNERS = ("agent", "fixed")
 # What the run_end event carries for a front end to say (result.json holds them too).
 RUN_END_KEYS = ("run_id", "status", "stop_reason", "final_image", "blocked", "fallback_steps", "fallback_reason")
-TINY_NOTE = TINY_WARNING  # result.json's note on the tiny profile: the one text (imgrag.settings)
 # The batch record's functions live in agent/batch.py; importable from here too, as before.
-__all__ = ["FINISHED", "PLANNERS", "TINY_NOTE", "CheckpointFailed", "DiskFull", "RunInterrupted", "Runner", "add_loads",
+__all__ = ["FINISHED", "PLANNERS", "CheckpointFailed", "DiskFull", "RunInterrupted", "Runner", "add_loads",
            "claim_item", "fail_item", "open_batch", "open_checkpointer", "read_prompt_file", "settle_item"]
 
 
@@ -171,8 +171,7 @@ class Runner:
             raise UserError("the prompt is empty")
         if planner not in PLANNERS:
             raise UserError(f"unknown planner {planner!r} (use {' or '.join(PLANNERS)})")
-        if max_rounds is not None and max_rounds < 1:
-            raise UserError(f"--max-rounds must be at least 1, got {max_rounds}")
+        check_rounds(max_rounds)
         run_id = run_id or new_run_id()
         if not RUN_ID_PATTERN.match(run_id):
             raise UserError(f"run id {run_id!r} may hold only letters, digits, '.', '_' and '-'")
@@ -282,7 +281,7 @@ class Runner:
         except UserError as exc:
             return str(exc)
         except Exception as exc:  # a store that fails in another way is still no reason to stop the run
-            return f"{type(exc).__name__}: {first_line(exc)}"
+            return describe_error(exc)
         return None
 
     def resume(self, run_id: str) -> dict[str, Any]:
@@ -424,7 +423,7 @@ class Runner:
                 raise self._full_disk(exc, graph, config, values, record,
                                       add_loads(earlier, self._loads_since(before))) from None
             record.release_space()
-            reason = f"error: {type(exc).__name__}: {first_line(exc)}"
+            reason = f"error: {describe_error(exc)}"
             record.append_step({"event": "error", "error": reason, "exception": traceback.format_exc(limit=8)[-4000:]})
             self.reference_store = ctx.reference_store
             result = self.stop(run_id, reason, unmatched="budget_exhausted")  # ended, with its best candidate
@@ -521,7 +520,7 @@ class Runner:
         ``model_loads`` is what this run loaded (default: what its record already says)."""
         if model_loads is None:
             model_loads = (record.read_result() or {}).get("model_loads") or {}
-        candidates = sorted((state.get("candidates") or {}).values(), key=lambda c: int(c["id"][1:]))
+        candidates = sorted((state.get("candidates") or {}).values(), key=lambda c: candidate_number(c["id"]))
         final = (state.get("candidates") or {}).get(state.get("final_candidate") or "")
         traced = [s for s in record.read_steps() if "tool" in s and "args" in s]
         steps = [{k: s.get(k) for k in ("tool", "args", "ok", "seconds")} for s in traced]
@@ -530,7 +529,7 @@ class Runner:
             "status": state.get("status") or "failed",
             "final_image": final["path"] if final else None,
             "final_candidate": state.get("final_candidate"),
-            "final_source": (final.get("source") or "drawn") if final else None,  # "retrieved": a photo (issue 18)
+            "final_source": (final.get("source") or "drawn") if final else None,  # "retrieved": a photo, not a drawing
             "prompt": state["prompt"],
             "rounds": state.get("rounds", 0),
             "stop_reason": state.get("stop_reason"),
@@ -554,7 +553,7 @@ class Runner:
         }
         result.update(_what_happened(state, candidates, final, record))
         if self.settings.is_tiny:
-            result["note"] = TINY_NOTE
+            result["note"] = TINY_WARNING
         return result
 
     # ----- batches -----

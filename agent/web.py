@@ -35,9 +35,12 @@ from typing import Any
 
 from agent.chat import MAX_ROUNDS_PER_REQUEST, ChatSession, check_reference_count, verdict_text
 from agent.cli_run import activity
+from imgrag.candidate_ids import candidate_number
 from imgrag.draw_options import MAX_GUIDANCE, MAX_PER_ROUND
 from imgrag.errors import UserError
 from imgrag.schedulers import SCHEDULER_NAMES
+from imgrag.settings import TINY_MARK, TINY_WARNING
+from imgrag.text import describe_error
 
 THUMB_PX = 256
 PREVIEW_PX = 256  # the live preview's side on the page (the latents' picture is enlarged to it)
@@ -104,7 +107,7 @@ def error_text(exc: BaseException, log: Path) -> str:
         where = f"; the details are in {log}"
     except OSError:
         where = ""
-    return f"error: {type(exc).__name__}: {str(exc)[:300]}{where}"
+    return f"error: {describe_error(exc)}{where}"
 
 
 class WebChat:
@@ -204,7 +207,7 @@ class WebChat:
                           f"**Prompt:** {html.escape(summary['prompt'] or '')}")
         references = values.get("references") or {}
         numbers = {rid: n for n, rid in enumerate(references, 1)}
-        candidates = sorted((values.get("candidates") or {}).values(), key=lambda c: int(c["id"][1:]))
+        candidates = sorted((values.get("candidates") or {}).values(), key=lambda c: candidate_number(c["id"]))
         best = summary["best"]
         rows = ["| candidate | round | references | verdict |", "|---|---|---|---|"]
         for c in candidates:
@@ -297,7 +300,7 @@ class WebChat:
                f"{result.get('rounds', 0)} round(s) on this thread"
         if best is None:
             return [assistant(text + " · nothing was drawn")]
-        tiny = " (tiny profile: random weights, the picture is noise)" if self.settings.is_tiny else ""
+        tiny = f" ({TINY_MARK})" if self.settings.is_tiny else ""
         messages = [assistant(f"{text}\n\nbest: {best['id']}, {verdict_text(best)}{tiny}")]
         picture = self.picture(best["path"])
         if isinstance(picture, str):
@@ -358,8 +361,7 @@ def build_app(web: WebChat) -> Any:
     import gradio as gr
 
     s = web.settings
-    tiny = (" · **tiny profile**: random-weight models, the pictures are noise and the verdicts junk"
-            if s.is_tiny else "")
+    tiny = f" · **{TINY_WARNING}**" if s.is_tiny else ""
 
     with gr.Blocks(title="imgrag", analytics_enabled=False) as app:
         page = gr.State(fresh_page(web.rounds))

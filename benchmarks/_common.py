@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import platform
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -68,6 +69,13 @@ def machine_line(info: dict[str, Any]) -> str:
     gpu = info.get("gpu") or "no GPU"
     return (f"{info['nproc']} cores (nproc), {info['ram_gib']} GiB RAM, {info['cpu']}, {gpu}; "
             f"Python {info['python']}, torch {info['torch']}")
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (the kernel's choice), for a server a benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def git_commit() -> str | None:

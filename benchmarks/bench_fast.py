@@ -1,4 +1,4 @@
-"""Few-step drawing (issue #19): seconds per drawing at 30 steps against 4 (LCM-LoRA), and one round in each mode.
+"""Few-step drawing: seconds per drawing at 30 steps against 4 (LCM-LoRA), and one round in each mode.
 
     python benchmarks/bench_fast.py --tiny [--wait-quiet 600] [--json OUT.json]      # CPU, the tiny kit
     python benchmarks/bench_fast.py --kit /tmp/imgrag-full-kit [--json OUT.json]     # GPU, the full-size kit

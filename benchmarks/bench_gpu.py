@@ -1,5 +1,6 @@
-"""The GPU path, before and after issue 13, side by side: a round against its pure model compute, the judge
-and generation alone and inside a run, swap seconds, and peak GPU memory under 24 and 80 GB budgets.
+"""The GPU path, before and after the model thread (one long-lived worker per device), side by side: a round
+against its pure model compute, the judge and generation alone and inside a run, swap seconds, and peak GPU
+memory under 24 and 80 GB budgets.
 
     bash benchmarks/run_gpu.sh                                       # on a lent GPU: kit, then both passes
     python benchmarks/bench_gpu.py --kit /tmp/kit --json after.json                    # this tree's code
@@ -8,7 +9,7 @@ and generation alone and inside a run, swap seconds, and peak GPU memory under 2
     python benchmarks/bench_gpu.py --dry-run [--code DIR]           # the same code, small models, CPU
 
 ``--code DIR`` imports imgrag, agent, tools and prompts from DIR (``git archive 5934158 imgrag agent tools
-prompts | tar -x -C .before`` gives the code before issue 13), so one script measures both. Model calls go
+prompts | tar -x -C .before`` gives the code before the model thread), so one script measures both. Model calls go
 through ``manager.run`` (the model thread) where the code has it, else ``with manager.use()`` in the calling
 thread, as each version's tools do.
 
@@ -191,8 +192,8 @@ def count_new_tokens(model: Any, sink: list[int]) -> Callable[[], None]:
 
 
 def call(manager: Any, name: str, fn: Callable[[Any], Any]) -> Any:
-    """``fn(model)`` as the code under test runs model calls: on its model thread (``manager.run``, after issue
-    13) or inside ``use()`` in this thread (before)."""
+    """``fn(model)`` as the code under test runs model calls: on its model thread (``manager.run``, since the
+    model thread) or inside ``use()`` in this thread (before)."""
     if hasattr(manager, "run"):
         return manager.run(name, fn)
     with manager.use(name) as model:

@@ -40,6 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    free_port,
     git_commit,
     index_references,
     machine,
@@ -53,9 +54,7 @@ from _common import (  # noqa: E402
 
 def start_chroma(data: Path) -> tuple[subprocess.Popen, str]:
     """A Chroma server on a free loopback port; returns the process and its URL once it accepts connections."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     exe = Path(sys.executable).parent / "chroma"
     proc = subprocess.Popen([str(exe if exe.exists() else shutil.which("chroma")), "run", "--path", str(data),
                              "--host", "127.0.0.1", "--port", str(port)],

@@ -1,4 +1,4 @@
-"""Benchmark of the reference store (issue #4), on synthetic data, CPU only, offline.
+"""Benchmark of the reference store, on synthetic data, CPU only, offline.
 
 1. Indexing throughput with a real-size open_clip ViT-B-32 at random weights (the real model's cost
    without its download): images per second, and where the time goes (embedder, decoding, store).
@@ -34,6 +34,9 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import free_port  # noqa: E402
 
 from imgrag.embedder import Embedder  # noqa: E402
 from imgrag.settings import load_settings  # noqa: E402
@@ -236,12 +239,6 @@ def _recall(collection: Any, vectors: np.ndarray, queries: np.ndarray, n: int = 
     return round(hits / (n * K), 4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _chroma_server(path: Path, port: int) -> subprocess.Popen:
     exe = Path(sys.executable).parent / "chroma"
     exe_s = str(exe) if exe.exists() else shutil.which("chroma")
@@ -315,7 +312,7 @@ def bench_queries(work: Path, sizes: list[int]) -> dict[str, Any]:
     results["store_mb_on_disk"] = round(on_disk / 2**20, 1)
     # Let go of the embedded client before a server opens the same directory.
     chromadb.api.client.SharedSystemClient.clear_system_cache()
-    port = _free_port()
+    port = free_port()
     log(f"starting `chroma run` on 127.0.0.1:{port} over the same data ...")
     t0 = time.perf_counter()
     server = _chroma_server(data_dir, port)

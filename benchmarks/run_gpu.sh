@@ -4,7 +4,7 @@
 # kit ON the GPU with `imgrag models build-tiny --scale full` (once: it stays in $KIT while the machine is
 # warm), then runs benchmarks/bench_gpu.py over the code of each pass, back to back on the same kit:
 #
-#   PASSES="before after"  (default) before = the tree in .before/ (the code before issue 13), after = this tree
+#   PASSES="before after"  (default) before = the tree in .before/ (the code before the model thread, commit 5934158), after = this tree
 #
 # Prepare .before/ here, then carry it and .whl/ to the machine (both git-ignored):
 #   mkdir -p .before && git archive 5934158 imgrag agent tools prompts | tar -x -C .before

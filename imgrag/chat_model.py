@@ -36,6 +36,7 @@ from imgrag.deadlines import time_limit
 from imgrag.errors import ModelLoadError, UserError
 from imgrag.reasoning import answer_text
 from imgrag.settings import Settings
+from imgrag.text import describe_error
 from imgrag.untrusted import control_markers, neutralise, neutralise_tree
 
 LLM_EXPECTED = "a Qwen2.5 (or Qwen3) instruct checkpoint with its tool-calling chat template"
@@ -275,8 +276,8 @@ def check_endpoint(settings: Settings, timeout: float = PROBE_TIMEOUT_S) -> list
     try:
         response = httpx.get(f"{base}/models", headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
-        raise UserError(f"cannot reach the agent LLM server at {base} ({type(exc).__name__}: "
-                        f"{str(exc) or 'no answer'}); {hint}") from None
+        raise UserError(f"cannot reach the agent LLM server at {base} ({describe_error(exc)}); "
+                        f"{hint}") from None
     if response.status_code >= 400:
         raise UserError(f"the agent LLM server at {base} answered {response.status_code} to GET /models; {hint}")
     try:

@@ -16,6 +16,7 @@ from typing import Any
 
 from imgrag.errors import ModelLoadError, UserError
 from imgrag.settings import Settings
+from imgrag.text import describe_error
 
 
 def looks_local(ref: str) -> bool:
@@ -64,11 +65,6 @@ def check_exists(ref: str, role: str, expected: str) -> None:
                              "cache; imgrag never downloads on its own: `imgrag models download` fetches them")
 
 
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
-
-
 @contextmanager
 def loading(role: str, ref: str, expected: str) -> Iterator[None]:
     """Run a loader quietly; anything it raises (but a UserError) becomes a one-line ``ModelLoadError``."""
@@ -80,7 +76,7 @@ def loading(role: str, ref: str, expected: str) -> Iterator[None]:
         raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load the {role} from {ref} (expected {expected}): "
-                             f"{type(exc).__name__}: {first_line(exc)}") from exc
+                             f"{describe_error(exc)}") from exc
 
 
 @contextmanager

@@ -24,8 +24,8 @@ class DinoScorer:
         a ``ModelLoadError`` naming the checkpoint when it cannot."""
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-        from imgrag.checkpoints import first_line
         from imgrag.errors import ModelLoadError
+        from imgrag.text import first_line
 
         try:
             self.processor = AutoImageProcessor.from_pretrained(checkpoint, trust_remote_code=False)

@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imgrag.checkpoints import download_hint, first_line, hub_cached
+from imgrag.checkpoints import download_hint, hub_cached
 from imgrag.errors import ModelLoadError
 from imgrag.model_files import is_torchscript_archive
 from imgrag.settings import Settings
+from imgrag.text import first_line
 
 log = logging.getLogger(__name__)
 

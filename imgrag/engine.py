@@ -17,6 +17,7 @@ from typing import Any
 from imgrag.errors import ModelLoadError, UserError
 from imgrag.manager import ModelManager
 from imgrag.settings import Settings
+from imgrag.text import describe_error
 
 MODEL_NAMES = ("generator", "judge", "llm", "embedder")
 
@@ -230,7 +231,7 @@ def _load_embedder(settings: Settings, device: str) -> Any:
         raise
     except Exception as exc:  # the embedder wraps its own errors; this is the net for anything it missed
         raise ModelLoadError(f"cannot load the embedder from {settings.models.embedder} (expected an open_clip "
-                             f"checkpoint): {type(exc).__name__}: {exc}") from exc
+                             f"checkpoint): {describe_error(exc)}") from exc
 
 
 class ManagedEmbedder:

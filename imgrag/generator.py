@@ -36,16 +36,17 @@ from typing import Any
 from PIL import Image
 
 from imgrag.adapters import ResolvedAdapter, resolve_ip_adapter
-from imgrag.checkpoints import first_line, loading, quiet_libraries
+from imgrag.checkpoints import loading, quiet_libraries
 from imgrag.draw_options import MAX_PER_ROUND
 from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed
 from imgrag.fast import FastSwitch, draw_plan
 from imgrag.loras import LoraChoice, LoraSwitch, check_loras, settings_loras
-from imgrag.model_files import generator_variant, is_local_ref
+from imgrag.model_files import generator_variant, is_local_ref, weight_file_problem
 from imgrag.schedulers import SchedulerSwitch
 from imgrag.schedulers import describe as describe_scheduler
 from imgrag.settings import MAX_IP_SCALE, Settings
 from imgrag.steering import ReferenceSteer, check_mode, check_weight, instantstyle_scale
+from imgrag.text import first_line
 
 
 class NonFiniteDrawingError(UserError):
@@ -86,19 +87,11 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, settings: Settings, device: str | None = None, *, place: bool = True) -> Generator:
-        """Load ``settings.models.generator`` (safetensors only) onto ``device`` (default: the settings').
+        """Load ``settings.models.generator`` (safetensors only; a folder, a hub id or a single file, see
+        :func:`load_sdxl_pipeline`) onto ``device`` (default: the settings').
 
         ``place=False`` leaves it in CPU RAM (in the dtype chosen for ``device``) for the model manager to move."""
-        from diffusers import AutoPipelineForText2Image, StableDiffusionXLPipeline
-
-        ref = settings.models.generator
-        with loading("generator", ref, SDXL_EXPECTED):
-            # The fp16 variant is what `imgrag models download` fetches; diffusers casts it to the dtype asked for.
-            pipe = AutoPipelineForText2Image.from_pretrained(ref, dtype=settings.torch_dtype(), use_safetensors=True,
-                                                             variant=generator_variant(ref))
-        if not isinstance(pipe, StableDiffusionXLPipeline):
-            raise ModelLoadError(f"{ref} holds a {type(pipe).__name__}, not the generator (expected {SDXL_EXPECTED})")
-        generator = cls(pipe, settings)
+        generator = cls(load_sdxl_pipeline(settings), settings)
         if _adapter_present(settings):
             # A wrong adapter file or encoder fails here, before the first drawing, not at the first guided one.
             generator.adapter = resolve_ip_adapter(settings)
@@ -439,6 +432,54 @@ class Generator:
                 num_images_per_prompt=1, do_classifier_free_guidance=cfg)
             self._zero_embeds[cfg] = torch.zeros_like(embeds[0])
         return self._zero_embeds[cfg].to(self.pipe.device)
+
+
+def load_sdxl_pipeline(settings: Settings) -> Any:
+    """The SDXL pipeline ``settings.models.generator`` names, in ``settings.torch_dtype()`` on the CPU: the one loader
+    of both forms, so everything drawn afterwards (IP-Adapter, LoRAs, fast modes, schedulers, batches, previews)
+    sees the same ``StableDiffusionXLPipeline`` either way.
+
+    - A diffusers folder or hub id: ``AutoPipelineForText2Image.from_pretrained`` (the fp16 variant when that is
+      what the folder holds, as ``imgrag models download`` fetches it).
+    - A single-file checkpoint (a ``.safetensors`` file in the original A1111/ComfyUI layout, or a folder holding
+      exactly one; :func:`imgrag.single_file.find_single_file`): the file's integrity and its keys are checked from
+      its header first (a truncated download, a LoRA, an SD 1.5 model are one line each), then
+      ``StableDiffusionXLPipeline.from_single_file`` with ``config=`` the local folder ``models.generator_config``
+      resolves to and ``local_files_only=True``, so diffusers never reaches for the hub.
+
+    Every failure is one :class:`~imgrag.errors.ModelLoadError` line naming the checkpoint."""
+    from diffusers import AutoPipelineForText2Image, StableDiffusionXLPipeline
+
+    from imgrag.single_file import find_single_file
+
+    ref = settings.models.generator
+    single = find_single_file(ref)
+    if single is not None:
+        return _load_single_file(single, settings)
+    with loading("generator", ref, SDXL_EXPECTED):
+        # The fp16 variant is what `imgrag models download` fetches; diffusers casts it to the dtype asked for.
+        pipe = AutoPipelineForText2Image.from_pretrained(ref, dtype=settings.torch_dtype(), use_safetensors=True,
+                                                         variant=generator_variant(ref))
+    if not isinstance(pipe, StableDiffusionXLPipeline):
+        raise ModelLoadError(f"{ref} holds a {type(pipe).__name__}, not the generator (expected {SDXL_EXPECTED})")
+    return pipe
+
+
+def _load_single_file(path: Path, settings: Settings) -> Any:
+    """:func:`load_sdxl_pipeline` for a single-file checkpoint at ``path`` (see there)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from imgrag.single_file import EXPECTED, checkpoint_problem, resolve_config
+
+    if not path.is_file():
+        raise ModelLoadError(f"generator checkpoint not found: {path} (expected {EXPECTED})")
+    problem = weight_file_problem(path) or checkpoint_problem(path)
+    if problem:
+        raise ModelLoadError(f"generator {path}: {problem}")
+    config = resolve_config(settings.models.generator_config)
+    with loading("generator", str(path), f"{EXPECTED}, configured by {config}"):
+        return StableDiffusionXLPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                          dtype=settings.torch_dtype())
 
 
 def reference_steers(count: int, weights: list[float] | None, modes: list[str] | None) -> list[ReferenceSteer]:

@@ -31,7 +31,6 @@ the file's header, and after the drawing the manager measures the generator with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -235,34 +234,6 @@ def lora_parameters(path: str | Path) -> int:
         header = json.loads(fh.read(length).decode("utf-8"))
     return sum(math.prod(info.get("shape") or [1]) for key, info in header.items()
                if key != "__metadata__" and isinstance(info, dict))
-
-
-_SHA256: dict[tuple[str, int, int], str] = {}
-
-
-def lora_sha256(path: str | Path) -> str | None:
-    """sha256 of a LoRA file (hex), computed once per process for each (path, size, modification time): a LoRA file
-    is hundreds of MB and every drawing's provenance names it. None when it cannot be read."""
-    key = _file_key(str(path))
-    if key[1] < 0:
-        return None
-    if key not in _SHA256:
-        digest = hashlib.sha256()
-        try:
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-        except OSError:
-            return None
-        _SHA256[key] = digest.hexdigest()
-    return _SHA256[key]
-
-
-def lora_entries(loras: Sequence[LoraChoice]) -> list[dict[str, Any]]:
-    """What a picture's provenance keeps of each LoRA: ``{"path", "sha256", "weight", "name"}`` (the name its A1111
-    line shows), in the order they were given."""
-    return [{"path": c.path, "sha256": lora_sha256(c.path), "weight": float(c.weight), "name": c.label}
-            for c in loras]
 
 
 def settings_loras(settings: Any) -> tuple[LoraChoice, ...]:

@@ -73,6 +73,7 @@ class FileStatus:
     size: int | None = None
     approx_only: bool = False
     where: Path | None = None  # the file on disk, when it is here (for reading its header)
+    local: bool = False  # a file of the user's own in a role whose other files come from the hub: never fetched
 
 
 @dataclass
@@ -81,7 +82,9 @@ class RoleFiles:
 
     ``source`` is "hub" (a hub id: files in the HF cache), "local" (a folder or file), "remote" (the LLM
     served over HTTP: no files) or "unset". ``problems`` are one-line findings beyond missing files (a wrong
-    adapter file name, an encoder of the wrong width); ``notes`` are harmless ones.
+    adapter file name, an encoder of the wrong width); ``notes`` are harmless ones. A local role may still take
+    some files from the hub: a single-file generator's configuration (``repo_id`` and ``patterns`` then name
+    them, and the checkpoint file itself is ``local``); :attr:`to_fetch` is what a download can bring.
     """
 
     role: str
@@ -103,6 +106,23 @@ class RoleFiles:
         return self.source in ("remote", "unset") or (bool(self.files) and not self.missing and not self.problems)
 
     @property
+    def to_fetch(self) -> list[FileStatus]:
+        """The missing files ``imgrag models download`` can fetch (none without a hub repository)."""
+        return [f for f in self.missing if not f.local] if self.repo_id else []
+
+    @property
+    def downloadable(self) -> bool:
+        """Whether ``imgrag models download`` has something to fetch for this role (a hub repository whose layout
+        is not recorded is fetched to be sure: its files are known only once it is cached)."""
+        if self.source == "hub":
+            return bool(self.missing) or not self.recorded
+        return bool(self.to_fetch)
+
+    @property
+    def fetch_bytes(self) -> int:
+        return sum(f.size or 0 for f in self.to_fetch)
+
+    @property
     def total_bytes(self) -> int:
         return sum(f.size or 0 for f in self.files)
 
@@ -120,7 +140,8 @@ class RoleFiles:
                 "files": [{"path": f.path, "size": f.size, "present": f.present, "size_approximate": f.approx_only}
                           for f in self.files],
                 "total_bytes": self.total_bytes, "missing_bytes": self.missing_bytes,
-                "missing": [f.path for f in self.missing], "problems": self.problems, "notes": self.notes}
+                "missing": [f.path for f in self.missing], "to_fetch_bytes": self.fetch_bytes,
+                "problems": self.problems, "notes": self.notes}
 
 
 def human_size(n: int | None) -> str:
@@ -246,6 +267,8 @@ def check_role(role: str, settings: Settings) -> RoleFiles:
                 result.files = [FileStatus(p, False) for p in result.patterns]
             else:
                 _check_folder(role, folder, settings, result)
+    elif role == "generator" and _single_file_generator(settings, result):
+        pass  # checked there: the file, its keys and its configuration folder
     else:
         _check_local(role, settings, result)
     if role == "llm" and _is_gptq(ref, result) and importlib.util.find_spec("gptqmodel") is None:
@@ -372,6 +395,77 @@ def _cached_snapshot(repo: str) -> Path | None:
         return Path(snapshot_download(repo, local_files_only=True))
     except Exception:  # not cached, or not a valid repository id
         return None
+
+
+def _single_file_generator(settings: Settings, result: RoleFiles) -> bool:
+    """Check a single-file generator (:mod:`imgrag.single_file`) into ``result``: the file (its integrity by the
+    final header check of :func:`check_role`, then whether its keys are an SDXL base checkpoint's) and the files of
+    its configuration, ``models.generator_config`` (a folder, or a hub id in the cache: then ``result.repo_id`` and
+    the configuration's ``allow_patterns``, which ``imgrag models download`` fetches). False when the generator is
+    not a single file."""
+    from imgrag.single_file import CONFIG_PATTERNS, checkpoint_problem, config_problem, find_single_file
+
+    try:
+        path = find_single_file(settings.models.generator)
+    except UserError as exc:
+        result.problems.append(str(exc))
+        return True
+    if path is None:
+        return False
+    here = path.is_file()
+    result.files.append(FileStatus(str(path), here, _size(path) if here else None, where=path if here else None,
+                                   local=True))
+    config = settings.models.generator_config.strip()
+    if here and weight_file_problem(path) is None:  # a damaged file is reported by check_role's header check
+        try:
+            kind = checkpoint_problem(path)
+        except UserError as exc:
+            kind = str(exc)
+        if kind:
+            result.problems.append(f"{path.name}: {kind}")
+        else:
+            result.notes.append(f"a single-file SDXL checkpoint (original layout), configured by {config or '?'}")
+    if not config:
+        result.problems.append("models.generator_config is empty: a single-file checkpoint needs SDXL's diffusers "
+                               "configuration (stabilityai/stable-diffusion-xl-base-1.0, or a local folder of it)")
+        return True
+    folder: Path | None = None
+    if is_local_ref(config):
+        folder = Path(config).expanduser()
+        if not folder.is_dir():
+            result.files.append(FileStatus(str(folder), False, local=True))
+            result.problems.append(f"no such folder: {folder} (models.generator_config)")
+            return True
+    else:
+        result.repo_id, result.patterns = config, list(CONFIG_PATTERNS)
+        layout = LAYOUTS.get(config)
+        if layout is not None:
+            result.recorded = True
+            for f in select_files(layout, result.patterns):
+                cached = _cached(config, f.path)
+                result.files.append(FileStatus(f"{config}:{f.path}", cached is not None, f.size, f.approx_only,
+                                               Path(cached) if cached else None))
+            folder = _cached_snapshot(config) if all(f.present for f in result.files) else None
+        else:
+            folder = _cached_snapshot(config)
+            if folder is None:
+                result.files += [FileStatus(f"{config}:{p}", False) for p in result.patterns]
+                return True
+    if folder is not None:
+        from imgrag.single_file import config_files
+
+        problem = config_problem(folder)
+        if problem:
+            result.problems.append(problem)
+        if not result.recorded:
+            for item in config_files(folder):
+                names = (item,) if isinstance(item, str) else item
+                found = next((n for n in names if (folder / n).is_file()), None)
+                name = found or " or ".join(names)
+                shown = f"{config}:{name}" if result.repo_id else str(folder / name)
+                result.files.append(FileStatus(shown, found is not None, _size(folder / found) if found else None,
+                                               where=folder / found if found else None, local=not result.repo_id))
+    return True
 
 
 def _check_local(role: str, settings: Settings, result: RoleFiles) -> None:
@@ -558,8 +652,9 @@ def download(result: RoleFiles) -> Path:
     import huggingface_hub
     from huggingface_hub import errors
 
-    if result.source != "hub" or not result.repo_id:
+    if not result.repo_id:
         raise UserError(f"{result.role} is not a hub repository ({result.ref}); nothing to download")
+    setting = ROLE_SETTING[result.role] if result.source == "hub" else "models.generator_config"
     cache = hub_cache_dir()
     if hub_offline():
         raise UserError(f"cannot download {result.repo_id}: HF_HUB_OFFLINE=1 is set, so the model hub is off limits; "
@@ -567,7 +662,7 @@ def download(result: RoleFiles) -> Path:
     try:
         folder = huggingface_hub.snapshot_download(result.repo_id, allow_patterns=result.patterns)
     except (errors.GatedRepoError, errors.RepositoryNotFoundError) as exc:
-        raise UserError(f"cannot download {result.repo_id}: {type(exc).__name__} (a typo in {ROLE_SETTING[result.role]}"
+        raise UserError(f"cannot download {result.repo_id}: {type(exc).__name__} (a typo in {setting}"
                         ", or a gated repository: accept its licence on huggingface.co and log in with `hf auth login`)"
                         ) from None
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, ConnectionError, TimeoutError) as exc:

@@ -26,9 +26,10 @@ from typing import Any
 
 from PIL import Image
 
-from imgrag.checkpoints import first_line, loading, quiet_libraries
+from imgrag.checkpoints import loading, quiet_libraries
 from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed
 from imgrag.settings import Settings
+from imgrag.text import first_line
 
 OMNIGEN_EXPECTED = "an OmniGen diffusers pipeline folder (model_index.json of OmniGenPipeline)"
 GUIDANCE_BRANCHES = 3  # with input images: text+images, neither, images only (two without)

@@ -5,9 +5,10 @@ A PNG carries two text chunks (``tEXt``/``iTXt``, written with Pillow's ``PngInf
 - ``imgrag``: one JSON document (:data:`SCHEMA`): the prompt, negative prompt, seed, steps, guidance, size,
   adapter scale, fast mode and scheduler (the choice, ``scheduler``, "" for the checkpoint's own, and what drew,
   ``sampler``); for a round of several drawings its batch (size and place); the model ids that drew it; the
-  imgrag version; the run and candidate ids; for a guided picture, the path, store id and sha256 of every
-  reference photo that steered it; and the path, sha256, weight and name of every LoRA it was drawn with
-  (``loras``). ``imgrag generate --from-image`` reads it back and redraws.
+  imgrag version; the run and candidate ids; for a single-file checkpoint as the generator, ``generator_file``
+  (its path, sha256 and the configuration folder it was read with); for a guided picture, the path, store id and
+  sha256 of every reference photo that steered it; and the path, sha256, weight and name of every LoRA it was drawn
+  with (``loras``). ``imgrag generate --from-image`` reads it back and redraws.
 - ``parameters``: the same settings as one human-readable line in the style AUTOMATIC1111 and ComfyUI users
   know (``prompt <lora:name:0.8>\\nNegative prompt: ...\\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 7,
   Size: 1024x1024, Model: ...``), for tools that show it. LoRAs are written into the prompt text as A1111 users
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +34,7 @@ from PIL.PngImagePlugin import PngInfo
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from imgrag.file_names import display_name, is_text_name
+from imgrag.text import shorten
 
 PROVENANCE_KEY = "imgrag"
 PARAMETERS_KEY = "parameters"
@@ -62,6 +65,63 @@ def file_sha256(path: str | Path) -> str | None:
     return digest.hexdigest()
 
 
+# sha256 of checkpoint files already hashed, by resolved path, size and modification time (a real SDXL file is ~7 GB,
+# all of which hashing reads): kept under IMGRAG_HOME as A1111 keeps its cache.json of model hashes.
+HASH_CACHE_NAME = "checkpoint_hashes.json"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def checkpoint_sha256(path: str | Path) -> str | None:
+    """sha256 of a checkpoint file (:func:`file_sha256`), hashed once per file version: the digest is kept in
+    ``IMGRAG_HOME/checkpoint_hashes.json`` beside the file's size and modification time, and hashed again when either
+    changed. None when the file cannot be read. A cache that is not what imgrag writes is ignored and rewritten."""
+    from imgrag.runs import write_json_atomic
+    from imgrag.settings import imgrag_home
+
+    try:
+        resolved = Path(path).expanduser().resolve()
+        stat = resolved.stat()
+    except OSError:
+        return None
+    key = str(resolved)
+    cache_path = imgrag_home() / HASH_CACHE_NAME
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    entry = cache.get(key)
+    if (isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns
+            and isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"])):
+        return entry["sha256"]
+    digest = file_sha256(resolved)
+    if digest is None:
+        return None
+    cache = {k: v for k, v in cache.items() if isinstance(k, str) and isinstance(v, dict)}
+    cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cache_path, cache)
+    except OSError:
+        pass  # a read-only home: the digest is still right, only hashed again next time
+    return digest
+
+
+def generator_file_entry(settings: Any) -> dict[str, Any] | None:
+    """``{"path", "sha256", "config"}`` of a single-file generator (:mod:`imgrag.single_file`): the checkpoint file
+    (absolute, resolved) and its hash, and the configuration it was read with; None for a folder or hub id."""
+    from imgrag.errors import UserError
+    from imgrag.single_file import find_single_file
+
+    try:
+        path = find_single_file(settings.models.generator)
+    except UserError:
+        return None
+    if path is None:
+        return None
+    return {"path": absolute_path(path), "sha256": checkpoint_sha256(path), "config": settings.models.generator_config}
+
+
 def absolute_path(path: str | Path) -> str:
     """``path`` made absolute and resolved (``~`` expanded, links and ``..`` followed), so a recipe read from another
     folder finds the same file."""
@@ -75,6 +135,14 @@ def reference_entries(references: list[dict[str, Any]]) -> list[dict[str, Any]]:
     when the picture is drawn."""
     return [{"path": absolute_path(ref["path"]), "id": ref.get("id"), "sha256": file_sha256(ref["path"]),
              **{k: ref[k] for k in ("weight", "mode") if ref.get(k) is not None}} for ref in references]
+
+
+def lora_entries(loras: list[Any]) -> list[dict[str, Any]]:
+    """What a picture's provenance keeps of each LoRA it was drawn with (:class:`imgrag.loras.LoraChoice` records):
+    ``{"path", "sha256", "weight", "name"}``, ``name`` the one its A1111 line shows, in the order given. A LoRA is
+    hundreds of MB: its hash is :func:`checkpoint_sha256`'s, computed once per file version."""
+    return [{"path": c.path, "sha256": checkpoint_sha256(c.path), "weight": float(c.weight), "name": c.label}
+            for c in loras]
 
 
 def recipe_profile(picture: str | Path) -> str | None:
@@ -96,11 +164,14 @@ def describe(settings: Any, *, prompt: str, seed: int, steps: int, guidance: flo
     """The provenance document of one drawing (see the module docstring for its fields).
 
     ``settings`` is an :class:`imgrag.settings.Settings` (for the model ids and profile); ``references`` come
-    from :func:`reference_entries`, ``loras`` from :func:`imgrag.loras.lora_entries`. ``ip_scale`` is kept only for
+    from :func:`reference_entries`, ``loras`` from :func:`lora_entries`. ``ip_scale`` is kept only for
     a guided drawing (it does nothing otherwise)."""
     m = settings.models
     refs = list(references or [])
     models: dict[str, str] = {"generator": m.generator}
+    generator_file = generator_file_entry(settings) if "models" not in extra else None  # an OmniGen drawing: none
+    if generator_file is not None:
+        models["generator"] = generator_file["path"]
     if refs:
         models["ip_adapter"] = f"{m.ip_adapter}/{m.ip_adapter_subfolder}/{m.ip_adapter_weight}"
     if fast == "lcm-lora":
@@ -113,6 +184,8 @@ def describe(settings: Any, *, prompt: str, seed: int, steps: int, guidance: flo
         "negative_prompt": negative_prompt or "", "scheduler": scheduler or "", "sampler": sampler,
         "loras": list(loras or []),
     }
+    if generator_file is not None:
+        doc["generator_file"] = generator_file
     doc.update({k: v for k, v in extra.items() if v is not None})
     return doc
 
@@ -125,6 +198,9 @@ def parameters_line(doc: dict[str, Any]) -> str:
         pairs.append(f"Sampler: {doc['sampler']}")
     pairs += [f"CFG scale: {doc['guidance']:g}", f"Seed: {doc['seed']}", f"Size: {doc['width']}x{doc['height']}",
               f"Model: {doc['models'].get('generator') or doc['models'].get('omnigen')}"]
+    file_hash = (doc.get("generator_file") or {}).get("sha256")
+    if isinstance(file_hash, str) and file_hash:
+        pairs.append(f"Model hash: {file_hash[:10]}")  # A1111's short form of the checkpoint's sha256
     batch = doc.get("batch") or {}
     if int(batch.get("size") or 1) > 1:
         pairs += [f"Batch size: {batch['size']}", f"Batch pos: {batch.get('index', 0)}"]
@@ -220,7 +296,7 @@ def for_drawing(settings: Any, *, prompt: str, seed: int, references: list[dict[
     (default ``[[models.loras]]``). ``extra`` keys (None ones dropped) join the document: ``backbone``,
     ``concepts`` (which reference stood for which concept), ``batch`` (``{"size", "index"}`` of a round's drawings)."""
     from imgrag.fast import draw_plan
-    from imgrag.loras import lora_entries, settings_loras
+    from imgrag.loras import settings_loras
 
     g = settings.generation
     plan = draw_plan(g, fast)
@@ -268,7 +344,7 @@ class RecipeReference(BaseModel):
 
 
 class RecipeLora(BaseModel):
-    """One LoRA of a recipe, as :func:`imgrag.loras.lora_entries` writes it."""
+    """One LoRA of a recipe, as :func:`lora_entries` writes it."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -276,6 +352,16 @@ class RecipeLora(BaseModel):
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
     weight: float = 1.0
     name: str = ""
+
+
+class RecipeGeneratorFile(BaseModel):
+    """The single-file checkpoint a recipe was drawn with, as :func:`generator_file_entry` writes it."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    path: Annotated[str, StringConstraints(min_length=1)]
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
+    config: str = ""
 
 
 class RecipeConcept(BaseModel):
@@ -311,6 +397,7 @@ class Recipe(BaseModel):
     backbone: str | None = None  # "omnigen", "sdxl+ip-adapter", ...: what drew it
     concepts: list[RecipeConcept] | None = None
     omnigen: dict[str, Any] | None = None
+    generator_file: RecipeGeneratorFile | None = None
 
     def check_bounds(self, generation: Any, where: str) -> None:
         """Raise a UserError starting with ``where`` (``"PICTURE's recipe"``) for a value the command line would
@@ -368,8 +455,7 @@ def _recipe_error(exc: ValidationError, where: str) -> str:
         return f"{where}: {owner} has no {field_name}" if owner else f"{where}: it has no {field_name}"
     value = error.get("input")
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
+    shown = shorten(shown, 80, collapse=False)
     label = f"{owner}'s {field_name}" if owner and field_name else owner or field_name
     return f"{where}: {label}: {error.get('msg', 'invalid').lower()} (got {shown})"
 

@@ -34,10 +34,12 @@ from typing import Any
 
 import jinja2
 
+from imgrag.candidate_ids import candidate_number
 from imgrag.errors import UserError
 from imgrag.file_names import display_name
 from imgrag.runs import RunRecord, atomic_path
 from imgrag.settings import TINY_WARNING
+from imgrag.text import shorten
 
 # Largest side of an inlined thumbnail, in pixels. Candidates are shown at up to this size.
 THUMB_PX = 384
@@ -50,7 +52,6 @@ JPEG_QUALITY = 85
 ARGS_CHARS = 400
 DETAIL_CHARS = 1200
 
-TINY_BANNER = TINY_WARNING  # one text for the terminal, result.json and the page (imgrag.settings)
 
 # Badge colour per run status; any other status (unfinished, unknown) is grey.
 STATUS_KINDS = {"matched": "ok", "budget_exhausted": "warn", "interrupted": "warn", "failed": "bad"}
@@ -129,7 +130,7 @@ def _load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]], bool
         return _read_json(result_path), trace, True
     start = next((s for s in trace if s.get("event") == "start"), {})
     candidates = []
-    for i, png in enumerate(sorted((run_dir / "candidates").glob("c*.png"), key=lambda p: int(p.stem[1:] or 0))):
+    for i, png in enumerate(sorted((run_dir / "candidates").glob("c*.png"), key=lambda p: candidate_number(p.stem))):
         candidates.append({"id": png.stem, "path": str(png), "round": i + 1, "verdict": None})
     result = {"run_id": run_dir.name, "status": "unfinished", "prompt": start.get("prompt", ""),
               "planner": start.get("planner"), "profile": start.get("profile"), "candidates": candidates,
@@ -149,12 +150,6 @@ def _num(value: Any, digits: int = 3) -> Any:
     return value
 
 
-def shorten(text: Any, limit: int) -> str:
-    """``text`` cut to ``limit`` characters, with an ellipsis when it was cut."""
-    text = "" if text is None else str(text)
-    return text if len(text) <= limit else text[: max(limit - 1, 0)].rstrip() + "…"
-
-
 @functools.cache
 def _environment() -> jinja2.Environment:
     """The report templates (package data), autoescaped; None renders as an empty string."""
@@ -168,7 +163,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["num"] = _num
     env.globals.update(data_uri=image_data_uri, THUMB_PX=THUMB_PX, REFERENCE_THUMB_PX=REFERENCE_THUMB_PX,
-                       STATUS_KINDS=STATUS_KINDS, TINY_BANNER=TINY_BANNER)
+                       STATUS_KINDS=STATUS_KINDS, TINY_BANNER=TINY_WARNING)
     return env
 
 
@@ -191,8 +186,8 @@ def _reference_view(rid: str, ref: dict[str, Any]) -> dict[str, Any]:
     caption = ref.get("caption") or (Path(path).name if path else "")
     query = ref.get("query")
     title = f"{caption} — retrieved for: {query}" if query else caption
-    return {"id": rid, "path": path, "caption": shorten(caption, CAPTION_CHARS), "full_caption": caption,
-            "title": title, "query": query, "score": ref.get("score")}
+    return {"id": rid, "path": path, "caption": shorten(caption, CAPTION_CHARS, collapse=False),
+            "full_caption": caption, "title": title, "query": query, "score": ref.get("score")}
 
 
 def _candidate_view(c: dict[str, Any], references: dict[str, dict], final_id: str | None,
@@ -211,7 +206,7 @@ def _candidate_view(c: dict[str, Any], references: dict[str, dict], final_id: st
                         "source": (references.get(rid) or {}).get("source") or "retrieved"}
                        for rid in c.get("reference_ids") or []],
         "guided_by_memory": "memory" in (c.get("guided_by") or []),
-        "retrieved": c.get("source") == "retrieved",  # a photo of the collection, not a drawing (issue 18)
+        "retrieved": c.get("source") == "retrieved",  # a photo of the collection, not a drawing
         "backbone": c.get("backbone"), "concepts": _concepts_view(c.get("concepts") or []),
         "sent_prompt": c.get("sent_prompt"),
         # how it was drawn (imgrag.draw_options): the sampler, the guidance, what it was to leave out, its round's place
@@ -255,8 +250,9 @@ def _steps_view(trace: list[dict[str, Any]], result: dict[str, Any]) -> list[dic
             detail = s.get("message") or ""
             args = "" if s.get("args") is None else display_name(json.dumps(s["args"], ensure_ascii=False,
                                                                                default=str))
-            row.update(kind="tool", tool=s.get("tool"), args=shorten(args, ARGS_CHARS))
-        rows.append({**row, "ok": s.get("ok"), "seconds": s.get("seconds"), "detail": shorten(detail, DETAIL_CHARS)})
+            row.update(kind="tool", tool=s.get("tool"), args=shorten(args, ARGS_CHARS, collapse=False))
+        rows.append({**row, "ok": s.get("ok"), "seconds": s.get("seconds"),
+                     "detail": shorten(detail, DETAIL_CHARS, collapse=False)})
     return rows
 
 
@@ -308,7 +304,7 @@ def run_view(run_dir: str | Path,
                        "total": max(0.0, float(wall) - counted), "mean": None})
     return {
         "run_id": result.get("run_id") or run_dir.name,
-        "tiny_banner": (result.get("note") or TINY_BANNER) if result.get("profile") == "tiny" else None,
+        "tiny_banner": (result.get("note") or TINY_WARNING) if result.get("profile") == "tiny" else None,
         "finished": finished, "prompt": prompt,
         "meta": [(k, v) for k, v in meta if v not in (None, "")],
         "final_path": (final.get("path") if final else None) or result.get("final_image"),
@@ -470,7 +466,7 @@ def render_eval(eval_dir: str | Path) -> str:
     scorers = doc.get("scorers") or {}
     ev = {
         "name": eval_dir.name,
-        "tiny_banner": (doc.get("note") or TINY_BANNER) if doc.get("profile") == "tiny" else None,
+        "tiny_banner": (doc.get("note") or TINY_WARNING) if doc.get("profile") == "tiny" else None,
         "meta": [("mode", doc.get("mode")), ("source", doc.get("source")), ("prompts", len(doc.get("items") or [])),
                  ("arms", ", ".join(arms)), ("max rounds", doc.get("max_rounds")), ("profile", doc.get("profile")),
                  ("seconds", _num(doc.get("seconds"))),

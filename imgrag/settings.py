@@ -49,6 +49,8 @@ MAX_IP_SCALE = 1.0
 # Said once by every command, kept in result.json's note and shown on the report when the profile is "tiny".
 TINY_WARNING = ("tiny profile: random-weight models — the images are noise and the verdicts junk; "
                 "this checks the plumbing, not quality.")
+# The same, short enough to stand beside each answer the chat and the web page show.
+TINY_MARK = "tiny profile: random weights, the picture is noise and the verdict junk"
 Positive = Annotated[int, Field(ge=1)]
 # Upper bounds of one drawing, raisable on purpose (generation.max_side, generation.max_steps). SDXL was trained
 # at about 1024x1024: at 2048 a side it already repeats its subject, and memory and time grow with the pixel count
@@ -88,7 +90,12 @@ class LoraSettings:
 class ModelSettings:
     """Checkpoints: a hub id or a local directory each."""
 
+    # A diffusers folder or hub id, or a single-file checkpoint (.safetensors in the A1111/ComfyUI layout, or a folder
+    # holding one): imgrag/single_file.py.
     generator: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    # Where a single-file generator's configuration (component configs, tokenizers, scheduler; no weights) comes from:
+    # a diffusers SDXL folder, or a hub id in the local cache (`imgrag models download` fetches its configs).
+    generator_config: str = "stabilityai/stable-diffusion-xl-base-1.0"
     ip_adapter: str = "h94/IP-Adapter"
     ip_adapter_subfolder: str = "sdxl_models"
     ip_adapter_weight: str = "ip-adapter_sdxl_vit-h.safetensors"
@@ -409,6 +416,7 @@ def _tiny_profile() -> dict[str, Any]:
         "profile": "tiny",
         "models": {
             "generator": f"{kit}/sdxl",
+            "generator_config": f"{kit}/sdxl",
             "ip_adapter": f"{kit}/ip-adapter",
             "judge": f"{kit}/qwen2.5-vl",
             "llm": f"{kit}/qwen2.5-instruct",

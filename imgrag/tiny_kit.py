@@ -10,6 +10,8 @@ plumbing (loading, shapes, prompts, chat templates, generation calls) works.
 Layout under ``out_dir``::
 
     sdxl/                  StableDiffusionXLPipeline.save_pretrained (AutoPipelineForText2Image loads it)
+    sdxl-single/           the same SDXL as one file, tiny-sdxl.safetensors, in the original A1111/ComfyUI key
+                           layout (from_single_file loads it, configured by sdxl/; imgrag.single_file)
     ip-adapter/            like h94/IP-Adapter: sdxl_models/ip-adapter_sdxl_vit-h.safetensors
                            + models/image_encoder/ (CLIPVisionModelWithProjection)
     qwen2.5-vl/            Qwen2_5_VLForConditionalGeneration + Qwen2_5_VLProcessor
@@ -29,7 +31,7 @@ few seconds on a 2-core CPU. Each model is built in a temporary sibling folder a
 place; the marker is removed first and written last (atomically), so an interrupted build is
 detected and redone by :func:`ensure_tiny_kit`.
 
-Why one module of ~880 lines: it is one recipe, the kit, whose ten builders share the configuration table
+Why one module of ~900 lines: it is one recipe, the kit, whose builders share the configuration table
 (also the template of :mod:`imgrag.full_scale`), the tokenizers and the atomic build-and-mark steps; split by
 model, each part would be a short function importing the same shared half.
 """
@@ -47,7 +49,7 @@ from typing import Any
 
 from imgrag.runs import write_json_atomic
 
-KIT_VERSION = 2
+KIT_VERSION = 3
 DEFAULT_SEED = 0
 MARKER_NAME = "kit.json"
 LOCK_NAME = ".kit.lock"
@@ -55,6 +57,7 @@ LOCK_NAME = ".kit.lock"
 # Folder of each model under the kit directory, keyed by the settings' model names.
 MODEL_DIRS: dict[str, str] = {
     "generator": "sdxl",
+    "generator_single_file": "sdxl-single",  # models.generator's other form (no setting of its own)
     "ip_adapter": "ip-adapter",
     "judge": "qwen2.5-vl",
     "llm": "qwen2.5-instruct",
@@ -68,6 +71,7 @@ MODEL_DIRS: dict[str, str] = {
 }
 
 # IP-Adapter files, where the real h94/IP-Adapter repository keeps the SDXL ViT-H adapter.
+SDXL_SINGLE_FILE_NAME = "tiny-sdxl.safetensors"  # in sdxl-single/
 IP_ADAPTER_SUBFOLDER = "sdxl_models"
 IP_ADAPTER_WEIGHT_NAME = "ip-adapter_sdxl_vit-h.safetensors"
 IP_ADAPTER_IMAGE_ENCODER_FOLDER = "models/image_encoder"
@@ -374,6 +378,7 @@ def _build_locked(out_dir: Path, seed: int, progress: Callable[[str], None] | No
     (out_dir / MARKER_NAME).unlink(missing_ok=True)  # an interrupted build must look unbuilt
     builders: dict[str, Callable[[Path, int], None]] = {
         "generator": _build_sdxl,
+        "generator_single_file": _build_sdxl_single_file,
         "ip_adapter": _build_ip_adapter,
         "judge": _build_qwen_vl,
         "llm": _build_qwen_llm,
@@ -436,6 +441,19 @@ def _write_marker(out_dir: Path, seed: int) -> None:
 
 def _build_sdxl(dest: Path, seed: int) -> None:
     """StableDiffusionXLPipeline: two CLIP text encoders, VAE, UNet, Euler scheduler."""
+    _tiny_sdxl_pipeline(seed).save_pretrained(dest, safe_serialization=True)
+
+
+def _build_sdxl_single_file(dest: Path, seed: int) -> None:
+    """The kit's SDXL (the same seed, so the same weights as sdxl/) as one safetensors file in the original key
+    layout that A1111 and ComfyUI keep checkpoints in (:func:`imgrag.single_file.save_single_file`)."""
+    from imgrag.single_file import save_single_file
+
+    save_single_file(_tiny_sdxl_pipeline(seed), dest / SDXL_SINGLE_FILE_NAME)
+
+
+def _tiny_sdxl_pipeline(seed: int) -> Any:
+    """The kit's random-weight StableDiffusionXLPipeline, in memory (seeded: the same weights every time)."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -465,7 +483,7 @@ def _build_sdxl(dest: Path, seed: int) -> None:
         image_encoder=None,
         feature_extractor=None,
     )
-    pipe.save_pretrained(dest, safe_serialization=True)
+    return pipe
 
 
 def _clip_tokenizer() -> Any:
@@ -689,12 +707,13 @@ USER_LORA_TEXT_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def user_lora_state_dict(seed: int, *, rank: int = USER_LORA_RANK, unet_config: dict[str, Any] | None = None,
-                         text_widths: tuple[int, int] | None = None, scale: float = 0.3) -> dict[str, Any]:
+                         text_widths: tuple[int, int] | None = None, text_layers: tuple[int, int] | None = None,
+                         scale: float = 0.3) -> dict[str, Any]:
     """A random LoRA for the kit's SDXL in diffusers/PEFT layout: ``unet.<module>.lora_A.weight`` ([rank, in]) and
     ``lora_B.weight`` ([out, rank]) for every attention projection of the UNet of ``unet_config`` (default the kit's),
-    and ``text_encoder(_2).text_model.<module>.lora_A/B.weight`` for both CLIP text encoders (widths ``text_widths``,
-    default the kit's). ``lora_B`` is random too (trainers start it at 0), with standard deviation ``scale``, so the
-    LoRA visibly changes a drawing. Deterministic in ``seed``."""
+    and ``text_encoder(_2).text_model.<module>.lora_A/B.weight`` for both CLIP text encoders (widths ``text_widths``
+    and layer counts ``text_layers``, default the kit's). ``lora_B`` is random too (trainers start it at 0), with
+    standard deviation ``scale``, so the LoRA visibly changes a drawing. Deterministic in ``seed``."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -711,8 +730,9 @@ def user_lora_state_dict(seed: int, *, rank: int = USER_LORA_RANK, unet_config: 
         if name.endswith(tuple(f".{m}" for m in USER_LORA_UNET_MODULES)) and hasattr(module, "in_features"):
             add("unet", name, module)
     widths = text_widths or (SDXL_TEXT_ENCODER_1["hidden_size"], SDXL_TEXT_ENCODER_2["hidden_size"])
-    for prefix, width in zip(("text_encoder", "text_encoder_2"), widths, strict=True):
-        for layer in range(SDXL_TEXT_LAYERS):
+    layers = text_layers or (SDXL_TEXT_LAYERS, SDXL_TEXT_LAYERS)
+    for prefix, width, count in zip(("text_encoder", "text_encoder_2"), widths, layers, strict=True):
+        for layer in range(count):
             for module in USER_LORA_TEXT_MODULES:
                 add(prefix, f"text_model.encoder.layers.{layer}.self_attn.{module}",
                     torch.nn.Linear(width, width, device="meta"))
@@ -756,14 +776,15 @@ def to_kohya(state: dict[str, Any], *, layers_per_block: int = SDXL_UNET["layers
     return out
 
 
-def build_user_loras(dest: Path, seed: int) -> dict[str, Path]:
+def build_user_loras(dest: Path, seed: int, **shapes: Any) -> dict[str, Path]:
     """Write the kit's two LoRAs into ``dest``: :data:`STYLE_LORA_NAME` (diffusers/PEFT layout, written by
     diffusers' ``save_lora_weights``) and :data:`SUBJECT_LORA_NAME` (kohya layout, as sd-scripts writes it), two
-    different random LoRAs for the kit's SDXL. Returns their paths."""
+    different random LoRAs for the kit's SDXL (``shapes``: :func:`user_lora_state_dict`'s ``unet_config``,
+    ``text_widths`` and ``text_layers``, for another SDXL's sizes). Returns their paths."""
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
-    style = user_lora_state_dict(seed + 1)
+    style = user_lora_state_dict(seed + 1, **shapes)
     parts = {part: {k.removeprefix(f"{part}."): v for k, v in style.items() if k.split(".", 1)[0] == part}
              for part in ("unet", "text_encoder", "text_encoder_2")}
     StableDiffusionXLPipeline.save_lora_weights(
@@ -772,7 +793,9 @@ def build_user_loras(dest: Path, seed: int) -> dict[str, Path]:
     # One of sd-scripts' ss_* metadata keys: safetensors writes the metadata map in no fixed order, and the kit's
     # files must be the same bytes at every build.
     metadata = {"ss_base_model_version": "sdxl_base_v1-0"}
-    save_file(to_kohya(user_lora_state_dict(seed + 2)), str(dest / SUBJECT_LORA_NAME), metadata=metadata)
+    per_block = (shapes.get("unet_config") or SDXL_UNET)["layers_per_block"]
+    save_file(to_kohya(user_lora_state_dict(seed + 2, **shapes), layers_per_block=per_block),
+              str(dest / SUBJECT_LORA_NAME), metadata=metadata)
     return {"style": dest / STYLE_LORA_NAME, "subject": dest / SUBJECT_LORA_NAME}
 
 

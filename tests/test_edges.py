@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.cli import run_cli
+from tests.ports import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -79,11 +80,7 @@ def test_a_device_that_is_not_there_is_one_line_even_in_doctor(capsys, monkeypat
 
 
 def test_doctor_says_why_cuda_is_absent_and_probes_the_services(capsys, monkeypatch) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     monkeypatch.setenv("IMGRAG_MODELS_LLM_BACKEND", "openai")
     monkeypatch.setenv("IMGRAG_MODELS_LLM_BASE_URL", f"http://127.0.0.1:{port}/v1")
     code, out, err = run_cli(capsys, "doctor", "--store", f"http://127.0.0.1:{port}", "--json")

@@ -273,7 +273,7 @@ def indexed_store(tiny_settings: Settings, tmp_path: Path, capsys) -> Path:
 
 def test_run_fast_lcm_lora_goes_through_the_lora_path_with_references(indexed_store: Path, capsys,
                                                                       mode_spy) -> None:
-    """The issue's "done when": `imgrag run ... --fast lcm-lora --profile tiny`, a full loop, references included."""
+    """The whole few-step path: `imgrag run ... --fast lcm-lora --profile tiny`, a full loop, references included."""
     import json
 
     from tests.cli import run_cli

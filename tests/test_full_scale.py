@@ -72,8 +72,8 @@ def test_the_builder_layout_loads_through_the_engine(tmp_path: Path) -> None:
     paths = F.build_full_kit(kit, configs=F.smoke_configs(), device="cpu")
     marker = json.loads((kit / "kit.json").read_text())
     assert marker["scale"] == "full" and marker["parameters"]["sdxl.unet"] > 0
-    assert set(paths) == {"generator", "ip_adapter", "judge", "llm", "embedder", "lcm_lora", "dino", "siglip",
-                             "omnigen"}
+    assert set(paths) == {"generator", "generator_single_file", "ip_adapter", "judge", "llm", "embedder", "lcm_lora",
+                          "loras", "dino", "siglip", "omnigen"}
     assert F.build_full_kit(kit, configs=F.smoke_configs(), device="cpu") == paths  # kept, not rebuilt
 
     settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")}, overrides={

@@ -48,7 +48,7 @@ def test_text_named_png_is_not_an_image(tmp_path: Path) -> None:
         open_image(fake)
 
 
-# ----- every Pillow mode a photo folder can hold keeps its content (issue: 16-bit grey read as white) -----
+# ----- every Pillow mode a photo folder can hold keeps its content (16-bit grey was once read as white) -----
 
 def _gradient() -> Image.Image:
     """8-bit grey, dark on the left and bright on the right: 32 columns from 0 to 248."""

@@ -259,7 +259,7 @@ def test_a_lora_for_another_base_is_one_line_and_leaves_nothing_behind(
 def test_generate_records_the_loras_and_redraws_them_from_the_recipe(
         settings: Settings, style: Path, subject: Path, capsys: pytest.CaptureFixture, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from imgrag.loras import lora_sha256
+    from imgrag.provenance import checkpoint_sha256
 
     monkeypatch.setenv("IMGRAG_TINY_KIT_DIR", settings.tiny_kit_dir)
     out = tmp_path / "fox.png"
@@ -270,8 +270,8 @@ def test_generate_records_the_loras_and_redraws_them_from_the_recipe(
     assert [(c["name"], c["weight"]) for c in result["loras"]] == [("style-diffusers", 0.8), ("subject-kohya", 1.2)]
     doc = read_provenance(out)
     assert doc["loras"] == [
-        {"path": str(style.resolve()), "sha256": lora_sha256(style), "weight": 0.8, "name": "style-diffusers"},
-        {"path": str(subject.resolve()), "sha256": lora_sha256(subject), "weight": 1.2, "name": "subject-kohya"}]
+        {"path": str(style.resolve()), "sha256": checkpoint_sha256(style), "weight": 0.8, "name": "style-diffusers"},
+        {"path": str(subject.resolve()), "sha256": checkpoint_sha256(subject), "weight": 1.2, "name": "subject-kohya"}]
     assert len(doc["loras"][0]["sha256"]) == 64
     with Image.open(out) as im:
         lines = im.info[PARAMETERS_KEY].split("\n")

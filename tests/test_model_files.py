@@ -22,6 +22,7 @@ from imgrag import hub_layouts
 from imgrag.model_files import OPTIONAL_PATTERNS, ROLES, check_roles, generator_variant, hub_patterns, select_files
 from imgrag.settings import builtin_presets, load_settings
 from tests.cli import run_cli
+from tests.ports import free_port
 
 
 def _doctor_code() -> int:
@@ -366,9 +367,7 @@ def test_doctor_probes_the_llm_server_and_the_chroma_server(capsys, monkeypatch:
         server.shutdown()
         server.server_close()
 
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     monkeypatch.setenv("IMGRAG_MODELS_LLM_BASE_URL", f"http://127.0.0.1:{port}/v1")
     code, out, _ = run_cli(capsys, "doctor", "--profile", "tiny", "--store", f"http://127.0.0.1:{port}", "--json")
     report = json.loads(out)

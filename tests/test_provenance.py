@@ -1,4 +1,4 @@
-"""Provenance (issue 18): every picture imgrag writes carries how it was made, and can be redrawn from it."""
+"""Provenance: every picture imgrag writes carries how it was made, and can be redrawn from it."""
 
 from __future__ import annotations
 

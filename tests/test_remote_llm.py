@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,15 +15,10 @@ from agent.runner import Runner, open_checkpointer
 from imgrag.errors import UserError
 from imgrag.settings import load_settings
 from tests.fakes import FakeEmbedder, FakeGenerator, FakeVerdict, ScriptedJudge
+from tests.ports import ServerDidNotStart, free_port, start_server, stop
 
 REPO = Path(__file__).resolve().parent.parent
 NO_KITE = FakeVerdict(False, ["a red kite"], "no kite")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,31 +35,28 @@ def served_llm(tiny_kit, tmp_path_factory: pytest.TempPathFactory):
     cli = Path(sys.executable).parent / "transformers"
     if not cli.exists():
         pytest.skip(f"no transformers command beside {sys.executable}")
-    port, model = free_port(), str(tiny_kit["llm"])
+    model = str(tiny_kit["llm"])
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as out:
-        server = subprocess.Popen([str(cli), "serve", model, "--host", "127.0.0.1", "--port", str(port)],
-                                  stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{base}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.skip(f"transformers serve did not start: {log.read_text()[-500:]}")
-            time.sleep(0.5)
-        yield {"base_url": base, "model": model}
-    finally:
-        server.terminate()
+
+    def lists_models(port: int) -> bool:
         try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    with open(log, "w") as out:
+        try:
+            server, port = start_server(lambda port: [str(cli), "serve", model, "--host", "127.0.0.1",
+                                                      "--port", str(port)],
+                                        timeout=90, ready=lists_models, poll=0.5, stdout=out,
+                                        stderr=subprocess.STDOUT, env=env)
+        except ServerDidNotStart as exc:
+            pytest.skip(f"transformers serve did not start ({exc}): {log.read_text()[-500:]}")
+    try:
+        yield {"base_url": f"http://127.0.0.1:{port}/v1", "model": model}
+    finally:
+        stop(server)
 
 
 def remote_settings(tmp_path: Path, base_url: str, model: str):

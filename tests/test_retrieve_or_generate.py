@@ -1,4 +1,4 @@
-"""Retrieve or generate (issue 18, after TIGeR): a photo of the collection as the run's answer, when allowed.
+"""Retrieve or generate (after TIGeR): a photo of the collection as the run's answer, when allowed.
 
 Scripted verdicts decide; the store is an in-memory one whose text search returns fixed photos."""
 

@@ -1,4 +1,4 @@
-"""The safety gate (issue 18): constructed embeddings that do and do not cross the threshold, excluded folders,
+"""The safety gate: constructed embeddings that do and do not cross the threshold, excluded folders,
 flagged references dropped before any drawing, flagged outputs kept but never the answer, index-time skipping."""
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from agent.thread_lock import thread_writer
 from imgrag.errors import UserError
 from imgrag.settings import load_settings
 from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, FakeVerdict, MemoryStore, ScriptedJudge
+from tests.ports import ServerDidNotStart, start_server, stop
 
 REPO = Path(__file__).resolve().parent.parent
 NO_CRADLE = FakeVerdict(False, ["a wooden cradle", "a retriever"], "no cradle")
@@ -190,12 +190,6 @@ def status_of(url: str) -> int:
         return exc.code
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def serve_env(tiny_kit: dict[str, Path], tmp_path: Path) -> dict[str, str]:
     refs = tmp_path / "refs"
@@ -255,25 +249,21 @@ def test_the_page_in_a_browser_continues_a_terminal_thread(serve_env: dict[str, 
 
     terminal = terminal_chat(serve_env, "a dog and a cradle", thread="chat-from-terminal")
     assert "picture:" in terminal
-    port = free_port()
     log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "tests.serve_launcher", "--profile", "tiny", "--port", str(port),
-                               "--max-rounds", "2"], cwd=str(REPO), env=serve_env, stdout=log,
-                              stderr=subprocess.STDOUT)
+    try:  # the server is up once its port answers
+        server, port = start_server(lambda port: [sys.executable, "-m", "tests.serve_launcher", "--profile", "tiny",
+                                                  "--port", str(port), "--max-rounds", "2"],
+                                    timeout=180, poll=0.5, cwd=str(REPO), env=serve_env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+    except ServerDidNotStart as exc:
+        log.close()
+        pytest.fail(f"{exc}: {(tmp_path / 'serve.log').read_text()}")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1500"):
         options.add_argument(arg)
     driver = None
     try:
-        deadline = time.monotonic() + 180
-        while True:  # the server is up once its port answers
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-                time.sleep(0.5)
         driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
         wait = WebDriverWait(driver, 300)  # generous: CI machines may be busy
 
@@ -343,8 +333,7 @@ def test_the_page_in_a_browser_continues_a_terminal_thread(serve_env: dict[str, 
     finally:
         if driver is not None:
             driver.quit()
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server, grace=30)
         log.close()
     # ... and the page's thread continues in the terminal.
     terminal = terminal_chat(serve_env, "make it at night", thread=page_thread)

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from imgrag.store import (
     reflective_scores,
     walk_images,
 )
+from tests.ports import ServerDidNotStart, free_port, start_server, stop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -507,12 +507,6 @@ def test_second_writer_waits_for_the_lock_and_says_so(tmp_path: Path, colours: P
     assert waited > 0.3 and summary["unchanged"] == 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _chroma_executable() -> str | None:
     local = Path(sys.executable).parent / "chroma"
     return str(local) if local.exists() else shutil.which("chroma")
@@ -523,28 +517,18 @@ def chroma_server(tmp_path: Path):
     exe = _chroma_executable()
     if exe is None:
         pytest.skip("the `chroma` executable (chromadb's server) is not installed")
-    port = _free_port()
     log = (tmp_path / "chroma.log").open("w")
-    proc = subprocess.Popen([exe, "run", "--path", str(tmp_path / "server-data"), "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"chroma run did not start: {(tmp_path / 'chroma.log').read_text()[-500:]}")
-                time.sleep(0.1)
-        yield url
+        proc, port = start_server(lambda port: [exe, "run", "--path", str(tmp_path / "server-data"),
+                                                "--host", "127.0.0.1", "--port", str(port)],
+                                  timeout=30, stdout=log, stderr=subprocess.STDOUT)
+    except ServerDidNotStart as exc:
+        log.close()
+        pytest.fail(f"chroma run did not start ({exc}): {(tmp_path / 'chroma.log').read_text()[-500:]}")
+    try:
+        yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
 
 
@@ -564,7 +548,7 @@ def test_server_mode_against_chroma_run(tmp_path: Path, colours: Path, chroma_se
 
 def test_unreachable_server_is_a_user_error() -> None:
     with pytest.raises(UserError, match="cannot reach the Chroma server.*chroma run"):
-        ReferenceStore.open(settings_for(f"http://127.0.0.1:{_free_port()}"), "x", 4)
+        ReferenceStore.open(settings_for(f"http://127.0.0.1:{free_port()}"), "x", 4)
 
 
 def test_tiny_clip_index_then_search_finds_the_same_picture(tmp_path: Path, clip) -> None:

@@ -21,12 +21,26 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from imgrag.errors import UserError
 from imgrag.settings import MAX_IP_SCALE, BudgetSettings, Settings
 
-__all__ = ["MAX_IP_SCALE", "MAX_REFERENCES", "Claims", "Clock", "recursion_limit", "request_budget", "rounds_spent",
-           "run_budget", "spent"]
+__all__ = ["MAX_IP_SCALE", "MAX_REFERENCES", "Claims", "Clock", "check_rounds", "recursion_limit", "request_budget",
+           "rounds_spent", "run_budget", "spent"]
 
 MAX_REFERENCES = 4  # reference pictures one drawing may use (the tools refuse more; the policy and chat pick fewer)
+
+
+def check_rounds(value: object, what: str = "--max-rounds", most: int | None = None) -> int | None:
+    """``value`` when it is a round budget: a whole number of at least 1 (and at most ``most`` when given), or None
+    (the settings' ``budget.max_rounds`` applies). Else a one-line UserError naming ``what`` (the flag, or the file
+    and line a value came from), e.g. ``--max-rounds must be at least 1, got 0``."""
+    if value is None:
+        return None
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if whole and value >= 1 and (most is None or value <= most):
+        return value
+    bound = ("" if whole else "a whole number ") + ("of at least 1" if most is None else f"between 1 and {most}")
+    raise UserError(f"{what} must be {bound.removeprefix('of ')}, got {value!r}")
 
 
 def run_budget(settings: Settings, max_rounds: int | None = None, per_round: int = 1) -> dict[str, float]:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from imgrag.candidate_ids import candidate_number, next_candidate_id
 from imgrag.runs import RunRecord
 from imgrag.settings import Settings
 from tools.budget import Claims
@@ -92,14 +93,9 @@ class ToolContext:
     def allocate_candidate_id(self, existing: dict[str, Any]) -> str:
         """A fresh candidate id; safe when the LLM asks for two pictures in one turn (threads)."""
         with self._lock:
-            taken = {int(cid[1:]) for cid in existing if cid[1:].isdigit()}
-            n = max([self._next_candidate - 1, *taken], default=-1) + 1
-            # A picture on disk that the state no longer lists (a chat /undo, a crash before the checkpoint)
-            # keeps its file: the new candidate takes the next free name instead of overwriting it.
-            while self.record.candidate_path(f"c{n}").exists():
-                n += 1
-            self._next_candidate = n + 1
-            return f"c{n}"
+            cid = next_candidate_id(existing, lambda c: self.record.candidate_path(c).exists(), self._next_candidate)
+            self._next_candidate = candidate_number(cid) + 1
+            return cid
 
     def store(self, embedder: Any) -> Any:
         """The reference store for this embedder, opened once per run."""

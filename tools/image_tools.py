@@ -19,7 +19,7 @@ from langchain_core.tools import BaseTool, tool
 from langgraph.prebuilt import ToolRuntime
 from langgraph.types import Command
 
-from imgrag.checkpoints import first_line
+from imgrag.candidate_ids import candidate_number
 from imgrag.concept_refs import ConceptMapError, ConceptReferences, parse_concepts
 from imgrag.draw_options import MAX_PER_ROUND, DrawOptions, options_of
 from imgrag.engine import ManagedEmbedder
@@ -28,6 +28,7 @@ from imgrag.images import open_image
 from imgrag.provenance import file_sha256, for_drawing
 from imgrag.runs import is_disk_full
 from imgrag.steering import MAX_WEIGHT, MODES
+from imgrag.text import describe_error, shorten
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES
 from tools.context import ToolContext
 from tools.repair import BACKBONE_OMNIGEN, backbone_for, concepts_for, draw_omnigen
@@ -117,7 +118,7 @@ def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict
             if draws:
                 ctx.release_round(state)
             raise
-        text, update, ok = f"Error: {name} failed: {type(exc).__name__}: {first_line(exc)}", {}, False
+        text, update, ok = f"Error: {name} failed: {describe_error(exc)}", {}, False
         step["exception"] = traceback.format_exc(limit=8)[-4000:]
     if not ok:
         if draws:
@@ -125,7 +126,7 @@ def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict
         # The candidate the call was for: named in its arguments, else the latest drawn (None before any).
         candidates = state.get("candidates") or {}
         target = args.get("candidate_id") or args.get("avoid_candidate_id") or max(
-            candidates, key=lambda c: int(c[1:]) if c[1:].isdigit() else -1, default=None)
+            candidates, key=candidate_number, default=None)
         update = {"failed_steps": [{"tool": name, "target": target, "args": args, "error": text[:300],
                                     "kind": step.get("kind", "error")}]}
     seconds = round(time.perf_counter() - start, 3)
@@ -208,7 +209,7 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
     is measured with one yardstick. With ``ctx.previews`` on, SDXL's drawing sends ``preview`` events (a small picture
     from the latents every ``generation.preview_every`` steps, :mod:`imgrag.previews`)."""
     images = [open_image(ref["path"]) for ref in references]
-    references, images = screen_drawing_references(ctx, references, images)  # issue 18: the safety gate
+    references, images = screen_drawing_references(ctx, references, images)  # no flagged reference guides a drawing
     ids = [ctx.allocate_candidate_id(state.get("candidates") or {}) for _ in seeds]
     options = options_of(state, ctx.settings)
     steers = steers or {}
@@ -266,7 +267,7 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
                     "encoder": encoder} if references else {}
         for k, (candidate_id, seed, picture) in enumerate(zip(ids, seeds, pictures, strict=True)):
             provenance = for_drawing(ctx.settings, prompt=prompt, seed=seed, references=references,
-                                     ip_scale=ip_scale, run_id=ctx.record.dir.name,  # issue 18: provenance hook
+                                     ip_scale=ip_scale, run_id=ctx.record.dir.name,  # how it was made
                                      candidate_id=candidate_id, concepts=placed or None, backbone=backbone,
                                      guidance=options.guidance, negative_prompt=options.negative_prompt,
                                      scheduler=options.scheduler, sampler=sampler, loras=options.loras,
@@ -288,7 +289,7 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
             "ip_scale": ip_scale if adapter else None, "round": round_no, "clip_score": round(clip_score, 4),
             "verdict": None, "backbone": backbone, **fields,
             **({"batch": {"size": batch, "index": k, "candidates": list(ids)}} if batch > 1 else {}),
-            **check_output(ctx, image_vectors[k])})  # issue 18: flagged outputs are kept, never the answer
+            **check_output(ctx, image_vectors[k])})  # flagged outputs are kept for the record, never the answer
     return candidates
 
 
@@ -334,11 +335,6 @@ def _steers(ids: list[str], known: dict[str, dict], weights: Any, modes: Any) ->
             raise ToolArgumentError(f"the mode of {rid} must be one of {', '.join(MODES)}, got {mode!r}")
         steers[rid] = (float(weight), str(mode))
     return steers
-
-
-def _short(text: str, limit: int = MAX_CAPTION_CHARS) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
 def _describe(candidate: dict) -> str:
@@ -487,7 +483,7 @@ def make_tools() -> list[BaseTool]:
                 embedder, cleaned, k=top_k, avoid=avoid_image, rerank_lambda=r.rerank_lambda,
                 min_score=r.min_score)
             matched = len(found)
-            found = screen_references(ctx, store, embedder, found, "retrieve")  # issue 18: the safety gate
+            found = screen_references(ctx, store, embedder, found, "retrieve")  # flagged photos never reach the planner
             refs = {ref.id: ref.to_dict() for ref in found}
             remembered = _remembered(ctx, embedder, cleaned)
             paths = {str(Path(ref["path"]).resolve()) for ref in remembered.values()}  # one picture, one record
@@ -498,10 +494,10 @@ def make_tools() -> list[BaseTool]:
                 ref.update({k: known[rid][k] for k in ("weight", "mode", "source") if k in (known.get(rid) or {})})
             # Recorded even when empty, so the planner knows this repair was tried.
             candidates = state.get("candidates") or {}
-            repairing = avoid_candidate_id or max(candidates, key=lambda c: int(c[1:]), default=None)
+            repairing = avoid_candidate_id or max(candidates, key=candidate_number, default=None)
             retrieval = {"for": repairing, "queries": cleaned, "reference_ids": list(refs)}
             # Captions are cut short: indexed captions run to 2,000 characters, and every one stays in the thread.
-            listing = [{"reference_id": ref["id"], "caption": _short(ref.get("caption") or ""),
+            listing = [{"reference_id": ref["id"], "caption": shorten(ref.get("caption"), MAX_CAPTION_CHARS),
                         "query": ref.get("query"), "score": round(float(ref["score"]), 4),
                         **({"remembered": True} if ref.get("source") == "memory" else {})} for ref in refs.values()]
             if empty_store and not remembered:
@@ -592,7 +588,7 @@ def make_tools() -> list[BaseTool]:
             verdict = candidate.get("verdict")
             if not verdict:
                 raise ToolArgumentError(f"{candidate_id} has not been critiqued yet; call critique first")
-            if candidate.get("answer_blocked"):  # issue 18: the safety gate
+            if candidate.get("answer_blocked"):  # the safety gate blocked it: never the answer
                 raise ToolArgumentError(f"{candidate_id} was flagged by the safety gate ({candidate['flagged']}) and "
                                         "cannot be the answer; draw another (a new seed)")
             if not verdict.get("match"):

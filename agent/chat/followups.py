@@ -19,6 +19,7 @@ from langchain_core.messages import HumanMessage
 import prompts
 from agent.graph import best_candidate
 from imgrag.settings import BudgetSettings
+from imgrag.text import shorten
 from tools.budget import request_budget
 
 # ----- follow-ups -----
@@ -151,7 +152,7 @@ def read_followup_with_llm(chat_model: Any, prompt: str, message: str, reference
     from imgrag.chat_model import content_text
     from imgrag.reasoning import answer_text
 
-    listing = "\n".join(f"[{n}] {_short(r.get('caption') or r.get('query') or rid)}"
+    listing = "\n".join(f"[{n}] {shorten(r.get('caption') or r.get('query') or rid, 100)}"
                         for n, (rid, r) in enumerate(references.items(), 1)) or "(none)"
     question = prompts.render("followup", prompt=prompt, message=message, references=listing)
     try:
@@ -178,11 +179,6 @@ def read_followup_with_llm(chat_model: Any, prompt: str, message: str, reference
     new_prompt = " ".join(new_prompt.split())
     return FollowUp(refinement=None, rounds=rounds, picks=picks,
                     prompt=None if new_prompt == " ".join(prompt.split()) else new_prompt)
-
-
-def _short(text: str, limit: int = 100) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def refine_prompt(prompt: str, refinement: str) -> str:

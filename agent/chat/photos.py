@@ -1,4 +1,4 @@
-"""The chat's "use photo N as the answer" (issue 18, retrieve or generate).
+"""The chat's "use photo N as the answer": a photo of the collection can be the answer, not only a drawing.
 
 The user names a photo of the thread: a /refs number or id (a reference retrieved for a repair, or a photo the
 agent considered), or a photo candidate's id. It becomes a candidate marked ``"source": "retrieved"`` with its
@@ -13,6 +13,7 @@ from typing import Any
 
 from agent.chat.commands import resolve_reference
 from agent.graph import outcome
+from imgrag.candidate_ids import next_candidate_id
 from imgrag.errors import UserError
 from imgrag.runs import RunRecord
 from tools.retrieved_tools import SOURCE_RETRIEVED, photo_candidate
@@ -47,10 +48,8 @@ def use_photo(session: Any, token: str) -> dict[str, Any]:
         photo = next((c for c in candidates.values() if c.get("reference_id") == ref_id), None)
         if photo is None:
             record = RunRecord(values["run_dir"])
-            n = max([int(c[1:]) for c in candidates if c[1:].isdigit()], default=-1) + 1
-            while record.candidate_path(f"c{n}").exists():  # a picture on disk the state no longer lists
-                n += 1
-            photo = photo_candidate(f"c{n}", {"id": ref_id, **references[ref_id]}, values["prompt"],
+            cid = next_candidate_id(candidates, lambda c: record.candidate_path(c).exists())
+            photo = photo_candidate(cid, {"id": ref_id, **references[ref_id]}, values["prompt"],
                                     int(values.get("rounds", 0)), chosen_by="user")
     config = {"configurable": {"thread_id": session.thread_id}}
     graph = runner.graph()

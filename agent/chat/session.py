@@ -35,10 +35,12 @@ from agent.chat.threads import THREAD_PREFIX, list_threads, requests_of, thread_
 from agent.graph import best_candidate, is_stale, outcome
 from agent.runner import PLANNERS, Runner
 from agent.thread_lock import busy_elsewhere, writes_thread
+from imgrag.candidate_ids import parse_candidate, sorted_ids
 from imgrag.draw_options import DrawOptions, options_of, parse_options
 from imgrag.errors import UserError
 from imgrag.images import IMAGE_SUFFIXES
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, new_run_id
+from tools.budget import check_rounds
 
 STOPPED_BY_USER = "stopped by the user (Ctrl-C)"
 CUT_OFF = "cut off: the chat ended in the middle of this request"
@@ -144,7 +146,7 @@ class ChatSession:
         self.cancelled.clear()
         try:
             with _ctrl_c_sets(self.cancelled):
-                from agent.chat.photos import parse_use_photo, use_photo  # issue 18: "use photo N as the answer"
+                from agent.chat.photos import parse_use_photo, use_photo  # only chat messages naming a photo need it
 
                 if self.values() and (photo := parse_use_photo(text)) is not None:
                     return use_photo(self, photo)
@@ -272,9 +274,7 @@ class ChatSession:
     # ----- settings of the chat -----
     @staticmethod
     def _check_rounds(n: int) -> int:
-        if not 1 <= n <= MAX_ROUNDS_PER_REQUEST:
-            raise UserError(f"rounds per request must be between 1 and {MAX_ROUNDS_PER_REQUEST}, got {n}")
-        return n
+        return check_rounds(n, "rounds per request", MAX_ROUNDS_PER_REQUEST)
 
     def set_budget(self, text: str) -> int:
         try:
@@ -417,10 +417,9 @@ class ChatSession:
             if best is None:
                 raise UserError("nothing drawn on this thread yet")
             return best
-        key = which.strip().lower()
-        key = f"c{key}" if key.isdigit() else key
+        key = parse_candidate(which)
         if key not in candidates:
-            known = ", ".join(sorted(candidates, key=lambda c: int(c[1:]))) or "none yet"
+            known = ", ".join(sorted_ids(candidates)) or "none yet"
             raise UserError(f"no candidate {which!r} on this thread (candidates: {known})")
         return candidates[key]
 
@@ -447,7 +446,7 @@ class ChatSession:
         if not path.parent.is_dir():  # a typo'd folder is refused, never made behind the user's back
             raise UserError(f"the folder {path.parent} does not exist; create it first, or /save into an existing one")
         try:
-            from imgrag.provenance import copy_with_provenance  # issue 18: the copy keeps how it was made
+            from imgrag.provenance import copy_with_provenance  # the copy keeps how it was made
 
             copy_with_provenance(best["path"], path)
         except OSError as exc:

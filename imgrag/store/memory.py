@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imgrag.errors import UserError
 from imgrag.runs import write_json_atomic
+from imgrag.text import first_line
 
 FILE_NAME = "concept_memory.json"
 SCHEMA = "imgrag.memory/1"
@@ -111,7 +112,7 @@ class ConceptMemory:
         try:
             return MemoryFile.model_validate(json.loads(self.path.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValidationError) as exc:
-            first = str(exc).strip().splitlines()[0][:200]
+            first = first_line(exc, 200)
             raise UserError(f"{self.path}: not a valid concept memory ({first}); fix it or delete the file "
                             "(`imgrag memory forget --all`)") from None
 
