@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from imgrag.atomic_files import write_json_atomic
 from imgrag.errors import UserError, check_seed, read_user_text
-from imgrag.runs import write_json_atomic
 from imgrag.text import describe_error
 from tools.budget import check_rounds
 

@@ -24,14 +24,29 @@ from agent.cli_common import (
     StoreOpt,
     app,
     err,
+    interrupted_line,
     out,
     print_json,
     repair_flags,
     settings_from_flags,
 )
+from agent.cli_common import click_exceptions as click_errors
+from agent.ray_batch import expand_ray_flag
 from imgrag.errors import UserError, check_seed
-from imgrag.runs import ensure_writable_dir
+from imgrag.full_scale import build_kit
+from imgrag.model_files import (
+    OFFLINE_HINT,
+    ROLES,
+    check_roles,
+    download,
+    free_disk_bytes,
+    hub_cache_dir,
+    hub_offline,
+)
+from imgrag.runs import disk_full_line, ensure_writable_dir, is_disk_full
+from imgrag.settings import builtin_presets, check_device
 from imgrag.text import first_line
+from imgrag.weight_files import human_size
 
 models_app = typer.Typer(help="Model checkpoints: download the real ones, or build the offline tiny kit.",
                          no_args_is_help=True)
@@ -54,8 +69,6 @@ def build_tiny(
     Their pictures are noise and their verdicts junk: they exist so that tests and the offline demo
     go through the same loading code as real checkpoints.
     """
-    from imgrag.tiny_kit import build_tiny_kit
-
     check_seed(seed, "--seed")
     if scale not in ("tiny", "full"):
         raise UserError(f"--scale must be tiny or full, got {scale!r}")
@@ -64,8 +77,8 @@ def build_tiny(
     target = directory or Path(settings_from_flags("tiny").tiny_kit_dir)
     ensure_writable_dir(target, "tiny kit folder")
     start = time.perf_counter()
-    paths = build_tiny_kit(target, seed=seed, force=force, scale=scale,
-                           progress=lambda msg: err.print(f"[dim]built {escape(msg)}[/]"))
+    paths = build_kit(target, scale=scale, seed=seed, force=force,
+                      progress=lambda msg: err.print(f"[dim]built {escape(msg)}[/]"))
     seconds = round(time.perf_counter() - start, 2)
     if as_json:
         print_json({"directory": str(target), "models": {k: str(v) for k, v in paths.items()}, "seconds": seconds})
@@ -86,8 +99,6 @@ RoleOpt = Annotated[list[str] | None, typer.Option(
 
 
 def _roles(role: list[str] | None) -> list[str] | None:
-    from imgrag.model_files import ROLES
-
     for name in role or []:
         if name not in ROLES:
             raise UserError(f"unknown role {name!r} (roles: {', '.join(ROLES)})")
@@ -109,16 +120,6 @@ def download_models(
     that point at local folders or at an LLM server need nothing. imgrag never downloads on its own:
     this command is the only one that does.
     """
-    from imgrag.model_files import (
-        OFFLINE_HINT,
-        check_roles,
-        download,
-        free_disk_bytes,
-        hub_cache_dir,
-        hub_offline,
-        human_size,
-    )
-
     settings = settings_from_flags(profile, config, check_device=False,  # a GPU preset may be fetched anywhere
                                    **repair_flags(repair_with))
     roles = check_roles(settings, _roles(role))
@@ -151,8 +152,6 @@ def download_models(
 
 
 def _print_plan(roles: list, summary: dict) -> None:
-    from imgrag.model_files import human_size
-
     approx = " (size approximate)" if summary["sizes_approximate"] else ""
     for r in roles:
         if r.source in ("remote", "unset"):
@@ -298,9 +297,6 @@ def doctor(
 ) -> None:
     """Show the resolved settings, device and memory; check every file each model needs, the disk space still
     needed, the LLM server and the Chroma server when they are set."""
-    from imgrag.model_files import check_roles, free_disk_bytes, hub_cache_dir, human_size
-    from imgrag.settings import builtin_presets, check_device
-
     if show_profile:
         presets = builtin_presets()
         if profile not in presets:
@@ -448,14 +444,8 @@ def _printable_streams() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes (usage errors too) print one line and exit 1; Ctrl-C prints what was
     kept and how to go on, and exits 130."""
-    from agent.cli_common import click_exceptions as click_errors
-    from agent.cli_common import interrupted_line
-    from imgrag.runs import disk_full_line, is_disk_full
-
     _printable_streams()
     try:
-        from agent.ray_batch import expand_ray_flag
-
         command = typer.main.get_command(app)
         code = command.main(args=expand_ray_flag(sys.argv[1:] if argv is None else argv), prog_name="imgrag",
                             standalone_mode=False)

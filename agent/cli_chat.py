@@ -30,6 +30,7 @@ from agent.cli_common import (
     out,
     prepare_models,
     repair_flags,
+    settings_from_flags,
 )
 from agent.cli_run import (
     AllowFlaggedOpt,
@@ -45,8 +46,10 @@ from agent.cli_run import (
     print_store,
     print_tool_line,
 )
+from agent.terminal_images import TerminalPreview, preview_event_image
 from imgrag.errors import UserError
-from imgrag.settings import TINY_MARK
+from imgrag.schedulers import choices_text
+from imgrag.settings import TINY_MARK, imgrag_home
 from imgrag.text import describe_error
 
 PROMPT = "imgrag> "
@@ -58,8 +61,6 @@ class ChatStatus:
     drawing's live preview where the terminal shows pictures (:mod:`agent.terminal_images`; else none)."""
 
     def __init__(self, preview: Any = None) -> None:
-        from agent.terminal_images import TerminalPreview
-
         self.status: Any = None
         self.line = StatusText(suffix="[dim](Ctrl-C stops)[/]")
         self.preview = preview if preview is not None else TerminalPreview(err.file)
@@ -80,8 +81,6 @@ class ChatStatus:
             self.status = None
 
     def __call__(self, event: dict[str, Any]) -> None:
-        from agent.terminal_images import preview_event_image
-
         kind = event["event"]
         image = preview_event_image(event)
         if image is not None:
@@ -137,7 +136,6 @@ class ChatRepl:
     def __init__(self, settings: Any, planner: str, rounds: int | None) -> None:
         from agent.chat import ChatSession
         from agent.runner import Runner
-        from imgrag.settings import imgrag_home
 
         self.settings = settings
         self.status = ChatStatus()
@@ -398,8 +396,6 @@ class ChatRepl:
                   f"guidance: the settings' ({self.settings.generation.guidance:g}, or the fast mode's)")
 
     def cmd_scheduler(self, arg: str) -> None:
-        from imgrag.schedulers import choices_text
-
         if arg.strip().lower() == "list":
             out.print(f"schedulers: {choices_text()}; default: the checkpoint's own", soft_wrap=True)
             return
@@ -453,8 +449,6 @@ def chat(
     Each message is a request on one LangGraph thread, saved in the same checkpoint database as runs: later
     messages continue from the best picture so far. /help inside lists the commands.
     """
-    from agent.cli_common import settings_from_flags
-
     check_planner(planner)
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
                                    **{"generation.fast": fast, **gate_flags(allow_retrieved, allow_flagged),

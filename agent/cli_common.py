@@ -19,8 +19,11 @@ from rich.console import Console
 # Typer 0.29 carries its own copy of Click: its usage errors are that copy's classes (the entry point reformats them).
 from typer._click import exceptions as click_exceptions  # noqa: F401  (agent/cli.py imports it from here)
 
+from imgrag.draw_options import DrawOptions, check_guidance
 from imgrag.errors import UserError
+from imgrag.schedulers import check_scheduler
 from imgrag.settings import TINY_WARNING, Settings, SettingsError, load_settings
+from imgrag.tiny_kit import ensure_tiny_kit
 
 
 def _flag_aware_type(display_type_rich: Any) -> Any:
@@ -129,8 +132,6 @@ def drawing_flags(negative: str | None = None, scheduler: str | None = None,
                   per_round: int | None = None) -> dict[str, Any]:
     """The settings overrides of ``--negative``, ``--scheduler`` and ``--per-round`` (None: not given); the settings
     check them; a scheduler name outside the list is one line listing the choices."""
-    from imgrag.schedulers import check_scheduler
-
     if scheduler is not None:
         check_scheduler(scheduler, "--scheduler")  # named as the flag, not as the setting it sets
     return {"generation.negative_prompt": negative, "generation.scheduler": scheduler,
@@ -140,8 +141,6 @@ def drawing_flags(negative: str | None = None, scheduler: str | None = None,
 def drawing_options(settings: Settings, guidance: float | None = None, loras: list[str] | None = None) -> Any:
     """A run's :class:`imgrag.draw_options.DrawOptions`: the settings' (flags included) plus ``--guidance`` and the
     ``--lora`` flags over ``[[models.loras]]``. Every LoRA file is checked here, before any model loads."""
-    from imgrag.draw_options import DrawOptions, check_guidance
-
     options = DrawOptions.from_settings(settings).changed(guidance=check_guidance(guidance, "--guidance"))
     return options.with_loras(lora_args(loras))
 
@@ -178,8 +177,6 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
 def prepare_models(settings: Settings) -> None:
     """Make sure the profile's models exist; the tiny profile builds its kit on first use."""
     if settings.is_tiny:
-        from imgrag.tiny_kit import ensure_tiny_kit
-
         err.print(f"[yellow]{TINY_WARNING}[/]")
         ensure_tiny_kit(Path(settings.tiny_kit_dir), progress=lambda msg: err.print(f"[dim]tiny kit: {msg}[/]"))
 

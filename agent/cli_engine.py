@@ -37,11 +37,30 @@ from agent.cli_common import (
     repair_flags,
     settings_from_flags,
 )
+from agent.memory_guide import check_user_references
+from imgrag.concept_refs import ConceptReferences, concept_prompt, merge_concepts
+from imgrag.draw_options import check_guidance, parse_options
+from imgrag.embedder import prompt_length_notice
+from imgrag.engine import build_manager
 from imgrag.errors import UserError, check_seed
+from imgrag.fast import draw_plan
+from imgrag.generator import validate_request
 from imgrag.images import open_image
 from imgrag.loras import check_loras, merge_loras, settings_loras
-from imgrag.provenance import file_sha256
+from imgrag.omnigen import validate_omnigen_request
+from imgrag.provenance import (
+    checkpoint_sha256,
+    file_sha256,
+    for_drawing,
+    for_omnigen_drawing,
+    read_provenance,
+    read_recipe,
+    recipe_profile,
+    save_image,
+)
 from imgrag.runs import ensure_writable_file
+from imgrag.safety import SafetyGate
+from imgrag.schedulers import check_with_fast
 from imgrag.settings import TINY_WARNING
 from imgrag.steering import ReferenceSteer, parse_ref_arg
 
@@ -105,12 +124,6 @@ def generate(
     "DPM2 Karras", "DPM2 a", "DPM2 a Karras", Euler, "Euler a", Heun, LMS, "LMS Karras", DDIM, PLMS, UniPC, DEIS;
     default keeps the checkpoint's own.
     """
-    from imgrag.draw_options import check_guidance
-    from imgrag.fast import draw_plan
-    from imgrag.generator import validate_request
-    from imgrag.provenance import for_drawing, save_image
-    from imgrag.schedulers import check_with_fast
-
     if output is None:
         raise UserError("give the output picture: -o OUT.png")
     width, height = parse_size(size)
@@ -119,8 +132,6 @@ def generate(
     negative_flag, scheduler_flag = negative, scheduler  # as given, before a recipe fills them
     model_flags: dict[str, str] = {}
     if from_image is not None and profile is None:  # the recipe's profile: its models drew the picture
-        from imgrag.provenance import recipe_profile
-
         profile = recipe_profile(from_image)
         if profile is not None:
             err.print(f"[dim]profile {escape(profile)}, from the picture's recipe (--profile chooses another)[/]",
@@ -188,8 +199,6 @@ def generate(
     if g.negative_prompt and guidance <= 1:
         err.print(f"[yellow]warning:[/] the negative prompt does nothing at guidance {guidance:g} (it steers the "
                   "unconditional branch of classifier-free guidance, which is off at 1 or less)", soft_wrap=True)
-    from imgrag.embedder import prompt_length_notice
-
     too_long = prompt_length_notice(prompt)
     if too_long:
         err.print(f"[yellow]note:[/] {escape(too_long)}", soft_wrap=True)
@@ -198,8 +207,6 @@ def generate(
     entries = [{"path": path, "weight": s.weight, "mode": s.mode} for path, s in refs or []]
 
     prepare_models(settings)
-    from imgrag.engine import build_manager
-
     manager = build_manager(settings)
     start = time.perf_counter()
     bar = TerminalBar("drawing")  # on a pipe, nothing per step: logs stay short
@@ -256,11 +263,6 @@ def _generate_omnigen(settings: Any, prompt: str, refs: list[tuple[Path, Referen
     one per reference, or the whole prompt for all), at most ``omnigen.max_references`` of them
     (:func:`imgrag.concept_refs.concept_prompt`). Raises UserError for a weight or mode other than the default
     (IP-Adapter's, not OmniGen's) and a --concept count that does not match the --ref count."""
-    from imgrag.concept_refs import ConceptReferences, concept_prompt, merge_concepts
-    from imgrag.engine import build_manager
-    from imgrag.omnigen import validate_omnigen_request
-    from imgrag.provenance import for_omnigen_drawing, save_image
-
     steered = [str(path) for path, s in refs if (s.weight, s.mode) != (1.0, "both")]
     if steered:
         raise UserError(f"--ref {steered[0]}: OmniGen has no per-reference weight or mode (IP-Adapter's); drop "
@@ -323,9 +325,6 @@ def _screen_recipe_references(settings: Any, picture: Path, paths: list[Path]) -
     """The safety gate on the references a picture's recipe names (the user did not choose them here): each is
     embedded and checked against ``safety.concepts`` like a drawing's references in a run; a flagged one is a
     one-line UserError naming the picture's recipe. Only called when ``safety.enabled``."""
-    from imgrag.engine import build_manager
-    from imgrag.safety import SafetyGate
-
     prepare_models(settings)
     manager = build_manager(settings)
 
@@ -348,9 +347,6 @@ def recipe_drawing(picture: Path) -> tuple[str | None, str | None]:
     """The negative prompt and scheduler choice a picture's provenance names, checked as a flag would be (a recipe
     is untrusted input): a scheduler outside the list or a negative prompt that is not text is one UserError naming
     the picture. (None, None) for a picture drawn before recipes kept them."""
-    from imgrag.draw_options import parse_options
-    from imgrag.provenance import read_provenance
-
     doc = read_provenance(picture) or {}
     given = {k: doc[k] for k in ("negative_prompt", "scheduler") if doc.get(k) is not None}
     checked = parse_options(given, f"{picture}'s recipe")
@@ -389,8 +385,6 @@ def recipe_generator(picture: Path) -> dict[str, str]:
     ``models.generator`` and ``models.generator_config``), or {} when a folder or hub id drew it. The file must still
     be there with the same sha256 (:func:`imgrag.provenance.checkpoint_sha256`); otherwise one UserError naming the
     picture's recipe and saying how to redraw with another checkpoint."""
-    from imgrag.provenance import checkpoint_sha256, read_recipe
-
     recipe = read_recipe(picture)
     entry = recipe.generator_file if recipe is not None else None
     if entry is None:
@@ -407,8 +401,6 @@ def recipe_generator(picture: Path) -> dict[str, str]:
 
 def recipe_backbone(picture: Path) -> str | None:
     """The backbone a picture's provenance names ("omnigen", "sdxl+ip-adapter", ...), or None."""
-    from imgrag.provenance import read_provenance
-
     try:
         doc = read_provenance(picture) or {}
     except Exception:  # an unreadable recipe: _from_provenance says why, in one line
@@ -420,8 +412,6 @@ def recipe_backbone(picture: Path) -> str | None:
 def recipe_concepts(picture: Path) -> list[str] | None:
     """The concept each of an OmniGen picture's references stood for, in the recipe's reference order; None when
     the recipe has no complete mapping (each reference then stands for the whole prompt)."""
-    from imgrag.provenance import read_provenance
-
     try:
         doc = read_provenance(picture) or {}
     except Exception:
@@ -449,9 +439,6 @@ def _from_provenance(picture: Path, prompt: str | None, ref: list[tuple[Path, Re
     :func:`agent.memory_guide.check_user_references`). Every error is one UserError naming the picture's recipe as
     the source: no provenance, a bad field, a value past a bound, a reference that vanished, changed since (its
     sha256 differs) or is excluded."""
-    from agent.memory_guide import check_user_references
-    from imgrag.provenance import file_sha256, read_recipe
-
     recipe = read_recipe(picture)
     if recipe is None:
         raise UserError(f"{picture}: carries no imgrag provenance (not drawn by imgrag, or its metadata was "
@@ -497,8 +484,6 @@ def critique(
     picture = open_image(image)
 
     prepare_models(settings)
-    from imgrag.engine import build_manager
-
     manager = build_manager(settings)
     with err.status("judging …", spinner="dots") if err.is_terminal else nullcontext():
         verdict = manager.run("judge", lambda judge: judge.judge(picture, prompt))

@@ -24,7 +24,10 @@ from agent.cli_common import (
     settings_from_flags,
 )
 from agent.cli_run import MaxRoundsOpt, OutOpt, check_outputs, check_planner, print_store
+from imgrag.class_folders import read_class_folder, split_classes
 from imgrag.errors import UserError
+from imgrag.report import folder_kind, write_report
+from imgrag.runs import ensure_writable_file
 
 
 @app.command()
@@ -41,9 +44,6 @@ def report(
     The page (images inlined) shows the prompt, every round's picture with the judge's verdict and missing
     concepts, the references retrieved with scores, the timing of
     every step and the model loads. A batch folder gets an index of its prompts with each run inlined."""
-    from imgrag.report import folder_kind, write_report
-    from imgrag.runs import ensure_writable_file
-
     kind = folder_kind(folder)  # a folder that is neither is a one-line UserError
     ensure_writable_file(output or folder / "report.html", "report")
     target = write_report(folder, output)
@@ -130,8 +130,6 @@ def eval_command(
                                    **repair_flags(repair_with))
     chosen = check_arms(arms.split(",")) if arms else default_arms(planner, settings)
     if classes is not None:
-        from imgrag.class_folders import read_class_folder, split_classes
-
         e = settings.eval  # a bad folder or split fails before any model loads too
         split_classes(read_class_folder(classes), gold_per_class=e.gold_per_class,
                       retrieval_per_class=e.retrieval_per_class, seed=e.split_seed)

@@ -36,6 +36,11 @@ from agent.cli_common import (
     repair_flags,
     settings_from_flags,
 )
+from agent.ray_batch import check_shared_services, run_batch
+from agent.terminal_images import TerminalPreview, preview_event_image
+from imgrag.draw_options import check_guidance
+from imgrag.errors import UserError, check_seed
+from imgrag.runs import ensure_writable_dir
 from tools.budget import check_rounds
 
 PlannerOpt = Annotated[
@@ -87,7 +92,6 @@ def memory_flag(no_memory: bool) -> dict[str, Any]:
 def check_planner(planner: str) -> None:
     """--planner's value, checked before any model loads."""
     from agent.runner import PLANNERS
-    from imgrag.errors import UserError
 
     if planner not in PLANNERS:
         raise UserError(f"--planner must be {' or '.join(PLANNERS)}, got {planner!r}")
@@ -95,8 +99,6 @@ def check_planner(planner: str) -> None:
 
 def check_outputs(settings: Any) -> None:
     """The folders a run writes (its run folders, the thread store's), proven writable before any model loads."""
-    from imgrag.runs import ensure_writable_dir
-
     ensure_writable_dir(settings.output_dir, "output folder")
     ensure_writable_dir(Path(settings.threads_db).parent, "thread store's folder")
 
@@ -185,8 +187,6 @@ class ProgressPrinter:
     drawings' live previews where the terminal can (:mod:`agent.terminal_images`; ``previews=False`` for --json)."""
 
     def __init__(self, previews: bool = True) -> None:
-        from agent.terminal_images import TerminalPreview
-
         self.line = StatusText()
         self.status = err.status(self.line, spinner="dots")
         self.preview = TerminalPreview(err.file, enabled=previews)
@@ -199,8 +199,6 @@ class ProgressPrinter:
         self.status.__exit__(*exc)
 
     def __call__(self, event: dict[str, Any]) -> None:
-        from agent.terminal_images import preview_event_image
-
         seconds = self.line.elapsed()
         elapsed = f"{seconds:6.1f}s"
         kind = event["event"]
@@ -281,8 +279,6 @@ def _full_disk(full: Any, command: list[str]) -> None:
     """A run or batch stopped by a full disk: its one line (what was kept) plus the command that continues."""
     import shlex
 
-    from imgrag.errors import UserError
-
     raise UserError(f"{full}; free some space, then continue with: {shlex.join(command)}") from None
 
 
@@ -360,8 +356,6 @@ def run(
 
     Writes a run folder (candidates/, trace.jsonl, result.json). With --json, prints result.json.
     """
-    from imgrag.errors import UserError, check_seed
-
     check_planner(planner)
     if seed is not None:
         check_seed(seed, "--seed")
@@ -447,7 +441,6 @@ def batch(
 
     With --ray, one worker per GPU of a Ray cluster, each loading its models once; the record is the same."""
     from agent.runner import read_prompt_file
-    from imgrag.draw_options import check_guidance
 
     check_planner(planner)
     check_guidance(guidance, "--guidance")
@@ -462,8 +455,6 @@ def batch(
                                         **repair_flags(repair_with), **drawing}, guidance, lora)
     else:
         if workers is not None:
-            from imgrag.errors import UserError
-
             raise UserError("--workers goes with --ray (the in-process batch has one worker)")
         from agent.runner import DiskFull, RunInterrupted
 
@@ -518,8 +509,6 @@ def print_batch(summary: dict[str, Any], console: Console | None = None) -> None
 def _ray_batch(file, total, address, workers, resume, planner, max_rounds, profile, config, store, out_dir, fast,
                gates=None, guidance=None, loras=None):
     """``batch --ray``: settings and shared services checked, then the prompts spread over Ray workers."""
-    from agent.ray_batch import check_shared_services, run_batch
-
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
                                    **{"generation.fast": fast, **(gates or {})})
     check_outputs(settings)

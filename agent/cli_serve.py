@@ -16,6 +16,7 @@ from agent.cli_common import (
     out,
     prepare_models,
     repair_flags,
+    settings_from_flags,
 )
 from agent.cli_run import MaxRoundsOpt, OutOpt, PlannerOpt, check_planner
 from imgrag.errors import UserError
@@ -40,7 +41,6 @@ def serve(
     Threads are those of `imgrag chat` (the same database): a thread started in one continues in the other.
     Needs the web extra: pip install 'imgrag\\[web]'. Ctrl-C stops the server.
     """
-    from agent.cli_common import settings_from_flags
     from agent.web import LOOPBACK
 
     check_planner(planner)

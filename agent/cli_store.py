@@ -33,9 +33,14 @@ from agent.cli_common import (
     print_json,
     settings_from_flags,
 )
+from imgrag.engine import ManagedEmbedder, build_manager
 from imgrag.errors import UserError
 from imgrag.file_names import display_name
+from imgrag.images import open_image
+from imgrag.runs import disk_full_line, ensure_writable_dir, is_disk_full
+from imgrag.safety import excluded_by, index_screen
 from imgrag.settings import Settings
+from imgrag.store import ReferenceStore, index_hint, is_server_uri
 
 MAX_K = 1000
 MAX_BATCH = 1024
@@ -46,8 +51,6 @@ CAPTION_CHARS = 120  # of a caption in the search table; the store and --json ke
 def _embedder(settings: Settings) -> Iterator[Any]:
     """The embedder through the model manager: each embedding call on the model thread under the device lock;
     walking folders, decoding files and Chroma hold no lock (the same handling as a run)."""
-    from imgrag.engine import ManagedEmbedder, build_manager
-
     yield ManagedEmbedder(build_manager(settings))
 
 
@@ -107,11 +110,7 @@ def index(
         if not path.expanduser().exists() and not prune:
             raise UserError(f"{path}: no such file or folder")
     settings = settings_from_flags(profile, config, store=store, **{"safety.skip_flagged_at_index": skip_flagged})
-    from imgrag.store import ReferenceStore, is_server_uri
-
     if not is_server_uri(settings.store):
-        from imgrag.runs import ensure_writable_dir
-
         ensure_writable_dir(settings.store, "store")  # before the embedder loads
     prepare_models(settings)
 
@@ -121,8 +120,6 @@ def index(
     try:
         with _embedder(settings) as embedder:
             ref_store = ReferenceStore.open(settings, embedder.model_id, embedder.dim, for_writing=True)
-            from imgrag.safety import index_screen  # only --skip-flagged needs it
-
             summary = ref_store.index(paths, embedder, prune=prune, progress=progress, batch_size=batch_size,
                                       on_wait=lambda msg: err.print(f"[yellow]{escape(msg)}[/]", soft_wrap=True),
                                       screen=index_screen(settings.safety, embedder))
@@ -151,9 +148,6 @@ _LOW_SPACE_BYTES = 64 * 2**20
 def store_disk_full(exc: BaseException, store: str) -> str | None:
     """The one line for a store write that failed for want of space (Chroma says "Error in compaction" and
     SQLite "database or disk is full", over dozens of lines), or None when ``exc`` is about something else."""
-    from imgrag.runs import disk_full_line, is_disk_full
-    from imgrag.store import is_server_uri
-
     local = not is_server_uri(store)
     low = False
     if local and "compaction" in str(exc).lower():
@@ -202,8 +196,6 @@ def search(
     as_json: JsonOpt = False,
 ) -> None:
     """Find pictures in the reference store by text, or by a picture with --image (score: cosine similarity)."""
-    from imgrag.images import open_image
-
     text = (text or "").strip() or None
     if text is None and image is None:
         raise UserError("give a TEXT to search for, or --image PATH")
@@ -213,8 +205,6 @@ def search(
         raise UserError(f"-k must be between 1 and {MAX_K}, got {k}")
     query_image = open_image(image) if image is not None else None  # a bad file fails before any model loads
     settings = settings_from_flags(profile, config, store=store)
-    from imgrag.store import ReferenceStore, index_hint, is_server_uri
-
     if not is_server_uri(settings.store) and not Path(settings.store).expanduser().exists():
         raise UserError(f"the store {settings.store} does not exist; check --store, or make it with "
                         f"{index_hint(settings.profile, store)}")  # before any model loads
@@ -230,8 +220,6 @@ def search(
             results = ref_store.search_image(embedder, query_image, k)
         else:
             results = ref_store.search_text(embedder, text or "", k)
-        from imgrag.safety import excluded_by  # safety.exclude holds for every retrieval, search included
-
         matched = len(results)
         results = [r for r in results if excluded_by(r.path, settings.safety.exclude) is None]
     if matched > len(results):  # said, not hidden: a folder safety.exclude leaves out is why

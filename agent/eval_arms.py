@@ -26,9 +26,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.policy import repair_queries
+from imgrag.concept_refs import ConceptReferences, concept_prompt, merge_concepts
+from imgrag.engine import ManagedEmbedder
 from imgrag.images import open_image
+from imgrag.provenance import for_drawing, for_omnigen_drawing
+from imgrag.report import write_report
 from imgrag.runs import RunRecord
+from imgrag.safety import excluded_by
 from imgrag.settings import Settings
+from tools.budget import MAX_REFERENCES
 
 
 @dataclass
@@ -113,8 +120,6 @@ def _save(ctx: ArmContext, record: RunRecord, candidate_id: str, image: Any, pro
           references: list[dict[str, Any]] | None, ip_scale: float | None, drawn: dict[str, Any] | None = None) -> str:
     """Save one candidate with its provenance: SDXL's, or OmniGen's when ``drawn`` (what :func:`_draw` added)
     says OmniGen drew it."""
-    from imgrag.provenance import for_drawing, for_omnigen_drawing
-
     if (drawn or {}).get("backbone") == "omnigen":
         doc = for_omnigen_drawing(ctx.settings, prompt=prompt, sent_prompt=drawn["sent_prompt"], seed=seed,
                                   references=references, concepts=drawn.get("concepts"), run_id=record.dir.name,
@@ -154,8 +159,6 @@ def _draw(ctx: ArmContext, backbone: str, prompt: str, seed: int, chosen: list[d
         picture = ctx.manager.run("generator", lambda g: g.generate(prompt, seed=seed, references=images or None,
                                                                     ip_scale=scale))
         return picture, ({"ip_scale": scale} if chosen else {})
-    from imgrag.concept_refs import ConceptReferences, concept_prompt, merge_concepts
-
     mapping = merge_concepts([ConceptReferences(concept=concepts.get(r["id"]) or prompt, reference_ids=[r["id"]])
                               for r in chosen])
     planned = concept_prompt(prompt, mapping, ctx.settings.omnigen.max_references)
@@ -197,11 +200,6 @@ def single_pass(ctx: ArmContext, item: EvalItem, name: str, backbone: str) -> Ar
     """Draw, judge, retrieve one reference per missing concept (the prompt itself when none is named), redraw once
     on ``backbone`` ("sdxl" or "omnigen"); the answer is the redraw, never chosen by a score (ImageRAG,
     arXiv 2502.09411, section 3). Its trace and result go to ``<eval>/<name>/NNN/``."""
-    from agent.policy import repair_queries
-    from imgrag.engine import ManagedEmbedder
-    from imgrag.safety import excluded_by
-    from tools.budget import MAX_REFERENCES
-
     out = ArmResult(name)
     record = RunRecord(ctx.eval_dir / name / f"{item.index:03d}")
     out.run_dir = str(record.dir)
@@ -276,8 +274,6 @@ def loop_arm(planner: str) -> ArmFunction:
     """imgrag's loop with ``planner`` ("fixed" or "agent"); its run folder sits beside the eval folder."""
 
     def arm(ctx: ArmContext, item: EvalItem) -> ArmResult:
-        from imgrag.report import write_report
-
         out = ArmResult(f"loop-{planner}")
         out.run_id = f"{ctx.eval_dir.name}-{planner}-{item.index:03d}"
         before = ctx.manager.load_counts()

@@ -38,12 +38,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import prompts
 from agent.eval_arms import ARM_MODELS, ARMS, ArmContext, ArmResult, EvalItem
 from agent.runner import PLANNERS, Runner, read_prompt_file
+from imgrag.atomic_files import atomic_path, write_json_atomic
+from imgrag.class_folders import read_class_folder, split_classes
 from imgrag.dino import DinoScorer  # noqa: F401  (its old home; imported from here by callers)
+from imgrag.engine import ManagedEmbedder, register_omnigen
 from imgrag.errors import UserError, read_user_text
-from imgrag.runs import atomic_path, write_json_atomic
+from imgrag.paired_stats import summarise as paired
+from imgrag.report import write_report
+from imgrag.scorers import Scorers, scorer_names
 from imgrag.settings import TINY_WARNING, Settings
+from imgrag.store import ReferenceStore
+from imgrag.store.indexing import ID_HEX_CHARS
+from imgrag.store.walking import content_digest
 from imgrag.text import describe_error
 from tools.budget import check_rounds
 
@@ -121,8 +130,6 @@ def read_eval_file(path: str | Path) -> list[dict[str, Any]]:
 
 def class_prompt(settings: Settings, class_name: str) -> str:
     """The prompt for a class: ``eval.prompt_template`` or ``prompts/eval_class.md``, ``{class_name}`` filled."""
-    import prompts
-
     template = settings.eval.prompt_template.strip()
     if not template:
         return prompts.render("eval_class", class_name=class_name).strip()
@@ -182,9 +189,6 @@ class GoldSet:
     """The gold pictures of an evaluation, known by resolved path and by store id (content hash)."""
 
     def __init__(self, paths: list[str]) -> None:
-        from imgrag.store.indexing import ID_HEX_CHARS
-        from imgrag.store.walking import content_digest
-
         self.paths = sorted({str(Path(p).resolve()) for p in paths})
         self.ids = {content_digest(Path(p).read_bytes())[:ID_HEX_CHARS]: p for p in self.paths}
 
@@ -226,8 +230,6 @@ class Evaluation:
         self.runner = runner
         self.manager = runner.manager  # one manager for every arm and every score
         if any("omnigen" in ARM_MODELS.get(arm, ()) for arm in self.arms) and "omnigen" not in self.manager.names():
-            from imgrag.engine import register_omnigen
-
             register_omnigen(self.manager, settings)
         self.max_rounds = max_rounds
 
@@ -259,8 +261,6 @@ class Evaluation:
     def run_classes(self, folder: str | Path, *, limit: int | None = None,
                     on_item: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """ImageRAG's protocol on a folder per class (see the module docstring); return eval.json's document."""
-        from imgrag.class_folders import read_class_folder, split_classes
-
         e = self.settings.eval
         splits = split_classes(read_class_folder(folder), gold_per_class=e.gold_per_class,
                                retrieval_per_class=e.retrieval_per_class, seed=e.split_seed)
@@ -300,9 +300,6 @@ class Evaluation:
 
     def _index_retrieval(self, settings: Settings, paths: list[str]) -> Any:
         """Index the retrieval pictures into the evaluation's own store; the runner retrieves from it."""
-        from imgrag.engine import ManagedEmbedder
-        from imgrag.store import ReferenceStore
-
         embedder = ManagedEmbedder(self.manager)
         self.on_event({"event": "note", "text": f"indexing {len(paths)} retrieval pictures into {settings.store}"})
         store = ReferenceStore.open(settings, embedder.model_id, embedder.dim, for_writing=True)
@@ -312,8 +309,6 @@ class Evaluation:
 
     def _evaluate(self, eval_dir: Path, items: list[EvalItem], settings: Settings, store: Any, gold: GoldSet,
                   info: dict[str, Any], on_item: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
-        from imgrag.scorers import Scorers, scorer_names
-
         original = self.runner.settings
         # The loop runs see the gold exclusion and the eval's store, and no concept memory: each prompt is measured
         # on its own, never helped by what an earlier prompt of the evaluation taught.
@@ -359,8 +354,6 @@ class Evaluation:
             doc["note"] = TINY_EVAL_NOTE
         write_json_atomic(eval_dir / "eval.json", doc)
         write_csv(eval_dir / "eval.csv", doc)
-        from imgrag.report import write_report
-
         write_report(eval_dir)
         if seen:
             index, arm, path = seen[0]
@@ -448,8 +441,6 @@ def metric_values(records: list[dict[str, Any]], arm: str, metric: str) -> list[
 def summarise(records: list[dict[str, Any]], arms: list[str], *, seed: int = 0) -> dict[str, Any]:
     """Per arm and metric: the arm's mean, and for every arm but plain the paired difference against plain
     (:func:`imgrag.paired_stats.summarise`: mean, bootstrap 95 % interval, shares improved and worsened)."""
-    from imgrag.paired_stats import summarise as paired
-
     out: dict[str, Any] = {}
     for arm in arms:
         out[arm] = {}

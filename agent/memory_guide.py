@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from imgrag.engine import ManagedEmbedder
 from imgrag.errors import UserError
 from imgrag.images import probe_image
 from imgrag.provenance import file_sha256
@@ -80,8 +81,6 @@ def start_references(settings: Any, manager: Any, prompt: str, user: list[dict[s
     event = None
     concepts: list[str] = []
     if settings.retrieval.memory and len(records) < MAX_REFERENCES:
-        from imgrag.engine import ManagedEmbedder
-
         memory = ConceptMemory.for_settings(settings)
         recalled = memory.recall(prompt)
         chosen, considered = recall_references(memory, prompt, ManagedEmbedder(manager),

@@ -41,13 +41,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.batch import (
+    FINISHED,
+    check_batch_references,
+    claim_item,
+    fail_item,
+    line_options,
+    open_batch,
+    read_prompt_file,
+    settle_item,
+)
+from imgrag.atomic_files import atomic_path, write_json_atomic
+from imgrag.draw_options import parse_options
 from imgrag.errors import UserError
-from imgrag.runs import atomic_path, write_json_atomic
 from imgrag.settings import Settings
+from imgrag.store import chroma_client, is_server_uri
 from imgrag.text import describe_error, last_line
+from imgrag.tiny_kit import ensure_tiny_kit
 
-# agent.runner (LangGraph) and imgrag.store (Chroma) are imported where used: the CLI imports this module on every
-# start for expand_ray_flag.
+# agent.runner (LangGraph) is imported where used: the CLI imports this module on every start for expand_ray_flag.
 
 LOCAL = "local"
 # What `--ray` may be followed by to count as its ADDRESS: "local", "auto", ray://host:port, host:port.
@@ -80,14 +92,12 @@ def check_shared_services(settings: Settings) -> None:
     """Distribution needs services every worker can reach: the store must be a Chroma server.
 
     Raises UserError naming the alternative when it is an embedded store (a folder)."""
-    from imgrag.store import _connect, is_server_uri
-
     if not is_server_uri(settings.store):
         raise UserError(f"--ray needs a store every worker can reach, and {settings.store} is an embedded store "
                         "(a folder on this machine): start a Chroma server (`chroma run --path DIR --host 0.0.0.0 "
                         "--port 8000`) and pass --store http://HOST:8000")
     # Reaching it now fails fast, before a cluster starts and workers load models.
-    _connect(settings.store, create=False)
+    chroma_client(settings.store, create=False)
 
 
 def settings_digest(settings: Settings) -> str:
@@ -119,8 +129,6 @@ class BatchWorker:
         own = dataclasses.replace(settings, output_dir=str(scratch / "runs"),
                                   threads_db=str(scratch / "threads.sqlite"))
         if own.is_tiny:  # a worker on another machine builds the kit there (same seed, same models)
-            from imgrag.tiny_kit import ensure_tiny_kit
-
             ensure_tiny_kit(Path(own.tiny_kit_dir))
         from agent.runner import Runner
 
@@ -140,8 +148,6 @@ class BatchWorker:
         ``references`` (a batch line's, checked by the driver) are read by the worker at the same paths: a
         cluster sharing the pictures' filesystem. ``drawing``: the line's drawing options (checked by the driver;
         :mod:`imgrag.draw_options`). The scratch run folder is removed afterwards: the driver keeps the record."""
-        from imgrag.draw_options import parse_options
-
         start = time.perf_counter()
         options = parse_options(drawing, "drawing options") if drawing is not None else None
         result = self.runner.run(prompt, seed=seed, max_rounds=max_rounds, planner=planner, run_id=run_id,
@@ -255,17 +261,6 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
     ``worker_died``. ``options``: how every prompt is drawn (an :class:`imgrag.draw_options.DrawOptions`; default the
     settings'), changed by a .jsonl line's own keys. Raises UserError for an embedded store, a missing Ray, an
     unreachable cluster; a Ctrl-C saves batch.json (prompts in flight back to pending) and propagates."""
-    from agent.batch import (
-        FINISHED,
-        check_batch_references,
-        claim_item,
-        fail_item,
-        line_options,
-        open_batch,
-        read_prompt_file,
-        settle_item,
-    )
-
     progress = on_progress or (lambda event: None)
     check_shared_services(settings)
     path = Path(path)

@@ -28,13 +28,19 @@ from agent.batch import (
     settle_item,
 )
 from agent.graph import RunContext, build_graph, initial_state, outcome
+from agent.memory_guide import check_user_references, learn_from_run, start_references
 from agent.thread_store import CheckpointWriteError, UntrustedThread, open_checkpointer
+from imgrag.atomic_files import write_json_atomic
 from imgrag.candidate_ids import candidate_number
+from imgrag.chat_model import check_endpoint
 from imgrag.draw_options import DrawOptions, options_of, parse_options
+from imgrag.embedder import prompt_length_notice
+from imgrag.engine import build_manager
 from imgrag.errors import ModelLoadError, UserError, check_seed
-from imgrag.runs import RUN_ID_PATTERN, RunRecord, disk_full_line, is_disk_full, new_run_id, write_json_atomic
+from imgrag.runs import RUN_ID_PATTERN, RunRecord, disk_full_line, is_disk_full, new_run_id
 from imgrag.schedulers import check_with_fast
 from imgrag.settings import TINY_WARNING, Settings
+from imgrag.store import ReferenceStore, index_hint, store_census
 from imgrag.text import describe_error
 from tools.budget import Clock, check_rounds, recursion_limit, run_budget
 from tools.context import EventSink, Models
@@ -135,8 +141,6 @@ class Runner:
                  checkpointer: BaseCheckpointSaver | None = None, reference_store: Any = None,
                  previews: bool = False) -> None:
         if manager is None:
-            from imgrag.engine import build_manager
-
             manager = build_manager(settings)
         self.settings = settings
         self.manager = manager
@@ -163,8 +167,6 @@ class Runner:
         has ``pending`` (the interrupt's question) and is not final; answer with :meth:`continue_thread`.
         ``references`` (``[{"path", "weight"?, "mode"?}]``, a batch line's) guide round 1; so do remembered ones
         for the concepts the prompt names (``retrieval.memory``; see agent/memory_guide.py)."""
-        from agent.memory_guide import check_user_references
-
         user_refs = check_user_references(references, self.settings)
         prompt = (prompt or "").strip()
         if not prompt:
@@ -190,8 +192,6 @@ class Runner:
         budget = run_budget(self.settings, max_rounds, options.per_round)
         census = self._store_census()  # before check_retrieval opens the store (a typo'd path reads as empty)
         retrieval_off = self.check_retrieval()
-        from agent.memory_guide import start_references
-
         start_refs, start_guidance, memory_event = start_references(self.settings, self.manager, prompt, user_refs,
                                                                     self.on_event)
         state = initial_state(prompt, seed=seed, run_id=run_id, run_dir=str(run_dir), planner=planner, budget=budget,
@@ -204,8 +204,6 @@ class Runner:
         if memory_event:
             record.append_step(memory_event)  # which remembered references guide round 1, and which did not
         self._tell_store(record, census)
-        from imgrag.embedder import prompt_length_notice
-
         too_long = prompt_length_notice(prompt)
         if too_long:  # said once, in words, rather than as the embedder's log line at every score
             record.append_step({"event": "warning", "warning": too_long})
@@ -222,8 +220,6 @@ class Runner:
         if self._store_told:
             return None
         self._store_told = True
-        from imgrag.store import store_census
-
         try:
             if self.reference_store is not None:  # given by the caller (tests, a batch's opened store)
                 location = str(getattr(self.reference_store, "location", "the given store"))
@@ -240,8 +236,6 @@ class Runner:
             return
         location, pictures = census
         warning = None
-        from imgrag.store import index_hint
-
         hint = index_hint(self.settings.profile, location)
         if pictures is None:
             what = "holds no store yet" if Path(location).is_dir() else "does not exist"
@@ -258,8 +252,6 @@ class Runner:
         """An OpenAI-compatible agent LLM must answer before a run starts: a UserError of one line otherwise.
         Checked once per runner (a batch or a chat asks once)."""
         if self.settings.models.llm_backend == "openai" and not self._llm_checked:
-            from imgrag.chat_model import check_endpoint
-
             check_endpoint(self.settings)
             self._llm_checked = True
 
@@ -271,8 +263,6 @@ class Runner:
         for its CLIP scores) and keeps it for the run."""
         try:
             if self.reference_store is None:
-                from imgrag.store import ReferenceStore
-
                 model_id, dim = self.manager.run("embedder", lambda embedder: (embedder.model_id, embedder.dim))
                 self.reference_store = ReferenceStore.open(self.settings, model_id, dim)
             self.reference_store.count()
@@ -310,8 +300,6 @@ class Runner:
         start = next((s for s in record.read_steps() if s.get("event") == "start"), None)
         if start is None:
             raise UserError(f"no run with thread id {run_id!r} in {self.settings.threads_db}")
-        from agent.memory_guide import check_user_references, start_references
-
         # The references round 1 was to be guided by: the run's own (as its start line recorded them), and the
         # memory's as it stands now.
         user_refs = check_user_references(start.get("references"), self.settings)
@@ -440,8 +428,6 @@ class Runner:
             result["pending"] = [i.value for i in snapshot.interrupts]
             self.on_event({"event": "paused", "run_id": run_id})
             return result
-        from agent.memory_guide import learn_from_run
-
         learned = learn_from_run(self.settings, {**snapshot.values, "status": result["status"]})
         if learned:
             record.append_step(learned)

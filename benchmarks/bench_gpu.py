@@ -57,7 +57,12 @@ sys.path.insert(0, str(_code_dir(sys.argv[1:])))
 
 from _common import git_commit, isolated_environ, machine, machine_line  # noqa: E402  (sets the offline env)
 
-from imgrag.runs import RunRecord, write_json_atomic  # noqa: E402
+from imgrag.runs import RunRecord  # noqa: E402
+
+try:  # --code may name a tree from before imgrag.atomic_files, when imgrag.runs held the atomic writer
+    from imgrag.atomic_files import write_json_atomic
+except ImportError:
+    from imgrag.runs import write_json_atomic  # type: ignore[attr-defined,no-redef]
 
 PROMPT = "a golden retriever puppy sleeping in a wooden cradle beside a red toy rocket"
 

@@ -196,7 +196,7 @@ def bench_reindex(work: Path, n_files: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 def _fill(store: ReferenceStore, vectors: np.ndarray) -> float:
-    collection = store._ensure_collection()  # the store's own collection: same name, config, metadata
+    collection = store.ensure_collection()  # the store's own collection: same name, config, metadata
     t0 = time.perf_counter()
     for start in range(0, len(vectors), 1000):
         ids = [f"{i:032x}" for i in range(start, min(start + 1000, len(vectors)))]

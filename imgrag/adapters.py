@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgrag.errors import ModelLoadError
-from imgrag.model_files import _cached, _read_json, hub_patterns, is_local_ref
+from imgrag.hub_cache import cached_file, is_local_ref, read_json_object
 from imgrag.settings import Settings
 
 
@@ -42,6 +42,15 @@ def inspect_adapter(path: Path) -> AdapterInfo | None:
     return None
 
 
+def adapter_patterns(settings: Settings) -> list[str]:
+    """The files of ``models.ip_adapter`` on the hub that the generator loads: the weights in their subfolder, and
+    the image encoder's config and weights (``imgrag models download``'s ``allow_patterns`` for the role)."""
+    m = settings.models
+    weight = f"{m.ip_adapter_subfolder.strip('/')}/{m.ip_adapter_weight}".lstrip("/")
+    encoder = m.ip_adapter_image_encoder.strip("/")
+    return [weight, f"{encoder}/config.json", f"{encoder}/model.safetensors"]
+
+
 @dataclass
 class ResolvedAdapter:
     """Arguments for ``pipe.load_ip_adapter``: where the weights are and what they are."""
@@ -68,12 +77,12 @@ def resolve_ip_adapter(settings: Settings) -> ResolvedAdapter:
     if not m.ip_adapter_weight.endswith(".safetensors"):
         raise ModelLoadError(f"models.ip_adapter_weight must be a .safetensors file, got {m.ip_adapter_weight!r}")
     if not is_local_ref(m.ip_adapter):
-        for pattern in hub_patterns("ip_adapter", settings):
-            if _cached(m.ip_adapter, pattern) is None:
+        for pattern in adapter_patterns(settings):
+            if cached_file(m.ip_adapter, pattern) is None:
                 raise ModelLoadError(f"IP-Adapter: {pattern} of {m.ip_adapter} is not in the local Hugging Face "
                                      "cache; fetch it with `imgrag models download --role ip_adapter`")
-        weight_file = Path(_cached(m.ip_adapter, hub_patterns("ip_adapter", settings)[0]) or "")
-        encoder_config = Path(_cached(m.ip_adapter, hub_patterns("ip_adapter", settings)[1]) or "")
+        weight_file = Path(cached_file(m.ip_adapter, adapter_patterns(settings)[0]) or "")
+        encoder_config = Path(cached_file(m.ip_adapter, adapter_patterns(settings)[1]) or "")
     else:
         folder = Path(m.ip_adapter).expanduser()
         if not folder.is_dir():
@@ -100,7 +109,7 @@ def resolve_ip_adapter(settings: Settings) -> ResolvedAdapter:
     if info is None:
         raise ModelLoadError(f"IP-Adapter: {weight_file} is not IP-Adapter weights (no image_proj./ip_adapter. keys)")
     resolved.kind = info.kind
-    config = _read_json(encoder_config)
+    config = read_json_object(encoder_config)
     width = config.get("projection_dim") if info.kind == "plain" else config.get("hidden_size")
     if width is not None and int(width) != info.input_dim:
         raise ModelLoadError(

@@ -15,24 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from imgrag.errors import ModelLoadError, UserError
+from imgrag.hub_cache import hub_cached, is_local_ref
+from imgrag.model_files import missing_hub_files
 from imgrag.settings import Settings
 from imgrag.text import describe_error
-
-
-def looks_local(ref: str) -> bool:
-    """A reference the user meant as a directory (not a hub id like ``org/name``)."""
-    return ref.startswith(("/", ".", "~")) or Path(ref).expanduser().exists()
-
-
-def hub_cached(repo_id: str) -> bool:
-    """Whether a hub repository is complete in the local Hugging Face cache (no network is touched)."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot_download(repo_id, local_files_only=True)
-    except Exception:  # not cached, or not a valid repo id
-        return False
-    return True
 
 
 def download_hint(repo_id: str) -> str:
@@ -50,14 +36,12 @@ def check_exists(ref: str, role: str, expected: str) -> None:
     """
     if not ref.strip():
         raise ModelLoadError(f"no checkpoint configured for the {role} (expected {expected})")
-    if looks_local(ref):
+    if is_local_ref(ref):
         if not Path(ref).expanduser().exists():
             raise ModelLoadError(f"{role} checkpoint not found: {ref} (expected {expected})")
         return
     if not hub_cached(ref):
         raise ModelLoadError(f"{role}: {download_hint(ref)}")
-    from imgrag.model_files import missing_hub_files
-
     missing = missing_hub_files(ref, role)
     if missing:  # a partial download: the hub client would otherwise fetch the rest during the run
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -142,7 +126,7 @@ def safetensors_parameters(ref: str, patterns: list[str]) -> int:
     from safetensors import safe_open
 
     root = Path(ref).expanduser()
-    if not looks_local(ref):
+    if not is_local_ref(ref):
         try:
             from huggingface_hub import snapshot_download
 

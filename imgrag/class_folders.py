@@ -22,6 +22,7 @@ from pathlib import Path
 
 from imgrag.errors import UserError
 from imgrag.images import IMAGE_SUFFIXES, UnreadableImage, probe_image  # what `imgrag index` takes
+from imgrag.store.walking import content_digest
 
 SPLIT_FOLDERS = {"train", "test", "validation", "valid", "val", "dev"}
 _NUMBER_PREFIX = re.compile(r"^\d+[._\-\s]+")
@@ -84,8 +85,6 @@ def split_classes(classes: dict[str, list[str]], *, gold_per_class: int, retriev
     A file that cannot be read as a picture is left out of both parts and listed in the split's ``skipped``. A class
     with fewer than ``gold_per_class + 1`` distinct readable pictures is a UserError naming it (the protocol
     needs at least one retrieval picture beside its gold ones). ``retrieval_per_class`` 0 keeps all the rest."""
-    from imgrag.store.walking import content_digest
-
     if gold_per_class < 1:
         raise UserError(f"eval.gold_per_class must be at least 1, got {gold_per_class}")
     if retrieval_per_class < 0:

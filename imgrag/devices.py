@@ -98,12 +98,15 @@ class ModelThread:
                 future.set_exception(exc)
 
 
-def _held(lock: Any) -> int:
+def held_depth(lock: Any) -> int:
+    """How many times the calling thread holds ``lock`` through :func:`holding` (0: not at all); a re-entrant
+    lock's own count is not public, and the manager must know whether a model call is already inside it."""
     return getattr(_HELD, "depth", {}).get(id(lock), 0)
 
 
 @contextmanager
-def _holding(lock: Any) -> Iterator[None]:
+def holding(lock: Any) -> Iterator[None]:
+    """``with lock``, counted for :func:`held_depth`."""
     depth = _HELD.__dict__.setdefault("depth", {})
     with lock:
         depth[id(lock)] = depth.get(id(lock), 0) + 1
@@ -151,7 +154,7 @@ class CudaPeak:
 # Pinned swaps
 # ----------------------------------------------------------------------------------------------
 
-def _pinning_available(device: str) -> bool:
+def pinning_available(device: str) -> bool:
     """Page-locked host memory needs a CUDA device (CPU-only torch, or a CUDA build without a driver,
     raises on ``pin_memory=True``)."""
     import torch
@@ -257,14 +260,17 @@ def _modules(obj: Any, depth: int) -> Iterator[Any]:
         yield from _modules(child, depth - 1)
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device out-of-memory error (torch's own type, or a RuntimeError saying so, as older
+    torch and some kernels raise)."""
     import torch
 
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
     return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
-def _empty_cache() -> None:
+def empty_cache() -> None:
+    """Collect garbage and give the CUDA allocator's cached blocks back, after an eviction or an OOM."""
     import torch
 
     gc.collect()

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from imgrag.errors import ModelLoadError
+from imgrag.text import first_line
+
 
 class DinoScorer:
     """DINO / DINOv2 image embeddings (the CLS token after the final layer norm) for image-image similarity."""
@@ -23,9 +26,6 @@ class DinoScorer:
         """Load ``checkpoint`` in ``dtype`` onto ``device`` (the manager's loader keeps it on "cpu");
         a ``ModelLoadError`` naming the checkpoint when it cannot."""
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
-
-        from imgrag.errors import ModelLoadError
-        from imgrag.text import first_line
 
         try:
             self.processor = AutoImageProcessor.from_pretrained(checkpoint, trust_remote_code=False)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgrag.runs import atomic_path
+from imgrag.atomic_files import atomic_path
 
 FOLDER_NAME = "ip_embeds"
 _SHA256 = frozenset("0123456789abcdef")

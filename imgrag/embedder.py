@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imgrag.checkpoints import download_hint, hub_cached
+from imgrag.checkpoints import download_hint
 from imgrag.errors import ModelLoadError
+from imgrag.hub_cache import hub_cached
 from imgrag.model_files import is_torchscript_archive
 from imgrag.settings import Settings
 from imgrag.text import first_line

@@ -14,8 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from imgrag.dino import DinoScorer
+from imgrag.embed_cache import EmbeddingCache, cache_folder
+from imgrag.embedder import Embedder
 from imgrag.errors import ModelLoadError, UserError
-from imgrag.manager import ModelManager
+from imgrag.generator import Generator
+from imgrag.judge import Judge
+from imgrag.manager import ModelManager, measure_gb
+from imgrag.omnigen import GUIDANCE_BRANCHES, TEXT_TOKENS, OmniGenDrawer
 from imgrag.settings import Settings
 from imgrag.text import describe_error
 
@@ -118,14 +124,10 @@ def working_memory_gb(settings: Settings) -> dict[str, Any]:
         return transformer_working_gb(config, 4096 + settings.llm.max_new_tokens, width)
 
     def embedder(model: Any) -> float:
-        from imgrag.manager import measure_gb
-
         return 0.5 * measure_gb(model)
 
     def omnigen(model: Any) -> float:
         from types import SimpleNamespace
-
-        from imgrag.omnigen import GUIDANCE_BRANCHES, TEXT_TOKENS
 
         config = getattr(getattr(getattr(model, "pipe", None), "transformer", None), "config", None)
         if config is None:
@@ -183,12 +185,8 @@ def _dtype_bytes(settings: Settings) -> int:
 # ----- loaders -----
 
 def _load_generator(settings: Settings, device: str, manager: ModelManager | None = None) -> Any:
-    from imgrag.generator import Generator
-
     generator = Generator.from_pretrained(settings, device, place=False)
     if settings.generation.embed_cache:
-        from imgrag.embed_cache import EmbeddingCache, cache_folder
-
         generator.embed_cache = EmbeddingCache(cache_folder(settings))
     if manager is not None:
         # The IP-Adapter and its image encoder load straight onto the pipeline's device: make room for them first.
@@ -199,14 +197,10 @@ def _load_generator(settings: Settings, device: str, manager: ModelManager | Non
 
 
 def _load_omnigen(settings: Settings, device: str) -> Any:
-    from imgrag.omnigen import OmniGenDrawer
-
     return OmniGenDrawer.from_pretrained(settings, device, place=False)
 
 
 def _load_judge(settings: Settings, device: str) -> Any:
-    from imgrag.judge import Judge
-
     return Judge.from_pretrained(settings, device, place=False)
 
 
@@ -217,14 +211,10 @@ def _load_llm(settings: Settings, device: str) -> Any:
 
 
 def _load_dino(settings: Settings, device: str) -> Any:
-    from imgrag.dino import DinoScorer
-
     return DinoScorer(settings.models.dino.strip(), "cpu", settings.torch_dtype() if device != "cpu" else None)
 
 
 def _load_embedder(settings: Settings, device: str) -> Any:
-    from imgrag.embedder import Embedder
-
     try:
         return Embedder.from_pretrained(settings, device, place=False)
     except UserError:

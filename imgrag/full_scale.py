@@ -21,9 +21,9 @@ Build it on a GPU: models are initialised on the device in float16 (about a minu
 writing files). On a CPU it works but needs ~64 GB of RAM and a long time.
 
 Why it ships in the runtime package, not beside the benchmarks: the installed CLI builds it
-(``imgrag models build-tiny --scale full``, through :func:`imgrag.tiny_kit.build_tiny_kit`), so a user
-can measure their own GPU without a checkout of the repository; the benchmarks only import it. It is
-imported lazily and costs nothing unless ``--scale full`` is asked for.
+(``imgrag models build-tiny --scale full``, through :func:`build_kit`), so a user
+can measure their own GPU without a checkout of the repository; the benchmarks only import it. Importing it
+costs nothing: torch and the model libraries load inside :func:`build_full_kit`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgrag.runs import write_json_atomic
+from imgrag.atomic_files import write_json_atomic
 from imgrag.tiny_kit import (
     IP_ADAPTER_IMAGE_ENCODER_FOLDER,
     IP_ADAPTER_NUM_TOKENS,
@@ -182,6 +182,18 @@ class KitConfigs:
 
 
 FULL = KitConfigs()
+
+
+def build_kit(out_dir: Path, *, scale: str = "tiny", seed: int = 0, force: bool = False,
+              progress: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """The kit at ``scale``: ``"tiny"`` (:func:`imgrag.tiny_kit.build_tiny_kit`, tests and the demo) or ``"full"``
+    (:func:`build_full_kit`, ~40 GB, for GPU benchmarks), both in the same layout; returns its paths. Here, above
+    both builders, so that the tiny kit never imports this module. ValueError for another scale."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    if scale == "tiny":
+        return build_tiny_kit(Path(out_dir), seed=seed, force=force, progress=progress)
+    return build_full_kit(Path(out_dir), seed=seed, force=force, progress=progress)
 
 
 def build_full_kit(out_dir: Path, *, seed: int = 0, force: bool = False,

@@ -40,13 +40,15 @@ from imgrag.checkpoints import loading, quiet_libraries
 from imgrag.draw_options import MAX_PER_ROUND
 from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed
 from imgrag.fast import FastSwitch, draw_plan
+from imgrag.hub_cache import hub_cached, is_local_ref
 from imgrag.loras import LoraChoice, LoraSwitch, check_loras, settings_loras
-from imgrag.model_files import generator_variant, is_local_ref, weight_file_problem
+from imgrag.model_files import generator_variant
 from imgrag.schedulers import SchedulerSwitch
 from imgrag.schedulers import describe as describe_scheduler
 from imgrag.settings import MAX_IP_SCALE, Settings
 from imgrag.steering import ReferenceSteer, check_mode, check_weight, instantstyle_scale
 from imgrag.text import first_line
+from imgrag.weight_files import weight_file_problem
 
 
 class NonFiniteDrawingError(UserError):
@@ -499,8 +501,6 @@ def _adapter_present(settings: Settings) -> bool:
     Plain drawing needs no adapter, so an absent one is reported only at the first guided drawing; one
     that is there but wrong (another file name, an encoder of the wrong width) is reported at once.
     """
-    from imgrag.checkpoints import hub_cached
-
     ref = settings.models.ip_adapter.strip()
     if not ref:
         return False

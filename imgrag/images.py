@@ -23,6 +23,7 @@ from typing import BinaryIO
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgrag.errors import UserError
+from imgrag.file_names import display_name
 
 # File types imgrag indexes and accepts as references.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -47,8 +48,6 @@ class UnreadableImage(UserError):
     over many files can list it beside its name and go on. ``str()`` is the one line ``"PATH: reason"``."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
-        from imgrag.file_names import display_name
-
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{display_name(self.path)}: {reason}")

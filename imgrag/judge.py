@@ -22,6 +22,8 @@ from PIL import Image
 import prompts
 from imgrag.checkpoints import check_model_type, loading, qwen_dtype
 from imgrag.deadlines import time_limit
+from imgrag.errors import UserError
+from imgrag.images import NEUTRAL_BACKGROUND
 from imgrag.reasoning import answer_text, matching_brace
 from imgrag.settings import Settings
 from imgrag.untrusted import control_markers, neutralise
@@ -298,9 +300,6 @@ def judge_view(image: Image.Image, max_pixels: int) -> Image.Image:
     under :data:`JUDGE_PATCH_PX` (20x20, or 2 px after padding) is then scaled up to one patch (bicubic). A usual
     picture comes back unchanged (as RGB). Raises UserError when ``max_pixels`` is under one patch (no shape fits).
     """
-    from imgrag.errors import UserError
-    from imgrag.images import NEUTRAL_BACKGROUND
-
     patch_area = JUDGE_PATCH_PX * JUDGE_PATCH_PX
     if max_pixels < patch_area:
         raise UserError(f"judge.max_pixels is {max_pixels}: the judge needs at least {patch_area} "

@@ -8,7 +8,7 @@ LoRA already there (the same file, or the ``name`` a settings entry gives it) se
 
 What is checked, before any model loads (:func:`check_lora_file`): the file exists and is a ``.safetensors`` file
 (a pickled ``.ckpt``/``.pt`` can run code when it is read), its header is whole
-(:func:`imgrag.model_files.weight_file_problem`), and its tensors are LoRA halves in a layout diffusers reads:
+(:func:`imgrag.weight_files.weight_file_problem`), and its tensors are LoRA halves in a layout diffusers reads:
 diffusers/PEFT (``unet.<module>.lora_A.weight`` / ``lora_B``, or the older ``lora.down``/``lora.up``) or kohya
 (``lora_unet_<module>.lora_down.weight`` / ``lora_up``, with ``.alpha``; ``lora_te1_``/``lora_te2_`` for the two
 text encoders). LyCORIS files (LoHa, LoKr) are named as such: diffusers does not read them. When the LoRA loads
@@ -31,7 +31,6 @@ the file's header, and after the drawing the manager measures the generator with
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -45,6 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imgrag.errors import ModelLoadError, UserError
 from imgrag.file_names import display_name
+from imgrag.text import first_line
+from imgrag.weight_files import safetensors_header, weight_file_problem
 
 # A weight bounds a typo (10 for 1.0) without refusing the negative weights that slider LoRAs are made for.
 MAX_LORA_WEIGHT = 4.0
@@ -191,8 +192,6 @@ def check_lora_file(path: str | Path, where: str = "LoRA") -> str:
     """The absolute, resolved path of a LoRA file that passes the checks of the module docstring (existence,
     ``.safetensors``, a whole header, LoRA keys in a layout diffusers reads); else a one-line UserError reading
     ``<where> <file>: <why>`` (``where``: "LoRA", "--lora", "PICTURE's recipe: LoRA"). Reads the header only."""
-    from imgrag.model_files import weight_file_problem
-
     file = Path(path).expanduser()
     shown = display_name(file)
     if not file.exists():
@@ -219,19 +218,14 @@ def check_lora_file(path: str | Path, where: str = "LoRA") -> str:
 
 
 def _header_keys(file: Path) -> list[str]:
-    """The tensor names of a safetensors file whose header :func:`~imgrag.model_files.weight_file_problem` found
+    """The tensor names of a safetensors file whose header :func:`~imgrag.weight_files.weight_file_problem` found
     whole (read again here: a few KB)."""
-    with open(file, "rb") as fh:
-        length = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(length).decode("utf-8"))
-    return [k for k in header if k != "__metadata__"]
+    return [k for k in safetensors_header(file) if k != "__metadata__"]
 
 
 def lora_parameters(path: str | Path) -> int:
     """How many parameters a LoRA file holds, from its header (no tensor is read)."""
-    with open(path, "rb") as fh:
-        length = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(length).decode("utf-8"))
+    header = safetensors_header(path)
     return sum(math.prod(info.get("shape") or [1]) for key, info in header.items()
                if key != "__metadata__" and isinstance(info, dict))
 
@@ -281,8 +275,6 @@ class LoraSwitch:
         key = _file_key(choice.path)
         if key in self.loaded:
             return self.loaded[key].adapter
-        from imgrag.checkpoints import quiet_libraries
-
         path = check_lora_file(choice.path)  # it may have changed since the run checked it
         adapter = self._new_adapter_name(choice.label)
         if self.before_load is not None:
@@ -297,7 +289,7 @@ class LoraSwitch:
         self.load_calls += 1
         self.active = None  # a load makes the new adapter the active one
         try:
-            with quiet_libraries(), lora_load_quiet() as quiet:
+            with lora_load_quiet() as quiet:
                 self.pipe.load_lora_weights(state, adapter_name=adapter)
         except Exception as exc:
             self._forget(adapter)
@@ -365,8 +357,6 @@ def _file_key(path: str) -> tuple[str, int, int]:
 
 
 def _first(exc: BaseException) -> str:
-    from imgrag.checkpoints import first_line
-
     return first_line(exc, 200)
 
 
@@ -389,7 +379,8 @@ def _why(exc: BaseException) -> str:
 
 
 class lora_load_quiet(logging.Handler):
-    """Quiet while a LoRA loads: transformers prints a load report table for a text encoder whose LoRA shapes do not
+    """Quiet while a LoRA loads (no library logs, warnings or progress bars on stderr, which the command line owns):
+    transformers prints a load report table for a text encoder whose LoRA shapes do not
     match (besides raising; the error is reported in one line), and PEFT warns "Already found a peft_config" for every
     adapter after the first, which is what several LoRAs in one pipeline are meant to be.
 
@@ -415,9 +406,12 @@ class lora_load_quiet(logging.Handler):
         from diffusers.utils import logging as dlog
         from transformers.utils import logging as tlog
 
-        self._saved = (dlog.get_verbosity(), tlog.get_verbosity())
+        self._saved = (dlog.get_verbosity(), tlog.get_verbosity(), dlog.is_progress_bar_enabled(),
+                       tlog.is_progress_bar_enabled())
         dlog.set_verbosity(dlog.CRITICAL)
         tlog.set_verbosity(tlog.CRITICAL)
+        dlog.disable_progress_bar()  # transformers' "Loading weights" bar of a text encoder's adapter
+        tlog.disable_progress_bar()
         self._warnings = warnings.catch_warnings()
         self._warnings.__enter__()
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
@@ -439,3 +433,7 @@ class lora_load_quiet(logging.Handler):
         self._warnings.__exit__(*exc)
         dlog.set_verbosity(self._saved[0])
         tlog.set_verbosity(self._saved[1])
+        if self._saved[2]:
+            dlog.enable_progress_bar()
+        if self._saved[3]:
+            tlog.enable_progress_bar()

@@ -53,14 +53,14 @@ from typing import Any, TypeVar
 from imgrag.devices import (
     CudaPeak,
     ModelThread,
-    _empty_cache,
-    _held,
-    _holding,
-    _is_oom,
-    _pinning_available,
     device_lock,
+    empty_cache,
+    held_depth,
+    holding,
+    is_oom,
     measure_gb,
     model_thread,
+    pinning_available,
     swap_in,
     swap_out,
 )
@@ -113,7 +113,7 @@ class ModelManager:
         self.lock = lock or device_lock(self.device)
         self.thread = thread or model_thread(self.device)
         self.probe = memory_probe if memory_probe is not None else CudaPeak.for_device(self.device)
-        self.pinned = _pinning_available(self.device)
+        self.pinned = pinning_available(self.device)
         self._entries: dict[str, _Entry] = {}
         self._clock = itertools.count(1)
         self._host_lock = threading.Lock()  # loads on_host models once; never the device lock
@@ -149,7 +149,7 @@ class ModelManager:
         registered ``on_host`` runs in the calling thread without the device lock; so does a call from a
         thread already inside ``use()`` of this device (it holds the lock: handing over would deadlock)."""
         entry = self._entry(name)
-        if entry.on_host or _held(self.lock):
+        if entry.on_host or held_depth(self.lock):
             return self._run_here(name, fn, args, kwargs)
         return self.thread.call(self._run_here, name, fn, args, kwargs)
 
@@ -166,18 +166,18 @@ class ModelManager:
                 self._load(entry)
             yield entry.model
             return
-        with _holding(self.lock):
+        with holding(self.lock):
             try:
                 self._make_resident(entry)
             except Exception as exc:
-                if not _is_oom(exc):
+                if not is_oom(exc):
                     raise
                 log.warning("out of memory making %s resident; evicting the others and retrying once", name)
                 self._free_all_but(entry)
                 try:
                     self._make_resident(entry)
                 except Exception as exc2:
-                    if _is_oom(exc2):
+                    if is_oom(exc2):
                         raise UserError(self._oom_message(name, "loading")) from None
                     raise
             entry.last_used = next(self._clock)
@@ -190,7 +190,7 @@ class ModelManager:
             try:
                 yield entry.model
             except Exception as exc:
-                if not _is_oom(exc):
+                if not is_oom(exc):
                     raise
                 # A context manager cannot re-run its body; free what we can so the caller's retry fits.
                 self._free_all_but(entry)
@@ -216,7 +216,7 @@ class ModelManager:
         ``working``: the room is working memory of this call alone (the extra pictures of a batched drawing), not
         weights; it is left out of the peak measured for the model's reserve (see :meth:`use`)."""
         entry = self._entry(name)
-        with _holding(self.lock):
+        with holding(self.lock):
             if entry.resident:
                 extra = max(0.0, float(extra_gb))
                 entry.growth_gb += extra
@@ -226,9 +226,9 @@ class ModelManager:
 
     def evict(self, name: str) -> None:
         """Take one model off the device now (to CPU or dropped, per ``settings.offload``)."""
-        with _holding(self.lock):
+        with holding(self.lock):
             self._evict(self._entry(name))
-            _empty_cache()
+            empty_cache()
 
     # ----- counters -----
     def stats(self) -> dict[str, dict]:
@@ -325,7 +325,7 @@ class ModelManager:
                 self._evict(other)
                 evicted = True
         if evicted:
-            _empty_cache()  # once per pass: it runs gc.collect()
+            empty_cache()  # once per pass: it runs gc.collect()
         if self._need_gb(entry) > self.budget_gb:
             busy = [e for e in self._entries.values() if e.in_use and e is not entry]
             listing = ", ".join(f"{e.name} {self._own_gb(e):.3g} GiB" for e in busy) or "none"
@@ -352,7 +352,7 @@ class ModelManager:
         for other in self._entries.values():
             if other is not keep and other.in_use == 0:
                 self._evict(other)
-        _empty_cache()
+        empty_cache()
 
     def _oom_message(self, name: str, doing: str) -> str:
         budget = f"gpu_memory_gb = {self.budget_gb:g} GiB" if self.budget_gb else "gpu_memory_gb = 0 (no limit)"

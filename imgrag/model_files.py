@@ -12,7 +12,8 @@ files with ``huggingface_hub.snapshot_download(allow_patterns=...)`` (resumable,
 progress bars); only ``imgrag models download`` calls it: imgrag never downloads during a run.
 
 IP-Adapter weights are inspected, not only looked for: :mod:`imgrag.adapters` finds which adapter a folder
-holds and checks its image encoder; ``imgrag doctor`` reports it through :func:`check_roles`.
+holds and checks its image encoder (and names its hub files); ``imgrag doctor`` reports it through
+:func:`check_roles`. Whether a setting is local and what the hub cache holds is :mod:`imgrag.hub_cache`'s.
 
 Why ~500 lines: every role's file rules (hub patterns, folder checks, the cache lookups) are read together by
 ``imgrag doctor`` and ``imgrag models download``, and each rule needs the others' lookups; the IP-Adapter's
@@ -22,16 +23,19 @@ inspection, which stands apart, is in :mod:`imgrag.adapters`.
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imgrag.adapters import adapter_patterns, resolve_ip_adapter
 from imgrag.errors import UserError
+from imgrag.hub_cache import cached_file, is_local_ref, read_json_object
 from imgrag.hub_layouts import LAYOUTS, RepoFile
 from imgrag.settings import Settings
+from imgrag.single_file import CONFIG_PATTERNS, checkpoint_problem, config_files, config_problem, find_single_file
+from imgrag.weight_files import weight_file_problem
 
 ROLES = ("generator", "ip_adapter", "judge", "llm", "embedder", "lcm_lora", "omnigen")
 ROLE_SETTING = {"generator": "models.generator", "ip_adapter": "models.ip_adapter", "judge": "models.judge",
@@ -144,24 +148,9 @@ class RoleFiles:
                 "problems": self.problems, "notes": self.notes}
 
 
-def human_size(n: int | None) -> str:
-    """Bytes as the hub shows them (decimal units, three significant digits); "?" when unknown."""
-    if n is None:
-        return "?"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} B"
-
-
 # ----------------------------------------------------------------------------------------------
 # Where a role's checkpoint lives
 # ----------------------------------------------------------------------------------------------
-
-
-def is_local_ref(ref: str) -> bool:
-    """A path the user meant (absolute, relative, home) or one that exists; otherwise a hub id ``org/name``."""
-    return ref.startswith(("/", ".", "~")) or Path(ref).expanduser().exists()
 
 
 def embedder_hub_repo(settings: Settings) -> tuple[str | None, str | None]:
@@ -195,13 +184,10 @@ def _looks_like_file(pretrained: str) -> bool:
 
 def hub_patterns(role: str, settings: Settings) -> list[str]:
     """The ``allow_patterns`` that fetch exactly what ``role``'s loader reads from a hub repository."""
-    m = settings.models
     if role == "generator":
         return list(SDXL_PATTERNS)
     if role == "ip_adapter":
-        weight = f"{m.ip_adapter_subfolder.strip('/')}/{m.ip_adapter_weight}".lstrip("/")
-        encoder = m.ip_adapter_image_encoder.strip("/")
-        return [weight, f"{encoder}/config.json", f"{encoder}/model.safetensors"]
+        return adapter_patterns(settings)
     if role in ("judge", "llm"):
         return list(TRANSFORMERS_PATTERNS)
     if role == "lcm_lora":
@@ -253,7 +239,7 @@ def check_role(role: str, settings: Settings) -> RoleFiles:
             result.recorded = True
             result.files = []
             for f in select_files(layout, result.patterns):
-                cached = _cached(repo, f.path)
+                cached = cached_file(repo, f.path)
                 result.files.append(FileStatus(f.path, cached is not None, f.size, f.approx_only,
                                                Path(cached) if cached else None))
             known = {f.path for f in layout}
@@ -283,68 +269,6 @@ def check_role(role: str, settings: Settings) -> RoleFiles:
     return result
 
 
-# What a Git LFS pointer starts with: a clone without `git lfs` (or a hub download through a proxy that serves the
-# pointer) leaves this ~130-byte text file where the weights should be.
-LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
-# A safetensors header is JSON of a few hundred bytes per tensor; one claiming more than this is not a header.
-MAX_SAFETENSORS_HEADER = 100 * 2**20
-
-
-def weight_file_problem(path: Path) -> str | None:
-    """Why a file a loader will open is not what it should be, in words, or None when it looks whole.
-
-    Every file: empty (0 bytes), or a Git LFS pointer. A ``.safetensors`` file: its header is read as the format
-    defines it (an 8-byte little-endian length, then that much JSON naming each tensor's dtype, shape and
-    ``data_offsets`` into the data that follows) and the file's size must be exactly 8 + header + the last offset,
-    so a truncated download (or extra bytes) is found without loading a tensor. Reads at most the header."""
-    try:
-        size = path.stat().st_size
-        if size == 0:
-            return "empty file (0 bytes): the download or copy did not finish; fetch it again"
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if (head + fh.read(len(LFS_POINTER_PREFIX) - len(head))).startswith(LFS_POINTER_PREFIX):
-                return ("a Git LFS pointer, not the weights: run `git lfs pull` in its repository, or fetch it with "
-                        "`imgrag models download`")
-            if path.suffix != ".safetensors":
-                return None
-            if len(head) < 8:
-                return f"not a safetensors file: {size} bytes, shorter than its 8-byte header length"
-            fh.seek(8)
-            return _safetensors_problem(int.from_bytes(head, "little"), fh, size)
-    except OSError as exc:
-        return f"cannot read: {exc.strerror or exc}"
-
-
-def _safetensors_problem(header_len: int, fh: Any, size: int) -> str | None:
-    """The header check of :func:`weight_file_problem` (``fh`` just past the 8-byte length)."""
-    if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > size:
-        return (f"truncated or not safetensors: its header claims {header_len} bytes and the file holds {size}; "
-                "fetch it again")
-    try:
-        header = json.loads(fh.read(header_len).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return "not safetensors: its header is not JSON (a truncated or corrupt file); fetch it again"
-    if not isinstance(header, dict):
-        return "not safetensors: its header is not a JSON object; fetch it again"
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            return f"not safetensors: tensor {name!r} has no valid data_offsets; fetch it again"
-        end = max(end, offsets[1])
-    expected = 8 + header_len + end
-    if size < expected:
-        return (f"truncated: its header needs {expected} bytes and the file holds {size} "
-                f"({human_size(expected - size)} short); fetch it again")
-    if size > expected:
-        return f"{size - expected} bytes past the end its header gives: a corrupt file; fetch it again"
-    return None
-
-
 # The role names the loaders give imgrag.checkpoints.loading, and the roles here they stand for.
 _LOADER_ROLES = {"generator": "generator", "judge": "judge", "agent LLM": "llm", "OmniGen": "omnigen"}
 
@@ -359,10 +283,10 @@ def missing_hub_files(repo: str, loader_role: str) -> list[str]:
     layout = LAYOUTS.get(repo)
     if role is None or layout is None:
         return []
-    if role == "generator" and _cached(repo, "unet/diffusion_pytorch_model.safetensors"):
+    if role == "generator" and cached_file(repo, "unet/diffusion_pytorch_model.safetensors"):
         return []
     patterns = {"generator": SDXL_PATTERNS, "omnigen": OMNIGEN_PATTERNS}.get(role, TRANSFORMERS_PATTERNS)
-    return [f.path for f in select_files(layout, patterns) if _cached(repo, f.path) is None]
+    return [f.path for f in select_files(layout, patterns) if cached_file(repo, f.path) is None]
 
 
 def _is_gptq(ref: str, result: RoleFiles) -> bool:
@@ -370,7 +294,7 @@ def _is_gptq(ref: str, result: RoleFiles) -> bool:
     if "gptq" in ref.lower():
         return True
     folder = Path(ref).expanduser()
-    config = _read_json(folder / "config.json") if folder.is_dir() else {}
+    config = read_json_object(folder / "config.json") if folder.is_dir() else {}
     return str((config.get("quantization_config") or {}).get("quant_method", "")).lower() == "gptq"
 
 
@@ -379,13 +303,6 @@ def select_files(layout: list[RepoFile], patterns: list[str]) -> list[RepoFile]:
     from huggingface_hub.utils import filter_repo_objects
 
     return list(filter_repo_objects(layout, allow_patterns=patterns, key=lambda f: f.path))
-
-
-def _cached(repo: str | None, path: str) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo or "", path)
-    return found if isinstance(found, str) else None
 
 
 def _cached_snapshot(repo: str) -> Path | None:
@@ -403,8 +320,6 @@ def _single_file_generator(settings: Settings, result: RoleFiles) -> bool:
     its configuration, ``models.generator_config`` (a folder, or a hub id in the cache: then ``result.repo_id`` and
     the configuration's ``allow_patterns``, which ``imgrag models download`` fetches). False when the generator is
     not a single file."""
-    from imgrag.single_file import CONFIG_PATTERNS, checkpoint_problem, config_problem, find_single_file
-
     try:
         path = find_single_file(settings.models.generator)
     except UserError as exc:
@@ -442,7 +357,7 @@ def _single_file_generator(settings: Settings, result: RoleFiles) -> bool:
         if layout is not None:
             result.recorded = True
             for f in select_files(layout, result.patterns):
-                cached = _cached(config, f.path)
+                cached = cached_file(config, f.path)
                 result.files.append(FileStatus(f"{config}:{f.path}", cached is not None, f.size, f.approx_only,
                                                Path(cached) if cached else None))
             folder = _cached_snapshot(config) if all(f.present for f in result.files) else None
@@ -452,8 +367,6 @@ def _single_file_generator(settings: Settings, result: RoleFiles) -> bool:
                 result.files += [FileStatus(f"{config}:{p}", False) for p in result.patterns]
                 return True
     if folder is not None:
-        from imgrag.single_file import config_files
-
         problem = config_problem(folder)
         if problem:
             result.problems.append(problem)
@@ -500,7 +413,7 @@ def _check_folder(role: str, folder: Path, settings: Settings, result: RoleFiles
     needed: list[str | tuple[str, ...]] = []
     if role in ("generator", "omnigen"):  # a diffusers pipeline folder: what its model_index.json names
         needed.append("model_index.json")
-        index = _read_json(folder / "model_index.json")
+        index = read_json_object(folder / "model_index.json")
         for name, spec in index.items():
             if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
                 continue
@@ -512,8 +425,6 @@ def _check_folder(role: str, folder: Path, settings: Settings, result: RoleFiles
                 needed.append(f"{name}/config.json")
                 needed.extend(_weights(folder, name, ("diffusion_pytorch_model", "model")))
     elif role == "ip_adapter":
-        from imgrag.adapters import resolve_ip_adapter  # imgrag.adapters reads this module's lookups
-
         m = settings.models
         weight = m.ip_adapter_weight
         try:  # the adapter file the folder really holds, when the setting names another (TinyIMGRAG's plus one)
@@ -549,17 +460,9 @@ def _weights(folder: Path, component: str, stems: tuple[str, ...]) -> list[str |
         for variant in ("", ".fp16"):
             index = base / f"{stem}{variant}.safetensors.index.json"
             if index.is_file():
-                shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+                shards = sorted(set(read_json_object(index).get("weight_map", {}).values()))
                 return [f"{prefix}{index.name}", *[f"{prefix}{s}" for s in shards]]
     return [tuple(f"{prefix}{stem}{variant}.safetensors" for stem in stems for variant in ("", ".fp16"))]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _size(path: Path) -> int | None:
@@ -570,8 +473,6 @@ def _size(path: Path) -> int | None:
 
 
 def _check_adapter(settings: Settings, result: RoleFiles) -> None:
-    from imgrag.adapters import resolve_ip_adapter
-
     try:
         resolved = resolve_ip_adapter(settings)
     except UserError as exc:
@@ -608,7 +509,7 @@ def generator_variant(ref: str) -> str | None:
     if is_local_ref(ref):
         folder = Path(ref).expanduser()
         return "fp16" if (folder / FP16_UNET).is_file() and not (folder / full).is_file() else None
-    return "fp16" if _cached(ref, FP16_UNET) and not _cached(ref, full) else None
+    return "fp16" if cached_file(ref, FP16_UNET) and not cached_file(ref, full) else None
 
 
 # ----------------------------------------------------------------------------------------------

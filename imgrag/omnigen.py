@@ -28,7 +28,8 @@ from PIL import Image
 
 from imgrag.checkpoints import loading, quiet_libraries
 from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed
-from imgrag.settings import Settings
+from imgrag.generator import NonFiniteDrawingError
+from imgrag.settings import Settings, check_drawing_bounds
 from imgrag.text import first_line
 
 OMNIGEN_EXPECTED = "an OmniGen diffusers pipeline folder (model_index.json of OmniGenPipeline)"
@@ -140,8 +141,6 @@ class OmniGenDrawer:
             raise UserError(f"OmniGen refused the drawing: {first_line(exc)}") from exc
         pixels = result.images
         if not bool(np.isfinite(pixels).all()):
-            from imgrag.generator import NonFiniteDrawingError
-
             raise NonFiniteDrawingError(
                 "OmniGen's picture holds NaN or inf (numeric overflow); set dtype = \"float32\" or \"bfloat16\" in the "
                 "profile (IMGRAG_DTYPE), or lower omnigen.guidance_scale")
@@ -161,8 +160,6 @@ def validate_omnigen_request(prompt: str, width: int, height: int, steps: int,
                              images: list[Image.Image] | None = None, generation: Any = None) -> None:
     """Raise a UserError for a drawing OmniGen cannot make (checked before the model is asked), or one past the
     bounds of ``generation`` (``max_side``/``max_steps``, the same as SDXL's; the defaults when None)."""
-    from imgrag.settings import check_drawing_bounds
-
     try:
         check_drawing_bounds(width, height, steps, generation)
     except ValueError as exc:

@@ -15,7 +15,7 @@ A PNG carries two text chunks (``tEXt``/``iTXt``, written with Pillow's ``PngInf
   type them there (``<lora:NAME:WEIGHT>``).
 
 A JPEG or WebP has no text chunks; the JSON goes into its EXIF ``ImageDescription`` tag instead. Writing goes
-through :func:`imgrag.runs.atomic_path`, so the metadata arrives with the picture or not at all.
+through :func:`imgrag.atomic_files.atomic_path`, so the metadata arrives with the picture or not at all.
 
 What it cannot do: metadata is not a signature. Anyone can strip it (most sites do on upload) or write false
 metadata; it records how imgrag made a picture, it does not prove it.
@@ -33,6 +33,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from imgrag.atomic_files import atomic_path, write_json_atomic
 from imgrag.file_names import display_name, is_text_name
 from imgrag.text import shorten
 
@@ -75,7 +76,6 @@ def checkpoint_sha256(path: str | Path) -> str | None:
     """sha256 of a checkpoint file (:func:`file_sha256`), hashed once per file version: the digest is kept in
     ``IMGRAG_HOME/checkpoint_hashes.json`` beside the file's size and modification time, and hashed again when either
     changed. None when the file cannot be read. A cache that is not what imgrag writes is ignored and rewritten."""
-    from imgrag.runs import write_json_atomic
     from imgrag.settings import imgrag_home
 
     try:
@@ -244,10 +244,8 @@ def save_kwargs(path: Path, doc: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def save_image(image: Image.Image, path: str | Path, doc: dict[str, Any] | None) -> Path:
-    """Write ``image`` to ``path`` atomically (:func:`imgrag.runs.atomic_path`) with ``doc`` embedded; the
+    """Write ``image`` to ``path`` atomically (:func:`imgrag.atomic_files.atomic_path`) with ``doc`` embedded; the
     format follows the suffix. Returns the path."""
-    from imgrag.runs import atomic_path
-
     path = Path(path)
     with atomic_path(path) as tmp:
         image.save(tmp, **save_kwargs(path, doc))

@@ -34,10 +34,12 @@ from typing import Any
 
 import jinja2
 
+from imgrag.atomic_files import atomic_path
 from imgrag.candidate_ids import candidate_number
 from imgrag.errors import UserError
 from imgrag.file_names import display_name
-from imgrag.runs import RunRecord, atomic_path
+from imgrag.images import UnreadableImage, open_image
+from imgrag.runs import RunRecord
 from imgrag.settings import TINY_WARNING
 from imgrag.text import shorten
 
@@ -76,8 +78,6 @@ def image_data_uri(path: str | Path | None, max_px: int = THUMB_PX) -> str | Non
 
 @functools.lru_cache(maxsize=512)
 def _encoded_thumbnail(path: str, version: int, max_px: int) -> str | None:  # version: the cache key only
-    from imgrag.images import UnreadableImage, open_image
-
     try:
         image = open_image(path)
     except UnreadableImage:

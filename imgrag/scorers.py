@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from imgrag.engine import register_dino, register_siglip
 from imgrag.images import UnreadableImage, open_image
 
 IMAGERAG_CHECKPOINTS = {"clip": "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
@@ -53,8 +54,6 @@ class Scorers:
     configured: registered here if the manager was built without them). Gold pictures are embedded once each."""
 
     def __init__(self, settings: Any, manager: Any) -> None:
-        from imgrag.engine import register_dino, register_siglip
-
         self.settings = settings
         self.manager = manager
         names = scorer_names(settings)

@@ -31,6 +31,7 @@ from pydantic.dataclasses import dataclass as _pydantic_dataclass
 from imgrag.draw_options import MAX_NEGATIVE_CHARS, MAX_PER_ROUND
 from imgrag.errors import SEED_MAX, UserError
 from imgrag.loras import MAX_LORA_WEIGHT
+from imgrag.schedulers import check_scheduler
 
 
 class SettingsError(ValueError):
@@ -160,8 +161,6 @@ class GenerationSettings:
     @field_validator("scheduler", mode="before")
     @classmethod
     def _known_scheduler(cls, value: Any) -> str:
-        from imgrag.schedulers import check_scheduler
-
         try:
             return check_scheduler(value if value is None or isinstance(value, str) else str(value))
         except UserError as exc:

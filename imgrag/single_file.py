@@ -21,11 +21,11 @@ original keys (the tiny kit writes its SDXL so, to test the loader); the loading
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from imgrag.errors import ModelLoadError, UserError
+from imgrag.hub_cache import is_local_ref, read_json_object
 
 SUFFIX = ".safetensors"
 UNET_PREFIX = "model.diffusion_model."
@@ -94,7 +94,7 @@ def checkpoint_problem(path: Path) -> str | None:
     (``cond_stage_model.transformer.``) or 2.x (``cond_stage_model.model.``) checkpoint, an SDXL refiner (the OpenCLIP
     encoder alone, as ``embedders.0``), an inpainting UNet (9 input channels), a UNet or VAE saved on its own in
     diffusers' layout, another architecture (SD3, Flux), or an SDXL checkpoint lacking one of its four parts. The
-    caller checks the file's integrity first (:func:`imgrag.model_files.weight_file_problem`)."""
+    caller checks the file's integrity first (:func:`imgrag.weight_files.weight_file_problem`)."""
     shapes = header_shapes(path)
     keys = list(shapes)
     if not keys:
@@ -143,7 +143,7 @@ def config_files(folder: Path) -> list[str | tuple[str, ...]]:
     ``model_index.json``, the scheduler's config, each tokenizer's config and vocabulary, each model component's
     ``config.json``; the components are the ones ``model_index.json`` names (the SDXL ones when it is absent)."""
     names: list[str] = []
-    index = _read_json(folder / "model_index.json")
+    index = read_json_object(folder / "model_index.json")
     for name, spec in index.items():
         if not name.startswith("_") and isinstance(spec, list) and spec and spec[0] is not None:
             names.append(name)
@@ -172,7 +172,7 @@ def missing_config_files(folder: Path) -> list[str]:
 def config_problem(folder: Path) -> str | None:
     """Why the configuration folder holds another pipeline's configuration, or None (absent files are
     :func:`missing_config_files`'s)."""
-    index = _read_json(folder / "model_index.json")
+    index = read_json_object(folder / "model_index.json")
     kind = index.get("_class_name")
     if index and kind != PIPELINE_CLASS:
         return (f"models.generator_config {folder} holds a {kind or 'pipeline of no class'}'s configuration, not "
@@ -184,15 +184,13 @@ def resolve_config(ref: str) -> Path:
     """The local configuration folder ``models.generator_config`` names: a folder, or a hub id's snapshot in the
     local Hugging Face cache (never fetched). Raises a one-line ModelLoadError naming what is missing and how to get
     it (``imgrag models download --role generator``)."""
-    from imgrag.checkpoints import looks_local
-
     ref = ref.strip()
     fetch = "`imgrag models download --role generator` fetches its configuration files (no weights)"
     if not ref:
         raise ModelLoadError("models.generator_config is empty: a single-file checkpoint needs the diffusers "
                              "configuration of SDXL (e.g. stabilityai/stable-diffusion-xl-base-1.0, or a local "
                              "folder of it)")
-    if looks_local(ref):
+    if is_local_ref(ref):
         folder = Path(ref).expanduser()
         if not folder.is_dir():
             raise ModelLoadError(f"models.generator_config {ref}: no such folder (a diffusers SDXL folder, or a hub id "
@@ -211,18 +209,10 @@ def resolve_config(ref: str) -> Path:
     missing = missing_config_files(folder)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        hint = fetch if not looks_local(ref) else "copy them from a diffusers SDXL folder"
+        hint = fetch if not is_local_ref(ref) else "copy them from a diffusers SDXL folder"
         raise ModelLoadError(f"the configuration {ref} (models.generator_config) lacks {', '.join(missing[:3])}{more}: "
                              f"{hint}")
     return folder
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from imgrag.runs import write_json_atomic
+from imgrag.atomic_files import write_json_atomic
 
 KIT_VERSION = 3
 DEFAULT_SEED = 0
@@ -309,23 +309,14 @@ def build_tiny_kit(
     seed: int = DEFAULT_SEED,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
-    scale: str = "tiny",
 ) -> dict[str, Path]:
-    """Build the whole kit into ``out_dir`` and return :func:`tiny_kit_paths`.
-
-    ``scale="full"`` builds the same layout at the real models' sizes instead (:mod:`imgrag.full_scale`,
-    ~40 GB, for GPU benchmarks); ``"tiny"`` (the default) is this module's kit.
+    """Build the whole kit into ``out_dir`` and return :func:`tiny_kit_paths`. The same layout at the real models'
+    sizes is :func:`imgrag.full_scale.build_kit` with ``scale="full"``.
 
     Without ``force``, a kit already there with a current marker and the same seed is kept as is.
     ``progress`` is called once per model with its folder name ("sdxl", "ip-adapter", ...).
     Only the kit's own folders under ``out_dir`` are replaced; other files there are left alone.
     """
-    if scale != "tiny":
-        from imgrag.full_scale import SCALES, build_full_kit
-
-        if scale not in SCALES:
-            raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
-        return build_full_kit(Path(out_dir), seed=seed, force=force, progress=progress)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _kit_lock(out_dir):

@@ -1,8 +1,9 @@
-"""The import rules of `.importlinter` hold: agent -> tools -> imgrag, and the agent's core never imports a
-front-end (the same check `make lint` runs, here so CI runs it too)."""
+"""The import rules of `.importlinter` hold: agent -> tools -> imgrag, the agent's core never imports a front-end,
+and no package's modules import each other in a cycle (the same check `make lint` runs, here so CI runs it too)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,3 +21,25 @@ def test_the_import_contracts_hold() -> None:
     done = subprocess.run([command, "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "broken" not in done.stdout.split("Contracts:")[-1].replace("0 broken", "")
+
+
+def test_the_cycle_contract_sees_imports_inside_functions(tmp_path: Path) -> None:
+    """The acyclic contract of `.importlinter` catches a cycle hidden behind a lazy import (the kind that was in
+    imgrag before): a package whose two modules import each other, one of them inside a function."""
+    command = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+    if command is None:
+        pytest.skip("import-linter is not installed (pip install -e '.[dev]')")
+    pkg = tmp_path / "cyclic"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from cyclic.b import two\n\n\ndef one():\n    return two()\n")
+    (pkg / "b.py").write_text("def two():\n    from cyclic.a import one  # only at call time\n\n    return one\n")
+    contract = (REPO / ".importlinter").read_text()
+    section = contract[contract.index("[importlinter:contract:acyclic]"):]
+    (tmp_path / ".importlinter").write_text(
+        "[importlinter]\nroot_packages =\n    cyclic\n\n"
+        + section.split("ancestors =")[0] + "ancestors =\n    cyclic\n")
+    done = subprocess.run([command, "--no-cache"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode != 0 and "BROKEN" in done.stdout, done.stdout[-2000:] + done.stderr[-1000:]
+    assert "cyclic" in done.stdout.split("Broken contracts")[-1]

@@ -169,17 +169,17 @@ def test_an_oserror_mid_work_is_one_line_naming_the_path(capsys, tmp_path: Path,
 # ----- files -----
 
 def test_atomic_writes_follow_the_umask_and_fsync_the_folder(tmp_path: Path, monkeypatch) -> None:
-    import imgrag.runs as runs
+    import imgrag.atomic_files as atomic_files
 
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(runs.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(atomic_files.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
     old = os.umask(0o022)
     try:
-        runs.write_json_atomic(tmp_path / "a.json", {"x": 1})
+        atomic_files.write_json_atomic(tmp_path / "a.json", {"x": 1})
         assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
         os.umask(0o077)
-        runs.write_json_atomic(tmp_path / "b.json", {"x": 1})
+        atomic_files.write_json_atomic(tmp_path / "b.json", {"x": 1})
         assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
     finally:
         os.umask(old)

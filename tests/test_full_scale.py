@@ -111,11 +111,10 @@ def test_build_tiny_scale_flag(tmp_path: Path) -> None:
 
     from agent.cli import app
     from imgrag.errors import UserError
-    from imgrag.tiny_kit import build_tiny_kit
 
     with pytest.raises(UserError, match="needs a DIRECTORY"):
         CliRunner().invoke(app, ["models", "build-tiny", "--scale", "full"], catch_exceptions=False)
     with pytest.raises(UserError, match="tiny or full"):
         CliRunner().invoke(app, ["models", "build-tiny", str(tmp_path), "--scale", "huge"], catch_exceptions=False)
     with pytest.raises(ValueError, match="scale must be"):
-        build_tiny_kit(tmp_path, scale="medium")
+        F.build_kit(tmp_path, scale="medium")

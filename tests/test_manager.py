@@ -479,8 +479,8 @@ def test_pinned_swap_round_trip_on_cuda() -> None:
 
 
 def test_pinning_only_for_cuda() -> None:
-    from imgrag.devices import _pinning_available
+    from imgrag.devices import pinning_available
 
-    assert not _pinning_available("cpu")
+    assert not pinning_available("cpu")
     assert not ModelManager(_settings(), device="cpu").pinned
-    assert _pinning_available("cuda") == torch.cuda.is_available()
+    assert pinning_available("cuda") == torch.cuda.is_available()

@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 from imgrag.candidate_ids import candidate_number, next_candidate_id
 from imgrag.runs import RunRecord
 from imgrag.settings import Settings
+from imgrag.store import ReferenceStore
 from tools.budget import Claims
 
 T = TypeVar("T")
@@ -101,7 +102,5 @@ class ToolContext:
         """The reference store for this embedder, opened once per run."""
         with self._lock:
             if self.reference_store is None:
-                from imgrag.store import ReferenceStore
-
                 self.reference_store = ReferenceStore.open(self.settings, embedder.model_id, embedder.dim)
             return self.reference_store

@@ -25,9 +25,11 @@ from imgrag.draw_options import MAX_PER_ROUND, DrawOptions, options_of
 from imgrag.engine import ManagedEmbedder
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
+from imgrag.previews import strip
 from imgrag.provenance import file_sha256, for_drawing
 from imgrag.runs import is_disk_full
 from imgrag.steering import MAX_WEIGHT, MODES
+from imgrag.store.memory import ConceptMemory, recall_references
 from imgrag.text import describe_error, shorten
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES
 from tools.context import ToolContext
@@ -79,7 +81,7 @@ def checkpoint_safe(value: Any) -> Any:
     return value
 
 
-def _run(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict, body, *,
+def run_tool_call(ctx: ToolContext, name: str, args: dict, tool_call_id: str, state: dict, body, *,
          draws: bool = False) -> Command:
     """Run one tool body, time it, trace it, and turn its outcome into a ToolMessage + state update.
 
@@ -221,8 +223,6 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
         ctx.on_event({"event": "denoise", "step": step, "total": total})
 
     def on_preview(step: int, total: int, pictures: list[Any]) -> None:
-        from imgrag.previews import strip
-
         ctx.on_event({"event": "preview", "step": step, "total": total, "image": strip(pictures),
                       "candidates": list(ids)})
 
@@ -303,8 +303,6 @@ def _remembered(ctx: ToolContext, embedder: Any, queries: list[str]) -> dict[str
     r = ctx.settings.retrieval
     if not r.memory:
         return {}
-    from imgrag.store.memory import ConceptMemory, recall_references
-
     memory = ConceptMemory.for_settings(ctx.settings)
     found: dict[str, dict] = {}
     try:
@@ -412,7 +410,7 @@ def make_tools() -> list[BaseTool]:
             candidates = _draw(ctx, state, round_no, text, _seeds(_check_seed(state, seed), count), [], None)
             return _describe_round(candidates), _round_update(candidates), _drawing_trace(candidates)
 
-        return _run(ctx, "generate", args, tool_call_id, state, body, draws=True)
+        return run_tool_call(ctx, "generate", args, tool_call_id, state, body, draws=True)
 
     @tool
     def critique(
@@ -439,7 +437,7 @@ def make_tools() -> list[BaseTool]:
             return (json.dumps({"candidate_id": candidate_id, **shown}), {"candidates": {candidate_id: updated}},
                     {"tokens": tokens})
 
-        return _run(ctx, "critique", args, tool_call_id, state, body)
+        return run_tool_call(ctx, "critique", args, tool_call_id, state, body)
 
     @tool
     def retrieve(
@@ -510,7 +508,7 @@ def make_tools() -> list[BaseTool]:
             return text, {"references": refs, "retrievals": [retrieval]}, (
                 {"remembered": list(remembered)} if remembered else {})
 
-        return _run(ctx, "retrieve", args, tool_call_id, state, body)
+        return run_tool_call(ctx, "retrieve", args, tool_call_id, state, body)
 
     @tool
     def regenerate(
@@ -568,7 +566,7 @@ def make_tools() -> list[BaseTool]:
                     {**candidates[0].get("encoder", {}), "guided_by": candidates[0].get("guided_by"),
                      **_drawing_trace(candidates)})
 
-        return _run(ctx, "regenerate", args, tool_call_id, state, body, draws=True)
+        return run_tool_call(ctx, "regenerate", args, tool_call_id, state, body, draws=True)
 
     @tool
     def finish(
@@ -596,7 +594,7 @@ def make_tools() -> list[BaseTool]:
                                         "repair it with retrieve and regenerate")
             return f"Finished with {candidate_id}.", {"finished": {"candidate_id": candidate_id, "reason": reason}}
 
-        return _run(ctx, "finish", args, tool_call_id, state, body)
+        return run_tool_call(ctx, "finish", args, tool_call_id, state, body)
 
     return [generate, critique, retrieve, regenerate, finish]
 

@@ -22,7 +22,7 @@ from langgraph.types import Command
 
 from imgrag.engine import ManagedEmbedder
 from tools.context import ToolContext
-from tools.image_tools import ToolArgumentError, _run
+from tools.image_tools import ToolArgumentError, run_tool_call
 from tools.safety_gate import screen_references
 
 RETRIEVED_TOOL_NAMES = ("consider_photos",)
@@ -80,6 +80,6 @@ def make_retrieved_tools() -> list[BaseTool]:
             text = json.dumps(listing) + " Critique them; finish with one the judge matches, or draw."
             return text, {"candidates": candidates, "references": references}, {"photos": listing}
 
-        return _run(ctx, "consider_photos", {}, tool_call_id, state, body)
+        return run_tool_call(ctx, "consider_photos", {}, tool_call_id, state, body)
 
     return [consider_photos]

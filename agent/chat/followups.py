@@ -18,7 +18,10 @@ from langchain_core.messages import HumanMessage
 
 import prompts
 from agent.graph import best_candidate
+from imgrag.chat_model import content_text
+from imgrag.reasoning import answer_text
 from imgrag.settings import BudgetSettings
+from imgrag.steering import MAX_WEIGHT, check_weight
 from imgrag.text import shorten
 from tools.budget import request_budget
 
@@ -126,8 +129,6 @@ def steer_records(steer: dict[int, dict[str, Any]], references: dict[str, dict],
                   resolve: Any) -> dict[str, dict]:
     """The thread's reference records with the steering applied (``resolve(number) -> id``; it raises a
     UserError for a number the thread does not have); a weight out of 0..2 is a UserError."""
-    from imgrag.steering import MAX_WEIGHT, check_weight
-
     changed = {}
     for number, how in steer.items():
         rid = resolve(str(number))
@@ -149,9 +150,6 @@ def read_followup_with_llm(chat_model: Any, prompt: str, message: str, reference
     """The follow-up read by the agent LLM (``prompts/followup.md``): the rewritten prompt (replacing the old
     one), extra rounds and reference numbers. None when its answer is unusable (no JSON object, a prompt that is
     empty or too long, numbers out of range): the caller falls back to :func:`parse_followup`. Never raises."""
-    from imgrag.chat_model import content_text
-    from imgrag.reasoning import answer_text
-
     listing = "\n".join(f"[{n}] {shorten(r.get('caption') or r.get('query') or rid, 100)}"
                         for n, (rid, r) in enumerate(references.items(), 1)) or "(none)"
     question = prompts.render("followup", prompt=prompt, message=message, references=listing)

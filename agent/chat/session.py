@@ -31,15 +31,18 @@ from agent.chat.followups import (
     read_followup_with_llm,
     steer_records,
 )
+from agent.chat.photos import parse_use_photo, use_photo
 from agent.chat.threads import THREAD_PREFIX, list_threads, requests_of, thread_ids
 from agent.graph import best_candidate, is_stale, outcome
 from agent.runner import PLANNERS, Runner
 from agent.thread_lock import busy_elsewhere, writes_thread
 from imgrag.candidate_ids import parse_candidate, sorted_ids
-from imgrag.draw_options import DrawOptions, options_of, parse_options
+from imgrag.draw_options import MAX_PER_ROUND, DrawOptions, check_guidance, options_of, parse_options
 from imgrag.errors import UserError
 from imgrag.images import IMAGE_SUFFIXES
+from imgrag.provenance import copy_with_provenance
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, new_run_id
+from imgrag.schedulers import check_scheduler
 from tools.budget import check_rounds
 
 STOPPED_BY_USER = "stopped by the user (Ctrl-C)"
@@ -146,8 +149,6 @@ class ChatSession:
         self.cancelled.clear()
         try:
             with _ctrl_c_sets(self.cancelled):
-                from agent.chat.photos import parse_use_photo, use_photo  # only chat messages naming a photo need it
-
                 if self.values() and (photo := parse_use_photo(text)) is not None:
                     return use_photo(self, photo)
                 result = self._follow_up(text) if self.values() else self._start(text)
@@ -296,8 +297,6 @@ class ChatSession:
         """Set drawing options for the requests from the next on (``negative_prompt``, ``guidance``, ``scheduler``,
         ``per_round``; a None guidance: the settings' again); a bad value is a UserError and changes nothing."""
         if "scheduler" in changes:
-            from imgrag.schedulers import check_scheduler
-
             changes["scheduler"] = check_scheduler(changes["scheduler"], "scheduler")
         wanted = {**self.drawing, **changes}
         parse_options({**options_of(None, self.settings).model_dump(), **wanted}, "drawing options")  # checked
@@ -315,8 +314,6 @@ class ChatSession:
 
     def set_guidance(self, text: str) -> DrawOptions:
         """``/guidance N`` (0..30) or ``/guidance default``."""
-        from imgrag.draw_options import check_guidance
-
         word = text.strip().lower()
         if word in ("default", "off", "none"):
             return self.set_drawing(guidance=None)
@@ -328,8 +325,6 @@ class ChatSession:
 
     def set_per_round(self, text: str) -> DrawOptions:
         """``/per-round N``: drawings per round, 1..:data:`imgrag.draw_options.MAX_PER_ROUND`."""
-        from imgrag.draw_options import MAX_PER_ROUND
-
         try:
             n = int(text)
         except ValueError:
@@ -446,8 +441,6 @@ class ChatSession:
         if not path.parent.is_dir():  # a typo'd folder is refused, never made behind the user's back
             raise UserError(f"the folder {path.parent} does not exist; create it first, or /save into an existing one")
         try:
-            from imgrag.provenance import copy_with_provenance  # the copy keeps how it was made
-
             copy_with_provenance(best["path"], path)
         except OSError as exc:
             raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None

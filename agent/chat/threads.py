@@ -9,6 +9,8 @@ from typing import Any
 from langchain_core.messages import HumanMessage
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
+from agent.thread_store import UntrustedThread
+
 THREAD_PREFIX = "chat-"
 
 
@@ -37,8 +39,6 @@ def list_threads(graph: Any, checkpointer: BaseCheckpointSaver, limit: int = 20,
     request, number of requests, status. ``graph`` is the compiled graph over ``checkpointer``. A thread the
     checkpointer refuses to read (it holds data imgrag does not write, :class:`agent.thread_store.UntrustedThread`)
     is listed with status "refused" and nothing of it is read."""
-    from agent.thread_store import UntrustedThread
-
     listed = []
     for tid in thread_ids(checkpointer):
         if not tid.startswith(prefix):

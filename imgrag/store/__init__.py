@@ -32,7 +32,7 @@ clients, their cache, collection names, the census), ``entries`` (a reference an
 ``indexing`` (one index run) and ``collection`` (:class:`ReferenceStore`). Import from ``imgrag.store``.
 """
 
-from imgrag.store.client import _connect, collection_name, index_hint, is_server_uri, store_census
+from imgrag.store.client import chroma_client, collection_name, index_hint, is_server_uri, store_census
 from imgrag.store.collection import LOCK_NAME, ReferenceStore
 from imgrag.store.entries import IndexSummary, Reference, SupportsEmbedding
 from imgrag.store.indexing import MAX_FILE_BYTES
@@ -42,6 +42,6 @@ from imgrag.store.walking import ImageFile, content_digest, decode_image, read_c
 __all__ = [
     "index_hint",
     "LOCK_NAME", "MAX_FILE_BYTES", "ImageFile", "IndexSummary", "RankedPick", "Reference", "ReferenceStore",
-    "SupportsEmbedding", "_connect", "collection_name", "content_digest", "decode_image", "is_server_uri",
+    "SupportsEmbedding", "chroma_client", "collection_name", "content_digest", "decode_image", "is_server_uri",
     "rank_references", "read_caption", "reflective_scores", "sidecar_path", "store_census", "walk_images",
 ]

@@ -31,7 +31,7 @@ def _chroma_settings() -> Any:
     return ChromaSettings(anonymized_telemetry=False)
 
 
-def _connect(location: str, create: bool) -> Any:
+def chroma_client(location: str, create: bool) -> Any:
     """A Chroma client for the location; None for an embedded store that does not exist (and is not created)."""
     import chromadb
 
@@ -60,7 +60,7 @@ def _connect(location: str, create: bool) -> Any:
     with _CLIENTS_LOCK:
         known = _CLIENTS.get(str(location))
     if known is not None:
-        return _fresh_client(str(location), known[0])
+        return fresh_client(str(location), known[0])
     return _remember(str(location), _open_persistent(path))
 
 
@@ -99,7 +99,7 @@ def _remember(location: str, client: Any) -> Any:
     return client
 
 
-def _fresh_client(location: str, client: Any) -> Any:
+def fresh_client(location: str, client: Any) -> Any:
     """``client``, or a reopened one when the store changed on disk since it was opened (by this process or
     another). Every store object of the path moves to the one new client: the first to notice reopens."""
     with _CLIENTS_LOCK:
@@ -121,7 +121,8 @@ def _fresh_client(location: str, client: Any) -> Any:
         return fresh
 
 
-def _get_collection(client: Any, name: str) -> Any:
+def get_collection(client: Any, name: str) -> Any:
+    """The collection ``name`` of ``client``, or None when there is none (creates nothing)."""
     from chromadb.errors import NotFoundError
 
     try:
@@ -140,13 +141,14 @@ def store_census(store: str) -> tuple[str, int | None]:
         raise UserError("no store configured: set --store, IMGRAG_STORE or 'store' in a config file")
     if not is_server_uri(location):
         location = os.path.abspath(os.path.expanduser(location))
-    client = _connect(location, create=False)
+    client = chroma_client(location, create=False)
     if client is None:
         return location, None
-    return location, sum(int(collection.count()) for collection, _ in _imgrag_collections(client))
+    return location, sum(int(collection.count()) for collection, _ in imgrag_collections(client))
 
 
-def _imgrag_collections(client: Any) -> list[tuple[Any, dict[str, Any]]]:
+def imgrag_collections(client: Any) -> list[tuple[Any, dict[str, Any]]]:
+    """Every collection of ``client`` that imgrag made (one per embedder), with its metadata."""
     found = []
     for collection in client.list_collections():
         meta = collection.metadata or {}

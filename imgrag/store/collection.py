@@ -15,15 +15,15 @@ from PIL import Image
 from imgrag.errors import UserError
 from imgrag.settings import Settings
 from imgrag.store.client import (
-    _connect,
-    _fresh_client,
-    _get_collection,
-    _imgrag_collections,
+    chroma_client,
     collection_name,
+    fresh_client,
+    get_collection,
+    imgrag_collections,
     is_server_uri,
 )
-from imgrag.store.entries import IndexSummary, Reference, SupportsEmbedding, _Entry
-from imgrag.store.indexing import _IndexJob
+from imgrag.store.entries import IndexSummary, Reference, StoredEntry, SupportsEmbedding
+from imgrag.store.indexing import IndexJob
 from imgrag.store.ranking import rank_references
 from imgrag.store.walking import walk_images
 
@@ -59,15 +59,15 @@ class ReferenceStore:
         if not is_server_uri(location):
             location = os.path.abspath(os.path.expanduser(location))
         # Never created here: a new embedded store is created under the write lock by the first index().
-        client = _connect(location, create=False)
+        client = chroma_client(location, create=False)
         collection = None
         if client is not None:
-            collection = _get_collection(client, collection_name(embedder_id, dim))
+            collection = get_collection(client, collection_name(embedder_id, dim))
             if collection is not None and (collection.metadata or {}).get("imgrag_embedder") != embedder_id:
                 raise UserError(f"store {location}: collection {collection.name} belongs to another embedder "
                                 f"({(collection.metadata or {}).get('imgrag_embedder')!r})")
             if collection is None and not for_writing:
-                others = _imgrag_collections(client)
+                others = imgrag_collections(client)
                 if others:
                     built = "; ".join(f"{m.get('imgrag_embedder')!r} (dim {m.get('imgrag_dim')}, "
                                       f"{c.count()} pictures)" for c, m in others)
@@ -80,16 +80,16 @@ class ReferenceStore:
     # ----- reading -----
     def _current(self) -> Any:
         """This embedder's collection, looked up again while it does not exist (another process may create it),
-        and reopened when another process has written to the store since (see :func:`_fresh_client`)."""
+        and reopened when another process has written to the store since (see :func:`fresh_client`)."""
         if self._client is not None and not self.is_server:
-            client = _fresh_client(self.location, self._client)
+            client = fresh_client(self.location, self._client)
             if client is not self._client:
                 self._client, self._collection = client, None
         if self._collection is None:
             if self._client is None:
-                self._client = _connect(self.location, create=False)
+                self._client = chroma_client(self.location, create=False)
             if self._client is not None:
-                self._collection = _get_collection(self._client, self.name)
+                self._collection = get_collection(self._client, self.name)
         return self._collection
 
     def count(self) -> int:
@@ -119,7 +119,7 @@ class ReferenceStore:
         got = collection.get(ids=list(ids), include=["metadatas"])
         out = {}
         for ref_id, meta in zip(got["ids"], got["metadatas"], strict=True):
-            out[ref_id] = sorted(_Entry.from_meta(meta).paths)
+            out[ref_id] = sorted(StoredEntry.from_meta(meta).paths)
         return out
 
     def search_text(self, embedder: SupportsEmbedding, text: str, k: int = 5) -> list[Reference]:
@@ -155,13 +155,13 @@ class ReferenceStore:
         query_vectors = embedder.embed_texts(cleaned)
         pool_size = min(max(4 * k, k + 16), total)  # room for re-ranking and for entries whose file vanished
         ids: list[str] = []
-        entries: dict[str, _Entry] = {}
+        entries: dict[str, StoredEntry] = {}
         vectors: dict[str, np.ndarray] = {}
         for vector in query_vectors:
             for ref_id, meta, embedding, _ in self._query(vector, pool_size, with_embeddings=True):
                 if ref_id not in entries:
                     ids.append(ref_id)
-                    entries[ref_id] = _Entry.from_meta(meta)
+                    entries[ref_id] = StoredEntry.from_meta(meta)
                     vectors[ref_id] = np.asarray(embedding, dtype=np.float32)
         live = [(i, entries[i].live_path()) for i in ids]
         live = [(i, p) for i, p in live if p is not None]
@@ -185,7 +185,7 @@ class ReferenceStore:
         while True:
             refs = []
             for ref_id, meta, _, distance in self._query(vector, fetch):
-                entry = _Entry.from_meta(meta)
+                entry = StoredEntry.from_meta(meta)
                 path = entry.live_path()
                 if path is not None:
                     similarity = 1.0 - float(distance)
@@ -267,7 +267,7 @@ class ReferenceStore:
         lock_start = time.perf_counter()
         with self.write_lock(on_wait):
             timings["lock_wait"] = time.perf_counter() - lock_start
-            job = _IndexJob(self, embedder, batch_size, timings, skipped)
+            job = IndexJob(self, embedder, batch_size, timings, skipped)
             job.screen = screen
             job.load()
             job.run(files, progress)
@@ -279,10 +279,12 @@ class ReferenceStore:
                                 skipped=skipped, notes=job.notes, total=self.count(),
                                 seconds=round(time.perf_counter() - start, 3))
 
-    def _ensure_collection(self) -> Any:
+    def ensure_collection(self) -> Any:
+        """The store's Chroma collection, created (with its client, for an embedded store its folder) on first
+        use: only writers call this, so a search of a store that was never indexed creates nothing."""
         if self._collection is None:
             if self._client is None:
-                self._client = _connect(self.location, create=True)
+                self._client = chroma_client(self.location, create=True)
             self._collection = self._client.get_or_create_collection(
                 self.name, embedding_function=None, configuration={"hnsw": {"space": "cosine"}},
                 metadata={"imgrag_embedder": self.embedder_id, "imgrag_dim": self.dim, "imgrag_store_version": 1})

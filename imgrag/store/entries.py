@@ -1,4 +1,4 @@
-"""What the store's modules share: a retrieved :class:`Reference`, a stored entry's metadata (:class:`_Entry`),
+"""What the store's modules share: a retrieved :class:`Reference`, a stored entry's metadata (:class:`StoredEntry`),
 what the store needs from an embedder, and the index summary."""
 
 from __future__ import annotations
@@ -58,14 +58,14 @@ class Reference:
 
 
 @dataclass
-class _Entry:
+class StoredEntry:
     """One picture's stored metadata, with its path map parsed."""
 
     meta: dict[str, Any]
     paths: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any] | None) -> _Entry:
+    def from_meta(cls, meta: dict[str, Any] | None) -> StoredEntry:
         meta = dict(meta or {})
         try:
             paths = json.loads(meta.get("paths") or "{}")

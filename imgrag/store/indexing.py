@@ -7,40 +7,47 @@ import json
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from PIL import Image
 
 from imgrag.errors import UserError
 from imgrag.file_names import is_text_name, stored_name
 from imgrag.images import probe_image
-from imgrag.store.entries import SupportsEmbedding, _Entry
+from imgrag.store.entries import StoredEntry, SupportsEmbedding
 from imgrag.store.walking import (
     ImageFile,
-    _caption_stat,
-    _user_reason,
+    caption_stat,
     content_digest,
     decode_image,
     read_caption,
     sidecar_path,
+    user_reason,
 )
 
-if TYPE_CHECKING:
-    from imgrag.store.collection import ReferenceStore
+
+class IndexTarget(Protocol):
+    """What an index run needs of its store (:class:`imgrag.store.ReferenceStore`): the width of its vectors and
+    its collection, created on first write. A protocol, so this module needs nothing of the store's own."""
+
+    dim: int
+
+    def ensure_collection(self) -> Any: ...
+
 
 # Larger files are skipped: no reference picture needs them, and reading one costs memory per batch.
 MAX_FILE_BYTES = 200 * 1024 * 1024
 
 ID_HEX_CHARS = 32  # 128 bits of sha256: collisions are out of reach for any personal collection
 _METADATA_PAGE = 5000  # Chroma rejects a get() of ~100k ids at once ("too many SQL variables")
-_METADATA_FLUSH = 1000  # path-map changes gathered before they are written (see _IndexJob._flush)
+_METADATA_FLUSH = 1000  # path-map changes gathered before they are written (see IndexJob._flush)
 _WRITE_CHUNK = 1000  # ids per Chroma call; its limit is 5461
 
 
-class _IndexJob:
+class IndexJob:
     """One index() run under the write lock: the stored state in memory, and the batched writes."""
 
-    def __init__(self, store: ReferenceStore, embedder: SupportsEmbedding, batch_size: int,
+    def __init__(self, store: IndexTarget, embedder: SupportsEmbedding, batch_size: int,
                  timings: dict[str, float], skipped: list[dict[str, str]]) -> None:
         self.store = store
         self.embedder = embedder
@@ -48,7 +55,7 @@ class _IndexJob:
         self.timings = timings
         self.skipped = skipped
         self.notes: list[dict[str, str]] = []  # files stored with something worth saying (a name that is not UTF-8)
-        self.entries: dict[str, _Entry] = {}
+        self.entries: dict[str, StoredEntry] = {}
         self.owners: dict[str, list[str]] = {}  # path -> ids whose path map lists it (normally one)
         self.added = self.duplicates = self.updated = self.unchanged = self.removed = 0
         self._dirty: set[str] = set()
@@ -57,12 +64,12 @@ class _IndexJob:
     def load(self) -> None:
         """Every entry's metadata, paged: what the walk is compared against."""
         t0 = time.perf_counter()
-        collection = self.store._ensure_collection()
+        collection = self.store.ensure_collection()
         offset = 0
         while True:
             page = collection.get(include=["metadatas"], limit=_METADATA_PAGE, offset=offset)
             for ref_id, meta in zip(page["ids"], page["metadatas"], strict=True):
-                entry = _Entry.from_meta(meta)
+                entry = StoredEntry.from_meta(meta)
                 self.entries[ref_id] = entry
                 for path in entry.paths:
                     self.owners.setdefault(path, []).append(ref_id)
@@ -78,7 +85,7 @@ class _IndexJob:
             if len(owners) == 1:
                 stored = self.entries[owners[0]].paths[f.path]
                 if stored[:2] == [f.size, f.mtime_ns]:
-                    current = f.signature(_caption_stat(f.caption_path))
+                    current = f.signature(caption_stat(f.caption_path))
                     if stored == current:
                         self.unchanged += 1
                     else:  # only the caption file changed: no need to read the picture
@@ -110,7 +117,7 @@ class _IndexJob:
                     st = os.fstat(fh.fileno())
                     data = fh.read()
             except (UserError, OSError) as exc:
-                reason = (_user_reason(exc, f.path) if isinstance(exc, UserError)
+                reason = (user_reason(exc, f.path) if isinstance(exc, UserError)
                           else f"cannot read: {exc.strerror or exc}")
                 self._skip(f.path, reason)
                 self.timings["read_hash"] += time.perf_counter() - t0
@@ -118,7 +125,7 @@ class _IndexJob:
             digest = content_digest(data)
             ref_id = digest[:ID_HEX_CHARS]
             # The signature is of the bytes we read (the file may have changed since the walk).
-            signature = [len(data), st.st_mtime_ns, *_caption_stat(f.caption_path)]
+            signature = [len(data), st.st_mtime_ns, *caption_stat(f.caption_path)]
             self.timings["read_hash"] += time.perf_counter() - t0
             known = ref_id in self.entries  # the same picture under another file (earlier, or in this run)
             if not known:
@@ -126,11 +133,11 @@ class _IndexJob:
                 try:
                     picture = decode_image(data, f.path)
                 except UserError as exc:
-                    self._skip(f.path, _user_reason(exc, f.path))
+                    self._skip(f.path, user_reason(exc, f.path))
                     continue
                 finally:
                     self.timings["decode"] += time.perf_counter() - t0
-                self.entries[ref_id] = _Entry({"sha256": digest, "width": width,
+                self.entries[ref_id] = StoredEntry({"sha256": digest, "width": width,
                                                "height": height, "bytes": len(data)})
                 new.append((ref_id, picture))
             previous = self.owners.get(f.path, [])
@@ -170,7 +177,7 @@ class _IndexJob:
         path listed by two entries) and settles them. They are written after the new pictures, so a crash
         never leaves a file that no entry lists.
         """
-        collection = self.store._ensure_collection()
+        collection = self.store.ensure_collection()
         new_ids = [ref_id for ref_id, _ in new]
         if new:
             t0 = time.perf_counter()

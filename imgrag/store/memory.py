@@ -26,8 +26,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from imgrag.atomic_files import write_json_atomic
 from imgrag.errors import UserError
-from imgrag.runs import write_json_atomic
+from imgrag.images import open_image
+from imgrag.provenance import file_sha256
 from imgrag.text import first_line
 
 FILE_NAME = "concept_memory.json"
@@ -195,9 +197,6 @@ def recall_references(memory: ConceptMemory, text: str, embedder: Any, min_score
     A reference is used when the concept is named by ``text`` (:func:`names_concept`), it is not demoted, its file
     is still there with the same content (sha256), and the cosine of its picture and the concept's text under
     ``embedder`` (``embed_images``/``embed_texts``, unit rows) reaches ``min_score``."""
-    from imgrag.images import open_image
-    from imgrag.provenance import file_sha256
-
     chosen: dict[str, dict[str, Any]] = {}
     considered: list[dict[str, Any]] = []
     for entry, references in memory.recall(text):

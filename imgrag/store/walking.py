@@ -1,6 +1,6 @@
 """Files: walking folders for pictures, their caption sidecars, and reading a picture safely.
 
-What :class:`imgrag.store.indexing._IndexJob` walks and reads; nothing here touches Chroma.
+What :class:`imgrag.store.indexing.IndexJob` walks and reads; nothing here touches Chroma.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def content_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _caption_stat(path: str | None) -> tuple[int, int]:
+def caption_stat(path: str | None) -> tuple[int, int]:
     if path is None:
         return (-1, -1)
     try:
@@ -144,7 +144,7 @@ def walk_images(roots: Sequence[str | Path]) -> tuple[list[ImageFile], list[dict
     return files, skipped
 
 
-def _user_reason(exc: UserError, path: str) -> str:
+def user_reason(exc: UserError, path: str) -> str:
     """A probe error without the leading ``<path>: `` (the summary shows the path beside it)."""
     if isinstance(exc, UnreadableImage):
         return exc.reason
