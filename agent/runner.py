@@ -37,6 +37,7 @@ from imgrag.draw_options import DrawOptions, options_of, parse_options
 from imgrag.embedder import prompt_length_notice
 from imgrag.engine import build_manager
 from imgrag.errors import ModelLoadError, UserError, check_seed
+from imgrag.manager import add_loads
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, disk_full_line, is_disk_full, new_run_id
 from imgrag.schedulers import check_with_fast
 from imgrag.settings import TINY_WARNING, Settings
@@ -50,7 +51,7 @@ PLANNERS = ("agent", "fixed")
 # What the run_end event carries for a front end to say (result.json holds them too).
 RUN_END_KEYS = ("run_id", "status", "stop_reason", "final_image", "blocked", "fallback_steps", "fallback_reason")
 # The batch record's functions live in agent/batch.py; importable from here too, as before.
-__all__ = ["FINISHED", "PLANNERS", "CheckpointFailed", "DiskFull", "RunInterrupted", "Runner", "add_loads",
+__all__ = ["FINISHED", "PLANNERS", "CheckpointFailed", "DiskFull", "RunInterrupted", "Runner",
            "claim_item", "fail_item", "open_batch", "open_checkpointer", "read_prompt_file", "settle_item"]
 
 
@@ -123,15 +124,6 @@ def _what_happened(state: dict[str, Any], candidates: list[dict[str, Any]], fina
         reasons = [s.get("reason") for s in record.read_steps() if s.get("planner") == "policy" and s.get("reason")]
         extra["fallback_reason"] = reasons[-1] if reasons else None
     return extra
-
-
-def add_loads(*counts: dict[str, int] | None) -> dict[str, int]:
-    """Per-model load counts added up (a run's earlier processes plus this one)."""
-    total: dict[str, int] = {}
-    for count in counts:
-        for name, n in (count or {}).items():
-            total[name] = total.get(name, 0) + int(n)
-    return total
 
 
 class Runner:
