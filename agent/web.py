@@ -29,6 +29,7 @@ import queue
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,15 @@ def fresh_page(rounds: int) -> dict[str, Any]:
     """A browser tab's state: its thread, rounds per request, /approve and the drawing options set on the page
     (negative prompt, guidance, scheduler, drawings per round, as the chat's /negative... set them; a plain dict:
     Gradio copies it)."""
-    return {"thread_id": None, "rounds": rounds, "approve": False, "drawing": {}}
+    return {"thread_id": None, "rounds": rounds, "approve": False, "drawing": {}, "tab": None}
+
+
+def tab_of(page: dict[str, Any]) -> str:
+    """The tab's own key, made at its first request (Gradio copies the initial state into every browser session,
+    so it cannot be made in :func:`fresh_page`): what the Stop button of this tab, and only this one, stops."""
+    if not page.get("tab"):
+        page["tab"] = uuid.uuid4().hex
+    return page["tab"]
 
 
 def settings_lora_text(settings: Any) -> str:
@@ -124,7 +133,9 @@ class WebChat:
         self.rounds = ChatSession(self.runner, planner=planner, rounds=rounds).rounds  # checked as the chat does
         self.output_dir = Path(settings.output_dir).resolve()
         self.error_log = imgrag_home() / "serve-errors.log"
-        self.running: ChatSession | None = None  # the session whose request runs now (the Stop button)
+        # Each tab's running request (by tab_of): a Stop in one tab never stops another's.
+        self.running: dict[str, ChatSession] = {}
+        self._running_lock = threading.Lock()
 
     # ----- sessions -----
     def session(self, page: dict[str, Any], on_event: Callable[[dict], None] | None = None,
@@ -164,7 +175,9 @@ class WebChat:
             finally:
                 events.put(None)
 
-        self.running = session
+        tab = tab_of(page)
+        with self._running_lock:
+            self.running[tab] = session
         worker = threading.Thread(target=run, name="imgrag-request", daemon=True)
         worker.start()
         try:
@@ -173,7 +186,9 @@ class WebChat:
                 yield "event", event
         finally:
             worker.join()
-            self.running = None
+            with self._running_lock:
+                if self.running.get(tab) is session:
+                    del self.running[tab]
             page["thread_id"] = session.thread_id
         if "error" in outcome:
             yield "error", outcome["error"]
@@ -182,10 +197,13 @@ class WebChat:
         else:
             yield "result", outcome["result"]
 
-    def stop(self) -> None:
-        """The Stop button: the running request ends at its next progress event (as Ctrl-C in the chat)."""
-        if self.running is not None:
-            self.running.cancelled.set()
+    def stop(self, page: dict[str, Any]) -> None:
+        """The Stop button of ``page``'s tab: that tab's running request ends at its next progress event (as Ctrl-C
+        in the chat); another tab's request goes on."""
+        with self._running_lock:
+            session = self.running.get(page.get("tab") or "")
+        if session is not None:
+            session.cancelled.set()
 
     # ----- what the page shows of a thread -----
     def thread_view(self, page: dict[str, Any]) -> dict[str, Any]:
@@ -574,7 +592,7 @@ def build_app(web: WebChat) -> Any:
             trigger(on_send, [message, chatbot, page, rounds, approve, negative, guidance, scheduler, per_round,
                               loras], [message, *outputs], show_progress_on=chatbot, **models)
         review_btn.click(on_review, [review_refs, chatbot, page], outputs, show_progress_on=chatbot, **models)
-        stop.click(web.stop, None, None, queue=False)
+        stop.click(web.stop, [page], None, queue=False)
         open_btn.click(guarded(do_open), [chatbot, page, threads], outputs, **models)
         new_btn.click(guarded(do_new), [chatbot, page], outputs, **models)
         undo_btn.click(guarded(do_undo), [chatbot, page], outputs, **models)

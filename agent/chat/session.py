@@ -50,8 +50,10 @@ CUT_OFF = "cut off: the chat ended in the middle of this request"
 MAX_ROUNDS_PER_REQUEST = 50
 
 
-class RequestCancelled(Exception):
-    """Raised inside the graph (from the progress callback) once the user pressed Ctrl-C."""
+class RequestCancelled(KeyboardInterrupt):
+    """Raised inside the graph (from the progress callback) once the user pressed Ctrl-C or a page's Stop. A
+    ``KeyboardInterrupt``: a stop is not an error, so no tool's or runner's error handling (``except Exception``)
+    records it as one; the runner closes the run as interrupted, as for Ctrl-C, wherever the stop lands."""
 
 
 @dataclass
