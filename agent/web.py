@@ -22,6 +22,7 @@ event at a time; split, every handler would be looked up across two files.
 
 from __future__ import annotations
 
+import functools
 import html
 import inspect
 import os
@@ -57,13 +58,13 @@ class ReviewNeeded(Exception):
 def fresh_page(rounds: int) -> dict[str, Any]:
     """A browser tab's state: its thread, rounds per request, /approve and the drawing options set on the page
     (negative prompt, guidance, scheduler, drawings per round, as the chat's /negative... set them; a plain dict:
-    Gradio copies it)."""
-    return {"thread_id": None, "rounds": rounds, "approve": False, "drawing": {}, "tab": None}
+    Gradio copies it), and the tab's own key (``tab``): what this tab's Stop button, and only this one, stops. The
+    page's ``gr.State`` calls this once per browser session, so every tab gets its own key."""
+    return {"thread_id": None, "rounds": rounds, "approve": False, "drawing": {}, "tab": uuid.uuid4().hex}
 
 
 def tab_of(page: dict[str, Any]) -> str:
-    """The tab's own key, made at its first request (Gradio copies the initial state into every browser session,
-    so it cannot be made in :func:`fresh_page`): what the Stop button of this tab, and only this one, stops."""
+    """The tab's key (:func:`fresh_page`); a state without one (an older page) gets one here."""
     if not page.get("tab"):
         page["tab"] = uuid.uuid4().hex
     return page["tab"]
@@ -382,7 +383,7 @@ def build_app(web: WebChat) -> Any:
     tiny = f" · **{TINY_WARNING}**" if s.is_tiny else ""
 
     with gr.Blocks(title="imgrag", analytics_enabled=False) as app:
-        page = gr.State(fresh_page(web.rounds))
+        page = gr.State(functools.partial(fresh_page, web.rounds))  # called per browser session
         gr.Markdown(f"## imgrag · profile {s.profile} · planner {web.planner}{tiny}\n"
                     "Describe a picture; later messages refine it (\"make the cradle wooden\"), pick references "
                     "(\"use the second reference\") or extend the budget (\"two more rounds\"). Threads are shared "
