@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from imgrag.atomic_files import write_json_atomic
 from imgrag.errors import UserError, check_seed, read_user_text
 from imgrag.text import describe_error
@@ -102,17 +104,42 @@ DRAWING_KEYS = ("negative_prompt", "guidance", "scheduler", "per_round")
 
 def line_options(base: Any, item: dict[str, Any]) -> Any:
     """The drawing options of a batch item: ``base`` (a :class:`~imgrag.draw_options.DrawOptions`: the settings' and
-    the command line's, or a Settings to take them from) changed by the line's own keys (:data:`DRAWING_KEYS`)."""
+    the command line's, or a Settings to take them from) changed by the line's own keys (:data:`DRAWING_KEYS`); the
+    line's ``loras`` add to the base's (one naming a file already there sets its weight)."""
     from imgrag.draw_options import DrawOptions
 
     options = base if isinstance(base, DrawOptions) else DrawOptions.from_settings(base)
-    return options.changed(f"line {item.get('line', '?')}", **(item.get("drawing") or {}))
+    where = f"line {item.get('line', '?')}"
+    return options.changed(where, **(item.get("drawing") or {})).with_loras(item.get("loras") or [], where)
+
+
+def line_loras(value: Any, where: str, folder: Path) -> list[tuple[str, float | None]]:
+    """A .jsonl line's ``"loras": [{"path", "weight"?}]`` read strictly (paths relative to the batch file's folder),
+    each file checked as ``--lora`` checks it: ``[(absolute path, weight)]``; a bad entry is one UserError naming
+    ``where`` (the file and line)."""
+    from imgrag.loras import LoraChoice, check_lora_file
+
+    if not isinstance(value, list):
+        raise UserError(f"{where}: \"loras\" must be a list of {{\"path\", \"weight\"}} objects")
+    out: list[tuple[str, float | None]] = []
+    for n, entry in enumerate(value, 1):
+        if not isinstance(entry, dict) or set(entry) - {"path", "weight"} or not isinstance(entry.get("path"), str):
+            raise UserError(f"{where}: LoRA {n} must be an object {{\"path\", \"weight\"}} (weight optional), "
+                            f"got {json.dumps(entry)[:80]}")
+        path = Path(entry["path"]).expanduser()
+        path = path if path.is_absolute() else folder.resolve() / path
+        try:
+            checked = LoraChoice(path=check_lora_file(path, f"{where}: LoRA"), weight=entry.get("weight", 1.0))
+        except ValidationError as exc:
+            raise UserError(f"{where}: LoRA {n}'s {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+        out.append((checked.path, checked.weight))
+    return out
 
 
 def read_prompt_file(path: Path) -> list[dict[str, Any]]:
     """Prompts from .txt (one per line; blank lines and # comments skipped) or .jsonl objects
     ({"prompt", "seed"?, "max_rounds"?, "references"?: [{"path", "weight"?, "mode"?}], "negative_prompt"?,
-    "guidance"?, "scheduler"?, "per_round"?}). Errors name the file and line."""
+    "guidance"?, "scheduler"?, "per_round"?, "loras"?: [{"path", "weight"?}]}). Errors name the file and line."""
     from imgrag.draw_options import parse_options
 
     if not path.exists():
@@ -141,6 +168,8 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
                 item.update(references=_relative_to(obj["references"], path.parent), line=number)
             if obj.get("negative") is not None and obj.get("negative_prompt") is None:  # as the flag is named
                 obj["negative_prompt"] = obj["negative"]
+            if obj.get("loras") is not None:  # files checked now, relative to the batch file, named with the line
+                item.update(loras=line_loras(obj["loras"], f"{path}:{number}", path.parent), line=number)
             drawing = {k: obj[k] for k in DRAWING_KEYS if obj.get(k) is not None}
             if drawing:  # checked now: a bad scheduler name or guidance is named with its line
                 checked = parse_options(drawing, f"{path}:{number}")

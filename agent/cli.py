@@ -42,11 +42,11 @@ from imgrag.model_files import (
     free_disk_bytes,
     hub_cache_dir,
     hub_offline,
-    human_size,
 )
 from imgrag.runs import disk_full_line, ensure_writable_dir, is_disk_full
 from imgrag.settings import builtin_presets, check_device
 from imgrag.text import first_line
+from imgrag.weight_files import human_size
 
 models_app = typer.Typer(help="Model checkpoints: download the real ones, or build the offline tiny kit.",
                          no_args_is_help=True)

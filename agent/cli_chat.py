@@ -409,6 +409,13 @@ class ChatRepl:
             self.session.set_per_round(arg)
         out.print(f"{self.session.drawing_options().per_round} drawing(s) per round")
 
+    def cmd_lora(self, arg: str) -> None:
+        if arg:
+            self.session.set_lora(arg)
+        loras = self.session.drawing_options().loras
+        out.print("LoRAs: " + ", ".join(f"{escape(c.label)}:{c.weight:g} ({escape(c.path)})" for c in loras)
+                  if loras else "no LoRA", soft_wrap=True)
+
     def cmd_undo(self, arg: str) -> None:
         summary = self.session.undo()
         out.print(f"undid {escape(summary['undone'])!r}", soft_wrap=True)

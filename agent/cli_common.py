@@ -114,6 +114,20 @@ PerRoundOpt = Annotated[int | None, typer.Option(
          "(default: generation.per_round, 1).")]
 
 
+LoraOpt = Annotated[list[str] | None, typer.Option(
+    "--lora", metavar="PATH[:WEIGHT]",
+    help="A LoRA to draw with (an SDXL LoRA's .safetensors file, kohya or diffusers layout); repeat for several. "
+         "WEIGHT (-4..4, default 1; 0 switches it off) is its strength. Added to the settings' [[models.loras]]; "
+         "naming one of those (its file or name) sets its weight instead; --lora none drops them.")]
+
+
+def lora_args(texts: list[str] | None, where: str = "--lora") -> list[tuple[str, float | None]]:
+    """Each ``--lora PATH[:WEIGHT]`` read (:func:`imgrag.loras.parse_lora_arg`); a bad weight is one line."""
+    from imgrag.loras import parse_lora_arg
+
+    return [parse_lora_arg(text, where) for text in texts or []]
+
+
 def drawing_flags(negative: str | None = None, scheduler: str | None = None,
                   per_round: int | None = None) -> dict[str, Any]:
     """The settings overrides of ``--negative``, ``--scheduler`` and ``--per-round`` (None: not given); the settings
@@ -124,9 +138,11 @@ def drawing_flags(negative: str | None = None, scheduler: str | None = None,
             "generation.per_round": per_round}
 
 
-def drawing_options(settings: Settings, guidance: float | None = None) -> Any:
-    """A run's :class:`imgrag.draw_options.DrawOptions`: the settings' (flags included) plus ``--guidance``."""
-    return DrawOptions.from_settings(settings).changed(guidance=check_guidance(guidance, "--guidance"))
+def drawing_options(settings: Settings, guidance: float | None = None, loras: list[str] | None = None) -> Any:
+    """A run's :class:`imgrag.draw_options.DrawOptions`: the settings' (flags included) plus ``--guidance`` and the
+    ``--lora`` flags over ``[[models.loras]]``. Every LoRA file is checked here, before any model loads."""
+    options = DrawOptions.from_settings(settings).changed(guidance=check_guidance(guidance, "--guidance"))
+    return options.with_loras(lora_args(loras))
 
 
 def repair_flags(repair_with: str | None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from agent.cli_common import (
     FastOpt,
     GuidanceOpt,
     JsonOpt,
+    LoraOpt,
     NegativeOpt,
     ProfileOpt,
     RepairWithOpt,
@@ -29,6 +30,7 @@ from agent.cli_common import (
     app,
     drawing_flags,
     err,
+    lora_args,
     out,
     prepare_models,
     print_json,
@@ -44,6 +46,7 @@ from imgrag.errors import UserError, check_seed
 from imgrag.fast import draw_plan
 from imgrag.generator import validate_request
 from imgrag.images import open_image
+from imgrag.loras import check_loras, merge_loras, settings_loras
 from imgrag.omnigen import validate_omnigen_request
 from imgrag.provenance import (
     checkpoint_sha256,
@@ -100,6 +103,7 @@ def generate(
     negative: NegativeOpt = None,
     guidance: GuidanceOpt = None,
     scheduler: SchedulerOpt = None,
+    lora: LoraOpt = None,
     fast: FastOpt = None,
     repair_with: RepairWithOpt = None,
     concept: Annotated[list[str] | None, typer.Option(
@@ -124,6 +128,7 @@ def generate(
         raise UserError("give the output picture: -o OUT.png")
     width, height = parse_size(size)
     guidance_flag = check_guidance(guidance, "--guidance")
+    lora_given = lora_args(lora)
     negative_flag, scheduler_flag = negative, scheduler  # as given, before a recipe fills them
     model_flags: dict[str, str] = {}
     if from_image is not None and profile is None:  # the recipe's profile: its models drew the picture
@@ -159,12 +164,17 @@ def generate(
         "generation.fast": fast, "omnigen.steps": steps if omnigen_asked and refs else None,
         **repair_flags(repair_with), **drawing_flags(negative, scheduler), **model_flags})
     g = settings.generation
+    # The LoRAs: the recipe's with --from-image (what drew the picture), else [[models.loras]]; --lora adds to them.
+    base_loras = (recipe_loras(from_image) if from_image is not None
+                  else check_loras(settings_loras(settings), "[[models.loras]]: LoRA"))
+    loras = merge_loras(base_loras, lora_given, "--lora")
     if from_image is not None and given_refs is None and refs and settings.safety.enabled:
         _screen_recipe_references(settings, from_image, [path for path, _ in refs])
     if refs and g.repair_with == "omnigen" or not refs and g.draw_with == "omnigen":
         _generate_omnigen(settings, prompt, refs or [], concept, output=output, from_image=from_image,
                           flags_without_effect={"--ip-scale": ip_scale, "--fast": fast, "--negative": negative_flag,
-                                                "--guidance": guidance_flag, "--scheduler": scheduler_flag},
+                                                "--guidance": guidance_flag, "--scheduler": scheduler_flag,
+                                                "--lora": lora},
                           as_json=as_json)
         return
     if concept:
@@ -208,7 +218,7 @@ def generate(
         picture = generator.generate(
             prompt, seed=g.seed, references=references or None, ip_scale=g.ip_scale, width=g.width,
             height=g.height, steps=n_steps, guidance=guidance, on_step=bar, fast=plan.mode,
-            negative_prompt=g.negative_prompt, scheduler=g.scheduler, **steering)
+            negative_prompt=g.negative_prompt, scheduler=g.scheduler, loras=loras, **steering)
         drew["sampler"] = generator.last_scheduler
         if references:  # a reference whose embedding is cached runs no image encoder (imgrag.embed_cache)
             encoder.update(calls=generator.encoder_calls - calls, cached=generator.last_guidance.get("cached", 0))
@@ -221,7 +231,7 @@ def generate(
     save_image(image, output, for_drawing(  # provenance in the picture, in the same atomic write
         settings, prompt=prompt, seed=g.seed, references=entries, ip_scale=g.ip_scale,
         steps=n_steps, guidance=guidance, fast=plan.mode, negative_prompt=g.negative_prompt, scheduler=g.scheduler,
-        sampler=drew.get("sampler")))
+        sampler=drew.get("sampler"), loras=loras))
     seconds = round(time.perf_counter() - start, 3)
     result: dict[str, Any] = {
         "output": str(output), "prompt": prompt, "negative_prompt": g.negative_prompt, "seed": g.seed,
@@ -229,6 +239,7 @@ def generate(
         "scheduler": g.scheduler, "sampler": drew.get("sampler"),
         "references": [str(e["path"]) for e in entries],
         "reference_steering": [{"weight": e["weight"], "mode": e["mode"]} for e in entries],
+        "loras": [{"path": c.path, "weight": c.weight, "name": c.label} for c in loras],
         "ip_scale": g.ip_scale if references else None, "image_encoder": encoder or None, "seconds": seconds,
         "model_loads": manager.load_counts(),
         "profile": settings.profile, "from_image": str(from_image) if from_image else None,
@@ -240,8 +251,9 @@ def generate(
         return
     guided = f", guided by {len(references)} reference(s) at scale {g.ip_scale:g}" if references else ""
     fast_note = f", {plan.mode}" if plan.mode != "off" else ""
+    lora_note = (", LoRA " + ", ".join(f"{c.label}:{c.weight:g}" for c in loras)) if loras else ""
     out.print(f"wrote {output} ({g.width}x{g.height}, {n_steps} steps{fast_note}, {drew.get('sampler')}, CFG "
-              f"{guidance:g}, seed {g.seed}{guided}) in {seconds} s", markup=False, soft_wrap=True)
+              f"{guidance:g}, seed {g.seed}{guided}{lora_note}) in {seconds} s", markup=False, soft_wrap=True)
 
 
 def _generate_omnigen(settings: Any, prompt: str, refs: list[tuple[Path, ReferenceSteer]],
@@ -340,6 +352,32 @@ def recipe_drawing(picture: Path) -> tuple[str | None, str | None]:
     checked = parse_options(given, f"{picture}'s recipe")
     return (checked.negative_prompt if "negative_prompt" in given else None,
             checked.scheduler if "scheduler" in given else None)
+
+
+def recipe_loras(picture: Path) -> tuple[Any, ...]:
+    """The LoRAs a picture's recipe drew with, as :class:`~imgrag.loras.LoraChoice` records, each file checked as a
+    ``--lora`` would be and against the sha256 the recipe kept: a LoRA that vanished or changed since is one
+    UserError naming the picture's recipe (``--lora`` with the same name or file replaces its weight; ``--lora none``
+    drops them). () for a recipe without LoRAs."""
+    from pydantic import ValidationError
+
+    from imgrag.loras import LoraChoice, check_lora_file, stem_name
+    from imgrag.provenance import checkpoint_sha256, read_recipe
+
+    recipe = read_recipe(picture)
+    where = f"{picture}'s recipe: LoRA"
+    chosen = []
+    for entry in recipe.loras if recipe is not None else []:
+        path = check_lora_file(entry.path, where)
+        if entry.sha256 and checkpoint_sha256(path) != entry.sha256:
+            raise UserError(f"{where} {path} has changed since (sha256 differs); pass --lora none and --lora "
+                            f"{path}:{entry.weight:g} to draw with it as it is now")
+        try:
+            chosen.append(LoraChoice(path=path, weight=entry.weight,
+                                     name="" if entry.name == stem_name(path) else entry.name))
+        except ValidationError as exc:
+            raise UserError(f"{where} {path}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    return tuple(chosen)
 
 
 def recipe_generator(picture: Path) -> dict[str, str]:

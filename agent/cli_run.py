@@ -17,6 +17,7 @@ from agent.cli_common import (
     FastOpt,
     GuidanceOpt,
     JsonOpt,
+    LoraOpt,
     NegativeOpt,
     PerRoundOpt,
     ProfileOpt,
@@ -27,6 +28,7 @@ from agent.cli_common import (
     drawing_flags,
     drawing_options,
     err,
+    lora_args,
     on_interrupt,
     out,
     prepare_models,
@@ -284,10 +286,14 @@ def _full_disk(full: Any, command: list[str]) -> None:
     raise UserError(f"{full}; free some space, then continue with: {shlex.join(command)}") from None
 
 
-def _make_runner(profile, config, store, out_dir, on_event, fast=None, gates=None):
+def _make_runner(profile, config, store, out_dir, on_event, fast=None, gates=None, check=None):
+    """(runner, settings): the settings and the output folder checked, then ``check(settings)`` (the drawing options:
+    ``--guidance``, the ``--lora`` files), all before the tiny kit is built or any model loads."""
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
                                    **{"generation.fast": fast, **(gates or {})})
     check_outputs(settings)
+    if check is not None:
+        check(settings)
     prepare_models(settings)
     from agent.runner import Runner
 
@@ -295,14 +301,28 @@ def _make_runner(profile, config, store, out_dir, on_event, fast=None, gates=Non
     return Runner(settings, on_event=on_event, previews=previews), settings
 
 
+class _Options:
+    """The drawing options a command's flags give, made (and so checked) once by :func:`_make_runner`'s check."""
+
+    def __init__(self, guidance: float | None, loras: list[str] | None) -> None:
+        self.guidance, self.loras, self.options = guidance, loras, None
+
+    def __call__(self, settings: Any) -> Any:
+        if self.options is None:
+            self.options = drawing_options(settings, self.guidance, self.loras)
+        return self.options
+
+
 def drawing_resume_flags(negative: str | None, guidance: float | None, scheduler: str | None,
-                         per_round: int | None) -> list[str]:
+                         per_round: int | None, loras: list[str] | None = None) -> list[str]:
     """The drawing flags a batch's resume command repeats (a run keeps its own in its state)."""
     flags: list[str] = []
     for name, value in (("--negative", negative), ("--guidance", guidance), ("--scheduler", scheduler),
                         ("--per-round", per_round)):
         if value is not None:
             flags += [name, str(value)]
+    for text in loras or []:
+        flags += ["--lora", text]
     return flags
 
 
@@ -320,6 +340,7 @@ def run(
     negative: NegativeOpt = None,
     guidance: GuidanceOpt = None,
     scheduler: SchedulerOpt = None,
+    lora: LoraOpt = None,
     fast: FastOpt = None,
     repair_with: RepairWithOpt = None,
     allow_retrieved: AllowRetrievedOpt = None,
@@ -347,7 +368,7 @@ def run(
     if resume is not None:  # a resumed run goes on with its own prompt, seed and budget: a flag here would do nothing
         given = [name for name, value in (("a PROMPT", prompt), ("--seed", seed), ("--max-rounds", max_rounds),
                                           ("--per-round", per_round), ("--negative", negative),
-                                          ("--guidance", guidance), ("--scheduler", scheduler))
+                                          ("--guidance", guidance), ("--scheduler", scheduler), ("--lora", lora))
                  if value is not None]
         if given:
             raise UserError(f"--resume continues run {resume} with its own prompt, seed, budget and drawing options; "
@@ -359,15 +380,16 @@ def run(
                  "the run had not started drawing, so nothing was kept; run the same command again")
     try:
         with ProgressPrinter(previews=not as_json) as progress:
-            runner, settings = _make_runner(profile, config, store, out_dir, progress, fast,
-                                            {**gate_flags(allow_retrieved, allow_flagged), **memory_flag(no_memory),
-                                             **repair_flags(repair_with),
-                                             **drawing_flags(negative, scheduler, per_round)})
+            options = _Options(guidance, lora)
+            runner, settings = _make_runner(
+                profile, config, store, out_dir, progress, fast,
+                {**gate_flags(allow_retrieved, allow_flagged), **memory_flag(no_memory), **repair_flags(repair_with),
+                 **drawing_flags(negative, scheduler, per_round)}, options)
             if resume:
                 result = runner.resume(resume)
             else:
                 result = runner.run(prompt or "", seed=seed, max_rounds=max_rounds, planner=planner,
-                                    options=drawing_options(settings, guidance))
+                                    options=options(settings))
     except RunInterrupted as stop:
         command = ["imgrag", "run", "--resume", stop.result["run_id"], *_shared_flags(profile, config, store, out_dir),
                    *(["--repair-with", repair_with] if repair_with else [])]
@@ -389,9 +411,9 @@ def run(
 def batch(
     file: Annotated[
         Path, typer.Argument(help='.txt (one prompt a line) or .jsonl ({"prompt", "seed", "max_rounds", "references": '
-                    '[{"path", "weight", "mode"}], "negative_prompt", "guidance", "scheduler", "per_round"}; '
-                    'references guide the prompt\'s first round; the drawing keys override the flags for that '
-                    'line).')
+                    '[{"path", "weight", "mode"}], "negative_prompt", "guidance", "scheduler", "per_round", "loras": '
+                    '[{"path", "weight"}]}; references guide the prompt\'s first round; the drawing keys override '
+                    'the flags for that line, and its loras add to them).')
     ],
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest batch of this file; finished "
                                          "prompts are skipped.")] = False,
@@ -402,6 +424,7 @@ def batch(
     negative: NegativeOpt = None,
     guidance: GuidanceOpt = None,
     scheduler: SchedulerOpt = None,
+    lora: LoraOpt = None,
     fast: FastOpt = None,
     repair_with: RepairWithOpt = None,
     allow_retrieved: AllowRetrievedOpt = None,
@@ -425,14 +448,15 @@ def batch(
 
     check_planner(planner)
     check_guidance(guidance, "--guidance")
+    lora_args(lora)  # a bad weight is said before the file is read
     items = read_prompt_file(file)  # a bad file fails before any model loads
     drawing = drawing_flags(negative, scheduler, per_round)
-    again = drawing_resume_flags(negative, guidance, scheduler, per_round)
+    again = drawing_resume_flags(negative, guidance, scheduler, per_round, lora)
     if ray_address is not None:
         summary, settings = _ray_batch(file, len(items), ray_address, workers, resume, planner, max_rounds,
                                        profile, config, store, out_dir, fast,
                                        {**gate_flags(allow_retrieved, allow_flagged), **memory_flag(no_memory),
-                                        **repair_flags(repair_with), **drawing}, guidance)
+                                        **repair_flags(repair_with), **drawing}, guidance, lora)
     else:
         if workers is not None:
             raise UserError("--workers goes with --ray (the in-process batch has one worker)")
@@ -444,13 +468,14 @@ def batch(
         on_interrupt("prompts finished earlier are kept; continue with: " + " ".join(command))
         try:
             with ProgressPrinter(previews=False) as progress:  # a batch is a script's: no pictures on the terminal
+                options = _Options(guidance, lora)
                 runner, settings = _make_runner(
                     profile, config, store, out_dir, progress, fast,
                     {**gate_flags(allow_retrieved, allow_flagged), **memory_flag(no_memory),
-                     **repair_flags(repair_with), **drawing})
+                     **repair_flags(repair_with), **drawing}, options)
                 summary = runner.batch(file, resume=resume, planner=planner, max_rounds=max_rounds,
                                        on_item=lambda item: err.print(f"prompt {item['index'] + 1}: {item['status']}"),
-                                       options=drawing_options(settings, guidance))
+                                       options=options(settings))
         except RunInterrupted as stop:
             command = ["imgrag", "batch", str(file), "--resume", *_shared_flags(profile, config, store, out_dir),
                        *(["--planner", planner] if planner != "agent" else []),
@@ -486,18 +511,18 @@ def print_batch(summary: dict[str, Any], console: Console | None = None) -> None
 
 
 def _ray_batch(file, total, address, workers, resume, planner, max_rounds, profile, config, store, out_dir, fast,
-               gates=None, guidance=None):
+               gates=None, guidance=None, loras=None):
     """``batch --ray``: settings and shared services checked, then the prompts spread over Ray workers."""
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
                                    **{"generation.fast": fast, **(gates or {})})
     check_outputs(settings)
+    options = drawing_options(settings, guidance, loras)
     check_shared_services(settings)  # before the tiny kit is built or a cluster starts
     prepare_models(settings)
     try:
         with RayProgress(err, total) as progress:
             summary = run_batch(settings, file, address=address, workers=workers, resume=resume, planner=planner,
-                                max_rounds=max_rounds, on_progress=progress,
-                                options=drawing_options(settings, guidance))
+                                max_rounds=max_rounds, on_progress=progress, options=options)
     except KeyboardInterrupt:
         err.print(f"finished prompts are kept; continue with: imgrag batch {escape(str(file))} --ray --resume",
                   soft_wrap=True)

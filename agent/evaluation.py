@@ -46,6 +46,7 @@ from imgrag.class_folders import read_class_folder, split_classes
 from imgrag.dino import DinoScorer  # noqa: F401  (its old home; imported from here by callers)
 from imgrag.engine import ManagedEmbedder, register_omnigen
 from imgrag.errors import UserError, read_user_text
+from imgrag.manager import add_loads
 from imgrag.paired_stats import summarise as paired
 from imgrag.report import write_report
 from imgrag.scorers import Scorers, scorer_names
@@ -463,10 +464,7 @@ def per_arm(records: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
         results = [r["arms"][arm] for r in records if arm in r["arms"]]
         seconds = [r["seconds"] for r in results if isinstance(r.get("seconds"), (int, float))]
         rounds = [r["rounds"] for r in results if isinstance(r.get("rounds"), (int, float))]
-        loads: dict[str, int] = {}
-        for r in results:
-            for name, n in (r.get("model_loads") or {}).items():
-                loads[name] = loads.get(name, 0) + int(n)
+        loads = add_loads(*(r.get("model_loads") for r in results))
         out[arm] = {"seconds_per_prompt": round(sum(seconds) / len(seconds), 3) if seconds else None,
                     "rounds": round(sum(rounds) / len(rounds), 3) if rounds else None,
                     "model_loads": loads, "errors": sum(1 for r in results if r.get("error")),

@@ -54,6 +54,7 @@ from agent.batch import (
 from imgrag.atomic_files import atomic_path, write_json_atomic
 from imgrag.draw_options import parse_options
 from imgrag.errors import UserError
+from imgrag.manager import add_loads
 from imgrag.settings import Settings
 from imgrag.store import chroma_client, is_server_uri
 from imgrag.text import describe_error, last_line
@@ -78,8 +79,11 @@ Progress = Callable[[dict[str, Any]], None]
 def expand_ray_flag(argv: list[str]) -> list[str]:
     """Give a bare ``--ray`` its default value, so that ``--ray [ADDRESS]`` reads as the contract says.
 
-    Typer's options cannot take an optional value; ``--ray`` not followed by something shaped like an address
-    (``local``, ``auto``, ``ray://host:port`` or ``host:port``) becomes ``--ray local``."""
+    ``--ray`` not followed by something shaped like an address (``local``, ``auto``, ``ray://host:port`` or
+    ``host:port``) becomes ``--ray local``. Why not Click's optional-value option (``is_flag=False, flag_value=``):
+    through Typer (0.29) a bare ``--ray`` still "requires an argument", and Click's own form takes whatever follows
+    as the value, so ``imgrag batch --ray prompts.txt`` would read the prompt file as an address. Only the value's
+    shape tells the two apart."""
     expanded: list[str] = []
     for i, arg in enumerate(argv):
         expanded.append(arg)
@@ -213,10 +217,6 @@ class _Slot:
     pid: int | None = None
 
 
-def _add(total: dict[str, int], more: dict[str, int]) -> dict[str, int]:
-    return {k: total.get(k, 0) + more.get(k, 0) for k in {*total, *more}}
-
-
 def connect(ray: Any, address: str | None, workers: int | None) -> bool:
     """Join the cluster at ``address`` ("local" or None starts one on this machine); True when this call started
     the connection (and so must end it). Already connected (a test, a notebook): that connection is used."""
@@ -324,7 +324,7 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
                 except ray.exceptions.RayActorError as exc:
                     deaths += 1
                     slot.deaths += 1
-                    slot.retired_loads = _add(slot.retired_loads, slot.model_loads)
+                    slot.retired_loads = add_loads(slot.retired_loads, slot.model_loads)
                     slot.model_loads = {}
                     item["worker_deaths"] = item.get("worker_deaths", 0) + 1
                     progress({"event": "worker_died", "worker": slot.name, "index": item["index"],
@@ -386,9 +386,7 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
 def _summary(batch_dir: Path, path: Path, state: dict[str, Any], slots: list[_Slot], identities: list[dict],
              settings: Settings, address: str | None, resources: dict[str, Any], start: float) -> dict[str, Any]:
     """summary.json: the in-process batch's fields, plus the workers and what each did."""
-    total: dict[str, int] = {}
-    for slot in slots:
-        total = _add(total, _add(slot.retired_loads, slot.model_loads))
+    total = add_loads(*(loads for s in slots for loads in (s.retired_loads, s.model_loads)))
     summary = {
         "batch_dir": str(batch_dir), "file": str(path), "items": state["items"], "model_loads": total,
         "workers": [{"name": s.name, "pid": s.pid, "prompts": s.prompts, "model_loads": s.model_loads,

@@ -37,6 +37,7 @@ from imgrag.draw_options import DrawOptions, options_of, parse_options
 from imgrag.embedder import prompt_length_notice
 from imgrag.engine import build_manager
 from imgrag.errors import ModelLoadError, UserError, check_seed
+from imgrag.manager import add_loads
 from imgrag.runs import RUN_ID_PATTERN, RunRecord, disk_full_line, is_disk_full, new_run_id
 from imgrag.schedulers import check_with_fast
 from imgrag.settings import TINY_WARNING, Settings
@@ -51,7 +52,7 @@ PLANNERS = ("agent", "fixed")
 RUN_END_KEYS = ("run_id", "status", "stop_reason", "final_image", "blocked", "fallback_steps", "fallback_reason",
                 "final_full")
 # The batch record's functions live in agent/batch.py; importable from here too, as before.
-__all__ = ["FINISHED", "PLANNERS", "CheckpointFailed", "DiskFull", "RunInterrupted", "Runner", "add_loads",
+__all__ = ["FINISHED", "PLANNERS", "CheckpointFailed", "DiskFull", "RunInterrupted", "Runner",
            "claim_item", "fail_item", "open_batch", "open_checkpointer", "read_prompt_file", "settle_item"]
 
 
@@ -126,15 +127,6 @@ def _what_happened(state: dict[str, Any], candidates: list[dict[str, Any]], fina
     return extra
 
 
-def add_loads(*counts: dict[str, int] | None) -> dict[str, int]:
-    """Per-model load counts added up (a run's earlier processes plus this one)."""
-    total: dict[str, int] = {}
-    for count in counts:
-        for name, n in (count or {}).items():
-            total[name] = total.get(name, 0) + int(n)
-    return total
-
-
 class Runner:
     """Runs prompts through the agent graph with models loaded once."""
 
@@ -187,6 +179,9 @@ class Runner:
         if planner == "agent":
             self.check_llm()
         loads_before = self.manager.load_counts()  # the run's checks load models too (the embedder): they count
+        if options.loras and self.settings.generation.draw_with == "sdxl":
+            # A LoRA made for another base model is one line now, not a failed tool call in every round.
+            self.manager.run("generator", lambda generator: generator.prepare_loras(options.loras))
         budget = run_budget(self.settings, max_rounds, options.per_round)
         census = self._store_census()  # before check_retrieval opens the store (a typo'd path reads as empty)
         retrieval_off = self.check_retrieval()

@@ -22,6 +22,7 @@ event at a time; split, every handler would be looked up across two files.
 
 from __future__ import annotations
 
+import functools
 import html
 import inspect
 import os
@@ -29,6 +30,7 @@ import queue
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,16 +58,32 @@ class ReviewNeeded(Exception):
 def fresh_page(rounds: int) -> dict[str, Any]:
     """A browser tab's state: its thread, rounds per request, /approve and the drawing options set on the page
     (negative prompt, guidance, scheduler, drawings per round, as the chat's /negative... set them; a plain dict:
-    Gradio copies it)."""
-    return {"thread_id": None, "rounds": rounds, "approve": False, "drawing": {}}
+    Gradio copies it), and the tab's own key (``tab``): what this tab's Stop button, and only this one, stops. The
+    page's ``gr.State`` calls this once per browser session, so every tab gets its own key."""
+    return {"thread_id": None, "rounds": rounds, "approve": False, "drawing": {}, "tab": uuid.uuid4().hex}
+
+
+def tab_of(page: dict[str, Any]) -> str:
+    """The tab's key (:func:`fresh_page`); a state without one (an older page) gets one here."""
+    if not page.get("tab"):
+        page["tab"] = uuid.uuid4().hex
+    return page["tab"]
+
+
+def settings_lora_text(settings: Any) -> str:
+    """The page's LoRA field as it starts: the settings' ``[[models.loras]]``, one ``PATH:WEIGHT`` a line."""
+    from imgrag.loras import settings_loras
+
+    return "\n".join(f"{choice.path}:{choice.weight:g}" for choice in settings_loras(settings))
 
 
 def page_drawing(settings: Any, negative: str | None, guidance: Any, scheduler: str | None,
-                 per_round: Any) -> dict[str, Any]:
+                 per_round: Any, loras: str | None = None) -> dict[str, Any]:
     """The page's drawing fields as the chat session's overrides (:attr:`agent.chat.ChatSession.drawing`): only the
     fields the user changed from the settings' values (the page starts with them), so a thread opened from the
     terminal keeps the options it has unless a field says otherwise. An empty guidance field and the "default"
-    scheduler are the settings' own. Checked by the session when set (:meth:`WebChat.session`)."""
+    scheduler are the settings' own. The LoRA field holds the whole list, one ``PATH[:WEIGHT]`` a line; its files
+    are checked here (a UserError naming the file). Checked by the session when set (:meth:`WebChat.session`)."""
     g = settings.generation
     drawing: dict[str, Any] = {}
     if (negative or "").strip() != g.negative_prompt:
@@ -77,6 +95,12 @@ def page_drawing(settings: Any, negative: str | None, guidance: Any, scheduler: 
         drawing["scheduler"] = chosen
     if per_round not in (None, "") and int(per_round) != g.per_round:
         drawing["per_round"] = int(per_round)
+    lines = [line.strip() for line in (loras or "").splitlines() if line.strip()]
+    if loras is not None and lines != [line for line in settings_lora_text(settings).splitlines() if line]:
+        from imgrag.loras import merge_loras, parse_lora_arg
+
+        chosen = merge_loras((), [parse_lora_arg(line, "LoRA") for line in lines], "LoRA")
+        drawing["loras"] = [choice.model_dump() for choice in chosen]
     return drawing
 
 
@@ -110,7 +134,9 @@ class WebChat:
         self.rounds = ChatSession(self.runner, planner=planner, rounds=rounds).rounds  # checked as the chat does
         self.output_dir = Path(settings.output_dir).resolve()
         self.error_log = imgrag_home() / "serve-errors.log"
-        self.running: ChatSession | None = None  # the session whose request runs now (the Stop button)
+        # Each tab's running request (by tab_of): a Stop in one tab never stops another's.
+        self.running: dict[str, ChatSession] = {}
+        self._running_lock = threading.Lock()
 
     # ----- sessions -----
     def session(self, page: dict[str, Any], on_event: Callable[[dict], None] | None = None,
@@ -150,7 +176,9 @@ class WebChat:
             finally:
                 events.put(None)
 
-        self.running = session
+        tab = tab_of(page)
+        with self._running_lock:
+            self.running[tab] = session
         worker = threading.Thread(target=run, name="imgrag-request", daemon=True)
         worker.start()
         try:
@@ -159,7 +187,9 @@ class WebChat:
                 yield "event", event
         finally:
             worker.join()
-            self.running = None
+            with self._running_lock:
+                if self.running.get(tab) is session:
+                    del self.running[tab]
             page["thread_id"] = session.thread_id
         if "error" in outcome:
             yield "error", outcome["error"]
@@ -168,10 +198,13 @@ class WebChat:
         else:
             yield "result", outcome["result"]
 
-    def stop(self) -> None:
-        """The Stop button: the running request ends at its next progress event (as Ctrl-C in the chat)."""
-        if self.running is not None:
-            self.running.cancelled.set()
+    def stop(self, page: dict[str, Any]) -> None:
+        """The Stop button of ``page``'s tab: that tab's running request ends at its next progress event (as Ctrl-C
+        in the chat); another tab's request goes on."""
+        with self._running_lock:
+            session = self.running.get(page.get("tab") or "")
+        if session is not None:
+            session.cancelled.set()
 
     # ----- what the page shows of a thread -----
     def thread_view(self, page: dict[str, Any]) -> dict[str, Any]:
@@ -350,7 +383,7 @@ def build_app(web: WebChat) -> Any:
     tiny = f" · **{TINY_WARNING}**" if s.is_tiny else ""
 
     with gr.Blocks(title="imgrag", analytics_enabled=False) as app:
-        page = gr.State(fresh_page(web.rounds))
+        page = gr.State(functools.partial(fresh_page, web.rounds))  # called per browser session
         gr.Markdown(f"## imgrag · profile {s.profile} · planner {web.planner}{tiny}\n"
                     "Describe a picture; later messages refine it (\"make the cradle wooden\"), pick references "
                     "(\"use the second reference\") or extend the budget (\"two more rounds\"). Threads are shared "
@@ -379,6 +412,9 @@ def build_app(web: WebChat) -> Any:
                                                 label="scheduler (A1111's names)", elem_id="scheduler")
                         per_round = gr.Number(value=s.generation.per_round, label="drawings per round", precision=0,
                                               minimum=1, maximum=MAX_PER_ROUND, elem_id="per-round")
+                    loras = gr.Textbox(value=settings_lora_text(s), lines=2, elem_id="loras",
+                                       label="LoRAs: one PATH[:WEIGHT] a line (an SDXL LoRA's .safetensors; weight "
+                                             "-4..4, 0 off)")
                 with gr.Row():
                     threads = gr.Dropdown(label="threads (newest first)", choices=[], elem_id="threads", scale=4)
                     open_btn = gr.Button("Open", elem_id="open", scale=1)
@@ -475,7 +511,7 @@ def build_app(web: WebChat) -> Any:
 
         def on_send(text: str, history: list, state: dict[str, Any], n_rounds: Any, approve_on: bool,
                     negative_text: str, guidance_value: Any, scheduler_name: str, per_round_value: Any,
-                    progress: Any = gr.Progress()) -> Iterator[list[Any]]:
+                    lora_text: str | None = None, progress: Any = gr.Progress()) -> Iterator[list[Any]]:
             state = dict(state)
             text = (text or "").strip()
             if not text:
@@ -485,7 +521,8 @@ def build_app(web: WebChat) -> Any:
                 return
             try:
                 state["rounds"] = ChatSession._check_rounds(int(n_rounds or 0))
-                state["drawing"] = page_drawing(s, negative_text, guidance_value, scheduler_name, per_round_value)
+                state["drawing"] = page_drawing(s, negative_text, guidance_value, scheduler_name, per_round_value,
+                                                lora_text)
                 web.session(state)  # the drawing options checked now: a bad value is one line, nothing runs
             except (UserError, ValueError, TypeError) as exc:
                 yield ["", [*history, assistant(error_text(exc, web.error_log))], state, *panel_values(state),
@@ -553,10 +590,10 @@ def build_app(web: WebChat) -> Any:
         # One queue of width 1 for everything that touches the models or writes a thread.
         models = {"concurrency_limit": 1, "concurrency_id": "models"}
         for trigger in (send.click, message.submit):
-            trigger(on_send, [message, chatbot, page, rounds, approve, negative, guidance, scheduler, per_round],
-                    [message, *outputs], show_progress_on=chatbot, **models)
+            trigger(on_send, [message, chatbot, page, rounds, approve, negative, guidance, scheduler, per_round,
+                              loras], [message, *outputs], show_progress_on=chatbot, **models)
         review_btn.click(on_review, [review_refs, chatbot, page], outputs, show_progress_on=chatbot, **models)
-        stop.click(web.stop, None, None, queue=False)
+        stop.click(web.stop, [page], None, queue=False)
         open_btn.click(guarded(do_open), [chatbot, page, threads], outputs, **models)
         new_btn.click(guarded(do_new), [chatbot, page], outputs, **models)
         undo_btn.click(guarded(do_undo), [chatbot, page], outputs, **models)

@@ -23,14 +23,14 @@ that references still change the fast drawings, in either loading order). Withou
 a pair; the generator's zero embedding for unguided calls already follows that (it is keyed by the
 guidance mode).
 
-Switching modes never reloads SDXL: the LoRA is loaded once (lazily, on the first ``lcm-lora`` draw)
-and then switched with diffusers' ``enable_lora()``/``disable_lora()``; schedulers are swapped as
-objects. The LoRA is deliberately not fused into the UNet: ``fuse_lora`` + ``unfuse_lora`` adds and
-subtracts the LoRA's product in the weights' dtype, so in float16 every on/off cycle leaves rounding
-error in SDXL's weights and a long-lived process (chat, batch, serve) would drift (a test shows it). The price
-is the LoRA's own matmuls at every step (BENCHMARKS.md, "Few-step drawing", measures both). Unfused, "off" is
-bit for bit the plain pipeline (a test checks it). The LoRA's parameters live in the UNet, so the model
-manager counts them as part of the generator (it measures the generator after each use).
+Switching modes never reloads SDXL: the LoRA is loaded once (lazily, on the first ``lcm-lora`` draw) and then switched
+by its adapter name, beside the user's own LoRAs (:class:`imgrag.loras.LoraSwitch`: diffusers' ``set_adapters``, or
+``disable_lora()`` when no adapter draws); schedulers are swapped as objects. The LoRA is deliberately not fused into
+the UNet: ``fuse_lora`` + ``unfuse_lora`` adds and subtracts the LoRA's product in the weights' dtype, so in float16
+every on/off cycle leaves rounding error in SDXL's weights and a long-lived process (chat, batch, serve) would drift
+(a test shows it). The price is the LoRA's own matmuls at every step (BENCHMARKS.md, "Few-step drawing", measures
+both). Unfused, "off" is bit for bit the plain pipeline (a test checks it). The LoRA's parameters live in the UNet, so
+the model manager counts them as part of the generator (it measures the generator after each use).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from typing import Any
 
 from imgrag.checkpoints import loading
 from imgrag.errors import ModelLoadError, UserError
+from imgrag.loras import LoraChoice, LoraSwitch, lora_load_quiet
 from imgrag.settings import GenerationSettings, Settings
 
 FAST_MODES = ("off", "lcm-lora", "distilled")
@@ -93,26 +94,28 @@ def draw_plan(g: GenerationSettings, mode: str | None = None) -> DrawPlan:
 class FastSwitch:
     """The few-step state of one diffusers SDXL pipeline: which scheduler is in and whether the LCM-LoRA is on.
 
-    ``apply(mode)`` before each drawing puts the pipeline in that mode; it is cheap when nothing changes.
+    ``apply(mode, loras)`` before each drawing puts the pipeline in that mode with those user LoRAs active beside
+    the LCM-LoRA (``loras``: :class:`imgrag.loras.LoraSwitch`, shared with the generator); it is cheap when nothing
+    changes.
     """
 
-    def __init__(self, pipe: Any, settings: Settings) -> None:
+    def __init__(self, pipe: Any, settings: Settings, loras: LoraSwitch | None = None) -> None:
         self.pipe = pipe
         self.settings = settings
+        self.loras = loras if loras is not None else LoraSwitch(pipe)
         self.mode = "off"
         self.lora_loaded = False
         self._schedulers: dict[str, Any] = {"off": pipe.scheduler}  # the checkpoint's own, kept for "off"
 
-    def apply(self, mode: str) -> None:
-        """Switch the pipeline to ``mode`` (loading the LCM-LoRA on its first use); SDXL itself is never reloaded."""
+    def apply(self, mode: str, loras: tuple[LoraChoice, ...] | list[LoraChoice] = ()) -> None:
+        """Switch the pipeline to ``mode`` (loading the LCM-LoRA on its first use) with the user's ``loras`` active
+        at their weights; SDXL itself is never reloaded."""
         check_mode(mode)
-        if mode == self.mode:
-            return
         if mode == "lcm-lora":
             self.load_lora()
-            self.pipe.enable_lora()
-        elif self.lora_loaded:
-            self.pipe.disable_lora()
+        self.loras.use(loras, [(LORA_ADAPTER_NAME, 1.0)] if mode == "lcm-lora" else [])
+        if mode == self.mode:
+            return
         self.pipe.scheduler = self.scheduler_for(mode)
         self.mode = mode
 
@@ -121,9 +124,10 @@ class FastSwitch:
         if self.lora_loaded:
             return
         ref = self.settings.models.lcm_lora
-        with loading("LCM-LoRA", ref, LCM_LORA_EXPECTED), _diffusers_silent():
+        with loading("LCM-LoRA", ref, LCM_LORA_EXPECTED), _diffusers_silent(), lora_load_quiet():
             self.pipe.load_lora_weights(ref, adapter_name=LORA_ADAPTER_NAME)
         # A LoRA for another model can load "successfully" with nothing matched (diffusers only warns).
+        self.loras.adopt(LORA_ADAPTER_NAME)
         if LORA_ADAPTER_NAME not in self.pipe.get_list_adapters().get("unet", []):
             raise ModelLoadError(f"{ref} holds no LoRA weights for this generator's UNet "
                                  f"(expected {LCM_LORA_EXPECTED})")

@@ -229,6 +229,7 @@ def build_full_kit(out_dir: Path, *, seed: int = 0, force: bool = False,
     params: dict[str, int] = {}
     builders = [("generator", _build_sdxl), ("ip_adapter", _build_ip_adapter), ("judge", _build_qwen_vl),
                 ("llm", _build_qwen_llm), ("embedder", _build_open_clip), ("lcm_lora", _build_lcm_lora),
+                ("loras", _build_user_loras),
                 ("omnigen", _build_omnigen)]
     for key, builder in builders:
         say(f"{MODEL_DIRS[key]} (full size)")
@@ -294,6 +295,19 @@ def _build_lcm_lora(dest: Path, tiny: Path, cfg: KitConfigs, device: str, dtype:
     """A random LoRA of latent-consistency/lcm-lora-sdxl's rank and modules over the full UNet (197 M parameters)."""
     return {"lcm_lora": build_lcm_lora(dest, cfg.unet, rank=cfg.lcm_lora["rank"], seed=None, device=device,
                                        dtype=dtype)}
+
+
+def _build_user_loras(dest: Path, tiny: Path, cfg: KitConfigs, device: str, dtype: Any) -> dict[str, int]:
+    """The tiny kit's two user LoRAs (diffusers and kohya layouts) over the full UNet and text encoders: rank 4 on
+    every attention projection, as most SDXL LoRA trainers make them."""
+    from imgrag.loras import lora_parameters
+    from imgrag.tiny_kit import build_user_loras
+
+    paths = build_user_loras(dest, 0, unet_config=cfg.unet,
+                             text_widths=(cfg.text_encoder["hidden_size"], cfg.text_encoder_2["hidden_size"]),
+                             text_layers=(cfg.text_encoder["num_hidden_layers"],
+                                          cfg.text_encoder_2["num_hidden_layers"]))
+    return {f"loras.{name}": lora_parameters(path) for name, path in paths.items()}
 
 
 def _build_ip_adapter(dest: Path, tiny: Path, cfg: KitConfigs, device: str, dtype: Any) -> dict[str, int]:

@@ -29,7 +29,7 @@ resident, counted by the model manager.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +41,14 @@ from imgrag.draw_options import MAX_PER_ROUND
 from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed
 from imgrag.fast import FastSwitch, draw_plan
 from imgrag.hub_cache import hub_cached, is_local_ref
-from imgrag.model_files import generator_variant, weight_file_problem
+from imgrag.loras import LoraChoice, LoraSwitch, check_loras, settings_loras
+from imgrag.model_files import generator_variant
 from imgrag.schedulers import SchedulerSwitch
 from imgrag.schedulers import describe as describe_scheduler
 from imgrag.settings import MAX_IP_SCALE, Settings
 from imgrag.steering import ReferenceSteer, check_mode, check_weight, instantstyle_scale
 from imgrag.text import first_line
+from imgrag.weight_files import weight_file_problem
 
 
 class NonFiniteDrawingError(UserError):
@@ -66,10 +68,12 @@ class Generator:
         self.adapter_loaded = False
         self.adapter: ResolvedAdapter | None = None  # the adapter files, checked once (see resolve_ip_adapter)
         self._zero_embeds: dict[bool, Any] = {}  # per classifier-free-guidance mode; see _zero_image_embeds
-        self.fast = FastSwitch(pipe, settings)  # few-step drawing (LCM-LoRA, distilled); see imgrag.fast
-        # Called with the adapter's GiB before it loads onto the pipeline's device (the engine asks the model
-        # manager to make room: diffusers puts the adapter and its image encoder straight onto that device).
+        # Called with an adapter's GiB before it loads onto the pipeline's device (the engine asks the model manager
+        # to make room: diffusers puts the IP-Adapter, its image encoder and each LoRA straight onto that device).
         self.before_adapter_load: Callable[[float], None] | None = None
+        # The user's LoRAs and the LCM-LoRA: loaded once each, switched by adapter name (imgrag.loras).
+        self.loras = LoraSwitch(pipe, before_load=self._before_lora_load)
+        self.fast = FastSwitch(pipe, settings, self.loras)  # few-step drawing (LCM-LoRA, distilled); see imgrag.fast
         # Reference embeddings kept across drawings and processes (imgrag.embed_cache); None: encode every time.
         self.embed_cache: Any = None
         self.encoder_calls = 0  # forward passes of the adapter's image encoder (a hook counts them; see below)
@@ -124,6 +128,16 @@ class Generator:
     def _count_encoder_call(self, module: Any, inputs: Any) -> None:
         self.encoder_calls += 1
 
+    def _before_lora_load(self, gib: float) -> None:
+        if self.before_adapter_load is not None:
+            self.before_adapter_load(gib)
+
+    def prepare_loras(self, loras: Sequence[LoraChoice]) -> None:
+        """Load ``loras`` into the pipeline now (each file once), so that one which does not fit this generator is a
+        one-line ModelLoadError before a run's first drawing rather than at it. Activates nothing."""
+        for choice in loras:
+            self.loras.adapter_for(choice)
+
     def adapter_size_gb(self) -> float:
         """GiB the IP-Adapter and its image encoder will take in the pipeline's dtype, read from the safetensors
         headers (nothing is loaded). Files not found on disk (a hub id not yet downloaded) count as the SDXL
@@ -163,6 +177,7 @@ class Generator:
         scheduler: str | None = None,
         on_preview: Callable[[int, int, list[Image.Image]], None] | None = None,
         preview_every: int | None = None,
+        loras: Sequence[LoraChoice] | None = None,
     ) -> list[Image.Image]:
         """Draw one picture per seed of ``seeds`` in ONE batched pipeline call; with ``references``, guided by all of
         them through the one adapter. Returns the pictures in the order of ``seeds``.
@@ -182,7 +197,9 @@ class Generator:
         (it takes the unconditional branch of classifier-free guidance, so it does nothing at guidance <= 1).
         ``scheduler`` (default ``generation.scheduler``) is an A1111 sampler name (:mod:`imgrag.schedulers`), swapped
         in from the checkpoint's config; "" keeps the checkpoint's own (or the fast mode's). :attr:`last_scheduler`
-        then names the scheduler that drew.
+        then names the scheduler that drew. ``loras`` (default ``[[models.loras]]``; ``()`` none) are the LoRAs this
+        drawing uses at their weights, each file loaded into the pipeline once and switched by adapter name beside the
+        fast mode's LCM-LoRA (:mod:`imgrag.loras`); a file that does not fit this generator is a ModelLoadError.
 
         Same arguments and seeds on the same device give the same pictures. ``on_step(done, total)`` is called
         after every denoising step; ``on_preview(done, total, pictures)`` every ``preview_every`` steps (default
@@ -216,7 +233,8 @@ class Generator:
         if not 1 <= len(seeds) <= MAX_PER_ROUND:
             raise UserError(f"a batch draws 1 to {MAX_PER_ROUND} pictures (one per seed), got {len(seeds)} seeds")
 
-        self.fast.apply(plan.mode)
+        chosen_loras = check_loras(settings_loras(self.settings) if loras is None else list(loras))
+        self.fast.apply(plan.mode, chosen_loras)
         # The chosen sampler, or the mode's own; set at every call, since the previous drawing may have chosen another.
         self.pipe.scheduler = self.schedulers.pick(chosen, plan.mode, self.fast.own_scheduler,
                                                    self.fast.scheduler_for(plan.mode))

@@ -70,8 +70,9 @@ def parse_verdict(text: str) -> Verdict:
         verdict = _from_keys(cleaned, raw) or _from_free_text(cleaned, raw)
         if verdict is not None:
             return verdict
-    except Exception:  # a parser bug must not stop a run; the raw answer is kept for the record
-        pass
+    except Exception as exc:  # a parser bug must not stop a run: it is named in the reason, with the raw answer
+        return Verdict(match=False, missing=[], raw=raw, parsed=False,
+                       reason=f"the judge's answer could not be parsed (parser error: {type(exc).__name__})")
     return Verdict(match=False, missing=[], reason="the judge's answer could not be parsed", raw=raw, parsed=False)
 
 

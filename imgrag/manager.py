@@ -45,7 +45,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -66,6 +67,17 @@ from imgrag.devices import (
 )
 from imgrag.errors import UserError
 from imgrag.settings import Settings
+
+
+def add_loads(*counts: Mapping[str, int] | None) -> dict[str, int]:
+    """Per-model load counts (:meth:`ModelManager.load_counts`) added up: a run's earlier processes plus this one,
+    a batch's workers, an evaluation arm's prompts. Every model any count names is kept, with 0 when it never loaded
+    (``Counter.update`` keeps zeros, where ``+`` would drop them); None counts are skipped.
+    E.g. ``add_loads({"judge": 1}, None, {"judge": 2, "llm": 0}) == {"judge": 3, "llm": 0}``."""
+    total: Counter[str] = Counter()
+    for count in counts:
+        total.update({name: int(n) for name, n in (count or {}).items()})
+    return dict(total)
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ inspection, which stands apart, is in :mod:`imgrag.adapters`.
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from imgrag.hub_cache import cached_file, is_local_ref, read_json_object
 from imgrag.hub_layouts import LAYOUTS, RepoFile
 from imgrag.settings import Settings
 from imgrag.single_file import CONFIG_PATTERNS, checkpoint_problem, config_files, config_problem, find_single_file
+from imgrag.weight_files import weight_file_problem
 
 ROLES = ("generator", "ip_adapter", "judge", "llm", "embedder", "lcm_lora", "omnigen")
 ROLE_SETTING = {"generator": "models.generator", "ip_adapter": "models.ip_adapter", "judge": "models.judge",
@@ -146,16 +146,6 @@ class RoleFiles:
                 "total_bytes": self.total_bytes, "missing_bytes": self.missing_bytes,
                 "missing": [f.path for f in self.missing], "to_fetch_bytes": self.fetch_bytes,
                 "problems": self.problems, "notes": self.notes}
-
-
-def human_size(n: int | None) -> str:
-    """Bytes as the hub shows them (decimal units, three significant digits); "?" when unknown."""
-    if n is None:
-        return "?"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} B"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,68 +267,6 @@ def check_role(role: str, settings: Settings) -> RoleFiles:
         if problem:
             result.problems.append(f"{f.path}: {problem}")
     return result
-
-
-# What a Git LFS pointer starts with: a clone without `git lfs` (or a hub download through a proxy that serves the
-# pointer) leaves this ~130-byte text file where the weights should be.
-LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
-# A safetensors header is JSON of a few hundred bytes per tensor; one claiming more than this is not a header.
-MAX_SAFETENSORS_HEADER = 100 * 2**20
-
-
-def weight_file_problem(path: Path) -> str | None:
-    """Why a file a loader will open is not what it should be, in words, or None when it looks whole.
-
-    Every file: empty (0 bytes), or a Git LFS pointer. A ``.safetensors`` file: its header is read as the format
-    defines it (an 8-byte little-endian length, then that much JSON naming each tensor's dtype, shape and
-    ``data_offsets`` into the data that follows) and the file's size must be exactly 8 + header + the last offset,
-    so a truncated download (or extra bytes) is found without loading a tensor. Reads at most the header."""
-    try:
-        size = path.stat().st_size
-        if size == 0:
-            return "empty file (0 bytes): the download or copy did not finish; fetch it again"
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if (head + fh.read(len(LFS_POINTER_PREFIX) - len(head))).startswith(LFS_POINTER_PREFIX):
-                return ("a Git LFS pointer, not the weights: run `git lfs pull` in its repository, or fetch it with "
-                        "`imgrag models download`")
-            if path.suffix != ".safetensors":
-                return None
-            if len(head) < 8:
-                return f"not a safetensors file: {size} bytes, shorter than its 8-byte header length"
-            fh.seek(8)
-            return _safetensors_problem(int.from_bytes(head, "little"), fh, size)
-    except OSError as exc:
-        return f"cannot read: {exc.strerror or exc}"
-
-
-def _safetensors_problem(header_len: int, fh: Any, size: int) -> str | None:
-    """The header check of :func:`weight_file_problem` (``fh`` just past the 8-byte length)."""
-    if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > size:
-        return (f"truncated or not safetensors: its header claims {header_len} bytes and the file holds {size}; "
-                "fetch it again")
-    try:
-        header = json.loads(fh.read(header_len).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return "not safetensors: its header is not JSON (a truncated or corrupt file); fetch it again"
-    if not isinstance(header, dict):
-        return "not safetensors: its header is not a JSON object; fetch it again"
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
-            return f"not safetensors: tensor {name!r} has no valid data_offsets; fetch it again"
-        end = max(end, offsets[1])
-    expected = 8 + header_len + end
-    if size < expected:
-        return (f"truncated: its header needs {expected} bytes and the file holds {size} "
-                f"({human_size(expected - size)} short); fetch it again")
-    if size > expected:
-        return f"{size - expected} bytes past the end its header gives: a corrupt file; fetch it again"
-    return None
 
 
 # The role names the loaders give imgrag.checkpoints.loading, and the roles here they stand for.

@@ -6,11 +6,13 @@ A PNG carries two text chunks (``tEXt``/``iTXt``, written with Pillow's ``PngInf
   adapter scale, fast mode and scheduler (the choice, ``scheduler``, "" for the checkpoint's own, and what drew,
   ``sampler``); for a round of several drawings its batch (size and place); the model ids that drew it; the
   imgrag version; the run and candidate ids; for a single-file checkpoint as the generator, ``generator_file``
-  (its path, sha256 and the configuration folder it was read with); and, for a guided picture, the path, store id
-  and sha256 of every reference photo that steered it. ``imgrag generate --from-image`` reads it back and redraws.
+  (its path, sha256 and the configuration folder it was read with); for a guided picture, the path, store id and
+  sha256 of every reference photo that steered it; and the path, sha256, weight and name of every LoRA it was drawn
+  with (``loras``). ``imgrag generate --from-image`` reads it back and redraws.
 - ``parameters``: the same settings as one human-readable line in the style AUTOMATIC1111 and ComfyUI users
-  know (``prompt\\nNegative prompt: ...\\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 7, Size: 1024x1024,
-  Model: ...``), for tools that show it.
+  know (``prompt <lora:name:0.8>\\nNegative prompt: ...\\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 7,
+  Size: 1024x1024, Model: ...``), for tools that show it. LoRAs are written into the prompt text as A1111 users
+  type them there (``<lora:NAME:WEIGHT>``).
 
 A JPEG or WebP has no text chunks; the JSON goes into its EXIF ``ImageDescription`` tag instead. Writing goes
 through :func:`imgrag.atomic_files.atomic_path`, so the metadata arrives with the picture or not at all.
@@ -135,6 +137,14 @@ def reference_entries(references: list[dict[str, Any]]) -> list[dict[str, Any]]:
              **{k: ref[k] for k in ("weight", "mode") if ref.get(k) is not None}} for ref in references]
 
 
+def lora_entries(loras: list[Any]) -> list[dict[str, Any]]:
+    """What a picture's provenance keeps of each LoRA it was drawn with (:class:`imgrag.loras.LoraChoice` records):
+    ``{"path", "sha256", "weight", "name"}``, ``name`` the one its A1111 line shows, in the order given. A LoRA is
+    hundreds of MB: its hash is :func:`checkpoint_sha256`'s, computed once per file version."""
+    return [{"path": c.path, "sha256": checkpoint_sha256(c.path), "weight": float(c.weight), "name": c.label}
+            for c in loras]
+
+
 def recipe_profile(picture: str | Path) -> str | None:
     """The profile a picture's provenance names (``"tiny"``, ``"default"``), or None when it carries none: what
     ``imgrag generate --from-image`` loads when no ``--profile`` is given."""
@@ -149,11 +159,13 @@ def recipe_profile(picture: str | Path) -> str | None:
 def describe(settings: Any, *, prompt: str, seed: int, steps: int, guidance: float, width: int, height: int,
              ip_scale: float | None = None, fast: str = "off", references: list[dict[str, Any]] | None = None,
              run_id: str | None = None, candidate_id: str | None = None, negative_prompt: str = "",
-             scheduler: str = "", sampler: str | None = None, **extra: Any) -> dict[str, Any]:
+             scheduler: str = "", sampler: str | None = None, loras: list[dict[str, Any]] | None = None,
+             **extra: Any) -> dict[str, Any]:
     """The provenance document of one drawing (see the module docstring for its fields).
 
     ``settings`` is an :class:`imgrag.settings.Settings` (for the model ids and profile); ``references`` come
-    from :func:`reference_entries`. ``ip_scale`` is kept only for a guided drawing (it does nothing otherwise)."""
+    from :func:`reference_entries`, ``loras`` from :func:`lora_entries`. ``ip_scale`` is kept only for
+    a guided drawing (it does nothing otherwise)."""
     m = settings.models
     refs = list(references or [])
     models: dict[str, str] = {"generator": m.generator}
@@ -170,6 +182,7 @@ def describe(settings: Any, *, prompt: str, seed: int, steps: int, guidance: flo
         else None, "fast": fast, "models": models, "profile": settings.profile, "imgrag_version": imgrag_version(),
         "run_id": run_id, "candidate_id": candidate_id, "references": refs,
         "negative_prompt": negative_prompt or "", "scheduler": scheduler or "", "sampler": sampler,
+        "loras": list(loras or []),
     }
     if generator_file is not None:
         doc["generator_file"] = generator_file
@@ -206,7 +219,10 @@ def parameters_line(doc: dict[str, Any]) -> str:
     # On one line, as A1111 writes it: a reader splits the block at its line breaks.
     negative = " ".join(str(doc.get("negative_prompt") or "").split())
     negative = f"Negative prompt: {negative}\n" if negative else ""
-    return doc["prompt"] + "\n" + negative + ", ".join(pairs)
+    # A1111 users type a LoRA into the prompt as <lora:NAME:WEIGHT>; readers of this line find it there.
+    tags = "".join(f" <lora:{lora.get('name')}:{float(lora.get('weight', 1.0)):g}>" for lora in doc.get("loras") or []
+                   if isinstance(lora, dict))
+    return doc["prompt"] + tags + "\n" + negative + ", ".join(pairs)
 
 
 def save_kwargs(path: Path, doc: dict[str, Any] | None) -> dict[str, Any]:
@@ -270,16 +286,20 @@ def for_drawing(settings: Any, *, prompt: str, seed: int, references: list[dict[
                 ip_scale: float | None, run_id: str | None = None, candidate_id: str | None = None,
                 steps: int | None = None, guidance: float | None = None, fast: str | None = None,
                 width: int | None = None, height: int | None = None, negative_prompt: str | None = None,
-                scheduler: str | None = None, sampler: str | None = None, **extra: Any) -> dict[str, Any]:
+                scheduler: str | None = None, sampler: str | None = None, loras: Any = None,
+                **extra: Any) -> dict[str, Any]:
     """The provenance of a drawing made with ``settings.generation`` (what the generator uses for every value
     not given here: the same rules as :meth:`imgrag.generator.Generator.generate_batch`). ``sampler`` is what drew
-    (the generator's ``last_scheduler``). ``extra`` keys (None ones dropped) join the document: ``backbone``,
+    (the generator's ``last_scheduler``); ``loras`` the :class:`~imgrag.loras.LoraChoice` records it drew with
+    (default ``[[models.loras]]``). ``extra`` keys (None ones dropped) join the document: ``backbone``,
     ``concepts`` (which reference stood for which concept), ``batch`` (``{"size", "index"}`` of a round's drawings)."""
     from imgrag.fast import draw_plan
+    from imgrag.loras import settings_loras
 
     g = settings.generation
     plan = draw_plan(g, fast)
     refs = reference_entries(references or [])
+    extra["loras"] = lora_entries(settings_loras(settings) if loras is None else list(loras))
     return describe(settings, prompt=prompt, seed=seed, steps=plan.steps if steps is None else steps,
                     guidance=plan.guidance if guidance is None else guidance, width=width or g.width,
                     height=height or g.height, ip_scale=(g.ip_scale if ip_scale is None else ip_scale) if refs
@@ -321,6 +341,17 @@ class RecipeReference(BaseModel):
     mode: str = "both"
 
 
+class RecipeLora(BaseModel):
+    """One LoRA of a recipe, as :func:`lora_entries` writes it."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    path: Annotated[str, StringConstraints(min_length=1)]
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
+    weight: float = 1.0
+    name: str = ""
+
+
 class RecipeGeneratorFile(BaseModel):
     """The single-file checkpoint a recipe was drawn with, as :func:`generator_file_entry` writes it."""
 
@@ -360,6 +391,7 @@ class Recipe(BaseModel):
     fast: str | None = None
     profile: str | None = None
     references: list[RecipeReference] = Field(default_factory=list)
+    loras: list[RecipeLora] = Field(default_factory=list)
     backbone: str | None = None  # "omnigen", "sdxl+ip-adapter", ...: what drew it
     concepts: list[RecipeConcept] | None = None
     omnigen: dict[str, Any] | None = None
@@ -372,6 +404,7 @@ class Recipe(BaseModel):
         (:func:`imgrag.draw_options.check_guidance`), a known fast mode, and each reference's weight and mode."""
         from imgrag.draw_options import check_guidance
         from imgrag.errors import UserError, check_seed
+        from imgrag.loras import MAX_LORA_WEIGHT, check_name
         from imgrag.settings import MAX_IP_SCALE, check_drawing_bounds
         from imgrag.steering import check_mode, check_weight
 
@@ -394,6 +427,14 @@ class Recipe(BaseModel):
         for n, ref in enumerate(self.references, 1):
             check_weight(ref.weight, f"{where}: reference {n}'s weight")
             check_mode(ref.mode, f"{where}: reference {n}'s mode")
+        for n, lora in enumerate(self.loras, 1):
+            if not abs(lora.weight) <= MAX_LORA_WEIGHT:
+                raise UserError(f"{where}: LoRA {n}'s weight must be within -{MAX_LORA_WEIGHT:g}..{MAX_LORA_WEIGHT:g}, "
+                                f"got {lora.weight}")
+            try:
+                check_name(lora.name, f"{where}: LoRA {n}'s name")
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
 
 
 def _recipe_error(exc: ValidationError, where: str) -> str:

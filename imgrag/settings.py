@@ -30,6 +30,7 @@ from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 from imgrag.draw_options import MAX_NEGATIVE_CHARS, MAX_PER_ROUND
 from imgrag.errors import SEED_MAX, UserError
+from imgrag.loras import MAX_LORA_WEIGHT
 from imgrag.schedulers import check_scheduler
 
 
@@ -68,6 +69,25 @@ def imgrag_home() -> Path:
 
 
 @dataclass
+class LoraSettings:
+    """One ``[[models.loras]]`` entry: a LoRA every SDXL drawing uses (imgrag/loras.py). ``path``: its .safetensors
+    file (``~`` expanded; relative to the working folder); ``weight``: its strength, 1 as trained, 0 off (-4..4);
+    ``name``: what the A1111 line's ``<lora:NAME:WEIGHT>`` and ``--lora NAME:WEIGHT`` call it (default: the file's
+    stem). The file itself is checked when a drawing command starts, not here (``imgrag search`` needs no LoRA)."""
+
+    path: Annotated[str, Field(min_length=1)]
+    weight: Annotated[float, Field(ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT)] = 1.0
+    name: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, value: str) -> str:
+        from imgrag.loras import check_name
+
+        return check_name(value, "name")
+
+
+@dataclass
 class ModelSettings:
     """Checkpoints: a hub id or a local directory each."""
 
@@ -99,6 +119,9 @@ class ModelSettings:
     lcm_lora: str = "latent-consistency/lcm-lora-sdxl"  # for generation.fast = "lcm-lora" (imgrag.fast)
     # The in-context repair backbone (generation.repair_with / draw_with = "omnigen"): ImageRAG-O's model.
     omnigen: str = "Shitao/OmniGen-v1-diffusers"
+    # Your own LoRAs, each a [[models.loras]] table (path, weight, name): loaded once into SDXL, used by every
+    # drawing; --lora adds to them or changes a weight (imgrag/loras.py).
+    loras: list[LoraSettings] = field(default_factory=list)
 
 
 @dataclass
@@ -571,7 +594,7 @@ def load_settings(
     settings.tiny_kit_dir = settings.tiny_kit_dir or str(home / "tiny-models")
     for f in dataclasses.fields(ModelSettings):
         value = getattr(settings.models, f.name)
-        if TINY_KIT_PLACEHOLDER in value:
+        if isinstance(value, str) and TINY_KIT_PLACEHOLDER in value:
             setattr(settings.models, f.name, value.replace(TINY_KIT_PLACEHOLDER, settings.tiny_kit_dir))
     return settings
 

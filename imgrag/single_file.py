@@ -94,7 +94,7 @@ def checkpoint_problem(path: Path) -> str | None:
     (``cond_stage_model.transformer.``) or 2.x (``cond_stage_model.model.``) checkpoint, an SDXL refiner (the OpenCLIP
     encoder alone, as ``embedders.0``), an inpainting UNet (9 input channels), a UNet or VAE saved on its own in
     diffusers' layout, another architecture (SD3, Flux), or an SDXL checkpoint lacking one of its four parts. The
-    caller checks the file's integrity first (:func:`imgrag.model_files.weight_file_problem`)."""
+    caller checks the file's integrity first (:func:`imgrag.weight_files.weight_file_problem`)."""
     shapes = header_shapes(path)
     keys = list(shapes)
     if not keys:

@@ -65,7 +65,13 @@ class JsonObjectEnd(_NewTextCriterion):
 
 
 class TextMarker(_NewTextCriterion):
-    """Stop once the new text contains ``marker`` (``"</tool_call>"`` for the agent LLM)."""
+    """Stop once the answer part of the new text contains ``marker`` (``"</tool_call>"`` for the agent LLM).
+
+    Not transformers' ``stop_strings`` (``StopStringCriteria``, checked with transformers 5.25), for two reasons:
+    it stops at the marker wherever it is written, also inside a ``<think>`` block, where a drafted call is not the
+    answer; and it matches across the prompt's end, so a marker that begins in the prompt ends the answer (a stop
+    string of two newlines ended the tiny Qwen's answer after its first newline, the prompt ending in one). This
+    criterion reads only the new tokens' answer."""
 
     def __init__(self, tokenizer: Any, prompt_length: int, marker: str) -> None:
         super().__init__(tokenizer, prompt_length)

@@ -228,7 +228,7 @@ def test_a_run_draws_every_round_with_its_options_and_the_judge_sees_only_the_pr
         for k in generator.kwargs)
     assert judge.prompts and set(judge.prompts) == {"a dog and a cradle"}
     assert result["drawing"] == {"negative_prompt": "blurry, watermark", "guidance": 7.5, "scheduler": "UniPC",
-                                 "per_round": 1}
+                                 "per_round": 1, "loras": []}
     for candidate in result["candidates"]:
         assert (candidate["negative_prompt"], candidate["guidance"], candidate["sampler"]) == (
             "blurry, watermark", 7.5, "UniPC")

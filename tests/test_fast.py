@@ -217,9 +217,9 @@ def mode_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     apply, load = fast.FastSwitch.apply, fast.FastSwitch.load_lora
 
-    def spy_apply(self, mode):
+    def spy_apply(self, mode, *loras):
         seen.append(mode)
-        return apply(self, mode)
+        return apply(self, mode, *loras)
 
     def spy_load(self):
         if not self.lora_loaded:

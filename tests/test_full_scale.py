@@ -73,7 +73,7 @@ def test_the_builder_layout_loads_through_the_engine(tmp_path: Path) -> None:
     marker = json.loads((kit / "kit.json").read_text())
     assert marker["scale"] == "full" and marker["parameters"]["sdxl.unet"] > 0
     assert set(paths) == {"generator", "generator_single_file", "ip_adapter", "judge", "llm", "embedder", "lcm_lora",
-                          "dino", "siglip", "omnigen"}
+                          "loras", "dino", "siglip", "omnigen"}
     assert F.build_full_kit(kit, configs=F.smoke_configs(), device="cpu") == paths  # kept, not rebuilt
 
     settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")}, overrides={

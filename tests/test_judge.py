@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from imgrag.errors import ModelLoadError
-from imgrag.judge import Judge, Verdict, parse_verdict
+from imgrag.judge import Judge, parse_verdict
 from imgrag.settings import Settings
 
 # (answer as a model wrote it, match, missing, parsed)
@@ -72,9 +72,24 @@ def test_parse_verdict_keeps_the_reason_and_serialises() -> None:
 
 
 def test_parse_verdict_never_raises_on_odd_input() -> None:
-    for odd in ("{" * 5000, "}" * 10, "{'a': " * 200, None, 42):
+    for odd in ("{" * 5000, "}" * 10, "{'a': " * 200, None, 42, "", "```json\n```", '{"match": }'):
         verdict = parse_verdict(odd)  # type: ignore[arg-type]
-        assert isinstance(verdict, Verdict)
+        # Not a verdict, said as such, the answer kept as text; and no parser error hidden behind the guard.
+        assert (verdict.match, verdict.missing, verdict.parsed) == (False, [], False), odd
+        assert verdict.reason == "the judge's answer could not be parsed", (odd, verdict.reason)
+        assert verdict.raw == (odd if isinstance(odd, str) else str(odd))
+
+
+def test_a_parser_bug_is_named_in_the_reason_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    import imgrag.judge as judge_module
+
+    def broken(text: str) -> list[str]:
+        raise IndexError("a bug")
+
+    monkeypatch.setattr(judge_module, "_object_candidates", broken)
+    verdict = parse_verdict('{"match": true, "missing": []}')
+    assert (verdict.match, verdict.parsed) == (False, False)
+    assert verdict.reason.endswith("(parser error: IndexError)")
 
 
 def test_judge_prompt_asks_for_json() -> None:
@@ -87,9 +102,13 @@ def test_judge_prompt_asks_for_json() -> None:
 
 def test_tiny_judge_returns_a_verdict(tiny_settings: Settings) -> None:
     judge = Judge.from_pretrained(tiny_settings)
-    verdict = judge.judge(Image.new("RGB", (300, 120), (10, 200, 30)), "a green field")
-    assert isinstance(verdict, Verdict)
+    picture = Image.new("RGB", (300, 120), (10, 200, 30))
+    verdict = judge.judge(picture, "a green field")
     assert isinstance(verdict.raw, str) and verdict.raw  # random weights: junk, but text
+    # Greedy decoding: the same picture and prompt give the same answer, read the same way.
+    again = judge.judge(picture, "a green field")
+    assert again.to_dict() == verdict.to_dict() == parse_verdict(verdict.raw).to_dict()
+    assert "parser error" not in verdict.reason
 
 
 def test_images_are_resized_within_the_pixel_bounds(tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:

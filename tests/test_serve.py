@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -122,11 +123,60 @@ def test_stop_ends_the_running_request_and_keeps_the_thread(settings, tmp_path: 
     for kind, item in web.stream(page, lambda session: session.send("a retriever and a cradle")):
         seen.append((kind, item))
         if kind == "event" and item["event"] == "tool_end" and item["tool"] == "critique":
-            web.stop()  # the Stop button, pressed while the agent works
+            web.stop(page)  # the Stop button, pressed while the agent works
     kind, result = seen[-1]
     assert kind == "result" and result["stopped"] and result["final_candidate"] == "c0"
-    assert web.running is None and web.thread_view(page)["header"].count("1 request(s)") == 1
+    assert web.running == {} and web.thread_view(page)["header"].count("1 request(s)") == 1
     assert "Stopped: the thread keeps everything" in web.result_messages(result)[0]["content"]
+
+
+@needs_gradio
+def test_stop_in_one_tab_stops_only_that_tabs_request(settings, tmp_path: Path) -> None:
+    """Two tabs, each with a request running at once on the shared runner: Stop in tab A ends A's request (reported
+    as stopped); B's goes on to its end."""
+    from agent.web import WebChat, fresh_page
+
+    gate, a_drawing = threading.Event(), threading.Event()
+
+    class GatedGenerator(FakeGenerator):
+        """Tab A's redraw waits at the gate: A's request is mid-drawing while B's starts and A's Stop is pressed."""
+
+        def generate(self, prompt: str, **kwargs):
+            if "retriever" in prompt and kwargs.get("references"):
+                a_drawing.set()
+                assert gate.wait(60)
+            return super().generate(prompt, **kwargs)
+
+    runner = fake_runner(settings, tmp_path)
+    runner.manager.models["generator"] = GatedGenerator()
+    web = WebChat(settings, planner="fixed", rounds=3, runner=runner)
+    tab_a, tab_b = fresh_page(web.rounds), fresh_page(web.rounds)
+    outcomes: dict[str, tuple[str, object]] = {}
+
+    def run_a() -> None:
+        for kind, item in web.stream(tab_a, lambda session: session.send("a retriever and a cradle")):
+            outcomes["a"] = (kind, item)
+
+    other = threading.Thread(target=run_a)
+    other.start()
+    assert a_drawing.wait(60)
+    stopped = False
+    for kind, item in web.stream(tab_b, lambda session: session.send("a kettle on a stove")):
+        if kind == "event" and not stopped:
+            web.stop(tab_a)  # tab A's Stop button, pressed while both tabs' requests run
+            stopped = True
+            gate.set()
+        outcomes["b"] = (kind, item)
+    gate.set()
+    other.join(120)
+    assert tab_a["tab"] != tab_b["tab"]
+    kind, result_a = outcomes["a"]
+    assert kind == "result" and result_a["stopped"], result_a  # stopped mid-drawing: a stop, not an error
+    assert "Stopped: the thread keeps everything" in web.result_messages(result_a)[0]["content"]
+    kind, result_b = outcomes["b"]
+    assert kind == "result" and not result_b.get("stopped") and result_b["status"] in ("matched", "budget_exhausted"), \
+        result_b
+    assert web.running == {}
 
 
 @needs_gradio
@@ -163,7 +213,7 @@ def test_the_pages_drawing_options_reach_the_requests_and_a_bad_one_is_one_line(
     page["drawing"] = page_drawing(settings, " blurry ", 6, "Euler a", 2)
     assert page["drawing"] == {"negative_prompt": "blurry", "guidance": 6.0, "scheduler": "Euler a", "per_round": 2}
     _, (kind, result) = drain(web.stream(page, lambda session: session.send("a retriever and a cradle")))
-    assert kind == "result" and result["drawing"] == page["drawing"]
+    assert kind == "result" and result["drawing"] == {**page["drawing"], "loras": []}
     assert [c["round"] for c in result["candidates"]] == [1, 1]  # two drawings in the one round
     page["drawing"] = page_drawing(settings, "", None, "Euler b", 1)
     with pytest.raises(UserError, match="unknown scheduler 'Euler b'"):

@@ -166,3 +166,16 @@ def test_start_server_tries_another_port_when_the_first_is_taken() -> None:
 def test_start_server_gives_up_with_the_reason() -> None:
     with pytest.raises(ServerDidNotStart, match="did not start in 2 attempts: it exited with code 3"):
         start_server(lambda p: [sys.executable, "-c", "raise SystemExit(3)"], timeout=30, attempts=2, poll=0.05)
+
+
+# ----- load counts -----
+
+
+def test_add_loads_adds_per_model_and_keeps_models_that_never_loaded() -> None:
+    from imgrag.manager import add_loads
+
+    assert add_loads() == {}
+    assert add_loads({"judge": 1, "llm": 2}, None, {"judge": 2, "embedder": 0}) == {"judge": 3, "llm": 2, "embedder": 0}
+    assert add_loads({"judge": "2"}) == {"judge": 2}  # each count is made an int
+    total = add_loads({"a": 1})
+    assert type(total) is dict  # a plain dict in result.json, not a Counter

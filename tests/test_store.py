@@ -285,8 +285,9 @@ def test_sidecar_caption_is_stored_and_a_caption_change_is_an_update(tmp_path: P
     store = open_store(tmp_path, emb)
     store.index([colours], emb)
     assert store.search_text(emb, "red", k=1)[0].caption == "a red fire engine"
-    time.sleep(0.01)
     (colours / "red.txt").write_text("a red rocket", encoding="utf-8")
+    later = (colours / "red.txt").stat().st_mtime + 2  # a changed caption, whatever the file system's mtime grain
+    os.utime(colours / "red.txt", (later, later))
     monkeypatch.setattr(indexing_mod, "probe_image", lambda *a: (_ for _ in ()).throw(AssertionError("read")))
     summary = store.index([colours], emb)
     assert (summary["updated"], summary["unchanged"]) == (1, 4)

@@ -16,7 +16,8 @@ from PIL import Image  # noqa: E402
 
 from imgrag import tiny_kit as kit  # noqa: E402
 
-MODEL_NAMES = ["sdxl", "sdxl-single", "ip-adapter", "qwen2.5-vl", "qwen2.5-instruct", "open-clip", "lcm-lora", "dino",
+MODEL_NAMES = ["sdxl", "sdxl-single", "ip-adapter", "qwen2.5-vl", "qwen2.5-instruct", "open-clip", "lcm-lora",
+               "loras", "dino",
                "siglip", "omnigen"]
 
 
@@ -40,7 +41,7 @@ def test_kit_builds_every_model_and_writes_the_marker(tiny_kit: dict[str, Path])
     root = _kit_dir(tiny_kit)
     assert tiny_kit == kit.tiny_kit_paths(root)
     assert set(tiny_kit) == {"generator", "generator_single_file", "ip_adapter", "judge", "llm", "embedder",
-                             "lcm_lora", "dino", "siglip", "omnigen"}
+                             "lcm_lora", "loras", "dino", "siglip", "omnigen"}
     assert all(path.is_dir() for path in tiny_kit.values())
 
     marker = json.loads((root / "kit.json").read_text())
@@ -81,9 +82,9 @@ def test_rebuild_is_deterministic_reports_progress_and_recovers_from_a_crash(
     assert calls == MODEL_NAMES
 
     expected = _weights_digests(_kit_dir(tiny_kit))
-    # 4 SDXL parts, the same SDXL as one file, adapter + its image encoder, 2 Qwens, open_clip, LCM-LoRA, DINO,
-    # SigLIP, OmniGen's transformer and VAE
-    assert len(expected) == 15
+    # 4 SDXL parts, the same SDXL as one file, adapter + its image encoder, 2 Qwens, open_clip, LCM-LoRA, the two
+    # user LoRAs, DINO, SigLIP, OmniGen's transformer and VAE
+    assert len(expected) == 17
     assert _weights_digests(root) == expected
 
     # A stale marker (older kit version) makes ensure_tiny_kit rebuild.

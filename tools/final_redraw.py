@@ -41,11 +41,11 @@ def redraw_final_full(ctx: ToolContext, state: dict[str, Any]) -> dict[str, Any]
     if candidate.get("backbone") == "omnigen":  # few-step modes are SDXL's: OmniGen drew it at its full steps
         return None
     known = state.get("references") or {}
-    options = options_of(state, ctx.settings)  # the run's negative prompt, guidance and scheduler, as its drafts had
+    options = options_of(state, ctx.settings)  # the run's drawing options (LoRAs too), as its drafts had
     args = {"candidate_id": candidate["id"], "seed": candidate["seed"], "steps": g.steps,
             "reference_ids": list(candidate["reference_ids"])}
     drawing = {"negative_prompt": options.negative_prompt, "scheduler": options.scheduler,
-               "guidance": options.guidance}
+               "guidance": options.guidance, "loras": options.loras}
     ctx.on_event({"event": "tool_start", "tool": "final_redraw", "args": args, "round": state.get("rounds", 0)})
     start = time.perf_counter()
     step_extra: dict[str, Any] = {}

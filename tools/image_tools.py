@@ -199,11 +199,11 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
     for which concept (``concepts``, filled from each reference's retrieval query) are recorded with each.
     ``steers`` maps a reference id to its (weight, mode) (:mod:`imgrag.steering`); a reference not in it steers
     at 1.0, "both" (IP-Adapter only: OmniGen places each reference in its prompt instead). The run's drawing options
-    (negative prompt, guidance, scheduler: :func:`imgrag.draw_options.options_of`) apply to SDXL's drawings; OmniGen
-    has its own guidance and sampler. The score is always measured against ``state["prompt"]`` (what the user asked
-    for), never the text the LLM chose to draw, nor the negative prompt: every candidate of a run is measured with
-    one yardstick. With ``ctx.previews`` on, SDXL's drawing sends ``preview`` events (a small picture from the
-    latents every ``generation.preview_every`` steps, :mod:`imgrag.previews`)."""
+    (negative prompt, guidance, scheduler, LoRAs: :func:`imgrag.draw_options.options_of`) apply to SDXL's drawings;
+    OmniGen has its own guidance and sampler, and no LoRA. The score is always measured against ``state["prompt"]``
+    (what the user asked for), never the text the LLM chose to draw, nor the negative prompt: every candidate of a run
+    is measured with one yardstick. With ``ctx.previews`` on, SDXL's drawing sends ``preview`` events (a small picture
+    from the latents every ``generation.preview_every`` steps, :mod:`imgrag.previews`)."""
     images = [open_image(ref["path"]) for ref in references]
     references, images = screen_drawing_references(ctx, references, images)  # no flagged reference guides a drawing
     ids = [ctx.allocate_candidate_id(state.get("candidates") or {}) for _ in seeds]
@@ -227,7 +227,7 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
         previews = {"on_preview": on_preview} if ctx.previews else {}
         drawing = {"references": images or None, "ip_scale": ip_scale, "on_step": on_step,
                    "negative_prompt": options.negative_prompt, "scheduler": options.scheduler,
-                   "guidance": options.guidance, **previews, **steering, **limit}
+                   "guidance": options.guidance, "loras": options.loras, **previews, **steering, **limit}
         # One drawing is the generator's generate; a round of several its batched call (one pipeline call).
         pictures = ([generator.generate(prompt, seed=seeds[0], **drawing)] if len(seeds) == 1
                     else generator.generate_batch(prompt, seeds=seeds, **drawing))
@@ -264,12 +264,13 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
                                      ip_scale=ip_scale, run_id=ctx.record.dir.name,  # how it was made
                                      candidate_id=candidate_id, concepts=placed or None, backbone=backbone,
                                      guidance=options.guidance, negative_prompt=options.negative_prompt,
-                                     scheduler=options.scheduler, sampler=sampler,
+                                     scheduler=options.scheduler, sampler=sampler, loras=options.loras,
                                      batch={"size": batch, "index": k} if batch > 1 else None)
             drawn.append((picture, provenance, {
                 "reference_ids": [ref["id"] for ref in references], **({"concepts": placed} if placed else {}),
                 "negative_prompt": options.negative_prompt, "guidance": provenance["guidance"],
-                "sampler": sampler, **steering}))
+                "sampler": sampler, **({"loras": [{"name": c.label, "weight": c.weight} for c in options.loras]}
+                                       if options.loras else {}), **steering}))
     image_vectors = ctx.manager.run("embedder", lambda embedder: embedder.embed_images([d[0] for d in drawn]))
     text_vector = ctx.manager.run("embedder", lambda embedder: embedder.embed_texts([state["prompt"]]))
     candidates = []

@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scheduler": ("/scheduler [NAME|default|list]", "the sampler by its A1111 name (\"Euler a\", \"DPM++ 2M "
                   "Karras\"); list: every name"),
     "per-round": ("/per-round N", "drawings per round, 1..8: each judged, the request goes on from the best"),
+    "lora": ("/lora [PATH[:WEIGHT]|off]", "draw with a LoRA (.safetensors) at WEIGHT (default 1; a LoRA already "
+             "used: its new weight, 0 off); off: none; alone: the current ones"),
     "undo": ("/undo", "take back the last request: the thread returns to where the one before ended"),
     "save": ("/save PATH", "copy the best picture to PATH (a file, or a folder)"),
     "quit": ("/quit", "leave (Ctrl-D too); threads are kept"),

@@ -51,8 +51,10 @@ CUT_OFF = "cut off: the chat ended in the middle of this request"
 MAX_ROUNDS_PER_REQUEST = 50
 
 
-class RequestCancelled(Exception):
-    """Raised inside the graph (from the progress callback) once the user pressed Ctrl-C."""
+class RequestCancelled(KeyboardInterrupt):
+    """Raised inside the graph (from the progress callback) once the user pressed Ctrl-C or a page's Stop. A
+    ``KeyboardInterrupt``: a stop is not an error, so no tool's or runner's error handling (``except Exception``)
+    records it as one; the runner closes the run as interrupted, as for Ctrl-C, wherever the stop lands."""
 
 
 @dataclass
@@ -290,7 +292,9 @@ class ChatSession:
         """The drawing options the next request uses: the thread's (``values``; default the current thread's; a new
         thread: the settings'), with what was set in this chat over them."""
         values = self.values() if values is None else values
-        return parse_options({**options_of(values, self.settings).model_dump(), **self.drawing}, "drawing options")
+        # LoRA files were checked when they were chosen (/lora, the settings); the generator checks them again.
+        return parse_options({**options_of(values, self.settings).model_dump(), **self.drawing}, "drawing options",
+                             check_files=False)
 
     def set_drawing(self, **changes: Any) -> DrawOptions:
         """Set drawing options for the requests from the next on (``negative_prompt``, ``guidance``, ``scheduler``,
@@ -301,6 +305,15 @@ class ChatSession:
         parse_options({**options_of(None, self.settings).model_dump(), **wanted}, "drawing options")  # checked
         self.drawing = wanted
         return self.drawing_options()
+
+    def set_lora(self, text: str) -> DrawOptions:
+        """``/lora PATH[:WEIGHT]`` adds a LoRA (or sets the weight of one already used: its file or name; 0 switches
+        it off), ``/lora off`` drops them all, for the requests from the next on. A missing file or one that is not
+        a LoRA is a UserError naming it and changes nothing (:func:`imgrag.loras.merge_loras`)."""
+        from imgrag.loras import parse_lora_arg
+
+        options = self.drawing_options().with_loras([parse_lora_arg(text, "/lora")], "/lora")
+        return self.set_drawing(loras=[choice.model_dump() for choice in options.loras])
 
     def set_guidance(self, text: str) -> DrawOptions:
         """``/guidance N`` (0..30) or ``/guidance default``."""
