@@ -5,13 +5,14 @@ settled or failed. Every change is written atomically, so a killed batch resumes
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError, field_validator
 
 from imgrag.atomic_files import write_json_atomic
 from imgrag.errors import UserError, check_seed, read_user_text
@@ -83,7 +84,7 @@ def _relative_to(references: Any, base: Path) -> Any:
 
 def check_batch_references(path: Path, items: list[dict[str, Any]], settings: Any) -> None:
     """Every line's ``references`` checked before the first run (a missing or excluded file, a bad weight or
-    mode); one UserError naming every bad line at once, each as ``FILE:LINE: reason``."""
+    mode); one UserError naming every bad line at once, each as ``FILE:LINE: reason`` (:func:`bad_lines_error`)."""
     from agent.memory_guide import check_user_references
 
     problems = []
@@ -95,7 +96,7 @@ def check_batch_references(path: Path, items: list[dict[str, Any]], settings: An
         except UserError as exc:
             problems.append(str(exc))
     if problems:
-        raise UserError("; ".join(problems))
+        raise bad_lines_error(path, problems)
 
 
 # A .jsonl line's keys for how its prompt is drawn: imgrag.draw_options.DrawOptions's fields, named as the settings.
@@ -136,47 +137,234 @@ def line_loras(value: Any, where: str, folder: Path) -> list[tuple[str, float | 
     return out
 
 
-def read_prompt_file(path: Path) -> list[dict[str, Any]]:
-    """Prompts from .txt (one per line; blank lines and # comments skipped) or .jsonl objects
-    ({"prompt", "seed"?, "max_rounds"?, "references"?: [{"path", "weight"?, "mode"?}], "negative_prompt"?,
-    "guidance"?, "scheduler"?, "per_round"?, "loras"?: [{"path", "weight"?}]}). Errors name the file and line."""
+# Bad lines listed in one error: the first ones, then how many more (a file of thousands of bad lines stays readable).
+MAX_LISTED_LINES = 20
+
+
+class _LineReference(BaseModel):
+    """A batch line's reference: ``{"path", "weight"?, "mode"?}`` (or its path alone). Only the shape is read here;
+    the file, the exclusions and the bounds are checked by :func:`check_batch_references`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: StrictStr
+    weight: Any = None
+    mode: Any = None
+
+
+class _LineLora(BaseModel):
+    """A batch line's LoRA: ``{"path", "weight"?}``; its file is checked by :func:`line_loras`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: StrictStr
+    weight: Any = None
+
+
+class BatchLine(BaseModel):
+    """One line of a ``.jsonl`` batch file, read strictly: any other key is refused (a typo such as ``"sed"`` is never
+    silently ignored). The values are checked by the same rules as the command line's flags after this shape
+    (:func:`read_prompt_file`); ``negative`` is the flag's name for ``negative_prompt``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: StrictStr
+    seed: Any = None
+    max_rounds: Any = None
+    references: list[_LineReference] | None = None
+    negative_prompt: StrictStr | None = None
+    negative: StrictStr | None = None
+    guidance: Any = None
+    scheduler: Any = None
+    per_round: Any = None
+    loras: list[_LineLora] | None = None
+
+    @field_validator("references", mode="before")
+    @classmethod
+    def _paths_alone(cls, value: Any) -> Any:
+        if isinstance(value, list):  # a reference given as its path alone
+            return [{"path": ref} if isinstance(ref, str) else ref for ref in value]
+        return value
+
+
+BATCH_KEYS = tuple(BatchLine.model_fields)  # every key a .jsonl line may have, in the order the README lists them
+
+_SHAPES = {  # what a key's value must be, for a value of the wrong shape
+    "prompt": "a non-empty text",
+    "negative_prompt": "a text",
+    "negative": "a text",
+    "references": 'a list of {"path", "weight"?, "mode"?} objects (or paths)',
+    "loras": 'a list of {"path", "weight"?} objects',
+}
+
+
+def _entry_problem(error: dict[str, Any]) -> str:
+    """One of pydantic's errors inside a reference or LoRA entry, in a few words."""
+    loc = error["loc"]
+    if error["type"] == "extra_forbidden" and len(loc) > 2:
+        return f"unknown key \"{loc[2]}\""
+    if error["type"] == "missing" and len(loc) > 2:
+        return f"\"{loc[2]}\" is missing"
+    return error["msg"].lower() if len(loc) == 2 else f"{loc[2]}: {error['msg'].lower()}"
+
+
+def _shape_problems(error_list: list[dict[str, Any]]) -> list[str]:
+    """pydantic's errors for one line's known keys as reasons naming the key (one per key, in the line's order)."""
+    reasons: dict[str, str] = {}
+    entries: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for error in error_list:
+        loc = error["loc"]
+        key = str(loc[0]) if loc else "line"
+        if key in ("references", "loras") and len(loc) >= 2 and isinstance(loc[1], int):
+            entries.setdefault((key, loc[1]), []).append(error)
+            reasons.setdefault(key, "")
+            continue
+        if key in reasons:
+            continue
+        if error["type"] == "missing":
+            reasons[key] = f"\"{key}\" is missing: each line needs an object with a non-empty \"prompt\""
+        else:
+            reasons[key] = f"\"{key}\" must be {_SHAPES.get(key, 'a valid value')}"
+    for (key, index), errors in entries.items():
+        if reasons[key]:
+            continue  # the first bad entry of the list names it
+        what = "reference" if key == "references" else "LoRA"
+        fields = '{"path", "weight"?, "mode"?}' if key == "references" else '{"path", "weight"} (weight optional)'
+        errors = sorted(errors, key=lambda e: e["type"] != "extra_forbidden")  # a misspelt key explains the rest
+        reasons[key] = f"{what} {index + 1} must be an object {fields}: {', '.join(map(_entry_problem, errors))}"
+    return [reason for reason in reasons.values() if reason]
+
+
+def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object hook: a key given twice is refused (JSON readers disagree on which one wins)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key \"{key}\" is given twice")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _json_line(line: str) -> Any:
+    """A line's JSON, read strictly (no repeated key, no NaN or Infinity); ValueError with the reason."""
+    try:
+        return json.loads(line, object_pairs_hook=_strict_object, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg})") from None
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+
+
+def bad_lines_error(path: Path, problems: list[str]) -> UserError:
+    """One UserError listing every bad line of a prompt file, one per line of the message (each ``FILE:LINE:
+    reason``), the first :data:`MAX_LISTED_LINES` and then how many more; a single bad line is that line alone."""
+    if len(problems) == 1:
+        return UserError(problems[0])
+    listed = problems[:MAX_LISTED_LINES]
+    more = len(problems) - len(listed)
+    return UserError("\n".join([f"{path}: {len(problems)} bad lines (nothing was run; fix them and run again):",
+                                *listed, *([f"… and {more} more bad line(s)"] if more else [])]))
+
+
+def _read_jsonl_line(obj: Any, path: Path, number: int, extra_keys: tuple[str, ...],
+                     reasons: list[str]) -> dict[str, Any] | None:
+    """One parsed .jsonl line as a batch item, or None with ``reasons`` filled (each naming its key)."""
     from imgrag.draw_options import parse_options
 
+    where = f"{path}:{number}"
+
+    def checked(fn, *args):  # a rule's UserError as one reason of this line, its "FILE:LINE: " left off
+        try:
+            return fn(*args)
+        except UserError as exc:
+            reasons.append(str(exc).removeprefix(f"{where}: "))
+            return None
+
+    if not isinstance(obj, dict):
+        reasons.append("each line needs an object with a non-empty \"prompt\"")
+        return None
+    accepted = (*BATCH_KEYS, *extra_keys)
+    extra = {k: obj[k] for k in extra_keys if k in obj}
+    for key in obj:  # unknown keys first; the known ones are still checked, so every bad key of the line is named
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"did you mean \"{close[0]}\"? " if close else ""
+            reasons.append(f"unknown key \"{key}\" ({hint}accepted: {', '.join(accepted)})")
+    try:
+        line = BatchLine.model_validate({k: v for k, v in obj.items() if k in BATCH_KEYS})
+    except ValidationError as exc:
+        reasons.extend(_shape_problems(exc.errors()))
+        return None
+    if not line.prompt.strip():
+        reasons.append("\"prompt\" is empty: each line needs an object with a non-empty \"prompt\"")
+    checked(check_rounds, line.max_rounds, f'{where}: "max_rounds"')
+    if line.seed is not None:
+        if not isinstance(line.seed, int) or isinstance(line.seed, bool):
+            reasons.append(f"\"seed\" must be an integer, got {json.dumps(line.seed)[:40]}")
+        else:
+            checked(check_seed, line.seed, f"{where}: seed")
+    values = line.model_dump(exclude_none=True)
+    if "negative" in values and "negative_prompt" not in values:  # as the flag is named
+        values["negative_prompt"] = values["negative"]
+    drawing = {}
+    for key in DRAWING_KEYS:  # each key checked alone, so every bad one of the line is named
+        if key in values:
+            options = checked(parse_options, {key: values[key]}, where)
+            if options is not None:
+                drawing[key] = getattr(options, key)
+    loras = None
+    if line.loras is not None:  # files checked now, relative to the batch file, named with the line
+        loras = checked(line_loras, [lora.model_dump(exclude_none=True) for lora in line.loras], where, path.parent)
+    if reasons:
+        return None
+    item: dict[str, Any] = {"prompt": line.prompt.strip(), "seed": line.seed, "max_rounds": line.max_rounds,
+                            "line": number, **extra}
+    if line.references is not None:  # checked (files, exclusions, bounds) by check_batch_references
+        item["references"] = _relative_to([ref.model_dump(exclude_none=True) for ref in line.references],
+                                          path.parent)
+    if loras is not None:
+        item["loras"] = loras
+    if drawing:
+        item["drawing"] = drawing
+    return item
+
+
+def read_prompt_file(path: Path, *, extra_keys: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Prompts from .txt (one per line; blank lines and # comments skipped) or .jsonl objects (:class:`BatchLine`:
+    ``{"prompt", "seed"?, "max_rounds"?, "references"?: [{"path", "weight"?, "mode"?}], "negative_prompt"?
+    (or "negative"), "guidance"?, "scheduler"?, "per_round"?, "loras"?: [{"path", "weight"?}]}``; ``extra_keys`` are
+    accepted too and kept in the item as given, e.g. ``imgrag eval``'s ``"gold"``).
+
+    Every line is read before any is used: one UserError lists every bad line (:func:`bad_lines_error`), each as
+    ``FILE:LINE: reason`` naming the key (an unknown key, a value of the wrong kind or out of bounds, a LoRA file
+    that is not one). A file that is not UTF-8 is one line saying to re-save it as UTF-8."""
     if not path.exists():
         raise UserError(f"{path}: no such file")
     lines = read_user_text(path, "prompt file").splitlines()
     items: list[dict[str, Any]] = []
+    problems: list[str] = []
     for number, line in enumerate(lines, start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if path.suffix == ".jsonl":
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not str(obj.get("prompt", "")).strip():
-                raise UserError(f"{path}:{number}: each line needs an object with a non-empty \"prompt\"")
-            if "max_rounds" in obj:
-                check_rounds(obj["max_rounds"], f'{path}:{number}: "max_rounds"')
-            if obj.get("seed") is not None:
-                if not isinstance(obj["seed"], int) or isinstance(obj["seed"], bool):
-                    raise UserError(f"{path}:{number}: \"seed\" must be an integer")
-                check_seed(obj["seed"], f"{path}:{number}: seed")
-            item = {"prompt": obj["prompt"].strip(), "seed": obj.get("seed"), "max_rounds": obj.get("max_rounds")}
-            if obj.get("references") is not None:  # checked (files, exclusions, bounds) by check_batch_references
-                item.update(references=_relative_to(obj["references"], path.parent), line=number)
-            if obj.get("negative") is not None and obj.get("negative_prompt") is None:  # as the flag is named
-                obj["negative_prompt"] = obj["negative"]
-            if obj.get("loras") is not None:  # files checked now, relative to the batch file, named with the line
-                item.update(loras=line_loras(obj["loras"], f"{path}:{number}", path.parent), line=number)
-            drawing = {k: obj[k] for k in DRAWING_KEYS if obj.get(k) is not None}
-            if drawing:  # checked now: a bad scheduler name or guidance is named with its line
-                checked = parse_options(drawing, f"{path}:{number}")
-                item.update(drawing={k: getattr(checked, k) for k in drawing}, line=number)
-            items.append(item)
-        else:
+        if path.suffix != ".jsonl":
             items.append({"prompt": line, "seed": None, "max_rounds": None})
+            continue
+        reasons: list[str] = []
+        try:
+            item = _read_jsonl_line(_json_line(line), path, number, extra_keys, reasons)
+        except ValueError as exc:
+            item, reasons = None, [str(exc)]
+        if item is None:
+            problems.append(f"{path}:{number}: {'; '.join(reasons)}")
+        else:
+            items.append(item)
+    if problems:
+        raise bad_lines_error(path, problems)
     if not items:
         raise UserError(f"{path}: no prompts in the file")
     return items

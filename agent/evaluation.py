@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -39,13 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import prompts
+from agent.batch import bad_lines_error
 from agent.eval_arms import ARM_MODELS, ARMS, ArmContext, ArmResult, EvalItem
 from agent.runner import PLANNERS, Runner, read_prompt_file
 from imgrag.atomic_files import atomic_path, write_json_atomic
 from imgrag.class_folders import read_class_folder, split_classes
 from imgrag.dino import DinoScorer  # noqa: F401  (its old home; imported from here by callers)
 from imgrag.engine import ManagedEmbedder, register_omnigen
-from imgrag.errors import UserError, read_user_text
+from imgrag.errors import UserError
 from imgrag.manager import add_loads
 from imgrag.paired_stats import summarise as paired
 from imgrag.report import write_report
@@ -108,24 +108,27 @@ def read_eval_file(path: str | Path) -> list[dict[str, Any]]:
     "max_rounds"?}``. A ``gold`` path is taken relative to the prompt file's folder, else to the current
     folder; a gold file that exists in neither is an error naming the line."""
     path = Path(path)
-    items = read_prompt_file(path)  # validates prompt, seed and max_rounds; errors name file and line
+    items = read_prompt_file(path, extra_keys=("gold",))  # every line checked, every bad one named with its line
     if path.suffix != ".jsonl":
         return [{**item, "gold": None} for item in items]
-    lines = [(n, line) for n, line in enumerate(read_user_text(path, "prompt file").splitlines(), start=1)
-             if line.strip() and not line.strip().startswith("#")]
-    for item, (number, line) in zip(items, lines, strict=True):
-        gold = json.loads(line).get("gold")
+    problems = []  # every bad gold named at once, as the lines' other keys are
+    for item in items:
+        number, gold = item["line"], item.get("gold")
         if gold in (None, ""):
             item["gold"] = None
             continue
         if not isinstance(gold, str):
-            raise UserError(f"{path}:{number}: \"gold\" must be the path of an image")
+            problems.append(f"{path}:{number}: \"gold\" must be the path of an image")
+            continue
         candidates = [Path(gold).expanduser()] if Path(gold).is_absolute() else [path.parent / gold, Path(gold)]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise UserError(f"{path}:{number}: gold image {gold!r} not found (looked in "
+            problems.append(f"{path}:{number}: gold image {gold!r} not found (looked in "
                             f"{', '.join(str(c) for c in candidates)})")
+            continue
         item["gold"] = str(found.resolve())
+    if problems:
+        raise bad_lines_error(path, problems)
     return items
 
 

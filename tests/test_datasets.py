@@ -10,6 +10,7 @@ from PIL import Image
 
 from agent.evaluation import read_eval_file
 from agent.runner import read_prompt_file
+from imgrag.errors import UserError
 from imgrag.images import IMAGE_SUFFIXES, open_image
 
 DATASETS = Path(__file__).resolve().parent.parent / "datasets"
@@ -92,7 +93,9 @@ def test_eval_txt_matches_eval_jsonl() -> None:
 
 def test_runner_reads_eval_jsonl() -> None:
     path = PROMPTS / "eval.jsonl"
-    items = read_prompt_file(path)
+    with pytest.raises(UserError, match=r'eval\.jsonl:1: unknown key "gold"'):  # a batch has no gold pictures
+        read_prompt_file(path)
+    items = read_prompt_file(path, extra_keys=("gold",))  # imgrag eval's lines
     objects = _jsonl_objects(path)
     assert [item["prompt"] for item in items] == [obj["prompt"] for obj in objects]
     assert [item["seed"] for item in items] == [obj["seed"] for obj in objects]

@@ -152,7 +152,8 @@ def test_bad_batch_references_are_named_line_by_line_before_any_run(tmp_path: Pa
     message = str(caught.value)
     assert f"{prompts}:2:" in message and "missing.png" in message
     assert f"{prompts}:3:" in message and "safety.exclude" in message
-    assert f"{prompts}:4:" in message and "\n" not in message
+    assert f"{prompts}:4:" in message
+    assert [line.split(": ", 1)[0] for line in message.split("\n")[1:]] == [f"{prompts}:{n}" for n in (2, 3, 4)]
     assert generator.calls == []
 
 
