@@ -54,8 +54,13 @@ def active_roles(settings: Settings) -> list[str]:
 # SDXL's diffusers folders: the weights are fetched as the "fp16" variant (half the bytes); the generator
 # loads that variant when it is what the folder holds and casts to the settings' dtype.
 SDXL_MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
+# The base repository's vae_1_0/ (the 1.0 VAE, kept beside the 0.9 VAE in vae/) is no pipeline component, but
+# diffusers' download counts every folder's weights of the variant among the files a cached pipeline must hold:
+# without it, the first load of a hub id downloads it (167 MB) in the middle of a run.
+SDXL_EXTRA_WEIGHTS = ("vae_1_0/diffusion_pytorch_model.fp16.safetensors",)
 SDXL_PATTERNS = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*",
-                 *[p for c in SDXL_MODEL_COMPONENTS for p in (f"{c}/config.json", f"{c}/*.fp16.safetensors")]]
+                 *[p for c in SDXL_MODEL_COMPONENTS for p in (f"{c}/config.json", f"{c}/*.fp16.safetensors")],
+                 *SDXL_EXTRA_WEIGHTS]
 # transformers folders (Qwen): configs, tokenizer, chat template, safetensors shards and their index.
 # "*.jinja" is for repositories saved by transformers 5 (chat_template.jinja); Qwen's keep it in JSON today.
 OPTIONAL_PATTERNS = ("*.jinja",)

@@ -86,7 +86,7 @@ def test_every_pattern_selects_recorded_files_and_nothing_unneeded(profile: str)
             assert select_files(layout, [pattern]), (repo, pattern)
         # Never the large files no loader reads: ONNX/OpenVINO exports, single-file checkpoints, .bin twins.
         assert not [p for p in chosen if p.endswith((".onnx", ".onnx_data", ".bin", ".md"))
-                    or p.startswith(("sd_xl_", "vae_1_0/"))], chosen
+                    or p.startswith("sd_xl_")], chosen
         if role in ("judge", "llm"):  # every shard of the checkpoint, and its index
             shards = [p for p in chosen if re.fullmatch(r"model-\d{5}-of-(\d{5})\.safetensors", p)]
             assert shards and len(shards) == int(shards[0][-17:-12])
@@ -98,7 +98,8 @@ def test_the_generator_fetches_the_fp16_variant_of_every_component() -> None:
                                            hub_patterns("generator", load_settings("gpu-24gb", check_device=False)))}
     weights = sorted(p for p in chosen if p.endswith(".safetensors"))
     assert weights == ["text_encoder/model.fp16.safetensors", "text_encoder_2/model.fp16.safetensors",
-                       "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"]
+                       "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+                       "vae_1_0/diffusion_pytorch_model.fp16.safetensors"]  # diffusers checks for it (see below)
     assert {"model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer_2/merges.txt",
             "unet/config.json", "vae/config.json"} <= chosen
 
