@@ -27,6 +27,7 @@ import html
 import inspect
 import os
 import queue
+import re
 import threading
 import time
 import traceback
@@ -61,6 +62,16 @@ def fresh_page(rounds: int) -> dict[str, Any]:
     Gradio copies it), and the tab's own key (``tab``): what this tab's Stop button, and only this one, stops. The
     page's ``gr.State`` calls this once per browser session, so every tab gets its own key."""
     return {"thread_id": None, "rounds": rounds, "approve": False, "drawing": {}, "tab": uuid.uuid4().hex}
+
+
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
+
+
+def as_text(text: Any) -> str:
+    """``text`` (a prompt, a verdict, a thread id: not ours) for a Markdown panel, shown as the characters it has:
+    HTML escaped, every Markdown marker backslashed, line breaks kept as spaces (a table row stays one row)."""
+    escaped = html.escape(" ".join(str(text).split()), quote=False)
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", escaped)
 
 
 def tab_of(page: dict[str, Any]) -> str:
@@ -218,12 +229,12 @@ class WebChat:
         snapshot = session.snapshot()
         values = dict(snapshot.values) if snapshot is not None and snapshot.values else {}
         if not values:
-            view["header"] = f"**New thread** `{page['thread_id']}`. Describe a picture."
+            view["header"] = f"**New thread** {as_text(page['thread_id'])}. Describe a picture."
             return view
         summary = session.summary()
-        view["header"] = (f"**Thread** `{page['thread_id']}` · {len(summary['requests'])} request(s) · "
+        view["header"] = (f"**Thread** {as_text(page['thread_id'])} · {len(summary['requests'])} request(s) · "
                           f"{summary['rounds']} round(s) · {summary['status'] or 'running'}\n\n"
-                          f"**Prompt:** {html.escape(summary['prompt'] or '')}")
+                          f"**Prompt:** {as_text(summary['prompt'] or '')}")
         references = values.get("references") or {}
         numbers = {rid: n for n, rid in enumerate(references, 1)}
         candidates = sorted((values.get("candidates") or {}).values(), key=lambda c: candidate_number(c["id"]))
@@ -232,7 +243,7 @@ class WebChat:
         for c in candidates:
             refs = ", ".join(f"#{numbers.get(r, '?')}" for r in c.get("reference_ids") or []) or "none"
             mark = " **(best)**" if best and c["id"] == best["id"] else ""
-            rows.append(f"| {c['id']}{mark} | {c.get('round', '')} | {refs} | {html.escape(verdict_text(c))} |")
+            rows.append(f"| {c['id']}{mark} | {c.get('round', '')} | {refs} | {as_text(verdict_text(c))} |")
             view["candidates"].append((self.picture(c["path"]), f"{c['id']} · {verdict_text(c)}"))
         view["rounds"] = "\n".join(rows) if candidates else "_nothing drawn yet_"
         for rid, ref in references.items():
@@ -390,7 +401,8 @@ def build_app(web: WebChat) -> Any:
                     "with `imgrag chat`.")
         with gr.Row():
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="conversation", elem_id="chat", height=560)
+                # Messages are text, not Markdown: a prompt's or an LLM's "**" or "[x](y)" is shown as typed.
+                chatbot = gr.Chatbot(label="conversation", elem_id="chat", height=560, render_markdown=False)
                 with gr.Row():
                     message = gr.Textbox(placeholder="a request, or what to change", show_label=False,
                                          elem_id="message", scale=5, submit_btn=False)

@@ -389,3 +389,20 @@ def test_the_page_in_a_browser_continues_a_terminal_thread(serve_env: dict[str, 
     terminal = terminal_chat(serve_env, "make it at night", thread=page_thread)
     assert "prompt: a retriever and a cradle; make it at night" in terminal
     assert (tmp_path / "serve.png").stat().st_size > 10_000
+
+
+@needs_gradio
+def test_user_text_is_shown_as_text_on_the_page(settings, tmp_path: Path) -> None:
+    """A prompt holding HTML, Markdown and a table's pipe reaches the page's panels as the characters typed."""
+    from agent.web import WebChat, as_text, fresh_page
+
+    prompt = "<img src=x onerror=alert(1)> **bold** [a](javascript:x) | pipe"
+    assert as_text(prompt) == ("&lt;img src=x onerror=alert\\(1\\)&gt; \\*\\*bold\\*\\* \\[a\\]\\(javascript:x\\) "
+                               "\\| pipe")
+    assert as_text("two\nlines") == "two lines"
+    web = WebChat(settings, planner="fixed", rounds=1, runner=fake_runner(settings, tmp_path))
+    page = fresh_page(web.rounds)
+    for _ in web.stream(page, lambda session: session.send(prompt)):
+        pass
+    header = web.thread_view(page)["header"]
+    assert as_text(prompt) in header and "<img" not in header and "**bold**" not in header
