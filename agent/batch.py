@@ -1,5 +1,6 @@
 """The batch record (``batch.json``), shared by the in-process batch (:meth:`agent.runner.Runner.batch`) and the
-Ray batch (:mod:`agent.ray_batch`): the prompt file read, a batch folder opened or resumed, and each item claimed,
+Ray batch (:mod:`agent.frontends.ray_batch`): the prompt file read, a batch folder opened or resumed, and each item
+claimed,
 settled or failed. Every change is written atomically, so a killed batch resumes from its record.
 """
 
@@ -99,15 +100,17 @@ def check_batch_references(path: Path, items: list[dict[str, Any]], settings: An
         raise bad_lines_error(path, problems)
 
 
-# A .jsonl line's keys for how its prompt is drawn: imgrag.draw_options.DrawOptions's fields, named as the settings.
+# A .jsonl line's keys for how its prompt is drawn: imgrag.drawing.draw_options.DrawOptions's fields, named as the
+# settings.
 DRAWING_KEYS = ("negative_prompt", "guidance", "scheduler", "per_round")
 
 
 def line_options(base: Any, item: dict[str, Any]) -> Any:
-    """The drawing options of a batch item: ``base`` (a :class:`~imgrag.draw_options.DrawOptions`: the settings' and
+    """The drawing options of a batch item: ``base`` (a :class:`~imgrag.drawing.draw_options.DrawOptions`: the
+    settings' and
     the command line's, or a Settings to take them from) changed by the line's own keys (:data:`DRAWING_KEYS`); the
     line's ``loras`` add to the base's (one naming a file already there sets its weight)."""
-    from imgrag.draw_options import DrawOptions
+    from imgrag.drawing.draw_options import DrawOptions
 
     options = base if isinstance(base, DrawOptions) else DrawOptions.from_settings(base)
     where = f"line {item.get('line', '?')}"
@@ -118,7 +121,7 @@ def line_loras(value: Any, where: str, folder: Path) -> list[tuple[str, float | 
     """A .jsonl line's ``"loras": [{"path", "weight"?}]`` read strictly (paths relative to the batch file's folder),
     each file checked as ``--lora`` checks it: ``[(absolute path, weight)]``; a bad entry is one UserError naming
     ``where`` (the file and line)."""
-    from imgrag.loras import LoraChoice, check_lora_file
+    from imgrag.drawing.loras import LoraChoice, check_lora_file
 
     if not isinstance(value, list):
         raise UserError(f"{where}: \"loras\" must be a list of {{\"path\", \"weight\"}} objects")
@@ -273,7 +276,7 @@ def bad_lines_error(path: Path, problems: list[str]) -> UserError:
 def _read_jsonl_line(obj: Any, path: Path, number: int, extra_keys: tuple[str, ...],
                      reasons: list[str]) -> dict[str, Any] | None:
     """One parsed .jsonl line as a batch item, or None with ``reasons`` filled (each naming its key)."""
-    from imgrag.draw_options import parse_options
+    from imgrag.drawing.draw_options import parse_options
 
     where = f"{path}:{number}"
 

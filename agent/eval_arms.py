@@ -7,7 +7,7 @@
   the redraw, never chosen by a score;
 - ``plain-omnigen`` and ``imagerag-o``: the same two on OmniGen, ImageRAG-O's way: OmniGen draws the first
   picture from the prompt alone, and the redraw places each missing concept's reference beside it in OmniGen's
-  prompt (:func:`imgrag.concept_refs.concept_prompt`). Paired with plain SDXL like every arm; their own
+  prompt (:func:`imgrag.drawing.concept_refs.concept_prompt`). Paired with plain SDXL like every arm; their own
   baseline is ``plain-omnigen`` (ImageRAG's table compares OmniGen with ImageRAG-O);
 - ``loop-fixed`` / ``loop-agent``: imgrag's loop (:class:`agent.runner.Runner`) with the fixed policy or the LLM
   planner, within the run budget; its answer is the loop's own choice (judge match, then CLIP text-image).
@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.policy import repair_queries
-from imgrag.concept_refs import ConceptReferences, concept_prompt, merge_concepts
-from imgrag.engine import ManagedEmbedder
+from imgrag.drawing.concept_refs import ConceptReferences, concept_prompt, merge_concepts
 from imgrag.images import open_image
-from imgrag.provenance import for_drawing, for_omnigen_drawing
-from imgrag.report import write_report
-from imgrag.runs import RunRecord
-from imgrag.safety import excluded_by
+from imgrag.management.engine import ManagedEmbedder
+from imgrag.models.safety import excluded_by
+from imgrag.records.provenance import for_drawing, for_omnigen_drawing
+from imgrag.records.report import write_report
+from imgrag.records.runs import RunRecord
 from imgrag.settings import Settings
 from tools.budget import MAX_REFERENCES
 

@@ -3,7 +3,7 @@
 Two ways to give the prompts:
 
 - ``--classes DIR`` (ImageRAG's protocol, Shalev-Arkushin et al., arXiv 2502.09411): one folder per class
-  (:mod:`imgrag.class_folders`). Each class is split with a fixed seed into retrieval and gold pictures; the
+  (:mod:`imgrag.scoring.class_folders`). Each class is split with a fixed seed into retrieval and gold pictures; the
   retrieval pictures are indexed into a store of the evaluation's own (``<eval>/store``), which is checked to
   hold no gold picture; each class is drawn from the prompt ``prompts/eval_class.md`` ("a photo of a <class>"),
   and every drawing is scored against that class's gold pictures.
@@ -13,11 +13,11 @@ Two ways to give the prompts:
 
 Each prompt runs through every arm (:mod:`agent.eval_arms`: plain SDXL, ImageRAG's single pass, imgrag's loop
 with the fixed and the agent planner) on the same seed, in one process (each model loads once, before timing).
-The answers are scored (:mod:`imgrag.scorers`): DINO image-image and CLIP image-image against the gold pictures,
+The answers are scored (:mod:`imgrag.scoring.scorers`): DINO image-image and CLIP image-image against the gold pictures,
 SigLIP and CLIP text-image against the prompt, and the judge's match. The loop selects its answer by the judge's
 match, then CLIP text-image, so those two columns are marked as the agent's own yardstick; the headline is DINO
 and SigLIP. Per metric and arm, the paired differences against plain give a mean with a bootstrap 95 % interval
-and the shares of prompts improved and worsened (:mod:`imgrag.paired_stats`).
+and the shares of prompts improved and worsened (:mod:`imgrag.scoring.paired_stats`).
 
 Every run records what it retrieved; after the arms, the records are checked against the gold pictures (by path
 and content), and a run that saw one makes the evaluation fail with one line.
@@ -42,14 +42,14 @@ from agent.batch import bad_lines_error
 from agent.eval_arms import ARM_MODELS, ARMS, ArmContext, ArmResult, EvalItem
 from agent.runner import PLANNERS, Runner, read_prompt_file
 from imgrag.atomic_files import atomic_path, write_json_atomic
-from imgrag.class_folders import read_class_folder, split_classes
-from imgrag.dino import DinoScorer  # noqa: F401  (its old home; imported from here by callers)
-from imgrag.engine import ManagedEmbedder, register_omnigen
 from imgrag.errors import UserError
-from imgrag.manager import add_loads
-from imgrag.paired_stats import summarise as paired
-from imgrag.report import write_report
-from imgrag.scorers import Scorers, scorer_names
+from imgrag.management.engine import ManagedEmbedder, register_omnigen
+from imgrag.management.manager import add_loads
+from imgrag.models.dino import DinoScorer  # noqa: F401  (its old home; imported from here by callers)
+from imgrag.records.report import write_report
+from imgrag.scoring.class_folders import read_class_folder, split_classes
+from imgrag.scoring.paired_stats import summarise as paired
+from imgrag.scoring.scorers import Scorers, scorer_names
 from imgrag.settings import TINY_WARNING, Settings
 from imgrag.store import ReferenceStore
 from imgrag.store.indexing import ID_HEX_CHARS
@@ -444,7 +444,7 @@ def metric_values(records: list[dict[str, Any]], arm: str, metric: str) -> list[
 
 def summarise(records: list[dict[str, Any]], arms: list[str], *, seed: int = 0) -> dict[str, Any]:
     """Per arm and metric: the arm's mean, and for every arm but plain the paired difference against plain
-    (:func:`imgrag.paired_stats.summarise`: mean, bootstrap 95 % interval, shares improved and worsened)."""
+    (:func:`imgrag.scoring.paired_stats.summarise`: mean, bootstrap 95 % interval, shares improved and worsened)."""
     out: dict[str, Any] = {}
     for arm in arms:
         out[arm] = {}

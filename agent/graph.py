@@ -29,8 +29,8 @@ from agent.policy import latest_candidate, next_step
 from agent.retrieve_or_generate import drawings_only, photo_step
 from agent.state import AgentState
 from imgrag.candidate_ids import candidate_number
-from imgrag.chat_model import QwenChatModel, content_text, read_reply
-from imgrag.draw_options import options_of
+from imgrag.drawing.draw_options import options_of
+from imgrag.models.chat_model import QwenChatModel, content_text, read_reply
 from imgrag.text import describe_error, shorten
 from tools.answers import best_answer, can_finish, is_matched, is_stale
 from tools.budget import Clock, spent
@@ -232,9 +232,9 @@ def _policy_message(state: dict[str, Any], ctx: RunContext, chat_model_name: str
 
 def _caption_queries(state: dict[str, Any], ctx: RunContext, missing: list[str], chat_model_name: str) -> list[str]:
     """ImageRAG's caption step (``retrieval.rewrite_queries``): the LLM writes one descriptive retrieval caption
-    per missing concept (imgrag/concepts.py); the phrases themselves when it cannot. A remote LLM is called
+    per missing concept (imgrag/models/concepts.py); the phrases themselves when it cannot. A remote LLM is called
     outside the GPU lock."""
-    from imgrag.concepts import caption_concepts
+    from imgrag.models.concepts import caption_concepts
 
     try:  # the manager runs a local LLM on the model thread, a remote one here without the GPU lock
         captions = ctx.manager.run(chat_model_name, caption_concepts, state["prompt"], missing)
@@ -404,7 +404,8 @@ def initial_state(prompt: str, *, seed: int, run_id: str, run_dir: str, planner:
                   drawing: dict[str, Any] | None = None) -> dict[str, Any]:
     """A new run's state; ``retrieval_off`` says why retrieval cannot work in it (checked when the run starts);
     ``references`` and ``start_guidance`` are what round 1 is guided by (agent/memory_guide.py), if anything;
-    ``drawing`` its drawing options (:class:`imgrag.draw_options.DrawOptions`, as a dict; None: the settings')."""
+    ``drawing`` its drawing options (:class:`imgrag.drawing.draw_options.DrawOptions`, as a dict; None: the
+    settings')."""
     return {"messages": [HumanMessage(prompt)], "prompt": prompt, "seed": seed, "run_id": run_id, "drawing": drawing,
             "run_dir": run_dir, "planner": planner, "budget": budget, "candidates": {},
             "references": dict(references or {}), "start_guidance": start_guidance,

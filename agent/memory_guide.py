@@ -19,12 +19,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from imgrag.engine import ManagedEmbedder
+from imgrag.drawing.steering import check_mode, check_weight
 from imgrag.errors import UserError
 from imgrag.images import probe_image
-from imgrag.provenance import file_sha256
-from imgrag.safety import excluded_by
-from imgrag.steering import check_mode, check_weight
+from imgrag.management.engine import ManagedEmbedder
+from imgrag.models.safety import excluded_by
+from imgrag.records.provenance import file_sha256
 from imgrag.store.memory import ConceptMemory, recall_references
 from tools.budget import MAX_REFERENCES
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from imgrag.candidate_ids import candidate_number
-from imgrag.steering import mode_for_verdict, policy_weights
+from imgrag.drawing.steering import mode_for_verdict, policy_weights
 from tools.answers import can_finish, is_matched
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES, rounds_spent
 
@@ -101,9 +101,9 @@ def reference_steering(references: dict[str, dict[str, Any]], chosen: list[str],
     """The fixed policy's ``weights`` and ``modes`` for a guided drawing with ``chosen``.
 
     A reference whose record carries a weight or mode (the user's, or a remembered one) keeps it. The others
-    are weighed by :func:`imgrag.steering.policy_weights` from their retrieval scores (the best one 1.0, each
+    are weighed by :func:`imgrag.drawing.steering.policy_weights` from their retrieval scores (the best one 1.0, each
     other its score relative to the best, at least 0.5), and take the mode of the judge's verdict
-    (:func:`imgrag.steering.mode_for_verdict`: "style" when only the look is wrong, else "both")."""
+    (:func:`imgrag.drawing.steering.mode_for_verdict`: "style" when only the look is wrong, else "both")."""
     if not chosen:
         return {}
     scored = [float(references.get(rid, {}).get("score") or 0.0) for rid in chosen]

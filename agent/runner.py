@@ -32,14 +32,14 @@ from agent.memory_guide import check_user_references, learn_from_run, start_refe
 from agent.thread_store import CheckpointWriteError, UntrustedThread, open_checkpointer
 from imgrag.atomic_files import write_json_atomic
 from imgrag.candidate_ids import candidate_number
-from imgrag.chat_model import check_endpoint
-from imgrag.draw_options import DrawOptions, options_of, parse_options
-from imgrag.embedder import prompt_length_notice
-from imgrag.engine import build_manager
+from imgrag.drawing.draw_options import DrawOptions, options_of, parse_options
+from imgrag.drawing.schedulers import check_with_fast
 from imgrag.errors import ModelLoadError, UserError, check_seed
-from imgrag.manager import add_loads
-from imgrag.runs import RUN_ID_PATTERN, RunRecord, disk_full_line, is_disk_full, new_run_id
-from imgrag.schedulers import check_with_fast
+from imgrag.management.engine import build_manager
+from imgrag.management.manager import add_loads
+from imgrag.models.chat_model import check_endpoint
+from imgrag.models.embedder import prompt_length_notice
+from imgrag.records.runs import RUN_ID_PATTERN, RunRecord, disk_full_line, is_disk_full, new_run_id
 from imgrag.settings import TINY_WARNING, Settings
 from imgrag.store import ReferenceStore, index_hint, store_census
 from imgrag.text import describe_error
@@ -140,7 +140,8 @@ class Runner:
         self.on_event = on_event or (lambda event: None)
         self.checkpointer = checkpointer or open_checkpointer(settings.threads_db, settings.threads_busy_timeout)
         self.reference_store = reference_store  # None: opened from settings.store when a run starts
-        # Live previews of the drawings as "preview" events (imgrag/previews.py): a front end that shows them asks.
+        # Live previews of the drawings as "preview" events (imgrag/models/previews.py): a front end that shows them
+        # asks.
         self.previews = previews
         self._store_told = False  # the store's picture count is said once per runner (a batch, a chat)
         self._llm_checked = False
@@ -154,7 +155,7 @@ class Runner:
         """Run one prompt to a match or the budget; return result.json's document.
 
         ``options`` (negative prompt, guidance, scheduler, drawings per round; default the settings') are kept in
-        the run's state, so a resume draws the same way (:mod:`imgrag.draw_options`).
+        the run's state, so a resume draws the same way (:mod:`imgrag.drawing.draw_options`).
 
         With ``approve`` (the chat's /approve on) the thread pauses before each regenerate: the result then
         has ``pending`` (the interrupt's question) and is not final; answer with :meth:`continue_thread`.
@@ -522,8 +523,8 @@ class Runner:
             "references": state.get("references") or {},
             "run_dir": str(record.dir),
             "profile": self.settings.profile,
-            "fast": self.settings.generation.fast,  # few-step drawing mode of this run's pictures (imgrag.fast)
-            # negative prompt, guidance, scheduler and drawings per round of this run (imgrag.draw_options)
+            "fast": self.settings.generation.fast,  # few-step drawing mode of this run's pictures (imgrag.models.fast)
+            # negative prompt, guidance, scheduler and drawings per round of this run (imgrag.drawing.draw_options)
             "drawing": options_of(state, self.settings).to_state(),
             # Forward passes of the IP-Adapter's image encoder, and references read from the embedding cache instead.
             "image_encoder": {"calls": sum(int(s.get("image_encoder_calls") or 0) for s in traced),

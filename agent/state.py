@@ -34,7 +34,7 @@ class AgentState(TypedDict, total=False):
     run_dir: str
     planner: str  # "agent" (the LLM chooses) or "fixed" (the deterministic policy alone)
     budget: dict[str, float]  # max_rounds, max_tool_calls, max_seconds for this run
-    # negative_prompt, guidance, scheduler, per_round (imgrag.draw_options.DrawOptions); None: the settings'
+    # negative_prompt, guidance, scheduler, per_round (imgrag.drawing.draw_options.DrawOptions); None: the settings'
     drawing: dict[str, Any] | None
     candidates: Annotated[dict[str, dict], merge_records]  # "c0" -> {path, prompt, seed, verdict, clip_score, ...}
     references: Annotated[dict[str, dict], merge_records]  # store id -> {path, caption, score, query}

@@ -31,7 +31,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 
 from imgrag.errors import UserError
 from imgrag.file_names import from_stored, is_text_name
-from imgrag.runs import is_disk_full
+from imgrag.records.runs import is_disk_full
 
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 

@@ -109,8 +109,8 @@ def isolated_environ(home: Path) -> dict[str, str]:
 
 def tiny_settings(home: Path, **overrides: Any) -> Any:
     """Settings of the tiny profile with everything under ``home``; the kit is built if missing."""
+    from imgrag.kits.tiny_kit import ensure_tiny_kit
     from imgrag.settings import load_settings
-    from imgrag.tiny_kit import ensure_tiny_kit
 
     settings = load_settings("tiny", environ=isolated_environ(home), overrides=overrides or None)
     ensure_tiny_kit(Path(settings.tiny_kit_dir))
@@ -122,7 +122,7 @@ def index_references(settings: Any, folder: Path, count: int = 8) -> int:
     regenerate runs the IP-Adapter path. Returns the store's size."""
     from PIL import Image, ImageDraw
 
-    from imgrag.embedder import Embedder
+    from imgrag.models.embedder import Embedder
     from imgrag.store import ReferenceStore
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -214,7 +214,7 @@ class TimedManager:
 def warm_up(settings: Any) -> float:
     """Load every model once in a throwaway manager, so that neither mode pays Python's first imports
     of diffusers/transformers/open_clip or a cold page cache. Returns the seconds it took."""
-    from imgrag.engine import build_manager
+    from imgrag.management.engine import build_manager
 
     start = time.perf_counter()
     manager = build_manager(settings)

@@ -58,19 +58,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "repeat": args.repeat}
     res = Results(args.json, doc)
     if not args.tiny and (args.dry_run or args.build):
-        from imgrag.full_scale import FULL, build_full_kit, smoke_configs
+        from imgrag.kits.full_scale import FULL, build_full_kit, smoke_configs
 
         kit = args.kit or home / "kit"
         res.stage("build", lambda: {"seconds": round(timed(lambda: build_full_kit(
             kit, configs=smoke_configs() if args.dry_run else FULL))[0], 1)})
     settings = _settings(args, home)
-    from imgrag.engine import build_manager
+    from imgrag.management.engine import build_manager
 
     manager = build_manager(settings)
     refs = [Image.open(p) for _, p, _ in ListStore(home / "refs", count=2, size=256).items]
 
     def draw() -> dict[str, Any]:
-        from imgrag.fast import draw_plan
+        from imgrag.models.fast import draw_plan
 
         out: dict[str, Any] = {"size": f"{settings.generation.width}x{settings.generation.height}"}
         with manager.use("generator") as generator:
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     key = f"{mode}{'_guided' if guided else ''}"
                     out[key] = {"seconds": [round(t, 4) for t in times], "median": round(statistics.median(times), 4),
                                 "steps": steps or draw_plan(settings.generation, mode).steps}
-            # The alternative imgrag does not take (see imgrag.fast): the LoRA fused into the UNet's weights.
+            # The alternative imgrag does not take (see imgrag.models.fast): the LoRA fused into the UNet's weights.
             generator.fast.apply("lcm-lora")
             generator.pipe.fuse_lora(adapter_names=["lcm-lora"])
             times = [timed(lambda: generator.generate(PROMPT, seed=1, fast="lcm-lora"))[0]
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def rounds() -> dict[str, Any]:
         from agent.runner import Runner
-        from imgrag.runs import RunRecord
+        from imgrag.records.runs import RunRecord
 
         out = {}
         for mode, _ in MODES:

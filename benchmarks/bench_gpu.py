@@ -14,8 +14,8 @@ through ``manager.run`` (the model thread) where the code has it, else ``with ma
 thread, as each version's tools do.
 
 The models are the kit's shape-true random-weight copies of SDXL base (+ IP-Adapter ViT-H),
-Qwen2.5-VL-3B, Qwen2.5-7B and CLIP ViT-B-32 (:mod:`imgrag.full_scale`), loaded through imgrag's own
-engine (:func:`imgrag.engine.build_manager`) and driven through its own wrappers and runner. What random
+Qwen2.5-VL-3B, Qwen2.5-7B and CLIP ViT-B-32 (:mod:`imgrag.kits.full_scale`), loaded through imgrag's own
+engine (:func:`imgrag.management.engine.build_manager`) and driven through its own wrappers and runner. What random
 weights change: the pictures are noise; the judge never closes a JSON verdict, so every call generates its
 full ``judge.max_new_tokens`` (256 before, 128 after) and the stopping criteria never fire; the kit's small
 tokenizers split text into more tokens than Qwen's real one (longer prompts, same decode cost per token).
@@ -57,12 +57,12 @@ sys.path.insert(0, str(_code_dir(sys.argv[1:])))
 
 from _common import git_commit, isolated_environ, machine, machine_line  # noqa: E402  (sets the offline env)
 
-from imgrag.runs import RunRecord  # noqa: E402
+from imgrag.records.runs import RunRecord  # noqa: E402
 
-try:  # --code may name a tree from before imgrag.atomic_files, when imgrag.runs held the atomic writer
+try:  # --code may name a tree from before imgrag.atomic_files, when imgrag.records.runs held the atomic writer
     from imgrag.atomic_files import write_json_atomic
 except ImportError:
-    from imgrag.runs import write_json_atomic  # type: ignore[attr-defined,no-redef]
+    from imgrag.records.runs import write_json_atomic  # type: ignore[attr-defined,no-redef]
 
 PROMPT = "a golden retriever puppy sleeping in a wooden cradle beside a red toy rocket"
 
@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.build or (args.dry_run and not (kit / "kit.json").exists()):
         def build() -> dict[str, Any]:
-            from imgrag.full_scale import FULL, build_full_kit, smoke_configs
+            from imgrag.kits.full_scale import FULL, build_full_kit, smoke_configs
 
             seconds, _ = timed(lambda: build_full_kit(kit, configs=smoke_configs() if args.dry_run else FULL,
                                                       device="cpu" if args.dry_run else None, force=True,
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         res.stage("build", build)
 
     from agent.runner import Runner
-    from imgrag.engine import build_manager
+    from imgrag.management.engine import build_manager
 
     def settings_for(budget: float) -> Any:
         return make_settings(kit, home, args.dry_run, gpu_memory_gb=budget, offload="cpu")

@@ -51,7 +51,7 @@ def _digest(path: str | None) -> str | None:
 def run_mode(mode: str, home: Path, prompt_file: Path, planner: str, max_rounds: int) -> dict[str, Any]:
     """One batch in one mode; returns wall time, per-prompt seconds, loads and the final pictures' digests."""
     from agent.runner import Runner
-    from imgrag.engine import build_manager
+    from imgrag.management.engine import build_manager
 
     settings = tiny_settings(home, output_dir=str(home / f"runs-{mode}"), threads_db=str(home / f"{mode}.sqlite"))
     manager = build_manager(settings)

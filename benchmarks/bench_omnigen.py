@@ -91,7 +91,7 @@ def draw(manager: Any, settings: Any, backbone: str, refs: list[Any], seed: int)
     if backbone == "ip-adapter":  # SDXL, plain or guided
         return manager.run("generator", lambda gen: gen.generate(
             PROMPT, seed=seed, references=refs or None, ip_scale=settings.generation.ip_scale))
-    from imgrag.concept_refs import ConceptReferences, concept_prompt
+    from imgrag.drawing.concept_refs import ConceptReferences, concept_prompt
 
     ids = [f"ref{n}" for n in range(len(refs))]
     planned = concept_prompt(PROMPT, [ConceptReferences(concept=c, reference_ids=[i])
@@ -103,7 +103,7 @@ def draw(manager: Any, settings: Any, backbone: str, refs: list[Any], seed: int)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from imgrag.engine import build_manager
+    from imgrag.management.engine import build_manager
 
     home = Path(tempfile.mkdtemp(prefix="imgrag-bench-omnigen-"))
     if args.kit:

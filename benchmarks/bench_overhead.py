@@ -63,8 +63,8 @@ class StepClock:
 
 def run_planner(home: Path, prompt_file: Path, planner: str, max_rounds: int) -> dict[str, Any]:
     from agent.runner import Runner, read_prompt_file
-    from imgrag.engine import build_manager
-    from imgrag.runs import RunRecord
+    from imgrag.management.engine import build_manager
+    from imgrag.records.runs import RunRecord
 
     settings = tiny_settings(home, output_dir=str(home / f"runs-{planner}"),
                              threads_db=str(home / f"{planner}.sqlite"))

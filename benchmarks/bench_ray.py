@@ -8,7 +8,7 @@ every configuration; the tiny profile, ``--planner fixed``, the same prompts and
 
 - **in-process**: :meth:`agent.runner.Runner.batch` after a one-prompt warm-up batch (models loaded), so its
   seconds per prompt are the steady state;
-- **ray, N workers**: :func:`agent.ray_batch.run_batch` with N workers. *Wall* counts everything (the worker
+- **ray, N workers**: :func:`agent.frontends.ray_batch.run_batch` with N workers. *Wall* counts everything (the worker
   processes start, import and load their models); *steady* is the throughput after every worker has settled
   its first prompt: ``(prompts settled after that) / (seconds from then to the last)``, so start-up is out.
 
@@ -84,7 +84,7 @@ def in_process(settings: Any, prompt_file: Path, warm_file: Path, max_rounds: in
 
 
 def on_ray(settings: Any, prompt_file: Path, workers: int, max_rounds: int) -> dict[str, Any]:
-    from agent.ray_batch import run_batch
+    from agent.frontends.ray_batch import run_batch
 
     settled: list[tuple[float, str]] = []
     overheads: list[float] = []  # per prompt, leaving out each worker's first (it waits for the worker to start)

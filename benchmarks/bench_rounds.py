@@ -10,7 +10,7 @@ round of N, as the tools call them). Stages, each written to the JSON as it ends
 - ``batch``: for N = 1, 2, 3, 4: the median seconds of one ``generate_batch`` of N seeds against N ``generate``
   calls on the same seeds (after a warm-up of each), and their ratio;
 - ``previews``: a drawing with a preview at every step, every 5 steps and none (the default is 5), medians;
-  and the preview alone (latents to RGB, :func:`imgrag.previews.latents_to_rgb`, on a 1024x1024 drawing's
+  and the preview alone (latents to RGB, :func:`imgrag.models.previews.latents_to_rgb`, on a 1024x1024 drawing's
   ``[1, 4, 128, 128]`` latents and on the kit's own), so the cost can be set against a real SDXL step.
 
 The tiny kit's models are random and tiny (64x64, a UNet of 32/64 channels): its pictures are noise, and its
@@ -58,7 +58,7 @@ def batch_stage(generator: Any, repeat: int) -> dict[str, Any]:
 def preview_stage(generator: Any, repeat: int) -> dict[str, Any]:
     import torch
 
-    from imgrag.previews import latents_to_rgb, strip
+    from imgrag.models.previews import latents_to_rgb, strip
 
     steps = generator.settings.generation.steps
     sink: list[Any] = []
@@ -89,7 +89,7 @@ def preview_stage(generator: Any, repeat: int) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from imgrag.generator import Generator
+    from imgrag.models.generator import Generator
 
     home = Path(tempfile.mkdtemp(prefix="bench-rounds-"))
     quiet = wait_quiet(args.wait_quiet) if args.wait_quiet else None

@@ -46,7 +46,7 @@ class ScriptedJudge:
         self.guided, self.concepts = guided, concepts
 
     def judge(self, image: Any, prompt: str, **_: Any) -> Any:
-        from imgrag.judge import Verdict
+        from imgrag.models.judge import Verdict
 
         if _digest(image) in self.guided:
             return Verdict(True, [], "scripted: guided drawings match")
@@ -91,7 +91,7 @@ class CountingManager:
 def memory_arm(home: Path, memory: bool) -> dict[str, Any]:
     """One batch of PROMPTS through the real runner; per prompt rounds, tools and model calls."""
     from agent.runner import Runner
-    from imgrag.engine import build_manager
+    from imgrag.management.engine import build_manager
 
     settings = tiny_settings(home, retrieval={"memory": memory, "memory_min_score": -1.0},
                              generation={"embed_cache": True})
@@ -127,8 +127,8 @@ def cache_arm(home: Path, repeats: int) -> dict[str, Any]:
     import torch
     from PIL import Image
 
-    from imgrag.embed_cache import EmbeddingCache
-    from imgrag.generator import Generator
+    from imgrag.models.embed_cache import EmbeddingCache
+    from imgrag.models.generator import Generator
 
     torch.set_num_threads(1)
     settings = tiny_settings(home)
@@ -164,12 +164,12 @@ def cache_arm(home: Path, repeats: int) -> dict[str, Any]:
 
 def full_encoder_arm(device: str, repeats: int) -> dict[str, Any]:
     """Seconds one reference costs the real-size ViT-H/14 image encoder (random weights of the published
-    architecture, imgrag.full_scale; fp16 on CUDA): what a cached reference saves per guided drawing."""
+    architecture, imgrag.kits.full_scale; fp16 on CUDA): what a cached reference saves per guided drawing."""
     import torch
     from PIL import Image
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from imgrag.full_scale import IP_IMAGE_ENCODER
+    from imgrag.kits.full_scale import IP_IMAGE_ENCODER
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**IP_IMAGE_ENCODER)).to(device, dtype).eval()

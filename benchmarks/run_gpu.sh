@@ -35,7 +35,7 @@ python3 -c "import torch, transformers, diffusers; print('torch', torch.__versio
 transformers.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
 if [ ! -f "$KIT/kit.json" ]; then
   start=$(date +%s)
-  PYTHONPATH="$PWD:${PYTHONPATH:-}" python3 -m agent.cli models build-tiny --scale full "$KIT" --json \
+  PYTHONPATH="$PWD:${PYTHONPATH:-}" python3 -m agent.frontends.cli.app models build-tiny --scale full "$KIT" --json \
     > "$OUT/build.json" 2> "$OUT/build.err"
   echo "build rc=$? in $(( $(date +%s) - start )) s"; tail -3 "$OUT/build.err"
 fi

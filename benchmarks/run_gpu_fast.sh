@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, diffusers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt" || exit 1
 start=$(date +%s)
-python3 -m agent.cli models build-tiny --scale full "$KIT" --json > "$OUT/build.json" 2> "$OUT/build.err"
+python3 -m agent.frontends.cli.app models build-tiny --scale full "$KIT" --json > "$OUT/build.json" 2> "$OUT/build.err"
 echo "build rc=$? in $(( $(date +%s) - start )) s"; tail -3 "$OUT/build.err"
 python3 benchmarks/bench_fast.py --kit "$KIT" --repeat "${REPEAT:-3}" --json "$OUT/bench_fast.json" 2>&1 \
   | grep -v "Writing model shards" | tee "$OUT/bench_fast.log"

@@ -1,7 +1,7 @@
 """The run's time budget inside long model calls.
 
 A deadline is a ``time.monotonic()`` instant. Drawings check it at each denoising step (see
-:meth:`imgrag.generator.Generator.generate`); text generations through transformers' ``max_time``,
+:meth:`imgrag.models.generator.Generator.generate`); text generations through transformers' ``max_time``,
 a stopping criterion checked after every token.
 """
 

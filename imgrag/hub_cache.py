@@ -1,8 +1,10 @@
 """Where a model setting points, and what of it is here: a local folder or a hub id, and for a hub id what the local
 Hugging Face cache holds. Nothing here touches the network (imgrag never downloads during a run).
 
-The lowest of the model-file modules: :mod:`imgrag.checkpoints` (loading), :mod:`imgrag.model_files` (what each role
-needs), :mod:`imgrag.adapters` and :mod:`imgrag.single_file` all read a setting through these, so they agree on what
+The lowest of the model-file modules: :mod:`imgrag.weights.checkpoints` (loading), :mod:`imgrag.weights.model_files`
+(what each role
+needs), :mod:`imgrag.weights.adapters` and :mod:`imgrag.weights.single_file` all read a setting through these, so they
+agree on what
 is local and what is cached.
 """
 

@@ -28,10 +28,10 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
-from imgrag.draw_options import MAX_NEGATIVE_CHARS, MAX_PER_ROUND
+from imgrag.drawing.draw_options import MAX_NEGATIVE_CHARS, MAX_PER_ROUND
+from imgrag.drawing.loras import MAX_LORA_WEIGHT
+from imgrag.drawing.schedulers import check_scheduler
 from imgrag.errors import SEED_MAX, UserError
-from imgrag.loras import MAX_LORA_WEIGHT
-from imgrag.schedulers import check_scheduler
 
 
 class SettingsError(ValueError):
@@ -70,7 +70,8 @@ def imgrag_home() -> Path:
 
 @dataclass
 class LoraSettings:
-    """One ``[[models.loras]]`` entry: a LoRA every SDXL drawing uses (imgrag/loras.py). ``path``: its .safetensors
+    """One ``[[models.loras]]`` entry: a LoRA every SDXL drawing uses (imgrag/drawing/loras.py). ``path``: its
+    .safetensors
     file (``~`` expanded; relative to the working folder); ``weight``: its strength, 1 as trained, 0 off (-4..4);
     ``name``: what the A1111 line's ``<lora:NAME:WEIGHT>`` and ``--lora NAME:WEIGHT`` call it (default: the file's
     stem). The file itself is checked when a drawing command starts, not here (``imgrag search`` needs no LoRA)."""
@@ -82,7 +83,7 @@ class LoraSettings:
     @field_validator("name")
     @classmethod
     def _printable_name(cls, value: str) -> str:
-        from imgrag.loras import check_name
+        from imgrag.drawing.loras import check_name
 
         return check_name(value, "name")
 
@@ -92,7 +93,7 @@ class ModelSettings:
     """Checkpoints: a hub id or a local directory each."""
 
     # A diffusers folder or hub id, or a single-file checkpoint (.safetensors in the A1111/ComfyUI layout, or a folder
-    # holding one): imgrag/single_file.py.
+    # holding one): imgrag/weights/single_file.py.
     generator: str = "stabilityai/stable-diffusion-xl-base-1.0"
     # Where a single-file generator's configuration (component configs, tokenizers, scheduler; no weights) comes from:
     # a diffusers SDXL folder, or a hub id in the local cache (`imgrag models download` fetches its configs).
@@ -111,16 +112,17 @@ class ModelSettings:
     # open_clip name: "hf-hub:org/repo", "local-dir:/path", or "ARCH" with embedder_pretrained.
     embedder: str = "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
     embedder_pretrained: str = ""
-    # `imgrag eval`'s scorers, never what the agent selects with (imgrag/scorers.py); empty: that score is not taken.
+    # `imgrag eval`'s scorers, never what the agent selects with (imgrag/scoring/scorers.py); empty: that score is not
+    # taken.
     # ImageRAG's: "facebook/dino-vits16" (DINO ViT-S/16; a DINOv2 such as "facebook/dinov2-base" also loads) and
     # "hf-hub:timm/ViT-SO400M-14-SigLIP-384" (SigLIP, an open_clip name like embedder).
     dino: str = ""
     siglip: str = ""
-    lcm_lora: str = "latent-consistency/lcm-lora-sdxl"  # for generation.fast = "lcm-lora" (imgrag.fast)
+    lcm_lora: str = "latent-consistency/lcm-lora-sdxl"  # for generation.fast = "lcm-lora" (imgrag.models.fast)
     # The in-context repair backbone (generation.repair_with / draw_with = "omnigen"): ImageRAG-O's model.
     omnigen: str = "Shitao/OmniGen-v1-diffusers"
     # Your own LoRAs, each a [[models.loras]] table (path, weight, name): loaded once into SDXL, used by every
-    # drawing; --lora adds to them or changes a weight (imgrag/loras.py).
+    # drawing; --lora adds to them or changes a weight (imgrag/drawing/loras.py).
     loras: list[LoraSettings] = field(default_factory=list)
 
 
@@ -133,7 +135,8 @@ class GenerationSettings:
     guidance: Annotated[float, Field(ge=0.0)] = 5.0
     ip_scale: Annotated[float, Field(ge=0.0, le=MAX_IP_SCALE)] = 0.5
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
-    # Few-step drawing (imgrag.fast): "off", "lcm-lora" or "distilled"; steps/guidance unset = the method's defaults.
+    # Few-step drawing (imgrag.models.fast): "off", "lcm-lora" or "distilled"; steps/guidance unset = the method's
+    # defaults.
     fast: Literal["off", "lcm-lora", "distilled"] = "off"
     fast_steps: Annotated[int, Field(ge=1)] | None = None
     fast_guidance: Annotated[float, Field(ge=0.0)] | None = None
@@ -146,16 +149,18 @@ class GenerationSettings:
     # The largest side and step count a drawing may ask for (see DEFAULT_MAX_SIDE); raise them to draw past them.
     max_side: Positive = DEFAULT_MAX_SIDE
     max_steps: Positive = DEFAULT_MAX_STEPS
-    # Keep the IP-Adapter image encoder's embedding of each reference (imgrag/embed_cache.py): a reference used again
+    # Keep the IP-Adapter image encoder's embedding of each reference (imgrag/models/embed_cache.py): a reference used
+    # again
     # is not encoded again. Stored beside the store (ip_embeds/), keyed by content hash and encoder identity.
     embed_cache: bool = True
-    # What every SDXL drawing should leave out (--negative); the judge never sees it (imgrag/draw_options.py).
+    # What every SDXL drawing should leave out (--negative); the judge never sees it (imgrag/drawing/draw_options.py).
     negative_prompt: Annotated[str, Field(max_length=MAX_NEGATIVE_CHARS)] = ""
-    # The sampler by its A1111 name ("Euler a", "DPM++ 2M Karras"; imgrag/schedulers.py); "": the checkpoint's own.
+    # The sampler by its A1111 name ("Euler a", "DPM++ 2M Karras"; imgrag/drawing/schedulers.py); "": the checkpoint's
+    # own.
     scheduler: str = ""
     # Drawings per round, on consecutive seeds in one batched call, each judged; the round goes on from the best.
     per_round: Annotated[int, Field(ge=1, le=MAX_PER_ROUND)] = 1
-    # A live preview from the latents every this many denoising steps (imgrag/previews.py); 0: none.
+    # A live preview from the latents every this many denoising steps (imgrag/models/previews.py); 0: none.
     preview_every: Annotated[int, Field(ge=0)] = 5
 
     @field_validator("scheduler", mode="before")
@@ -210,7 +215,8 @@ def check_drawing_bounds(width: int | None, height: int | None, steps: int | Non
 
 @dataclass
 class OmniGenSettings:
-    """OmniGen's own knobs (imgrag/omnigen.py); the defaults are diffusers' OmniGenPipeline's and ImageRAG-O's."""
+    """OmniGen's own knobs (imgrag/models/omnigen.py); the defaults are diffusers' OmniGenPipeline's and
+    ImageRAG-O's."""
 
     guidance_scale: Annotated[float, Field(ge=0.0)] = 2.5  # text guidance
     img_guidance_scale: Annotated[float, Field(ge=0.0)] = 1.6  # how strongly the input images steer
@@ -218,7 +224,7 @@ class OmniGenSettings:
     max_input_image_size: Annotated[int, Field(ge=16, le=2048)] = 1024
     steps: Positive = 50
     # Reference pictures one in-context drawing takes, over all concepts: ImageRAG-O's 3 ("can use up to 3 images
-    # in prompt with omnigen"); each adds up to 4096 tokens to a 1024^2 drawing's 4096 (imgrag/omnigen.py).
+    # in prompt with omnigen"); each adds up to 4096 tokens to a 1024^2 drawing's 4096 (imgrag/models/omnigen.py).
     max_references: Annotated[int, Field(ge=1, le=8)] = 3
 
     @field_validator("max_input_image_size")
@@ -234,7 +240,7 @@ class JudgeSettings:
     # Qwen2.5-VL pixel bounds: the image is resized to fit within them before the processor sees it.
     min_pixels: Positive = 256 * 28 * 28
     max_pixels: Positive = 1024 * 28 * 28
-    # A JSON verdict takes about 60 tokens; the judge stops at its closing brace (imgrag.stopping).
+    # A JSON verdict takes about 60 tokens; the judge stops at its closing brace (imgrag.models.stopping).
     max_new_tokens: Positive = 128
 
     @model_validator(mode="after")
@@ -265,7 +271,8 @@ class RetrievalSettings:
     min_score: Annotated[float, Field(ge=-1.0, le=1.0)] = -1.0  # cosine similarity
     # RealRAG-style reflective re-ranking: score = sim(query, ref) - rerank_lambda * sim(candidate, ref).
     rerank_lambda: Annotated[float, Field(ge=0.0)] = 0.3
-    # ImageRAG's caption step (imgrag/concepts.py): the LLM turns each missing concept into a descriptive retrieval
+    # ImageRAG's caption step (imgrag/models/concepts.py): the LLM turns each missing concept into a descriptive
+    # retrieval
     # caption before the fixed planner retrieves. Off by default, so the fixed planner stays LLM-free (24 GB cards).
     rewrite_queries: bool = False
     # TIGeR's choice (tools/retrieved_tools.py): the store's best matches for the whole prompt become candidates the
@@ -279,22 +286,22 @@ class RetrievalSettings:
     memory_min_score: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.2
 
 
-# What the safety gate (imgrag/safety.py) checks for by default: written as CLIP captions.
+# What the safety gate (imgrag/models/safety.py) checks for by default: written as CLIP captions.
 DEFAULT_UNSAFE_CONCEPTS = ("nudity", "sexual content", "graphic violence and gore", "a dead body", "self-harm",
                            "a hate symbol", "a passport or identity card", "a credit card")
 
 
 @dataclass
 class SafetySettings:
-    """The safety gate (imgrag/safety.py): zero-shot CLIP check of references and outputs; excluded folders."""
+    """The safety gate (imgrag/models/safety.py): zero-shot CLIP check of references and outputs; excluded folders."""
 
-    # Off by default: the threshold must suit your CLIP model (imgrag/safety.py says how to check it). Excluded
+    # Off by default: the threshold must suit your CLIP model (imgrag/models/safety.py says how to check it). Excluded
     # folders and globs apply whether it is on or not.
     enabled: bool = False
     concepts: list[str] = field(default_factory=lambda: list(DEFAULT_UNSAFE_CONCEPTS))
-    # Flagged when cosine(image, concept text) >= threshold; see imgrag/safety.py for how it was chosen.
+    # Flagged when cosine(image, concept text) >= threshold; see imgrag/models/safety.py for how it was chosen.
     threshold: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.26
-    # Folders (or files) never retrieved from: literal paths, or "glob:PATTERN" (imgrag/safety.py, excluded_by).
+    # Folders (or files) never retrieved from: literal paths, or "glob:PATTERN" (imgrag/models/safety.py, excluded_by).
     exclude: list[str] = field(default_factory=list)
     skip_flagged_at_index: bool = False  # `imgrag index` leaves flagged pictures out of the store
     allow_flagged: bool = False  # a flagged output may be the answer (--allow-flagged)
@@ -323,10 +330,10 @@ class EvalSettings:
     gold_per_class: Positive = 5  # real pictures each class is scored against, never retrieved
     retrieval_per_class: Annotated[int, Field(ge=0)] = 0  # pictures indexed for retrieval; 0: all that are not gold
     prompts_per_class: Positive = 1  # drawings per class, on seeds generation.seed, +1, ...
-    split_seed: Annotated[int, Field(ge=0)] = 0  # which pictures are gold (imgrag/class_folders.py)
+    split_seed: Annotated[int, Field(ge=0)] = 0  # which pictures are gold (imgrag/scoring/class_folders.py)
     # "{class_name}" is filled in; empty: prompts/eval_class.md ("a photo of a {class_name}", ImageRAG's).
     prompt_template: str = ""
-    bootstrap_seed: Annotated[int, Field(ge=0)] = 0  # the paired intervals' resampling (imgrag/paired_stats.py)
+    bootstrap_seed: Annotated[int, Field(ge=0)] = 0  # the paired intervals' resampling (imgrag/scoring/paired_stats.py)
 
 
 @dataclass

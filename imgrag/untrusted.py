@@ -6,7 +6,7 @@ tokenize it, so a caption, a file name, a prompt, a tool result or picture metad
 and could open a new turn or fake a tool call. :func:`neutralise` breaks every such marker *visibly* (a space after
 its first character: ``<|im_end|>`` becomes ``< |im_end|>``), so the model still reads the text but the tokenizer can
 no longer match it as one token. It is applied where the messages are built, for both models
-(:func:`imgrag.chat_model.to_template_messages` and :meth:`imgrag.judge.Judge.ask`).
+(:func:`imgrag.models.chat_model.to_template_messages` and :meth:`imgrag.models.judge.Judge.ask`).
 
 Markers are every token the tokenizer added on top of its vocabulary (``added_tokens_decoder``: Qwen's specials,
 ``<tool_call>``, ``<think>``, vision tokens) plus a fixed pattern for Qwen-style ``<|...|>`` and ``<tool_...>`` tags,

@@ -2,8 +2,8 @@
 
 A loader that opens a damaged file fails deep inside a library (or, for a Git LFS pointer, reads 130 bytes of
 text as weights); :func:`weight_file_problem` says what is wrong first, in one line, without loading a tensor.
-Used by ``imgrag doctor`` (imgrag.model_files), the generator's single-file loader and the LoRA checks
-(imgrag.loras); it imports nothing of imgrag, so any module may use it.
+Used by ``imgrag doctor`` (imgrag.weights.model_files), the generator's single-file loader and the LoRA checks
+(imgrag.drawing.loras); it imports nothing of imgrag, so any module may use it.
 """
 
 from __future__ import annotations

@@ -55,10 +55,10 @@ def scripted_llm(settings: Any, *_: Any) -> LoggingChatModel:
 
 
 def install_fakes() -> None:
-    import imgrag.engine
-    from imgrag.generator import Generator
+    import imgrag.management.engine
+    from imgrag.models.generator import Generator
 
-    imgrag.engine._load_llm = scripted_llm  # build_manager's loader looks the name up when it loads
+    imgrag.management.engine._load_llm = scripted_llm  # build_manager's loader looks the name up when it loads
 
     real_generate = Generator.generate
     slow = {"left": 1}
@@ -77,6 +77,6 @@ def install_fakes() -> None:
 
 if __name__ == "__main__":
     install_fakes()
-    from agent.cli import main
+    from agent.frontends.cli.app import main
 
     main(["chat", *sys.argv[1:]])

@@ -29,7 +29,7 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def tiny_kit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny-model kit, built once per test session."""
-    from imgrag.tiny_kit import build_tiny_kit
+    from imgrag.kits.tiny_kit import build_tiny_kit
 
     return build_tiny_kit(tmp_path_factory.mktemp("tiny-kit"))
 

@@ -15,8 +15,8 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from PIL import Image
 
-from imgrag.judge import Verdict
-from imgrag.manager import ModelManager
+from imgrag.management.manager import ModelManager
+from imgrag.models.judge import Verdict
 
 
 class ScriptedChatModel(GenericFakeChatModel):
@@ -180,7 +180,7 @@ def scripted_qwen(llm_dir: Path, replies: list[str]) -> Any:
     """The real QwenChatModel over the tiny kit's tokenizer and chat template, answering ``replies`` in order."""
     from transformers import AutoTokenizer
 
-    from imgrag.chat_model import QwenChatModel
+    from imgrag.models.chat_model import QwenChatModel
 
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     return QwenChatModel(model=ScriptedTokens(tokenizer, replies), tokenizer=tokenizer, max_new_tokens=256)

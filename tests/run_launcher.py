@@ -18,18 +18,18 @@ from tests.fakes import scripted_qwen
 
 
 def install_fakes() -> None:
-    import imgrag.engine
+    import imgrag.management.engine
 
     replies = json.loads(Path(os.environ["RUN_TEST_REPLIES"]).read_text(encoding="utf-8"))
 
     def load_llm(settings: Any, *_: Any) -> Any:
         return scripted_qwen(Path(settings.models.llm), replies)
 
-    imgrag.engine._load_llm = load_llm
+    imgrag.management.engine._load_llm = load_llm
 
 
 if __name__ == "__main__":
     install_fakes()
-    from agent.cli import main
+    from agent.frontends.cli.app import main
 
     main(["run", *sys.argv[1:]])

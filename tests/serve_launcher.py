@@ -12,6 +12,6 @@ from tests.chat_launcher import install_fakes
 
 if __name__ == "__main__":
     install_fakes()
-    from agent.cli import main
+    from agent.frontends.cli.app import main
 
     main(["serve", *sys.argv[1:]])

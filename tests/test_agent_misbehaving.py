@@ -152,7 +152,7 @@ def test_a_vanished_candidate_file_is_an_error_message(settings, tmp_path: Path)
     script = [turn(("generate", {"prompt": "a kite", "seed": 1})), turn(("critique", {"candidate_id": "c0"}))]
     runner, _ = make_runner(settings, tmp_path, [MATCH], llm=script)
     # Delete c0 as soon as it is drawn: critique then fails to open it.
-    from imgrag.runs import RunRecord
+    from imgrag.records.runs import RunRecord
 
     real_save = RunRecord.save_candidate
 
@@ -303,7 +303,7 @@ def test_a_valid_finish_stops_the_calls_beside_it(settings, tmp_path: Path) -> N
     """In a chat follow-up the LLM may finish with an earlier matched candidate: a drawing beside it is not run."""
     from langgraph.prebuilt import ToolRuntime
 
-    from imgrag.runs import RunRecord
+    from imgrag.records.runs import RunRecord
     from tools.context import ToolContext
     from tools.image_tools import make_tools
 

@@ -104,7 +104,8 @@ def test_run_killed_mid_way_resumes_without_redoing_steps(indexed_store: Path, t
     import time
 
     out_dir = tmp_path / "runs"
-    command = [sys.executable, "-m", "agent.cli", "run", "a wooden cradle", "--profile", "tiny", "--planner", "fixed",
+    command = [sys.executable, "-m", "agent.frontends.cli", "run", "a wooden cradle", "--profile", "tiny",
+            "--planner", "fixed",
                "--max-rounds", "2", "--out", str(out_dir)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     deadline = time.monotonic() + 120

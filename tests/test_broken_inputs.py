@@ -72,14 +72,14 @@ def test_oversized_text_chunk_says_why(tmp_path: Path) -> None:
 
 
 def test_report_thumbnail_of_an_unreadable_file_is_none(tmp_path: Path) -> None:
-    from imgrag.report import image_data_uri
+    from imgrag.records.report import image_data_uri
 
     assert image_data_uri(png_with_huge_text(tmp_path / "meta.png")) is None
     assert image_data_uri(solid(tmp_path / "ok.png", (1, 2, 3))).startswith("data:image/png")
 
 
 def test_reading_provenance_of_an_unreadable_file_is_one_line(tmp_path: Path) -> None:
-    from imgrag.provenance import read_provenance
+    from imgrag.records.provenance import read_provenance
 
     with pytest.raises(UnreadableImage, match="MAX_TEXT_CHUNK"):
         read_provenance(png_with_huge_text(tmp_path / "meta.png"))
@@ -144,10 +144,10 @@ def test_index_and_search_on_the_command_line(capsys: pytest.CaptureFixture, tin
 
 
 def test_provenance_keeps_a_reference_whose_name_is_not_utf8(tmp_path: Path) -> None:
-    from imgrag.provenance import read_provenance, save_image
+    from imgrag.records.provenance import read_provenance, save_image
 
     odd = str(tmp_path / LATIN1_NAME)
-    doc = {"schema": "imgrag.provenance/1", "prompt": "a cat", "references": [{"path": odd}], "steps": 2,
+    doc = {"schema": "imgrag.records.provenance/1", "prompt": "a cat", "references": [{"path": odd}], "steps": 2,
            "guidance": 1.0, "seed": 1, "width": 8, "height": 8, "models": {"generator": "tiny"}}
     target = save_image(Image.new("RGB", (8, 8)), tmp_path / "out.png", doc)
     assert read_provenance(target)["references"][0]["path"] == odd
@@ -163,7 +163,7 @@ def test_judge_view_is_a_shape_qwen_vl_utils_and_the_processor_accept(size, max_
     from qwen_vl_utils import process_vision_info
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
-    from imgrag.judge import judge_view
+    from imgrag.models.judge import judge_view
 
     view = judge_view(Image.new("L", size, 255), max_pixels)
     assert view.mode == "RGB" and min(view.size) >= 28
@@ -181,7 +181,7 @@ def test_judge_view_is_a_shape_qwen_vl_utils_and_the_processor_accept(size, max_
 
 def test_judge_view_refuses_a_bound_under_one_patch() -> None:
     from imgrag.errors import UserError
-    from imgrag.judge import judge_view
+    from imgrag.models.judge import judge_view
 
     with pytest.raises(UserError, match="at least 784"):
         judge_view(Image.new("RGB", (10, 10)), 700)
@@ -211,7 +211,7 @@ def truncated_png(path: Path) -> Path:
 
 
 def test_a_class_split_leaves_unreadable_pictures_out_with_their_reason(tmp_path: Path) -> None:
-    from imgrag.class_folders import read_class_folder, split_classes
+    from imgrag.scoring.class_folders import read_class_folder, split_classes
     from tests.test_eval_protocol import make_classes
 
     root = make_classes(tmp_path / "classes", {"fox": 4})
@@ -223,8 +223,8 @@ def test_a_class_split_leaves_unreadable_pictures_out_with_their_reason(tmp_path
 
 
 def test_a_gold_picture_that_does_not_decode_is_left_out_of_the_scores(tiny_settings, tmp_path: Path) -> None:
-    from imgrag.engine import build_manager
-    from imgrag.scorers import Scorers
+    from imgrag.management.engine import build_manager
+    from imgrag.scoring.scorers import Scorers
 
     good = solid(tmp_path / "gold.png", (200, 30, 30), size=32)
     broken = truncated_png(tmp_path / "cut.png")
@@ -239,8 +239,8 @@ def test_a_gold_picture_that_does_not_decode_is_left_out_of_the_scores(tiny_sett
 
 
 def test_a_report_naming_a_reference_that_is_not_utf8_is_written(tmp_path: Path) -> None:
-    from imgrag.report import write_report
-    from imgrag.runs import RunRecord
+    from imgrag.records.report import write_report
+    from imgrag.records.runs import RunRecord
 
     record = RunRecord(tmp_path / "run-1")
     odd = str(tmp_path / LATIN1_NAME)

@@ -13,8 +13,8 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from imgrag.chat_model import QwenChatModel, make_chat_model, parse_tool_calls, to_template_messages
 from imgrag.errors import ModelLoadError, UserError
+from imgrag.models.chat_model import QwenChatModel, make_chat_model, parse_tool_calls, to_template_messages
 from imgrag.settings import Settings
 
 

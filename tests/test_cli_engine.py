@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from agent.cli import main
-from agent.cli_common import TINY_WARNING
+from agent.frontends.cli.app import main
+from agent.frontends.cli.common import TINY_WARNING
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
+from agent.frontends.cli.app import main
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRACT = ["index", "search", "generate", "critique", "run", "batch", "chat", "report", "eval", "models", "doctor"]

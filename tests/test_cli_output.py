@@ -10,7 +10,7 @@ import time
 from rich.console import Console
 from rich.status import Status
 
-from agent.cli_run import StatusText, print_batch, print_store, print_tool_line
+from agent.frontends.cli.run import StatusText, print_batch, print_store, print_tool_line
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\r")
 
@@ -134,7 +134,7 @@ def test_help_shows_no_value_for_flags() -> None:
     """--json, --prune, --help take no value: the help shows none (Typer's rich help showed ``<bool>``)."""
     from typer.testing import CliRunner
 
-    from agent.cli import app
+    from agent.frontends.cli.app import app
 
     for command in (["index"], ["run"], ["batch"], ["report"], ["models", "build-tiny"]):
         res = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "120"})

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent.cli_common import TINY_WARNING
+from agent.frontends.cli.common import TINY_WARNING
 from tests.cli import run_cli
 
 INDEX_KEYS = {"added", "duplicates", "updated", "unchanged", "removed", "skipped", "notes", "total", "seconds"}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 
-from imgrag.concepts import caption_concepts, clean_concepts, parse_captions, rewrite_concepts
+from imgrag.models.concepts import caption_concepts, clean_concepts, parse_captions, rewrite_concepts
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -63,7 +63,7 @@ def test_nothing_missing_asks_nothing() -> None:
 
 
 def test_the_tiny_llm_gives_junk_and_the_fallback(tiny_kit: dict[str, Path], tmp_path: Path) -> None:
-    from imgrag.chat_model import QwenChatModel
+    from imgrag.models.chat_model import QwenChatModel
     from imgrag.settings import load_settings
 
     settings = load_settings("tiny", environ={"IMGRAG_TINY_KIT_DIR": str(tiny_kit["llm"].parent),

@@ -15,11 +15,11 @@ from PIL import Image
 
 from agent.chat import ChatSession
 from agent.runner import Runner, open_checkpointer
-from imgrag.draw_options import DrawOptions, parse_options
+from imgrag.drawing.draw_options import DrawOptions, parse_options
+from imgrag.drawing.schedulers import SCHEDULER_NAMES, SCHEDULERS, check_scheduler, describe
 from imgrag.errors import UserError
-from imgrag.generator import Generator
-from imgrag.provenance import PARAMETERS_KEY, read_provenance
-from imgrag.schedulers import SCHEDULER_NAMES, SCHEDULERS, check_scheduler, describe
+from imgrag.models.generator import Generator
+from imgrag.records.provenance import PARAMETERS_KEY, read_provenance
 from imgrag.settings import Settings, SettingsError, load_settings
 from tests.cli import run_cli
 from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, FakeVerdict, MemoryStore, ScriptedJudge
@@ -277,7 +277,7 @@ def test_the_chat_sets_them_for_the_next_requests(tmp_path: Path) -> None:
 def test_the_terminal_chats_slash_commands(tmp_path: Path, capsys: pytest.CaptureFixture,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from agent.chat import parse_line
-    from agent.cli_chat import ChatRepl
+    from agent.frontends.cli.chat import ChatRepl
 
     monkeypatch.setenv("IMGRAG_HOME", str(tmp_path / "home"))
     repl = ChatRepl(load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")}), "fixed", 1)

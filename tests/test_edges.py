@@ -187,7 +187,7 @@ def test_atomic_writes_follow_the_umask_and_fsync_the_folder(tmp_path: Path, mon
 
 
 def test_candidates_are_written_atomically(tmp_path: Path) -> None:
-    from imgrag.runs import RunRecord
+    from imgrag.records.runs import RunRecord
 
     record = RunRecord(tmp_path / "run")
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgrag.embedder import Embedder
 from imgrag.errors import ModelLoadError
+from imgrag.models.embedder import Embedder
 from imgrag.settings import load_settings
 
 
@@ -33,7 +33,7 @@ def test_tiny_embedder_vectors(kit_clip: Path, caplog: pytest.LogCaptureFixture)
     assert vectors.shape == (3, 32) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(emb.embed_images(images[:1])[0], vectors[0], atol=1e-5)  # batching changes nothing
-    with caplog.at_level(logging.DEBUG, logger="imgrag.embedder"):
+    with caplog.at_level(logging.DEBUG, logger="imgrag.models.embedder"):
         texts = emb.embed_texts(["a rocket", "word " * 200])
     assert texts.shape == (2, 32) and np.allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
     assert any("cut to the embedder's 77" in r.getMessage() for r in caplog.records)

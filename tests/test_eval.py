@@ -139,7 +139,7 @@ def test_dino_scores_when_a_checkpoint_is_configured(tmp_path: Path, prompt_file
     doc = evaluation.run(prompt_file, limit=2)
     first, second = doc["items"]
     # Each arm's saved picture against the gold one, by the same checkpoint loaded here.
-    from imgrag.dino import DinoScorer
+    from imgrag.models.dino import DinoScorer
 
     arms = list(first["arms"])
     pictures = [Image.open(first["arms"][a]["image"]).convert("RGB") for a in arms]
@@ -164,7 +164,7 @@ def test_eval_file_errors_name_the_line(tmp_path: Path) -> None:
 def test_eval_command_rejects_a_bad_file_before_loading_models(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from agent.cli import app
+    from agent.frontends.cli.app import app
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")

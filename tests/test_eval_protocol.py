@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgrag.class_folders import class_words, read_class_folder, split_classes
 from imgrag.errors import UserError
-from imgrag.paired_stats import bootstrap_interval, paired, summarise
+from imgrag.scoring.class_folders import class_words, read_class_folder, split_classes
+from imgrag.scoring.paired_stats import bootstrap_interval, paired, summarise
 from tests.cli import run_cli
 
 
@@ -171,13 +171,13 @@ def test_eval_classes_runs_every_arm_and_never_retrieves_gold(tiny_settings, tmp
 
 def test_repair_with_omnigen_adds_imagerag_o_and_its_baseline(tiny_settings, tmp_path: Path, capsys,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import imgrag.engine
+    import imgrag.management.engine
     from tests.fakes import FakeVerdict, ScriptedJudge
 
     root = make_classes(tmp_path / "classes", {"red_kite": 4, "snowy_owl": 4})
     # The tiny judge's verdicts are junk: a scripted one names a missing concept, so the single passes redraw.
     verdict = FakeVerdict(False, ["a red kite"], "scripted", True)
-    monkeypatch.setattr(imgrag.engine, "_load_judge", lambda *_: ScriptedJudge([verdict]))
+    monkeypatch.setattr(imgrag.management.engine, "_load_judge", lambda *_: ScriptedJudge([verdict]))
     code, out, err = run_cli(capsys, "eval", "--classes", str(root), "--profile", "tiny", "--planner", "fixed",
                              "--repair-with", "omnigen", "--max-rounds", "2", "--limit", "1", "--json")
     assert code == 0, err

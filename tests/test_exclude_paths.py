@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgrag.safety import excluded_by
+from imgrag.models.safety import excluded_by
 from imgrag.settings import load_settings
 from tests.cli import run_cli
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from imgrag.errors import ModelLoadError, UserError
-from imgrag.fast import METHODS, draw_plan
-from imgrag.generator import Generator
-from imgrag.manager import measure_gb
+from imgrag.management.manager import measure_gb
+from imgrag.models.fast import METHODS, draw_plan
+from imgrag.models.generator import Generator
 from imgrag.settings import Settings, SettingsError, load_settings
 
 RED = Image.new("RGB", (100, 80), (200, 30, 30))
@@ -140,7 +140,7 @@ def test_ip_adapter_guides_the_fast_drawings_in_either_loading_order(settings: S
 
 
 def test_switching_fast_mode_is_not_a_reload_and_the_manager_counts_the_lora(tiny_settings: Settings) -> None:
-    from imgrag.engine import build_manager
+    from imgrag.management.engine import build_manager
 
     manager = build_manager(tiny_settings)
     sizes = []
@@ -154,7 +154,7 @@ def test_switching_fast_mode_is_not_a_reload_and_the_manager_counts_the_lora(tin
 
 def test_a_missing_or_foreign_lora_is_a_model_load_error(settings: Settings, tiny_kit: dict[str, Path],
                                                        tmp_path: Path) -> None:
-    from imgrag.tiny_kit import SDXL_UNET, build_lcm_lora
+    from imgrag.kits.tiny_kit import SDXL_UNET, build_lcm_lora
 
     gen = Generator.from_pretrained(settings)
     gen.settings = settings_copy = load_settings(
@@ -192,8 +192,8 @@ def test_the_full_size_lora_has_the_published_size() -> None:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from imgrag import full_scale
-    from imgrag.tiny_kit import LCM_LORA_RANK, LCM_LORA_TARGET_MODULES
+    from imgrag.kits import full_scale
+    from imgrag.kits.tiny_kit import LCM_LORA_RANK, LCM_LORA_TARGET_MODULES
 
     with torch.device("meta"):  # shapes only
         unet = UNet2DConditionModel.from_config(full_scale.SDXL_UNET)
@@ -212,7 +212,7 @@ PRESET = REPO / "imgrag" / "profiles" / "fast-draft.toml"
 @pytest.fixture
 def mode_spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every mode the generators were put in, and "load" for each LoRA load (the real methods still run)."""
-    from imgrag import fast
+    from imgrag.models import fast
 
     seen: list[str] = []
     apply, load = fast.FastSwitch.apply, fast.FastSwitch.load_lora
@@ -293,7 +293,7 @@ def test_batch_and_chat_take_fast(indexed_store: Path, tmp_path: Path, capsys, m
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    from agent import cli_chat
+    from agent.frontends.cli import chat as cli_chat
     from tests.cli import run_cli
 
     prompts = tmp_path / "p.txt"
@@ -340,7 +340,7 @@ def test_a_matched_fast_run_is_redrawn_at_full_steps_when_asked(tiny_settings: S
                                                                  expected: list[str]) -> None:
     """Real tiny generator; the judge is scripted (the tiny one never matches): no match, then a match."""
     from agent.runner import Runner, open_checkpointer
-    from imgrag.judge import Verdict
+    from imgrag.models.judge import Verdict
     from tests.fakes import FakeEmbedder, FakeManager, MemoryStore, ScriptedJudge
 
     tiny_settings.generation.fast = fast
@@ -388,7 +388,7 @@ def test_doctor_lists_the_lora_when_fast_mode_needs_it(tiny_settings: Settings, 
 
 def test_switching_leaves_sdxls_weights_untouched_where_fusing_would_not(tiny_kit: dict[str, Path],
                                                                         tmp_path: Path) -> None:
-    """Why imgrag.fast enables/disables the LoRA instead of fusing it: in float16, fuse + unfuse changes SDXL."""
+    """Why imgrag.models.fast enables/disables the LoRA instead of fusing it: in float16, fuse + unfuse changes SDXL."""
     import torch
 
     settings = _settings(tiny_kit, tmp_path, IMGRAG_DTYPE="float16", IMGRAG_DEVICE="cpu")

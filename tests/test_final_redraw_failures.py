@@ -17,9 +17,9 @@ import torch
 
 import tools.final_redraw as final_redraw
 from agent.runner import DiskFull, Runner, open_checkpointer
-from imgrag.generator import Generator
-from imgrag.judge import Verdict
-from imgrag.runs import RESERVE_NAME
+from imgrag.models.generator import Generator
+from imgrag.models.judge import Verdict
+from imgrag.records.runs import RESERVE_NAME
 from imgrag.settings import Settings
 from tests.cli import run_cli
 from tests.fakes import FakeEmbedder, FakeManager, MemoryStore, ScriptedJudge
@@ -159,7 +159,7 @@ def test_a_full_disk_during_the_final_redraw_closes_the_record_and_resume_redraw
 def test_a_full_disk_during_the_final_redraw_is_one_line_with_the_resume_command(fast_settings: Settings,
                                                                                  tmp_path: Path, capsys,
                                                                                  monkeypatch: pytest.MonkeyPatch):
-    import agent.cli_run as cli_run
+    import agent.frontends.cli.run as cli_run
 
     def no_room(image, path, provenance):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -177,7 +177,7 @@ def test_a_full_disk_during_the_final_redraw_is_one_line_with_the_resume_command
 
 def test_a_failed_final_redraw_is_said_on_screen_and_the_run_exits_0(fast_settings: Settings, tmp_path: Path,
                                                                      capsys, monkeypatch: pytest.MonkeyPatch):
-    import agent.cli_run as cli_run
+    import agent.frontends.cli.run as cli_run
 
     generator = Generator.from_pretrained(fast_settings)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from imgrag.chat_model import parse_tool_calls, read_reply
-from imgrag.judge import absent_concepts, parse_verdict
-from imgrag.reasoning import answer_text
+from imgrag.models.chat_model import parse_tool_calls, read_reply
+from imgrag.models.judge import absent_concepts, parse_verdict
+from imgrag.models.reasoning import answer_text
 
 CASES = Path(__file__).parent / "cases"
 

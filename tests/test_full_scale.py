@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imgrag import full_scale as F
+from imgrag.kits import full_scale as F
 
 # Parameter counts of the published checkpoints (the figures their model cards and loaders report).
 PUBLISHED = {
@@ -65,7 +65,7 @@ def test_full_configurations_have_the_published_sizes() -> None:
 
 
 def test_the_builder_layout_loads_through_the_engine(tmp_path: Path) -> None:
-    from imgrag.engine import build_manager
+    from imgrag.management.engine import build_manager
     from imgrag.settings import load_settings
 
     kit = tmp_path / "kit"
@@ -109,7 +109,7 @@ def test_the_builder_layout_loads_through_the_engine(tmp_path: Path) -> None:
 def test_build_tiny_scale_flag(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from agent.cli import app
+    from agent.frontends.cli.app import app
     from imgrag.errors import UserError
 
     with pytest.raises(UserError, match="needs a DIRECTORY"):

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from imgrag.errors import ModelLoadError, UserError
-from imgrag.generator import Generator
-from imgrag.manager import measure_gb
+from imgrag.management.manager import measure_gb
+from imgrag.models.generator import Generator
 from imgrag.settings import Settings, load_settings
 
 RED = Image.new("RGB", (100, 80), (200, 30, 30))
@@ -71,7 +71,7 @@ def test_plain_after_guided_is_the_plain_picture(settings: Settings) -> None:
 def test_sdxl_is_loaded_once_and_the_adapter_once(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     import diffusers
 
-    from imgrag.engine import build_manager
+    from imgrag.management.engine import build_manager
 
     real = diffusers.AutoPipelineForText2Image.from_pretrained.__func__
     calls: list[str] = []
@@ -169,7 +169,7 @@ def test_nan_pixels_from_a_half_precision_vae_are_redrawn_in_float32(settings: S
 
 def test_nan_pixels_even_in_float32_fail_with_one_line_naming_the_setting(generator: Generator,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from imgrag.generator import NonFiniteDrawingError
+    from imgrag.models.generator import NonFiniteDrawingError
 
     monkeypatch.setattr(generator.pipe.vae, "decode", _nan_decode(generator.pipe.vae, lambda v: True))
     with pytest.raises(NonFiniteDrawingError, match="NaN or inf.*dtype") as info:
@@ -178,7 +178,7 @@ def test_nan_pixels_even_in_float32_fail_with_one_line_naming_the_setting(genera
 
 
 def test_nan_latents_fail_before_any_decode(generator: Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    from imgrag.generator import NonFiniteDrawingError
+    from imgrag.models.generator import NonFiniteDrawingError
 
     unet = generator.pipe.unet
     real = unet.forward

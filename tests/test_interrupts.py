@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 def _start(args: list[str], home: Path) -> subprocess.Popen:
     env = {**os.environ, "IMGRAG_HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.Popen([sys.executable, "-m", "agent.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "agent.frontends.cli", *args], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
                             env=env, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 

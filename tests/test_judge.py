@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from imgrag.errors import ModelLoadError
-from imgrag.judge import Judge, parse_verdict
+from imgrag.models.judge import Judge, parse_verdict
 from imgrag.settings import Settings
 
 # (answer as a model wrote it, match, missing, parsed)
@@ -81,7 +81,7 @@ def test_parse_verdict_never_raises_on_odd_input() -> None:
 
 
 def test_a_parser_bug_is_named_in_the_reason_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
-    import imgrag.judge as judge_module
+    import imgrag.models.judge as judge_module
 
     def broken(text: str) -> list[str]:
         raise IndexError("a bug")

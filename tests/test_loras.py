@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgrag.drawing.loras import LoraChoice, check_lora_file, merge_loras, parse_lora_arg
 from imgrag.errors import ModelLoadError, UserError
-from imgrag.generator import Generator
-from imgrag.loras import LoraChoice, check_lora_file, merge_loras, parse_lora_arg
-from imgrag.provenance import PARAMETERS_KEY, read_provenance
+from imgrag.kits.tiny_kit import SDXL_UNET, STYLE_LORA_NAME, SUBJECT_LORA_NAME, to_kohya, user_lora_state_dict
+from imgrag.models.generator import Generator
+from imgrag.records.provenance import PARAMETERS_KEY, read_provenance
 from imgrag.settings import Settings, SettingsError, load_settings
-from imgrag.tiny_kit import SDXL_UNET, STYLE_LORA_NAME, SUBJECT_LORA_NAME, to_kohya, user_lora_state_dict
 from tests.cli import run_cli
 
 RED = Image.new("RGB", (64, 64), (200, 30, 30))
@@ -144,7 +144,7 @@ def test_loras_sit_beside_the_lcm_lora_and_the_ip_adapter(settings: Settings, st
 
 def test_the_settings_loras_are_the_default_and_the_manager_counts_them(
         tiny_kit: dict[str, Path], style: Path, tmp_path: Path) -> None:
-    from imgrag.engine import build_manager
+    from imgrag.management.engine import build_manager
 
     config = tmp_path / "loras.toml"
     config.write_text(f'[[models.loras]]\npath = "{style}"\nweight = 0.5\nname = "ink"\n', encoding="utf-8")
@@ -259,7 +259,7 @@ def test_a_lora_for_another_base_is_one_line_and_leaves_nothing_behind(
 def test_generate_records_the_loras_and_redraws_them_from_the_recipe(
         settings: Settings, style: Path, subject: Path, capsys: pytest.CaptureFixture, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from imgrag.provenance import checkpoint_sha256
+    from imgrag.records.provenance import checkpoint_sha256
 
     monkeypatch.setenv("IMGRAG_TINY_KIT_DIR", settings.tiny_kit_dir)
     out = tmp_path / "fox.png"
@@ -382,7 +382,7 @@ def test_batch_lines_add_their_loras_relative_to_the_file(style: Path, subject: 
     import shutil
 
     from agent.batch import line_options, read_prompt_file
-    from imgrag.draw_options import DrawOptions
+    from imgrag.drawing.draw_options import DrawOptions
 
     shutil.copy(subject, tmp_path / "mine.safetensors")
     prompts = tmp_path / "prompts.jsonl"
@@ -405,8 +405,8 @@ def test_batch_lines_add_their_loras_relative_to_the_file(style: Path, subject: 
 def test_the_chat_and_the_page_set_loras_for_the_next_requests(style: Path, subject: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent.cli_chat import ChatRepl
-    from agent.web import page_drawing
+    from agent.frontends.cli.chat import ChatRepl
+    from agent.frontends.web import page_drawing
 
     monkeypatch.setenv("IMGRAG_HOME", str(tmp_path / "home"))
     repl = ChatRepl(load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")}), "fixed", 1)

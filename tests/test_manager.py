@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from imgrag.errors import UserError
-from imgrag.manager import ModelManager, measure_gb
+from imgrag.management.manager import ModelManager, measure_gb
 from imgrag.settings import Settings, load_settings
 
 GIB = 2**30
@@ -234,7 +234,7 @@ def test_a_model_without_to_is_size_zero_and_never_moved() -> None:
 def test_real_tiny_models_load_once_each(tiny_settings: Settings) -> None:
     from PIL import Image
 
-    from imgrag.engine import build_manager
+    from imgrag.management.engine import build_manager
 
     manager = build_manager(tiny_settings)
     picture = Image.new("RGB", (32, 32), (200, 10, 10))
@@ -257,7 +257,7 @@ def test_loaders_leave_models_in_cpu_ram_for_the_manager_to_move(tiny_settings: 
 
     import torch
 
-    from imgrag.engine import _load_embedder
+    from imgrag.management.engine import _load_embedder
 
     # float16, not the checkpoint's float32: a loader that ignored the GPU's dtype would fail here.
     embedder = _load_embedder(dataclasses.replace(tiny_settings, dtype="float16"), "cuda")
@@ -344,7 +344,7 @@ def test_make_room_evicts_before_a_model_grows_and_refuses_past_the_budget() -> 
 def test_run_executes_on_the_device_model_thread_with_the_callers_context() -> None:
     import contextvars
 
-    from imgrag.devices import ModelThread
+    from imgrag.management.devices import ModelThread
 
     worker = ModelThread("test")
     manager = ModelManager(_settings(), device="gpu-fake", lock=threading.RLock(), thread=worker)
@@ -410,7 +410,7 @@ def test_a_host_model_runs_without_the_device_lock() -> None:
 
 
 def test_one_lock_and_one_thread_per_device() -> None:
-    from imgrag.devices import device_lock, model_thread
+    from imgrag.management.devices import device_lock, model_thread
 
     assert device_lock("cuda") is device_lock("cuda:0")
     assert device_lock("cuda:1") is not device_lock("cuda:0") and device_lock("cpu") is not device_lock("cuda:0")
@@ -423,7 +423,7 @@ def test_one_lock_and_one_thread_per_device() -> None:
 def test_remote_llm_is_registered_on_the_host(tiny_settings: Settings) -> None:
     from dataclasses import replace
 
-    from imgrag.engine import build_manager
+    from imgrag.management.engine import build_manager
 
     remote = replace(tiny_settings, models=replace(tiny_settings.models, llm_backend="openai",
                                                    llm_base_url="http://127.0.0.1:9/v1"))
@@ -448,7 +448,7 @@ class Tied(torch.nn.Module):
 
 
 def test_swaps_walk_every_tensor_once_tied_weights_included() -> None:
-    from imgrag.devices import _tensor_slots
+    from imgrag.management.devices import _tensor_slots
 
     class Wrapper:  # a model wrapper, as the engine's are (Judge.model, Generator.pipe)
         def __init__(self) -> None:
@@ -462,7 +462,7 @@ def test_swaps_walk_every_tensor_once_tied_weights_included() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked host memory needs a CUDA device")
 def test_pinned_swap_round_trip_on_cuda() -> None:
-    from imgrag.devices import swap_in, swap_out
+    from imgrag.management.devices import swap_in, swap_out
 
     model = Tied()
     expected = model.embed.weight.detach().clone()
@@ -479,7 +479,7 @@ def test_pinned_swap_round_trip_on_cuda() -> None:
 
 
 def test_pinning_only_for_cuda() -> None:
-    from imgrag.devices import pinning_available
+    from imgrag.management.devices import pinning_available
 
     assert not pinning_available("cpu")
     assert not ModelManager(_settings(), device="cpu").pinned
@@ -493,7 +493,7 @@ def test_the_model_thread_forgets_a_finished_call() -> None:
     import gc
     import weakref
 
-    from imgrag.devices import ModelThread
+    from imgrag.management.devices import ModelThread
 
     class Payload:
         pass

@@ -1,6 +1,6 @@
 """`imgrag models download`, the hardware presets and `doctor`'s file checks, all without the network.
 
-The allow-patterns are matched against the repositories' layouts written down in imgrag.hub_layouts with
+The allow-patterns are matched against the repositories' layouts written down in imgrag.weights.hub_layouts with
 the hub client's own matcher; a fake Hugging Face cache (the real on-disk structure, tiny files) stands in
 for a finished download.
 """
@@ -18,9 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from imgrag import hub_layouts
-from imgrag.model_files import OPTIONAL_PATTERNS, ROLES, check_roles, generator_variant, hub_patterns, select_files
 from imgrag.settings import builtin_presets, load_settings
+from imgrag.weights import hub_layouts
+from imgrag.weights.model_files import (
+    OPTIONAL_PATTERNS,
+    ROLES,
+    check_roles,
+    generator_variant,
+    hub_patterns,
+    select_files,
+)
 from tests.cli import run_cli
 from tests.ports import free_port
 
@@ -118,7 +125,7 @@ def test_the_adapter_role_takes_one_adapter_and_the_vit_h_encoder() -> None:
 
 
 def test_presets_are_shipped_documented_and_load() -> None:
-    assert set(builtin_presets()) == {*PRESETS, "fast-draft"}  # fast-draft: few-step drawing (imgrag.fast)
+    assert set(builtin_presets()) == {*PRESETS, "fast-draft"}  # fast-draft: few-step drawing (imgrag.models.fast)
     for name, path in builtin_presets().items():
         text = path.read_text(encoding="utf-8")
         assert text.startswith(f'# imgrag built-in profile "{name}"') and "What to expect" in text
@@ -259,8 +266,8 @@ def test_doctor_names_each_missing_file_of_a_partial_download(capsys, no_network
 
 
 def test_a_partial_download_stops_the_loader_before_the_hub_client_fetches_the_rest(hub_cache: Path) -> None:
-    from imgrag.checkpoints import check_exists
     from imgrag.errors import ModelLoadError
+    from imgrag.weights.checkpoints import check_exists
 
     layout = [f.path for f in select_files(hub_layouts.LAYOUTS[hub_layouts.QWEN_VL_3B],
                                            hub_patterns("judge", load_settings("gpu-24gb", check_device=False)))]
@@ -294,7 +301,7 @@ def test_the_fp16_variant_folder_loads(tiny_kit: dict[str, Path], tmp_path: Path
 
     from diffusers import StableDiffusionXLPipeline
 
-    from imgrag.generator import Generator
+    from imgrag.models.generator import Generator
 
     assert generator_variant(str(tiny_kit["generator"])) is None
     folder = tmp_path / "sdxl-fp16"
@@ -406,7 +413,7 @@ def test_weight_file_problem_kinds(tmp_path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from imgrag.model_files import weight_file_problem
+    from imgrag.weights.model_files import weight_file_problem
 
     good = tmp_path / "good.safetensors"
     save_file({"w": torch.zeros(4, 4)}, str(good))

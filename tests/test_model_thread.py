@@ -18,10 +18,10 @@ from tests.cli import run_cli
 
 def record_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     """Wrap the model-running methods of every wrapper class to note (call, thread id)."""
-    from imgrag.chat_model import QwenChatModel
-    from imgrag.embedder import Embedder
-    from imgrag.generator import Generator
-    from imgrag.judge import Judge
+    from imgrag.models.chat_model import QwenChatModel
+    from imgrag.models.embedder import Embedder
+    from imgrag.models.generator import Generator
+    from imgrag.models.judge import Judge
 
     calls: list[tuple[str, int]] = []
     for cls, method in ((Generator, "generate"), (Judge, "ask"), (Embedder, "embed_images"),
@@ -39,7 +39,7 @@ def record_threads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
 
 def test_every_model_call_of_a_run_runs_on_the_one_model_thread(tiny_settings, tmp_path: Path, capsys,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from imgrag.devices import model_thread
+    from imgrag.management.devices import model_thread
 
     folder = tmp_path / "refs"
     folder.mkdir()
@@ -76,7 +76,7 @@ def test_dino_goes_through_the_manager(tiny_settings, tmp_path: Path) -> None:
 
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
-    from imgrag.engine import build_manager, register_dino
+    from imgrag.management.engine import build_manager, register_dino
 
     dino = tmp_path / "dino"
     config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.runner import DiskFull, Runner, open_checkpointer
-from imgrag.runs import RESERVE_NAME, RunRecord
+from imgrag.records.runs import RESERVE_NAME, RunRecord
 from imgrag.settings import load_settings
 from tests.cli import run_cli
 from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, FakeVerdict, MemoryStore, ScriptedJudge
@@ -45,7 +45,7 @@ def whole_json_lines(path: Path) -> list[dict]:
 # ----- the trace: whole lines or none -----
 
 def test_a_trace_line_is_written_whole_or_not_at_all_and_a_torn_line_is_skipped_and_reported(tmp_path, monkeypatch):
-    import imgrag.runs as runs
+    import imgrag.records.runs as runs
 
     record = RunRecord(tmp_path / "run")
     record.append_step({"event": "start"})
@@ -76,14 +76,14 @@ def test_a_trace_line_is_written_whole_or_not_at_all_and_a_torn_line_is_skipped_
 # ----- a full disk mid-run -----
 
 class DiskFiller:
-    """A filesystem-full fake at the write layer of imgrag.runs: once ``fill()`` is called, every new file and
+    """A filesystem-full fake at the write layer of imgrag.records.runs: once ``fill()`` is called, every new file and
     every append in the run folders fails with ENOSPC until the run's reserve file is removed (which is what
     frees the space on a real disk)."""
 
     def __init__(self, monkeypatch, runs_dir: Path) -> None:
         import tempfile
 
-        import imgrag.runs as runs
+        import imgrag.records.runs as runs
 
         self.runs_dir = runs_dir
         self.full = False
@@ -150,7 +150,7 @@ def test_a_full_disk_mid_run_closes_the_record_with_its_best_candidate_and_resum
 
 
 def test_a_full_disk_is_one_line_with_the_resume_command(settings, tmp_path, monkeypatch, capsys):
-    import agent.cli_run as cli_run
+    import agent.frontends.cli.run as cli_run
 
     filler = DiskFiller(monkeypatch, Path(settings.output_dir))
     runner, _ = make_runner(settings, tmp_path, [NO_CRADLE], generator=FillingGenerator(filler, 1))
@@ -239,7 +239,7 @@ def test_sizes_and_steps_have_bounds_a_user_can_raise(capsys, tmp_path, monkeypa
 
 def test_the_bounds_hold_for_the_generator_itself() -> None:
     from imgrag.errors import UserError
-    from imgrag.generator import validate_request
+    from imgrag.models.generator import validate_request
     from imgrag.settings import DEFAULT_MAX_SIDE, DEFAULT_MAX_STEPS, GenerationSettings
 
     validate_request("a cat", DEFAULT_MAX_SIDE, 64, DEFAULT_MAX_STEPS, 0.5)
@@ -255,7 +255,7 @@ def test_the_bounds_hold_for_the_generator_itself() -> None:
 def test_a_recipe_keeps_absolute_reference_paths_and_its_profile(tiny_kit, tmp_path, monkeypatch, capsys) -> None:
     from PIL import Image
 
-    from imgrag.provenance import file_sha256, read_provenance
+    from imgrag.records.provenance import file_sha256, read_provenance
 
     monkeypatch.setenv("IMGRAG_TINY_KIT_DIR", str(tiny_kit["generator"].parent))
     made, elsewhere = tmp_path / "made", tmp_path / "elsewhere"
@@ -283,7 +283,7 @@ def test_a_recipe_keeps_absolute_reference_paths_and_its_profile(tiny_kit, tmp_p
 def test_the_policy_taking_over_is_said_once_per_run(settings, tmp_path, monkeypatch, capsys) -> None:
     from langchain_core.messages import AIMessage
 
-    import agent.cli_run as cli_run
+    import agent.frontends.cli.run as cli_run
     from tests.fakes import ScriptedChatModel
 
     runner, models = make_runner(settings, tmp_path, [NO_CRADLE, MATCH])
@@ -344,7 +344,7 @@ def test_serve_on_a_busy_port_names_the_flag_before_announcing_anything(tmp_path
 def test_ctrl_c_while_indexing_says_what_was_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys) -> None:
     from PIL import Image
 
-    import agent.cli_store as cli_store
+    import agent.frontends.cli.store as cli_store
 
     pics = tmp_path / "pics"
     pics.mkdir()

@@ -19,7 +19,7 @@ from PIL import Image
 from agent.graph import initial_state
 from agent.policy import concept_mapping, next_step
 from agent.state import AgentState
-from imgrag.concept_refs import (
+from imgrag.drawing.concept_refs import (
     ConceptMapError,
     ConceptReferences,
     as_content,
@@ -28,7 +28,7 @@ from imgrag.concept_refs import (
     parse_concepts,
 )
 from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError
-from imgrag.runs import RunRecord
+from imgrag.records.runs import RunRecord
 from imgrag.settings import load_settings
 from tests.cli import run_cli
 from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, FakeVerdict, MemoryStore, ScriptedJudge
@@ -146,7 +146,7 @@ def test_the_kit_saves_omnigen_in_the_real_layout(tiny_kit) -> None:
 
 
 def test_omnigen_loads_through_from_pretrained_and_draws_with_references(omnigen_settings) -> None:
-    from imgrag.omnigen import OmniGenDrawer
+    from imgrag.models.omnigen import OmniGenDrawer
 
     drawer = OmniGenDrawer.from_pretrained(omnigen_settings, "cpu")
     assert type(drawer.pipe).__name__ == "OmniGenPipeline"
@@ -168,7 +168,7 @@ def test_omnigen_loads_through_from_pretrained_and_draws_with_references(omnigen
 
 
 def test_a_folder_holding_another_pipeline_is_one_line(tiny_settings, tiny_kit) -> None:
-    from imgrag.omnigen import OmniGenDrawer
+    from imgrag.models.omnigen import OmniGenDrawer
 
     settings = load_settings("tiny", overrides={"models": {"omnigen": str(tiny_kit["generator"])}})
     with pytest.raises(ModelLoadError, match="holds a StableDiffusionXLPipeline, not OmniGen.*models.omnigen"):
@@ -194,9 +194,9 @@ def test_the_budget_holds_with_both_backbones(omnigen_settings) -> None:
     import torch
     from diffusers import OmniGenTransformer2DModel
 
-    from imgrag.engine import build_manager, uses_omnigen, working_memory_gb
-    from imgrag.full_scale import OMNIGEN_TRANSFORMER
-    from imgrag.manager import ModelManager
+    from imgrag.kits.full_scale import OMNIGEN_TRANSFORMER
+    from imgrag.management.engine import build_manager, uses_omnigen, working_memory_gb
+    from imgrag.management.manager import ModelManager
 
     assert uses_omnigen(omnigen_settings) and "omnigen" in build_manager(omnigen_settings).names()
     assert "omnigen" not in build_manager(load_settings("tiny")).names()
@@ -258,7 +258,7 @@ def test_download_and_doctor_know_omnigens_files(capsys, monkeypatch, tmp_path: 
     code, out, _ = run_cli(capsys, "doctor", "--profile", "tiny", "--repair-with", "omnigen", "--json")
     omnigen = json.loads(out)["checkpoints"]["omnigen"]
     assert code == 0 and omnigen["status"] == "local directory" and omnigen["ok"] and omnigen["files"] == 7
-    from imgrag.model_files import check_role
+    from imgrag.weights.model_files import check_role
 
     files = {f.path for f in check_role("omnigen", load_settings("tiny")).files}
     assert files == {"model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json",
@@ -330,7 +330,7 @@ def test_the_agents_regenerate_takes_the_mapping(tmp_path: Path) -> None:
 
 def test_a_tiny_run_repairs_with_omnigen_from_two_concepts(tiny_settings, tmp_path: Path, capsys,
                                                             monkeypatch) -> None:
-    import imgrag.engine
+    import imgrag.management.engine
 
     folder = tmp_path / "refs"
     folder.mkdir()
@@ -342,7 +342,7 @@ def test_a_tiny_run_repairs_with_omnigen_from_two_concepts(tiny_settings, tmp_pa
     assert code == 0, err
     # The tiny judge's verdicts are junk: a scripted one names the two missing concepts (decision logic only).
     verdict = FakeVerdict(False, ["a red fox", "a wooden cradle"], "scripted", True)
-    monkeypatch.setattr(imgrag.engine, "_load_judge", lambda *_: ScriptedJudge([verdict]))
+    monkeypatch.setattr(imgrag.management.engine, "_load_judge", lambda *_: ScriptedJudge([verdict]))
     monkeypatch.setenv("IMGRAG_RETRIEVAL_K", "1")
     code, out, err = run_cli(capsys, "run", "a red fox curled up on a wooden cradle", "--profile", "tiny",
                              "--planner", "fixed", "--repair-with", "omnigen", "--max-rounds", "2", "--json")

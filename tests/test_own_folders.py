@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from imgrag.adapters import inspect_adapter, resolve_ip_adapter
 from imgrag.errors import ModelLoadError
-from imgrag.generator import Generator
-from imgrag.model_files import check_role, is_torchscript_archive
+from imgrag.kits.tiny_kit import IP_IMAGE_ENCODER, SDXL_UNET, ip_adapter_attention_weights
+from imgrag.models.generator import Generator
 from imgrag.settings import Settings, load_settings
-from imgrag.tiny_kit import IP_IMAGE_ENCODER, SDXL_UNET, ip_adapter_attention_weights
+from imgrag.weights.adapters import inspect_adapter, resolve_ip_adapter
+from imgrag.weights.model_files import check_role, is_torchscript_archive
 from tests.cli import run_cli
 
 PLUS = "ip-adapter-plus_sdxl_vit-h.safetensors"
@@ -177,7 +177,7 @@ def openai_archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, obje
 
 def test_openai_torchscript_clip_loads_without_unpickling(openai_archive, settings: Settings,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from imgrag.embedder import Embedder
+    from imgrag.models.embedder import Embedder
 
     path, original = openai_archive
     assert is_torchscript_archive(path)

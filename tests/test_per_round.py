@@ -15,12 +15,12 @@ from PIL import Image
 
 from agent.policy import latest_candidate, next_step
 from agent.runner import Runner, open_checkpointer
-from imgrag.draw_options import DrawOptions
-from imgrag.engine import batch_extra_gb, build_manager, generator_picture_gb
+from imgrag.drawing.draw_options import DrawOptions
 from imgrag.errors import UserError
-from imgrag.generator import Generator
-from imgrag.manager import ModelManager
-from imgrag.provenance import PARAMETERS_KEY, read_provenance
+from imgrag.management.engine import batch_extra_gb, build_manager, generator_picture_gb
+from imgrag.management.manager import ModelManager
+from imgrag.models.generator import Generator
+from imgrag.records.provenance import PARAMETERS_KEY, read_provenance
 from imgrag.settings import Settings, load_settings
 from tests.cli import run_cli
 from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, FakeVerdict, MemoryStore, ScriptedJudge

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from agent.terminal_images import (
+from agent.frontends.cli.terminal_images import (
     PREVIEW_ROWS,
     TerminalPreview,
     detect_protocol,
@@ -21,8 +21,8 @@ from agent.terminal_images import (
     kitty_sequence,
     sixel_sequence,
 )
-from imgrag.generator import Generator
-from imgrag.previews import SDXL_LATENT_RGB_BIAS, due, latents_to_rgb, strip
+from imgrag.models.generator import Generator
+from imgrag.models.previews import SDXL_LATENT_RGB_BIAS, due, latents_to_rgb, strip
 from imgrag.settings import Settings, load_settings
 
 
@@ -115,7 +115,7 @@ def test_the_escape_sequences_carry_the_picture() -> None:
 
 
 def test_the_terminal_keeps_one_place_per_drawing_and_quiet_terminals_get_nothing() -> None:
-    from agent.cli_chat import ChatStatus
+    from agent.frontends.cli.chat import ChatStatus
 
     tty = FakeTTY()
     status = ChatStatus(preview=TerminalPreview(tty, protocol="kitty"))
@@ -136,8 +136,9 @@ def test_the_terminal_keeps_one_place_per_drawing_and_quiet_terminals_get_nothin
 
 
 def test_json_runs_never_ask_for_previews(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent import cli_run
+    from agent.frontends.cli import run as cli_run
 
-    monkeypatch.setattr("agent.terminal_images.detect_protocol", lambda environ=None, stream=None: "kitty")
+    monkeypatch.setattr("agent.frontends.cli.terminal_images.detect_protocol",
+                        lambda environ=None, stream=None: "kitty")
     assert cli_run.ProgressPrinter(previews=True).preview.available
     assert not cli_run.ProgressPrinter(previews=False).preview.available

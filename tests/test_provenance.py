@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent.cli import main
-from imgrag.provenance import (
+from agent.frontends.cli.app import main
+from imgrag.records.provenance import (
     PARAMETERS_KEY,
     copy_with_provenance,
     file_sha256,
     read_provenance,
     save_image,
 )
-from imgrag.runs import RunRecord
+from imgrag.records.runs import RunRecord
 from tests.cli import run_cli
 
 
@@ -28,7 +28,7 @@ def tiny_env(tiny_kit: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def _doc(**extra) -> dict:
-    return {"schema": "imgrag.provenance/1", "prompt": "ein Wiegenlied — 子守唄", "seed": 7, "steps": 2,
+    return {"schema": "imgrag.records.provenance/1", "prompt": "ein Wiegenlied — 子守唄", "seed": 7, "steps": 2,
             "guidance": 5.0, "width": 8, "height": 8, "ip_scale": None, "fast": "off",
             "models": {"generator": "g"}, "imgrag_version": "x", "run_id": "r1", "references": [], **extra}
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent.ray_batch import expand_ray_flag, write_run_files
+from agent.frontends.ray_batch import expand_ray_flag, write_run_files
 from tests.cli import run_cli
 from tests.test_store import chroma_server  # noqa: F401  (the fixture: a `chroma run` on a free port)
 
@@ -114,7 +114,7 @@ def test_a_workers_run_is_written_under_the_drivers_folder_with_its_paths(tmp_pa
 
 def test_two_workers_answer_every_prompt_load_once_and_survive_a_killed_worker(
         ray_cluster: str, server_store: str, tmp_path: Path) -> None:
-    from agent.ray_batch import run_batch
+    from agent.frontends.ray_batch import run_batch
     from imgrag.settings import load_settings
 
     settings = load_settings("tiny", overrides={"store": server_store, "output_dir": str(tmp_path / "out")})
@@ -174,7 +174,8 @@ def test_ctrl_c_on_the_driver_then_resume_finishes_the_batch(ray_cluster: str, s
     env = {**os.environ, "IMGRAG_TINY_KIT_DIR": tiny_settings.tiny_kit_dir, "PYTHONPATH": str(REPO)}
     # A background process starts with SIGINT ignored: give the driver the default handler, as a terminal would.
     driver = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "batch", str(prompts), "--ray", ray_cluster, "--workers", "1", *flags],
+        [sys.executable, "-m", "agent.frontends.cli", "batch", str(prompts), "--ray", ray_cluster, "--workers", "1",
+                *flags],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgrag.provenance import Recipe, file_sha256, for_drawing, for_omnigen_drawing, read_provenance, save_image
+from imgrag.records.provenance import Recipe, file_sha256, for_drawing, for_omnigen_drawing, read_provenance, save_image
 from tests.cli import run_cli
 
 
@@ -28,7 +28,7 @@ def _noise(path: Path, seed: int = 0, size: int = 48) -> Path:
 
 
 def _recipe(**changes) -> dict:
-    doc = {"schema": "imgrag.provenance/1", "prompt": "a red kettle", "seed": 7, "steps": 2, "guidance": 5.0,
+    doc = {"schema": "imgrag.records.provenance/1", "prompt": "a red kettle", "seed": 7, "steps": 2, "guidance": 5.0,
            "width": 64, "height": 64, "ip_scale": None, "fast": "off", "models": {"generator": "g"},
            "profile": "tiny", "imgrag_version": "x", "run_id": None, "candidate_id": None, "references": []}
     doc.update(changes)

@@ -72,15 +72,15 @@ def test_a_round_against_a_real_openai_compatible_server(served_llm, tmp_path: P
     model's non-answers go back to it and then to the fixed policy; the remote calls hold no GPU lock."""
     from langchain_openai import ChatOpenAI
 
-    from imgrag.engine import _load_llm
-    from imgrag.manager import ModelManager
+    from imgrag.management.engine import _load_llm
+    from imgrag.management.manager import ModelManager
 
     settings = remote_settings(tmp_path, served_llm["base_url"], served_llm["model"])
     manager = ModelManager(settings, device="cpu")
     manager.register("generator", FakeGenerator, size_gb=0.0)
     manager.register("judge", lambda: ScriptedJudge([NO_KITE]), size_gb=0.0)
     manager.register("embedder", FakeEmbedder, size_gb=0.0)
-    # Registered as imgrag.engine.build_manager does for llm_backend = "openai": on the host, no GPU lock.
+    # Registered as imgrag.management.engine.build_manager does for llm_backend = "openai": on the host, no GPU lock.
     manager.register("llm", lambda: _load_llm(settings, "cpu"), size_gb=0.0,
                      on_host=settings.models.llm_backend == "openai")
     held: list[bool] = []
@@ -114,7 +114,7 @@ def test_the_cli_says_one_line_for_an_unreachable_server(tiny_kit, tmp_path: Pat
     env = {**os.environ, "IMGRAG_HOME": str(tmp_path / "home"), "IMGRAG_TINY_KIT_DIR": str(tiny_kit["llm"].parent),
            "IMGRAG_MODELS_LLM_BACKEND": "openai", "IMGRAG_MODELS_LLM_BASE_URL": f"http://127.0.0.1:{free_port()}/v1",
            "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "agent.cli", "run", "a kite", "--profile", "tiny"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "agent.frontends.cli", "run", "a kite", "--profile", "tiny"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from agent.runner import Runner, open_checkpointer
 from imgrag.errors import UserError
-from imgrag.report import folder_kind, render_run, write_report
+from imgrag.records.report import folder_kind, render_run, write_report
 from imgrag.settings import load_settings
 from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, FakeVerdict, MemoryStore, ScriptedJudge
 
@@ -111,7 +111,7 @@ def test_batch_report_indexes_and_inlines_each_run(tmp_path: Path) -> None:
 
 
 def test_report_command(three_round_run: dict, tmp_path: Path) -> None:
-    from agent.cli import app
+    from agent.frontends.cli.app import app
 
     cli = CliRunner()
     run_dir = three_round_run["run_dir"]
@@ -164,7 +164,7 @@ def test_chromium_renders_the_report(three_round_run: dict, tmp_path: Path) -> N
 
 def test_tiny_profile_run_end_to_end_renders_every_round(tiny_settings, tmp_path: Path) -> None:
     """The real engine on the tiny kit (no fakes): a two-round run, its report, and Chromium's rendering."""
-    from imgrag.engine import build_manager
+    from imgrag.management.engine import build_manager
 
     runner = Runner(tiny_settings, manager=build_manager(tiny_settings),
                     checkpointer=open_checkpointer(tmp_path / "threads.sqlite"))

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from agent.runner import Runner, open_checkpointer
-from imgrag.safety import Flag, SafetyGate, excluded_by, flags, index_screen
+from imgrag.models.safety import Flag, SafetyGate, excluded_by, flags, index_screen
 from imgrag.settings import SafetySettings, load_settings
 from tests.fakes import FakeManager, FakeReference, FakeVerdict, ScriptedChatModel, ScriptedJudge, call
 
@@ -40,7 +40,7 @@ def test_flags_at_and_above_the_threshold_only() -> None:
 
 def test_the_gate_on_the_tiny_kits_real_clip(tiny_settings) -> None:
     """Concept text vectors from the real (random-weight) open_clip wrapper; image vectors built from them."""
-    from imgrag.embedder import Embedder
+    from imgrag.models.embedder import Embedder
 
     embedder = Embedder.from_pretrained(tiny_settings)
     safety = SafetySettings(enabled=True, concepts=["nudity", UNSAFE], threshold=0.5)

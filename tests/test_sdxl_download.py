@@ -2,7 +2,7 @@
 
 diffusers' ``DiffusionPipeline.download`` (called by every ``from_pretrained`` of a hub id) lists the repository,
 works out the files a cached pipeline of the asked variant must hold, and downloads whatever of them the cache
-lacks. Here it runs for real over the repository as recorded in imgrag.hub_layouts (the hub's listing and
+lacks. Here it runs for real over the repository as recorded in imgrag.weights.hub_layouts (the hub's listing and
 ``model_index.json`` answered from the record, no network): after imgrag's patterns "downloaded" their files, it
 must find the pipeline cached and download nothing."""
 
@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from imgrag import hub_layouts
-from imgrag.model_files import SDXL_EXTRA_WEIGHTS, hub_patterns, select_files
 from imgrag.settings import load_settings
+from imgrag.weights import hub_layouts
+from imgrag.weights.model_files import SDXL_EXTRA_WEIGHTS, hub_patterns, select_files
 
 # stabilityai/stable-diffusion-xl-base-1.0's model_index.json (its components; the versions do not matter here).
 SDXL_MODEL_INDEX = {

@@ -82,7 +82,7 @@ def drain(stream) -> tuple[list[dict], tuple[str, object]]:
 
 @needs_gradio
 def test_a_request_streams_events_and_the_review_is_answered_by_clicks(settings, tmp_path: Path) -> None:
-    from agent.web import WebChat, fresh_page
+    from agent.frontends.web import WebChat, fresh_page
 
     web = WebChat(settings, planner="fixed", rounds=2, runner=fake_runner(settings, tmp_path))
     page = fresh_page(web.rounds)
@@ -115,7 +115,7 @@ def test_a_request_streams_events_and_the_review_is_answered_by_clicks(settings,
 
 @needs_gradio
 def test_stop_ends_the_running_request_and_keeps_the_thread(settings, tmp_path: Path) -> None:
-    from agent.web import WebChat, fresh_page
+    from agent.frontends.web import WebChat, fresh_page
 
     web = WebChat(settings, planner="fixed", rounds=3, runner=fake_runner(settings, tmp_path))
     page = fresh_page(web.rounds)
@@ -134,7 +134,7 @@ def test_stop_ends_the_running_request_and_keeps_the_thread(settings, tmp_path: 
 def test_stop_in_one_tab_stops_only_that_tabs_request(settings, tmp_path: Path) -> None:
     """Two tabs, each with a request running at once on the shared runner: Stop in tab A ends A's request (reported
     as stopped); B's goes on to its end."""
-    from agent.web import WebChat, fresh_page
+    from agent.frontends.web import WebChat, fresh_page
 
     gate, a_drawing = threading.Event(), threading.Event()
 
@@ -181,7 +181,7 @@ def test_stop_in_one_tab_stops_only_that_tabs_request(settings, tmp_path: Path) 
 
 @needs_gradio
 def test_errors_are_one_line_and_nothing_outside_the_run_folders_is_served(settings, tmp_path: Path) -> None:
-    from agent.web import WebChat, error_text, fresh_page
+    from agent.frontends.web import WebChat, error_text, fresh_page
 
     web = WebChat(settings, planner="fixed", rounds=1, runner=fake_runner(settings, tmp_path))
     page = fresh_page(1)
@@ -204,7 +204,7 @@ def test_errors_are_one_line_and_nothing_outside_the_run_folders_is_served(setti
 
 @needs_gradio
 def test_the_pages_drawing_options_reach_the_requests_and_a_bad_one_is_one_line(settings, tmp_path: Path) -> None:
-    from agent.web import DEFAULT_SCHEDULER, WebChat, fresh_page, page_drawing
+    from agent.frontends.web import DEFAULT_SCHEDULER, WebChat, fresh_page, page_drawing
 
     runner = fake_runner(settings, tmp_path)
     web = WebChat(settings, planner="fixed", rounds=1, runner=runner)
@@ -250,7 +250,8 @@ def serve_env(tiny_kit: dict[str, Path], tmp_path: Path) -> dict[str, str]:
     env.update({"IMGRAG_HOME": str(tmp_path / "home"), "IMGRAG_TINY_KIT_DIR": str(tiny_kit["generator"].parent),
                 "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "NO_COLOR": "1"})
     # A real store of those pictures (tests/chat_launcher.py no longer stubs the store), indexed by the tiny CLIP.
-    subprocess.run([sys.executable, "-m", "agent.cli", "index", str(refs), "--profile", "tiny"], cwd=str(REPO),
+    subprocess.run([sys.executable, "-m", "agent.frontends.cli", "index", str(refs), "--profile", "tiny"],
+            cwd=str(REPO),
                    env=env, check=True, capture_output=True)
     return env
 
@@ -265,7 +266,7 @@ def terminal_chat(env: dict[str, str], *lines: str, thread: str) -> str:
 
 
 def test_serve_without_the_web_extra_says_how_to_install_it(tmp_path: Path) -> None:
-    code = ("import sys; sys.modules['gradio'] = None; from agent.cli import main; "
+    code = ("import sys; sys.modules['gradio'] = None; from agent.frontends.cli.app import main; "
             "main(['serve', '--profile', 'tiny'])")  # None in sys.modules: importing gradio fails, as uninstalled
     done = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=120,
                           env={**os.environ, "IMGRAG_HOME": str(tmp_path / "home")})
@@ -279,7 +280,8 @@ def test_serve_refuses_a_busy_port_in_one_line_and_warns_off_loopback(serve_env:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "agent.cli", "serve", "--profile", "tiny", "--host", "0.0.0.0",
+        done = subprocess.run([sys.executable, "-m", "agent.frontends.cli", "serve", "--profile", "tiny", "--host",
+                "0.0.0.0",
                                "--port", str(port)], cwd=str(REPO), env=serve_env, capture_output=True, text=True,
                               timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
@@ -345,7 +347,7 @@ def test_the_page_in_a_browser_continues_a_terminal_thread(serve_env: dict[str, 
         driver.save_screenshot(str(tmp_path / "serve.png"))
         page_thread = text_of("thread").split()[1]
         assert page_thread.startswith("chat-") and page_thread != "chat-from-terminal"
-        from imgrag.provenance import read_provenance
+        from imgrag.records.provenance import read_provenance
 
         drawn = Path(serve_env["IMGRAG_HOME"]) / "runs" / page_thread / "candidates" / "c0.png"
         assert read_provenance(drawn)["negative_prompt"] == "blurry, watermark"
@@ -394,7 +396,7 @@ def test_the_page_in_a_browser_continues_a_terminal_thread(serve_env: dict[str, 
 @needs_gradio
 def test_user_text_is_shown_as_text_on_the_page(settings, tmp_path: Path) -> None:
     """A prompt holding HTML, Markdown and a table's pipe reaches the page's panels as the characters typed."""
-    from agent.web import WebChat, as_text, fresh_page
+    from agent.frontends.web import WebChat, as_text, fresh_page
 
     prompt = "<img src=x onerror=alert(1)> **bold** [a](javascript:x) | pipe"
     assert as_text(prompt) == ("&lt;img src=x onerror=alert\\(1\\)&gt; \\*\\*bold\\*\\* \\[a\\]\\(javascript:x\\) "

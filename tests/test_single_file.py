@@ -18,13 +18,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from imgrag import hub_layouts
 from imgrag.errors import ModelLoadError, UserError
-from imgrag.generator import Generator, load_sdxl_pipeline
-from imgrag.model_files import check_role, select_files
-from imgrag.provenance import file_sha256, read_provenance
+from imgrag.kits.tiny_kit import SDXL_SINGLE_FILE_NAME
+from imgrag.models.generator import Generator, load_sdxl_pipeline
+from imgrag.records.provenance import file_sha256, read_provenance
 from imgrag.settings import Settings, load_settings
-from imgrag.single_file import (
+from imgrag.weights import hub_layouts
+from imgrag.weights.model_files import check_role, select_files
+from imgrag.weights.single_file import (
     CLIP_L_PREFIX,
     CONFIG_PATTERNS,
     OPEN_CLIP_PREFIX,
@@ -35,7 +36,6 @@ from imgrag.single_file import (
     header_shapes,
     missing_config_files,
 )
-from imgrag.tiny_kit import SDXL_SINGLE_FILE_NAME
 from tests.cli import run_cli
 
 RED = Image.new("RGB", (100, 80), (200, 30, 30))
@@ -434,8 +434,8 @@ def test_the_real_sdxl_architecture_maps_to_the_names_real_checkpoints_use_and_b
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from imgrag import full_scale as F
-    from imgrag.single_file import original_layout
+    from imgrag.kits import full_scale as F
+    from imgrag.weights.single_file import original_layout
 
     with torch.device("meta"):
         pipe = SimpleNamespace(unet=UNet2DConditionModel(**F.SDXL_UNET), vae=AutoencoderKL(**F.SDXL_VAE),

@@ -57,9 +57,9 @@ def test_describe_error_is_one_line_with_the_type() -> None:
 
 
 def test_no_module_keeps_its_own_first_line_helper() -> None:
-    import imgrag.checkpoints
+    import imgrag.weights.checkpoints
 
-    assert not hasattr(imgrag.checkpoints, "first_line")  # one home: imgrag.text
+    assert not hasattr(imgrag.weights.checkpoints, "first_line")  # one home: imgrag.text
 
 
 # ----- the round budget -----
@@ -172,7 +172,7 @@ def test_start_server_gives_up_with_the_reason() -> None:
 
 
 def test_add_loads_adds_per_model_and_keeps_models_that_never_loaded() -> None:
-    from imgrag.manager import add_loads
+    from imgrag.management.manager import add_loads
 
     assert add_loads() == {}
     assert add_loads({"judge": 1, "llm": 2}, None, {"judge": 2, "embedder": 0}) == {"judge": 3, "llm": 2, "embedder": 0}

@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgrag.embed_cache import EmbeddingCache
-from imgrag.errors import UserError
-from imgrag.generator import Generator
-from imgrag.settings import Settings, load_settings
-from imgrag.steering import (
+from imgrag.drawing.steering import (
     instantstyle_blocks,
     instantstyle_scale,
     mode_for_verdict,
     parse_ref_arg,
     policy_weights,
 )
+from imgrag.errors import UserError
+from imgrag.models.embed_cache import EmbeddingCache
+from imgrag.models.generator import Generator
+from imgrag.settings import Settings, load_settings
 
 RED = Image.new("RGB", (100, 80), (200, 30, 30))
 BLUE = Image.new("RGB", (50, 90), (30, 30, 200))
@@ -137,7 +137,7 @@ def test_cached_embeddings_give_the_same_picture_and_skip_the_encoder(generator:
 
 
 def test_generate_takes_a_weight_and_mode_per_reference(tiny_settings, tmp_path: Path, capsys) -> None:
-    from imgrag.provenance import read_provenance
+    from imgrag.records.provenance import read_provenance
     from tests.cli import run_cli
 
     refs = []

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from imgrag.models.stopping import JsonObjectEnd, TextMarker, json_object_closed
 from imgrag.settings import Settings
-from imgrag.stopping import JsonObjectEnd, TextMarker, json_object_closed
 
 
 @pytest.mark.parametrize(("text", "closed"), [
@@ -81,7 +81,7 @@ def test_a_draft_inside_a_reasoning_block_does_not_stop_the_answer(tiny_settings
 
 
 def test_the_judge_stops_at_the_end_of_its_verdict(tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    from imgrag.judge import Judge
+    from imgrag.models.judge import Judge
 
     judge = Judge.from_pretrained(tiny_settings)
     tokenizer = judge.processor.tokenizer
@@ -98,7 +98,7 @@ def test_the_judge_stops_at_the_end_of_its_verdict(tiny_settings: Settings, monk
 
 def test_a_judge_answer_without_json_runs_to_its_token_limit(tiny_settings: Settings,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from imgrag.judge import Judge
+    from imgrag.models.judge import Judge
 
     judge = Judge.from_pretrained(tiny_settings)
     script(judge.model, monkeypatch, judge.processor.tokenizer("no no no", add_special_tokens=False)["input_ids"])
@@ -112,7 +112,7 @@ def test_the_llm_stops_at_the_end_of_its_tool_call(tiny_kit: dict[str, Path], ti
     from langchain_core.messages import HumanMessage
     from langchain_core.tools import tool
 
-    from imgrag.chat_model import QwenChatModel
+    from imgrag.models.chat_model import QwenChatModel
 
     @tool
     def generate(prompt: str) -> str:

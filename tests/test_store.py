@@ -120,7 +120,7 @@ def colours(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def clip(tiny_kit):
     """The tiny kit's open_clip embedder, loaded once for this module."""
-    from imgrag.embedder import Embedder
+    from imgrag.models.embedder import Embedder
 
     settings = load_settings("tiny", environ={"IMGRAG_TINY_KIT_DIR": str(tiny_kit["embedder"].parent),
                                               "IMGRAG_DEVICE": "cpu"})
@@ -577,13 +577,13 @@ def test_tiny_clip_index_then_search_finds_the_same_picture(tmp_path: Path, clip
 @pytest.mark.slow
 def test_kill_9_mid_index_then_rerun_indexes_every_file_exactly_once(tmp_path: Path, tiny_settings,
                                                                      capsys: pytest.CaptureFixture) -> None:
-    from agent.cli import main
+    from agent.frontends.cli.app import main
 
     folder = tmp_path / "many"
     files = [noise(folder / f"d{i % 5}" / f"img{i:03d}.png", seed=1000 + i, size=24) for i in range(200)]
     env = {**os.environ, "IMGRAG_TINY_KIT_DIR": tiny_settings.tiny_kit_dir, "HF_HUB_OFFLINE": "1",
            "IMGRAG_DEVICE": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "index", str(folder), "--profile", "tiny",
+    proc = subprocess.Popen([sys.executable, "-m", "agent.frontends.cli", "index", str(folder), "--profile", "tiny",
                              "--batch-size", "4"], cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             text=True)
     killed_at = None
@@ -603,7 +603,7 @@ def test_kill_9_mid_index_then_rerun_indexes_every_file_exactly_once(tmp_path: P
     assert killed_at is not None and proc.returncode == -signal.SIGKILL
 
     settings = load_settings("tiny")
-    from imgrag.embedder import Embedder
+    from imgrag.models.embedder import Embedder
 
     clip_id = Embedder.from_pretrained(settings)
     partial = ReferenceStore.open(settings, clip_id.model_id, clip_id.dim).count()

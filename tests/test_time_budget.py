@@ -19,7 +19,7 @@ NO_KITE = FakeVerdict(False, ["a red kite"], "no kite")
 
 
 def test_a_drawing_stops_at_the_first_step_past_the_deadline(tiny_settings: Settings) -> None:
-    from imgrag.generator import Generator
+    from imgrag.models.generator import Generator
 
     generator = Generator.from_pretrained(tiny_settings, "cpu")
     steps: list[int] = []
@@ -31,8 +31,8 @@ def test_a_drawing_stops_at_the_first_step_past_the_deadline(tiny_settings: Sett
 
 
 def test_a_generation_stops_at_a_token_past_the_deadline(tiny_settings: Settings) -> None:
-    from imgrag.chat_model import QwenChatModel
-    from imgrag.judge import Judge
+    from imgrag.models.chat_model import QwenChatModel
+    from imgrag.models.judge import Judge
 
     chat = QwenChatModel.from_pretrained(tiny_settings, "cpu")
     chat.max_new_tokens = 64

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from imgrag import tiny_kit as kit  # noqa: E402
+from imgrag.kits import tiny_kit as kit  # noqa: E402
 
 MODEL_NAMES = ["sdxl", "sdxl-single", "ip-adapter", "qwen2.5-vl", "qwen2.5-instruct", "open-clip", "lcm-lora",
                "loras", "dino",

@@ -11,7 +11,7 @@ from langgraph.prebuilt import ToolNode
 
 from agent.graph import initial_state
 from agent.state import AgentState
-from imgrag.runs import RunRecord
+from imgrag.records.runs import RunRecord
 from imgrag.settings import load_settings
 from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, FakeVerdict, MemoryStore, ScriptedJudge
 from tools.context import ToolContext

@@ -10,8 +10,8 @@ import torch
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from PIL import Image
 
-from imgrag.chat_model import QwenChatModel
-from imgrag.judge import Judge
+from imgrag.models.chat_model import QwenChatModel
+from imgrag.models.judge import Judge
 from imgrag.settings import Settings
 from imgrag.untrusted import control_markers, neutralise
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from imgrag.candidate_ids import candidate_number, next_candidate_id
-from imgrag.runs import RunRecord
+from imgrag.records.runs import RunRecord
 from imgrag.settings import Settings
 from imgrag.store import ReferenceStore
 from tools.budget import Claims
@@ -26,7 +26,8 @@ EventSink = Callable[[dict[str, Any]], None]
 
 
 class Models(Protocol):
-    """What the agent asks of :class:`imgrag.manager.ModelManager` (tests pass a fake with the same methods)."""
+    """What the agent asks of :class:`imgrag.management.manager.ModelManager` (tests pass a fake with the same
+    methods)."""
 
     def run(self, name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """``fn(model, *args, **kwargs)`` with the model ``name`` loaded, on its device's model thread."""
@@ -53,7 +54,7 @@ class ToolContext:
     reference_store: Any = None
     # When this process's share of the run's time budget ends (a time.monotonic() instant); None: no limit.
     deadline: float | None = None
-    # Whether drawings send "preview" events (a small picture from the latents; imgrag/previews.py) to on_event:
+    # Whether drawings send "preview" events (a small picture from the latents; imgrag/models/previews.py) to on_event:
     # on for the chat and the web page, off for scripts (--json) and batches.
     previews: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imgrag.errors import UserError
-from imgrag.runs import is_disk_full
+from imgrag.records.runs import is_disk_full
 from imgrag.text import describe_error
 
 # The part of a failed step's traceback kept in its trace line (the newest frames).
@@ -41,7 +41,8 @@ def step_failure(name: str, exc: Exception) -> StepFailure:
     """The failure of step ``name`` that raised ``exc``, as the run goes on from it.
 
     Must be called inside the ``except`` block that caught ``exc`` (the traceback is read from there). Raises
-    ``exc`` again when it is a full disk (:func:`imgrag.runs.is_disk_full`): that one ends the run, closed by the
+    ``exc`` again when it is a full disk (:func:`imgrag.records.runs.is_disk_full`): that one ends the run, closed by
+    the
     runner."""
     if is_disk_full(exc):
         raise exc

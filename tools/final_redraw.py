@@ -1,7 +1,7 @@
 """After a fast run: redraw the matched candidate at full steps, with its seed, prompt and references.
 
 Asked for with ``generation.fast_final_redraw = true`` (settings or ``IMGRAG_GENERATION_FAST_FINAL_REDRAW``).
-The few-step drafts (``generation.fast``, :mod:`imgrag.fast`) find a composition the judge accepts in
+The few-step drafts (``generation.fast``, :mod:`imgrag.models.fast`) find a composition the judge accepts in
 seconds per round; this one extra drawing with the checkpoint's own scheduler and ``generation.steps``
 gives the quality picture of that composition. It is not judged again: the same seed and references
 keep the composition, and the judge already accepted it. The runner calls it once a run has ended
@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from imgrag.draw_options import options_of
+from imgrag.drawing.draw_options import options_of
 from imgrag.errors import UserError
 from imgrag.images import open_image
-from imgrag.provenance import for_drawing, save_image
+from imgrag.records.provenance import for_drawing, save_image
 from tools.context import ToolContext
 from tools.failures import step_failure
 

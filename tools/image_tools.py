@@ -19,15 +19,15 @@ from langgraph.prebuilt import ToolRuntime
 from langgraph.types import Command
 
 from imgrag.candidate_ids import candidate_number
-from imgrag.concept_refs import ConceptMapError, ConceptReferences, parse_concepts
-from imgrag.draw_options import MAX_PER_ROUND, DrawOptions, options_of
-from imgrag.engine import ManagedEmbedder
+from imgrag.drawing.concept_refs import ConceptMapError, ConceptReferences, parse_concepts
+from imgrag.drawing.draw_options import MAX_PER_ROUND, DrawOptions, options_of
+from imgrag.drawing.steering import MAX_WEIGHT, MODES
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
-from imgrag.previews import strip
-from imgrag.provenance import file_sha256, for_drawing
-from imgrag.runs import is_disk_full
-from imgrag.steering import MAX_WEIGHT, MODES
+from imgrag.management.engine import ManagedEmbedder
+from imgrag.models.previews import strip
+from imgrag.records.provenance import file_sha256, for_drawing
+from imgrag.records.runs import is_disk_full
 from imgrag.store.memory import ConceptMemory, recall_references
 from imgrag.text import shorten
 from tools.answers import can_finish, finish_refusal
@@ -197,13 +197,14 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
 
     The backbone (SDXL, SDXL + IP-Adapter or OmniGen: :func:`tools.repair.backbone_for`) and which reference stands
     for which concept (``concepts``, filled from each reference's retrieval query) are recorded with each.
-    ``steers`` maps a reference id to its (weight, mode) (:mod:`imgrag.steering`); a reference not in it steers
+    ``steers`` maps a reference id to its (weight, mode) (:mod:`imgrag.drawing.steering`); a reference not in it steers
     at 1.0, "both" (IP-Adapter only: OmniGen places each reference in its prompt instead). The run's drawing options
-    (negative prompt, guidance, scheduler, LoRAs: :func:`imgrag.draw_options.options_of`) apply to SDXL's drawings;
+    (negative prompt, guidance, scheduler, LoRAs: :func:`imgrag.drawing.draw_options.options_of`) apply to SDXL's
+    drawings;
     OmniGen has its own guidance and sampler, and no LoRA. The score is always measured against ``state["prompt"]``
     (what the user asked for), never the text the LLM chose to draw, nor the negative prompt: every candidate of a run
     is measured with one yardstick. With ``ctx.previews`` on, SDXL's drawing sends ``preview`` events (a small picture
-    from the latents every ``generation.preview_every`` steps, :mod:`imgrag.previews`)."""
+    from the latents every ``generation.preview_every`` steps, :mod:`imgrag.models.previews`)."""
     images = [open_image(ref["path"]) for ref in references]
     references, images = screen_drawing_references(ctx, references, images)  # no flagged reference guides a drawing
     ids = [ctx.allocate_candidate_id(state.get("candidates") or {}) for _ in seeds]
@@ -236,7 +237,7 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
                    "embeddings_cached": int(guidance.get("cached", 0))} if references else {}
         return pictures, encoder, getattr(generator, "last_scheduler", None)
 
-    # Model calls run on the device's model thread (imgrag.manager), not in this tool's thread.
+    # Model calls run on the device's model thread (imgrag.management.manager), not in this tool's thread.
     limit = {"deadline": ctx.deadline} if ctx.deadline is not None else {}
     mapping = concepts_for(state, references, concepts)
     backbone = backbone_for(ctx, bool(references))

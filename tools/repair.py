@@ -3,7 +3,7 @@
 A drawing without references goes to ``generation.draw_with`` (SDXL, or OmniGen); a drawing with references (a
 repair) to ``generation.repair_with``: SDXL + IP-Adapter (every reference blended into one image embedding,
 ImageRAG-SD's way; drawn by :func:`tools.image_tools._draw` itself) or OmniGen (each concept's references written
-into the prompt where the concept is named, ImageRAG-O's way: :func:`imgrag.concept_refs.concept_prompt`, drawn
+into the prompt where the concept is named, ImageRAG-O's way: :func:`imgrag.drawing.concept_refs.concept_prompt`, drawn
 by :func:`draw_omnigen`). Either way the drawing records which reference stood for which concept, so the trace,
 the candidate, its provenance and the report can say so.
 """
@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from imgrag.concept_refs import ConceptReferences, concept_prompt, concepts_from_references
-from imgrag.provenance import for_omnigen_drawing
+from imgrag.drawing.concept_refs import ConceptReferences, concept_prompt, concepts_from_references
+from imgrag.records.provenance import for_omnigen_drawing
 from tools.context import ToolContext
 
 BACKBONE_SDXL = "sdxl"
@@ -60,7 +60,7 @@ def draw_omnigen(ctx: ToolContext, *, prompt: str, seed: int, references: list[d
                  concepts: list[ConceptReferences], candidate_id: str,
                  on_step: Callable[[int, int], None]) -> OmniGenDrawing:
     """Draw ``prompt`` on OmniGen (the model thread, through the manager) with each concept's references in
-    place, at most ``omnigen.max_references`` of them (:func:`imgrag.concept_refs.concept_prompt`); ``images``
+    place, at most ``omnigen.max_references`` of them (:func:`imgrag.drawing.concept_refs.concept_prompt`); ``images``
     are the opened pictures of ``references``, in the same order."""
     planned = concept_prompt(prompt, concepts, ctx.settings.omnigen.max_references)
     by_id = {ref["id"]: (ref, image) for ref, image in zip(references, images, strict=True)}

@@ -20,7 +20,7 @@ from langchain_core.tools import BaseTool, tool
 from langgraph.prebuilt import ToolRuntime
 from langgraph.types import Command
 
-from imgrag.engine import ManagedEmbedder
+from imgrag.management.engine import ManagedEmbedder
 from tools.answers import SOURCE_RETRIEVED
 from tools.context import ToolContext
 from tools.image_tools import ToolArgumentError, run_tool_call

@@ -1,4 +1,4 @@
-"""The safety gate in the agent's tools (the check itself is imgrag/safety.py).
+"""The safety gate in the agent's tools (the check itself is imgrag/models/safety.py).
 
 - References: what ``retrieve`` and ``consider_photos`` find is checked on the store's own embeddings before
   the planner sees it; a picture in an excluded folder or flagged is dropped with a ``safety`` line in the trace.
@@ -8,7 +8,7 @@
   on disk and in the record (``flagged``), and unless ``safety.allow_flagged`` it is never the answer
   (``answer_blocked``).
 
-With the concept check off (:func:`imgrag.safety.concept_check_on`), none of this builds a gate, embeds a concept
+With the concept check off (:func:`imgrag.models.safety.concept_check_on`), none of this builds a gate, embeds a concept
 or checks a vector: only ``safety.exclude`` is applied. With it on, the gate (and its concepts' text vectors) is
 built once per run and kept in the run's context (:meth:`tools.context.ToolContext.once`), so it goes with the run.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from imgrag.safety import SafetyGate, concept_check_on, excluded_by
+from imgrag.models.safety import SafetyGate, concept_check_on, excluded_by
 from tools.context import ToolContext
 
 

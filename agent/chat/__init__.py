@@ -1,4 +1,4 @@
-"""The terminal chat's logic, without the terminal (``agent/cli_chat.py`` draws the screen).
+"""The terminal chat's logic, without the terminal (``agent/frontends/cli/chat.py`` draws the screen).
 
 - :mod:`agent.chat.commands`: slash commands, the review parser, references by /refs number, id or file;
 - :mod:`agent.chat.followups`: reading a follow-up (the LLM, or regular expressions) into a state update;

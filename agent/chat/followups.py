@@ -18,10 +18,10 @@ from langchain_core.messages import HumanMessage
 
 import prompts
 from agent.graph import best_candidate
-from imgrag.chat_model import content_text
-from imgrag.reasoning import answer_text
+from imgrag.drawing.steering import MAX_WEIGHT, check_weight
+from imgrag.models.chat_model import content_text
+from imgrag.models.reasoning import answer_text
 from imgrag.settings import BudgetSettings
-from imgrag.steering import MAX_WEIGHT, check_weight
 from imgrag.text import shorten
 from tools.budget import request_budget
 
@@ -44,7 +44,7 @@ _USE_REFS = re.compile(
     rf"\buse\s+(?:only\s+)?(?:the\s+)?(?P<ords>{_ORD}(?:{_SEP}{_ORD})*)\s+{_REF_NOUN}{_ENDS}"
     rf"|\buse\s+(?:only\s+)?(?:the\s+)?{_REF_NOUN}\s+(?:#)?(?P<nums>\d+(?:{_SEP}#?\d+)*)\b", re.I)
 # "use the second reference more strongly", "... less strongly", "... at weight 1.5", "... for its style only":
-# a reference's weight or mode (imgrag.steering) for this request's guided drawings, which then use it.
+# a reference's weight or mode (imgrag.drawing.steering) for this request's guided drawings, which then use it.
 _STEER_REF = re.compile(
     rf"\buse\s+(?:the\s+)?(?:(?P<ord>{_ORD})\s+{_REF_NOUN}|{_REF_NOUN}\s+#?(?P<num>\d+))\s+"
     r"(?:(?P<much>much\s+)?(?P<more>more|less)\s+(?:strongly|heavily|weakly)"
@@ -189,7 +189,8 @@ def follow_up_update(state: dict[str, Any], message: str, followup: FollowUp, *,
                      drawing: dict[str, Any] | None = None) -> dict[str, Any]:
     """The state update for a follow-up on a settled thread (merged through the state's reducers). ``planner``
     is the chat's planner: a thread resumed under another ``--planner`` runs its next request with it. ``drawing``:
-    the thread's drawing options from this request on (:class:`imgrag.draw_options.DrawOptions` as a dict; the chat's
+    the thread's drawing options from this request on (:class:`imgrag.drawing.draw_options.DrawOptions` as a dict; the
+    chat's
     /negative, /guidance, /scheduler, /per-round); None keeps the thread's."""
     used_rounds = int(state.get("rounds", 0))
     per_round = int(((drawing or state.get("drawing")) or {}).get("per_round") or 1)

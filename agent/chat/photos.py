@@ -15,7 +15,7 @@ from agent.chat.commands import resolve_reference
 from agent.graph import outcome
 from imgrag.candidate_ids import next_candidate_id
 from imgrag.errors import UserError
-from imgrag.runs import RunRecord
+from imgrag.records.runs import RunRecord
 from tools.retrieved_tools import SOURCE_RETRIEVED, photo_candidate
 
 USE_PHOTO = re.compile(r"^\s*(?:please\s+)?use\s+(?:the\s+)?(?:photo|picture|reference|ref)\s*(?:number\s+|#)?"

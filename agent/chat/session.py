@@ -37,12 +37,12 @@ from agent.graph import best_candidate, outcome
 from agent.runner import PLANNERS, Runner
 from agent.thread_lock import busy_elsewhere, writes_thread
 from imgrag.candidate_ids import parse_candidate, sorted_ids
-from imgrag.draw_options import MAX_PER_ROUND, DrawOptions, check_guidance, options_of, parse_options
+from imgrag.drawing.draw_options import MAX_PER_ROUND, DrawOptions, check_guidance, options_of, parse_options
+from imgrag.drawing.schedulers import check_scheduler
 from imgrag.errors import UserError
 from imgrag.images import IMAGE_SUFFIXES
-from imgrag.provenance import copy_with_provenance
-from imgrag.runs import RUN_ID_PATTERN, RunRecord, new_run_id
-from imgrag.schedulers import check_scheduler
+from imgrag.records.provenance import copy_with_provenance
+from imgrag.records.runs import RUN_ID_PATTERN, RunRecord, new_run_id
 from tools.answers import is_stale
 from tools.budget import check_rounds
 
@@ -115,7 +115,7 @@ class ChatSession:
         self.on_event = on_event or (lambda event: None)
         self.thread_id: str | None = None
         # Drawing options the user set in this chat (/negative, /guidance, /scheduler, /per-round): applied to every
-        # request from the next on, over the thread's own (imgrag.draw_options).
+        # request from the next on, over the thread's own (imgrag.drawing.draw_options).
         self.drawing: dict[str, Any] = {}
         self.cancelled = threading.Event()
         self._picks: list[str] | None = None
@@ -309,8 +309,8 @@ class ChatSession:
     def set_lora(self, text: str) -> DrawOptions:
         """``/lora PATH[:WEIGHT]`` adds a LoRA (or sets the weight of one already used: its file or name; 0 switches
         it off), ``/lora off`` drops them all, for the requests from the next on. A missing file or one that is not
-        a LoRA is a UserError naming it and changes nothing (:func:`imgrag.loras.merge_loras`)."""
-        from imgrag.loras import parse_lora_arg
+        a LoRA is a UserError naming it and changes nothing (:func:`imgrag.drawing.loras.merge_loras`)."""
+        from imgrag.drawing.loras import parse_lora_arg
 
         options = self.drawing_options().with_loras([parse_lora_arg(text, "/lora")], "/lora")
         return self.set_drawing(loras=[choice.model_dump() for choice in options.loras])
@@ -327,7 +327,7 @@ class ChatSession:
         return self.set_drawing(guidance=check_guidance(value, "/guidance"))
 
     def set_per_round(self, text: str) -> DrawOptions:
-        """``/per-round N``: drawings per round, 1..:data:`imgrag.draw_options.MAX_PER_ROUND`."""
+        """``/per-round N``: drawings per round, 1..:data:`imgrag.drawing.draw_options.MAX_PER_ROUND`."""
         try:
             n = int(text)
         except ValueError:

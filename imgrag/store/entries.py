@@ -16,7 +16,7 @@ from imgrag.file_names import from_stored
 
 
 class SupportsEmbedding(Protocol):
-    """What the store needs from an embedder (imgrag.embedder.Embedder, or a test's fake)."""
+    """What the store needs from an embedder (imgrag.models.embedder.Embedder, or a test's fake)."""
 
     model_id: str
     dim: int

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from imgrag.atomic_files import write_json_atomic
 from imgrag.errors import UserError
 from imgrag.images import open_image
-from imgrag.provenance import file_sha256
+from imgrag.records.provenance import file_sha256
 from imgrag.text import first_line
 
 FILE_NAME = "concept_memory.json"

@@ -1,0 +1,1 @@
+"""The random-weight model kits (tiny and full-size) that stand in for real checkpoints."""

@@ -1,0 +1,1 @@
+"""Run records: run folders, provenance inside each picture, and the HTML reports."""

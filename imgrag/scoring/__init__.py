@@ -1,0 +1,1 @@
+"""``imgrag eval``'s scores, paired statistics and class folders."""
