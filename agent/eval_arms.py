@@ -36,6 +36,7 @@ from imgrag.records.report import write_report
 from imgrag.records.runs import RunRecord
 from imgrag.settings import Settings
 from tools.budget import MAX_REFERENCES
+from tools.records import Verdict
 
 
 @dataclass
@@ -216,7 +217,7 @@ def single_pass(ctx: ArmContext, item: EvalItem, name: str, backbone: str) -> Ar
     concept_of: dict[str, str] = {}
     final, status = candidates[0], "matched"
     if not verdict.get("match"):
-        queries = repair_queries({"prompt": item.prompt}, verdict)[:MAX_REFERENCES]
+        queries = repair_queries({"prompt": item.prompt}, Verdict.of(verdict))[:MAX_REFERENCES]
         found = [] if ctx.store is None or ctx.store.count() == 0 else ctx.store.retrieve(
             ManagedEmbedder(ctx.manager), queries, k=1, rerank_lambda=0.0, min_score=s.retrieval.min_score)
         for ref in found:  # the same exclusion as the agent's tools: gold pictures and safety.exclude

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +37,7 @@ from tools.answers import best_answer, can_finish, is_matched, is_stale
 from tools.budget import Clock, spent
 from tools.context import ToolContext
 from tools.image_tools import TOOL_NAMES, checkpoint_safe, make_tools
+from tools.records import Candidate, from_state
 from tools.retrieved_tools import RETRIEVED_TOOL_NAMES, make_retrieved_tools
 
 
@@ -50,14 +52,15 @@ class RunContext(ToolContext):
 
 # ----- helpers the nodes share -----
 
-def best_candidate(state: dict[str, Any]) -> dict[str, Any] | None:
+def best_candidate(state: Mapping[str, Any]) -> Candidate | None:
     """The run's answer (:func:`tools.answers.best_answer`): the candidate named by finish, else a judge match,
     else the best CLIP score, among the candidates that may be the answer (never one the safety gate blocked, never
     an unmatched photo); candidates judged only against an earlier prompt of a chat thread come last."""
-    return best_answer((state.get("candidates") or {}).values(), (state.get("finished") or {}).get("candidate_id"))
+    finished = state.get("finished")
+    return best_answer((state.get("candidates") or {}).values(), finished.candidate_id if finished else None)
 
 
-def outcome(state: dict[str, Any]) -> dict[str, Any]:
+def outcome(state: Mapping[str, Any]) -> dict[str, Any]:
     """The run's status and answer as finalize writes them: matched, budget_exhausted, or failed (nothing drawn)."""
     best = best_candidate(state)
     if best is None:
@@ -66,10 +69,10 @@ def outcome(state: dict[str, Any]) -> dict[str, Any]:
         status = "matched"
     else:
         status = "budget_exhausted"
-    return {"status": status, "final_candidate": best["id"] if best else None}
+    return {"status": status, "final_candidate": best.id if best else None}
 
 
-def working_view(state: dict[str, Any]) -> dict[str, Any]:
+def working_view(state: Mapping[str, Any]) -> dict[str, Any]:
     """The state as the stop rules and the fixed policy read it.
 
     A chat follow-up continues from the thread's best candidate (``continue_from``), which need not be the last
@@ -85,16 +88,16 @@ def working_view(state: dict[str, Any]) -> dict[str, Any]:
     candidates = state.get("candidates") or {}
     view = dict(state)
     if focus.get("candidate_id") in candidates:
-        low, high = candidates[focus["candidate_id"]]["round"], focus["rounds"]
+        low, high = candidates[focus["candidate_id"]].round, focus["rounds"]
         # The best's round-mates (a round of several drawings) are set aside too: the repair starts from the best.
         view["candidates"] = {cid: c for cid, c in candidates.items()
-                              if not low < c["round"] <= high and (c["round"] != low or cid == focus["candidate_id"])}
+                              if not low < c.round <= high and (c.round != low or cid == focus["candidate_id"])}
     if focus.get("retrievals_from") is not None:
         view["retrievals"] = (state.get("retrievals") or [])[focus["retrievals_from"]:]
     return view
 
 
-def stop_reason(state: dict[str, Any], elapsed: float, latest: dict[str, Any] | None) -> str | None:
+def stop_reason(state: Mapping[str, Any], elapsed: float, latest: Candidate | None) -> str | None:
     """Why the run must stop now, or None to go on. ``latest`` is the candidate the run works on (the latest of
     :func:`working_view`); the budgets are :func:`tools.budget.spent`'s."""
     if state.get("finished"):
@@ -110,7 +113,7 @@ MESSAGE_CHARS = 800
 SUMMARY_ITEMS = 8  # candidates, references and failures listed in the status summary
 
 
-def _status_summary(state: dict[str, Any]) -> str:
+def _status_summary(state: Mapping[str, Any]) -> str:
     """The run so far in a few lines, so the LLM does not repeat a failed step blindly.
 
     Bounded: the latest ``SUMMARY_ITEMS`` candidates (plus the one a follow-up continues from), references
@@ -126,23 +129,23 @@ def _status_summary(state: dict[str, Any]) -> str:
     if len(shown) < len(ordered):
         lines.append(f"({len(ordered) - len(shown)} earlier candidates not listed.)")
     for cid, c in shown:
-        v = c.get("verdict")
-        verdict = "not critiqued" if v is None else ("MATCH" if v["match"] else f"missing {v['missing']}")
+        v = c.verdict
+        verdict = "not critiqued" if v is None else ("MATCH" if v.match else f"missing {v.missing}")
         if is_stale(c):
             verdict = "not critiqued against the current prompt"
-        refs = f", references {c['reference_ids']} at scale {c['ip_scale']}" if c.get("reference_ids") else ""
-        steered = {rid: f"{w:g}:{(c.get('reference_modes') or {}).get(rid, 'both')}"
-                   for rid, w in (c.get("reference_weights") or {}).items()}
+        refs = f", references {c.reference_ids} at scale {c.ip_scale}" if c.reference_ids else ""
+        steered = {rid: f"{w:g}:{(c.reference_modes or {}).get(rid, 'both')}"
+                   for rid, w in (c.reference_weights or {}).items()}
         if any(v != "1:both" for v in steered.values()):
             refs += f" (weight:mode {steered})"
-        if "memory" in (c.get("guided_by") or []):
+        if "memory" in (c.guided_by or []):
             refs += " (remembered references)"
-        if c.get("reference_ids") and c.get("backbone") == "omnigen":
+        if c.reference_ids and c.backbone == "omnigen":
             refs = ", OmniGen with " + "; ".join(f"{shorten(m['concept'], 60)}: {m['reference_ids']}"
-                                                 for m in c.get("concepts") or [])
-        batch = c.get("batch") or {}
-        drawn = f" (round {c['round']}, drawing {batch['index'] + 1} of {batch['size']})" if batch else ""
-        lines.append(f"- {cid}: seed {c['seed']}{drawn}{refs}; clip {c['clip_score']}; {verdict}")
+                                                 for m in c.concepts or [])
+        batch = c.batch or {}
+        drawn = f" (round {c.round}, drawing {batch['index'] + 1} of {batch['size']})" if batch else ""
+        lines.append(f"- {cid}: seed {c.seed}{drawn}{refs}; clip {c.clip_score}; {verdict}")
     if focus in (state.get("candidates") or {}):
         lines.append(f"Best so far: {focus}; continue from it.")
     start = state.get("start_guidance") or {}
@@ -155,11 +158,11 @@ def _status_summary(state: dict[str, Any]) -> str:
     if refs:  # numbered as the chat's /refs numbers them, so "use the second reference" means the same here
         listed = [(n, rid, r) for n, (rid, r) in enumerate(refs, 1)][-SUMMARY_ITEMS:]
         lines.append("References retrieved: " + "; ".join(
-            f"[{n}] {rid} ({shorten(r.get('caption') or r.get('query') or '', 80)})" for n, rid, r in listed))
+            f"[{n}] {rid} ({shorten(r.caption or r.query or '', 80)})" for n, rid, r in listed))
     failed = (state.get("failed_steps") or [])[-3:]
     if failed:
         lines.append("Recent failed steps (do not repeat them as they were): " + "; ".join(
-            f"{f['tool']} for {f.get('target') or 'the run'}: {shorten(f.get('error') or '', 120)}" for f in failed))
+            f"{f.tool} for {f.target or 'the run'}: {shorten(f.error, 120)}" for f in failed))
     return "\n".join(lines)
 
 
@@ -193,7 +196,7 @@ def _tool_failures(messages: list[BaseMessage]) -> bool:
     return bool(trailing) and all(m.status == "error" for m in trailing)
 
 
-def llm_messages(state: dict[str, Any]) -> list[BaseMessage]:
+def llm_messages(state: Mapping[str, Any]) -> list[BaseMessage]:
     """What the LLM is sent for one step: the system prompt with the status summary, then the bounded window of
     the thread (:func:`context_window`)."""
     system = SystemMessage(prompts.render(
@@ -261,6 +264,7 @@ def build_graph(chat_model_name: str = "llm") -> StateGraph:
 
     def plan(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         """Choose the next step: stop, an LLM tool call, or the policy's step."""
+        state = from_state(state)
         ctx = runtime.context
         elapsed = ctx.clock.elapsed()
         view = working_view(state)
@@ -276,7 +280,7 @@ def build_graph(chat_model_name: str = "llm") -> StateGraph:
         message = _policy_message(view, ctx, chat_model_name)
         if message is None:
             failed = (state.get("failed_steps") or [])[-1:]
-            why = f" ({failed[0]['tool']} failed: {failed[0].get('error', '')[:200]})" if failed else ""
+            why = f" ({failed[0].tool} failed: {failed[0].error[:200]})" if failed else ""
             return {"stop_reason": f"the policy has no step left{why}", "seconds": ctx.clock.elapsed()}
         if state["planner"] == "agent":
             why = (f"the LLM failed: {ctx.llm_down}" if ctx.llm_down
@@ -383,7 +387,7 @@ def build_graph(chat_model_name: str = "llm") -> StateGraph:
 
     def finalize(state: AgentState, runtime: Runtime[RunContext]) -> dict[str, Any]:
         """Pick the answer and the status: matched, budget_exhausted, or failed (nothing drawn)."""
-        return {**outcome(state), "seconds": runtime.context.clock.elapsed()}
+        return {**outcome(from_state(state)), "seconds": runtime.context.clock.elapsed()}
 
     graph = StateGraph(AgentState, context_schema=RunContext)
     graph.add_node("plan", plan)

@@ -113,33 +113,32 @@ def learn_from_run(settings: Any, state: dict[str, Any]) -> dict[str, Any] | Non
     remembered, demoted = [], []
     try:
         for candidate in candidates.values():
-            verdict = candidate.get("verdict") or {}
-            if candidate.get("verdict") is None or verdict.get("match"):
+            if candidate.verdict is None or candidate.verdict.match:
                 continue
-            for rid in candidate.get("reference_ids") or []:
-                ref = references.get(rid) or {}
-                if ref.get("source") == "memory" and ref.get("query"):
-                    if memory.demote(ref["query"], file_sha256(ref["path"]) or ""):
-                        demoted.append({"concept": ref["query"], "path": ref["path"], "candidate": candidate["id"]})
+            for rid in candidate.reference_ids:
+                ref = references.get(rid)
+                if ref is not None and ref.source == "memory" and ref.query:
+                    if memory.demote(ref.query, file_sha256(ref.path) or ""):
+                        demoted.append({"concept": ref.query, "path": ref.path, "candidate": candidate.id})
         final = candidates.get(state.get("final_candidate") or "")
-        if state.get("status") == "matched" and final and final.get("reference_ids"):
-            weights = final.get("reference_weights") or {}
-            modes = final.get("reference_modes") or {}
+        if state.get("status") == "matched" and final and final.reference_ids:
+            weights = final.reference_weights or {}
+            modes = final.reference_modes or {}
             seen: set[tuple[str, str | None]] = set()
-            for rid in final["reference_ids"]:
-                ref = references.get(rid) or {}
-                concept = ref.get("query")
-                if not concept or ref.get("source") == "user":
+            for rid in final.reference_ids:
+                ref = references.get(rid)
+                if ref is None or not ref.query or ref.source == "user":
                     continue  # a user's reference stands for no concept the run named
-                sha = file_sha256(ref["path"])
-                if (concept, sha) in seen:  # one picture under two ids (the store's and the memory's): one match
+                sha = file_sha256(ref.path)
+                if (ref.query, sha) in seen:  # one picture under two ids (the store's and the memory's): one match
                     continue
-                seen.add((concept, sha))
-                memory.remember(concept, {**ref, "sha256": sha, "id": ref.get("store_id") or ref.get("id"),
-                                          "weight": weights.get(rid, ref.get("weight", 1.0)),
-                                          "mode": modes.get(rid, ref.get("mode", "both"))},
-                                run_id=state["run_id"], reason=str((final.get("verdict") or {}).get("reason", "")))
-                remembered.append({"concept": concept, "path": ref["path"]})
+                seen.add((ref.query, sha))
+                record = ref.model_dump()  # the memory keeps plain records (imgrag/store/memory.py)
+                memory.remember(ref.query, {**record, "sha256": sha, "id": record.get("store_id") or ref.id,
+                                            "weight": weights.get(rid, 1.0 if ref.weight is None else ref.weight),
+                                            "mode": modes.get(rid, ref.mode or "both")},
+                                run_id=state["run_id"], reason=final.verdict.reason if final.verdict else "")
+                remembered.append({"concept": ref.query, "path": ref.path})
     except (UserError, OSError) as exc:
         return {"event": "memory_update", "error": str(exc)}
     if not remembered and not demoted:

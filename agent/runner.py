@@ -29,6 +29,7 @@ from agent.batch import (
 )
 from agent.graph import RunContext, build_graph, initial_state, outcome
 from agent.memory_guide import check_user_references, learn_from_run, start_references
+from agent.state import from_state, merge_candidates, merge_references
 from agent.thread_store import CheckpointWriteError, UntrustedThread, open_checkpointer
 from imgrag.atomic_files import write_json_atomic
 from imgrag.candidate_ids import candidate_number
@@ -46,6 +47,7 @@ from imgrag.text import describe_error
 from tools.budget import Clock, check_rounds, recursion_limit, run_budget
 from tools.context import EventSink, Models
 from tools.final_redraw import redraw_final_full
+from tools.records import Candidate
 
 PLANNERS = ("agent", "fixed")
 # What the run_end event carries for a front end to say (result.json holds them too).
@@ -97,27 +99,26 @@ def finished_calls(values: dict[str, Any], record: RunRecord) -> dict[str, Any]:
     answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
     last_ai = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
     pending = {c["id"] for c in (last_ai.tool_calls if last_ai else []) if c["id"] not in answered}
+    merged = from_state(values)  # the values may be a run's starting input, not yet reduced to records
     if not pending:
-        return values
-    merged = {**values, "candidates": dict(values.get("candidates") or {}),
-              "references": dict(values.get("references") or {})}
+        return merged
     for step in record.read_steps():
         if step.get("call_id") in pending and step.get("ok") and isinstance(step.get("replay"), dict):
-            update = step["replay"].get("update") or {}
-            merged["candidates"].update(update.get("candidates") or {})
-            merged["references"].update(update.get("references") or {})
+            update = step["replay"].get("update") or {}  # plain dicts, as the trace keeps them
+            merged["candidates"] = merge_candidates(merged.get("candidates"), update.get("candidates"))
+            merged["references"] = merge_references(merged.get("references"), update.get("references"))
             merged["rounds"] = int(merged.get("rounds") or 0) + int(update.get("rounds") or 0)
     return merged
 
 
-def _what_happened(state: dict[str, Any], candidates: list[dict[str, Any]], final: dict[str, Any] | None,
+def _what_happened(state: dict[str, Any], candidates: list[Candidate], final: Candidate | None,
                    record: RunRecord) -> dict[str, Any]:
     """What a front end must say beside the answer: ``blocked`` when every drawing was flagged by the safety gate
     (so there is no answer, and why), and ``fallback_reason`` when the fixed policy took steps of an agent run."""
     extra: dict[str, Any] = {"blocked": None, "fallback_reason": None}
-    flagged = [c for c in candidates if c.get("answer_blocked")]
+    flagged = [c for c in candidates if c.answer_blocked]
     if final is None and flagged:
-        concepts = sorted({str((c.get("flagged") or {}).get("concept")) for c in flagged})
+        concepts = sorted({str((c.flagged or {}).get("concept")) for c in flagged})
         extra["blocked"] = (f"every drawing ({len(flagged)}) was flagged by the safety gate (safety.enabled; "
                             f"flagged as {', '.join(concepts)}), so none may be the answer; they are kept in "
                             f"{record.candidates_dir}; --allow-flagged lets one be the answer")
@@ -500,16 +501,17 @@ class Runner:
         ``model_loads`` is what this run loaded (default: what its record already says)."""
         if model_loads is None:
             model_loads = (record.read_result() or {}).get("model_loads") or {}
-        candidates = sorted((state.get("candidates") or {}).values(), key=lambda c: candidate_number(c["id"]))
+        state = from_state(state)  # a cut-off run's values may be its starting input, not yet reduced to records
+        candidates = sorted((state.get("candidates") or {}).values(), key=lambda c: candidate_number(c.id))
         final = (state.get("candidates") or {}).get(state.get("final_candidate") or "")
         traced = [s for s in record.read_steps() if "tool" in s and "args" in s]
         steps = [{k: s.get(k) for k in ("tool", "args", "ok", "seconds")} for s in traced]
         result = {
             "run_id": state["run_id"],
             "status": state.get("status") or "failed",
-            "final_image": final["path"] if final else None,
+            "final_image": final.path if final else None,
             "final_candidate": state.get("final_candidate"),
-            "final_source": (final.get("source") or "drawn") if final else None,  # "retrieved": a photo, not a drawing
+            "final_source": (final.source or "drawn") if final else None,  # "retrieved": a photo, not a drawing
             "prompt": state["prompt"],
             "rounds": state.get("rounds", 0),
             "stop_reason": state.get("stop_reason"),
@@ -519,8 +521,8 @@ class Runner:
             "model_loads": model_loads,
             "model_stats": self.manager.stats(),
             "seconds": round(float(state.get("seconds") or 0.0), 3),
-            "candidates": candidates,
-            "references": state.get("references") or {},
+            "candidates": [c.model_dump() for c in candidates],  # records on disk are the plain dicts they dump
+            "references": {rid: ref.model_dump() for rid, ref in (state.get("references") or {}).items()},
             "run_dir": str(record.dir),
             "profile": self.settings.profile,
             "fast": self.settings.generation.fast,  # few-step drawing mode of this run's pictures (imgrag.models.fast)

@@ -32,12 +32,15 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from imgrag.errors import UserError
 from imgrag.file_names import from_stored, is_text_name
 from imgrag.records.runs import is_disk_full
+from tools.records import RECORD_TYPES, Record, from_state
 
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 
-# The types imgrag's graph state puts in a checkpoint (agent/state.py): its messages, and LangGraph's own records of
-# a pause or a routing step. Everything else in the state is a plain dict, list, string or number.
+# The types imgrag's graph state puts in a checkpoint (agent/state.py): its messages, its records (tools/records.py),
+# and LangGraph's own records of a pause or a routing step. Everything else in the state is a plain dict, list,
+# string or number.
 CHECKPOINT_TYPES: tuple[tuple[str, str], ...] = (
+    *((kind.__module__, kind.__name__) for kind in RECORD_TYPES),
     ("langchain_core.messages.human", "HumanMessage"),
     ("langchain_core.messages.ai", "AIMessage"),
     ("langchain_core.messages.tool", "ToolMessage"),
@@ -106,8 +109,15 @@ _FILE_NAME_TAG = "__imgrag_file_name_bytes__"
 
 
 def _keep_file_names(value: Any) -> Any:
-    """``value`` with every string that is not valid UTF-8 (inside plain dicts, lists and tuples) replaced by
-    ``{_FILE_NAME_TAG: hex of its file-system bytes}``; the same object when there is none."""
+    """``value`` with every string that is not valid UTF-8 (inside plain dicts, lists, tuples and records) replaced
+    by ``{_FILE_NAME_TAG: hex of its file-system bytes}``; the same object when there is none.
+
+    A record holding such a string is written as its plain dict (a record's fields cannot hold the tag); it reads
+    back as a dict, which :func:`agent.state.from_state` turns into the record again."""
+    if isinstance(value, Record):
+        plain = value.model_dump()
+        kept = _keep_file_names(plain)
+        return value if kept is plain else kept
     if isinstance(value, str):
         return value if is_text_name(value) else {_FILE_NAME_TAG: os.fsencode(value).hex()}
     if isinstance(value, dict):
@@ -194,6 +204,8 @@ class ThreadStore(SqliteSaver):
         what = _refused_in(item)
         if what is not None:
             raise UntrustedThread(thread_of(item), self.database, what)
+        if item is not None:  # a thread written when the state held plain dicts reads back with records
+            item.checkpoint["channel_values"] = from_state(item.checkpoint.get("channel_values") or {})
         return item
 
     def get_tuple(self, config: dict[str, Any]) -> CheckpointTuple | None:

@@ -314,7 +314,7 @@ def test_a_valid_finish_stops_the_calls_beside_it(settings, tmp_path: Path) -> N
              {"name": "generate", "args": {"prompt": "a kite", "seed": 2}, "id": "g", "type": "tool_call"}]
     state = {"messages": [AIMessage("", tool_calls=calls)], "rounds": 1, "tool_calls": 3, "seed": 0, "prompt": "a kite",
              "budget": {"max_rounds": 3, "max_tool_calls": 20, "max_seconds": 100},
-             "candidates": {"c0": {"id": "c0", "verdict": {"match": True}}}}
+             "candidates": {"c0": {"id": "c0", "path": "c0.png", "verdict": {"match": True}}}}
     runtime = ToolRuntime(state=state, context=ctx, config={}, stream_writer=lambda _: None, tool_call_id="g",
                           store=None)
     out = generate.invoke({"type": "tool_call", "name": "generate", "id": "g",

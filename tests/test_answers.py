@@ -25,14 +25,15 @@ from tools.answers import (
     can_finish,
     finish_refusal,
 )
+from tools.records import Candidate, from_state
 
 MATCHED = {"match": True, "missing": [], "parsed": True}
 MISSING = {"match": False, "missing": ["a cradle"], "parsed": True}
 
 
-def cand(cid: str, *, verdict: dict | None = None, clip: float = 0.2, round_no: int = 1, **extra: Any) -> dict:
-    return {"id": cid, "path": f"/x/{cid}.png", "prompt": "p", "seed": 0, "reference_ids": [], "ip_scale": None,
-            "round": round_no, "clip_score": clip, "verdict": verdict, **extra}
+def cand(cid: str, *, verdict: dict | None = None, clip: float = 0.2, round_no: int = 1, **extra: Any) -> Candidate:
+    return Candidate.of({"id": cid, "path": f"/x/{cid}.png", "prompt": "p", "seed": 0, "reference_ids": [],
+                         "ip_scale": None, "round": round_no, "clip_score": clip, "verdict": verdict, **extra})
 
 
 BLOCKED = {"answer_blocked": True, "flagged": {"concept": UNSAFE, "score": 0.9}}
@@ -65,28 +66,28 @@ def test_the_rule(candidate: dict, answer: bool, finish: bool, says: str | None)
 def test_the_order_among_the_candidates_that_may_answer() -> None:
     fresh = cand("c1", verdict=MISSING, clip=0.1)
     stale = cand("c2", stale_verdict=MATCHED, clip=0.9)
-    assert best_answer([fresh, stale])["id"] == "c1"  # a verdict on the current prompt before a stale one
-    assert best_answer([cand("c1", clip=0.3), cand("c2", clip=0.5)])["id"] == "c2"  # then the CLIP score
-    assert best_answer([cand("c1", clip=0.5, round_no=2), cand("c2", clip=0.5, round_no=1)])["id"] == "c2"
+    assert best_answer([fresh, stale]).id == "c1"  # a verdict on the current prompt before a stale one
+    assert best_answer([cand("c1", clip=0.3), cand("c2", clip=0.5)]).id == "c2"  # then the CLIP score
+    assert best_answer([cand("c1", clip=0.5, round_no=2), cand("c2", clip=0.5, round_no=1)]).id == "c2"
     matched = cand("c3", verdict=MATCHED, clip=0.0)
-    assert best_answer([fresh, stale, matched])["id"] == "c3"  # a match first
+    assert best_answer([fresh, stale, matched]).id == "c3"  # a match first
     # Refused ones never, not even named by finish, not even alone.
     blocked = cand("c4", verdict=MATCHED, clip=1.0, **BLOCKED)
     photo = cand("c5", verdict=MISSING, clip=1.0, **PHOTO)
-    assert best_answer([fresh, blocked, photo])["id"] == "c1"
-    assert best_answer([fresh, blocked], finished="c4")["id"] == "c1"
+    assert best_answer([fresh, blocked, photo]).id == "c1"
+    assert best_answer([fresh, blocked], finished="c4").id == "c1"
     assert best_answer([blocked, photo], finished="c5") is None
-    assert best_answer([fresh, matched], finished="c1")["id"] == "c1"  # finish names the answer when it may be
+    assert best_answer([fresh, matched], finished="c1").id == "c1"  # finish names the answer when it may be
 
 
 # ----- every caller, on states: the graph's nodes, the policy, the retrieve-or-generate step -----
 
-def state_of(*candidates: dict, finished: str | None = None, messages: list | None = None) -> dict:
-    return {"prompt": "a wooden cradle", "seed": 0, "candidates": {c["id"]: c for c in candidates},
+def state_of(*candidates: Candidate, finished: str | None = None, messages: list | None = None) -> dict:
+    return from_state({"prompt": "a wooden cradle", "seed": 0, "candidates": {c.id: c for c in candidates},
             "finished": {"candidate_id": finished, "reason": ""} if finished else None, "references": {},
-            "retrievals": [], "failed_steps": [], "rounds": max([c["round"] for c in candidates], default=0),
+            "retrievals": [], "failed_steps": [], "rounds": max([c.round for c in candidates], default=0),
             "tool_calls": 0, "budget": {"max_rounds": 5, "max_tool_calls": 40, "max_seconds": 600},
-            "messages": messages or []}
+            "messages": messages or []})
 
 
 REFUSED = [cand("c0", verdict=MATCHED, clip=0.9, **BLOCKED), cand("c0", verdict=MISSING, clip=0.9, **PHOTO)]
@@ -96,7 +97,7 @@ REFUSED = [cand("c0", verdict=MATCHED, clip=0.9, **BLOCKED), cand("c0", verdict=
 def test_finalize_and_the_stop_rule_never_answer_with_a_refused_candidate(refused: dict) -> None:
     other = cand("c1", verdict=MISSING, clip=0.1, round_no=2)
     state = state_of(refused, other, finished="c0")
-    assert best_candidate(state)["id"] == "c1" and outcome(state) == {"status": "budget_exhausted",
+    assert best_candidate(state).id == "c1" and outcome(state) == {"status": "budget_exhausted",
                                                                         "final_candidate": "c1"}
     alone = state_of(refused, finished="c0")
     assert outcome(alone) == {"status": "failed", "final_candidate": None}
@@ -123,7 +124,7 @@ def refuse_c0(monkeypatch: pytest.MonkeyPatch) -> None:
     rule = answers.answer_refusal
 
     def refusing(candidate: dict) -> str | None:
-        return "c0 is refused by the test's rule" if candidate.get("id") == "c0" else rule(candidate)
+        return "c0 is refused by the test's rule" if candidate.id == "c0" else rule(candidate)
 
     monkeypatch.setattr(answers, "answer_refusal", refusing)
 

@@ -10,6 +10,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from agent.graph import context_window, initial_state, llm_messages
 from tests.fakes import scripted_qwen
 from tools.image_tools import make_tools
+from tools.records import from_state
 
 LONG_CAPTION = "a grey heron standing in shallow water at dawn, " * 45  # ~2,000 characters, as indexed captions run
 
@@ -35,7 +36,8 @@ def add_request(state: dict, n: int) -> None:
                                     "reference_ids": [], "ip_scale": None, "clip_score": 0.3,
                                     "verdict": {"match": cid == c1, "missing": [] if cid == c1 else ["a heron"]}}
     for k in range(3):
-        state["references"][f"r{n}-{k}"] = {"caption": LONG_CAPTION, "query": "a grey heron"}
+        state["references"][f"r{n}-{k}"] = {"path": f"/tmp/r{n}-{k}.png", "caption": LONG_CAPTION,
+                                            "query": "a grey heron"}
     state["rounds"] = 2 * n + 2
     state["tool_calls"] = 5 * (n + 1)
     state["prompt"] = f"request {n}"
@@ -52,13 +54,13 @@ def test_a_twenty_request_thread_stays_under_a_fixed_token_bound(tiny_kit, tmp_p
     sizes, whole = [], []
     for n in range(20):
         add_request(state, n)
-        sizes.append(len(chat.tokenizer(chat.render(llm_messages(state), tools))["input_ids"]))
+        sizes.append(len(chat.tokenizer(chat.render(llm_messages(from_state(state)), tools))["input_ids"]))
         whole.append(len(chat.tokenizer(chat.render(state["messages"], tools))["input_ids"]))
     print("fixed part:", fixed, "prompt tokens per request:", sizes, "whole thread:", whole[-1])
     assert max(sizes) - fixed < 4000, (fixed, sizes)  # the window's share stays under a fixed bound
     assert max(sizes[10:]) - min(sizes[10:]) < 100, sizes  # per-step prompt size stops growing
     assert whole[-1] > 5 * sizes[-1]  # the whole thread would not have fitted
-    window = llm_messages(state)
+    window = llm_messages(from_state(state))
     assert any(isinstance(m, HumanMessage) and "request 19" in m.content for m in window)  # the current request
     assert not isinstance(window[1], ToolMessage)
 

@@ -176,7 +176,7 @@ def test_repair_with_omnigen_adds_imagerag_o_and_its_baseline(tiny_settings, tmp
 
     root = make_classes(tmp_path / "classes", {"red_kite": 4, "snowy_owl": 4})
     # The tiny judge's verdicts are junk: a scripted one names a missing concept, so the single passes redraw.
-    verdict = FakeVerdict(False, ["a red kite"], "scripted", True)
+    verdict = FakeVerdict(False, ["a red kite"], "scripted", parsed=True)
     monkeypatch.setattr(imgrag.management.engine, "_load_judge", lambda *_: ScriptedJudge([verdict]))
     code, out, err = run_cli(capsys, "eval", "--classes", str(root), "--profile", "tiny", "--planner", "fixed",
                              "--repair-with", "omnigen", "--max-rounds", "2", "--limit", "1", "--json")

@@ -18,6 +18,7 @@ from imgrag.settings import load_settings
 from imgrag.store.memory import ConceptMemory, names_concept
 from tests.cli import run_cli
 from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, FakeVerdict, MemoryStore, ScriptedJudge
+from tools.records import from_state
 
 NO_CRADLE = FakeVerdict(False, ["a wooden cradle"], "no cradle")
 MATCH = FakeVerdict(True, [], "all there")
@@ -159,10 +160,10 @@ def test_bad_batch_references_are_named_line_by_line_before_any_run(tmp_path: Pa
 
 def test_the_agent_sees_the_start_guidance_and_the_chat_reads_steering() -> None:
     state = {"budget": {"max_rounds": 3, "max_tool_calls": 20}, "candidates": {},
-             "references": {"mem-1": {"query": "a wooden cradle"}},
+             "references": {"mem-1": {"path": "/x/mem-1.png", "query": "a wooden cradle"}},
              "start_guidance": {"reference_ids": ["mem-1"], "concepts": ["a wooden cradle"], "source": "memory"}}
     assert "Start guided: regenerate with references ['mem-1'] for a wooden cradle (concept memory" \
-        in _status_summary(state)
+        in _status_summary(from_state(state))
     followup = parse_followup("use the second reference more strongly and make it blue")
     assert followup.steer == {2: {"factor": 1.5}} and followup.refinement == "make it blue"
     assert parse_followup("use the first reference for its style only").steer == {1: {"mode": "style"}}
@@ -187,7 +188,7 @@ def test_the_chat_steers_a_reference_for_the_next_drawings(tmp_path: Path) -> No
     later = result["candidates"][2:]
     assert later and all(c["reference_ids"] == ["ref-retriever"] for c in later)
     assert all(c["reference_weights"] == {"ref-retriever": 1.5} for c in later)
-    assert session.values()["references"]["ref-retriever"]["weight"] == 1.5
+    assert session.values()["references"]["ref-retriever"].weight == 1.5
 
 
 def test_a_run_restarted_from_its_trace_keeps_its_references(tmp_path: Path) -> None:

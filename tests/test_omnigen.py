@@ -34,6 +34,7 @@ from tests.cli import run_cli
 from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, FakeVerdict, MemoryStore, ScriptedJudge
 from tools.context import ToolContext
 from tools.image_tools import make_tools
+from tools.records import from_state
 
 GIB = 2**30
 
@@ -109,12 +110,15 @@ def test_the_mapping_record_is_strict_and_merges_duplicates() -> None:
 
 
 def test_the_fixed_policy_builds_the_mapping_from_the_retrieval_per_concept() -> None:
-    refs = {f"{c}{n}": {"query": q} for c, q in (("f", "a red fox"), ("c", "a wooden cradle")) for n in (1, 2)}
+    refs = {f"{c}{n}": {"path": f"/x/{c}{n}.png", "query": q}
+            for c, q in (("f", "a red fox"), ("c", "a wooden cradle")) for n in (1, 2)}
     state = {"prompt": "a red fox on a wooden cradle", "seed": 0, "rounds": 1, "budget": {"max_rounds": 3},
-             "references": refs, "candidates": {"c0": {"id": "c0", "round": 1, "reference_ids": [], "verdict": {
+             "references": refs, "candidates": {"c0": {
+                 "id": "c0", "path": "/x/c0.png", "round": 1, "reference_ids": [], "verdict": {
                  "match": False, "missing": ["a red fox", "a wooden cradle"], "parsed": True}}},
              "retrievals": [{"for": "c0", "queries": ["a red fox", "a wooden cradle"],
                              "reference_ids": ["f1", "f2", "c1", "c2"]}]}
+    state = from_state(state)
     assert concept_mapping(state, state["retrievals"][0], [], limit=3) == [
         {"concept": "a red fox", "reference_ids": ["f1", "f2"]},
         {"concept": "a wooden cradle", "reference_ids": ["c1"]}]
@@ -309,15 +313,15 @@ def test_the_agents_regenerate_takes_the_mapping(tmp_path: Path) -> None:
         {"concept": "the golden retriever", "reference_ids": ["ref-retriever"]}])
     assert status == "success", text
     candidate = state["candidates"]["c0"]
-    assert candidate["backbone"] == "omnigen" and candidate["reference_ids"] == ["ref-cradle", "ref-retriever"]
-    assert [(c["concept"], c["images"]) for c in candidate["concepts"]] == [("the wooden cradle", [1]),
+    assert candidate.backbone == "omnigen" and candidate.reference_ids == ["ref-cradle", "ref-retriever"]
+    assert [(c["concept"], c["images"]) for c in candidate.concepts] == [("the wooden cradle", [1]),
                                                                            ("the golden retriever", [2])]
-    assert omnigen.calls == [{"prompt": candidate["sent_prompt"], "images": 2}]
-    assert candidate["sent_prompt"].startswith("According to these images of the wooden cradle: <img><|image_1|>")
+    assert omnigen.calls == [{"prompt": candidate.sent_prompt, "images": 2}]
+    assert candidate.sent_prompt.startswith("According to these images of the wooden cradle: <img><|image_1|>")
     assert json.loads(text)["concepts"][0] == {"concept": "the wooden cradle", "reference_ids": ["ref-cradle"]}
     trace = [json.loads(line) for line in (tmp_path / "run" / "trace.jsonl").read_text().splitlines()]
     drawn = next(s for s in trace if s.get("tool") == "regenerate")
-    assert drawn["backbone"] == "omnigen" and drawn["concepts"] == candidate["concepts"]
+    assert drawn["backbone"] == "omnigen" and drawn["concepts"] == candidate.concepts
     # A wrong mapping comes back as a message the LLM can act on.
     for concepts, expected in (([{"concept": "x", "reference_ids": ["ref-nope"]}], "unknown reference ids"),
                                ([{"name": "x"}], "concepts entry 1")):
@@ -341,7 +345,7 @@ def test_a_tiny_run_repairs_with_omnigen_from_two_concepts(tiny_settings, tmp_pa
     code, _, err = run_cli(capsys, "index", str(folder), "--profile", "tiny", "--json")
     assert code == 0, err
     # The tiny judge's verdicts are junk: a scripted one names the two missing concepts (decision logic only).
-    verdict = FakeVerdict(False, ["a red fox", "a wooden cradle"], "scripted", True)
+    verdict = FakeVerdict(False, ["a red fox", "a wooden cradle"], "scripted", parsed=True)
     monkeypatch.setattr(imgrag.management.engine, "_load_judge", lambda *_: ScriptedJudge([verdict]))
     monkeypatch.setenv("IMGRAG_RETRIEVAL_K", "1")
     code, out, err = run_cli(capsys, "run", "a red fox curled up on a wooden cradle", "--profile", "tiny",

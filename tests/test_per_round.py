@@ -24,6 +24,7 @@ from imgrag.records.provenance import PARAMETERS_KEY, read_provenance
 from imgrag.settings import Settings, load_settings
 from tests.cli import run_cli
 from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, FakeVerdict, MemoryStore, ScriptedJudge
+from tools.records import Candidate, Retrieval
 
 
 @pytest.fixture(scope="module")
@@ -121,25 +122,28 @@ def test_a_batchs_extra_pictures_stay_out_of_the_measured_reserve() -> None:
 # ----- the loop: every candidate judged, the next round from the best -----
 
 def test_the_policy_judges_each_drawing_of_a_round_then_repairs_the_best() -> None:
-    def candidate(cid: str, rnd: int, clip: float, verdict: Any = None) -> dict[str, Any]:
-        return {"id": cid, "round": rnd, "seed": int(cid[1:]), "clip_score": clip, "verdict": verdict,
-                "reference_ids": []}
+    def candidate(cid: str, rnd: int, clip: float, verdict: Any = None) -> Candidate:
+        return Candidate.of({"id": cid, "path": f"/x/{cid}.png", "round": rnd, "seed": int(cid[1:]),
+                             "clip_score": clip, "verdict": verdict, "reference_ids": []})
+
+    def judged(state: dict[str, Any], cid: str, verdict: dict[str, Any]) -> None:
+        state["candidates"][cid] = state["candidates"][cid].replace(verdict=verdict)
 
     miss = {"match": False, "missing": ["a cradle"], "reason": "", "parsed": True}
     state = {"prompt": "a dog and a cradle", "seed": 10, "rounds": 1, "budget": {"max_rounds": 3},
              "candidates": {"c0": candidate("c0", 1, 0.1, miss), "c1": candidate("c1", 1, 0.3),
                             "c2": candidate("c2", 1, 0.2)}, "references": {}, "retrievals": []}
     assert next_step(state, 0.5, per_round=3) == ("critique", {"candidate_id": "c1"})
-    state["candidates"]["c1"]["verdict"] = miss
+    judged(state, "c1", miss)
     assert next_step(state, 0.5, per_round=3) == ("critique", {"candidate_id": "c2"})
-    state["candidates"]["c2"]["verdict"] = miss
-    assert latest_candidate(state)["id"] == "c1"  # the best CLIP score of the round
+    judged(state, "c2", miss)
+    assert latest_candidate(state).id == "c1"  # the best CLIP score of the round
     name, args = next_step(state, 0.5, per_round=3)
     assert name == "retrieve" and args["avoid_candidate_id"] == "c1"
-    state["retrievals"] = [{"for": "c1", "queries": ["a cradle"], "reference_ids": []}]
+    state["retrievals"] = [Retrieval.of({"for": "c1", "queries": ["a cradle"], "reference_ids": []})]
     assert next_step(state, 0.5, per_round=3) == ("generate", {"prompt": "a dog and a cradle", "seed": 13})
-    state["candidates"]["c2"]["verdict"] = {**miss, "match": True}  # a match wins the round whatever its score
-    assert latest_candidate(state)["id"] == "c2" and next_step(state, 0.5, per_round=3)[0] == "finish"
+    judged(state, "c2", {**miss, "match": True})  # a match wins the round whatever its score
+    assert latest_candidate(state).id == "c2" and next_step(state, 0.5, per_round=3)[0] == "finish"
 
 
 def test_per_round_3_judges_three_candidates_per_round_on_the_tiny_kit(

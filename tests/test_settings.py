@@ -127,14 +127,17 @@ def test_settings_range_for_ip_scale_matches_the_tools() -> None:
     from agent.policy import next_step
     from imgrag.models.generator import validate_request
     from imgrag.settings import MAX_IP_SCALE
+    from tools.records import from_state
 
     # Many guided rounds push the policy's scale up; it stops at the limit the generator accepts.
     verdict = {"match": False, "missing": ["a hat"], "parsed": True}
-    candidates = {f"c{i}": {"id": f"c{i}", "round": i + 1, "reference_ids": ["r"], "verdict": verdict}
+    candidates = {f"c{i}": {"id": f"c{i}", "path": f"/x/c{i}.png", "round": i + 1, "reference_ids": ["r"],
+                            "verdict": verdict}
                   for i in range(8)}
     state = {"prompt": "a cat", "seed": 0, "rounds": 8, "budget": {"max_rounds": 20}, "candidates": candidates,
-             "references": {"r": {"query": "a hat"}}, "retrievals": [{"for": "c7", "reference_ids": ["r"]}]}
-    name, args = next_step(state, 0.9)
+             "references": {"r": {"path": "/x/r.png", "query": "a hat"}},
+             "retrievals": [{"for": "c7", "reference_ids": ["r"]}]}
+    name, args = next_step(from_state(state), 0.9)
     assert name == "regenerate" and args["ip_scale"] == MAX_IP_SCALE
     validate_request("a cat", 64, 64, 2, args["ip_scale"])
     from imgrag.errors import UserError

@@ -186,6 +186,7 @@ def test_the_allow_list_reads_back_everything_a_run_writes(settings, tmp_path: P
         if kind == "msgpack":
             ormsgpack.unpackb(blob, ext_hook=hook, option=ormsgpack.OPT_NON_STR_KEYS)
     assert seen and seen <= set(CHECKPOINT_TYPES), seen - set(CHECKPOINT_TYPES)
+    assert {("tools.records", "Candidate"), ("tools.records", "Reference")} <= seen  # a Verdict rides inside
 
 
 # ----- patient writes -----
@@ -305,3 +306,88 @@ def test_a_file_name_that_is_not_utf8_survives_a_checkpoint() -> None:
     serde = StrictSerializer()
     assert serde.loads_typed(serde.dumps_typed(state)) == state
     assert serde.loads_typed(serde.dumps_typed({"p": "/pics/ok.png"})) == {"p": "/pics/ok.png"}
+
+
+# ----- the state's records in checkpoints -----
+
+def _records_as_plain_dicts(db: str | Path) -> int:
+    """Rewrite every checkpoint and pending write with the state's records as the plain dicts an imgrag of before
+    the records wrote; the number of records rewritten."""
+    rewritten = 0
+
+    def hook(code: int, data: bytes) -> object:
+        nonlocal rewritten
+        payload = ormsgpack.unpackb(data, ext_hook=hook, option=ormsgpack.OPT_NON_STR_KEYS)
+        if code == EXT_PYDANTIC_V2 and payload[0] == "tools.records":
+            rewritten += 1
+            return payload[2]
+        return ormsgpack.Ext(code, ormsgpack.packb(payload, option=ormsgpack.OPT_NON_STR_KEYS))
+
+    conn = sqlite3.connect(str(db))
+    for table, column in (("checkpoints", "checkpoint"), ("writes", "value")):
+        for rowid, kind, blob in conn.execute(f"SELECT rowid, type, {column} FROM {table}").fetchall():
+            if kind == "msgpack":
+                plain = ormsgpack.unpackb(blob, ext_hook=hook, option=ormsgpack.OPT_NON_STR_KEYS)
+                conn.execute(f"UPDATE {table} SET {column} = ? WHERE rowid = ?",
+                             (ormsgpack.packb(plain, option=ormsgpack.OPT_NON_STR_KEYS), rowid))
+    conn.commit()
+    conn.close()
+    return rewritten
+
+
+def test_the_records_round_trip_a_checkpoint(settings, tmp_path: Path) -> None:
+    """A run's candidates, verdicts, references and retrievals are checkpointed as records and read back as records,
+    and result.json keeps the plain shape."""
+    from tools.records import Candidate, Reference, Retrieval, Verdict
+
+    runner = make_runner(settings, tmp_path, [NO_CRADLE, MATCH])
+    result = runner.run("a retriever and a cradle", planner="fixed", max_rounds=2, run_id="typed")
+    values = runner.thread_state("typed").values
+    assert values["candidates"] and all(isinstance(c, Candidate) for c in values["candidates"].values())
+    assert isinstance(values["candidates"]["c0"].verdict, Verdict)
+    assert all(isinstance(r, Reference) for r in values["references"].values())
+    assert values["retrievals"] and all(isinstance(r, Retrieval) for r in values["retrievals"])
+    assert values["retrievals"][0].for_ == "c0"
+    assert result["candidates"] == [c.model_dump() for c in values["candidates"].values()]
+    on_disk = json.loads((Path(result["run_dir"]) / "result.json").read_text())
+    assert on_disk["candidates"][0]["verdict"]["missing"] == ["a wooden cradle"]
+    assert "concepts" not in on_disk["candidates"][0]  # a key never given is not written
+
+
+def test_an_unlisted_type_in_a_checkpoint_is_still_refused(settings, tmp_path: Path) -> None:
+    """The records are allowed by name: any other pydantic model in a checkpoint refuses the thread."""
+    runner = make_runner(settings, tmp_path, [MATCH])
+    runner.run("a retriever and a cradle", planner="fixed", max_rounds=1, run_id="victim")
+    conn = sqlite3.connect(settings.threads_db)
+    checkpoint_id, blob = conn.execute("SELECT checkpoint_id, checkpoint FROM checkpoints WHERE thread_id = 'victim' "
+                                       "ORDER BY checkpoint_id DESC LIMIT 1").fetchone()
+    raw = ormsgpack.unpackb(blob, ext_hook=lambda code, data: ormsgpack.Ext(code, data),
+                            option=ormsgpack.OPT_NON_STR_KEYS)
+    raw["channel_values"]["candidates"]["c0"] = ormsgpack.Ext(EXT_PYDANTIC_V2, ormsgpack.packb(
+        ["imgrag.settings", "Settings", {}, "model_validate_json"]))
+    conn.execute("UPDATE checkpoints SET checkpoint = ? WHERE thread_id = 'victim' AND checkpoint_id = ?",
+                 (ormsgpack.packb(raw, option=ormsgpack.OPT_NON_STR_KEYS), checkpoint_id))
+    conn.commit()
+    conn.close()
+    with pytest.raises(UntrustedThread, match="imgrag.settings.Settings"):
+        make_runner(settings, tmp_path, [MATCH]).thread_state("victim")
+
+
+def test_a_thread_written_with_plain_dicts_resumes(settings, tmp_path: Path) -> None:
+    """A thread database of an imgrag whose state held plain dicts: read back as records, and a chat follow-up goes
+    on from it."""
+    from tools.records import Candidate
+
+    runner = make_runner(settings, tmp_path, [NO_CRADLE, NO_CRADLE, MATCH])
+    session = ChatSession(runner, planner="fixed", rounds=1)
+    first = session.send("a retriever and a cradle")
+    assert first["status"] == "budget_exhausted"
+    assert _records_as_plain_dicts(settings.threads_db) > 0
+    later = make_runner(settings, tmp_path, [MATCH])
+    values = later.thread_state(session.thread_id).values
+    assert isinstance(values["candidates"]["c0"], Candidate) and values["candidates"]["c0"].verdict.match is False
+    resumed = ChatSession(later, planner="fixed", rounds=2)
+    resumed.open(session.thread_id)
+    second = resumed.send("try again")
+    assert second["status"] == "matched" and len(second["candidates"]) > len(first["candidates"])
+    assert second["candidates"][0] == first["candidates"][0]  # the old record, in the same plain shape

@@ -23,6 +23,7 @@ from typing import Any
 
 from imgrag.errors import UserError
 from imgrag.settings import MAX_IP_SCALE, BudgetSettings, Settings
+from tools.records import Candidate
 
 __all__ = ["MAX_IP_SCALE", "MAX_REFERENCES", "Claims", "Clock", "check_rounds", "recursion_limit", "request_budget",
            "rounds_spent", "run_budget", "spent"]
@@ -81,7 +82,7 @@ def rounds_spent(state: dict[str, Any]) -> bool:
     return rounds >= (state.get("budget") or {}).get("max_rounds", rounds + 1)
 
 
-def spent(state: dict[str, Any], elapsed: float, latest: dict[str, Any] | None) -> str | None:
+def spent(state: dict[str, Any], elapsed: float, latest: Candidate | None) -> str | None:
     """Which budget is spent (a stop reason), or None. ``elapsed``: seconds the run has spent, over all its
     processes; ``latest``: the candidate the run works on, which still deserves its verdict before the round
     budget ends the run."""
@@ -90,7 +91,7 @@ def spent(state: dict[str, Any], elapsed: float, latest: dict[str, Any] | None) 
         return "tool-call budget spent"
     if elapsed >= budget["max_seconds"]:
         return "time budget spent"
-    if state.get("rounds", 0) >= budget["max_rounds"] and (latest is None or latest.get("verdict")):
+    if state.get("rounds", 0) >= budget["max_rounds"] and (latest is None or latest.verdict is not None):
         return "round budget spent"
     return None
 

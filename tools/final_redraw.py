@@ -36,38 +36,38 @@ def redraw_final_full(ctx: ToolContext, state: dict[str, Any]) -> dict[str, Any]
     if g.fast == "off" or not g.fast_final_redraw or state.get("status") != "matched":
         return None
     candidate = (state.get("candidates") or {}).get(state.get("final_candidate") or "")
-    if candidate is None or candidate.get("source") == "retrieved":  # a photo of the collection: nothing to redraw
+    if candidate is None or candidate.source == "retrieved":  # a photo of the collection: nothing to redraw
         return None
-    if candidate.get("backbone") == "omnigen":  # few-step modes are SDXL's: OmniGen drew it at its full steps
+    if candidate.backbone == "omnigen":  # few-step modes are SDXL's: OmniGen drew it at its full steps
         return None
     known = state.get("references") or {}
     options = options_of(state, ctx.settings)  # the run's drawing options (LoRAs too), as its drafts had
-    args = {"candidate_id": candidate["id"], "seed": candidate["seed"], "steps": g.steps,
-            "reference_ids": list(candidate["reference_ids"])}
+    args = {"candidate_id": candidate.id, "seed": candidate.seed, "steps": g.steps,
+            "reference_ids": list(candidate.reference_ids)}
     drawing = {"negative_prompt": options.negative_prompt, "scheduler": options.scheduler,
                "guidance": options.guidance, "loras": options.loras}
     ctx.on_event({"event": "tool_start", "tool": "final_redraw", "args": args, "round": state.get("rounds", 0)})
     start = time.perf_counter()
     step_extra: dict[str, Any] = {}
     try:
-        lost = [ref_id for ref_id in candidate["reference_ids"] if ref_id not in known]
+        lost = [ref_id for ref_id in candidate.reference_ids if ref_id not in known]
         if lost:  # the run's record lost them: the user's to know, not a bug
-            raise UserError(f"reference(s) {', '.join(lost)} of {candidate['id']} are no longer in the run's state")
-        images = [open_image(known[ref_id]["path"]) for ref_id in candidate["reference_ids"]]
+            raise UserError(f"reference(s) {', '.join(lost)} of {candidate.id} are no longer in the run's state")
+        images = [open_image(known[ref_id].path) for ref_id in candidate.reference_ids]
         image, sampler = ctx.manager.run("generator", lambda generator: (generator.generate(
-            candidate["prompt"], seed=candidate["seed"], references=images or None,
-            ip_scale=candidate.get("ip_scale"), fast="off", **drawing), generator.last_scheduler))
+            candidate.prompt, seed=candidate.seed, references=images or None,
+            ip_scale=candidate.ip_scale, fast="off", **drawing), generator.last_scheduler))
         path = ctx.record.dir / FINAL_FULL_NAME
-        provenance = for_drawing(ctx.settings, prompt=candidate["prompt"], seed=candidate["seed"],
-                                 references=[known[r] for r in candidate["reference_ids"]],
-                                 ip_scale=candidate.get("ip_scale"), run_id=ctx.record.dir.name,
-                                 candidate_id=candidate["id"], fast="off", sampler=sampler, **drawing)
+        provenance = for_drawing(ctx.settings, prompt=candidate.prompt, seed=candidate.seed,
+                                 references=[known[r].model_dump() for r in candidate.reference_ids],
+                                 ip_scale=candidate.ip_scale, run_id=ctx.record.dir.name,
+                                 candidate_id=candidate.id, fast="off", sampler=sampler, **drawing)
         save_image(image, path, provenance)  # atomic: never half a PNG on disk
-        outcome: dict[str, Any] = {"path": str(path), "candidate_id": candidate["id"], "steps": g.steps}
-        message = f"redrew {candidate['id']} at {g.steps} steps: {path}"
+        outcome: dict[str, Any] = {"path": str(path), "candidate_id": candidate.id, "steps": g.steps}
+        message = f"redrew {candidate.id} at {g.steps} steps: {path}"
     except Exception as exc:  # what a tool catches (tools/failures.py): the matched draft stays the answer
         failure = step_failure("final_redraw", exc)  # a full disk is raised again: the runner closes the record
-        outcome = {"candidate_id": candidate["id"], "error": failure.text.removeprefix("Error: ")}
+        outcome = {"candidate_id": candidate.id, "error": failure.text.removeprefix("Error: ")}
         message = failure.text
         step_extra = failure.trace
     seconds = round(time.perf_counter() - start, 3)

@@ -34,6 +34,17 @@ from tools.answers import can_finish, finish_refusal
 from tools.budget import MAX_IP_SCALE, MAX_REFERENCES
 from tools.context import ToolContext
 from tools.failures import ToolArgumentError, step_failure
+from tools.records import (
+    Candidate,
+    FailedStep,
+    Finished,
+    Reference,
+    Retrieval,
+    Verdict,
+    from_state,
+    references_of,
+    to_plain,
+)
 from tools.repair import BACKBONE_OMNIGEN, backbone_for, concepts_for, draw_omnigen
 from tools.safety_gate import check_output, screen_drawing_references, screen_references
 
@@ -47,7 +58,7 @@ def _known(ids: Any) -> str:
     return ", ".join(ids) if ids else "none yet"
 
 
-def _candidate(state: dict, candidate_id: str) -> dict:
+def _candidate(state: dict, candidate_id: str) -> Candidate:
     candidates = state.get("candidates") or {}
     if candidate_id not in candidates:
         raise ToolArgumentError(f"unknown candidate_id {candidate_id!r}; known candidates: {_known(candidates)}")
@@ -122,11 +133,11 @@ def run_tool_call(ctx: ToolContext, name: str, args: dict, tool_call_id: str, st
         candidates = state.get("candidates") or {}
         target = args.get("candidate_id") or args.get("avoid_candidate_id") or max(
             candidates, key=candidate_number, default=None)
-        update = {"failed_steps": [{"tool": name, "target": target, "args": args, "error": text[:300],
-                                    "kind": step.get("kind", "error")}]}
+        update = {"failed_steps": [FailedStep(tool=name, target=target, args=args, error=text[:300],
+                                              kind=step.get("kind", "error"))]}
     seconds = round(time.perf_counter() - start, 3)
     if ok:  # the step's result, durable before the checkpoint that records it: a resume replays it (below)
-        step["replay"] = {"text": text, "update": update}
+        step["replay"] = {"text": text, "update": to_plain(update)}  # read back as dicts: the reducers convert
     ctx.record.append_step({"tool": name, "args": args, "ok": ok, "seconds": seconds, "call_id": tool_call_id,
                             "round": round_no or state.get("rounds", 0), "message": text[:2000], **step})
     ctx.on_event({"event": "tool_end", "tool": name, "ok": ok, "seconds": seconds, "message": text[:300]})
@@ -189,11 +200,12 @@ def _check_n(n: Any, options: DrawOptions) -> int:
     return n
 
 
-def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list[int], references: list[dict],
+def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list[int], records: list[Reference],
           ip_scale: float | None, steers: dict[str, tuple[float, str]] | None = None,
-          concepts: list[ConceptReferences] | None = None) -> list[dict[str, Any]]:
+          concepts: list[ConceptReferences] | None = None) -> list[Candidate]:
     """Draw one round: a candidate per seed of ``seeds`` (SDXL draws them in one batched call), each scored with CLIP
-    against the user's prompt and saved; return their records, in the order of ``seeds``.
+    against the user's prompt and saved; return their records, in the order of ``seeds``. ``records`` are the
+    state's references; the drawing reads them as plain dicts (the form imgrag's drawing and provenance code takes).
 
     The backbone (SDXL, SDXL + IP-Adapter or OmniGen: :func:`tools.repair.backbone_for`) and which reference stands
     for which concept (``concepts``, filled from each reference's retrieval query) are recorded with each.
@@ -205,13 +217,14 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
     (what the user asked for), never the text the LLM chose to draw, nor the negative prompt: every candidate of a run
     is measured with one yardstick. With ``ctx.previews`` on, SDXL's drawing sends ``preview`` events (a small picture
     from the latents every ``generation.preview_every`` steps, :mod:`imgrag.models.previews`)."""
-    images = [open_image(ref["path"]) for ref in references]
-    references, images = screen_drawing_references(ctx, references, images)  # no flagged reference guides a drawing
+    plain = [ref.model_dump() for ref in records]
+    images = [open_image(ref["path"]) for ref in plain]
+    plain, images = screen_drawing_references(ctx, plain, images)  # no flagged reference guides a drawing
     ids = [ctx.allocate_candidate_id(state.get("candidates") or {}) for _ in seeds]
     options = options_of(state, ctx.settings)
     steers = steers or {}
     references = [{**ref, "weight": steers.get(ref["id"], (1.0, "both"))[0],
-                   "mode": steers.get(ref["id"], (1.0, "both"))[1]} for ref in references]
+                   "mode": steers.get(ref["id"], (1.0, "both"))[1]} for ref in plain]
     keys = [file_sha256(ref["path"]) for ref in references]  # the embedding cache's key: the file's content
 
     def on_step(step: int, total: int) -> None:
@@ -279,19 +292,19 @@ def _draw(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds: list
         path = ctx.record.save_candidate(candidate_id, image, provenance)
         adapter = bool(fields["reference_ids"]) and backbone != BACKBONE_OMNIGEN
         clip_score = float((image_vectors[k:k + 1] @ text_vector.T)[0, 0])
-        candidates.append({
+        candidates.append(Candidate.of({
             "id": candidate_id, "path": str(path), "prompt": prompt, "seed": seed,
             "ip_scale": ip_scale if adapter else None, "round": round_no, "clip_score": round(clip_score, 4),
             "verdict": None, "backbone": backbone, **fields,
             **({"batch": {"size": batch, "index": k, "candidates": list(ids)}} if batch > 1 else {}),
-            **check_output(ctx, image_vectors[k])})  # flagged outputs are kept for the record, never the answer
+            **check_output(ctx, image_vectors[k])}))  # flagged outputs are kept for the record, never the answer
     return candidates
 
 
 MAX_REMEMBERED = 2  # remembered references a retrieval adds per call, before the store's own results
 
 
-def _remembered(ctx: ToolContext, embedder: Any, queries: list[str]) -> dict[str, dict]:
+def _remembered(ctx: ToolContext, embedder: Any, queries: list[str]) -> dict[str, Reference]:
     """References the concept memory holds for concepts these queries name (imgrag/store/memory.py), as records
     marked ``source: "memory"``; none when ``retrieval.memory`` is off. A memory that cannot be read costs only
     itself: the store's results still come."""
@@ -306,10 +319,10 @@ def _remembered(ctx: ToolContext, embedder: Any, queries: list[str]) -> dict[str
             found.update(got)
     except UserError:
         return {}
-    return found
+    return references_of(found)
 
 
-def _steers(ids: list[str], known: dict[str, dict], weights: Any, modes: Any) -> dict[str, tuple[float, str]]:
+def _steers(ids: list[str], known: dict[str, Reference], weights: Any, modes: Any) -> dict[str, tuple[float, str]]:
     """(weight, mode) per reference id: the call's lists (aligned with ``ids``), else what the reference's record
     says (a weight the user gave, a remembered one), else 1.0 and "both"; a ToolArgumentError for a bad value."""
     for name, values in (("weights", weights), ("modes", modes)):
@@ -318,9 +331,10 @@ def _steers(ids: list[str], known: dict[str, dict], weights: Any, modes: Any) ->
                                     f"{values!r}")
     steers = {}
     for n, rid in enumerate(ids):
-        record = known.get(rid) or {}
-        weight = weights[n] if weights is not None else record.get("weight", 1.0)
-        mode = modes[n] if modes is not None else record.get("mode", "both")
+        record = known.get(rid)
+        weight = weights[n] if weights is not None else (1.0 if record is None or record.weight is None
+                                                          else record.weight)
+        mode = modes[n] if modes is not None else (record.mode if record and record.mode else "both")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= MAX_WEIGHT:
             raise ToolArgumentError(f"the weight of {rid} must be a number between 0 and {MAX_WEIGHT:g}, got "
                                     f"{weight!r}")
@@ -330,16 +344,16 @@ def _steers(ids: list[str], known: dict[str, dict], weights: Any, modes: Any) ->
     return steers
 
 
-def _describe(candidate: dict) -> str:
-    shown = {"candidate_id": candidate["id"], "round": candidate["round"], "clip_score": candidate["clip_score"],
-             "references": candidate["reference_ids"]}
-    if candidate.get("concepts"):
+def _describe(candidate: Candidate) -> str:
+    shown = {"candidate_id": candidate.id, "round": candidate.round, "clip_score": candidate.clip_score,
+             "references": candidate.reference_ids}
+    if candidate.concepts:
         shown["concepts"] = [{"concept": c["concept"], "reference_ids": c["reference_ids"]}
-                             for c in candidate["concepts"]]
+                             for c in candidate.concepts]
     return json.dumps(shown)
 
 
-def _describe_round(candidates: list[dict]) -> str:
+def _describe_round(candidates: list[Candidate]) -> str:
     """The tool's answer for a round: one candidate as before, several as a list with what to do next."""
     if len(candidates) == 1:
         return _describe(candidates[0])
@@ -347,22 +361,22 @@ def _describe_round(candidates: list[dict]) -> str:
                        "note": f"{len(candidates)} drawings this round: critique each, then go on from the best"})
 
 
-def _drawing_trace(candidates: list[dict]) -> dict[str, Any]:
+def _drawing_trace(candidates: list[Candidate]) -> dict[str, Any]:
     """What the trace line of a drawing adds: its candidates, its backbone, the sampler, negative prompt and guidance
     it drew with and, for a repair, which reference stood for which concept (and the in-context prompt OmniGen
     read)."""
-    first = candidates[0]
-    return {"candidates": [c["id"] for c in candidates], "seeds": [c["seed"] for c in candidates],
+    first = candidates[0].model_dump()
+    return {"candidates": [c.id for c in candidates], "seeds": [c.seed for c in candidates],
             **{k: first[k] for k in ("backbone", "concepts", "sent_prompt", "sampler", "negative_prompt", "guidance")
                if first.get(k) is not None}}
 
 
-def _round_update(candidates: list[dict]) -> dict[str, Any]:
+def _round_update(candidates: list[Candidate]) -> dict[str, Any]:
     """The state update of a round: every candidate it drew, and the one round it used."""
-    return {"candidates": {c["id"]: c for c in candidates}, "rounds": 1}
+    return {"candidates": {c.id: c for c in candidates}, "rounds": 1}
 
 
-def _check_concepts(concepts: Any, known: dict[str, Any]) -> list[ConceptReferences]:
+def _check_concepts(concepts: Any, known: dict[str, Reference]) -> list[ConceptReferences]:
     """The ``concepts`` argument as records; every reference id must be one the run knows."""
     try:
         records = parse_concepts(concepts)
@@ -397,7 +411,7 @@ def make_tools() -> list[BaseTool]:
         if n is not None:  # only when given, so the fixed policy's steps keep their arguments
             args["n"] = n
         ctx: ToolContext = runtime.context
-        state, tool_call_id = runtime.state, runtime.tool_call_id
+        state, tool_call_id = from_state(runtime.state), runtime.tool_call_id
 
         def body(round_no: int):
             text = _check_prompt(prompt)
@@ -417,17 +431,18 @@ def make_tools() -> list[BaseTool]:
         Returns {match, missing: [concepts], reason}."""
         args = {"candidate_id": candidate_id}
         ctx: ToolContext = runtime.context
-        state, tool_call_id = runtime.state, runtime.tool_call_id
+        state, tool_call_id = from_state(runtime.state), runtime.tool_call_id
 
         def body(_: int):
             candidate = _candidate(state, candidate_id)
-            image = open_image(candidate["path"])
+            image = open_image(candidate.path)
             limit = {"deadline": ctx.deadline} if ctx.deadline is not None else {}
-            verdict, tokens = ctx.manager.run("judge", lambda judge: (
+            judged, tokens = ctx.manager.run("judge", lambda judge: (
                 judge.judge(image, state["prompt"], **limit).to_dict(), getattr(judge, "last_tokens", None)))
-            updated = {**candidate, "verdict": verdict}
-            shown = {k: verdict[k] for k in ("match", "missing", "reason", "parsed")}
-            if not verdict["parsed"]:
+            verdict = Verdict.of(judged)
+            updated = candidate.replace(verdict=verdict)
+            shown = {k: judged[k] for k in ("match", "missing", "reason", "parsed")}
+            if not verdict.parsed:
                 shown["note"] = "the judge's answer could not be parsed; retrieve with the prompt itself"
             return (json.dumps({"candidate_id": candidate_id, **shown}), {"candidates": {candidate_id: updated}},
                     {"tokens": tokens})
@@ -449,7 +464,7 @@ def make_tools() -> list[BaseTool]:
         Returns reference ids with captions and scores."""
         args = {"queries": queries, "k": k, "avoid_candidate_id": avoid_candidate_id}
         ctx: ToolContext = runtime.context
-        state, tool_call_id = runtime.state, runtime.tool_call_id
+        state, tool_call_id = from_state(runtime.state), runtime.tool_call_id
 
         def body(_: int):
             if state.get("retrieval_off"):
@@ -466,7 +481,7 @@ def make_tools() -> list[BaseTool]:
                 raise ToolArgumentError(f"k must be between 1 and {MAX_K}, got {k}")
             avoid_image = None
             if avoid_candidate_id:
-                avoid_image = open_image(_candidate(state, avoid_candidate_id)["path"])
+                avoid_image = open_image(_candidate(state, avoid_candidate_id).path)
             r = ctx.settings.retrieval
             # Embeddings run on the model thread; the store's query holds no device lock.
             embedder = ManagedEmbedder(ctx.manager)
@@ -477,22 +492,25 @@ def make_tools() -> list[BaseTool]:
                 min_score=r.min_score)
             matched = len(found)
             found = screen_references(ctx, store, embedder, found, "retrieve")  # flagged photos never reach the planner
-            refs = {ref.id: ref.to_dict() for ref in found}
+            found_refs = {ref.id: Reference.of(ref.to_dict()) for ref in found}
             remembered = _remembered(ctx, embedder, cleaned)
-            paths = {str(Path(ref["path"]).resolve()) for ref in remembered.values()}  # one picture, one record
-            refs = {**remembered, **{rid: ref for rid, ref in refs.items()
-                                     if rid not in remembered and str(Path(ref["path"]).resolve()) not in paths}}
+            paths = {str(Path(ref.path).resolve()) for ref in remembered.values()}  # one picture, one record
+            refs = {**remembered, **{rid: ref for rid, ref in found_refs.items()
+                                     if rid not in remembered and str(Path(ref.path).resolve()) not in paths}}
             known = state.get("references") or {}
             for rid, ref in refs.items():  # a weight or mode the user gave this reference survives its retrieval
-                ref.update({k: known[rid][k] for k in ("weight", "mode", "source") if k in (known.get(rid) or {})})
+                before = known[rid].model_dump() if rid in known else {}
+                kept = {k: before[k] for k in ("weight", "mode", "source") if k in before}
+                if kept:
+                    refs[rid] = ref.replace(**kept)
             # Recorded even when empty, so the planner knows this repair was tried.
             candidates = state.get("candidates") or {}
             repairing = avoid_candidate_id or max(candidates, key=candidate_number, default=None)
-            retrieval = {"for": repairing, "queries": cleaned, "reference_ids": list(refs)}
+            retrieval = Retrieval(for_=repairing, queries=cleaned, reference_ids=list(refs))
             # Captions are cut short: indexed captions run to 2,000 characters, and every one stays in the thread.
-            listing = [{"reference_id": ref["id"], "caption": shorten(ref.get("caption"), MAX_CAPTION_CHARS),
-                        "query": ref.get("query"), "score": round(float(ref["score"]), 4),
-                        **({"remembered": True} if ref.get("source") == "memory" else {})} for ref in refs.values()]
+            listing = [{"reference_id": ref.id, "caption": shorten(ref.caption, MAX_CAPTION_CHARS),
+                        "query": ref.query, "score": round(float(ref.score or 0.0), 4),
+                        **({"remembered": True} if ref.source == "memory" else {})} for ref in refs.values()]
             if empty_store and not remembered:
                 text = "The reference store is empty (the user can add images with `imgrag index`); draw without."
             elif not listing and matched:  # found, then dropped: other queries would meet the same gate
@@ -536,7 +554,7 @@ def make_tools() -> list[BaseTool]:
         if concepts is not None:  # only when given, so the fixed policy's IP-Adapter steps keep their arguments
             args["concepts"] = concepts
         ctx: ToolContext = runtime.context
-        state, tool_call_id = runtime.state, runtime.tool_call_id
+        state, tool_call_id = from_state(runtime.state), runtime.tool_call_id
 
         def body(round_no: int):
             text = _check_prompt(prompt)
@@ -558,7 +576,7 @@ def make_tools() -> list[BaseTool]:
             steers = _steers(ids, known, weights, modes)
             candidates = _draw(ctx, state, round_no, text, seeds, [known[i] for i in ids], scale, steers, mapping)
             return (_describe_round(candidates), _round_update(candidates),
-                    {**candidates[0].get("encoder", {}), "guided_by": candidates[0].get("guided_by"),
+                    {**(candidates[0].encoder or {}), "guided_by": candidates[0].guided_by,
                      **_drawing_trace(candidates)})
 
         return run_tool_call(ctx, "regenerate", args, tool_call_id, state, body, draws=True)
@@ -574,13 +592,13 @@ def make_tools() -> list[BaseTool]:
         the run early; otherwise the run goes on until its budget is spent."""
         args = {"candidate_id": candidate_id, "reason": reason}
         ctx: ToolContext = runtime.context
-        state, tool_call_id = runtime.state, runtime.tool_call_id
+        state, tool_call_id = from_state(runtime.state), runtime.tool_call_id
 
         def body(_: int):
             refusal = finish_refusal(_candidate(state, candidate_id))  # the one rule (tools/answers.py)
             if refusal:
                 raise ToolArgumentError(refusal)
-            return f"Finished with {candidate_id}.", {"finished": {"candidate_id": candidate_id, "reason": reason}}
+            return f"Finished with {candidate_id}.", {"finished": Finished(candidate_id=candidate_id, reason=reason)}
 
         return run_tool_call(ctx, "finish", args, tool_call_id, state, body)
 

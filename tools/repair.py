@@ -52,7 +52,8 @@ def concepts_for(state: dict[str, Any], references: list[dict[str, Any]],
     known = {ref["id"]: ref for ref in references}
     given = [ConceptReferences(concept=c.concept, reference_ids=[i for i in c.reference_ids if i in known])
              for c in concepts or []]
-    return concepts_from_references(ids, {**(state.get("references") or {}), **known}, given,
+    recorded = {rid: ref.model_dump() for rid, ref in (state.get("references") or {}).items()}
+    return concepts_from_references(ids, {**recorded, **known}, given,
                                     fallback=state.get("prompt") or "the prompt")
 
 

@@ -24,19 +24,19 @@ from imgrag.management.engine import ManagedEmbedder
 from tools.answers import SOURCE_RETRIEVED
 from tools.context import ToolContext
 from tools.image_tools import ToolArgumentError, run_tool_call
+from tools.records import Candidate, Reference, from_state
 from tools.safety_gate import screen_references
 
 RETRIEVED_TOOL_NAMES = ("consider_photos",)
 
 
-def photo_candidate(candidate_id: str, reference: dict[str, Any], prompt: str, round_no: int,
-                    chosen_by: str = "agent") -> dict[str, Any]:
-    """A candidate record for a photo of the store (``reference`` is a Reference.to_dict()): the same keys as a
-    drawn candidate, plus ``source``, ``reference_id`` and ``chosen_by``. ``round`` is the number of pictures
-    drawn before it (a photo draws none)."""
-    return {"id": candidate_id, "path": reference["path"], "prompt": prompt, "seed": None, "reference_ids": [],
-            "ip_scale": None, "round": round_no, "clip_score": round(float(reference.get("score") or 0.0), 4),
-            "verdict": None, "source": SOURCE_RETRIEVED, "reference_id": reference["id"], "chosen_by": chosen_by}
+def photo_candidate(candidate_id: str, reference: Reference, prompt: str, round_no: int,
+                    chosen_by: str = "agent") -> Candidate:
+    """A candidate record for a photo of the store: the same keys as a drawn candidate, plus ``source``,
+    ``reference_id`` and ``chosen_by``. ``round`` is the number of pictures drawn before it (a photo draws none)."""
+    return Candidate(id=candidate_id, path=reference.path, prompt=prompt, seed=None, reference_ids=[], ip_scale=None,
+                     round=round_no, clip_score=round(float(reference.score or 0.0), 4), verdict=None,
+                     source=SOURCE_RETRIEVED, reference_id=reference.id, chosen_by=chosen_by)
 
 
 def make_retrieved_tools() -> list[BaseTool]:
@@ -50,7 +50,7 @@ def make_retrieved_tools() -> list[BaseTool]:
         Each becomes a candidate (drawn by nobody) to critique; a matched one can be finished with instead of
         drawing. Use it once, before the first drawing."""
         ctx: ToolContext = runtime.context
-        state, tool_call_id = runtime.state, runtime.tool_call_id
+        state, tool_call_id = from_state(runtime.state), runtime.tool_call_id
 
         def body(_: int):
             if not ctx.settings.retrieval.allow_retrieved:
@@ -59,7 +59,7 @@ def make_retrieved_tools() -> list[BaseTool]:
             if state.get("retrieval_off"):
                 raise ToolArgumentError(f"the collection is unavailable in this run ({state['retrieval_off']}); "
                                         "draw instead (generate)")
-            if any(c.get("source") == SOURCE_RETRIEVED for c in (state.get("candidates") or {}).values()):
+            if any(c.source == SOURCE_RETRIEVED for c in (state.get("candidates") or {}).values()):
                 raise ToolArgumentError("the collection's photos were already considered; draw instead (generate)")
             embedder = ManagedEmbedder(ctx.manager)
             store = ctx.store(embedder)
@@ -70,12 +70,12 @@ def make_retrieved_tools() -> list[BaseTool]:
             candidates, references = {}, {}
             for ref in found:
                 cid = ctx.allocate_candidate_id({**(state.get("candidates") or {}), **candidates})
-                record = {**ref.to_dict(), "query": state["prompt"]}
+                record = Reference.of({**ref.to_dict(), "query": state["prompt"]})
                 references[ref.id] = record
                 candidates[cid] = photo_candidate(cid, record, state["prompt"], state.get("rounds", 0))
             if not candidates:
                 return "No photo in the collection matches the prompt; draw it (generate).", {}
-            listing = [{"candidate_id": cid, "photo": c["path"], "clip_score": c["clip_score"]}
+            listing = [{"candidate_id": cid, "photo": c.path, "clip_score": c.clip_score}
                        for cid, c in candidates.items()]
             text = json.dumps(listing) + " Critique them; finish with one the judge matches, or draw."
             return text, {"candidates": candidates, "references": references}, {"photos": listing}

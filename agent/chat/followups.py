@@ -203,13 +203,12 @@ def follow_up_update(state: dict[str, Any], message: str, followup: FollowUp, *,
     if drawing is not None:
         update["drawing"] = drawing
     best = best_candidate(state)
-    update["continue_from"] = {"candidate_id": best["id"], "rounds": used_rounds} if best else None
+    update["continue_from"] = {"candidate_id": best.id, "rounds": used_rounds} if best else None
     if followup.prompt or followup.refinement:
         update["prompt"] = followup.prompt or refine_prompt(state["prompt"], followup.refinement)
         if update["continue_from"]:  # earlier retrievals answered the old prompt: the repair retrieves afresh
             update["continue_from"]["retrievals_from"] = len(state.get("retrievals") or [])
         # The verdicts answered another prompt: keep them for the record, with that prompt; the judge looks again.
-        update["candidates"] = {cid: {**c, "verdict": None, "stale_verdict": c["verdict"],
-                                      "stale_prompt": state["prompt"]}
-                                for cid, c in (state.get("candidates") or {}).items() if c.get("verdict") is not None}
+        update["candidates"] = {cid: c.replace(verdict=None, stale_verdict=c.verdict, stale_prompt=state["prompt"])
+                                for cid, c in (state.get("candidates") or {}).items() if c.verdict is not None}
     return update

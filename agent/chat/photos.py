@@ -16,6 +16,7 @@ from agent.graph import outcome
 from imgrag.candidate_ids import next_candidate_id
 from imgrag.errors import UserError
 from imgrag.records.runs import RunRecord
+from tools.records import Finished
 from tools.retrieved_tools import SOURCE_RETRIEVED, photo_candidate
 
 USE_PHOTO = re.compile(r"^\s*(?:please\s+)?use\s+(?:the\s+)?(?:photo|picture|reference|ref)\s*(?:number\s+|#)?"
@@ -40,23 +41,23 @@ def use_photo(session: Any, token: str) -> dict[str, Any]:
     candidates = values.get("candidates") or {}
     key = token.strip().lower()
     photo = candidates.get(key)
-    if photo is not None and photo.get("source") != SOURCE_RETRIEVED:
+    if photo is not None and photo.source != SOURCE_RETRIEVED:
         raise UserError(f"{key} is a drawing, not a photo; /show {key} shows it (the best drawing is the answer)")
     if photo is None:
         references = values.get("references") or {}
         ref_id = resolve_reference(token, references)
-        photo = next((c for c in candidates.values() if c.get("reference_id") == ref_id), None)
+        photo = next((c for c in candidates.values() if c.reference_id == ref_id), None)
         if photo is None:
             record = RunRecord(values["run_dir"])
             cid = next_candidate_id(candidates, lambda c: record.candidate_path(c).exists())
-            photo = photo_candidate(cid, {"id": ref_id, **references[ref_id]}, values["prompt"],
+            photo = photo_candidate(cid, references[ref_id].replace(id=ref_id), values["prompt"],
                                     int(values.get("rounds", 0)), chosen_by="user")
     config = {"configurable": {"thread_id": session.thread_id}}
     graph = runner.graph()
     reason = f"the user chose photo {token} as the answer"
-    update = {"candidates": {photo["id"]: photo}, "finished": None}
+    update = {"candidates": {photo.id: photo}, "finished": None}
     graph.update_state(config, update, as_node="finalize")
-    graph.update_state(config, {"finished": {"candidate_id": photo["id"], "reason": reason}}, as_node="finalize")
+    graph.update_state(config, {"finished": Finished(candidate_id=photo.id, reason=reason)}, as_node="finalize")
     state = graph.get_state(config).values
     ended = {**outcome(state), "stop_reason": reason}
     if ended["status"] != "matched":
@@ -64,7 +65,7 @@ def use_photo(session: Any, token: str) -> dict[str, Any]:
     graph.update_state(config, ended, as_node="finalize")
     record = RunRecord(values["run_dir"])
     result = runner._result(graph.get_state(config).values, record)
-    record.append_step({"event": "use_photo", "candidate_id": photo["id"], "path": photo["path"],
+    record.append_step({"event": "use_photo", "candidate_id": photo.id, "path": photo.path,
                         "final_source": SOURCE_RETRIEVED, "status": result["status"]})
     record.write_result(result)
     return result

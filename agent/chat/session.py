@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from imgrag.records.provenance import copy_with_provenance
 from imgrag.records.runs import RUN_ID_PATTERN, RunRecord, new_run_id
 from tools.answers import is_stale
 from tools.budget import check_rounds
+from tools.records import Candidate, to_plain
 
 STOPPED_BY_USER = "stopped by the user (Ctrl-C)"
 CUT_OFF = "cut off: the chat ended in the middle of this request"
@@ -169,7 +170,7 @@ class ChatSession:
     def _follow_up(self, text: str) -> dict[str, Any]:
         self.settle_cut_off()
         values = self.values()
-        references = values.get("references") or {}
+        references = to_plain(values.get("references") or {})  # the chat's helpers read references as plain dicts
         followup = self._read_followup(values["prompt"], text, references)
         # "use the second reference more strongly": read by the rules whoever read the rest of the message
         steer = followup.steer or parse_steering(text)
@@ -230,7 +231,7 @@ class ChatSession:
             return {"reference_ids": list(self._picks), "references": {}}
         if not (self.approve or ask) or self.reviewer is None:
             return {"reference_ids": proposed, "references": {}}
-        references = self.values().get("references") or {}
+        references = to_plain(self.values().get("references") or {})
         return self.reviewer(Proposal(question.get("prompt") or "", question.get("ip_scale"), proposed, references))
 
     def _stopped(self) -> dict[str, Any]:
@@ -242,7 +243,7 @@ class ChatSession:
         if result is None:  # the request had just ended when Ctrl-C came
             values = self.values()
             best = best_candidate(values)
-            result = {**outcome(values), "final_image": best["path"] if best else None,
+            result = {**outcome(values), "final_image": best.path if best else None,
                       "stop_reason": values.get("stop_reason"), "rounds": values.get("rounds", 0)}
         return {**result, "stopped": True}
 
@@ -393,7 +394,8 @@ class ChatSession:
         best = best_candidate(values) if values else None
         return {"thread_id": self.thread_id, "requests": requests_of(values), "prompt": values.get("prompt"),
                 "candidates": len(values.get("candidates") or {}), "rounds": values.get("rounds", 0),
-                "best": best, "status": values.get("status"), "stop_reason": values.get("stop_reason"),
+                "best": best.model_dump() if best else None, "status": values.get("status"),
+                "stop_reason": values.get("stop_reason"),
                 "paused": bool(snapshot is not None and snapshot.interrupts)}
 
     # ----- pictures and references -----
@@ -407,26 +409,27 @@ class ChatSession:
         return dict(self._require_snapshot().values)
 
     def candidate(self, which: str | None = None) -> dict[str, Any]:
-        """A candidate by id (c2) or number (2); the best one when None."""
+        """A candidate by id (c2) or number (2); the best one when None. As its plain dict (result.json's form), the
+        form the front ends show."""
         values = self._require_thread()
         candidates = values.get("candidates") or {}
         if not which:
             best = best_candidate(values)
             if best is None:
                 raise UserError("nothing drawn on this thread yet")
-            return best
+            return best.model_dump()
         key = parse_candidate(which)
         if key not in candidates:
             known = ", ".join(sorted_ids(candidates)) or "none yet"
             raise UserError(f"no candidate {which!r} on this thread (candidates: {known})")
-        return candidates[key]
+        return candidates[key].model_dump()
 
     def references(self) -> list[dict[str, Any]]:
         """The thread's references in /refs order, each with its number and whether the best picture used it."""
         values = self._require_thread()
-        best = best_candidate(values) or {}
-        used = set(best.get("reference_ids") or [])
-        return [{"number": n, **ref, "id": rid, "used_by_best": rid in used}
+        best = best_candidate(values)
+        used = set(best.reference_ids if best else [])
+        return [{"number": n, **ref.model_dump(), "id": rid, "used_by_best": rid in used}
                 for n, (rid, ref) in enumerate((values.get("references") or {}).items(), 1)]
 
     def save(self, target: str) -> tuple[dict[str, Any], Path]:
@@ -476,14 +479,15 @@ class ChatSession:
         return {"undone": undone, **self.summary()}
 
 
-def verdict_text(candidate: dict[str, Any]) -> str:
-    """A candidate's verdict in a few words."""
-    verdict = candidate.get("verdict")
+def verdict_text(candidate: Candidate | Mapping[str, Any]) -> str:
+    """A candidate's verdict in a few words; the candidate as a record or as result.json's plain dict."""
+    candidate = Candidate.of(candidate)
+    verdict = candidate.verdict
     if verdict is None:
         return "judged against an earlier prompt" if is_stale(candidate) else "not judged yet"
-    if verdict.get("match"):
+    if verdict.match:
         return "the judge sees everything asked"
-    if not verdict.get("parsed", True):
+    if not verdict.parsed:
         return "the judge's answer could not be read"
-    missing = ", ".join(verdict.get("missing") or []) or "unnamed"
+    missing = ", ".join(verdict.missing) or "unnamed"
     return f"the judge misses: {missing}"

@@ -44,6 +44,7 @@ from imgrag.drawing.schedulers import SCHEDULER_NAMES
 from imgrag.errors import UserError
 from imgrag.settings import TINY_MARK, TINY_WARNING
 from imgrag.text import describe_error
+from tools.records import Reference
 
 THUMB_PX = 256
 PREVIEW_PX = 256  # the live preview's side on the page (the latents' picture is enlarged to it)
@@ -237,19 +238,19 @@ class WebChat:
                           f"**Prompt:** {as_text(summary['prompt'] or '')}")
         references = values.get("references") or {}
         numbers = {rid: n for n, rid in enumerate(references, 1)}
-        candidates = sorted((values.get("candidates") or {}).values(), key=lambda c: candidate_number(c["id"]))
+        candidates = sorted((values.get("candidates") or {}).values(), key=lambda c: candidate_number(c.id))
         best = summary["best"]
         rows = ["| candidate | round | references | verdict |", "|---|---|---|---|"]
         for c in candidates:
-            refs = ", ".join(f"#{numbers.get(r, '?')}" for r in c.get("reference_ids") or []) or "none"
-            mark = " **(best)**" if best and c["id"] == best["id"] else ""
-            rows.append(f"| {c['id']}{mark} | {c.get('round', '')} | {refs} | {as_text(verdict_text(c))} |")
-            view["candidates"].append((self.picture(c["path"]), f"{c['id']} · {verdict_text(c)}"))
+            refs = ", ".join(f"#{numbers.get(r, '?')}" for r in c.reference_ids) or "none"
+            mark = " **(best)**" if best and c.id == best["id"] else ""
+            rows.append(f"| {c.id}{mark} | {c.round} | {refs} | {as_text(verdict_text(c))} |")
+            view["candidates"].append((self.picture(c.path), f"{c.id} · {verdict_text(c)}"))
         view["rounds"] = "\n".join(rows) if candidates else "_nothing drawn yet_"
         for rid, ref in references.items():
-            score = "" if ref.get("score") is None else f" · score {float(ref['score']):.3f}"
+            score = "" if ref.score is None else f" · score {float(ref.score):.3f}"
             used = " · used by the best" if best and rid in (best.get("reference_ids") or []) else ""
-            view["references"].append((self.thumbnail(ref.get("path")),
+            view["references"].append((self.thumbnail(ref.path),
                                        f"#{numbers[rid]} {label(rid, ref)}{score}{used}"))
         view["references"] = [r for r in view["references"] if r[0] is not None]
         if best:
@@ -369,9 +370,9 @@ def enlarged(image: Any) -> Any:
         else image
 
 
-def label(reference_id: str, reference: dict[str, Any]) -> str:
+def label(reference_id: str, reference: Reference) -> str:
     """What a reference is called on the page: its caption, else its file's name, else its id."""
-    return reference.get("caption") or (Path(reference["path"]).name if reference.get("path") else reference_id)
+    return reference.caption or (Path(reference.path).name if reference.path else reference_id)
 
 
 def assistant(content: Any, **extra: Any) -> dict[str, Any]:
