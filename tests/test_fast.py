@@ -154,7 +154,8 @@ def test_switching_fast_mode_is_not_a_reload_and_the_manager_counts_the_lora(tin
 
 def test_a_missing_or_foreign_lora_is_a_model_load_error(settings: Settings, tiny_kit: dict[str, Path],
                                                        tmp_path: Path) -> None:
-    from imgrag.kits.tiny_kit import SDXL_UNET, build_lcm_lora
+    from imgrag.kits.tiny_configs import SDXL_UNET
+    from imgrag.kits.tiny_loras import build_lcm_lora
 
     gen = Generator.from_pretrained(settings)
     gen.settings = settings_copy = load_settings(
@@ -193,7 +194,7 @@ def test_the_full_size_lora_has_the_published_size() -> None:
     from peft import LoraConfig
 
     from imgrag.kits import full_scale
-    from imgrag.kits.tiny_kit import LCM_LORA_RANK, LCM_LORA_TARGET_MODULES
+    from imgrag.kits.tiny_loras import LCM_LORA_RANK, LCM_LORA_TARGET_MODULES
 
     with torch.device("meta"):  # shapes only
         unet = UNet2DConditionModel.from_config(full_scale.SDXL_UNET)

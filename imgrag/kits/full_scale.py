@@ -38,22 +38,21 @@ from pathlib import Path
 from typing import Any
 
 from imgrag.atomic_files import write_json_atomic
-from imgrag.kits.tiny_kit import (
+from imgrag.drawing.loras import lora_parameters
+from imgrag.kits.tiny_configs import (
     IP_ADAPTER_IMAGE_ENCODER_FOLDER,
     IP_ADAPTER_NUM_TOKENS,
     IP_ADAPTER_SUBFOLDER,
     IP_ADAPTER_WEIGHT_NAME,
     KIT_VERSION,
-    LCM_LORA_RANK,
     MARKER_NAME,
     MODEL_DIRS,
     OPEN_CLIP_CONFIG_NAME,
     OPEN_CLIP_PREPROCESS_CFG,
     OPEN_CLIP_WEIGHTS_NAME,
-    build_lcm_lora,
-    build_tiny_kit,
-    tiny_kit_paths,
 )
+from imgrag.kits.tiny_kit import build_tiny_kit, tiny_kit_paths
+from imgrag.kits.tiny_loras import LCM_LORA_RANK, build_lcm_lora, build_user_loras
 
 SCALES = ("tiny", "full")
 TINY_SOURCE = ".tiny-source"
@@ -235,7 +234,7 @@ def build_full_kit(out_dir: Path, *, seed: int = 0, force: bool = False,
         say(f"{MODEL_DIRS[key]} (full size)")
         torch.manual_seed(seed)
         dest = paths[key]
-        # Not tiny_kit._build_into, which keeps the old folder until the new one is in place: at full size
+        # Not the tiny kit's build-then-swap, which keeps the old folder until the new one is in place: at full size
         # that would need up to 15 GB more disk; the marker is already gone, so a half-built kit looks unbuilt.
         if dest.exists():
             shutil.rmtree(dest)
@@ -300,8 +299,6 @@ def _build_lcm_lora(dest: Path, tiny: Path, cfg: KitConfigs, device: str, dtype:
 def _build_user_loras(dest: Path, tiny: Path, cfg: KitConfigs, device: str, dtype: Any) -> dict[str, int]:
     """The tiny kit's two user LoRAs (diffusers and kohya layouts) over the full UNet and text encoders: rank 4 on
     every attention projection, as most SDXL LoRA trainers make them."""
-    from imgrag.drawing.loras import lora_parameters
-    from imgrag.kits.tiny_kit import build_user_loras
 
     paths = build_user_loras(dest, 0, unet_config=cfg.unet,
                              text_widths=(cfg.text_encoder["hidden_size"], cfg.text_encoder_2["hidden_size"]),
