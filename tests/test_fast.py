@@ -193,15 +193,15 @@ def test_the_full_size_lora_has_the_published_size() -> None:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from imgrag.kits import full_scale
+    from imgrag.kits import full_configs
     from imgrag.kits.tiny_loras import LCM_LORA_RANK, LCM_LORA_TARGET_MODULES
 
     with torch.device("meta"):  # shapes only
-        unet = UNet2DConditionModel.from_config(full_scale.SDXL_UNET)
+        unet = UNet2DConditionModel.from_config(full_configs.SDXL_UNET)
         unet.add_adapter(LoraConfig(r=LCM_LORA_RANK, lora_alpha=LCM_LORA_RANK, target_modules=LCM_LORA_TARGET_MODULES))
     count = sum(p.numel() for name, p in unet.named_parameters() if "lora_" in name)
     assert round(count / 1e6) == 197
-    assert full_scale.FULL.lcm_lora["rank"] == LCM_LORA_RANK
+    assert full_configs.FULL.lcm_lora["rank"] == LCM_LORA_RANK
 
 
 # ----- the command line and the preset -----

@@ -434,7 +434,7 @@ def test_the_real_sdxl_architecture_maps_to_the_names_real_checkpoints_use_and_b
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from imgrag.kits import full_scale as F
+    from imgrag.kits import full_configs as F
     from imgrag.weights.single_file import original_layout
 
     with torch.device("meta"):
