@@ -24,7 +24,8 @@ from imgrag.models.generator import Generator, load_sdxl_pipeline
 from imgrag.records.provenance import file_sha256, read_provenance
 from imgrag.settings import Settings, load_settings
 from imgrag.weights import hub_layouts
-from imgrag.weights.model_files import check_role, select_files
+from imgrag.weights.model_files import check_role
+from imgrag.weights.roles import select_files
 from imgrag.weights.single_file import (
     CLIP_L_PREFIX,
     CONFIG_PATTERNS,
