@@ -125,7 +125,7 @@ def test_flags_are_blamed_on_the_command_line() -> None:
 
 def test_settings_range_for_ip_scale_matches_the_tools() -> None:
     from agent.policy import next_step
-    from imgrag.models.generator import validate_request
+    from imgrag.models.draw_checks import validate_request
     from imgrag.settings import MAX_IP_SCALE
 
     # Many guided rounds push the policy's scale up; it stops at the limit the generator accepts.

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from imgrag.errors import ModelLoadError, UserError
 from imgrag.kits.tiny_configs import SDXL_SINGLE_FILE_NAME
-from imgrag.models.generator import Generator, load_sdxl_pipeline
+from imgrag.models.generator import Generator
+from imgrag.models.sdxl_loader import load_sdxl_pipeline
 from imgrag.records.provenance import file_sha256, read_provenance
 from imgrag.settings import Settings, load_settings
 from imgrag.weights import hub_layouts

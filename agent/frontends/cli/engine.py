@@ -46,9 +46,9 @@ from imgrag.drawing.steering import ReferenceSteer, parse_ref_arg
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
 from imgrag.management.engine import build_manager
+from imgrag.models.draw_checks import validate_request
 from imgrag.models.embedder import prompt_length_notice
 from imgrag.models.fast import draw_plan
-from imgrag.models.generator import validate_request
 from imgrag.models.omnigen import validate_omnigen_request
 from imgrag.models.safety import SafetyGate
 from imgrag.records.provenance import (
