@@ -40,7 +40,8 @@ from typing import Any
 from PIL import Image
 
 from imgrag.drawing.draw_options import MAX_PER_ROUND
-from imgrag.drawing.loras import LoraChoice, LoraSwitch, check_loras, settings_loras
+from imgrag.drawing.lora_switch import LoraSwitch
+from imgrag.drawing.loras import LoraChoice, check_loras, settings_loras
 from imgrag.drawing.schedulers import SchedulerSwitch, check_scheduler
 from imgrag.drawing.schedulers import describe as describe_scheduler
 from imgrag.drawing.steering import ReferenceSteer, instantstyle_scale
