@@ -19,10 +19,11 @@ stays in the pipeline.
 How they draw (:class:`imgrag.drawing.lora_switch.LoraSwitch`): diffusers' PEFT backend. Each file is read once, as a
 state dict handed to ``load_lora_weights(state_dict, adapter_name=...)`` (diffusers converts kohya keys and alphas
 itself), and every drawing activates the adapters it uses with ``set_adapters(names, weights)``, together with the
-fast mode's LCM-LoRA (:mod:`imgrag.models.fast`). Never fused (in float16, ``fuse_lora`` + ``unfuse_lora`` leaves rounding error in
-SDXL's weights: imgrag.models.fast's test shows it) and never reloaded: switching is setting each LoRA layer's active
-adapters and scales. A LoRA at weight 0 is left out of the active set, so its drawing is the one made without it;
-with no adapter active the LoRA layers are switched off (``disable_lora``), bit for bit the plain pipeline.
+fast mode's LCM-LoRA (:mod:`imgrag.models.fast`). Never fused (in float16, ``fuse_lora`` + ``unfuse_lora`` leaves
+rounding error in SDXL's weights: imgrag.models.fast's test shows it) and never reloaded: switching is setting each
+LoRA layer's active adapters and scales. A LoRA at weight 0 is left out of the active set, so its drawing is the one
+made without it; with no adapter active the LoRA layers are switched off (``disable_lora``), bit for bit the plain
+pipeline.
 
 Memory: a LoRA's parameters join the UNet and the text encoders (in their dtype). Before one loads, the model
 manager is asked for room (the generator's ``before_adapter_load``, as for the IP-Adapter) with the size read from
