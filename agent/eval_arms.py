@@ -21,6 +21,7 @@ backbone registers its arm there).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,8 +114,9 @@ def run_dir_references(run_dir: str | Path) -> list[dict[str, str]]:
 
 
 def _loads(manager: Any, before: dict[str, int]) -> dict[str, int]:
-    after = manager.load_counts()
-    return {name: n - before.get(name, 0) for name, n in after.items() if n - before.get(name, 0)}
+    """The loads since ``before`` (a :meth:`load_counts`), only the models that loaded: Counter's ``-`` keeps the
+    positive differences, and a count never falls."""
+    return dict(Counter(manager.load_counts()) - Counter(before))
 
 
 def _save(ctx: ArmContext, record: RunRecord, candidate_id: str, image: Any, prompt: str, seed: int,

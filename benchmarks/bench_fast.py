@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "repeat": args.repeat}
     res = Results(args.json, doc)
     if not args.tiny and (args.dry_run or args.build):
-        from imgrag.kits.full_scale import FULL, build_full_kit, smoke_configs
+        from imgrag.kits.full_configs import FULL, smoke_configs
+        from imgrag.kits.full_scale import build_full_kit
 
         kit = args.kit or home / "kit"
         res.stage("build", lambda: {"seconds": round(timed(lambda: build_full_kit(

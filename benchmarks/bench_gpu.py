@@ -232,7 +232,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.build or (args.dry_run and not (kit / "kit.json").exists()):
         def build() -> dict[str, Any]:
-            from imgrag.kits.full_scale import FULL, build_full_kit, smoke_configs
+            from imgrag.kits.full_configs import FULL, smoke_configs
+            from imgrag.kits.full_scale import build_full_kit
 
             seconds, _ = timed(lambda: build_full_kit(kit, configs=smoke_configs() if args.dry_run else FULL,
                                                       device="cpu" if args.dry_run else None, force=True,

@@ -169,7 +169,7 @@ def full_encoder_arm(device: str, repeats: int) -> dict[str, Any]:
     from PIL import Image
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from imgrag.kits.full_scale import IP_IMAGE_ENCODER
+    from imgrag.kits.full_configs import IP_IMAGE_ENCODER
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**IP_IMAGE_ENCODER)).to(device, dtype).eval()

@@ -145,7 +145,7 @@ def tiny_random_embedder() -> Embedder:
     """A 32-px random ViT: cheap enough to fill a 10,000-file store; the re-index never calls it."""
     import open_clip
 
-    from imgrag.kits.tiny_kit import OPEN_CLIP_MODEL_CFG
+    from imgrag.kits.tiny_configs import OPEN_CLIP_MODEL_CFG
 
     model = open_clip.CLIP(**OPEN_CLIP_MODEL_CFG)
     preprocess = open_clip.image_transform(OPEN_CLIP_MODEL_CFG["vision_cfg"]["image_size"], is_train=False)

@@ -72,7 +72,7 @@ def test_oversized_text_chunk_says_why(tmp_path: Path) -> None:
 
 
 def test_report_thumbnail_of_an_unreadable_file_is_none(tmp_path: Path) -> None:
-    from imgrag.records.report import image_data_uri
+    from imgrag.records.report_html import image_data_uri
 
     assert image_data_uri(png_with_huge_text(tmp_path / "meta.png")) is None
     assert image_data_uri(solid(tmp_path / "ok.png", (1, 2, 3))).startswith("data:image/png")

@@ -173,7 +173,7 @@ def test_a_follow_up_refines_the_same_thread_from_the_best_picture(settings, tmp
     assert by_id["c1"]["verdict"] is not None  # judged again
     # The report says against which prompt the set-aside verdicts were given, instead of "not judged".
     assert by_id["c0"]["stale_prompt"] == "a retriever and a cradle"
-    from imgrag.records.report import render_run
+    from imgrag.records.run_report import render_run
 
     page = render_run(second["run_dir"])
     card = page[page.index('id="cand-c0"'):page.index('id="cand-c1"')]
@@ -367,7 +367,7 @@ def test_ctrl_c_stops_the_request_and_keeps_the_thread(settings, tmp_path: Path)
     # Cut off, not out of budget: result.json says so, and so does the report's badge.
     assert result["status"] == "interrupted"
     assert json.loads((Path(result["run_dir"]) / "result.json").read_text())["status"] == "interrupted"
-    from imgrag.records.report import render_run
+    from imgrag.records.run_report import render_run
 
     assert '<span class="badge warn">interrupted</span>' in render_run(result["run_dir"])
     assert "budget_exhausted" not in render_run(result["run_dir"])

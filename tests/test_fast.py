@@ -154,7 +154,8 @@ def test_switching_fast_mode_is_not_a_reload_and_the_manager_counts_the_lora(tin
 
 def test_a_missing_or_foreign_lora_is_a_model_load_error(settings: Settings, tiny_kit: dict[str, Path],
                                                        tmp_path: Path) -> None:
-    from imgrag.kits.tiny_kit import SDXL_UNET, build_lcm_lora
+    from imgrag.kits.tiny_configs import SDXL_UNET
+    from imgrag.kits.tiny_loras import build_lcm_lora
 
     gen = Generator.from_pretrained(settings)
     gen.settings = settings_copy = load_settings(
@@ -192,15 +193,15 @@ def test_the_full_size_lora_has_the_published_size() -> None:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from imgrag.kits import full_scale
-    from imgrag.kits.tiny_kit import LCM_LORA_RANK, LCM_LORA_TARGET_MODULES
+    from imgrag.kits import full_configs
+    from imgrag.kits.tiny_loras import LCM_LORA_RANK, LCM_LORA_TARGET_MODULES
 
     with torch.device("meta"):  # shapes only
-        unet = UNet2DConditionModel.from_config(full_scale.SDXL_UNET)
+        unet = UNet2DConditionModel.from_config(full_configs.SDXL_UNET)
         unet.add_adapter(LoraConfig(r=LCM_LORA_RANK, lora_alpha=LCM_LORA_RANK, target_modules=LCM_LORA_TARGET_MODULES))
     count = sum(p.numel() for name, p in unet.named_parameters() if "lora_" in name)
     assert round(count / 1e6) == 197
-    assert full_scale.FULL.lcm_lora["rank"] == LCM_LORA_RANK
+    assert full_configs.FULL.lcm_lora["rank"] == LCM_LORA_RANK
 
 
 # ----- the command line and the preset -----

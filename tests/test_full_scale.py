@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from imgrag.kits import full_configs as C
 from imgrag.kits import full_scale as F
 
 # Parameter counts of the published checkpoints (the figures their model cards and loaders report).
@@ -47,21 +48,21 @@ def test_full_configurations_have_the_published_sizes() -> None:
 
     with torch.device("meta"):  # shapes only: 15 B parameters cost no memory here
         counts = {
-            "unet": _count(UNet2DConditionModel.from_config(F.SDXL_UNET)),
-            "vae": _count(AutoencoderKL.from_config(F.SDXL_VAE)),
-            "text_encoder": _count(CLIPTextModel(CLIPTextConfig(**F.SDXL_TEXT_ENCODER))),
-            "text_encoder_2": _count(CLIPTextModelWithProjection(CLIPTextConfig(**F.SDXL_TEXT_ENCODER_2))),
-            "image_encoder": _count(CLIPVisionModelWithProjection(CLIPVisionConfig(**F.IP_IMAGE_ENCODER))),
-            "qwen_llm": _count(Qwen2ForCausalLM(Qwen2Config(**F.QWEN_LLM))),
+            "unet": _count(UNet2DConditionModel.from_config(C.SDXL_UNET)),
+            "vae": _count(AutoencoderKL.from_config(C.SDXL_VAE)),
+            "text_encoder": _count(CLIPTextModel(CLIPTextConfig(**C.SDXL_TEXT_ENCODER))),
+            "text_encoder_2": _count(CLIPTextModelWithProjection(CLIPTextConfig(**C.SDXL_TEXT_ENCODER_2))),
+            "image_encoder": _count(CLIPVisionModelWithProjection(CLIPVisionConfig(**C.IP_IMAGE_ENCODER))),
+            "qwen_llm": _count(Qwen2ForCausalLM(Qwen2Config(**C.QWEN_LLM))),
             "qwen_vl": _count(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-                text_config=dict(F.QWEN_VL_TEXT), vision_config=dict(F.QWEN_VL_VISION), tie_word_embeddings=True))),
-            "open_clip": _count(open_clip.CLIP(**F.OPEN_CLIP_MODEL_CFG)),
-            "omnigen": _count(OmniGenTransformer2DModel.from_config(F.OMNIGEN_TRANSFORMER)),
+                text_config=dict(C.QWEN_VL_TEXT), vision_config=dict(C.QWEN_VL_VISION), tie_word_embeddings=True))),
+            "open_clip": _count(open_clip.CLIP(**C.OPEN_CLIP_MODEL_CFG)),
+            "omnigen": _count(OmniGenTransformer2DModel.from_config(C.OMNIGEN_TRANSFORMER)),
         }
     assert counts == PUBLISHED
     # SDXL's UNet attends over both text encoders' hidden states side by side.
-    widths = F.SDXL_TEXT_ENCODER["hidden_size"] + F.SDXL_TEXT_ENCODER_2["hidden_size"]
-    assert F.SDXL_UNET["cross_attention_dim"] == widths
+    widths = C.SDXL_TEXT_ENCODER["hidden_size"] + C.SDXL_TEXT_ENCODER_2["hidden_size"]
+    assert C.SDXL_UNET["cross_attention_dim"] == widths
 
 
 def test_the_builder_layout_loads_through_the_engine(tmp_path: Path) -> None:
@@ -69,12 +70,12 @@ def test_the_builder_layout_loads_through_the_engine(tmp_path: Path) -> None:
     from imgrag.settings import load_settings
 
     kit = tmp_path / "kit"
-    paths = F.build_full_kit(kit, configs=F.smoke_configs(), device="cpu")
+    paths = F.build_full_kit(kit, configs=C.smoke_configs(), device="cpu")
     marker = json.loads((kit / "kit.json").read_text())
     assert marker["scale"] == "full" and marker["parameters"]["sdxl.unet"] > 0
     assert set(paths) == {"generator", "generator_single_file", "ip_adapter", "judge", "llm", "embedder", "lcm_lora",
                           "loras", "dino", "siglip", "omnigen"}
-    assert F.build_full_kit(kit, configs=F.smoke_configs(), device="cpu") == paths  # kept, not rebuilt
+    assert F.build_full_kit(kit, configs=C.smoke_configs(), device="cpu") == paths  # kept, not rebuilt
 
     settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")}, overrides={
         "device": "cpu",
@@ -103,7 +104,7 @@ def test_the_builder_layout_loads_through_the_engine(tmp_path: Path) -> None:
         reply = llm.invoke([HumanMessage("hello")])
         assert reply.usage_metadata["output_tokens"] <= 4
     with manager.use("embedder") as embedder:
-        assert embedder.embed_images([image]).shape == (1, F.smoke_configs().open_clip["embed_dim"])
+        assert embedder.embed_images([image]).shape == (1, C.smoke_configs().open_clip["embed_dim"])
 
 
 def test_build_tiny_scale_flag(tmp_path: Path) -> None:

@@ -169,7 +169,7 @@ def test_nan_pixels_from_a_half_precision_vae_are_redrawn_in_float32(settings: S
 
 def test_nan_pixels_even_in_float32_fail_with_one_line_naming_the_setting(generator: Generator,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from imgrag.models.generator import NonFiniteDrawingError
+    from imgrag.models.decoding import NonFiniteDrawingError
 
     monkeypatch.setattr(generator.pipe.vae, "decode", _nan_decode(generator.pipe.vae, lambda v: True))
     with pytest.raises(NonFiniteDrawingError, match="NaN or inf.*dtype") as info:
@@ -178,7 +178,7 @@ def test_nan_pixels_even_in_float32_fail_with_one_line_naming_the_setting(genera
 
 
 def test_nan_latents_fail_before_any_decode(generator: Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    from imgrag.models.generator import NonFiniteDrawingError
+    from imgrag.models.decoding import NonFiniteDrawingError
 
     unet = generator.pipe.unet
     real = unet.forward

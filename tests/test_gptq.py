@@ -25,7 +25,7 @@ def test_a_gptq_int4_qwen_quantised_by_the_kit_loads_and_answers(
 
     monkeypatch.chdir(tmp_path)  # gptqmodel writes a logs/ folder into the working directory
 
-    from imgrag.kits.tiny_kit import quantise_gptq
+    from imgrag.kits.tiny_builders import quantise_gptq
     from imgrag.management.engine import build_manager
 
     folder = quantise_gptq(tiny_kit["llm"], tmp_path / "qwen2.5-gptq-int4")

@@ -17,7 +17,8 @@ from PIL import Image
 
 from imgrag.drawing.loras import LoraChoice, check_lora_file, merge_loras, parse_lora_arg
 from imgrag.errors import ModelLoadError, UserError
-from imgrag.kits.tiny_kit import SDXL_UNET, STYLE_LORA_NAME, SUBJECT_LORA_NAME, to_kohya, user_lora_state_dict
+from imgrag.kits.tiny_configs import SDXL_UNET
+from imgrag.kits.tiny_loras import STYLE_LORA_NAME, SUBJECT_LORA_NAME, to_kohya, user_lora_state_dict
 from imgrag.models.generator import Generator
 from imgrag.records.provenance import PARAMETERS_KEY, read_provenance
 from imgrag.settings import Settings, SettingsError, load_settings

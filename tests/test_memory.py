@@ -63,7 +63,7 @@ def test_memory_makes_the_next_run_start_guided_and_a_demoted_one_is_not_used(tm
     trace = _trace(second)
     assert any(s.get("event") == "memory" and s["concepts"] == ["a wooden cradle"] for s in trace)
     assert [s.get("guided_by") for s in trace if s.get("tool") == "regenerate"] == [["memory"]]
-    from imgrag.records.report import render_run
+    from imgrag.records.run_report import render_run
 
     assert "concept memory" in render_run(second["run_dir"]) and "(remembered)" in render_run(second["run_dir"])
     assert memory.entries()[0].references[0].matches == 2
@@ -129,7 +129,7 @@ def test_batch_lines_carry_references_with_weights(tmp_path: Path) -> None:
     assert candidate["reference_weights"] == {rid: 0.6} and candidate["reference_modes"] == {rid: "style"}
     assert first["steps"][0]["args"]["weights"] == [0.6] and first["start_guidance"]["source"] == "user"
     assert first["references"][rid]["path"] == str((photos / "kettle.png").resolve())
-    from imgrag.records.report import render_run
+    from imgrag.records.run_report import render_run
 
     page = render_run(first["run_dir"])  # the report says how each reference steered
     assert "weight 0.60, style" in page and "(yours)" in page

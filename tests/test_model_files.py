@@ -20,14 +20,8 @@ import pytest
 
 from imgrag.settings import builtin_presets, load_settings
 from imgrag.weights import hub_layouts
-from imgrag.weights.model_files import (
-    OPTIONAL_PATTERNS,
-    ROLES,
-    check_roles,
-    generator_variant,
-    hub_patterns,
-    select_files,
-)
+from imgrag.weights.model_files import check_roles, generator_variant
+from imgrag.weights.roles import OPTIONAL_PATTERNS, ROLES, hub_patterns, select_files
 from tests.cli import run_cli
 from tests.ports import free_port
 
@@ -413,7 +407,7 @@ def test_weight_file_problem_kinds(tmp_path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from imgrag.weights.model_files import weight_file_problem
+    from imgrag.weight_files import weight_file_problem
 
     good = tmp_path / "good.safetensors"
     save_file({"w": torch.zeros(4, 4)}, str(good))

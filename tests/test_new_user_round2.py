@@ -239,7 +239,7 @@ def test_sizes_and_steps_have_bounds_a_user_can_raise(capsys, tmp_path, monkeypa
 
 def test_the_bounds_hold_for_the_generator_itself() -> None:
     from imgrag.errors import UserError
-    from imgrag.models.generator import validate_request
+    from imgrag.models.draw_checks import validate_request
     from imgrag.settings import DEFAULT_MAX_SIDE, DEFAULT_MAX_STEPS, GenerationSettings
 
     validate_request("a cat", DEFAULT_MAX_SIDE, 64, DEFAULT_MAX_STEPS, 0.5)

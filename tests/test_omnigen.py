@@ -198,7 +198,7 @@ def test_the_budget_holds_with_both_backbones(omnigen_settings) -> None:
     import torch
     from diffusers import OmniGenTransformer2DModel
 
-    from imgrag.kits.full_scale import OMNIGEN_TRANSFORMER
+    from imgrag.kits.full_configs import OMNIGEN_TRANSFORMER
     from imgrag.management.engine import build_manager, uses_omnigen, working_memory_gb
     from imgrag.management.manager import ModelManager
 

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from imgrag.errors import ModelLoadError
-from imgrag.kits.tiny_kit import IP_IMAGE_ENCODER, SDXL_UNET, ip_adapter_attention_weights
+from imgrag.kits.tiny_builders import ip_adapter_attention_weights
+from imgrag.kits.tiny_configs import IP_IMAGE_ENCODER, SDXL_UNET
 from imgrag.models.generator import Generator
 from imgrag.settings import Settings, load_settings
 from imgrag.weights.adapters import inspect_adapter, resolve_ip_adapter

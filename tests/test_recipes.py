@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgrag.records.provenance import Recipe, file_sha256, for_drawing, for_omnigen_drawing, read_provenance, save_image
+from imgrag.records.provenance import file_sha256, for_drawing, for_omnigen_drawing, read_provenance, save_image
+from imgrag.records.recipes import Recipe
 from tests.cli import run_cli
 
 

@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 
 from agent.runner import Runner, open_checkpointer
 from imgrag.errors import UserError
-from imgrag.records.report import folder_kind, render_run, write_report
+from imgrag.records.report import write_report
+from imgrag.records.report_html import folder_kind
+from imgrag.records.run_report import render_run
 from imgrag.settings import load_settings
 from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, FakeVerdict, MemoryStore, ScriptedJudge
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from agent.chat import ChatSession
 from agent.runner import Runner, open_checkpointer
-from imgrag.records.report import render_run
+from imgrag.records.run_report import render_run
 from imgrag.settings import load_settings
 from tests.fakes import (
     FakeEmbedder,

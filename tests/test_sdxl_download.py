@@ -16,7 +16,7 @@ import pytest
 
 from imgrag.settings import load_settings
 from imgrag.weights import hub_layouts
-from imgrag.weights.model_files import SDXL_EXTRA_WEIGHTS, hub_patterns, select_files
+from imgrag.weights.roles import SDXL_EXTRA_WEIGHTS, hub_patterns, select_files
 
 # stabilityai/stable-diffusion-xl-base-1.0's model_index.json (its components; the versions do not matter here).
 SDXL_MODEL_INDEX = {

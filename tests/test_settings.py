@@ -125,7 +125,7 @@ def test_flags_are_blamed_on_the_command_line() -> None:
 
 def test_settings_range_for_ip_scale_matches_the_tools() -> None:
     from agent.policy import next_step
-    from imgrag.models.generator import validate_request
+    from imgrag.models.draw_checks import validate_request
     from imgrag.settings import MAX_IP_SCALE
     from tools.records import from_state
 
@@ -144,3 +144,35 @@ def test_settings_range_for_ip_scale_matches_the_tools() -> None:
 
     with pytest.raises(UserError, match="ip_scale"):
         validate_request("a cat", 64, 64, 2, MAX_IP_SCALE + 0.5)
+
+
+def test_env_keys_with_underscores_split_once_at_the_section() -> None:
+    env = {"IMGRAG_GENERATION_MAX_SIDE": "4096", "IMGRAG_GENERATION_WIDTH": "4096", "IMGRAG_GPU_MEMORY_GB": "24",
+           "IMGRAG_MODELS_LLM_API_KEY": "1234"}
+    s = load_settings(environ=env)
+    assert (s.generation.max_side, s.generation.width, s.gpu_memory_gb) == (4096, 4096, 24.0)
+    assert s.models.llm_api_key == "1234"
+    with pytest.raises(SettingsError, match="^environment: unknown key 'generation.max_sides'"):
+        load_settings(environ={"IMGRAG_GENERATION_MAX_SIDES": "4096"})
+
+
+def test_a_bad_table_entry_is_blamed_on_the_file_that_holds_it(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "c.toml", "[[models.loras]]\npath = 'x.safetensors'\nweight = 9\n")
+    with pytest.raises(SettingsError, match="c.toml: models.loras.0.weight: Input should be less than or equal to 4"):
+        load_settings(config=cfg, environ={})
+    # A file's value is blamed on the file even when a profile below it set the same section.
+    cfg = write(tmp_path / "d.toml", "[generation]\nfast_steps = 999\n")
+    with pytest.raises(SettingsError, match=r"d.toml: generation: 999 steps is above generation.max_steps"):
+        load_settings("tiny", config=cfg, environ={})
+
+
+def test_a_folder_or_a_profile_file_of_an_unknown_profile_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="cannot read: Is a directory"):
+        load_settings(config=tmp_path, environ={})
+    prof = write(tmp_path / "p.toml", "profile = 'gpu-24gb'\n")
+    with pytest.raises(SettingsError, match="profile must be one of default, tiny, got 'gpu-24gb'"):
+        load_settings(str(prof), environ={})
+    cfg = write(tmp_path / "q.toml", "profile = 'tiny'\n")
+    with pytest.raises(SettingsError, match="'profile' in a --config file must match the chosen profile"):
+        load_settings(config=cfg, environ={})
+    assert load_settings("tiny", config=cfg, environ={"IMGRAG_HOME": str(tmp_path)}).profile == "tiny"

@@ -19,12 +19,14 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from imgrag.errors import ModelLoadError, UserError
-from imgrag.kits.tiny_kit import SDXL_SINGLE_FILE_NAME
-from imgrag.models.generator import Generator, load_sdxl_pipeline
+from imgrag.kits.tiny_configs import SDXL_SINGLE_FILE_NAME
+from imgrag.models.generator import Generator
+from imgrag.models.sdxl_loader import load_sdxl_pipeline
 from imgrag.records.provenance import file_sha256, read_provenance
 from imgrag.settings import Settings, load_settings
 from imgrag.weights import hub_layouts
-from imgrag.weights.model_files import check_role, select_files
+from imgrag.weights.model_files import check_role
+from imgrag.weights.roles import select_files
 from imgrag.weights.single_file import (
     CLIP_L_PREFIX,
     CONFIG_PATTERNS,
@@ -434,7 +436,7 @@ def test_the_real_sdxl_architecture_maps_to_the_names_real_checkpoints_use_and_b
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from imgrag.kits import full_scale as F
+    from imgrag.kits import full_configs as F
     from imgrag.weights.single_file import original_layout
 
     with torch.device("meta"):

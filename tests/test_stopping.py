@@ -129,3 +129,40 @@ def test_the_llm_stops_at_the_end_of_its_tool_call(tiny_kit: dict[str, Path], ti
     assert [c["name"] for c in reply.tool_calls] == ["generate"] and not reply.invalid_tool_calls
     assert reply.usage_metadata["output_tokens"] == needed
     assert reply.response_metadata["stop"] == "answer"
+
+
+def test_a_langchain_stop_sequence_ends_the_generation(tiny_kit: dict[str, Path], tiny_settings: Settings,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from langchain_core.messages import HumanMessage
+
+    from imgrag.models.chat_model import QwenChatModel
+
+    chat = QwenChatModel.from_pretrained(tiny_settings)
+    ids = chat.tokenizer("a red cat STOP and then more words", add_special_tokens=False)["input_ids"]
+    needed = next(n for n in range(1, len(ids) + 1) if "STOP" in chat.tokenizer.decode(ids[:n]))
+    chat.max_new_tokens = len(ids) + 10
+    script(chat.model, monkeypatch, ids)
+    reply = chat.invoke([HumanMessage("draw a cat")], stop=["STOP"])
+    assert reply.content.strip() == "a red cat"
+    assert reply.usage_metadata["output_tokens"] == needed < len(ids)  # transformers stopped it, not the limit
+    assert reply.response_metadata["stop"] == "answer"
+
+
+def test_a_stop_sequence_the_prompt_could_begin_only_cuts_the_reply(tiny_kit: dict[str, Path],
+                                                                    tiny_settings: Settings,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from langchain_core.messages import HumanMessage
+
+    from imgrag.models.chat_model import QwenChatModel
+    from imgrag.models.stopping import generation_stop_strings
+
+    chat = QwenChatModel.from_pretrained(tiny_settings)
+    prompt = chat.render([HumanMessage("draw a cat")], None)
+    assert prompt.endswith("\n") and generation_stop_strings(prompt, ["\n\n", "STOP"]) == ["STOP"]
+    # The reply opens with a newline: with the prompt's own last newline transformers would see "\n\n" at once.
+    ids = chat.tokenizer("\nfirst line\n\nsecond line", add_special_tokens=False)["input_ids"]
+    chat.max_new_tokens = len(ids) + 4
+    script(chat.model, monkeypatch, ids)
+    reply = chat.invoke([HumanMessage("draw a cat")], stop=["\n\n"])
+    assert reply.content.strip() == "first line"
+    assert reply.usage_metadata["output_tokens"] == chat.max_new_tokens

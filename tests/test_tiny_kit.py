@@ -15,6 +15,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from imgrag.kits import tiny_kit as kit  # noqa: E402
+from imgrag.kits.tiny_builders import build_open_clip  # noqa: E402
+from imgrag.kits.tiny_configs import OPEN_CLIP_MODEL_CFG, QWEN_VL_MAX_PIXELS, SDXL_SINGLE_FILE_NAME  # noqa: E402
 
 MODEL_NAMES = ["sdxl", "sdxl-single", "ip-adapter", "qwen2.5-vl", "qwen2.5-instruct", "open-clip", "lcm-lora",
                "loras", "dino",
@@ -54,7 +56,7 @@ def test_kit_builds_every_model_and_writes_the_marker(tiny_kit: dict[str, Path])
     assert (ip / "models" / "image_encoder" / "config.json").is_file()
     assert (tiny_kit["embedder"] / "open_clip_config.json").is_file()
     assert (tiny_kit["embedder"] / "open_clip_model.safetensors").is_file()
-    assert [p.name for p in tiny_kit["generator_single_file"].iterdir()] == [kit.SDXL_SINGLE_FILE_NAME]
+    assert [p.name for p in tiny_kit["generator_single_file"].iterdir()] == [SDXL_SINGLE_FILE_NAME]
 
     files = [p for p in root.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".ckpt"}], "safetensors only"
@@ -101,7 +103,7 @@ def test_rebuild_is_deterministic_reports_progress_and_recovers_from_a_crash(
         raise RuntimeError("simulated crash")
 
     with monkeypatch.context() as patch:
-        patch.setattr(kit, "_build_qwen_vl", crash)
+        patch.setitem(kit.BUILDERS, "judge", crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
             kit.build_tiny_kit(root, force=True)
     assert not (root / "kit.json").exists()
@@ -116,7 +118,7 @@ def test_another_seed_gives_other_weights(tmp_path: Path) -> None:
     for i, seed in enumerate((0, 0, 1)):
         dest = tmp_path / f"{i}-seed-{seed}"
         dest.mkdir()
-        kit._build_open_clip(dest, seed)
+        build_open_clip(dest, seed)
     digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tmp_path.glob("*/*.safetensors"))]
     assert digests[0] == digests[1] != digests[2]
 
@@ -190,7 +192,7 @@ def test_qwen_vl_judge_generates_on_an_image(tiny_kit: dict[str, Path]) -> None:
     images, videos = process_vision_info(messages)
     inputs = processor(text=[text], images=images, videos=videos, padding=True, return_tensors="pt")
     grid = inputs["image_grid_thw"][0].tolist()
-    assert grid[1] * grid[2] * 14 * 14 <= kit.QWEN_VL_MAX_PIXELS  # the processor's small max_pixels
+    assert grid[1] * grid[2] * 14 * 14 <= QWEN_VL_MAX_PIXELS  # the processor's small max_pixels
 
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -249,6 +251,6 @@ def test_open_clip_local_dir_encodes(tiny_kit: dict[str, Path]) -> None:
     with torch.no_grad():
         image_features = model.encode_image(images)
         text_features = model.encode_text(tokenizer(["a photo of a cat", "a dog"]))
-    dim = kit.OPEN_CLIP_MODEL_CFG["embed_dim"]
+    dim = OPEN_CLIP_MODEL_CFG["embed_dim"]
     assert image_features.shape == (2, dim) and text_features.shape == (2, dim)
     assert torch.isfinite(image_features).all() and torch.isfinite(text_features).all()

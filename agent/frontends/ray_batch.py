@@ -81,9 +81,10 @@ def expand_ray_flag(argv: list[str]) -> list[str]:
 
     ``--ray`` not followed by something shaped like an address (``local``, ``auto``, ``ray://host:port`` or
     ``host:port``) becomes ``--ray local``. Why not Click's optional-value option (``is_flag=False, flag_value=``):
-    through Typer (0.29) a bare ``--ray`` still "requires an argument", and Click's own form takes whatever follows
-    as the value, so ``imgrag batch --ray prompts.txt`` would read the prompt file as an address. Only the value's
-    shape tells the two apart."""
+    Typer (0.29.2) parses with its own copy of Click's parser, and ``typer.Option(is_flag=False, flag_value=...)``
+    warns that both are "not supported by Typer and will be removed", then a bare ``--ray`` still "requires an
+    argument" (tried: exit 2). And Click's own form takes whatever follows as the value, so ``imgrag batch --ray
+    prompts.txt`` would read the prompt file as an address. Only the value's shape tells the two apart."""
     expanded: list[str] = []
     for i, arg in enumerate(argv):
         expanded.append(arg)

@@ -227,7 +227,7 @@ class QwenChatModel(BaseChatModel):
     ) -> ChatResult:
         import torch
 
-        from imgrag.models.stopping import stop_reason, tool_call_stopping
+        from imgrag.models.stopping import generation_stop_strings, stop_reason, tool_call_stopping
 
         prompt = self.render(messages, tools)
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
@@ -235,8 +235,12 @@ class QwenChatModel(BaseChatModel):
         sampling: dict[str, Any] = {"do_sample": False}
         if self.temperature > 0:
             sampling = {"do_sample": True, "temperature": self.temperature}
-        # ``deadline`` (a time.monotonic() instant, passed to invoke) stops the generation at a token.
-        limits = time_limit(kwargs.get("deadline"))
+        # ``deadline`` (a time.monotonic() instant, passed to invoke) stops the generation at a token; LangChain's
+        # stop sequences end it in transformers, those it can be trusted with (generation_stop_strings).
+        limits: dict[str, Any] = {**time_limit(kwargs.get("deadline"))}
+        stop_strings = generation_stop_strings(prompt, stop)
+        if stop_strings:
+            limits.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
         with torch.inference_mode():
             output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
                                          pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=stopping,
@@ -244,13 +248,14 @@ class QwenChatModel(BaseChatModel):
         new_tokens = output[0, inputs["input_ids"].shape[1]:]
         # skip_special_tokens drops <|im_end|> but keeps <tool_call> (an added, non-special token in Qwen2.5).
         text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        n_in, n_out = int(inputs["input_ids"].shape[1]), int(new_tokens.shape[0])
+        # A stop sequence reached is the answer's end too, though no criterion of ours saw it.
+        reason = "answer" if any(m in text for m in stop or []) else stop_reason(stopping, n_out, self.max_new_tokens)
         for marker in stop or []:
             text = text.split(marker, 1)[0]
         content, calls, invalid = parse_tool_calls(text)
-        n_in, n_out = int(inputs["input_ids"].shape[1]), int(new_tokens.shape[0])
         message = AIMessage(content=content, tool_calls=calls, invalid_tool_calls=invalid,
-                            response_metadata={"model_name": self.model_name, "raw": text,
-                                               "stop": stop_reason(stopping, n_out, self.max_new_tokens)},
+                            response_metadata={"model_name": self.model_name, "raw": text, "stop": reason},
                             usage_metadata={"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out})
         return ChatResult(generations=[ChatGeneration(message=message)])
 

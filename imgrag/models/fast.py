@@ -24,7 +24,7 @@ a pair; the generator's zero embedding for unguided calls already follows that (
 guidance mode).
 
 Switching modes never reloads SDXL: the LoRA is loaded once (lazily, on the first ``lcm-lora`` draw) and then switched
-by its adapter name, beside the user's own LoRAs (:class:`imgrag.drawing.loras.LoraSwitch`: diffusers'
+by its adapter name, beside the user's own LoRAs (:class:`imgrag.drawing.lora_switch.LoraSwitch`: diffusers'
 ``set_adapters``, or
 ``disable_lora()`` when no adapter draws); schedulers are swapped as objects. The LoRA is deliberately not fused into
 the UNet: ``fuse_lora`` + ``unfuse_lora`` adds and subtracts the LoRA's product in the weights' dtype, so in float16
@@ -41,7 +41,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from imgrag.drawing.loras import LoraChoice, LoraSwitch, lora_load_quiet
+from imgrag.drawing.lora_switch import LoraSwitch, lora_load_quiet
+from imgrag.drawing.loras import LoraChoice
 from imgrag.errors import ModelLoadError, UserError
 from imgrag.settings import GenerationSettings, Settings
 from imgrag.weights.checkpoints import loading
@@ -96,9 +97,8 @@ class FastSwitch:
     """The few-step state of one diffusers SDXL pipeline: which scheduler is in and whether the LCM-LoRA is on.
 
     ``apply(mode, loras)`` before each drawing puts the pipeline in that mode with those user LoRAs active beside
-    the LCM-LoRA (``loras``: :class:`imgrag.drawing.loras.LoraSwitch`, shared with the generator); it is cheap when
-    nothing
-    changes.
+    the LCM-LoRA (``loras``: :class:`imgrag.drawing.lora_switch.LoraSwitch`, shared with the generator); it is cheap
+    when nothing changes.
     """
 
     def __init__(self, pipe: Any, settings: Settings, loras: LoraSwitch | None = None) -> None:

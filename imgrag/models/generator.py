@@ -24,38 +24,39 @@ real SDXL (parameter counts of the published configs) the reload re-reads 0.35 B
 and the 0.63 B ViT-H encoder, 1.96 GB in fp16, against one 1024x8192 projection of a zero vector
 per guidance branch (~17 MFLOP each) for scale 0. We use scale 0 and never unload; the ~2 GB stay
 resident, counted by the model manager.
+
+Loading the pipeline is :mod:`imgrag.models.sdxl_loader`, the VAE decode that refuses a non-finite drawing
+:mod:`imgrag.models.decoding`, the request checks that need no model :mod:`imgrag.models.draw_checks`. torch and
+diffusers are imported inside the methods that use them: they take seconds, and ``imgrag --help`` imports this
+module.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from imgrag.drawing.draw_options import MAX_PER_ROUND
-from imgrag.drawing.loras import LoraChoice, LoraSwitch, check_loras, settings_loras
-from imgrag.drawing.schedulers import SchedulerSwitch
+from imgrag.drawing.lora_switch import LoraSwitch
+from imgrag.drawing.loras import LoraChoice, check_loras, settings_loras
+from imgrag.drawing.schedulers import SchedulerSwitch, check_scheduler
 from imgrag.drawing.schedulers import describe as describe_scheduler
-from imgrag.drawing.steering import ReferenceSteer, check_mode, check_weight, instantstyle_scale
-from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed
-from imgrag.hub_cache import hub_cached, is_local_ref
+from imgrag.drawing.steering import ReferenceSteer, instantstyle_scale
+from imgrag.errors import TimeBudgetSpent, UserError, check_seed
+from imgrag.models.decoding import decode_latents
+from imgrag.models.draw_checks import reference_steers, validate_request
+from imgrag.models.embed_cache import encoder_identity as embedding_encoder_identity
 from imgrag.models.fast import FastSwitch, draw_plan
-from imgrag.settings import MAX_IP_SCALE, Settings
+from imgrag.models.previews import due, latents_to_rgb
+from imgrag.models.sdxl_loader import adapter_present, load_sdxl_pipeline
+from imgrag.settings import Settings
 from imgrag.text import first_line
-from imgrag.weight_files import weight_file_problem
 from imgrag.weights.adapters import ResolvedAdapter, resolve_ip_adapter
-from imgrag.weights.checkpoints import loading, quiet_libraries
-from imgrag.weights.model_files import generator_variant
+from imgrag.weights.checkpoints import loading, quiet_libraries, safetensors_parameters
 
-
-class NonFiniteDrawingError(UserError):
-    """A drawing whose latents or pixels are NaN or inf: never a candidate. The message names the setting to change."""
-
-
-SDXL_EXPECTED = "an SDXL diffusers pipeline folder (model_index.json of StableDiffusionXLPipeline)"
 IP_ADAPTER_EXPECTED = "an h94/IP-Adapter style folder: <subfolder>/<weight>.safetensors and its image encoder"
 
 
@@ -96,7 +97,7 @@ class Generator:
 
         ``place=False`` leaves it in CPU RAM (in the dtype chosen for ``device``) for the model manager to move."""
         generator = cls(load_sdxl_pipeline(settings), settings)
-        if _adapter_present(settings):
+        if adapter_present(settings):
             # A wrong adapter file or encoder fails here, before the first drawing, not at the first guided one.
             generator.adapter = resolve_ip_adapter(settings)
         return generator.to(device or settings.resolved_device()) if place else generator
@@ -144,8 +145,6 @@ class Generator:
         """GiB the IP-Adapter and its image encoder will take in the pipeline's dtype, read from the safetensors
         headers (nothing is loaded). Files not found on disk (a hub id not yet downloaded) count as the SDXL
         ViT-H adapter's published size: 0.35 B + 0.63 B parameters."""
-        from imgrag.weights.checkpoints import safetensors_parameters
-
         a = self.adapter = self.adapter or resolve_ip_adapter(self.settings)  # the files the folder really holds
         encoder = a.image_encoder
         if "/" not in encoder.strip("/"):  # diffusers reads a bare folder name inside the subfolder
@@ -215,9 +214,6 @@ class Generator:
         guidance apply unless given here.
         """
         import torch
-
-        from imgrag.drawing.schedulers import check_scheduler
-        from imgrag.models.previews import due, latents_to_rgb
 
         g = self.settings.generation
         width = g.width if width is None else width
@@ -291,64 +287,7 @@ class Generator:
                                   f"of {steps})")
         # One picture at a time through the VAE: its decode is most of a drawing's working memory
         # (imgrag.management.engine).
-        return [self._decode(result.images[i:i + 1]) for i in range(len(seeds))]
-
-    def _decode(self, latents: Any) -> Image.Image:
-        """Decode the final latents to a picture, never letting a broken (non-finite) drawing through.
-
-        An fp16 SDXL can overflow: NaN latents (the UNet) or NaN pixels (the VAE) come out as the well-known black
-        picture. NaN latents fail at once (no decoder can mend them); NaN pixels from a VAE that is not float32 are
-        decoded once more with the VAE in float32, as diffusers itself does for VAEs marked ``force_upcast``.
-        Either failure is a :class:`NonFiniteDrawingError` naming the setting to change. The decode follows
-        ``StableDiffusionXLPipeline.__call__``'s own (latents_mean/std, scaling_factor, watermark, postprocess).
-        """
-        import torch
-
-        if not bool(torch.isfinite(latents).all()):
-            raise NonFiniteDrawingError(
-                f"the drawing's latents hold NaN or inf (numeric overflow in {self.pipe.unet.dtype}); set dtype = "
-                "\"float32\" or \"bfloat16\" in the profile (IMGRAG_DTYPE), or lower generation.guidance")
-        vae = self.pipe.vae
-        upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-        pixels = self._vae_decode(latents, torch.float32 if upcast else vae.dtype)
-        if not bool(torch.isfinite(pixels).all()) and vae.dtype != torch.float32 and not upcast:
-            pixels = self._vae_decode(latents, torch.float32)  # the one retry: the same latents, a float32 VAE
-        if not bool(torch.isfinite(pixels).all()):
-            raise NonFiniteDrawingError(
-                "the decoded picture holds NaN or inf (the VAE overflowed, even in float32); set dtype = "
-                "\"float32\" in the profile (IMGRAG_DTYPE) or use a VAE fixed for fp16 (madebyollin/sdxl-vae-fp16-fix)")
-        if self.pipe.watermark is not None:
-            pixels = self.pipe.watermark.apply_watermark(pixels)
-        return self.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
-
-    def _vae_decode(self, latents: Any, dtype: Any) -> Any:
-        """The VAE's decode of ``latents`` in ``dtype`` (the VAE is moved there for the call and back after)."""
-        import torch
-
-        vae = self.pipe.vae
-        original = vae.dtype
-        if original != dtype:
-            vae.to(dtype=dtype)
-        try:
-            with torch.no_grad():
-                return self._decode_scaled(vae, latents, dtype)
-        finally:
-            if original != dtype:
-                vae.to(dtype=original)
-
-    @staticmethod
-    def _decode_scaled(vae: Any, latents: Any, dtype: Any) -> Any:
-        """Undo the latents' scaling (and normalisation, where the VAE has one) and decode."""
-        latents = latents.to(device=vae.device, dtype=dtype)
-        config = vae.config
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean = latents.new_tensor(mean).view(1, 4, 1, 1)
-            std = latents.new_tensor(std).view(1, 4, 1, 1)
-            latents = latents * std / config.scaling_factor + mean
-        else:
-            latents = latents / config.scaling_factor
-        return vae.decode(latents, return_dict=False)[0]
+        return [decode_latents(self.pipe, result.images[i:i + 1]) for i in range(len(seeds))]
 
     def _cfg(self, guidance: float) -> bool:
         """Whether this drawing runs classifier-free guidance (so image embeddings come in negative+positive)."""
@@ -366,11 +305,9 @@ class Generator:
         """The loaded image encoder's identity for the embedding cache
         (:func:`imgrag.models.embed_cache.encoder_identity`),
         computed once per device type."""
-        from imgrag.models.embed_cache import encoder_identity
-
         kind = self.pipe.device.type
         if kind not in self._encoder_ids:
-            self._encoder_ids[kind] = encoder_identity(self.pipe, self._hidden_states_adapter())
+            self._encoder_ids[kind] = embedding_encoder_identity(self.pipe, self._hidden_states_adapter())
         return self._encoder_ids[kind]
 
     def _reference_embeds(self, images: list[Image.Image], keys: list[str | None] | None, cfg: bool) -> Any:
@@ -441,99 +378,3 @@ class Generator:
                 num_images_per_prompt=1, do_classifier_free_guidance=cfg)
             self._zero_embeds[cfg] = torch.zeros_like(embeds[0])
         return self._zero_embeds[cfg].to(self.pipe.device)
-
-
-def load_sdxl_pipeline(settings: Settings) -> Any:
-    """The SDXL pipeline ``settings.models.generator`` names, in ``settings.torch_dtype()`` on the CPU: the one loader
-    of both forms, so everything drawn afterwards (IP-Adapter, LoRAs, fast modes, schedulers, batches, previews)
-    sees the same ``StableDiffusionXLPipeline`` either way.
-
-    - A diffusers folder or hub id: ``AutoPipelineForText2Image.from_pretrained`` (the fp16 variant when that is
-      what the folder holds, as ``imgrag models download`` fetches it).
-    - A single-file checkpoint (a ``.safetensors`` file in the original A1111/ComfyUI layout, or a folder holding
-      exactly one; :func:`imgrag.weights.single_file.find_single_file`): the file's integrity and its keys are checked
-      from
-      its header first (a truncated download, a LoRA, an SD 1.5 model are one line each), then
-      ``StableDiffusionXLPipeline.from_single_file`` with ``config=`` the local folder ``models.generator_config``
-      resolves to and ``local_files_only=True``, so diffusers never reaches for the hub.
-
-    Every failure is one :class:`~imgrag.errors.ModelLoadError` line naming the checkpoint."""
-    from diffusers import AutoPipelineForText2Image, StableDiffusionXLPipeline
-
-    from imgrag.weights.single_file import find_single_file
-
-    ref = settings.models.generator
-    single = find_single_file(ref)
-    if single is not None:
-        return _load_single_file(single, settings)
-    with loading("generator", ref, SDXL_EXPECTED):
-        # The fp16 variant is what `imgrag models download` fetches; diffusers casts it to the dtype asked for.
-        pipe = AutoPipelineForText2Image.from_pretrained(ref, dtype=settings.torch_dtype(), use_safetensors=True,
-                                                         variant=generator_variant(ref))
-    if not isinstance(pipe, StableDiffusionXLPipeline):
-        raise ModelLoadError(f"{ref} holds a {type(pipe).__name__}, not the generator (expected {SDXL_EXPECTED})")
-    return pipe
-
-
-def _load_single_file(path: Path, settings: Settings) -> Any:
-    """:func:`load_sdxl_pipeline` for a single-file checkpoint at ``path`` (see there)."""
-    from diffusers import StableDiffusionXLPipeline
-
-    from imgrag.weights.single_file import EXPECTED, checkpoint_problem, resolve_config
-
-    if not path.is_file():
-        raise ModelLoadError(f"generator checkpoint not found: {path} (expected {EXPECTED})")
-    problem = weight_file_problem(path) or checkpoint_problem(path)
-    if problem:
-        raise ModelLoadError(f"generator {path}: {problem}")
-    config = resolve_config(settings.models.generator_config)
-    with loading("generator", str(path), f"{EXPECTED}, configured by {config}"):
-        return StableDiffusionXLPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
-                                                          dtype=settings.torch_dtype())
-
-
-def reference_steers(count: int, weights: list[float] | None, modes: list[str] | None) -> list[ReferenceSteer]:
-    """One :class:`~imgrag.drawing.steering.ReferenceSteer` per reference from the aligned lists (None: 1.0, "both");
-    a UserError when a list's length or a value is wrong."""
-    for name, values in (("weights", weights), ("modes", modes)):
-        if values is not None and len(values) != count:
-            raise UserError(f"{len(values)} {name} for {count} references: give one per reference")
-    return [ReferenceSteer(check_weight(1.0 if weights is None else weights[i], "a reference's weight"),
-                           check_mode("both" if modes is None else modes[i], "a reference's mode"))
-            for i in range(count)]
-
-
-def _adapter_present(settings: Settings) -> bool:
-    """Whether the IP-Adapter checkpoint is there at all (a folder, or a hub id with a cached snapshot).
-
-    Plain drawing needs no adapter, so an absent one is reported only at the first guided drawing; one
-    that is there but wrong (another file name, an encoder of the wrong width) is reported at once.
-    """
-    ref = settings.models.ip_adapter.strip()
-    if not ref:
-        return False
-    return Path(ref).expanduser().is_dir() if is_local_ref(ref) else hub_cached(ref)
-
-
-def validate_request(prompt: str, width: int, height: int, steps: int, ip_scale: float,
-                     references: list[Image.Image] | None = None, generation: Any = None) -> None:
-    """Raise a UserError for a request SDXL cannot draw (the command line checks before loading anything), or one
-    past the bounds of ``generation`` (its ``max_side``/``max_steps``; the defaults when None)."""
-    from imgrag.settings import check_drawing_bounds
-
-    try:
-        check_drawing_bounds(width, height, steps, generation)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise UserError("the prompt is empty: say what to draw")
-    for name, value in (("width", width), ("height", height)):
-        if value < 8 or value % 8:
-            raise UserError(f"{name} must be a positive multiple of 8 (SDXL's latents are 1/8 size), got {value}")
-    if steps < 1:
-        raise UserError(f"steps must be at least 1, got {steps}")
-    if not 0.0 <= ip_scale <= MAX_IP_SCALE:
-        raise UserError(f"ip_scale must be within 0..{MAX_IP_SCALE:g}, got {ip_scale}")
-    for ref in references or []:
-        if not isinstance(ref, Image.Image):
-            raise UserError(f"a reference must be a picture (PIL image), got {type(ref).__name__}")

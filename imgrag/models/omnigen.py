@@ -27,7 +27,7 @@ from typing import Any
 from PIL import Image
 
 from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed
-from imgrag.models.generator import NonFiniteDrawingError
+from imgrag.models.decoding import NonFiniteDrawingError
 from imgrag.settings import Settings, check_drawing_bounds
 from imgrag.text import first_line
 from imgrag.weights.checkpoints import loading, quiet_libraries

@@ -11,8 +11,10 @@ cheapest speed-up there is:
 
 Both are ``transformers.StoppingCriteria`` and look only at the tokens generated after the prompt, and only
 at the answer part of them (:func:`imgrag.models.reasoning.answer_text`): a JSON draft or a ``</tool_call>`` inside
-a ``<think>`` block does not end the generation.
-:func:`stop_reason` names why a call ended, for the trace.
+a ``<think>`` block does not end the generation. Neither is transformers' ``stop_strings``: a closed JSON object is
+no fixed string, and for the marker see :class:`TextMarker`. Where a fixed string should end the text wherever it
+is written (LangChain's ``stop`` sequences, cut from the reply anyway), :func:`generation_stop_strings` hands them to
+``generate(stop_strings=..., tokenizer=...)``. :func:`stop_reason` names why a call ended, for the trace.
 """
 
 from __future__ import annotations
@@ -92,6 +94,17 @@ def verdict_stopping(tokenizer: Any, prompt_length: int) -> StoppingCriteriaList
 def tool_call_stopping(tokenizer: Any, prompt_length: int) -> StoppingCriteriaList:
     """Criteria for an agent LLM call: stop at the end of its (first) tool call, ``</tool_call>``."""
     return StoppingCriteriaList([TextMarker(tokenizer, prompt_length, "</tool_call>")])
+
+
+def generation_stop_strings(prompt: str, stop: list[str] | None) -> list[str]:
+    """The ``stop`` sequences (LangChain's: the reply is cut at the first of them) that transformers'
+    ``generate(stop_strings=...)`` may end the generation at, so that it does not run on to ``max_new_tokens``.
+
+    Left out: each string the prompt's end could begin (``prompt`` ends with a proper prefix of it), because
+    ``StopStringCriteria`` also matches a string that starts before the first new token (on the tiny Qwen, whose
+    prompt ends in a newline, ``"\n\n"`` ended the reply at its first newline). Those still cut the reply; the
+    generation just runs to its limit, as every stop sequence did before."""
+    return [s for s in stop or [] if s and not any(prompt.endswith(s[:k]) for k in range(1, len(s)))]
 
 
 def stop_reason(criteria: StoppingCriteriaList, new_tokens: int, max_new_tokens: int) -> str:

@@ -19,6 +19,8 @@ through :func:`imgrag.atomic_files.atomic_path`, so the metadata arrives with th
 
 What it cannot do: metadata is not a signature. Anyone can strip it (most sites do on upload) or write false
 metadata; it records how imgrag made a picture, it does not prove it.
+
+Reading a recipe back strictly (``imgrag generate --from-image``) is :mod:`imgrag.records.recipes`.
 """
 
 from __future__ import annotations
@@ -26,16 +28,21 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from imgrag.atomic_files import atomic_path, write_json_atomic
+from imgrag.drawing.loras import settings_loras
+from imgrag.errors import UserError
 from imgrag.file_names import display_name, is_text_name
-from imgrag.text import shorten
+from imgrag.images import open_image, probe_image, reading_image
+from imgrag.models.fast import draw_plan
+from imgrag.settings import imgrag_home
+from imgrag.weights.single_file import find_single_file
 
 PROVENANCE_KEY = "imgrag"
 PARAMETERS_KEY = "parameters"
@@ -46,8 +53,6 @@ _EXIF_DESCRIPTION = 0x010E
 
 def imgrag_version() -> str:
     """The installed imgrag's version (package metadata), or ``"unknown"`` when run from a bare checkout."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("imgrag")
     except PackageNotFoundError:
@@ -76,8 +81,6 @@ def checkpoint_sha256(path: str | Path) -> str | None:
     """sha256 of a checkpoint file (:func:`file_sha256`), hashed once per file version: the digest is kept in
     ``IMGRAG_HOME/checkpoint_hashes.json`` beside the file's size and modification time, and hashed again when either
     changed. None when the file cannot be read. A cache that is not what imgrag writes is ignored and rewritten."""
-    from imgrag.settings import imgrag_home
-
     try:
         resolved = Path(path).expanduser().resolve()
         stat = resolved.stat()
@@ -111,9 +114,6 @@ def generator_file_entry(settings: Any) -> dict[str, Any] | None:
     """``{"path", "sha256", "config"}`` of a single-file generator (:mod:`imgrag.weights.single_file`): the checkpoint
     file
     (absolute, resolved) and its hash, and the configuration it was read with; None for a folder or hub id."""
-    from imgrag.errors import UserError
-    from imgrag.weights.single_file import find_single_file
-
     try:
         path = find_single_file(settings.models.generator)
     except UserError:
@@ -257,8 +257,6 @@ def save_image(image: Image.Image, path: str | Path, doc: dict[str, Any] | None)
 def read_provenance(path: str | Path) -> dict[str, Any] | None:
     """The provenance document embedded in a picture, or None when it carries none (not made by imgrag, or
     its metadata was stripped). Raises UserError when the file cannot be opened as a picture."""
-    from imgrag.images import probe_image, reading_image
-
     probe_image(path)
     with reading_image(path), Image.open(path) as im:
         text = im.info.get(PROVENANCE_KEY) if hasattr(im, "info") else None
@@ -276,8 +274,6 @@ def read_provenance(path: str | Path) -> dict[str, Any] | None:
 def copy_with_provenance(source: str | Path, target: str | Path, **changes: Any) -> Path:
     """Copy a picture to ``target`` (format by suffix), keeping its provenance (updated with ``changes``):
     a chat ``/save`` to .jpg must not lose how the picture was made."""
-    from imgrag.images import open_image
-
     doc = read_provenance(source)
     if doc is not None:
         doc = {**doc, **changes}
@@ -296,9 +292,6 @@ def for_drawing(settings: Any, *, prompt: str, seed: int, references: list[dict[
     (the generator's ``last_scheduler``); ``loras`` the :class:`~imgrag.drawing.loras.LoraChoice` records it drew with
     (default ``[[models.loras]]``). ``extra`` keys (None ones dropped) join the document: ``backbone``,
     ``concepts`` (which reference stood for which concept), ``batch`` (``{"size", "index"}`` of a round's drawings)."""
-    from imgrag.drawing.loras import settings_loras
-    from imgrag.models.fast import draw_plan
-
     g = settings.generation
     plan = draw_plan(g, fast)
     refs = reference_entries(references or [])
@@ -326,153 +319,3 @@ def for_omnigen_drawing(settings: Any, *, prompt: str, sent_prompt: str, seed: i
                     models={"omnigen": settings.models.omnigen}, concepts=concepts or None,
                     omnigen={"sent_prompt": sent_prompt, "img_guidance_scale": o.img_guidance_scale,
                              "max_input_image_size": o.max_input_image_size})
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading a recipe back (`imgrag generate --from-image`): the picture's metadata is untrusted input
-# ----------------------------------------------------------------------------------------------
-
-class RecipeReference(BaseModel):
-    """One reference of a recipe, as :func:`reference_entries` writes it."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    path: Annotated[str, StringConstraints(min_length=1)]
-    id: str | None = None
-    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
-    weight: float = 1.0
-    mode: str = "both"
-
-
-class RecipeLora(BaseModel):
-    """One LoRA of a recipe, as :func:`lora_entries` writes it."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    path: Annotated[str, StringConstraints(min_length=1)]
-    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
-    weight: float = 1.0
-    name: str = ""
-
-
-class RecipeGeneratorFile(BaseModel):
-    """The single-file checkpoint a recipe was drawn with, as :func:`generator_file_entry` writes it."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    path: Annotated[str, StringConstraints(min_length=1)]
-    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
-    config: str = ""
-
-
-class RecipeConcept(BaseModel):
-    """One concept of an OmniGen recipe and the references that stood for it (the ``concepts`` field)."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    concept: str
-    reference_ids: list[str] = Field(default_factory=list)
-
-
-class Recipe(BaseModel):
-    """A picture's provenance document (:data:`SCHEMA`) read strictly: what ``--from-image`` redraws from.
-
-    Accepts what :func:`describe` writes for SDXL and OmniGen drawings (``backbone``, ``concepts``, ``omnigen``,
-    references with a store ``id``); fields it does not use are ignored, the ones it uses must have their type. The
-    numbers are bounded by :meth:`check_bounds` with the same checks as the command line's flags."""
-
-    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
-
-    schema_id: Literal["imgrag.records.provenance/1"] = Field(alias="schema")
-    prompt: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
-    seed: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    ip_scale: float | None = None
-    fast: str | None = None
-    profile: str | None = None
-    references: list[RecipeReference] = Field(default_factory=list)
-    loras: list[RecipeLora] = Field(default_factory=list)
-    backbone: str | None = None  # "omnigen", "sdxl+ip-adapter", ...: what drew it
-    concepts: list[RecipeConcept] | None = None
-    omnigen: dict[str, Any] | None = None
-    generator_file: RecipeGeneratorFile | None = None
-
-    def check_bounds(self, generation: Any, where: str) -> None:
-        """Raise a UserError starting with ``where`` (``"PICTURE's recipe"``) for a value the command line would
-        refuse as a flag: the seed range, ``generation.max_side``/``max_steps``, sides in multiples of 8, at least
-        one step, ``ip_scale`` within 0..MAX_IP_SCALE, the guidance range
-        (:func:`imgrag.drawing.draw_options.check_guidance`), a known fast mode, and each reference's weight and
-        mode."""
-        from imgrag.drawing.draw_options import check_guidance
-        from imgrag.drawing.loras import MAX_LORA_WEIGHT, check_name
-        from imgrag.drawing.steering import check_mode, check_weight
-        from imgrag.errors import UserError, check_seed
-        from imgrag.settings import MAX_IP_SCALE, check_drawing_bounds
-
-        if self.seed is not None:
-            check_seed(self.seed, f"{where}: seed")
-        try:
-            check_drawing_bounds(self.width, self.height, self.steps, generation)
-        except ValueError as exc:
-            raise UserError(f"{where}: {exc}") from None
-        for name, value in (("width", self.width), ("height", self.height)):
-            if value is not None and (value < 8 or value % 8):
-                raise UserError(f"{where}: {name} must be a positive multiple of 8, got {value}")
-        if self.steps is not None and self.steps < 1:
-            raise UserError(f"{where}: steps must be at least 1, got {self.steps}")
-        if self.ip_scale is not None and not 0.0 <= self.ip_scale <= MAX_IP_SCALE:
-            raise UserError(f"{where}: ip_scale must be within 0..{MAX_IP_SCALE:g}, got {self.ip_scale}")
-        check_guidance(self.guidance, f"{where}: guidance")
-        if self.fast is not None and self.fast not in ("off", "lcm-lora", "distilled"):
-            raise UserError(f"{where}: fast must be off, lcm-lora or distilled, got {self.fast!r}")
-        for n, ref in enumerate(self.references, 1):
-            check_weight(ref.weight, f"{where}: reference {n}'s weight")
-            check_mode(ref.mode, f"{where}: reference {n}'s mode")
-        for n, lora in enumerate(self.loras, 1):
-            if not abs(lora.weight) <= MAX_LORA_WEIGHT:
-                raise UserError(f"{where}: LoRA {n}'s weight must be within -{MAX_LORA_WEIGHT:g}..{MAX_LORA_WEIGHT:g}, "
-                                f"got {lora.weight}")
-            try:
-                check_name(lora.name, f"{where}: LoRA {n}'s name")
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
-
-
-def _recipe_error(exc: ValidationError, where: str) -> str:
-    """The first schema error of a recipe as one line: the field (references counted from 1, as the command line
-    counts them) and what is wrong with it."""
-    error = exc.errors()[0]
-    loc = [str(p) for p in error.get("loc", ())]
-    kind = error.get("type")
-    owner, field_name = "", ".".join(loc) or "the document"
-    if len(loc) >= 2 and loc[0] == "references" and loc[1].isdigit():
-        owner, field_name = f"reference {int(loc[1]) + 1}", ".".join(loc[2:])
-        if not field_name and kind in ("model_type", "model_attributes_type", "dict_type"):
-            got = type(error.get("input")).__name__
-            return f"{where}: {owner} must be an object {{\"path\", \"sha256\", ...}}, got a {got}"
-    if kind == "missing":
-        return f"{where}: {owner} has no {field_name}" if owner else f"{where}: it has no {field_name}"
-    value = error.get("input")
-    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-    shown = shorten(shown, 80, collapse=False)
-    label = f"{owner}'s {field_name}" if owner and field_name else owner or field_name
-    return f"{where}: {label}: {error.get('msg', 'invalid').lower()} (got {shown})"
-
-
-def read_recipe(picture: str | Path) -> Recipe | None:
-    """The recipe embedded in ``picture`` read through :class:`Recipe`, or None when it carries no imgrag
-    provenance. Raises a one-line UserError naming the picture's recipe as the source of a bad value (a reference
-    given as a string, no prompt, a wrong type); bounds are :meth:`Recipe.check_bounds`'s."""
-    from imgrag.errors import UserError
-
-    doc = read_provenance(picture)
-    if doc is None:
-        return None
-    where = f"{picture}'s recipe"
-    try:
-        return Recipe.model_validate(doc)
-    except ValidationError as exc:
-        raise UserError(_recipe_error(exc, where)) from None

@@ -1,40 +1,52 @@
-"""Which files each model role needs, whether they are here, and fetching exactly those.
+"""Whether the files each model role needs are here.
 
 A role (generator, IP-Adapter, judge, agent LLM, embedder) names a checkpoint in the settings: a hub id,
-a local folder, or (the embedder) an architecture with a weights file. For a hub id this module gives the
-``allow_patterns`` that select the files the loaders read, and, for the repositories recorded in
+a local folder, or (the embedder) an architecture with a weights file. For a hub id, :mod:`imgrag.weights.roles`
+gives the ``allow_patterns`` that select the files the loaders read, and, for the repositories recorded in
 :mod:`imgrag.weights.hub_layouts`, the exact files and their approximate sizes, with no network. For a local folder
-it lists what the loaders will open (reading ``model_index.json`` and shard indexes to find the rest).
+this module lists what the loaders will open (reading ``model_index.json`` and shard indexes to find the rest).
 
 :func:`check_roles` looks at every needed file (the HF cache through ``try_to_load_from_cache``, or the
-folder) and never touches the network; ``imgrag doctor`` prints it. :func:`download` fetches one role's
-files with ``huggingface_hub.snapshot_download(allow_patterns=...)`` (resumable, with the hub client's
-progress bars); only ``imgrag models download`` calls it: imgrag never downloads during a run.
+folder) and never touches the network; ``imgrag doctor`` prints it. :func:`imgrag.weights.downloads.download`
+fetches one role's files with ``huggingface_hub.snapshot_download(allow_patterns=...)`` (resumable, with the hub
+client's progress bars); only ``imgrag models download`` calls it: imgrag never downloads during a run.
 
 IP-Adapter weights are inspected, not only looked for: :mod:`imgrag.weights.adapters` finds which adapter a folder
 holds and checks its image encoder (and names its hub files); ``imgrag doctor`` reports it through
 :func:`check_roles`. Whether a setting is local and what the hub cache holds is :mod:`imgrag.hub_cache`'s.
 
-Why ~500 lines: every role's file rules (hub patterns, folder checks, the cache lookups) are read together by
-``imgrag doctor`` and ``imgrag models download``, and each rule needs the others' lookups; the IP-Adapter's
-inspection, which stands apart, is in :mod:`imgrag.weights.adapters`.
+The roles, their hub patterns and the records filled in here are :mod:`imgrag.weights.roles`; fetching is
+:mod:`imgrag.weights.downloads`. huggingface_hub's ``snapshot_download`` is imported inside the function that uses
+it (its import takes ~0.3 s, and ``imgrag --help`` imports this module).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from imgrag.errors import UserError
 from imgrag.hub_cache import cached_file, is_local_ref, read_json_object
 from imgrag.settings import Settings
 from imgrag.weight_files import weight_file_problem
-from imgrag.weights.adapters import adapter_patterns, resolve_ip_adapter
-from imgrag.weights.hub_layouts import LAYOUTS, RepoFile
+from imgrag.weights.adapters import resolve_ip_adapter
+from imgrag.weights.hub_layouts import LAYOUTS
+from imgrag.weights.roles import (
+    FP16_UNET,
+    LCM_LORA_FILE,
+    OMNIGEN_PATTERNS,
+    ROLE_SETTING,
+    SDXL_PATTERNS,
+    TRANSFORMERS_PATTERNS,
+    FileStatus,
+    RoleFiles,
+    active_roles,
+    hub_patterns,
+    looks_like_file,
+    role_ref,
+    select_files,
+)
 from imgrag.weights.single_file import (
     CONFIG_PATTERNS,
     checkpoint_problem,
@@ -42,194 +54,6 @@ from imgrag.weights.single_file import (
     config_problem,
     find_single_file,
 )
-
-ROLES = ("generator", "ip_adapter", "judge", "llm", "embedder", "lcm_lora", "omnigen")
-ROLE_SETTING = {"generator": "models.generator", "ip_adapter": "models.ip_adapter", "judge": "models.judge",
-                "llm": "models.llm", "embedder": "models.embedder", "lcm_lora": "models.lcm_lora",
-                "omnigen": "models.omnigen"}
-LCM_LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name (latent-consistency/lcm-lora-sdxl)
-
-
-def active_roles(settings: Settings) -> list[str]:
-    """The roles this profile loads: the LCM-LoRA only when ``generation.fast = "lcm-lora"``, OmniGen only when
-    ``generation.repair_with`` or ``draw_with`` is "omnigen"."""
-    g = settings.generation
-    wanted = {"lcm_lora": g.fast == "lcm-lora", "omnigen": "omnigen" in (g.repair_with, g.draw_with)}
-    return [r for r in ROLES if wanted.get(r, True)]
-
-# SDXL's diffusers folders: the weights are fetched as the "fp16" variant (half the bytes); the generator
-# loads that variant when it is what the folder holds and casts to the settings' dtype.
-SDXL_MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
-# The base repository's vae_1_0/ (the 1.0 VAE, kept beside the 0.9 VAE in vae/) is no pipeline component, but
-# diffusers' download counts every folder's weights of the variant among the files a cached pipeline must hold:
-# without it, the first load of a hub id downloads it (167 MB) in the middle of a run.
-SDXL_EXTRA_WEIGHTS = ("vae_1_0/diffusion_pytorch_model.fp16.safetensors",)
-SDXL_PATTERNS = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*",
-                 *[p for c in SDXL_MODEL_COMPONENTS for p in (f"{c}/config.json", f"{c}/*.fp16.safetensors")],
-                 *SDXL_EXTRA_WEIGHTS]
-# transformers folders (Qwen): configs, tokenizer, chat template, safetensors shards and their index.
-# "*.jinja" is for repositories saved by transformers 5 (chat_template.jinja); Qwen's keep it in JSON today.
-OPTIONAL_PATTERNS = ("*.jinja",)
-TRANSFORMERS_PATTERNS = ["*.json", "*.safetensors", "merges.txt", *OPTIONAL_PATTERNS]
-OPEN_CLIP_PATTERNS = ["open_clip_config.json", "open_clip_model.safetensors"]
-FP16_UNET = "unet/diffusion_pytorch_model.fp16.safetensors"
-# OmniGen's diffusers folders: its weights are stored once (the transformer in bfloat16), with no fp16 variant.
-OMNIGEN_COMPONENTS = ("transformer", "vae")
-OMNIGEN_PATTERNS = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*",
-                    *[p for c in OMNIGEN_COMPONENTS for p in (f"{c}/config.json", f"{c}/*.safetensors")]]
-
-
-@dataclass
-class FileStatus:
-    """One needed file: its path in the repository or folder, approximate size if known, whether it is here."""
-
-    path: str
-    present: bool
-    size: int | None = None
-    approx_only: bool = False
-    where: Path | None = None  # the file on disk, when it is here (for reading its header)
-    local: bool = False  # a file of the user's own in a role whose other files come from the hub: never fetched
-
-
-@dataclass
-class RoleFiles:
-    """What one role needs and what of it is here.
-
-    ``source`` is "hub" (a hub id: files in the HF cache), "local" (a folder or file), "remote" (the LLM
-    served over HTTP: no files) or "unset". ``problems`` are one-line findings beyond missing files (a wrong
-    adapter file name, an encoder of the wrong width); ``notes`` are harmless ones. A local role may still take
-    some files from the hub: a single-file generator's configuration (``repo_id`` and ``patterns`` then name
-    them, and the checkpoint file itself is ``local``); :attr:`to_fetch` is what a download can bring.
-    """
-
-    role: str
-    ref: str
-    source: str
-    repo_id: str | None = None
-    patterns: list[str] = field(default_factory=list)
-    files: list[FileStatus] = field(default_factory=list)
-    recorded: bool = False  # the repository's layout is written down in imgrag.weights.hub_layouts
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def missing(self) -> list[FileStatus]:
-        return [f for f in self.files if not f.present]
-
-    @property
-    def ok(self) -> bool:
-        return self.source in ("remote", "unset") or (bool(self.files) and not self.missing and not self.problems)
-
-    @property
-    def to_fetch(self) -> list[FileStatus]:
-        """The missing files ``imgrag models download`` can fetch (none without a hub repository)."""
-        return [f for f in self.missing if not f.local] if self.repo_id else []
-
-    @property
-    def downloadable(self) -> bool:
-        """Whether ``imgrag models download`` has something to fetch for this role (a hub repository whose layout
-        is not recorded is fetched to be sure: its files are known only once it is cached)."""
-        if self.source == "hub":
-            return bool(self.missing) or not self.recorded
-        return bool(self.to_fetch)
-
-    @property
-    def fetch_bytes(self) -> int:
-        return sum(f.size or 0 for f in self.to_fetch)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size or 0 for f in self.files)
-
-    @property
-    def missing_bytes(self) -> int:
-        return sum(f.size or 0 for f in self.missing)
-
-    @property
-    def approx_only(self) -> bool:
-        return any(f.approx_only for f in self.files) or (self.source == "hub" and not self.recorded)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"role": self.role, "ref": self.ref, "source": self.source, "repo_id": self.repo_id,
-                "allow_patterns": self.patterns, "recorded_layout": self.recorded, "ok": self.ok,
-                "files": [{"path": f.path, "size": f.size, "present": f.present, "size_approximate": f.approx_only}
-                          for f in self.files],
-                "total_bytes": self.total_bytes, "missing_bytes": self.missing_bytes,
-                "missing": [f.path for f in self.missing], "to_fetch_bytes": self.fetch_bytes,
-                "problems": self.problems, "notes": self.notes}
-
-
-# ----------------------------------------------------------------------------------------------
-# Where a role's checkpoint lives
-# ----------------------------------------------------------------------------------------------
-
-
-def embedder_hub_repo(settings: Settings) -> tuple[str | None, str | None]:
-    """(repo id, weights file name) the embedder setting reads from the hub, or (None, None) when none.
-
-    ``hf-hub:org/repo`` reads open_clip's files of that repository; an architecture with an open_clip
-    pretrained *tag* (``ViT-B-32`` + ``laion2b_s34b_b79k``) reads the repository open_clip's table names.
-    """
-    name = settings.models.embedder.strip()
-    if name.startswith("hf-hub:"):
-        return name[len("hf-hub:"):], "open_clip_model.safetensors"
-    pretrained = settings.models.embedder_pretrained.strip()
-    if name.startswith("local-dir:") or not pretrained or _looks_like_file(pretrained):
-        return None, None
-    import open_clip
-
-    cfg = open_clip.get_pretrained_cfg(name.replace("/", "-"), pretrained) or {}
-    repo = (cfg.get("hf_hub") or "").strip("/")
-    if not repo:
-        return None, None
-    filename = cfg.get("hf_hub_filename") or "open_clip_pytorch_model.bin"
-    if filename.endswith(".bin"):
-        filename = "open_clip_model.safetensors" if filename == "open_clip_pytorch_model.bin" else filename[:-4] + \
-            ".safetensors"
-    return repo, filename
-
-
-def _looks_like_file(pretrained: str) -> bool:
-    return "/" in pretrained or "\\" in pretrained or pretrained.endswith((".safetensors", ".bin", ".pth", ".pt"))
-
-
-def hub_patterns(role: str, settings: Settings) -> list[str]:
-    """The ``allow_patterns`` that fetch exactly what ``role``'s loader reads from a hub repository."""
-    if role == "generator":
-        return list(SDXL_PATTERNS)
-    if role == "ip_adapter":
-        return adapter_patterns(settings)
-    if role in ("judge", "llm"):
-        return list(TRANSFORMERS_PATTERNS)
-    if role == "lcm_lora":
-        return [LCM_LORA_FILE]
-    if role == "omnigen":
-        return list(OMNIGEN_PATTERNS)
-    if role == "embedder":
-        _, filename = embedder_hub_repo(settings)
-        if settings.models.embedder.strip().startswith("hf-hub:"):
-            return ["open_clip_config.json", filename or "open_clip_model.safetensors"]
-        return [filename or "open_clip_model.safetensors"]  # a pretrained tag: the config is open_clip's own
-    raise ValueError(f"unknown role {role!r}")
-
-
-def role_ref(role: str, settings: Settings) -> tuple[str, str, str | None]:
-    """(what the settings say, source kind, hub repo id or None) for one role."""
-    m = settings.models
-    if role == "llm" and m.llm_backend != "local":
-        return f"{m.llm} @ {m.llm_base_url}", "remote", None
-    if role == "embedder":
-        ref = m.embedder.strip()
-        repo, _ = embedder_hub_repo(settings)
-        if repo:
-            return ref, "hub", repo
-        if not ref:
-            return ref, "unset", None
-        return ref if not m.embedder_pretrained else f"{ref} + {m.embedder_pretrained}", "local", None
-    ref = getattr(m, role).strip()
-    if not ref:
-        return ref, "unset", None
-    return (ref, "local", None) if is_local_ref(ref) else (ref, "hub", ref)
 
 
 def check_roles(settings: Settings, roles: list[str] | None = None) -> list[RoleFiles]:
@@ -307,14 +131,6 @@ def _is_gptq(ref: str, result: RoleFiles) -> bool:
     folder = Path(ref).expanduser()
     config = read_json_object(folder / "config.json") if folder.is_dir() else {}
     return str((config.get("quantization_config") or {}).get("quant_method", "")).lower() == "gptq"
-
-
-def select_files(layout: list[RepoFile], patterns: list[str]) -> list[RepoFile]:
-    """The files of a recorded repository that ``patterns`` select, matched exactly as the hub client does."""
-    from huggingface_hub.utils import filter_repo_objects
-
-    return list(filter_repo_objects(layout, allow_patterns=patterns, key=lambda f: f.path))
-
 
 def _cached_snapshot(repo: str) -> Path | None:
     from huggingface_hub import snapshot_download
@@ -403,7 +219,7 @@ def _check_local(role: str, settings: Settings, result: RoleFiles) -> None:
             result.problems.append(f"models.embedder {name!r} names an architecture without weights: set "
                                    "models.embedder_pretrained to a weights file, or use hf-hub:/local-dir:")
             return
-        if not _looks_like_file(m.embedder_pretrained.strip()):
+        if not looks_like_file(m.embedder_pretrained.strip()):
             result.problems.append(f"open_clip has no hub repository for {name!r} with pretrained tag "
                                    f"{m.embedder_pretrained!r}: use an hf-hub: name or a weights file")
             return
@@ -521,73 +337,3 @@ def generator_variant(ref: str) -> str | None:
         folder = Path(ref).expanduser()
         return "fp16" if (folder / FP16_UNET).is_file() and not (folder / full).is_file() else None
     return "fp16" if cached_file(ref, FP16_UNET) and not cached_file(ref, full) else None
-
-
-# ----------------------------------------------------------------------------------------------
-# Disk and download
-# ----------------------------------------------------------------------------------------------
-
-
-def hub_cache_dir() -> Path:
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
-
-
-def free_disk_bytes(path: Path) -> int | None:
-    """Free bytes on the disk that holds ``path`` (its nearest existing parent), None if unknown."""
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            try:
-                return shutil.disk_usage(candidate).free
-            except OSError:
-                return None
-    return None
-
-
-def hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-OFFLINE_HINT = ("fetch the files on a machine that can reach huggingface.co (`imgrag models download`) and copy its "
-                "Hugging Face cache ({cache}) here, or point the profile at local folders")
-
-
-def download(result: RoleFiles) -> Path:
-    """Fetch one hub role's files into the HF cache (resumable; the hub client draws its progress bars).
-
-    Raises :class:`UserError` in one line when the hub cannot be reached (``HF_HUB_OFFLINE=1``, no network),
-    the repository does not exist or is gated, or files are still missing afterwards. Returns the snapshot folder.
-    """
-    import huggingface_hub
-    from huggingface_hub import errors
-
-    if not result.repo_id:
-        raise UserError(f"{result.role} is not a hub repository ({result.ref}); nothing to download")
-    setting = ROLE_SETTING[result.role] if result.source == "hub" else "models.generator_config"
-    cache = hub_cache_dir()
-    if hub_offline():
-        raise UserError(f"cannot download {result.repo_id}: HF_HUB_OFFLINE=1 is set, so the model hub is off limits; "
-                        "unset it, or " + OFFLINE_HINT.format(cache=cache))
-    try:
-        folder = huggingface_hub.snapshot_download(result.repo_id, allow_patterns=result.patterns)
-    except (errors.GatedRepoError, errors.RepositoryNotFoundError) as exc:
-        raise UserError(f"cannot download {result.repo_id}: {type(exc).__name__} (a typo in {setting}"
-                        ", or a gated repository: accept its licence on huggingface.co and log in with `hf auth login`)"
-                        ) from None
-    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, ConnectionError, TimeoutError) as exc:
-        raise UserError(f"cannot reach the Hugging Face hub to download {result.repo_id} (no network?): "
-                        + OFFLINE_HINT.format(cache=cache)) from exc
-    except OSError as exc:
-        if "connect" in str(exc).lower() or "resolve" in str(exc).lower():
-            raise UserError(f"cannot reach the Hugging Face hub to download {result.repo_id} (no network?): "
-                            + OFFLINE_HINT.format(cache=cache)) from exc
-        raise UserError(f"download of {result.repo_id} failed: {exc}") from exc
-    except Exception as exc:  # httpx transport errors and the like: the network, not the user
-        if type(exc).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")):
-            raise UserError(f"cannot reach the Hugging Face hub to download {result.repo_id} (no network?): "
-                            + OFFLINE_HINT.format(cache=cache)) from exc
-        raise
-    return Path(folder)

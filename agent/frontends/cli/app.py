@@ -46,15 +46,9 @@ from imgrag.records.runs import disk_full_line, ensure_writable_dir, is_disk_ful
 from imgrag.settings import builtin_presets, check_device
 from imgrag.text import first_line
 from imgrag.weight_files import human_size
-from imgrag.weights.model_files import (
-    OFFLINE_HINT,
-    ROLES,
-    check_roles,
-    download,
-    free_disk_bytes,
-    hub_cache_dir,
-    hub_offline,
-)
+from imgrag.weights.downloads import OFFLINE_HINT, download, free_disk_bytes, hub_cache_dir, hub_offline
+from imgrag.weights.model_files import check_roles
+from imgrag.weights.roles import ROLES
 
 models_app = typer.Typer(help="Model checkpoints: download the real ones, or build the offline tiny kit.",
                          no_args_is_help=True)

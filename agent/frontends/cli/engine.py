@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.markup import escape
 
 from agent.frontends.cli.common import (
@@ -40,15 +41,15 @@ from agent.frontends.cli.common import (
 from agent.memory_guide import check_user_references
 from imgrag.drawing.concept_refs import ConceptReferences, concept_prompt, merge_concepts
 from imgrag.drawing.draw_options import check_guidance, parse_options
-from imgrag.drawing.loras import check_loras, merge_loras, settings_loras
+from imgrag.drawing.loras import LoraChoice, check_lora_file, check_loras, merge_loras, settings_loras, stem_name
 from imgrag.drawing.schedulers import check_with_fast
 from imgrag.drawing.steering import ReferenceSteer, parse_ref_arg
 from imgrag.errors import UserError, check_seed
 from imgrag.images import open_image
 from imgrag.management.engine import build_manager
+from imgrag.models.draw_checks import validate_request
 from imgrag.models.embedder import prompt_length_notice
 from imgrag.models.fast import draw_plan
-from imgrag.models.generator import validate_request
 from imgrag.models.omnigen import validate_omnigen_request
 from imgrag.models.safety import SafetyGate
 from imgrag.records.provenance import (
@@ -57,10 +58,10 @@ from imgrag.records.provenance import (
     for_drawing,
     for_omnigen_drawing,
     read_provenance,
-    read_recipe,
     recipe_profile,
     save_image,
 )
+from imgrag.records.recipes import read_recipe
 from imgrag.records.runs import ensure_writable_file
 from imgrag.settings import TINY_WARNING
 
@@ -360,11 +361,6 @@ def recipe_loras(picture: Path) -> tuple[Any, ...]:
     ``--lora`` would be and against the sha256 the recipe kept: a LoRA that vanished or changed since is one
     UserError naming the picture's recipe (``--lora`` with the same name or file replaces its weight; ``--lora none``
     drops them). () for a recipe without LoRAs."""
-    from pydantic import ValidationError
-
-    from imgrag.drawing.loras import LoraChoice, check_lora_file, stem_name
-    from imgrag.records.provenance import checkpoint_sha256, read_recipe
-
     recipe = read_recipe(picture)
     where = f"{picture}'s recipe: LoRA"
     chosen = []
@@ -435,9 +431,9 @@ def _from_provenance(picture: Path, prompt: str | None, ref: list[tuple[Path, Re
                      height: int | None, *, settings: Any, guidance: float | None = None) -> tuple:
     """The drawing values of ``picture``'s recipe (its provenance), each replaced by the flag the user gave for it.
 
-    The recipe is untrusted input: it is read through :class:`imgrag.records.provenance.Recipe` (types, a prompt), held
+    The recipe is untrusted input: it is read through :class:`imgrag.records.recipes.Recipe` (types, a prompt), held
     to
-    the command line's bounds under ``settings`` (:meth:`~imgrag.records.provenance.Recipe.check_bounds`), and each of
+    the command line's bounds under ``settings`` (:meth:`~imgrag.records.recipes.Recipe.check_bounds`), and each of
     its references goes through the same check as a batch line's (missing, not a picture, ``safety.exclude``; see
     :func:`agent.memory_guide.check_user_references`). Every error is one UserError naming the picture's recipe as
     the source: no provenance, a bad field, a value past a bound, a reference that vanished, changed since (its

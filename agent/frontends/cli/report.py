@@ -25,7 +25,8 @@ from agent.frontends.cli.common import (
 )
 from agent.frontends.cli.run import MaxRoundsOpt, OutOpt, check_outputs, check_planner, print_store
 from imgrag.errors import UserError
-from imgrag.records.report import folder_kind, write_report
+from imgrag.records.report import write_report
+from imgrag.records.report_html import folder_kind
 from imgrag.records.runs import ensure_writable_file
 from imgrag.scoring.class_folders import read_class_folder, split_classes
 
