@@ -15,7 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError, field_validator
 
+from agent.memory_guide import check_user_references
 from imgrag.atomic_files import write_json_atomic
+from imgrag.drawing.draw_options import DrawOptions, parse_options
+from imgrag.drawing.loras import LoraChoice, check_lora_file
 from imgrag.errors import UserError, check_seed, read_user_text
 from imgrag.text import describe_error
 from tools.budget import check_rounds
@@ -86,8 +89,6 @@ def _relative_to(references: Any, base: Path) -> Any:
 def check_batch_references(path: Path, items: list[dict[str, Any]], settings: Any) -> None:
     """Every line's ``references`` checked before the first run (a missing or excluded file, a bad weight or
     mode); one UserError naming every bad line at once, each as ``FILE:LINE: reason`` (:func:`bad_lines_error`)."""
-    from agent.memory_guide import check_user_references
-
     problems = []
     for item in items:
         if item.get("references") is None:
@@ -110,8 +111,6 @@ def line_options(base: Any, item: dict[str, Any]) -> Any:
     settings' and
     the command line's, or a Settings to take them from) changed by the line's own keys (:data:`DRAWING_KEYS`); the
     line's ``loras`` add to the base's (one naming a file already there sets its weight)."""
-    from imgrag.drawing.draw_options import DrawOptions
-
     options = base if isinstance(base, DrawOptions) else DrawOptions.from_settings(base)
     where = f"line {item.get('line', '?')}"
     return options.changed(where, **(item.get("drawing") or {})).with_loras(item.get("loras") or [], where)
@@ -121,8 +120,6 @@ def line_loras(value: Any, where: str, folder: Path) -> list[tuple[str, float | 
     """A .jsonl line's ``"loras": [{"path", "weight"?}]`` read strictly (paths relative to the batch file's folder),
     each file checked as ``--lora`` checks it: ``[(absolute path, weight)]``; a bad entry is one UserError naming
     ``where`` (the file and line)."""
-    from imgrag.drawing.loras import LoraChoice, check_lora_file
-
     if not isinstance(value, list):
         raise UserError(f"{where}: \"loras\" must be a list of {{\"path\", \"weight\"}} objects")
     out: list[tuple[str, float | None]] = []
@@ -276,8 +273,6 @@ def bad_lines_error(path: Path, problems: list[str]) -> UserError:
 def _read_jsonl_line(obj: Any, path: Path, number: int, extra_keys: tuple[str, ...],
                      reasons: list[str]) -> dict[str, Any] | None:
     """One parsed .jsonl line as a batch item, or None with ``reasons`` filled (each naming its key)."""
-    from imgrag.drawing.draw_options import parse_options
-
     where = f"{path}:{number}"
 
     def checked(fn, *args):  # a rule's UserError as one reason of this line, its "FILE:LINE: " left off

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import prompts
 from agent.batch import bad_lines_error
 from agent.eval_arms import ARM_MODELS, ARMS, ArmContext, ArmResult, EvalItem
@@ -140,8 +142,6 @@ def check_arms(arms: list[str] | tuple[str, ...]) -> list[str]:
 def cosine(a: Any, b: Any) -> float:
     """Cosine of two vectors (the embedders' rows are unit length already; normalising again is cheap
     and keeps this right for any scorer)."""
-    import numpy as np
-
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     denom = float(np.linalg.norm(a) * np.linalg.norm(b))

@@ -32,6 +32,7 @@ from agent.state import AgentState
 from imgrag.candidate_ids import candidate_number
 from imgrag.drawing.draw_options import options_of
 from imgrag.models.chat_model import QwenChatModel, content_text, read_reply
+from imgrag.models.concepts import caption_concepts
 from imgrag.text import describe_error, shorten
 from tools.answers import best_answer, can_finish, is_matched, is_stale
 from tools.budget import Clock, spent
@@ -237,8 +238,6 @@ def _caption_queries(state: dict[str, Any], ctx: RunContext, missing: list[str],
     """ImageRAG's caption step (``retrieval.rewrite_queries``): the LLM writes one descriptive retrieval caption
     per missing concept (imgrag/models/concepts.py); the phrases themselves when it cannot. A remote LLM is called
     outside the GPU lock."""
-    from imgrag.models.concepts import caption_concepts
-
     try:  # the manager runs a local LLM on the model thread, a remote one here without the GPU lock
         captions = ctx.manager.run(chat_model_name, caption_concepts, state["prompt"], missing)
     except Exception as exc:  # the LLM cannot load: retrieve with the phrases, as without the step

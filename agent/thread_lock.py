@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from filelock import FileLock, Timeout
+
 from imgrag.errors import UserError
 
 T = TypeVar("T")
@@ -36,7 +38,6 @@ def thread_writer(threads_db: str | Path, thread_id: str | None) -> Iterator[Non
     if not thread_id:
         yield
         return
-    from filelock import FileLock, Timeout
 
     path = lock_path(threads_db, thread_id)
     path.parent.mkdir(parents=True, exist_ok=True)

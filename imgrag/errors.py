@@ -1,6 +1,7 @@
 """Errors a user can cause. The command line prints their message on one line and exits 1."""
 
 import os
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -43,8 +44,6 @@ def read_user_text(path: "str | os.PathLike[str]", what: str = "file") -> str:
 
     A file in another encoding (Windows-1252, UTF-16 from Notepad) is one UserError naming the line and byte
     that are not UTF-8 and saying to re-save it as UTF-8; a file that cannot be read names the reason."""
-    from pathlib import Path
-
     data_path = Path(path)
     try:
         data = data_path.read_bytes()

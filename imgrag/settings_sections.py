@@ -14,7 +14,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 from imgrag.drawing.draw_options import MAX_NEGATIVE_CHARS, MAX_PER_ROUND
-from imgrag.drawing.loras import MAX_LORA_WEIGHT
+from imgrag.drawing.loras import MAX_LORA_WEIGHT, check_name
 from imgrag.drawing.schedulers import check_scheduler
 from imgrag.errors import SEED_MAX, UserError
 
@@ -81,8 +81,6 @@ class LoraSettings:
     @field_validator("name")
     @classmethod
     def _printable_name(cls, value: str) -> str:
-        from imgrag.drawing.loras import check_name
-
         return check_name(value, "name")
 
 

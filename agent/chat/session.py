@@ -38,6 +38,7 @@ from agent.runner import PLANNERS, Runner
 from agent.thread_lock import busy_elsewhere, writes_thread
 from imgrag.candidate_ids import parse_candidate, sorted_ids
 from imgrag.drawing.draw_options import MAX_PER_ROUND, DrawOptions, check_guidance, options_of, parse_options
+from imgrag.drawing.loras import parse_lora_arg
 from imgrag.drawing.schedulers import check_scheduler
 from imgrag.errors import UserError
 from imgrag.images import IMAGE_SUFFIXES
@@ -311,8 +312,6 @@ class ChatSession:
         """``/lora PATH[:WEIGHT]`` adds a LoRA (or sets the weight of one already used: its file or name; 0 switches
         it off), ``/lora off`` drops them all, for the requests from the next on. A missing file or one that is not
         a LoRA is a UserError naming it and changes nothing (:func:`imgrag.drawing.loras.merge_loras`)."""
-        from imgrag.drawing.loras import parse_lora_arg
-
         options = self.drawing_options().with_loras([parse_lora_arg(text, "/lora")], "/lora")
         return self.set_drawing(loras=[choice.model_dump() for choice in options.loras])
 

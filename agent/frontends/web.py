@@ -40,8 +40,10 @@ from agent.chat import MAX_ROUNDS_PER_REQUEST, ChatSession, check_reference_coun
 from agent.frontends.progress import activity
 from imgrag.candidate_ids import candidate_number
 from imgrag.drawing.draw_options import MAX_GUIDANCE, MAX_PER_ROUND
+from imgrag.drawing.loras import settings_loras
 from imgrag.drawing.schedulers import SCHEDULER_NAMES
 from imgrag.errors import UserError
+from imgrag.images import open_image
 from imgrag.settings import TINY_MARK, TINY_WARNING
 from imgrag.text import describe_error
 from tools.records import Reference
@@ -84,8 +86,6 @@ def tab_of(page: dict[str, Any]) -> str:
 
 def settings_lora_text(settings: Any) -> str:
     """The page's LoRA field as it starts: the settings' ``[[models.loras]]``, one ``PATH:WEIGHT`` a line."""
-    from imgrag.drawing.loras import settings_loras
-
     return "\n".join(f"{choice.path}:{choice.weight:g}" for choice in settings_loras(settings))
 
 
@@ -282,8 +282,6 @@ class WebChat:
     @staticmethod
     def thumbnail(path: str | None) -> Any:
         """A small copy of a store picture, opened by the server (None if it is gone)."""
-        from imgrag.images import open_image
-
         if not path:
             return None
         try:

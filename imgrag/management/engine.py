@@ -13,10 +13,13 @@ which the manager counts beside its weights until it has measured the real peak 
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
 from typing import Any
 
 from imgrag.errors import ModelLoadError, UserError
 from imgrag.management.manager import ModelManager, measure_gb
+from imgrag.models.chat_model import make_chat_model
 from imgrag.models.dino import DinoScorer
 from imgrag.models.embed_cache import EmbeddingCache, cache_folder
 from imgrag.models.embedder import Embedder
@@ -73,8 +76,6 @@ def register_omnigen(manager: Any, settings: Settings) -> None:
 def register_siglip(manager: Any, settings: Settings) -> None:
     """Register the SigLIP of ``models.siglip`` as "siglip" (``imgrag eval``'s second text-image score): an open_clip
     model loaded by the embedder's own loader."""
-    import dataclasses
-
     device = manager.device
     as_embedder = dataclasses.replace(settings, models=dataclasses.replace(
         settings.models, embedder=settings.models.siglip.strip(), embedder_pretrained=""))
@@ -128,8 +129,6 @@ def working_memory_gb(settings: Settings) -> dict[str, Any]:
         return 0.5 * measure_gb(model)
 
     def omnigen(model: Any) -> float:
-        from types import SimpleNamespace
-
         config = getattr(getattr(getattr(model, "pipe", None), "transformer", None), "config", None)
         if config is None:
             return 0.0
@@ -207,8 +206,6 @@ def _load_judge(settings: Settings, device: str) -> Any:
 
 
 def _load_llm(settings: Settings, device: str) -> Any:
-    from imgrag.models.chat_model import make_chat_model
-
     return make_chat_model(settings, device, place=False)
 
 

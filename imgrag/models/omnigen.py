@@ -20,8 +20,10 @@ with its own steps (``omnigen.steps``) whatever ``generation.fast`` says, and it
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -182,9 +184,6 @@ def validate_omnigen_request(prompt: str, width: int, height: int, steps: int,
 
 def _check_pipeline_class(ref: str) -> None:
     """Refuse a local folder whose model_index.json names another pipeline, before reading any weights."""
-    import json
-    from pathlib import Path
-
     index = Path(ref).expanduser() / "model_index.json"
     if not index.is_file():
         return  # a hub id: diffusers reads the cached index itself

@@ -24,6 +24,7 @@ of copyright or of who is in a photo. It reduces what reaches a drawing; it prov
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 from collections.abc import Sequence
@@ -142,8 +143,6 @@ def index_screen(settings: Any, embedder: Any) -> Any:
     It maps a batch of image embeddings to a skip reason per picture (None: store it)."""
     if not settings.skip_flagged_at_index or not settings.concepts:
         return None
-    import dataclasses
-
     gate = SafetyGate(dataclasses.replace(settings, enabled=True), embedder)
 
     def screen(vectors: np.ndarray) -> list[str | None]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
 from PIL import Image
 
 from imgrag.errors import UserError
@@ -220,8 +221,6 @@ class ReferenceStore:
         if self.is_server:
             yield
             return
-        from filelock import FileLock, Timeout
-
         Path(self.location).mkdir(parents=True, exist_ok=True)
         lock_path = os.path.join(self.location, LOCK_NAME)
         lock = FileLock(lock_path)

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imgrag.atomic_files import write_json_atomic
@@ -120,8 +121,6 @@ class ConceptMemory:
 
     @contextmanager
     def _editing(self) -> Iterator[MemoryFile]:
-        from filelock import FileLock
-
         self.folder.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.path) + ".lock", timeout=30):
             doc = self.read()

@@ -9,6 +9,8 @@ line promises one line naming the path and what was expected there, so every wra
 
 from __future__ import annotations
 
+import glob
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,9 +122,6 @@ def safetensors_parameters(ref: str, patterns: list[str]) -> int:
     """How many parameters the ``.safetensors`` files matching ``patterns`` (globs relative to the checkpoint
     ``ref``, a local folder or a cached hub repository) hold, read from their headers without loading them.
     0 when no file is found (a hub repository not in the cache; nothing is downloaded)."""
-    import glob
-    import math
-
     from safetensors import safe_open
 
     root = Path(ref).expanduser()

@@ -7,14 +7,18 @@ probes, and each command is a few dozen lines; splitting them would scatter that
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
+from typer import rich_utils
 
 # Importing a command group registers its commands on the app.
 import agent.frontends.cli.chat  # noqa: F401
@@ -226,10 +230,6 @@ def _probe_chroma(url: str) -> dict:
 
 def _http(method: str, url: str, headers: dict, payload: dict | None = None, timeout: float = 10.0) -> tuple:
     """One JSON request: (HTTP status, parsed body) or (None, a one-line reason)."""
-    import json
-    import urllib.error
-    import urllib.request
-
     data = None if payload is None else json.dumps(payload).encode()
     request = urllib.request.Request(url, data=data, method=method,
                                      headers={**headers, "Content-Type": "application/json"})
@@ -452,7 +452,6 @@ def main(argv: list[str] | None = None) -> None:
         code = command.main(args=expand_ray_flag(sys.argv[1:] if argv is None else argv), prog_name="imgrag",
                             standalone_mode=False)
     except click_errors.NoArgsIsHelpError as exc:  # `imgrag` or `imgrag models` alone: the help, as before
-        from typer import rich_utils
 
         rich_utils.rich_format_error(exc)
         sys.exit(exc.exit_code)

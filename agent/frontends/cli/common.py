@@ -9,17 +9,22 @@ from __future__ import annotations
 import json
 import sys
 from contextvars import ContextVar
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import typer.core
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 # Typer 0.29 carries its own copy of Click: its usage errors are that copy's classes (the entry point reformats them).
 from typer._click import exceptions as click_exceptions  # noqa: F401  (agent/frontends/cli/app.py imports it from here)
 
 from imgrag.drawing.draw_options import DrawOptions, check_guidance
+from imgrag.drawing.loras import parse_lora_arg
 from imgrag.drawing.schedulers import check_scheduler
 from imgrag.errors import UserError
 from imgrag.kits.tiny_kit import ensure_tiny_kit
@@ -55,10 +60,8 @@ app = typer.Typer(
 def _version(value: bool) -> None:
     """``imgrag --version``: the installed package's version (from its metadata), then exit."""
     if value:
-        from importlib.metadata import PackageNotFoundError, version
-
         try:
-            sys.stdout.write(f"imgrag {version('imgrag')}\n")
+            sys.stdout.write(f"imgrag {package_version('imgrag')}\n")
         except PackageNotFoundError:  # run from a checkout that was never installed
             sys.stdout.write("imgrag (not installed: run `pip install -e .`)\n")
         raise typer.Exit()
@@ -123,8 +126,6 @@ LoraOpt = Annotated[list[str] | None, typer.Option(
 
 def lora_args(texts: list[str] | None, where: str = "--lora") -> list[tuple[str, float | None]]:
     """Each ``--lora PATH[:WEIGHT]`` read (:func:`imgrag.drawing.loras.parse_lora_arg`); a bad weight is one line."""
-    from imgrag.drawing.loras import parse_lora_arg
-
     return [parse_lora_arg(text, where) for text in texts or []]
 
 
@@ -197,8 +198,6 @@ def on_interrupt(note: str) -> None:
 
 def interrupted_line() -> str:
     """The one line printed on Ctrl-C (rich markup): ``interrupted: <what was kept and how to go on>``."""
-    from rich.markup import escape
-
     return f"[yellow]interrupted:[/] {escape(_INTERRUPT_NOTE.get())}"
 
 
@@ -225,8 +224,6 @@ class TerminalBar:
         if not err.is_terminal:
             return
         if self.bar is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
             self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), *self.extra_columns,
                                 TimeElapsedColumn(), console=err, transient=True)
             self.bar.start()

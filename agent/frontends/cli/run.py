@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -253,10 +256,6 @@ def _interrupted(stop: Any, command: list[str], as_json: bool) -> None:
 
     Exits with os._exit: a tool still busy in a worker thread (a drawing) would otherwise hold the process until
     it finished; everything worth keeping is already on disk (the checkpoint, the fsynced trace, result.json)."""
-    import os
-    import shlex
-    import sys
-
     result = stop.result
     if as_json:
         print_json(result)
@@ -271,8 +270,6 @@ def _interrupted(stop: Any, command: list[str], as_json: bool) -> None:
 
 def _full_disk(full: Any, command: list[str]) -> None:
     """A run or batch stopped by a full disk: its one line (what was kept) plus the command that continues."""
-    import shlex
-
     raise UserError(f"{full}; free some space, then continue with: {shlex.join(command)}") from None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from typing import Annotated
 
 import typer
@@ -67,9 +69,6 @@ def serve(
 def check_port(host: str, port: int) -> None:
     """Raise a one-line UserError naming ``--port`` when ``host:port`` cannot be listened on (taken, or not
     this machine's address). Checked by binding it, the one test that holds for every platform."""
-    import errno
-    import socket
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server sets it: TIME_WAIT is no owner

@@ -6,6 +6,7 @@ JSON document with ``--json``), progress and messages to stderr.
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 import time
 from collections.abc import Iterator
@@ -151,8 +152,6 @@ def store_disk_full(exc: BaseException, store: str) -> str | None:
     local = not is_server_uri(store)
     low = False
     if local and "compaction" in str(exc).lower():
-        import shutil
-
         try:
             low = shutil.disk_usage(Path(store).expanduser()).free < _LOW_SPACE_BYTES
         except OSError:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import sys
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -143,8 +144,6 @@ class TerminalPreview:
     def __init__(self, stream: IO[str] | None = None, environ: Mapping[str, str] | None = None,
                  protocol: str | None = None, enabled: bool = True) -> None:
         """``protocol`` None: detected (:func:`detect_protocol`); ``enabled=False``: never shows anything."""
-        import sys
-
         self.stream = stream if stream is not None else sys.stderr
         self.protocol = (protocol or detect_protocol(environ, self.stream)) if enabled else None
         self.placed = False  # whether the lines just above the cursor are this preview's place
