@@ -27,8 +27,10 @@ from agent.batch import (
     read_prompt_file,
     settle_item,
 )
-from agent.graph import RunContext, build_graph, initial_state, outcome
+from agent.context import RunContext
+from agent.graph import build_graph, initial_state
 from agent.memory_guide import check_user_references, learn_from_run, start_references
+from agent.nodes import outcome
 from agent.state import from_state, merge_candidates, merge_references
 from agent.thread_store import CheckpointWriteError, UntrustedThread, open_checkpointer
 from imgrag.atomic_files import write_json_atomic

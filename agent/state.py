@@ -115,4 +115,4 @@ class AgentState(TypedDict, total=False):
     final_candidate: str | None
     # The terminal chat (agent/chat/) sets these; a plain run leaves them at their defaults.
     approve: bool  # pause before each regenerate so the user reviews its references (interrupt in ``review``)
-    continue_from: ContinueFrom | None  # a follow-up repairs the thread's best; see agent/graph.py's working_view
+    continue_from: ContinueFrom | None  # a follow-up repairs the thread's best; see agent/nodes.py's working_view

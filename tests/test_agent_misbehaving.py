@@ -186,7 +186,7 @@ def test_an_llm_that_raises_hands_over_to_the_policy_once(settings, tmp_path: Pa
 
 
 def test_a_crash_inside_the_graph_still_writes_the_result(settings, tmp_path: Path) -> None:
-    import agent.graph as graph
+    import agent.nodes as graph
 
     runner, _ = make_runner(settings, tmp_path, [NO_CRADLE])
     with pytest.MonkeyPatch.context() as mp:

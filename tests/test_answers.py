@@ -11,7 +11,7 @@ import pytest
 from langchain_core.messages import AIMessage
 
 import tools.answers as answers
-from agent.graph import best_candidate, outcome, stop_reason
+from agent.nodes import best_candidate, outcome, stop_reason
 from agent.policy import next_step
 from agent.retrieve_or_generate import drawings_only, photo_step
 from agent.runner import RunInterrupted

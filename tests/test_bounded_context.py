@@ -7,7 +7,8 @@ from pathlib import Path
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from agent.graph import context_window, initial_state, llm_messages
+from agent.graph import initial_state
+from agent.llm_view import context_window, llm_messages
 from tests.fakes import scripted_qwen
 from tools.image_tools import make_tools
 from tools.records import from_state

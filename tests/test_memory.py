@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from agent.chat.followups import parse_followup, steer_records
-from agent.graph import _status_summary
+from agent.llm_view import status_summary
 from agent.runner import Runner, open_checkpointer
 from imgrag.errors import UserError
 from imgrag.settings import load_settings
@@ -163,7 +163,7 @@ def test_the_agent_sees_the_start_guidance_and_the_chat_reads_steering() -> None
              "references": {"mem-1": {"path": "/x/mem-1.png", "query": "a wooden cradle"}},
              "start_guidance": {"reference_ids": ["mem-1"], "concepts": ["a wooden cradle"], "source": "memory"}}
     assert "Start guided: regenerate with references ['mem-1'] for a wooden cradle (concept memory" \
-        in _status_summary(from_state(state))
+        in status_summary(from_state(state))
     followup = parse_followup("use the second reference more strongly and make it blue")
     assert followup.steer == {2: {"factor": 1.5}} and followup.refinement == "make it blue"
     assert parse_followup("use the first reference for its style only").steer == {1: {"mode": "style"}}

@@ -1,7 +1,7 @@
 """May this candidate be the answer: the one rule, and the one order among the candidates that may.
 
 Every path that names a run's answer asks here: the ``finish`` tool, a turn that finishes beside other calls
-(tools/image_tools.py), the stop rules and ``finalize`` (agent/graph.py), the fixed policy and the
+(tools/image_tools.py), the stop rules and ``finalize`` (agent/nodes.py), the fixed policy and the
 retrieve-or-generate step (agent/policy.py, agent/retrieve_or_generate.py), a run closed early (agent/runner.py)
 and the chat. So a candidate the rule refuses is never the answer, by any path.
 

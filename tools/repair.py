@@ -2,7 +2,7 @@
 
 A drawing without references goes to ``generation.draw_with`` (SDXL, or OmniGen); a drawing with references (a
 repair) to ``generation.repair_with``: SDXL + IP-Adapter (every reference blended into one image embedding,
-ImageRAG-SD's way; drawn by :func:`tools.image_tools._draw` itself) or OmniGen (each concept's references written
+ImageRAG-SD's way; drawn by :func:`tools.drawing_round.draw_round` itself) or OmniGen (each concept's references written
 into the prompt where the concept is named, ImageRAG-O's way: :func:`imgrag.drawing.concept_refs.concept_prompt`, drawn
 by :func:`draw_omnigen`). Either way the drawing records which reference stood for which concept, so the trace,
 the candidate, its provenance and the report can say so.

@@ -23,9 +23,10 @@ from langgraph.types import Command
 from imgrag.management.engine import ManagedEmbedder
 from tools.answers import SOURCE_RETRIEVED
 from tools.context import ToolContext
-from tools.image_tools import ToolArgumentError, run_tool_call
+from tools.failures import ToolArgumentError
 from tools.records import Candidate, Reference, from_state
 from tools.safety_gate import screen_references
+from tools.tool_calls import run_tool_call
 
 RETRIEVED_TOOL_NAMES = ("consider_photos",)
 
@@ -39,47 +40,46 @@ def photo_candidate(candidate_id: str, reference: Reference, prompt: str, round_
                      source=SOURCE_RETRIEVED, reference_id=reference.id, chosen_by=chosen_by)
 
 
+@tool
+def consider_photos(*, runtime: ToolRuntime[Any, dict]) -> Command:
+    """Look in the user's own collection for photos that may already show everything the prompt asks for.
+    Each becomes a candidate (drawn by nobody) to critique; a matched one can be finished with instead of
+    drawing. Use it once, before the first drawing."""
+    ctx: ToolContext = runtime.context
+    state, tool_call_id = from_state(runtime.state), runtime.tool_call_id
+
+    def body(_: int):
+        if not ctx.settings.retrieval.allow_retrieved:
+            raise ToolArgumentError("a photo as the answer is not allowed in this run (--allow-retrieved); draw "
+                                    "instead (generate)")
+        if state.get("retrieval_off"):
+            raise ToolArgumentError(f"the collection is unavailable in this run ({state['retrieval_off']}); "
+                                    "draw instead (generate)")
+        if any(c.source == SOURCE_RETRIEVED for c in (state.get("candidates") or {}).values()):
+            raise ToolArgumentError("the collection's photos were already considered; draw instead (generate)")
+        embedder = ManagedEmbedder(ctx.manager)
+        store = ctx.store(embedder)
+        found = [] if store.count() == 0 else store.search_text(
+            embedder, state["prompt"], k=ctx.settings.retrieval.photo_candidates)
+        found = [ref for ref in found if ref.score >= ctx.settings.retrieval.min_score]
+        found = screen_references(ctx, store, embedder, found, "consider_photos")
+        candidates, references = {}, {}
+        for ref in found:
+            cid = ctx.allocate_candidate_id({**(state.get("candidates") or {}), **candidates})
+            record = Reference.of({**ref.to_dict(), "query": state["prompt"]})
+            references[ref.id] = record
+            candidates[cid] = photo_candidate(cid, record, state["prompt"], state.get("rounds", 0))
+        if not candidates:
+            return "No photo in the collection matches the prompt; draw it (generate).", {}
+        listing = [{"candidate_id": cid, "photo": c.path, "clip_score": c.clip_score}
+                   for cid, c in candidates.items()]
+        text = json.dumps(listing) + " Critique them; finish with one the judge matches, or draw."
+        return text, {"candidates": candidates, "references": references}, {"photos": listing}
+
+    return run_tool_call(ctx, "consider_photos", {}, tool_call_id, state, body)
+
+
 def make_retrieved_tools() -> list[BaseTool]:
     """``[consider_photos]``. The graph offers it to the LLM only when a retrieved answer is allowed
-    (``retrieval.allow_retrieved``), and it refuses when called without that. Like
-    :func:`tools.image_tools.make_tools`, it reads its run's context at call time."""
-
-    @tool
-    def consider_photos(*, runtime: ToolRuntime[Any, dict]) -> Command:
-        """Look in the user's own collection for photos that may already show everything the prompt asks for.
-        Each becomes a candidate (drawn by nobody) to critique; a matched one can be finished with instead of
-        drawing. Use it once, before the first drawing."""
-        ctx: ToolContext = runtime.context
-        state, tool_call_id = from_state(runtime.state), runtime.tool_call_id
-
-        def body(_: int):
-            if not ctx.settings.retrieval.allow_retrieved:
-                raise ToolArgumentError("a photo as the answer is not allowed in this run (--allow-retrieved); draw "
-                                        "instead (generate)")
-            if state.get("retrieval_off"):
-                raise ToolArgumentError(f"the collection is unavailable in this run ({state['retrieval_off']}); "
-                                        "draw instead (generate)")
-            if any(c.source == SOURCE_RETRIEVED for c in (state.get("candidates") or {}).values()):
-                raise ToolArgumentError("the collection's photos were already considered; draw instead (generate)")
-            embedder = ManagedEmbedder(ctx.manager)
-            store = ctx.store(embedder)
-            found = [] if store.count() == 0 else store.search_text(
-                embedder, state["prompt"], k=ctx.settings.retrieval.photo_candidates)
-            found = [ref for ref in found if ref.score >= ctx.settings.retrieval.min_score]
-            found = screen_references(ctx, store, embedder, found, "consider_photos")
-            candidates, references = {}, {}
-            for ref in found:
-                cid = ctx.allocate_candidate_id({**(state.get("candidates") or {}), **candidates})
-                record = Reference.of({**ref.to_dict(), "query": state["prompt"]})
-                references[ref.id] = record
-                candidates[cid] = photo_candidate(cid, record, state["prompt"], state.get("rounds", 0))
-            if not candidates:
-                return "No photo in the collection matches the prompt; draw it (generate).", {}
-            listing = [{"candidate_id": cid, "photo": c.path, "clip_score": c.clip_score}
-                       for cid, c in candidates.items()]
-            text = json.dumps(listing) + " Critique them; finish with one the judge matches, or draw."
-            return text, {"candidates": candidates, "references": references}, {"photos": listing}
-
-        return run_tool_call(ctx, "consider_photos", {}, tool_call_id, state, body)
-
+    (``retrieval.allow_retrieved``), and it refuses when called without that."""
     return [consider_photos]

@@ -17,7 +17,7 @@ from typing import Any
 from langchain_core.messages import HumanMessage
 
 import prompts
-from agent.graph import best_candidate
+from agent.nodes import best_candidate
 from imgrag.drawing.steering import MAX_WEIGHT, check_weight
 from imgrag.models.chat_model import content_text
 from imgrag.models.reasoning import answer_text

@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from agent.chat.commands import resolve_reference
-from agent.graph import outcome
+from agent.nodes import outcome
 from imgrag.candidate_ids import next_candidate_id
 from imgrag.errors import UserError
 from imgrag.records.runs import RunRecord

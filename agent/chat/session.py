@@ -33,7 +33,7 @@ from agent.chat.followups import (
 )
 from agent.chat.photos import parse_use_photo, use_photo
 from agent.chat.threads import THREAD_PREFIX, list_threads, requests_of, thread_ids
-from agent.graph import best_candidate, outcome
+from agent.nodes import best_candidate, outcome
 from agent.runner import PLANNERS, Runner
 from agent.thread_lock import busy_elsewhere, writes_thread
 from imgrag.candidate_ids import parse_candidate, sorted_ids
