@@ -58,7 +58,7 @@ def install_fakes() -> None:
     import imgrag.management.engine
     from imgrag.models.generator import Generator
 
-    imgrag.management.engine._load_llm = scripted_llm  # build_manager's loader looks the name up when it loads
+    imgrag.management.engine.load_llm = scripted_llm  # build_manager's loader looks the name up when it loads
 
     real_generate = Generator.generate
     slow = {"left": 1}

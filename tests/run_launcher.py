@@ -25,7 +25,7 @@ def install_fakes() -> None:
     def load_llm(settings: Any, *_: Any) -> Any:
         return scripted_qwen(Path(settings.models.llm), replies)
 
-    imgrag.management.engine._load_llm = load_llm
+    imgrag.management.engine.load_llm = load_llm
 
 
 if __name__ == "__main__":

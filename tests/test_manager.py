@@ -257,10 +257,10 @@ def test_loaders_leave_models_in_cpu_ram_for_the_manager_to_move(tiny_settings: 
 
     import torch
 
-    from imgrag.management.engine import _load_embedder
+    from imgrag.management.engine import load_embedder
 
     # float16, not the checkpoint's float32: a loader that ignored the GPU's dtype would fail here.
-    embedder = _load_embedder(dataclasses.replace(tiny_settings, dtype="float16"), "cuda")
+    embedder = load_embedder(dataclasses.replace(tiny_settings, dtype="float16"), "cuda")
     weights = next(embedder.model.parameters())
     assert weights.device.type == "cpu"
     assert weights.dtype == torch.float16
@@ -448,14 +448,14 @@ class Tied(torch.nn.Module):
 
 
 def test_swaps_walk_every_tensor_once_tied_weights_included() -> None:
-    from imgrag.management.devices import _tensor_slots
+    from imgrag.management.devices import tensor_slots
 
     class Wrapper:  # a model wrapper, as the engine's are (Judge.model, Generator.pipe)
         def __init__(self) -> None:
             self.model = Tied()
 
     wrapper = Wrapper()
-    slots = list(_tensor_slots(wrapper))
+    slots = list(tensor_slots(wrapper))
     assert sorted((key[1], key[2]) for key, _, _ in slots) == [("b", "scale"), ("p", "weight")]
     assert any(tensor is wrapper.model.embed.weight for _, _, tensor in slots)
 

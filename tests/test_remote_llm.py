@@ -72,7 +72,7 @@ def test_a_round_against_a_real_openai_compatible_server(served_llm, tmp_path: P
     model's non-answers go back to it and then to the fixed policy; the remote calls hold no GPU lock."""
     from langchain_openai import ChatOpenAI
 
-    from imgrag.management.engine import _load_llm
+    from imgrag.management.engine import load_llm
     from imgrag.management.manager import ModelManager
 
     settings = remote_settings(tmp_path, served_llm["base_url"], served_llm["model"])
@@ -81,7 +81,7 @@ def test_a_round_against_a_real_openai_compatible_server(served_llm, tmp_path: P
     manager.register("judge", lambda: ScriptedJudge([NO_KITE]), size_gb=0.0)
     manager.register("embedder", FakeEmbedder, size_gb=0.0)
     # Registered as imgrag.management.engine.build_manager does for llm_backend = "openai": on the host, no GPU lock.
-    manager.register("llm", lambda: _load_llm(settings, "cpu"), size_gb=0.0,
+    manager.register("llm", lambda: load_llm(settings, "cpu"), size_gb=0.0,
                      on_host=settings.models.llm_backend == "openai")
     held: list[bool] = []
     real_generate = ChatOpenAI._generate

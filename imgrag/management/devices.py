@@ -165,7 +165,7 @@ def pinning_available(device: str) -> bool:
     return str(device).startswith("cuda") and torch.cuda.is_available()
 
 
-def _tensor_slots(model: Any) -> Iterator[tuple[tuple[int, str, str], Any, Any]]:
+def tensor_slots(model: Any) -> Iterator[tuple[tuple[int, str, str], Any, Any]]:
     """Every parameter and buffer of the model's modules, once each (tied weights once): (key, module, name)."""
     seen: set[int] = set()
     for root in _modules(model, depth=2):
@@ -193,7 +193,7 @@ def swap_out(model: Any, host: dict, *, pin: bool = True) -> int:
     import torch
 
     moves = []
-    for key, module, tensor in _tensor_slots(model):
+    for key, module, tensor in tensor_slots(model):
         if tensor.device.type == "cpu":
             continue
         copy = host.get(key)
@@ -216,7 +216,7 @@ def swap_in(model: Any, device: str) -> int:
     import torch
 
     moves = []
-    for key, module, tensor in _tensor_slots(model):
+    for key, module, tensor in tensor_slots(model):
         if tensor.device.type != "cpu":
             continue
         moves.append((module, key, tensor, tensor.detach().to(device, non_blocking=tensor.is_pinned())))

@@ -49,9 +49,9 @@ def build_manager(settings: Settings, *, device: str | None = None) -> ModelMana
     manager.register("generator", lambda: _load_generator(settings, device, manager),
                      reserve_gb=estimates["generator"])
     manager.register("judge", lambda: _load_judge(settings, device), reserve_gb=estimates["judge"])
-    manager.register("llm", lambda: _load_llm(settings, device), reserve_gb=estimates["llm"],
+    manager.register("llm", lambda: load_llm(settings, device), reserve_gb=estimates["llm"],
                      on_host=settings.models.llm_backend == "openai")
-    manager.register("embedder", lambda: _load_embedder(settings, device), reserve_gb=estimates["embedder"])
+    manager.register("embedder", lambda: load_embedder(settings, device), reserve_gb=estimates["embedder"])
     if uses_omnigen(settings):
         register_omnigen(manager, settings)
     # DINO and SigLIP score evaluations only: imgrag.scoring.scorers registers them when an evaluation asks, so a run's
@@ -79,7 +79,7 @@ def register_siglip(manager: Any, settings: Settings) -> None:
     device = manager.device
     as_embedder = dataclasses.replace(settings, models=dataclasses.replace(
         settings.models, embedder=settings.models.siglip.strip(), embedder_pretrained=""))
-    manager.register("siglip", lambda: _load_embedder(as_embedder, device),
+    manager.register("siglip", lambda: load_embedder(as_embedder, device),
                      reserve_gb=working_memory_gb(settings)["embedder"])
 
 
@@ -205,7 +205,9 @@ def _load_judge(settings: Settings, device: str) -> Any:
     return Judge.from_pretrained(settings, device, place=False)
 
 
-def _load_llm(settings: Settings, device: str) -> Any:
+def load_llm(settings: Settings, device: str) -> Any:
+    """The agent LLM of ``models.llm`` (local Qwen2.5 or an OpenAI-compatible server: :func:`make_chat_model`), not
+    yet placed on ``device`` (the manager places it); tests swap this loader for a scripted one."""
     return make_chat_model(settings, device, place=False)
 
 
@@ -213,7 +215,9 @@ def _load_dino(settings: Settings, device: str) -> Any:
     return DinoScorer(settings.models.dino.strip(), "cpu", settings.torch_dtype() if device != "cpu" else None)
 
 
-def _load_embedder(settings: Settings, device: str) -> Any:
+def load_embedder(settings: Settings, device: str) -> Any:
+    """The CLIP embedder of ``models.embedder`` (open_clip), not yet placed on ``device``; any failure to load is one
+    :class:`ModelLoadError` naming the checkpoint."""
     try:
         return Embedder.from_pretrained(settings, device, place=False)
     except UserError:
