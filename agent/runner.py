@@ -3,12 +3,15 @@
 A ``Runner`` holds one model manager and one checkpointer for its whole life, so a batch loads each
 model once. Every run has a thread id (= its run id) in the SQLite checkpointer; a killed run
 continues from its last checkpoint with ``resume``.
+
+Beside it: agent/run_result.py (what result.json holds), agent/run_errors.py (how a run stops short),
+agent/batch_run.py (the batch loop). The Runner stays one class over 400 lines: starting, resuming, stopping and
+closing a run share its checkpointer, manager and compiled graph, and each path closes the record the same way
+(``_drive``), which reads best in one place.
 """
 
 from __future__ import annotations
 
-import json
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -19,23 +22,21 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from agent.batch import (
     FINISHED,
-    check_batch_references,
     claim_item,
     fail_item,
-    line_options,
     open_batch,
     read_prompt_file,
     settle_item,
 )
+from agent.batch_run import run_batch
 from agent.context import RunContext
 from agent.graph import build_graph, initial_state
 from agent.memory_guide import check_user_references, learn_from_run, start_references
 from agent.nodes import outcome
-from agent.state import from_state, merge_candidates, merge_references
+from agent.run_errors import CheckpointFailed, DiskFull, RunInterrupted
+from agent.run_result import RUN_END_KEYS, build_result, finished_calls
 from agent.thread_store import CheckpointWriteError, UntrustedThread, open_checkpointer
-from imgrag.atomic_files import write_json_atomic
-from imgrag.candidate_ids import candidate_number
-from imgrag.drawing.draw_options import DrawOptions, options_of, parse_options
+from imgrag.drawing.draw_options import DrawOptions, parse_options
 from imgrag.drawing.schedulers import check_with_fast
 from imgrag.errors import ModelLoadError, UserError, check_seed
 from imgrag.management.engine import build_manager
@@ -43,91 +44,17 @@ from imgrag.management.manager import add_loads
 from imgrag.models.chat_model import check_endpoint
 from imgrag.models.embedder import prompt_length_notice
 from imgrag.records.runs import RUN_ID_PATTERN, RunRecord, disk_full_line, is_disk_full, new_run_id
-from imgrag.settings import TINY_WARNING, Settings
+from imgrag.settings import Settings
 from imgrag.store import ReferenceStore, index_hint, store_census
 from imgrag.text import describe_error
 from tools.budget import Clock, check_rounds, recursion_limit, run_budget
 from tools.context import EventSink, Models
 from tools.final_redraw import redraw_final_full
-from tools.records import Candidate
 
 PLANNERS = ("agent", "fixed")
-# What the run_end event carries for a front end to say (result.json holds them too).
-RUN_END_KEYS = ("run_id", "status", "stop_reason", "final_image", "blocked", "fallback_steps", "fallback_reason",
-                "final_full")
 # The batch record's functions live in agent/batch.py; importable from here too, as before.
 __all__ = ["FINISHED", "PLANNERS", "CheckpointFailed", "DiskFull", "RunInterrupted", "Runner",
            "claim_item", "fail_item", "open_batch", "open_checkpointer", "read_prompt_file", "settle_item"]
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run or batch, after the run's record was closed: ``result`` is the partial result.json
-    (status ``interrupted``) and ``batch_dir`` is set for a batch. A KeyboardInterrupt still, so callers that
-    stop on Ctrl-C (the chat) keep doing so."""
-
-    def __init__(self, result: dict[str, Any], batch_dir: str | None = None) -> None:
-        super().__init__(f"run {result['run_id']} interrupted")
-        self.result = result
-        self.batch_dir = batch_dir
-
-
-class DiskFull(UserError):
-    """A write failed for want of space mid-run: the record was closed at the last checkpoint with what it has
-    (``result``, status ``interrupted``) and the thread left as it was, so ``--resume`` goes on once space is freed.
-    The message is one line: the path, the space left there, and what was kept."""
-
-    def __init__(self, message: str, result: dict[str, Any] | None, batch_dir: str | None = None) -> None:
-        super().__init__(message)
-        self.result = result
-        self.batch_dir = batch_dir
-
-
-class CheckpointFailed(UserError):
-    """A run's checkpoint could not be written (agent/thread_store.py's CheckpointWriteError): its record was closed
-    from the state in memory (``result``, status ``interrupted``, result.json written) and the thread left at its
-    last checkpoint. The message is one line: the database's reason, what was kept and how to go on."""
-
-    def __init__(self, message: str, result: dict[str, Any], batch_dir: str | None = None) -> None:
-        super().__init__(message)
-        self.result = result
-        self.batch_dir = batch_dir
-
-
-def finished_calls(values: dict[str, Any], record: RunRecord) -> dict[str, Any]:
-    """``values`` with the results of the tool calls that finished after the last checkpoint (their trace steps
-    kept them, see tools.image_tools) merged in: what a run stopped between a tool's end and its checkpoint had
-    really drawn, so its partial result names those candidates too."""
-    messages = values.get("messages") or []
-    answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
-    last_ai = next((m for m in reversed(messages) if isinstance(m, AIMessage)), None)
-    pending = {c["id"] for c in (last_ai.tool_calls if last_ai else []) if c["id"] not in answered}
-    merged = from_state(values)  # the values may be a run's starting input, not yet reduced to records
-    if not pending:
-        return merged
-    for step in record.read_steps():
-        if step.get("call_id") in pending and step.get("ok") and isinstance(step.get("replay"), dict):
-            update = step["replay"].get("update") or {}  # plain dicts, as the trace keeps them
-            merged["candidates"] = merge_candidates(merged.get("candidates"), update.get("candidates"))
-            merged["references"] = merge_references(merged.get("references"), update.get("references"))
-            merged["rounds"] = int(merged.get("rounds") or 0) + int(update.get("rounds") or 0)
-    return merged
-
-
-def _what_happened(state: dict[str, Any], candidates: list[Candidate], final: Candidate | None,
-                   record: RunRecord) -> dict[str, Any]:
-    """What a front end must say beside the answer: ``blocked`` when every drawing was flagged by the safety gate
-    (so there is no answer, and why), and ``fallback_reason`` when the fixed policy took steps of an agent run."""
-    extra: dict[str, Any] = {"blocked": None, "fallback_reason": None}
-    flagged = [c for c in candidates if c.answer_blocked]
-    if final is None and flagged:
-        concepts = sorted({str((c.flagged or {}).get("concept")) for c in flagged})
-        extra["blocked"] = (f"every drawing ({len(flagged)}) was flagged by the safety gate (safety.enabled; "
-                            f"flagged as {', '.join(concepts)}), so none may be the answer; they are kept in "
-                            f"{record.candidates_dir}; --allow-flagged lets one be the answer")
-    if state.get("fallback_steps"):
-        reasons = [s.get("reason") for s in record.read_steps() if s.get("planner") == "policy" and s.get("reason")]
-        extra["fallback_reason"] = reasons[-1] if reasons else None
-    return extra
 
 
 class Runner:
@@ -360,7 +287,7 @@ class Runner:
             ended["status"] = unmatched
         graph.update_state(config, {"messages": closing, "stop_reason": reason, **ended}, as_node="finalize")
         record = RunRecord(values["run_dir"])
-        result = self._result(graph.get_state(config).values, record)
+        result = self.result_of(graph.get_state(config).values, record)
         record.append_step({"event": "stopped", "reason": reason, "final_image": result["final_image"]})
         record.write_result(result)
         return result
@@ -393,7 +320,7 @@ class Runner:
         except KeyboardInterrupt:
             # Ctrl-C: close the record from the last checkpoint, leaving the thread as it is so --resume goes on.
             record.release_space()
-            result = self._partial_result(graph, config, values, record, add_loads(earlier, self._loads_since(before)),
+            result = self._partial_result(graph, config, values, record, add_loads(earlier, self.loads_since(before)),
                                           "interrupted (Ctrl-C)")
             record.append_step({"event": "interrupted", "checkpoint": result.pop("_checkpoint")})
             record.write_result(result)
@@ -402,11 +329,11 @@ class Runner:
             record.release_space()
             raise  # nothing of the thread was read, so nothing ran: one line, the record left as it was
         except CheckpointWriteError as exc:  # the database failed under the run: its record from the state in memory
-            raise self._checkpoint_failed(exc, latest, record, add_loads(earlier, self._loads_since(before))) from None
+            raise self._checkpoint_failed(exc, latest, record, add_loads(earlier, self.loads_since(before))) from None
         except Exception as exc:  # no error ends a run without its result: close it at its last checkpoint
             if is_disk_full(exc):
                 raise self._full_disk(exc, graph, config, values, record,
-                                      add_loads(earlier, self._loads_since(before))) from None
+                                      add_loads(earlier, self.loads_since(before))) from None
             record.release_space()
             reason = f"error: {describe_error(exc)}"
             record.append_step({"event": "error", "error": reason, "exception": traceback.format_exc(limit=8)[-4000:]})
@@ -418,7 +345,7 @@ class Runner:
             return result
         self.reference_store = ctx.reference_store  # keep the opened store for the next run of a batch
         record.release_space()
-        result = self._result(snapshot.values, record, add_loads(earlier, self._loads_since(before)))
+        result = self.result_of(snapshot.values, record, add_loads(earlier, self.loads_since(before)))
         if final_full:
             result["final_full"] = final_full  # the matched fast draft redrawn at full steps, when asked
         if snapshot.interrupts:  # paused for the user (review): not over, so no result.json yet
@@ -450,7 +377,7 @@ class Runner:
                 state, checkpoint = values, None
         state = finished_calls(state, record)
         state = {**state, "final_candidate": outcome(state)["final_candidate"]}
-        result = self._result(state, record, model_loads)
+        result = self.result_of(state, record, model_loads)
         result.update(status="interrupted", stop_reason=reason, _checkpoint=checkpoint)
         return result
 
@@ -492,112 +419,20 @@ class Runner:
                    + f"; once the database is free, continue it with --resume {result['run_id']}")
         return CheckpointFailed(message, result)
 
-    def _loads_since(self, before: dict[str, int]) -> dict[str, int]:
-        now = self.manager.load_counts()
-        return {name: n - before.get(name, 0) for name, n in now.items()}
-
-    def _result(self, state: dict[str, Any], record: RunRecord,
-                model_loads: dict[str, int] | None = None) -> dict[str, Any]:
-        """result.json, following DESIGN.md's contract (plus candidates and references for reports).
-
-        ``model_loads`` is what this run loaded (default: what its record already says)."""
-        if model_loads is None:
-            model_loads = (record.read_result() or {}).get("model_loads") or {}
-        state = from_state(state)  # a cut-off run's values may be its starting input, not yet reduced to records
-        candidates = sorted((state.get("candidates") or {}).values(), key=lambda c: candidate_number(c.id))
-        final = (state.get("candidates") or {}).get(state.get("final_candidate") or "")
-        traced = [s for s in record.read_steps() if "tool" in s and "args" in s]
-        steps = [{k: s.get(k) for k in ("tool", "args", "ok", "seconds")} for s in traced]
-        result = {
-            "run_id": state["run_id"],
-            "status": state.get("status") or "failed",
-            "final_image": final.path if final else None,
-            "final_candidate": state.get("final_candidate"),
-            "final_source": (final.source or "drawn") if final else None,  # "retrieved": a photo, not a drawing
-            "prompt": state["prompt"],
-            "rounds": state.get("rounds", 0),
-            "stop_reason": state.get("stop_reason"),
-            "planner": state["planner"],
-            "fallback_steps": state.get("fallback_steps", 0),
-            "steps": steps,
-            "model_loads": model_loads,
-            "model_stats": self.manager.stats(),
-            "seconds": round(float(state.get("seconds") or 0.0), 3),
-            "candidates": [c.model_dump() for c in candidates],  # records on disk are the plain dicts they dump
-            "references": {rid: ref.model_dump() for rid, ref in (state.get("references") or {}).items()},
-            "run_dir": str(record.dir),
-            "profile": self.settings.profile,
-            "fast": self.settings.generation.fast,  # few-step drawing mode of this run's pictures (imgrag.models.fast)
-            # negative prompt, guidance, scheduler and drawings per round of this run (imgrag.drawing.draw_options)
-            "drawing": options_of(state, self.settings).to_state(),
-            # Forward passes of the IP-Adapter's image encoder, and references read from the embedding cache instead.
-            "image_encoder": {"calls": sum(int(s.get("image_encoder_calls") or 0) for s in traced),
-                              "cached_embeddings": sum(int(s.get("embeddings_cached") or 0) for s in traced)},
-            "start_guidance": state.get("start_guidance"),
-        }
-        result.update(_what_happened(state, candidates, final, record))
-        if self.settings.is_tiny:
-            result["note"] = TINY_WARNING
-        return result
+    def result_of(self, state: dict[str, Any], record: RunRecord,
+                   model_loads: dict[str, int] | None = None) -> dict[str, Any]:
+        """result.json for ``state`` (:func:`agent.run_result.build_result`) with this runner's settings and models."""
+        return build_result(state, record, self.settings, self.manager.stats(), model_loads)
 
     # ----- batches -----
     def batch(self, path: str | Path, *, resume: bool = False, planner: str = "agent",
               max_rounds: int | None = None, on_item: Callable[[dict], None] | None = None,
               options: DrawOptions | None = None) -> dict[str, Any]:
-        """Run every prompt of a .txt (one a line) or .jsonl file; resumable, one failure never stops the rest.
+        """Run every prompt of a .txt or .jsonl file with this runner's models (:func:`agent.batch_run.run_batch`)."""
+        return run_batch(self, path, resume=resume, planner=planner, max_rounds=max_rounds, on_item=on_item,
+                         options=options)
 
-        ``options``: how every prompt is drawn (default the settings'); a .jsonl line's own keys change them for it."""
-        path = Path(path)
-        items = read_prompt_file(path)
-        check_batch_references(path, items, self.settings)  # every bad line named at once, before any run
-        batch_dir, state = open_batch(path, self.settings.output_dir, resume=resume, items=items)
-        start = time.perf_counter()
-        if resume and (batch_dir / "summary.json").exists() and all(
-                item["status"] in FINISHED for item in state["items"]):
-            # Nothing left to do: the record of the finished batch stays as it was.
-            return json.loads((batch_dir / "summary.json").read_text(encoding="utf-8"))
-        for item in state["items"]:
-            if item["status"] in FINISHED:
-                continue  # finished in an earlier process
-            before = self.manager.load_counts()
-            try:
-                if item["run_id"] and item["status"] in ("running", "interrupted"):
-                    result = self.resume(item["run_id"])
-                else:
-                    claim_item(batch_dir, state, item)
-                    result = self.run(item["prompt"], seed=item.get("seed"),
-                                      max_rounds=max_rounds or item.get("max_rounds"), planner=planner,
-                                      run_id=item["run_id"], references=item.get("references"),
-                                      options=line_options(options or self.settings, item))
-                settle_item(item, result)
-            except KeyboardInterrupt as exc:
-                # Kept as interrupted with its run id: the next --resume continues it from its checkpoint.
-                item.update(status="interrupted", error=None, model_loads=self._loads_since(before))
-                write_json_atomic(batch_dir / "batch.json", state)
-                result = exc.result if isinstance(exc, RunInterrupted) else {"run_id": item["run_id"]}
-                raise RunInterrupted(result, batch_dir=str(batch_dir)) from None
-            except Exception as exc:  # one broken prompt must not stop the batch; the error is kept
-                if isinstance(exc, DiskFull) or is_disk_full(exc):  # but a full disk stops every prompt after it
-                    item.update(status="interrupted", error=None, model_loads=self._loads_since(before))
-                    try:
-                        write_json_atomic(batch_dir / "batch.json", state)
-                    except OSError:
-                        pass  # the item stays "running" on disk: --resume continues it the same way
-                    message = str(exc) if isinstance(exc, DiskFull) else disk_full_line(exc, batch_dir)
-                    raise DiskFull(message, getattr(exc, "result", None), batch_dir=str(batch_dir)) from None
-                if isinstance(exc, CheckpointFailed):  # the database is not writable now: the prompts after it neither
-                    item.update(status="interrupted", error=None, model_loads=self._loads_since(before))
-                    write_json_atomic(batch_dir / "batch.json", state)
-                    raise CheckpointFailed(f"{exc}; the batch stopped at prompt {item['index'] + 1} (imgrag batch "
-                                           f"{path} --resume continues it)", exc.result,
-                                           batch_dir=str(batch_dir)) from None
-                fail_item(item, exc)
-            # This prompt's loads (its run's record), not the process's running total; that stays in the summary.
-            item.setdefault("model_loads", self._loads_since(before))
-            write_json_atomic(batch_dir / "batch.json", state)
-            if on_item:
-                on_item(item)
-        summary = {"batch_dir": str(batch_dir), "file": str(path), "items": state["items"],
-                   "model_loads": self.manager.load_counts(), "seconds": round(time.perf_counter() - start, 3)}
-        write_json_atomic(batch_dir / "summary.json", summary)
-        return summary
+    def loads_since(self, before: dict[str, int]) -> dict[str, int]:
+        """The models loaded since ``before`` (an earlier :meth:`ModelManager.load_counts`), name -> count."""
+        now = self.manager.load_counts()
+        return {name: n - before.get(name, 0) for name, n in now.items()}

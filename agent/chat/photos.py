@@ -64,7 +64,7 @@ def use_photo(session: Any, token: str) -> dict[str, Any]:
         ended["status"] = "chosen"
     graph.update_state(config, ended, as_node="finalize")
     record = RunRecord(values["run_dir"])
-    result = runner._result(graph.get_state(config).values, record)
+    result = runner.result_of(graph.get_state(config).values, record)
     record.append_step({"event": "use_photo", "candidate_id": photo.id, "path": photo.path,
                         "final_source": SOURCE_RETRIEVED, "status": result["status"]})
     record.write_result(result)
