@@ -10,7 +10,7 @@ import time
 from rich.console import Console
 from rich.status import Status
 
-from agent.frontends.cli.run import StatusText, print_batch, print_store, print_tool_line
+from agent.frontends.cli.run_display import StatusText, print_batch, print_store, print_tool_line
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\r")
 

@@ -20,7 +20,7 @@ same layout as the in-process batch, so ``--resume`` works the same way.
 - **Ctrl-C on the driver** keeps every finished prompt in batch.json and puts the prompts in flight back to
   pending: the workers' checkpoints are not on the driver, so ``--resume`` draws those again from the start.
 
-The driver's progress display on the terminal is ``agent.frontends.cli.run.RayProgress``.
+The driver's progress display on the terminal is ``agent.frontends.cli.run_display.RayProgress``.
 
 Ray's own docs on actors and fault tolerance: https://docs.ray.io/en/latest/ray-core/actors.html and
 https://docs.ray.io/en/latest/ray-core/fault_tolerance/actors.html.

@@ -39,13 +39,11 @@ from agent.frontends.cli.run import (
     NoMemoryOpt,
     OutOpt,
     PlannerOpt,
-    StatusText,
     check_planner,
     gate_flags,
     memory_flag,
-    print_store,
-    print_tool_line,
 )
+from agent.frontends.cli.run_display import StatusText, print_store, print_tool_line
 from agent.frontends.cli.terminal_images import TerminalPreview, preview_event_image
 from imgrag.drawing.schedulers import choices_text
 from imgrag.errors import UserError

@@ -23,7 +23,8 @@ from agent.frontends.cli.common import (
     repair_flags,
     settings_from_flags,
 )
-from agent.frontends.cli.run import MaxRoundsOpt, OutOpt, check_outputs, check_planner, print_store
+from agent.frontends.cli.run import MaxRoundsOpt, OutOpt, check_outputs, check_planner
+from agent.frontends.cli.run_display import print_store
 from imgrag.errors import UserError
 from imgrag.records.report import write_report
 from imgrag.records.report_html import folder_kind
