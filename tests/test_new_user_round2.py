@@ -362,7 +362,7 @@ def test_ctrl_c_while_indexing_says_what_was_kept_and_how_to_go_on(tmp_path, mon
 
 # ----- flags that do nothing, files and prompts a user writes -----
 
-@pytest.mark.parametrize("extra", [["a cat"], ["--seed", "3"], ["--max-rounds", "2"]])
+@pytest.mark.parametrize("extra", [["a cat"], ["--seed", "3"], ["--max-rounds", "2"], ["--planner", "agent"]])
 def test_a_flag_beside_resume_is_refused(capsys, extra) -> None:
     code, _, err = run_cli(capsys, "run", "--resume", "20260101-000000-abcdef", *extra)
     assert code == 1 and "--resume continues run" in err and "drop" in err

@@ -115,7 +115,7 @@ def test_the_escape_sequences_carry_the_picture() -> None:
 
 
 def test_the_terminal_keeps_one_place_per_drawing_and_quiet_terminals_get_nothing() -> None:
-    from agent.frontends.cli.chat import ChatStatus
+    from agent.frontends.cli.chat_screen import ChatStatus
 
     tty = FakeTTY()
     status = ChatStatus(preview=TerminalPreview(tty, protocol="kitty"))

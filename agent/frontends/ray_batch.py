@@ -22,6 +22,9 @@ same layout as the in-process batch, so ``--resume`` works the same way.
 
 The driver's progress display on the terminal is ``agent.frontends.cli.run_display.RayProgress``.
 
+Why one module of ~400 lines: the worker (:class:`BatchWorker`, what it sends back) and the driver's loop
+(:func:`run_batch`, what it does with that) are two ends of one protocol, read side by side.
+
 Ray's own docs on actors and fault tolerance: https://docs.ray.io/en/latest/ray-core/actors.html and
 https://docs.ray.io/en/latest/ray-core/fault_tolerance/actors.html.
 """

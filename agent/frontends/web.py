@@ -15,9 +15,10 @@ Safety: the page never sends a path that the server reads. Pictures shown come f
 run folders, under ``output_dir``: the only folder Gradio may serve) or, for references and search results
 (the indexed store's files, which may live anywhere), as thumbnails the server opens and re-encodes.
 
-Why one module of ~520 lines: :class:`WebChat` (what each action does) and :func:`build_app` (the page's
-components, about 200 lines of Gradio layout wiring each event to a WebChat method) are read together, one
-event at a time; split, every handler would be looked up across two files.
+Why one module of ~650 lines: :class:`WebChat` (what each action does, ~230 lines) and :func:`build_app` (the
+page's components, ~240 lines of Gradio layout wiring each event to a WebChat method) are read together, one
+event at a time; split, every handler would be looked up across two files. The rest is small text helpers of
+the page.
 """
 
 from __future__ import annotations

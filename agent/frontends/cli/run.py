@@ -48,7 +48,9 @@ from imgrag.records.runs import ensure_writable_dir
 from tools.budget import check_rounds
 
 PlannerOpt = Annotated[
-    str, typer.Option("--planner", help="agent: the LLM chooses each tool; fixed: ImageRAG's pipeline, no LLM loaded.")
+    str | None,
+    typer.Option("--planner", help="agent (the default): the LLM chooses each tool; fixed: ImageRAG's pipeline, "
+                                   "no LLM loaded."),
 ]
 
 
@@ -93,11 +95,11 @@ def memory_flag(no_memory: bool) -> dict[str, Any]:
     return {"retrieval.memory": False} if no_memory else {}
 
 
-def check_planner(planner: str) -> None:
-    """--planner's value, checked before any model loads."""
+def check_planner(planner: str | None) -> None:
+    """--planner's value, checked before any model loads (None: not given, the command's default holds)."""
     from agent.runner import PLANNERS
 
-    if planner not in PLANNERS:
+    if planner is not None and planner not in PLANNERS:
         raise UserError(f"--planner must be {' or '.join(PLANNERS)}, got {planner!r}")
 
 
@@ -183,7 +185,7 @@ def run(
     prompt: Annotated[str | None, typer.Argument(help="What the picture should show.")] = None,
     max_rounds: MaxRoundsOpt = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the first drawing.")] = None,
-    planner: PlannerOpt = "agent",
+    planner: PlannerOpt = None,
     out_dir: OutOpt = None,
     resume: Annotated[
         str | None, typer.Option("--resume", help="Continue a killed run by its thread (run) id.")
@@ -217,14 +219,17 @@ def run(
         check_seed(seed, "--seed")
     if resume is None and not prompt:
         raise UserError("give a PROMPT, or --resume RUN_ID to continue a run")
-    if resume is not None:  # a resumed run goes on with its own prompt, seed and budget: a flag here would do nothing
+    if resume is not None:  # a resumed run goes on with its own recipe: a flag here would do nothing
         given = [name for name, value in (("a PROMPT", prompt), ("--seed", seed), ("--max-rounds", max_rounds),
-                                          ("--per-round", per_round), ("--negative", negative),
-                                          ("--guidance", guidance), ("--scheduler", scheduler), ("--lora", lora))
+                                          ("--planner", planner), ("--per-round", per_round),
+                                          ("--negative", negative), ("--guidance", guidance),
+                                          ("--scheduler", scheduler), ("--lora", lora))
                  if value is not None]
         if given:
-            raise UserError(f"--resume continues run {resume} with its own prompt, seed, budget and drawing options; "
+            raise UserError(f"--resume continues run {resume} with its own prompt, seed, planner, budget and "
+                            f"drawing options; "
                             f"drop {' and '.join(given)} (or start a new run without --resume)")
+    planner = planner or "agent"
     from agent.runner import DiskFull, RunInterrupted
 
     # Until the run's folder exists (models loading, the store checked), Ctrl-C leaves nothing behind.
