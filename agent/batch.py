@@ -107,9 +107,8 @@ DRAWING_KEYS = ("negative_prompt", "guidance", "scheduler", "per_round")
 
 
 def line_options(base: Any, item: dict[str, Any]) -> Any:
-    """The drawing options of a batch item: ``base`` (a :class:`~imgrag.drawing.draw_options.DrawOptions`: the
-    settings' and
-    the command line's, or a Settings to take them from) changed by the line's own keys (:data:`DRAWING_KEYS`); the
+    """The drawing options of a batch item: ``base`` (a :class:`~imgrag.drawing.draw_options.DrawOptions`: the settings'
+    and the command line's, or a Settings to take them from) changed by the line's own keys (:data:`DRAWING_KEYS`); the
     line's ``loras`` add to the base's (one naming a file already there sets its weight)."""
     options = base if isinstance(base, DrawOptions) else DrawOptions.from_settings(base)
     where = f"line {item.get('line', '?')}"

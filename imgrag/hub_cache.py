@@ -2,10 +2,8 @@
 Hugging Face cache holds. Nothing here touches the network (imgrag never downloads during a run).
 
 The lowest of the model-file modules: :mod:`imgrag.weights.checkpoints` (loading), :mod:`imgrag.weights.model_files`
-(what each role
-needs), :mod:`imgrag.weights.adapters` and :mod:`imgrag.weights.single_file` all read a setting through these, so they
-agree on what
-is local and what is cached.
+(what each role needs), :mod:`imgrag.weights.adapters` and :mod:`imgrag.weights.single_file` all read a setting through
+these, so they agree on what is local and what is cached.
 """
 
 from __future__ import annotations

@@ -55,16 +55,15 @@ def draw_round(ctx: ToolContext, state: dict, round_no: int, prompt: str, seeds:
     against the user's prompt and saved; return their records, in the order of ``seeds``. ``records`` are the
     state's references; the drawing reads them as plain dicts (the form imgrag's drawing and provenance code takes).
 
-    The backbone (SDXL, SDXL + IP-Adapter or OmniGen: :func:`tools.repair.backbone_for`) and which reference stands
-    for which concept (``concepts``, filled from each reference's retrieval query) are recorded with each.
-    ``steers`` maps a reference id to its (weight, mode) (:mod:`imgrag.drawing.steering`); a reference not in it steers
-    at 1.0, "both" (IP-Adapter only: OmniGen places each reference in its prompt instead). The run's drawing options
-    (negative prompt, guidance, scheduler, LoRAs: :func:`imgrag.drawing.draw_options.options_of`) apply to SDXL's
-    drawings;
-    OmniGen has its own guidance and sampler, and no LoRA. The score is always measured against ``state["prompt"]``
-    (what the user asked for), never the text the LLM chose to draw, nor the negative prompt: every candidate of a run
-    is measured with one yardstick. With ``ctx.previews`` on, SDXL's drawing sends ``preview`` events (a small picture
-    from the latents every ``generation.preview_every`` steps, :mod:`imgrag.models.previews`)."""
+    The backbone (SDXL, SDXL + IP-Adapter or OmniGen: :func:`tools.repair.backbone_for`) and which reference stands for
+    which concept (``concepts``, filled from each reference's retrieval query) are recorded with each. ``steers`` maps a
+    reference id to its (weight, mode) (:mod:`imgrag.drawing.steering`); a reference not in it steers at 1.0, "both"
+    (IP-Adapter only: OmniGen places each reference in its prompt instead). The run's drawing options (negative prompt,
+    guidance, scheduler, LoRAs: :func:`imgrag.drawing.draw_options.options_of`) apply to SDXL's drawings; OmniGen has
+    its own guidance and sampler, and no LoRA. The score is always measured against ``state["prompt"]`` (what the user
+    asked for), never the text the LLM chose to draw, nor the negative prompt: every candidate of a run is measured with
+    one yardstick. With ``ctx.previews`` on, SDXL's drawing sends ``preview`` events (a small picture from the latents
+    every ``generation.preview_every`` steps, :mod:`imgrag.models.previews`)."""
     plain = [ref.model_dump() for ref in records]
     images = [open_image(ref["path"]) for ref in plain]
     plain, images = screen_drawing_references(ctx, plain, images)  # no flagged reference guides a drawing

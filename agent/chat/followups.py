@@ -190,8 +190,7 @@ def follow_up_update(state: dict[str, Any], message: str, followup: FollowUp, *,
     """The state update for a follow-up on a settled thread (merged through the state's reducers). ``planner``
     is the chat's planner: a thread resumed under another ``--planner`` runs its next request with it. ``drawing``:
     the thread's drawing options from this request on (:class:`imgrag.drawing.draw_options.DrawOptions` as a dict; the
-    chat's
-    /negative, /guidance, /scheduler, /per-round); None keeps the thread's."""
+    chat's /negative, /guidance, /scheduler, /per-round); None keeps the thread's."""
     used_rounds = int(state.get("rounds", 0))
     per_round = int(((drawing or state.get("drawing")) or {}).get("per_round") or 1)
     update: dict[str, Any] = {

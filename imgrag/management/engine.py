@@ -3,8 +3,7 @@
 ``build_manager(settings)`` registers "generator", "judge", "llm" and "embedder" (and "omnigen" when
 ``generation.repair_with`` or ``draw_with`` is "omnigen"; "dino" and "siglip" are registered by
 :class:`imgrag.scoring.scorers.Scorers` when an evaluation needs them, "omnigen" by an evaluation's OmniGen arms);
-nothing
-is loaded until a ``manager.run(name, ...)`` or ``manager.use(name)`` asks for it. The wrappers are imported
+nothing is loaded until a ``manager.run(name, ...)`` or ``manager.use(name)`` asks for it. The wrappers are imported
 inside the loaders so that a command needing one model never pays for importing the libraries of the others.
 
 Each model is registered with a stated estimate of its working memory (:func:`working_memory_gb`),
@@ -157,8 +156,7 @@ def generator_picture_gb(settings: Settings) -> float:
 def batch_extra_gb(settings: Settings, pictures: int) -> float:
     """GiB a batched drawing of ``pictures`` needs beyond one picture's reserve: one picture's estimate per extra
     picture. An upper bound: the VAE decodes the batch one picture at a time (imgrag.models.generator), and the VAE
-    decode
-    is most of the per-picture figure; only the UNet's activations grow with the batch. Measured peaks on CUDA
+    decode is most of the per-picture figure; only the UNet's activations grow with the batch. Measured peaks on CUDA
     replace the one-picture reserve (imgrag.management.manager), not this extra."""
     return generator_picture_gb(settings) * max(0, int(pictures) - 1)
 

@@ -25,13 +25,12 @@ guidance mode).
 
 Switching modes never reloads SDXL: the LoRA is loaded once (lazily, on the first ``lcm-lora`` draw) and then switched
 by its adapter name, beside the user's own LoRAs (:class:`imgrag.drawing.lora_switch.LoraSwitch`: diffusers'
-``set_adapters``, or
-``disable_lora()`` when no adapter draws); schedulers are swapped as objects. The LoRA is deliberately not fused into
-the UNet: ``fuse_lora`` + ``unfuse_lora`` adds and subtracts the LoRA's product in the weights' dtype, so in float16
-every on/off cycle leaves rounding error in SDXL's weights and a long-lived process (chat, batch, serve) would drift
-(a test shows it). The price is the LoRA's own matmuls at every step (BENCHMARKS.md, "Few-step drawing", measures
-both). Unfused, "off" is bit for bit the plain pipeline (a test checks it). The LoRA's parameters live in the UNet, so
-the model manager counts them as part of the generator (it measures the generator after each use).
+``set_adapters``, or ``disable_lora()`` when no adapter draws); schedulers are swapped as objects. The LoRA is
+deliberately not fused into the UNet: ``fuse_lora`` + ``unfuse_lora`` adds and subtracts the LoRA's product in the
+weights' dtype, so in float16 every on/off cycle leaves rounding error in SDXL's weights and a long-lived process (chat,
+batch, serve) would drift (a test shows it). The price is the LoRA's own matmuls at every step (BENCHMARKS.md, "Few-step
+drawing", measures both). Unfused, "off" is bit for bit the plain pipeline (a test checks it). The LoRA's parameters
+live in the UNet, so the model manager counts them as part of the generator (it measures the generator after each use).
 """
 
 from __future__ import annotations

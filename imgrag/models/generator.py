@@ -194,21 +194,19 @@ class Generator:
         (sha256 of the file): with an :attr:`embed_cache`, a reference whose embedding is cached for this encoder
         is not encoded again (:mod:`imgrag.models.embed_cache`); the picture is the same either way, byte for byte.
 
-        ``negative_prompt`` (default ``generation.negative_prompt``; "" none) is what the drawing steers away from
-        (it takes the unconditional branch of classifier-free guidance, so it does nothing at guidance <= 1).
-        ``scheduler`` (default ``generation.scheduler``) is an A1111 sampler name (:mod:`imgrag.drawing.schedulers`),
-        swapped
-        in from the checkpoint's config; "" keeps the checkpoint's own (or the fast mode's). :attr:`last_scheduler`
-        then names the scheduler that drew. ``loras`` (default ``[[models.loras]]``; ``()`` none) are the LoRAs this
-        drawing uses at their weights, each file loaded into the pipeline once and switched by adapter name beside the
-        fast mode's LCM-LoRA (:mod:`imgrag.drawing.loras`); a file that does not fit this generator is a ModelLoadError.
+        ``negative_prompt`` (default ``generation.negative_prompt``; "" none) is what the drawing steers away from (it
+        takes the unconditional branch of classifier-free guidance, so it does nothing at guidance <= 1). ``scheduler``
+        (default ``generation.scheduler``) is an A1111 sampler name (:mod:`imgrag.drawing.schedulers`), swapped in from
+        the checkpoint's config; "" keeps the checkpoint's own (or the fast mode's). :attr:`last_scheduler` then names
+        the scheduler that drew. ``loras`` (default ``[[models.loras]]``; ``()`` none) are the LoRAs this drawing uses
+        at their weights, each file loaded into the pipeline once and switched by adapter name beside the fast mode's
+        LCM-LoRA (:mod:`imgrag.drawing.loras`); a file that does not fit this generator is a ModelLoadError.
 
-        Same arguments and seeds on the same device give the same pictures. ``on_step(done, total)`` is called
-        after every denoising step; ``on_preview(done, total, pictures)`` every ``preview_every`` steps (default
+        Same arguments and seeds on the same device give the same pictures. ``on_step(done, total)`` is called after
+        every denoising step; ``on_preview(done, total, pictures)`` every ``preview_every`` steps (default
         ``generation.preview_every``; 0 never) with one small picture per seed made from the latents
         (:mod:`imgrag.models.previews`). ``deadline`` (a ``time.monotonic()`` instant) stops the drawing at the first
-        step
-        boundary past it (diffusers' ``callback_on_step_end`` sets the pipeline's interrupt flag) and raises
+        step boundary past it (diffusers' ``callback_on_step_end`` sets the pipeline's interrupt flag) and raises
         :class:`~imgrag.errors.TimeBudgetSpent`: a half-denoised picture is noise, not a candidate. ``fast`` picks a
         few-step mode for this drawing (default ``generation.fast``; see :mod:`imgrag.models.fast`), whose steps and
         guidance apply unless given here.

@@ -30,8 +30,7 @@ def load_sdxl_pipeline(settings: Settings) -> Any:
       what the folder holds, as ``imgrag models download`` fetches it).
     - A single-file checkpoint (a ``.safetensors`` file in the original A1111/ComfyUI layout, or a folder holding
       exactly one; :func:`imgrag.weights.single_file.find_single_file`): the file's integrity and its keys are checked
-      from
-      its header first (a truncated download, a LoRA, an SD 1.5 model are one line each), then
+      from its header first (a truncated download, a LoRA, an SD 1.5 model are one line each), then
       ``StableDiffusionXLPipeline.from_single_file`` with ``config=`` the local folder ``models.generator_config``
       resolves to and ``local_files_only=True``, so diffusers never reaches for the hub.
 

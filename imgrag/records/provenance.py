@@ -112,8 +112,7 @@ def checkpoint_sha256(path: str | Path) -> str | None:
 
 def generator_file_entry(settings: Any) -> dict[str, Any] | None:
     """``{"path", "sha256", "config"}`` of a single-file generator (:mod:`imgrag.weights.single_file`): the checkpoint
-    file
-    (absolute, resolved) and its hash, and the configuration it was read with; None for a folder or hub id."""
+    file (absolute, resolved) and its hash, and the configuration it was read with; None for a folder or hub id."""
     try:
         path = find_single_file(settings.models.generator)
     except UserError:
@@ -286,12 +285,11 @@ def for_drawing(settings: Any, *, prompt: str, seed: int, references: list[dict[
                 width: int | None = None, height: int | None = None, negative_prompt: str | None = None,
                 scheduler: str | None = None, sampler: str | None = None, loras: Any = None,
                 **extra: Any) -> dict[str, Any]:
-    """The provenance of a drawing made with ``settings.generation`` (what the generator uses for every value
-    not given here: the same rules as :meth:`imgrag.models.generator.Generator.generate_batch`). ``sampler`` is what
-    drew
-    (the generator's ``last_scheduler``); ``loras`` the :class:`~imgrag.drawing.loras.LoraChoice` records it drew with
-    (default ``[[models.loras]]``). ``extra`` keys (None ones dropped) join the document: ``backbone``,
-    ``concepts`` (which reference stood for which concept), ``batch`` (``{"size", "index"}`` of a round's drawings)."""
+    """The provenance of a drawing made with ``settings.generation`` (what the generator uses for every value not given
+    here: the same rules as :meth:`imgrag.models.generator.Generator.generate_batch`). ``sampler`` is what drew (the
+    generator's ``last_scheduler``); ``loras`` the :class:`~imgrag.drawing.loras.LoraChoice` records it drew with
+    (default ``[[models.loras]]``). ``extra`` keys (None ones dropped) join the document: ``backbone``, ``concepts``
+    (which reference stood for which concept), ``batch`` (``{"size", "index"}`` of a round's drawings)."""
     g = settings.generation
     plan = draw_plan(g, fast)
     refs = reference_entries(references or [])

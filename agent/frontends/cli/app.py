@@ -2,8 +2,8 @@
 together and holds the commands about imgrag itself (``doctor``, ``models``).
 
 Just over 400 lines: ``doctor`` and ``models`` share the checkpoint checks (imgrag.weights.model_files) and the
-services'
-probes, and each command is a few dozen lines; splitting them would scatter that one subject over two files."""
+services' probes, and each command is a few dozen lines; splitting them would scatter that one subject over two
+files."""
 
 from __future__ import annotations
 

@@ -141,8 +141,7 @@ def drawing_flags(negative: str | None = None, scheduler: str | None = None,
 
 def drawing_options(settings: Settings, guidance: float | None = None, loras: list[str] | None = None) -> Any:
     """A run's :class:`imgrag.drawing.draw_options.DrawOptions`: the settings' (flags included) plus ``--guidance`` and
-    the
-    ``--lora`` flags over ``[[models.loras]]``. Every LoRA file is checked here, before any model loads."""
+    the ``--lora`` flags over ``[[models.loras]]``. Every LoRA file is checked here, before any model loads."""
     options = DrawOptions.from_settings(settings).changed(guidance=check_guidance(guidance, "--guidance"))
     return options.with_loras(lora_args(loras))
 
