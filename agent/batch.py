@@ -86,19 +86,16 @@ def _relative_to(references: Any, base: Path) -> Any:
     return out
 
 
-def check_batch_references(path: Path, items: list[dict[str, Any]], settings: Any) -> None:
-    """Every line's ``references`` checked before the first run (a missing or excluded file, a bad weight or
-    mode); one UserError naming every bad line at once, each as ``FILE:LINE: reason`` (:func:`bad_lines_error`)."""
-    problems = []
-    for item in items:
-        if item.get("references") is None:
-            continue
-        try:
-            item["references"] = check_user_references(item["references"], settings, where=f"{path}:{item['line']}")
-        except UserError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise bad_lines_error(path, problems)
+def _reference_problem(path: Path, item: dict[str, Any], settings: Any) -> str | None:
+    """A line's ``references`` checked (a missing or excluded file, a bad weight or mode) and resolved in place;
+    the ``FILE:LINE: reason`` when one does not hold."""
+    if item.get("references") is None:
+        return None
+    try:
+        item["references"] = check_user_references(item["references"], settings, where=f"{path}:{item['line']}")
+    except UserError as exc:
+        return str(exc)
+    return None
 
 
 # A .jsonl line's keys for how its prompt is drawn: imgrag.drawing.draw_options.DrawOptions's fields, named as the
@@ -142,7 +139,7 @@ MAX_LISTED_LINES = 20
 
 class _LineReference(BaseModel):
     """A batch line's reference: ``{"path", "weight"?, "mode"?}`` (or its path alone). Only the shape is read here;
-    the file, the exclusions and the bounds are checked by :func:`check_batch_references`."""
+    the file, the exclusions and the bounds are checked by :func:`read_prompt_file` when given the settings."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -320,7 +317,7 @@ def _read_jsonl_line(obj: Any, path: Path, number: int, extra_keys: tuple[str, .
         return None
     item: dict[str, Any] = {"prompt": line.prompt.strip(), "seed": line.seed, "max_rounds": line.max_rounds,
                             "line": number, **extra}
-    if line.references is not None:  # checked (files, exclusions, bounds) by check_batch_references
+    if line.references is not None:  # checked (files, exclusions, bounds) by _reference_problem
         item["references"] = _relative_to([ref.model_dump(exclude_none=True) for ref in line.references],
                                           path.parent)
     if loras is not None:
@@ -330,7 +327,7 @@ def _read_jsonl_line(obj: Any, path: Path, number: int, extra_keys: tuple[str, .
     return item
 
 
-def read_prompt_file(path: Path, *, extra_keys: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def read_prompt_file(path: Path, *, extra_keys: tuple[str, ...] = (), settings: Any = None) -> list[dict[str, Any]]:
     """Prompts from .txt (one per line; blank lines and # comments skipped) or .jsonl objects (:class:`BatchLine`:
     ``{"prompt", "seed"?, "max_rounds"?, "references"?: [{"path", "weight"?, "mode"?}], "negative_prompt"?
     (or "negative"), "guidance"?, "scheduler"?, "per_round"?, "loras"?: [{"path", "weight"?}]}``; ``extra_keys`` are
@@ -338,7 +335,10 @@ def read_prompt_file(path: Path, *, extra_keys: tuple[str, ...] = ()) -> list[di
 
     Every line is read before any is used: one UserError lists every bad line (:func:`bad_lines_error`), each as
     ``FILE:LINE: reason`` naming the key (an unknown key, a value of the wrong kind or out of bounds, a LoRA file
-    that is not one). A file that is not UTF-8 is one line saying to re-save it as UTF-8."""
+    that is not one). With ``settings``, each line's references are checked in the same pass (the file there, a
+    picture, not excluded by ``safety.exclude``; :func:`agent.memory_guide.check_user_references`) and resolved, so
+    a missing reference is listed with the other bad lines, not found on a second try. A file that is not UTF-8 is
+    one line saying to re-save it as UTF-8."""
     if not path.exists():
         raise UserError(f"{path}: no such file")
     lines = read_user_text(path, "prompt file").splitlines()
@@ -358,6 +358,10 @@ def read_prompt_file(path: Path, *, extra_keys: tuple[str, ...] = ()) -> list[di
             item, reasons = None, [str(exc)]
         if item is None:
             problems.append(f"{path}:{number}: {'; '.join(reasons)}")
+            continue
+        problem = _reference_problem(path, item, settings) if settings is not None else None
+        if problem is not None:
+            problems.append(problem)
         else:
             items.append(item)
     if problems:

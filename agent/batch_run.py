@@ -13,7 +13,6 @@ from typing import Any, Protocol
 
 from agent.batch import (
     FINISHED,
-    check_batch_references,
     claim_item,
     fail_item,
     line_options,
@@ -49,8 +48,7 @@ def run_batch(runner: BatchRunner, path: str | Path, *, resume: bool = False, pl
 
     ``options``: how every prompt is drawn (default the settings'); a .jsonl line's own keys change them for it."""
     path = Path(path)
-    items = read_prompt_file(path)
-    check_batch_references(path, items, runner.settings)  # every bad line named at once, before any run
+    items = read_prompt_file(path, settings=runner.settings)  # every bad line named at once, before any run
     batch_dir, state = open_batch(path, runner.settings.output_dir, resume=resume, items=items)
     start = time.perf_counter()
     if resume and (batch_dir / "summary.json").exists() and all(

@@ -38,7 +38,7 @@ from agent.run_result import RUN_END_KEYS, build_result, finished_calls
 from agent.thread_store import CheckpointWriteError, UntrustedThread, open_checkpointer
 from imgrag.drawing.draw_options import DrawOptions, parse_options
 from imgrag.drawing.schedulers import check_with_fast
-from imgrag.errors import ModelLoadError, UserError, check_seed
+from imgrag.errors import ModelLoadError, UserError, check_seed, check_text
 from imgrag.management.engine import build_manager
 from imgrag.management.manager import add_loads
 from imgrag.models.chat_model import check_endpoint
@@ -95,6 +95,7 @@ class Runner:
         prompt = (prompt or "").strip()
         if not prompt:
             raise UserError("the prompt is empty")
+        check_text(prompt)
         if planner not in PLANNERS:
             raise UserError(f"unknown planner {planner!r} (use {' or '.join(PLANNERS)})")
         check_rounds(max_rounds)

@@ -55,3 +55,21 @@ def read_user_text(path: "str | os.PathLike[str]", what: str = "file") -> str:
         line = data.count(b"\n", 0, exc.start) + 1
         raise UserError(f"{data_path}:{line}: the {what} is not UTF-8 text (byte 0x{data[exc.start]:02x}); re-save "
                         "it as UTF-8 (in most editors: Save As, encoding UTF-8)") from None
+
+
+def check_text(text: str, what: str = "the prompt") -> str:
+    """Return ``text`` when it is valid Unicode text, or raise UserError naming ``what`` and the first bad byte.
+
+    A command-line argument in another encoding than the terminal's (``$(printf 'a caf\\xe9 table')`` in a UTF-8
+    locale) reaches Python as a ``str`` holding lone surrogates (PEP 383's ``surrogateescape``); no tokenizer can
+    encode one, so the one check is here, before any model loads: for every prompt, negative prompt and concept
+    typed on the command line, and every prompt a run starts with. File names are not checked here: a name that is
+    not UTF-8 is a valid file (imgrag.file_names)."""
+    for index, char in enumerate(text):
+        if "\udc80" <= char <= "\udcff":  # surrogateescape's range: one undecodable byte each
+            raise UserError(f"{what} is not UTF-8 text (byte 0x{ord(char) - 0xdc00:02x} at character {index + 1}); "
+                            "pass it as UTF-8 (the terminal or script that passed it uses another encoding)")
+        if "\ud800" <= char <= "\udfff":
+            raise UserError(f"{what} holds a lone surrogate (U+{ord(char):04X} at character {index + 1}), which is "
+                            "not text; give it as UTF-8")
+    return text

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from agent.batch import BATCH_KEYS, MAX_LISTED_LINES, check_batch_references, line_options, read_prompt_file
+from agent.batch import BATCH_KEYS, MAX_LISTED_LINES, line_options, read_prompt_file
 from imgrag.errors import UserError
 from imgrag.settings import load_settings
 from tests.cli import run_cli
@@ -46,7 +46,7 @@ def test_every_key_that_works_keeps_working(tmp_path: Path) -> None:
     assert second["drawing"] == {"negative_prompt": "text"} and "references" not in second  # the flag's name
     assert third["drawing"] == {"guidance": 7.0}
     settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")})
-    check_batch_references(prompts, [first], settings)
+    first = read_prompt_file(prompts, settings=settings)[0]
     assert [r["weight"] for r in first["references"]] == [0.5, 1.0] and first["references"][0]["sha256"]
     assert line_options(settings, first).per_round == 2
     assert set(BATCH_KEYS) == {"prompt", "seed", "max_rounds", "references", "negative_prompt", "negative",
@@ -126,16 +126,25 @@ def test_a_file_of_many_bad_lines_lists_the_first_and_counts_the_rest(tmp_path: 
     assert lines[MAX_LISTED_LINES].startswith(f"{path}:{MAX_LISTED_LINES}: unknown key \"colour\"")
 
 
-def test_every_missing_reference_file_is_reported_at_once(tmp_path: Path) -> None:
+def test_every_missing_reference_file_is_reported_at_once_with_the_other_bad_lines(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "p.jsonl", {"prompt": "a", "references": ["gone.png"]}, {"prompt": "b"},
-                       {"prompt": "c", "references": [{"path": "also-gone.png"}]})
+                       {"prompt": "c", "references": [{"path": "also-gone.png"}]}, {"prompt": "d", "colour": "red"})
     settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")})
     with pytest.raises(UserError) as info:
-        check_batch_references(path, read_prompt_file(path), settings)
+        read_prompt_file(path, settings=settings)
     lines = str(info.value).split("\n")
-    assert lines[0].startswith(f"{path}: 2 bad lines")
+    assert lines[0].startswith(f"{path}: 3 bad lines")
     assert lines[1].startswith(f"{path}:1: ") and "gone.png" in lines[1]
     assert lines[2].startswith(f"{path}:3: ") and "also-gone.png" in lines[2]
+    assert lines[3].startswith(f"{path}:4: unknown key \"colour\"")
+
+
+def test_batch_names_a_missing_reference_beside_a_bad_key_before_any_model_loads(tmp_path: Path, capsys) -> None:
+    path = write_lines(tmp_path / "p.jsonl", {"prompt": "a", "references": ["gone.png"]},
+                       {"prompt": "b", "colour": "red"})
+    code, _, err = run_cli(capsys, "batch", str(path), "--profile", "tiny")
+    assert code == 1 and ":1: " in err and "gone.png" in err and ":2: unknown key" in err
+    assert "tiny kit" not in err  # nothing was built or loaded
 
 
 def test_the_batch_command_lists_every_bad_line_before_any_model_loads(tmp_path: Path, capsys) -> None:

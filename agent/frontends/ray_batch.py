@@ -46,7 +46,6 @@ from typing import Any
 
 from agent.batch import (
     FINISHED,
-    check_batch_references,
     claim_item,
     fail_item,
     line_options,
@@ -270,8 +269,7 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
     progress = on_progress or (lambda event: None)
     check_shared_services(settings)
     path = Path(path)
-    items = read_prompt_file(path)
-    check_batch_references(path, items, settings)  # every bad line named at once, before any worker starts
+    items = read_prompt_file(path, settings=settings)  # every bad line named at once, before any worker starts
     batch_dir, state = open_batch(path, settings.output_dir, resume=resume, items=items)
     queue = deque(item for item in state["items"] if item["status"] not in FINISHED)
     if not queue:  # a resume with nothing left: no cluster, no worker, the record as it is

@@ -77,8 +77,9 @@ def build_siglip(dest: Path, seed: int) -> None:
     specials = ["<pad>", "</s>", "<unk>"]
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    # show_progress=False: the trainer otherwise writes its (empty, off a terminal) bars to stdout as blank lines.
     tok.train_from_iterator(SIGLIP_CORPUS, trainers.UnigramTrainer(vocab_size=80, special_tokens=specials,
-                                                                   unk_token="<unk>"))
+                                                                   unk_token="<unk>", show_progress=False))
     from tokenizers.processors import TemplateProcessing
 
     tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])

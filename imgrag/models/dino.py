@@ -18,6 +18,7 @@ from typing import Any
 
 from imgrag.errors import ModelLoadError
 from imgrag.text import first_line
+from imgrag.weights.checkpoints import quiet_libraries
 
 
 class DinoScorer:
@@ -29,11 +30,12 @@ class DinoScorer:
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
         try:
-            self.processor = AutoImageProcessor.from_pretrained(checkpoint, trust_remote_code=False)
-            kind = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False).model_type
-            extra = {"add_pooling_layer": False} if kind == "vit" else {}  # DINO ships no pooler (see above)
-            self.model = AutoModel.from_pretrained(checkpoint, dtype=dtype, trust_remote_code=False,
-                                               use_safetensors=True, **extra).to(device).eval()
+            with quiet_libraries():  # no "Loading weights" bar nor library warnings on the command line's stderr
+                self.processor = AutoImageProcessor.from_pretrained(checkpoint, trust_remote_code=False)
+                kind = AutoConfig.from_pretrained(checkpoint, trust_remote_code=False).model_type
+                extra = {"add_pooling_layer": False} if kind == "vit" else {}  # DINO ships no pooler (see above)
+                self.model = AutoModel.from_pretrained(checkpoint, dtype=dtype, trust_remote_code=False,
+                                                       use_safetensors=True, **extra).to(device).eval()
         except Exception as exc:  # transformers raises OSError/ValueError/hub errors; name the checkpoint
             raise ModelLoadError(f"cannot load the DINO checkpoint {checkpoint!r}: {first_line(exc)}") from exc
         self.checkpoint = checkpoint

@@ -9,7 +9,7 @@ from typing import Any
 from PIL import Image
 
 from imgrag.drawing.steering import ReferenceSteer, check_mode, check_weight
-from imgrag.errors import UserError
+from imgrag.errors import UserError, check_text
 from imgrag.settings import MAX_IP_SCALE, check_drawing_bounds
 
 
@@ -33,6 +33,7 @@ def validate_request(prompt: str, width: int, height: int, steps: int, ip_scale:
         raise UserError(str(exc)) from None
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError("the prompt is empty: say what to draw")
+    check_text(prompt)
     for name, value in (("width", width), ("height", height)):
         if value < 8 or value % 8:
             raise UserError(f"{name} must be a positive multiple of 8 (SDXL's latents are 1/8 size), got {value}")

@@ -32,7 +32,7 @@ from imgrag.errors import ModelLoadError
 from imgrag.hub_cache import hub_cached
 from imgrag.settings import Settings
 from imgrag.text import first_line
-from imgrag.weights.checkpoints import download_hint
+from imgrag.weights.checkpoints import download_hint, quiet_libraries
 from imgrag.weights.model_files import is_torchscript_archive
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,10 @@ class Embedder:
                     is_torchscript_archive(Path(pretrained).expanduser()):
                 model, preprocess, tokenizer = _load_openai_archive(name, Path(pretrained).expanduser())
             else:
-                model, _, preprocess = open_clip.create_model_and_transforms(
-                    name, pretrained=None if name.startswith((LOCAL_DIR, HF_HUB)) else pretrained)
-                tokenizer = open_clip.get_tokenizer(name)
+                with quiet_libraries():  # a SigLIP's HF tokenizer and weights load through transformers
+                    model, _, preprocess = open_clip.create_model_and_transforms(
+                        name, pretrained=None if name.startswith((LOCAL_DIR, HF_HUB)) else pretrained)
+                    tokenizer = open_clip.get_tokenizer(name)
         except ModelLoadError:
             raise
         except Exception as exc:  # open_clip raises RuntimeError/ValueError/FileNotFoundError/hub errors

@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed
+from imgrag.errors import ModelLoadError, TimeBudgetSpent, UserError, check_seed, check_text
 from imgrag.models.decoding import NonFiniteDrawingError
 from imgrag.settings import Settings, check_drawing_bounds
 from imgrag.text import first_line
@@ -168,6 +168,7 @@ def validate_omnigen_request(prompt: str, width: int, height: int, steps: int,
         raise UserError(f"OmniGen: {exc}") from None
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError("the prompt is empty: say what to draw")
+    check_text(prompt)
     for name, value in (("width", width), ("height", height)):
         if value < 16 or value % 16:
             raise UserError(f"{name} must be a positive multiple of 16 for OmniGen (latents 1/8 size, 2x2 patches), "

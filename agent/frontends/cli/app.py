@@ -8,6 +8,7 @@ files."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -167,29 +168,27 @@ def _print_plan(roles: list, summary: dict) -> None:
         known = r.recorded or r.source != "hub"
         count = f"{len(r.files)} files, {human_size(r.total_bytes) if known else 'size unknown'}"
         if r.source == "hub":
-            out.print(f"[bold]{r.role}[/]: {r.repo_id} ({count})", soft_wrap=True)
-            out.print(f"  allow_patterns: {' '.join(r.patterns)}", soft_wrap=True)
+            out.print(f"[bold]{r.role}[/]: {r.repo_id} ({count})")
+            out.print(f"  allow_patterns: {' '.join(r.patterns)}")
         elif r.repo_id:  # a single-file generator: the file is the user's, its configuration comes from the hub
-            out.print(f"[bold]{r.role}[/]: {r.ref} (local file; its configuration from {r.repo_id}, {count})",
-                      soft_wrap=True)
-            out.print(f"  allow_patterns: {' '.join(r.patterns)}", soft_wrap=True)
+            out.print(f"[bold]{r.role}[/]: {r.ref} (local file; its configuration from {r.repo_id}, {count})")
+            out.print(f"  allow_patterns: {' '.join(r.patterns)}")
         else:
-            out.print(f"[bold]{r.role}[/]: {r.ref} (local: nothing to download)", soft_wrap=True)
+            out.print(f"[bold]{r.role}[/]: {r.ref} (local: nothing to download)")
         if r.source == "hub" and not r.recorded:
             out.print("  sizes unknown offline (this repository's layout is not recorded in imgrag)")
         for f in r.files:
             fetchable = r.source == "hub" or (r.repo_id and not f.local)
             mark = "[green]here[/]" if f.present else "[yellow]to fetch[/]" if fetchable else "[red]MISSING[/]"
             size = human_size(f.size) + ("~" if f.approx_only else "")
-            out.print(f"  {size:>10}  {f.path}  {mark}", soft_wrap=True)
+            out.print(f"  {size:>10}  {f.path}  {mark}")
         for problem in r.problems:
             out.print(f"  [red]problem:[/] {escape(problem)}")
         for note in r.notes:
             out.print(f"  [dim]{escape(note)}[/]")
     free = summary["free_bytes"]
     out.print(f"total {human_size(summary['total_bytes'])}, to download {human_size(summary['to_download_bytes'])}"
-              f"{approx} into {summary['cache']}" + (f" ({human_size(free)} free)" if free is not None else ""),
-              soft_wrap=True)
+              f"{approx} into {summary['cache']}" + (f" ({human_size(free)} free)" if free is not None else ""))
     if free is not None and summary["to_download_bytes"] > free:
         out.print("[red]not enough free disk space[/] for the download: free some, or set HF_HUB_CACHE to another disk")
 
@@ -443,10 +442,19 @@ def _printable_streams() -> None:
                 pass
 
 
+def quiet_library_logs() -> None:
+    """transformers' and diffusers' own warnings off unless the user asks for them (their *_VERBOSITY variables):
+    the command line owns stderr, and those libraries warn about what imgrag already handles or says in its own
+    words (a prompt past the tokenizer's length, with imgrag's one-line notice). Set before either is imported."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes (usage errors too) print one line and exit 1; Ctrl-C prints what was
     kept and how to go on, and exits 130."""
     _printable_streams()
+    quiet_library_logs()
     try:
         command = typer.main.get_command(app)
         code = command.main(args=expand_ray_flag(sys.argv[1:] if argv is None else argv), prog_name="imgrag",
@@ -460,13 +468,13 @@ def main(argv: list[str] | None = None) -> None:
         # line and exit 1 like every other, naming the --help to read.
         where = exc.ctx.command_path if exc.ctx is not None else "imgrag"
         message = " ".join(exc.format_message().split()).rstrip(".")
-        err.print(f"[red]error:[/] {escape(message)} (see `{escape(where)} --help`)", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(message)} (see `{escape(where)} --help`)")
         sys.exit(1)
     except typer.Abort:  # EOF at a prompt
         err.print("[yellow]interrupted[/]")
         sys.exit(130)
     except UserError as exc:
-        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)  # escaped: keeps 'imgrag[web]'
+        err.print(f"[red]error:[/] {escape(str(exc))}")  # escaped: keeps 'imgrag[web]'
         sys.exit(1)
     except OSError as exc:
         # A path that cannot be read or written mid-work (a full disk, a folder removed meanwhile): one line
@@ -475,18 +483,18 @@ def main(argv: list[str] | None = None) -> None:
             line = disk_full_line(exc)
         else:
             line = (f"{exc.filename}: " if exc.filename else "") + (exc.strerror or str(exc))
-        err.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(line)}")
         sys.exit(1)
     except KeyboardInterrupt:
-        err.print(interrupted_line(), soft_wrap=True)
+        err.print(interrupted_line())
         sys.exit(130)
     except Exception as exc:
         if not is_disk_full(exc):  # a library's wrapped error of a full disk (SQLite, Chroma): one line too
             raise
-        err.print(f"[red]error:[/] {escape(disk_full_line(exc))}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(disk_full_line(exc))}")
         sys.exit(1)
     if code == 130:  # Typer turns Ctrl-C into Exit(130), silently: say what was kept and how to go on
-        err.print(interrupted_line(), soft_wrap=True)
+        err.print(interrupted_line())
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -72,7 +72,7 @@ class ChatRepl:
         s = self.session
         out.print(f"[bold]imgrag chat[/] · profile {self.settings.profile} · planner {s.planner} · "
                   f"{s.rounds} round(s) per request. Describe a picture; later messages refine it. "
-                  "/help lists the commands; Ctrl-C stops a request, Ctrl-D quits.", soft_wrap=True)
+                  "/help lists the commands; Ctrl-C stops a request, Ctrl-D quits.")
         if thread:
             self.open(thread)  # a bad --thread ends the command with its one-line error, before any prompt
         while True:
@@ -93,7 +93,7 @@ class ChatRepl:
             return action()
         except UserError as exc:
             self.status.end()
-            err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(str(exc))}")
         except KeyboardInterrupt:
             self.status.end()
             err.print("[yellow]interrupted[/]")
@@ -107,7 +107,7 @@ class ChatRepl:
                 where = f"; the details are in {log}"
             except OSError:
                 where = ""
-            err.print(f"[red]error:[/] {escape(describe_error(exc))}{where}", soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(describe_error(exc))}{where}")
         return None
 
     def handle(self, line: str) -> str | None:
@@ -136,17 +136,17 @@ class ChatRepl:
         if result.get("stopped"):
             kept = f"; the best so far is {result['final_candidate']}" if result.get("final_candidate") else ""
             out.print(f"[yellow]stopped[/]: the thread keeps everything up to its last step{kept}. "
-                      "Send a message to go on.", soft_wrap=True)
+                      "Send a message to go on.")
             return
         best = next((c for c in result.get("candidates") or [] if c["id"] == result.get("final_candidate")), None)
         reason = escape(str(result.get("stop_reason")))
-        out.print(f"{result['status']} ({reason}) · {result['rounds']} round(s) on this thread", soft_wrap=True)
+        out.print(f"{result['status']} ({reason}) · {result['rounds']} round(s) on this thread")
         if best is None:
             out.print("nothing was drawn")
             return
         tiny = f" [dim]({TINY_MARK})[/]" if self.settings.is_tiny else ""
-        out.print(f"best: {best['id']}, {escape(verdict_text(best))}{tiny}", soft_wrap=True)
-        out.print(f"picture: {escape(best['path'])}", soft_wrap=True)
+        out.print(f"best: {best['id']}, {escape(verdict_text(best))}{tiny}")
+        out.print(f"picture: {escape(best['path'])}")
 
     def open(self, thread: str) -> None:
         summary = self.session.open(thread)
@@ -158,15 +158,15 @@ class ChatRepl:
     def show_summary(self, summary: dict[str, Any]) -> None:
         from agent.chat import verdict_text
 
-        out.print(f"thread {summary['thread_id']}: {len(summary['requests'])} request(s)", soft_wrap=True)
+        out.print(f"thread {summary['thread_id']}: {len(summary['requests'])} request(s)")
         for n, text in enumerate(summary["requests"], 1):
-            out.print(f"  {n}. {escape(text)}", soft_wrap=True)
+            out.print(f"  {n}. {escape(text)}")
         if summary["prompt"]:
-            out.print(f"prompt: {escape(summary['prompt'])}", soft_wrap=True)
+            out.print(f"prompt: {escape(summary['prompt'])}")
         best = summary["best"]
         if best:
             out.print(f"best: {best['id']} of {summary['candidates']}, {escape(verdict_text(best))} → "
-                      f"{escape(best['path'])}", soft_wrap=True)
+                      f"{escape(best['path'])}")
         if summary.get("closed"):
             out.print("[dim]its last request had been cut off; it is closed with the best picture so far[/]")
         if summary["paused"]:
@@ -184,13 +184,12 @@ class ChatRepl:
 
         self.status.end()
         try:
-            out.print(f"[bold]review[/]: the next drawing (scale {proposal.ip_scale}) would use:", soft_wrap=True)
+            out.print(f"[bold]review[/]: the next drawing (scale {proposal.ip_scale}) would use:")
             for rid in proposal.proposed:
                 ref = proposal.references.get(rid, {})
                 label = ref.get("caption") or ref.get("query") or ""
-                out.print(f"  {proposal.number(rid) or '-'}. {rid}  {escape(label)}  {escape(ref.get('path', ''))}",
-                          soft_wrap=True)
-            out.print(f"[dim]{REVIEW_HELP}[/]", soft_wrap=True)
+                out.print(f"  {proposal.number(rid) or '-'}. {rid}  {escape(label)}  {escape(ref.get('path', ''))}")
+            out.print(f"[dim]{REVIEW_HELP}[/]")
             while True:
                 try:
                     text = self.reader.read(REVIEW_PROMPT, which="review")
@@ -202,10 +201,10 @@ class ChatRepl:
                 try:
                     answer = parse_review(text, proposal.proposed, proposal.references)
                 except UserError as exc:
-                    err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+                    err.print(f"[red]error:[/] {escape(str(exc))}")
                     continue
                 ids = answer["reference_ids"]
-                out.print("drawing with " + (", ".join(ids) if ids else "no references"), soft_wrap=True)
+                out.print("drawing with " + (", ".join(ids) if ids else "no references"))
                 return answer
         finally:
             self.status.resume()
@@ -220,8 +219,7 @@ class ChatRepl:
         out.print(table)
         out.print("Anything else is a request. The first describes the picture; later ones refine it "
                   "(\"make the cradle wooden\"), pick references (\"use the second reference\") or extend the "
-                  "budget (\"two more rounds\"). Ctrl-C stops a request and keeps the thread; Ctrl-D quits.",
-                  soft_wrap=True)
+                  "budget (\"two more rounds\"). Ctrl-C stops a request and keeps the thread; Ctrl-D quits.")
 
     def cmd_quit(self, arg: str) -> str:
         return "quit"
@@ -253,9 +251,9 @@ class ChatRepl:
         candidate = self.session.candidate(arg or None)
         refs = f", references {', '.join(candidate['reference_ids'])}" if candidate.get("reference_ids") else ""
         out.print(f"{candidate['id']} (round {candidate['round']}, seed {candidate['seed']}{refs}): "
-                  f"{escape(verdict_text(candidate))}", soft_wrap=True)
+                  f"{escape(verdict_text(candidate))}")
         self.preview(candidate["path"])
-        out.print(f"picture: {escape(candidate['path'])}", soft_wrap=True)
+        out.print(f"picture: {escape(candidate['path'])}")
 
     def preview(self, path: str) -> None:
         """An inline picture through textual-image (the optional "preview" extra) where the terminal can show it."""
@@ -307,7 +305,7 @@ class ChatRepl:
         if arg:
             self.session.set_drawing(negative_prompt="" if arg.strip().lower() in ("off", "none") else arg)
         negative = self.session.drawing_options().negative_prompt
-        out.print(f"negative prompt: {escape(negative)}" if negative else "no negative prompt", soft_wrap=True)
+        out.print(f"negative prompt: {escape(negative)}" if negative else "no negative prompt")
 
     def cmd_guidance(self, arg: str) -> None:
         if arg:
@@ -318,12 +316,12 @@ class ChatRepl:
 
     def cmd_scheduler(self, arg: str) -> None:
         if arg.strip().lower() == "list":
-            out.print(f"schedulers: {choices_text()}; default: the checkpoint's own", soft_wrap=True)
+            out.print(f"schedulers: {choices_text()}; default: the checkpoint's own")
             return
         if arg:
             self.session.set_drawing(scheduler=arg)
         scheduler = self.session.drawing_options().scheduler
-        out.print(f"scheduler {scheduler}" if scheduler else "scheduler: the checkpoint's own", soft_wrap=True)
+        out.print(f"scheduler {scheduler}" if scheduler else "scheduler: the checkpoint's own")
 
     def cmd_per_round(self, arg: str) -> None:
         if arg:
@@ -335,16 +333,16 @@ class ChatRepl:
             self.session.set_lora(arg)
         loras = self.session.drawing_options().loras
         out.print("LoRAs: " + ", ".join(f"{escape(c.label)}:{c.weight:g} ({escape(c.path)})" for c in loras)
-                  if loras else "no LoRA", soft_wrap=True)
+                  if loras else "no LoRA")
 
     def cmd_undo(self, arg: str) -> None:
         summary = self.session.undo()
-        out.print(f"undid {escape(summary['undone'])!r}", soft_wrap=True)
+        out.print(f"undid {escape(summary['undone'])!r}")
         self.show_summary(summary)
 
     def cmd_save(self, arg: str) -> None:
         best, path = self.session.save(arg)
-        out.print(f"saved {best['id']} to {path}", soft_wrap=True)
+        out.print(f"saved {best['id']} to {path}")
 
 
 @app.command()

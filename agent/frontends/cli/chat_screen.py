@@ -53,7 +53,7 @@ class ChatStatus:
         if kind in ("note", "tool_end", "store"):
             self.preview.detach()  # printed below the preview: the next drawing's preview gets its own place
         if kind == "note":
-            out.print(f"[cyan]·[/] {escape(event['text'])}", soft_wrap=True)
+            out.print(f"[cyan]·[/] {escape(event['text'])}")
             return
         if self.line.update(event):
             if self.status is not None:

@@ -26,7 +26,7 @@ from typer._click import exceptions as click_exceptions  # noqa: F401  (agent/fr
 from imgrag.drawing.draw_options import DrawOptions, check_guidance
 from imgrag.drawing.loras import parse_lora_arg
 from imgrag.drawing.schedulers import check_scheduler
-from imgrag.errors import UserError
+from imgrag.errors import UserError, check_text
 from imgrag.kits.tiny_kit import ensure_tiny_kit
 from imgrag.settings import TINY_WARNING, Settings, SettingsError, load_settings
 
@@ -54,7 +54,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 def _version(value: bool) -> None:
@@ -75,9 +75,10 @@ def _main(
     """Retrieval-augmented image generation on local models."""
 
 
-# stdout is reserved for results (and for the single JSON document with --json).
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# stdout is reserved for results (and for the single JSON document with --json). soft_wrap: a message is one
+# line that the terminal wraps, never cut into lines at Rich's guess of the width (80 columns off a terminal).
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ProfileOpt = Annotated[
     str | None,
@@ -99,8 +100,22 @@ RepairWithOpt = Annotated[str | None, typer.Option(
          "concept's references placed in OmniGen's prompt; ImageRAG-O). Default: generation.repair_with.")]
 
 
+def text_check(what: str) -> Any:
+    """A Typer callback for a free-text argument or option (one string or a repeated option's list): each value
+    goes through :func:`imgrag.errors.check_text` as ``what``, so text in another encoding is one line before any
+    model loads. Paths are never checked so: a file name that is not UTF-8 names a real file."""
+
+    def check(value: Any) -> Any:  # one parameter: Typer hands the value to it
+        for text in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(text, str):
+                check_text(text, what)
+        return value
+
+    return check
+
+
 NegativeOpt = Annotated[str | None, typer.Option(
-    "--negative", metavar="TEXT",
+    "--negative", metavar="TEXT", callback=text_check("--negative"),
     help="What the drawing should leave out (a negative prompt: \"blurry, text, watermark\"); the judge never sees it. "
          "Default: generation.negative_prompt.")]
 GuidanceOpt = Annotated[float | None, typer.Option(

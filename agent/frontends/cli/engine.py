@@ -36,6 +36,7 @@ from agent.frontends.cli.common import (
     print_json,
     repair_flags,
     settings_from_flags,
+    text_check,
 )
 from agent.frontends.cli.from_image import (
     from_provenance,
@@ -84,7 +85,8 @@ def parse_size(text: str | None) -> tuple[int | None, int | None]:
 
 @app.command()
 def generate(
-    prompt: Annotated[str | None, typer.Argument(help="What to draw (omit with --from-image).")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="What to draw (omit with --from-image).",
+                                                 callback=text_check("the PROMPT"))] = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Where to write the picture (.png, .jpg, .webp).")] = None,
     from_image: Annotated[Path | None, typer.Option(
@@ -111,7 +113,7 @@ def generate(
     fast: FastOpt = None,
     repair_with: RepairWithOpt = None,
     concept: Annotated[list[str] | None, typer.Option(
-        "--concept", metavar="TEXT",
+        "--concept", metavar="TEXT", callback=text_check("--concept"),
         help="With --repair-with omnigen: the concept the matching --ref shows (first --concept for the first "
              "--ref; repeat once per --ref). Without it every reference stands for the whole prompt.")] = None,
     profile: ProfileOpt = None,
@@ -138,8 +140,7 @@ def generate(
     if from_image is not None and profile is None:  # the recipe's profile: its models drew the picture
         profile = recipe_profile(from_image)
         if profile is not None:
-            err.print(f"[dim]profile {escape(profile)}, from the picture's recipe (--profile chooses another)[/]",
-                      soft_wrap=True)
+            err.print(f"[dim]profile {escape(profile)}, from the picture's recipe (--profile chooses another)[/]")
     refs = None if ref is None else [parse_ref_arg(text) for text in ref]  # [(path, ReferenceSteer)]
     given_refs = refs
     if from_image is not None:  # the picture's own provenance fills every value no flag gives
@@ -187,7 +188,7 @@ def generate(
                         "--concept (and --repair-with omnigen)")
     if repair_with is not None and not refs:  # a flag that would change nothing is said, not ignored
         err.print("[yellow]warning:[/] --repair-with picks what draws a guided drawing; without --ref the picture is "
-                  f"drawn from the prompt alone ({'OmniGen' if g.draw_with == 'omnigen' else 'SDXL'})", soft_wrap=True)
+                  f"drawn from the prompt alone ({'OmniGen' if g.draw_with == 'omnigen' else 'SDXL'})")
     plan = draw_plan(g)  # a fast method brings its own steps and guidance; --steps and --guidance still win
     check_with_fast(g.scheduler, plan.mode)
     n_steps = plan.steps if steps is None else steps
@@ -199,13 +200,13 @@ def generate(
     validate_request(prompt, g.width, g.height, n_steps, g.ip_scale, references, generation=g)
     if ip_scale is not None and not references:  # a flag that would change nothing is said, not ignored
         err.print("[yellow]warning:[/] --ip-scale does nothing without --ref (it sets how strongly references "
-                  "steer); drawing from the prompt alone", soft_wrap=True)
+                  "steer); drawing from the prompt alone")
     if g.negative_prompt and guidance <= 1:
         err.print(f"[yellow]warning:[/] the negative prompt does nothing at guidance {guidance:g} (it steers the "
-                  "unconditional branch of classifier-free guidance, which is off at 1 or less)", soft_wrap=True)
+                  "unconditional branch of classifier-free guidance, which is off at 1 or less)")
     too_long = prompt_length_notice(prompt)
     if too_long:
-        err.print(f"[yellow]note:[/] {escape(too_long)}", soft_wrap=True)
+        err.print(f"[yellow]note:[/] {escape(too_long)}")
     steering = {"weights": [s.weight for _, s in refs], "modes": [s.mode for _, s in refs],
                 "reference_keys": [file_sha256(path) for path, _ in refs]} if refs else {}
     entries = [{"path": path, "weight": s.weight, "mode": s.mode} for path, s in refs or []]
@@ -257,7 +258,7 @@ def generate(
     fast_note = f", {plan.mode}" if plan.mode != "off" else ""
     lora_note = (", LoRA " + ", ".join(f"{c.label}:{c.weight:g}" for c in loras)) if loras else ""
     out.print(f"wrote {output} ({g.width}x{g.height}, {n_steps} steps{fast_note}, {drew.get('sampler')}, CFG "
-              f"{guidance:g}, seed {g.seed}{guided}{lora_note}) in {seconds} s", markup=False, soft_wrap=True)
+              f"{guidance:g}, seed {g.seed}{guided}{lora_note}) in {seconds} s", markup=False)
 
 
 def _generate_omnigen(settings: Any, prompt: str, refs: list[tuple[Path, ReferenceSteer]],
@@ -277,7 +278,7 @@ def _generate_omnigen(settings: Any, prompt: str, refs: list[tuple[Path, Referen
         raise UserError(f"give one --concept per --ref: {len(concepts)} --concept for {len(refs)} --ref")
     for flag, value in flags_without_effect.items():
         if value is not None:
-            err.print(f"[yellow]warning:[/] {flag} does nothing on OmniGen (it is SDXL's); ignored", soft_wrap=True)
+            err.print(f"[yellow]warning:[/] {flag} does nothing on OmniGen (it is SDXL's); ignored")
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UserError(f"{output}: the output must end in one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
     ensure_writable_file(output, "output")
@@ -291,8 +292,7 @@ def _generate_omnigen(settings: Any, prompt: str, refs: list[tuple[Path, Referen
     validate_omnigen_request(planned.text, g.width, g.height, o.steps, images, generation=g)
     for placed in planned.concepts:
         for left in placed.left_out:
-            err.print(f"[yellow]note:[/] {escape(str(by_id[left['reference_id']]))} left out: {escape(left['why'])}",
-                      soft_wrap=True)
+            err.print(f"[yellow]note:[/] {escape(str(by_id[left['reference_id']]))} left out: {escape(left['why'])}")
 
     prepare_models(settings)
     manager = build_manager(settings)
@@ -322,13 +322,13 @@ def _generate_omnigen(settings: Any, prompt: str, refs: list[tuple[Path, Referen
         return
     guided = f", {len(images)} reference(s) in context" if images else ""
     out.print(f"wrote {output} (OmniGen, {g.width}x{g.height}, {o.steps} steps, seed {g.seed}{guided}) in {seconds} s",
-              markup=False, soft_wrap=True)
+              markup=False)
 
 
 @app.command()
 def critique(
     image: Annotated[Path, typer.Argument(help="The picture to judge.")],
-    prompt: Annotated[str, typer.Argument(help="The prompt it was drawn for.")],
+    prompt: Annotated[str, typer.Argument(help="The prompt it was drawn for.", callback=text_check("the PROMPT"))],
     profile: ProfileOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -352,12 +352,12 @@ def critique(
         return
     if not verdict.parsed:
         out.print("verdict: unknown — the judge's answer could not be parsed")
-        out.print(f"raw answer: {verdict.raw!r}", soft_wrap=True, markup=False)
+        out.print(f"raw answer: {verdict.raw!r}", markup=False)
     else:
         out.print(f"verdict: {'MATCH' if verdict.match else 'NO MATCH'}")
         missing = ", ".join(verdict.missing) if verdict.missing else "(nothing)"
-        out.print(f"missing: {missing}", soft_wrap=True, markup=False)
+        out.print(f"missing: {missing}", markup=False)
         if verdict.reason:
-            out.print(f"reason:  {verdict.reason}", soft_wrap=True, markup=False)
+            out.print(f"reason:  {verdict.reason}", markup=False)
 
 

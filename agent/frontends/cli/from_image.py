@@ -151,7 +151,7 @@ def from_provenance(picture: Path, prompt: str | None, ref: list[tuple[Path, Ref
     where = f"{picture}'s recipe"
     if prompt is not None and prompt != recipe.prompt:
         err.print(f"note: drawing the PROMPT given, not the recipe's own ({shorten(recipe.prompt, 60)!r}); "
-                  "leave PROMPT out to redraw the picture as it was", markup=False, soft_wrap=True)
+                  "leave PROMPT out to redraw the picture as it was", markup=False)
     flags = {"seed": seed, "steps": steps, "fast": fast, "ip_scale": ip_scale, "width": width, "height": height,
              "guidance": guidance}
     # Only what the drawing will use is held to the bounds: a flag given beside the picture replaces its value.

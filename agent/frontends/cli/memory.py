@@ -21,6 +21,7 @@ from agent.frontends.cli.common import (
     out,
     print_json,
     settings_from_flags,
+    text_check,
 )
 from imgrag.errors import UserError
 from imgrag.store.memory import ConceptMemory
@@ -42,7 +43,7 @@ def list_memory(profile: ProfileOpt = None, config: ConfigOpt = None, store: Sto
             for e in entries]})
         return
     if not entries:
-        out.print(f"the concept memory is empty ({escape(str(memory.path))})", soft_wrap=True)
+        out.print(f"the concept memory is empty ({escape(str(memory.path))})")
         return
     table = Table("concept", "reference", "weight:mode", "matches", "mismatches", "used", "last run")
     for entry in entries:
@@ -51,12 +52,13 @@ def list_memory(profile: ProfileOpt = None, config: ConfigOpt = None, store: Sto
                           str(ref.mismatches), "no (demoted)" if ref.demoted else "yes",
                           escape(ref.run_ids[-1] if ref.run_ids else ""))
     out.print(table)
-    out.print(f"file: {escape(str(memory.path))}", soft_wrap=True)
+    out.print(f"file: {escape(str(memory.path))}")
 
 
 @memory_app.command("forget")
 def forget_memory(
-    concept: Annotated[str | None, typer.Argument(help="The concept to forget, as `imgrag memory list` shows it.")]
+    concept: Annotated[str | None, typer.Argument(help="The concept to forget, as `imgrag memory list` shows it.",
+                                                  callback=text_check("the CONCEPT"))]
     = None,
     every: Annotated[bool, typer.Option("--all", help="Forget every concept.")] = False,
     profile: ProfileOpt = None, config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = False,
@@ -71,4 +73,4 @@ def forget_memory(
     if as_json:
         print_json({"forgotten": dropped, "file": str(memory.path)})
         return
-    out.print(f"forgot {dropped} concept(s)", soft_wrap=True)
+    out.print(f"forgot {dropped} concept(s)")

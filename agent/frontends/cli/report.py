@@ -52,7 +52,7 @@ def report(
     if as_json:
         print_json({"report": str(target), "kind": kind, "bytes": target.stat().st_size})
         return
-    out.print(f"{kind} report: {target}", soft_wrap=True, markup=False)
+    out.print(f"{kind} report: {target}", markup=False)
 
 
 def _print_eval(doc: dict[str, Any]) -> None:
@@ -75,13 +75,13 @@ def _print_eval(doc: dict[str, Any]) -> None:
     out.print(table)
     times = ", ".join(f"{arm} {a['seconds_per_prompt']:.2f}s/{sum(a['model_loads'].values())} loads"
                       for arm, a in doc["per_arm"].items() if a["seconds_per_prompt"] is not None)
-    out.print(f"per arm, seconds per prompt / model loads: {times}", soft_wrap=True, markup=False)
+    out.print(f"per arm, seconds per prompt / model loads: {times}", markup=False)
     errors = sum(a["errors"] for a in doc["per_arm"].values())
     if errors:
         out.print(f"[red]{errors} arm run(s) had errors[/]: see eval.json")
     if doc.get("note"):
-        out.print(doc["note"], soft_wrap=True, markup=False)
-    out.print(f"eval folder: {doc['eval_dir']} (eval.csv, eval.json, report.html)", soft_wrap=True, markup=False)
+        out.print(doc["note"], markup=False)
+    out.print(f"eval folder: {doc['eval_dir']} (eval.csv, eval.json, report.html)", markup=False)
 
 
 ArmsOpt = Annotated[str | None, typer.Option(
@@ -117,7 +117,7 @@ def eval_command(
     the last two (marked). Per metric, the paired difference against plain with a bootstrap 95% interval and the
     shares improved/worsened. Writes eval.json, eval.csv (a row per prompt and arm) and report.html. With
     --classes DIR each class folder is split (eval.* settings) into retrieval pictures, indexed into the
-    evaluation's own store, and gold pictures, never retrieved; the prompt is "a photo of a <class>". With a
+    evaluation's own store, and gold pictures, never retrieved; the prompt is `a photo of a <class>`. With a
     prompt FILE the profile's store is used, its gold pictures excluded."""
     from agent.evaluation import Evaluation, check_arms, default_arms, read_eval_file
 
@@ -140,13 +140,13 @@ def eval_command(
 
     def on_item(record: dict[str, Any]) -> None:
         done = ", ".join(f"{arm} {r.get('status') or 'failed'}" for arm, r in record["arms"].items())
-        err.print(f"prompt {record['index'] + 1}: {done}", soft_wrap=True, markup=False)
+        err.print(f"prompt {record['index'] + 1}: {done}", markup=False)
 
     def on_event(event: dict[str, Any]) -> None:
         if event["event"] == "store":
             print_store(event)
         elif event["event"] == "note":
-            err.print(event["text"], soft_wrap=True, markup=False)
+            err.print(event["text"], markup=False)
 
     evaluation = Evaluation(settings, arms=chosen, max_rounds=max_rounds, on_event=on_event)
     if classes is not None:

@@ -34,6 +34,7 @@ from agent.frontends.cli.common import (
     print_json,
     repair_flags,
     settings_from_flags,
+    text_check,
 )
 from agent.frontends.cli.run_display import (
     ProgressPrinter,
@@ -127,9 +128,8 @@ def _interrupted(stop: Any, command: list[str], as_json: bool) -> None:
     if as_json:
         print_json(result)
     where = stop.batch_dir or result.get("run_dir")
-    err.print(f"[yellow]interrupted[/]: partial record in {escape(str(where))}" if where else "[yellow]interrupted[/]",
-              soft_wrap=True)
-    err.print(f"resume with: {escape(shlex.join(command))}", soft_wrap=True)
+    err.print(f"[yellow]interrupted[/]: partial record in {escape(str(where))}" if where else "[yellow]interrupted[/]")
+    err.print(f"resume with: {escape(shlex.join(command))}")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(130)
@@ -182,7 +182,8 @@ def drawing_resume_flags(negative: str | None, guidance: float | None, scheduler
 
 @app.command()
 def run(
-    prompt: Annotated[str | None, typer.Argument(help="What the picture should show.")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="What the picture should show.",
+                                                 callback=text_check("the PROMPT"))] = None,
     max_rounds: MaxRoundsOpt = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the first drawing.")] = None,
     planner: PlannerOpt = None,
@@ -257,9 +258,8 @@ def run(
     if as_json:
         print_json(result)
     else:
-        out.print(f"[bold]{result['status']}[/] after {result['rounds']} round(s): {escape(answer_text(result))}",
-                  soft_wrap=True)
-        out.print(f"run folder: {escape(result['run_dir'])}   model loads: {result['model_loads']}", soft_wrap=True)
+        out.print(f"[bold]{result['status']}[/] after {result['rounds']} round(s): {escape(answer_text(result))}")
+        out.print(f"run folder: {escape(result['run_dir'])}   model loads: {result['model_loads']}")
     if result["status"] == "failed":  # no answer at all: a script must see it
         raise typer.Exit(1)
 
@@ -306,8 +306,12 @@ def batch(
     check_planner(planner)
     check_guidance(guidance, "--guidance")
     lora_args(lora)  # a bad weight is said before the file is read
-    items = read_prompt_file(file)  # a bad file fails before any model loads
     drawing = drawing_flags(negative, scheduler, per_round)
+    # Read with the settings the batch will use (the exclusions), so every bad line, a missing reference among them,
+    # is named in one error before any model loads.
+    items = read_prompt_file(file, settings=settings_from_flags(
+        profile, config, store=store, **{**gate_flags(allow_retrieved, allow_flagged), **repair_flags(repair_with),
+                                         **drawing}))
     again = drawing_resume_flags(negative, guidance, scheduler, per_round, lora)
     if ray_address is not None:
         summary, settings = _ray_batch(file, len(items), ray_address, workers, resume, planner, max_rounds,
@@ -348,7 +352,7 @@ def batch(
     failed = sum(item["status"] == "failed" for item in summary["items"])
     if failed:  # the record is complete; the exit code tells a script that some prompts have no answer
         err.print(f"[red]{failed} of {len(summary['items'])} prompt(s) failed[/]; their errors are in the record "
-                  "(--resume runs them again)", soft_wrap=True)
+                  "(--resume runs them again)")
         raise typer.Exit(1)
 
 
@@ -366,7 +370,6 @@ def _ray_batch(file, total, address, workers, resume, planner, max_rounds, profi
             summary = run_batch(settings, file, address=address, workers=workers, resume=resume, planner=planner,
                                 max_rounds=max_rounds, on_progress=progress, options=options)
     except KeyboardInterrupt:
-        err.print(f"finished prompts are kept; continue with: imgrag batch {escape(str(file))} --ray --resume",
-                  soft_wrap=True)
+        err.print(f"finished prompts are kept; continue with: imgrag batch {escape(str(file))} --ray --resume")
         raise
     return summary, settings

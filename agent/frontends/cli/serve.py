@@ -54,7 +54,7 @@ def serve(
                                    **repair_flags(repair_with))
     if host not in LOOPBACK:
         err.print(f"[yellow]warning:[/] serving on {host}: anyone who can reach this address can use the page, "
-                  "draw on this machine and see its runs and store pictures; there is no login.", soft_wrap=True)
+                  "draw on this machine and see its runs and store pictures; there is no login.")
     check_port(host, port)  # a busy port is one line naming --port, before any model loads or URL is shown
     prepare_models(settings)
     from agent.frontends.web import WebChat, launch
@@ -62,7 +62,7 @@ def serve(
     web = WebChat(settings, planner=planner, rounds=max_rounds)
     shown = f"[{host}]" if ":" in host else host
     check_port(host, port)  # again: the models took a while, another server may have started meanwhile
-    out.print(f"imgrag serve · profile {settings.profile} · http://{shown}:{port}/ (Ctrl-C stops)", soft_wrap=True)
+    out.print(f"imgrag serve · profile {settings.profile} · http://{shown}:{port}/ (Ctrl-C stops)")
     launch(web, host=host, port=port, block=True)
 
 

@@ -33,6 +33,7 @@ from agent.frontends.cli.common import (
     prepare_models,
     print_json,
     settings_from_flags,
+    text_check,
 )
 from imgrag.errors import UserError
 from imgrag.file_names import display_name
@@ -122,7 +123,7 @@ def index(
         with _embedder(settings) as embedder:
             ref_store = ReferenceStore.open(settings, embedder.model_id, embedder.dim, for_writing=True)
             summary = ref_store.index(paths, embedder, prune=prune, progress=progress, batch_size=batch_size,
-                                      on_wait=lambda msg: err.print(f"[yellow]{escape(msg)}[/]", soft_wrap=True),
+                                      on_wait=lambda msg: err.print(f"[yellow]{escape(msg)}[/]"),
                                       screen=index_screen(settings.safety, embedder))
     except Exception as exc:
         full = store_disk_full(exc, settings.store)
@@ -138,7 +139,7 @@ def index(
     else:
         _print_summary(summary, ref_store.location)
     if usable == 0 and not (prune and summary["removed"] and not summary["skipped"]):
-        err.print(f"[red]error:[/] no usable image under {escape(', '.join(str(p) for p in paths))}", soft_wrap=True)
+        err.print(f"[red]error:[/] no usable image under {escape(', '.join(str(p) for p in paths))}")
         raise typer.Exit(1)
 
 
@@ -173,20 +174,21 @@ def _print_summary(summary: dict[str, Any], location: str) -> None:
     table.add_row("pictures in store", str(summary["total"]))
     table.add_row("seconds", f"{summary['seconds']:.2f}")
     out.print(table)
-    out.print(f"store: {escape(location)}", soft_wrap=True)  # a path: on its own line, never cut
+    out.print(f"store: {escape(location)}")  # a path: on its own line, never cut
     for item in summary["skipped"][:50]:
         # markup off: a path may contain [brackets]
-        err.print(f"skipped {display_name(item['path'])}: {item['reason']}", style="yellow", soft_wrap=True,
+        err.print(f"skipped {display_name(item['path'])}: {item['reason']}", style="yellow",
                   markup=False)
     if len(summary["skipped"]) > 50:
         err.print(f"[yellow]... and {len(summary['skipped']) - 50} more skipped (--json lists them all)[/]")
     for item in summary.get("notes", [])[:50]:
-        err.print(f"note: {display_name(item['path'])}: {item['note']}", soft_wrap=True, markup=False)
+        err.print(f"note: {display_name(item['path'])}: {item['note']}", markup=False)
 
 
 @app.command()
 def search(
-    text: Annotated[str | None, typer.Argument(help="What to look for (leave out with --image).")] = None,
+    text: Annotated[str | None, typer.Argument(help="What to look for (leave out with --image).",
+                                               callback=text_check("the search TEXT"))] = None,
     k: Annotated[int, typer.Option("-k", "--top-k", help="How many results.")] = 5,
     image: Annotated[Path | None, typer.Option("--image", help="Find pictures like this one instead.")] = None,
     profile: ProfileOpt = None,
@@ -223,7 +225,7 @@ def search(
         results = [r for r in results if excluded_by(r.path, settings.safety.exclude) is None]
     if matched > len(results):  # said, not hidden: a folder safety.exclude leaves out is why
         err.print(f"[yellow]note:[/] {matched - len(results)} of the {matched} best matches are in folders "
-                  "safety.exclude leaves out, so they are not listed", soft_wrap=True)
+                  "safety.exclude leaves out, so they are not listed")
 
     if as_json:  # captions whole, as the store keeps them
         print_json({"results": [{"id": r.id, "path": r.path, "score": round(r.score, 6), "caption": r.caption}
