@@ -317,14 +317,23 @@ def test_threads_resume_and_undo_across_sessions(settings, tmp_path: Path) -> No
     assert [c["id"] for c in result["candidates"]] == ["c0", "c2"]
     assert Path(result["candidates"][1]["path"]).name == "c2.png"
 
-    # imgrag chat --thread: a saved thread by a unique start of its id, else the name of a new one.
+    # imgrag chat --thread: a saved thread by a unique start of its id; with --new, the name of a new one.
     named = make_session(settings, tmp_path)
     assert named.open(other[:-2])["requests"] == ["a rocket on a pad"]
-    assert named.open("my-fox") is None and named.thread_id == "my-fox"
+    with pytest.raises(UserError, match=r"no thread 'my-fox' \(.*--thread my-fox --new starts a new thread"):
+        named.open("my-fox")  # a typo never starts a thread by accident
+    typo = other[:-3] + ("x" if other[-3] != "x" else "y") + other[-2:]  # one character off a saved id
+    with pytest.raises(UserError, match=f"closest: {other}"):
+        named.open(typo)
+    with pytest.raises(UserError, match=f"closest: {other}"):
+        named.resume(typo)  # the chat's /resume says the same
+    assert named.open("my-fox", new=True) is None and named.thread_id == "my-fox"
     named.rounds = 1
     assert named.send("a fox")["run_id"] == "my-fox"
+    with pytest.raises(UserError, match="already exists; drop --new"):
+        named.open("my-fox", new=True)
     with pytest.raises(UserError, match="may hold only letters"):
-        named.open("bad id!")
+        named.open("bad id!", new=True)
 
 
 def test_show_refs_and_save(settings, tmp_path: Path) -> None:

@@ -256,10 +256,12 @@ def serve_env(tiny_kit: dict[str, Path], tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def terminal_chat(env: dict[str, str], *lines: str, thread: str) -> str:
-    """``imgrag chat`` on piped input (its plain line reader), one request per line; returns its output."""
+def terminal_chat(env: dict[str, str], *lines: str, thread: str, new: bool = False) -> str:
+    """``imgrag chat`` on piped input (its plain line reader), one request per line; returns its output. ``new``:
+    ``thread`` names a new thread (``--new``)."""
     done = subprocess.run([sys.executable, "-m", "tests.chat_launcher", "--profile", "tiny", "--max-rounds", "1",
-                           "--thread", thread], input="\n".join([*lines, "/quit"]) + "\n", cwd=str(REPO), env=env,
+                           "--thread", thread, *(["--new"] if new else [])],
+                          input="\n".join([*lines, "/quit"]) + "\n", cwd=str(REPO), env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stdout + done.stderr
     return done.stdout
@@ -299,7 +301,7 @@ def test_the_page_in_a_browser_continues_a_terminal_thread(serve_env: dict[str, 
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    terminal = terminal_chat(serve_env, "a dog and a cradle", thread="chat-from-terminal")
+    terminal = terminal_chat(serve_env, "a dog and a cradle", thread="chat-from-terminal", new=True)
     assert "picture:" in terminal
     log = (tmp_path / "serve.log").open("w")
     try:  # the server is up once its port answers

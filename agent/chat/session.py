@@ -13,6 +13,7 @@ reading of follow-ups and the thread listing it calls live in the package's othe
 from __future__ import annotations
 
 import contextlib
+import difflib
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -365,26 +366,46 @@ class ChatSession:
             raise UserError(f"{text!r} matches {len(matches)} threads: {shown}; type more of the id")
         return matches[0] if matches else None
 
+    def no_thread(self, text: str, *, how: str = "/threads lists them") -> UserError:
+        """The error for a typed id that names no thread: the closest ids (difflib's ratio, the 'chat-' prefix
+        ignored) and ``how`` to find the rest."""
+        text = text.strip()
+        ids = thread_ids(self.runner.checkpointer)
+        bare = {t.removeprefix(THREAD_PREFIX): t for t in ids}
+        close = [bare[t] for t in difflib.get_close_matches(text.removeprefix(THREAD_PREFIX), list(bare), n=3,
+                                                             cutoff=0.5)]
+        hint = f"closest: {', '.join(close)}; " if close else ("no thread is saved yet; " if not ids else "")
+        return UserError(f"no thread {text!r} ({hint}{how})")
+
     def resume(self, text: str) -> dict[str, Any]:
         """Make a saved thread the current one; returns its summary."""
         found = self.match_thread(text)
         if found is None:
-            raise UserError(f"no thread {text.strip()!r} (/threads lists them)")
+            raise self.no_thread(text)
         self.thread_id = found
         closed = self.settle_cut_off(include_paused=False)
         summary = self.summary()
         summary["closed"] = closed is not None
         return summary
 
-    def open(self, text: str) -> dict[str, Any] | None:
-        """``imgrag chat --thread ID``: resume a saved thread, or name the new one. None for a new thread."""
+    def open(self, text: str, *, new: bool = False) -> dict[str, Any] | None:
+        """``imgrag chat --thread ID``: resume the saved thread ID names (a unique start is enough); with ``new``
+        (``--new``), name the thread the first message starts instead, and return None.
+
+        A typo is never a new thread by accident: an ID that names no thread is a UserError listing the closest
+        ids, and ``--new`` on an id already saved is one too."""
         found = self.match_thread(text)
-        if found is not None:
-            return self.resume(found)
-        if not RUN_ID_PATTERN.match(text):
-            raise UserError(f"thread id {text!r} may hold only letters, digits, '.', '_' and '-'")
-        self.thread_id = text
-        return None
+        if new:
+            if found == text.strip():
+                raise UserError(f"thread {found!r} already exists; drop --new to continue it")
+            if not RUN_ID_PATTERN.match(text):
+                raise UserError(f"thread id {text!r} may hold only letters, digits, '.', '_' and '-'")
+            self.thread_id = text
+            return None
+        if found is None:
+            raise self.no_thread(text, how=f"imgrag chat, then /threads, lists them; --thread {text.strip()} --new "
+                                           "starts a new thread of that name")
+        return self.resume(found)
 
     def summary(self) -> dict[str, Any]:
         """The current thread: its requests, prompt, candidates, best candidate and status."""

@@ -68,13 +68,13 @@ class ChatRepl:
         self._hinted_preview = False
 
     # ----- the loop -----
-    def run(self, thread: str | None) -> None:
+    def run(self, thread: str | None, *, new: bool = False) -> None:
         s = self.session
         out.print(f"[bold]imgrag chat[/] · profile {self.settings.profile} · planner {s.planner} · "
                   f"{s.rounds} round(s) per request. Describe a picture; later messages refine it. "
                   "/help lists the commands; Ctrl-C stops a request, Ctrl-D quits.")
         if thread:
-            self.open(thread)  # a bad --thread ends the command with its one-line error, before any prompt
+            self.open(thread, new=new)  # a bad --thread ends the command with its one-line error, before any prompt
         while True:
             try:
                 line = self.reader.read(PROMPT)
@@ -148,8 +148,8 @@ class ChatRepl:
         out.print(f"best: {best['id']}, {escape(verdict_text(best))}{tiny}")
         out.print(f"picture: {escape(best['path'])}")
 
-    def open(self, thread: str) -> None:
-        summary = self.session.open(thread)
+    def open(self, thread: str, new: bool = False) -> None:
+        summary = self.session.open(thread, new=new)
         if summary is None:
             out.print(f"new thread {self.session.thread_id}: describe the picture")
             return
@@ -348,9 +348,10 @@ class ChatRepl:
 @app.command()
 def chat(
     thread: Annotated[
-        str | None, typer.Option("--thread", help="Continue a saved thread (a unique start of its id), or name a "
-                                 "new one.")
+        str | None, typer.Option("--thread", help="Continue a saved thread (a unique start of its id is enough); "
+                                 "with --new, the name of a new one.")
     ] = None,
+    new: Annotated[bool, typer.Option("--new", help="With --thread NAME: start a new thread of that name.")] = False,
     planner: PlannerOpt = "agent",
     max_rounds: MaxRoundsOpt = None,
     out_dir: OutOpt = None,
@@ -369,8 +370,10 @@ def chat(
     messages continue from the best picture so far. /help inside lists the commands.
     """
     check_planner(planner)
+    if new and not thread:
+        raise UserError("--new names a new thread: give it with --thread NAME (without --thread every chat is new)")
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
                                    **{"generation.fast": fast, **gate_flags(allow_retrieved, allow_flagged),
                                       **repair_flags(repair_with), **memory_flag(no_memory)})
     prepare_models(settings)
-    ChatRepl(settings, planner, max_rounds).run(thread)
+    ChatRepl(settings, planner, max_rounds).run(thread, new=new)
