@@ -28,6 +28,7 @@ from imgrag.drawing.loras import parse_lora_arg
 from imgrag.drawing.schedulers import check_scheduler
 from imgrag.errors import UserError, check_text
 from imgrag.kits.tiny_kit import ensure_tiny_kit
+from imgrag.presets import builtin_presets
 from imgrag.settings import TINY_WARNING, Settings, SettingsError, load_settings
 
 
@@ -83,7 +84,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 ProfileOpt = Annotated[
     str | None,
     typer.Option("--profile", "-p", help="default (real checkpoints), tiny (offline kit), a preset "
-                 "(gpu-80gb, gpu-24gb, cpu) or a .toml file.",
+                 f"({', '.join(builtin_presets())}; imgrag/profiles/) or a .toml file.",
                  envvar="IMGRAG_PROFILE", show_envvar=False),
 ]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A TOML file layered over the profile.")]

@@ -1,0 +1,158 @@
+"""A new user's second round, the kinds that round 2's file leaves to this one: text in another encoding in every
+free-text argument, messages kept whole off a terminal, quiet model loading, help that names every preset, a
+thread id that names nothing, and a PROMPT given beside a picture's recipe.
+
+Through the real entry point (tests/cli.py) and, where models are needed, the tiny kit."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from imgrag.errors import UserError, check_text
+from imgrag.presets import builtin_presets
+from tests.cli import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+# "a café table" typed in a Latin-1 terminal reaches Python (PEP 383) with a lone surrogate for the byte 0xe9.
+LATIN1 = "a caf\udce9 table"
+
+
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err and "tiny kit" not in err, err  # refused before any model (or kit) is touched
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def tiny_env(tiny_kit: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGRAG_TINY_KIT_DIR", str(tiny_kit["generator"].parent))
+    monkeypatch.setenv("IMGRAG_PROFILE", "tiny")
+
+
+# ----- text in another encoding -----
+
+def test_check_text_names_the_byte_and_its_place() -> None:
+    assert check_text("a plain kettle, ☕ and 猫") == "a plain kettle, ☕ and 猫"
+    with pytest.raises(UserError, match=r"^--negative is not UTF-8 text \(byte 0xe9 at character 6\)"):
+        check_text(LATIN1, "--negative")
+    with pytest.raises(UserError, match=r"lone surrogate \(U\+D800 at character 2\)"):
+        check_text("a\ud800")
+
+
+@pytest.mark.parametrize("argv", [
+    ("generate", LATIN1),
+    ("generate", "a kettle", "--negative", LATIN1),
+    ("generate", "a kettle", "--concept", LATIN1),
+    ("run", LATIN1),
+    ("run", "a kettle", "--negative", LATIN1),
+    ("critique", "picture.png", LATIN1),
+    ("search", LATIN1),
+    ("memory", "forget", LATIN1),
+], ids=["generate", "generate-negative", "generate-concept", "run", "run-negative", "critique", "search",
+        "memory-forget"])
+def test_every_free_text_argument_in_another_encoding_is_one_line_before_any_model(argv, capsys, tmp_path,
+                                                                                     monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "picture.png")
+    code, out, err = run_cli(capsys, *argv, "--profile", "tiny")
+    line = one_error_line(err)
+    assert code == 1 and out == ""
+    # the whole message on its one line, though it is longer than 80 columns and stderr is no terminal
+    assert "is not UTF-8 text (byte 0xe9 at character 6)" in line and line.endswith("uses another encoding)"), line
+    assert len(line) > 80
+
+
+def test_the_core_checks_a_prompt_too(tmp_path: Path) -> None:
+    from agent.runner import Runner, open_checkpointer
+    from imgrag.settings import load_settings
+    from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, MemoryStore, ScriptedJudge
+
+    settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")})
+    generator = FakeGenerator()
+    models = {"generator": generator, "judge": ScriptedJudge([]), "embedder": FakeEmbedder()}
+    (tmp_path / "refs").mkdir()
+    runner = Runner(settings, manager=FakeManager(models), reference_store=MemoryStore(tmp_path / "refs"),
+                    checkpointer=open_checkpointer(tmp_path / "threads.sqlite"))
+    with pytest.raises(UserError, match="the prompt is not UTF-8 text"):
+        runner.run(LATIN1, max_rounds=1)
+    assert not list((tmp_path / "home").rglob("result.json")), "nothing was started"
+
+
+# ----- quiet model loading -----
+
+def test_building_siglip_prints_nothing(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    from imgrag.kits.tiny_scorers import build_siglip
+
+    build_siglip(tmp_path / "siglip", seed=0)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err.strip() == "", captured  # its tokenizer trainer prints blank lines
+    assert (tmp_path / "siglip" / "open_clip_config.json").exists()
+
+
+def test_loading_dino_prints_no_bar_or_warning(tiny_kit: dict[str, Path], capfd: pytest.CaptureFixture) -> None:
+    from imgrag.models.dino import DinoScorer
+
+    capfd.readouterr()
+    scorer = DinoScorer(str(tiny_kit["dino"]))
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == "", captured
+    assert scorer.embed([Image.new("RGB", (32, 32))]).shape[0] == 1
+
+
+# ----- help -----
+
+def test_help_joins_a_paragraphs_lines_and_names_every_preset(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping of our own: a paragraph is one line
+    code, out, _ = run_cli(capsys, "eval", "--help")
+    assert code == 0
+    assert "the prompt is a photo of a <class>" in out  # split across two source lines in the docstring
+    code, out, _ = run_cli(capsys, "run", "--help")
+    assert code == 0
+    assert set(builtin_presets()) >= {"cpu", "fast-draft", "gpu-24gb", "gpu-80gb"}
+    profile_line = next(line for line in out.splitlines() if "--profile" in line)
+    for name in builtin_presets():
+        assert name in profile_line, profile_line
+
+
+def test_an_editable_install_is_one_path_entry() -> None:
+    # package-dir "" = "." makes setuptools write a .pth line instead of an import hook that warns at install
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert config["tool"]["setuptools"]["package-dir"] == {"": "."}
+
+
+# ----- a thread id that names nothing -----
+
+def test_chat_thread_that_names_nothing_is_one_line(tiny_env, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("IMGRAG_HOME", str(tmp_path / "home"))
+    code, _, err = run_cli(capsys, "chat", "--thread", "nosuch")
+    assert code == 1 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "nosuch" in lines[0], err
+    assert "--new" in lines[0] or "/threads" in lines[0] or "chat" in lines[0], lines[0]
+
+
+def test_chat_new_without_a_thread_name_is_refused(capsys) -> None:
+    code, _, err = run_cli(capsys, "chat", "--new", "--profile", "tiny")
+    assert code == 1 and "--thread NAME" in one_error_line(err)
+
+
+# ----- a PROMPT beside a picture's recipe -----
+
+def test_a_prompt_beside_from_image_says_it_replaces_the_recipes(tiny_env, tmp_path: Path, capsys) -> None:
+    drawn = tmp_path / "drawn.png"
+    code, _, err = run_cli(capsys, "generate", "a red kettle", "-o", str(drawn), "--steps", "1", "--size", "64x64")
+    assert code == 0, err
+    again = tmp_path / "again.png"
+    code, out, err = run_cli(capsys, "generate", "a blue kettle", "--from-image", str(drawn), "-o", str(again),
+                             "--json")
+    assert code == 0, err
+    assert "note: drawing the PROMPT given, not the recipe's own ('a red kettle')" in err
+    assert json.loads(out)["prompt"] == "a blue kettle"
+    code, out, err = run_cli(capsys, "generate", "a red kettle", "--from-image", str(drawn), "-o", str(again))
+    assert code == 0 and "note: drawing the PROMPT" not in err  # the same prompt is no replacement
