@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 PROFILES = ("default", "tiny")
-# Built-in presets: documented TOML files shipped in the package, named by their stem (cpu, fast-draft, gpu-24gb, gpu-80gb).
+# Built-in presets: documented TOML files shipped in the package, named by their stem (cpu, fast-draft, ...).
 PRESETS_DIR = Path(__file__).parent / "profiles"
 # The tiny profile's paths hold it until every layer is applied; then it becomes the final tiny_kit_dir.
 TINY_KIT_PLACEHOLDER = "{tiny_kit}"
