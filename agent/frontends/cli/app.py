@@ -1,7 +1,7 @@
 """The ``imgrag`` command line. Each area's commands live in their own module; this file wires them
 together and holds the commands about imgrag itself (``doctor``, ``models``).
 
-Just over 400 lines: ``doctor`` and ``models`` share the checkpoint checks (imgrag.weights.model_files) and the
+About 500 lines: ``doctor`` and ``models`` share the checkpoint checks (imgrag.weights.model_files) and the
 services' probes, and each command is a few dozen lines; splitting them would scatter that one subject over two
 files."""
 
