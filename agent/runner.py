@@ -34,6 +34,7 @@ from agent.graph import build_graph, initial_state
 from agent.memory_guide import check_user_references, learn_from_run, start_references
 from agent.nodes import outcome
 from agent.run_errors import CheckpointFailed, DiskFull, RunInterrupted
+from agent.run_lookup import check_resume_profile, find_run
 from agent.run_result import RUN_END_KEYS, build_result, finished_calls
 from agent.thread_store import CheckpointWriteError, UntrustedThread, open_checkpointer
 from imgrag.drawing.draw_options import DrawOptions, parse_options
@@ -200,11 +201,13 @@ class Runner:
         return None
 
     def resume(self, run_id: str) -> dict[str, Any]:
-        """Continue a run from its last checkpoint; finished steps are not redone.
+        """Continue a run from its last checkpoint; finished steps are not redone. ``run_id`` may be a unique start of
+        the id; a run started under another profile is refused (:mod:`agent.run_lookup`).
 
         A finished run is left as it is: its result.json is returned, not rewritten. A run stopped before its
         first checkpoint (Ctrl-C or a kill while the first model loaded) starts again from its trace's start line.
         """
+        run_id = find_run(self.checkpointer, self.settings.output_dir, run_id, self.settings.threads_db)
         snapshot = self.graph().get_state({"configurable": {"thread_id": run_id}})
         if not snapshot.values:
             return self._restart(run_id)
@@ -214,6 +217,7 @@ class Runner:
             if finished and finished.get("status") != "interrupted":
                 self.on_event({"event": "already_finished", "run_id": run_id, "status": finished["status"]})
                 return finished
+        check_resume_profile(record.dir, run_id, self.settings.profile)
         record.append_step({"event": "resume", "from_checkpoint": snapshot.config["configurable"].get("checkpoint_id")})
         return self._drive(None, run_id, record, snapshot.values)
 
@@ -225,6 +229,7 @@ class Runner:
         start = next((s for s in record.read_steps() if s.get("event") == "start"), None)
         if start is None:
             raise UserError(f"no run with thread id {run_id!r} in {self.settings.threads_db}")
+        check_resume_profile(record.dir, run_id, self.settings.profile)
         # The references round 1 was to be guided by: the run's own (as its start line recorded them), and the
         # memory's as it stands now.
         user_refs = check_user_references(start.get("references"), self.settings)

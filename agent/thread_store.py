@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import sqlite3
 import threading
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from langgraph.checkpoint.base import CheckpointTuple
+from langgraph.checkpoint.base import BaseCheckpointSaver, CheckpointTuple
 from langgraph.checkpoint.serde.event_hooks import register_serde_event_listener
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite import SqliteSaver
@@ -261,3 +262,41 @@ def open_checkpointer(path: str | Path, busy_timeout_s: float = DEFAULT_BUSY_TIM
     except sqlite3.Error as exc:
         raise UserError(f"{path}: cannot open the thread database: {exc}") from None
     return ThreadStore(conn, path, busy_timeout_s)
+
+
+def thread_ids(checkpointer: BaseCheckpointSaver) -> list[str]:
+    """Every thread id in the checkpointer, most recently active first.
+
+    imgrag's own checkpointer (:class:`ThreadStore`) reads the ids alone, so a thread it would refuse to read does
+    not hide the others. Any other checkpointer is asked through ``list(None)``, which yields every checkpoint of
+    every thread, newest first, so the first time a thread shows up is its latest activity (fine for a person's
+    chats; a shared server with many thousands of runs would want a checkpointer that lists threads itself)."""
+    listed = getattr(checkpointer, "thread_ids", None)
+    if callable(listed):
+        return list(listed())
+    seen: dict[str, None] = {}
+    for item in checkpointer.list(None):
+        configurable = item.config["configurable"]
+        if not configurable.get("checkpoint_ns"):  # the top graph's checkpoints, not a subgraph's
+            seen.setdefault(configurable["thread_id"], None)
+    return list(seen)
+
+
+def match_thread_id(ids: list[str], text: str, prefix: str = "") -> str | None:
+    """The id in ``ids`` that a typed ``text`` names: itself, or the one id starting with it (with or without
+    ``prefix``, e.g. the chat's ``chat-``); None when none does. Raises UserError when several ids start with it."""
+    if text in ids:
+        return text
+    matches = [t for t in ids if t.startswith(text) or (prefix and t.startswith(prefix + text))]
+    if len(matches) > 1:
+        shown = ", ".join(matches[:6]) + (f" and {len(matches) - 6} more" if len(matches) > 6 else "")
+        raise UserError(f"{text!r} matches {len(matches)} threads: {shown}; type more of the id")
+    return matches[0] if matches else None
+
+
+def closest_thread_ids(ids: list[str], text: str, prefix: str = "", n: int = 3) -> list[str]:
+    """Up to ``n`` ids of ``ids`` closest to a typed ``text`` that names none (difflib's ratio, ``prefix``
+    ignored on both sides), for a "did you mean" hint."""
+    bare = {t.removeprefix(prefix): t for t in ids} if prefix else {t: t for t in ids}
+    return [bare[t] for t in difflib.get_close_matches(text.removeprefix(prefix) if prefix else text, list(bare),
+                                                        n=n, cutoff=0.5)]

@@ -130,11 +130,12 @@ def test_an_editable_install_is_one_path_entry() -> None:
 
 def test_chat_thread_that_names_nothing_is_one_line(tiny_env, tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("IMGRAG_HOME", str(tmp_path / "home"))
-    code, _, err = run_cli(capsys, "chat", "--thread", "nosuch")
+    code, out, err = run_cli(capsys, "chat", "--thread", "nosuch")
     assert code == 1 and "Traceback" not in err
+    assert out == "", "the error comes before the chat's banner"
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "nosuch" in lines[0], err
-    assert "--new" in lines[0] or "/threads" in lines[0] or "chat" in lines[0], lines[0]
+    assert "--thread nosuch --new" in lines[0], lines[0]
 
 
 def test_chat_new_without_a_thread_name_is_refused(capsys) -> None:
@@ -156,3 +157,77 @@ def test_a_prompt_beside_from_image_says_it_replaces_the_recipes(tiny_env, tmp_p
     assert json.loads(out)["prompt"] == "a blue kettle"
     code, out, err = run_cli(capsys, "generate", "a red kettle", "--from-image", str(drawn), "-o", str(again))
     assert code == 0 and "note: drawing the PROMPT" not in err  # the same prompt is no replacement
+
+
+# ----- a resume goes on as the run began -----
+
+class StopAfterFirstDrawing:
+    def __call__(self, event: dict) -> None:
+        if event["event"] == "tool_end" and event["tool"] == "generate" and event["ok"]:
+            raise KeyboardInterrupt
+
+
+def fake_runner(settings, tmp_path: Path, on_event=None):
+    from agent.runner import Runner, open_checkpointer
+    from tests.fakes import FakeEmbedder, FakeGenerator, FakeManager, FakeVerdict, MemoryStore, ScriptedJudge
+
+    verdicts = [FakeVerdict(False, ["a wooden cradle"], "no cradle"), FakeVerdict(True, [], "all there")]
+    models = {"generator": FakeGenerator(), "judge": ScriptedJudge(verdicts), "embedder": FakeEmbedder()}
+    (tmp_path / "refs").mkdir(parents=True, exist_ok=True)
+    return Runner(settings, manager=FakeManager(models), reference_store=MemoryStore(tmp_path / "refs"),
+                  on_event=on_event, checkpointer=open_checkpointer(tmp_path / "threads.sqlite"))
+
+
+def interrupted_run(settings, tmp_path: Path, run_id: str) -> None:
+    from agent.runner import RunInterrupted
+
+    with pytest.raises(RunInterrupted):
+        fake_runner(settings, tmp_path, StopAfterFirstDrawing()).run("a retriever and a cradle", planner="fixed",
+                                                                       max_rounds=3, run_id=run_id)
+
+
+def test_a_resume_under_another_profile_is_refused_before_any_step(tiny_kit, tmp_path: Path) -> None:
+    from imgrag.settings import load_settings
+
+    environ = {"IMGRAG_HOME": str(tmp_path / "home"), "IMGRAG_TINY_KIT_DIR": str(tiny_kit["generator"].parent)}
+    tiny, default = load_settings("tiny", environ=environ), load_settings("default", environ=environ)
+    assert tiny.output_dir == default.output_dir and tiny.threads_db == default.threads_db  # one home, both see it
+    interrupted_run(tiny, tmp_path, "20261207-010101-abcdef")
+    trace = Path(tiny.output_dir) / "20261207-010101-abcdef" / "trace.jsonl"
+    before = trace.read_bytes()
+    with pytest.raises(UserError, match="started with the tiny profile.*resume it with --profile tiny"):
+        fake_runner(default, tmp_path).resume("20261207-010101-abcdef")
+    assert trace.read_bytes() == before, "nothing of the run was touched"
+    # a unique start of the id is enough, under the run's own profile
+    result = fake_runner(tiny, tmp_path).resume("20261207-0101")
+    assert result["run_id"] == "20261207-010101-abcdef" and result["status"] != "interrupted"
+
+
+def test_a_resume_id_that_names_no_run_lists_the_closest(tmp_path: Path) -> None:
+    from imgrag.settings import load_settings
+
+    settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")})
+    interrupted_run(settings, tmp_path, "20261207-010101-abcdef")
+    interrupted_run(settings, tmp_path, "20261207-010102-fedcba")
+    runner = fake_runner(settings, tmp_path)
+    with pytest.raises(UserError, match=r"no run with thread id '20261207-010101-abcdeg'.*closest: 20261207-010101"):
+        runner.resume("20261207-010101-abcdeg")
+    with pytest.raises(UserError, match="matches 2 threads"):
+        runner.resume("20261207-0101")
+
+
+def test_run_resume_without_profile_takes_the_runs_own(tiny_env, tmp_path: Path, capsys, monkeypatch) -> None:
+    from imgrag.settings import load_settings
+
+    monkeypatch.setenv("IMGRAG_HOME", str(tmp_path / "home"))
+    tiny = load_settings("tiny")
+    interrupted_run(tiny, tmp_path / "home", "20261207-010101-abcdef")
+    interrupted_run(tiny, tmp_path / "home", "20261207-020202-abcdef")
+    monkeypatch.delenv("IMGRAG_PROFILE")  # a new shell: the default profile, whose models are not here
+    code, _, err = run_cli(capsys, "run", "--resume", "20261207-020202-abcdef", "--profile", "default")
+    assert code == 1 and "resume it with --profile tiny" in one_error_line(err)
+    code, out, err = run_cli(capsys, "run", "--resume", "20261207-0101", "--json")
+    assert code == 0, err
+    assert "note: run 20261207-010101-abcdef started with the tiny profile; resuming with it" in err
+    result = json.loads(out)
+    assert result["run_id"] == "20261207-010101-abcdef" and result["status"] != "interrupted"

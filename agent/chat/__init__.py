@@ -40,7 +40,8 @@ from agent.chat.session import (
     Reviewer,
     verdict_text,
 )
-from agent.chat.threads import THREAD_PREFIX, list_threads, requests_of, thread_ids
+from agent.chat.threads import THREAD_PREFIX, list_threads, requests_of
+from agent.thread_store import thread_ids
 
 __all__ = [
     "ALIASES", "COMMANDS", "CUT_OFF", "MAX_FOLLOWUP_ROUNDS", "MAX_ROUNDS_PER_REQUEST", "NO_ARGUMENT", "REVIEW_HELP",

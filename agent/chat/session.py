@@ -13,7 +13,6 @@ reading of follow-ups and the thread listing it calls live in the package's othe
 from __future__ import annotations
 
 import contextlib
-import difflib
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -33,10 +32,11 @@ from agent.chat.followups import (
     steer_records,
 )
 from agent.chat.photos import parse_use_photo, use_photo
-from agent.chat.threads import THREAD_PREFIX, list_threads, requests_of, thread_ids
+from agent.chat.threads import THREAD_PREFIX, list_threads, requests_of
 from agent.nodes import best_candidate, outcome
 from agent.runner import PLANNERS, Runner
 from agent.thread_lock import busy_elsewhere, writes_thread
+from agent.thread_store import closest_thread_ids, match_thread_id, thread_ids
 from imgrag.candidate_ids import parse_candidate, sorted_ids
 from imgrag.drawing.draw_options import MAX_PER_ROUND, DrawOptions, check_guidance, options_of, parse_options
 from imgrag.drawing.loras import parse_lora_arg
@@ -357,23 +357,14 @@ class ChatSession:
         text = text.strip()
         if not text:
             raise UserError("give a thread id (/threads lists them)")
-        ids = thread_ids(self.runner.checkpointer)
-        if text in ids:
-            return text
-        matches = [t for t in ids if t.startswith(text) or t.startswith(THREAD_PREFIX + text)]
-        if len(matches) > 1:
-            shown = ", ".join(matches[:6]) + (f" and {len(matches) - 6} more" if len(matches) > 6 else "")
-            raise UserError(f"{text!r} matches {len(matches)} threads: {shown}; type more of the id")
-        return matches[0] if matches else None
+        return match_thread_id(thread_ids(self.runner.checkpointer), text, THREAD_PREFIX)
 
     def no_thread(self, text: str, *, how: str = "/threads lists them") -> UserError:
-        """The error for a typed id that names no thread: the closest ids (difflib's ratio, the 'chat-' prefix
-        ignored) and ``how`` to find the rest."""
+        """The error for a typed id that names no thread: the closest ids (the 'chat-' prefix ignored) and ``how``
+        to find the rest."""
         text = text.strip()
         ids = thread_ids(self.runner.checkpointer)
-        bare = {t.removeprefix(THREAD_PREFIX): t for t in ids}
-        close = [bare[t] for t in difflib.get_close_matches(text.removeprefix(THREAD_PREFIX), list(bare), n=3,
-                                                             cutoff=0.5)]
+        close = closest_thread_ids(ids, text, THREAD_PREFIX)
         hint = f"closest: {', '.join(close)}; " if close else ("no thread is saved yet; " if not ids else "")
         return UserError(f"no thread {text!r} ({hint}{how})")
 

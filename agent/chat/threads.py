@@ -9,28 +9,9 @@ from typing import Any
 from langchain_core.messages import HumanMessage
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
-from agent.thread_store import UntrustedThread
+from agent.thread_store import UntrustedThread, thread_ids
 
 THREAD_PREFIX = "chat-"
-
-
-def thread_ids(checkpointer: BaseCheckpointSaver) -> list[str]:
-    """Every thread id in the checkpointer, most recently active first.
-
-    ``list(None)`` yields every checkpoint of every thread, newest first, so the first time a thread shows up is
-    its latest activity. It reads each checkpoint, which is fine for a person's chats; a shared server with many
-    thousands of runs would want a checkpointer that lists threads itself. imgrag's own
-    (:class:`agent.thread_store.ThreadStore`) does: it reads the ids alone, so a thread it would refuse to read does
-    not hide the others."""
-    listed = getattr(checkpointer, "thread_ids", None)
-    if callable(listed):
-        return list(listed())
-    seen: dict[str, None] = {}
-    for item in checkpointer.list(None):
-        configurable = item.config["configurable"]
-        if not configurable.get("checkpoint_ns"):  # the top graph's checkpoints, not a subgraph's
-            seen.setdefault(configurable["thread_id"], None)
-    return list(seen)
 
 
 def list_threads(graph: Any, checkpointer: BaseCheckpointSaver, limit: int = 20,

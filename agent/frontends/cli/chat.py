@@ -70,11 +70,13 @@ class ChatRepl:
     # ----- the loop -----
     def run(self, thread: str | None, *, new: bool = False) -> None:
         s = self.session
+        # A bad --thread ends the command with its one-line error, before the banner or any prompt.
+        summary = s.open(thread, new=new) if thread else None
         out.print(f"[bold]imgrag chat[/] · profile {self.settings.profile} · planner {s.planner} · "
                   f"{s.rounds} round(s) per request. Describe a picture; later messages refine it. "
                   "/help lists the commands; Ctrl-C stops a request, Ctrl-D quits.")
         if thread:
-            self.open(thread, new=new)  # a bad --thread ends the command with its one-line error, before any prompt
+            self.show_opened(summary)
         while True:
             try:
                 line = self.reader.read(PROMPT)
@@ -148,8 +150,8 @@ class ChatRepl:
         out.print(f"best: {best['id']}, {escape(verdict_text(best))}{tiny}")
         out.print(f"picture: {escape(best['path'])}")
 
-    def open(self, thread: str, new: bool = False) -> None:
-        summary = self.session.open(thread, new=new)
+    def show_opened(self, summary: dict[str, Any] | None) -> None:
+        """What ``--thread`` opened: the saved thread's summary, or (None) the new thread's name."""
         if summary is None:
             out.print(f"new thread {self.session.thread_id}: describe the picture")
             return

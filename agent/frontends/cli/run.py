@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shlex
 import sys
@@ -43,6 +44,7 @@ from agent.frontends.cli.run_display import (
     print_batch,
 )
 from agent.frontends.ray_batch import check_shared_services, run_batch
+from agent.run_lookup import recorded_profile
 from imgrag.drawing.draw_options import check_guidance
 from imgrag.errors import UserError, check_seed
 from imgrag.records.runs import ensure_writable_dir
@@ -155,6 +157,21 @@ def _make_runner(profile, config, store, out_dir, on_event, fast=None, gates=Non
     return Runner(settings, on_event=on_event, previews=previews), settings
 
 
+def _started_profile(run_id: str, out_dir: Path | None) -> str | None:
+    """The profile run ``run_id`` started with when it is not the one the settings would give (``run --resume``
+    without ``--profile`` goes on as the run began), said in a note; else None."""
+    settings = settings_from_flags(None, None, output_dir=str(out_dir) if out_dir else None)
+    folders = sorted(Path(settings.output_dir).glob(f"{glob.escape(run_id.strip())}*")) if run_id.strip() else []
+    exact = Path(settings.output_dir) / run_id.strip()
+    folder = exact if exact in folders else (folders[0] if len(folders) == 1 else None)
+    started = recorded_profile(folder) if folder is not None else None
+    if started is None or started == settings.profile:
+        return None
+    err.print(f"note: run {escape(folder.name)} started with the {started} profile; resuming with it",
+              soft_wrap=True)
+    return started
+
+
 class _Options:
     """The drawing options a command's flags give, made (and so checked) once by :func:`_make_runner`'s check."""
 
@@ -231,6 +248,8 @@ def run(
                             f"drawing options; "
                             f"drop {' and '.join(given)} (or start a new run without --resume)")
     planner = planner or "agent"
+    if resume is not None and profile is None and config is None:
+        profile = _started_profile(resume, out_dir)
     from agent.runner import DiskFull, RunInterrupted
 
     # Until the run's folder exists (models loading, the store checked), Ctrl-C leaves nothing behind.
