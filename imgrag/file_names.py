@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import PlainValidator
 
 
 def is_text_name(path: str | Path) -> bool:
@@ -55,3 +58,19 @@ def from_stored(name: str | None, raw_hex: str | None = None) -> str | None:
         except ValueError:
             pass
     return name
+
+
+def _file_path(value: Any) -> str:
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"input should be a string (a file's path), got a {type(value).__name__}")
+    if not value.strip():
+        raise ValueError("the path is empty")
+    return value
+
+
+FilePath = Annotated[str, PlainValidator(_file_path)]
+"""A file path in a pydantic record: a non-empty ``str`` (or a ``Path``), kept as it is. Not a constrained
+``str`` (``min_length``, ``StringConstraints``): pydantic-core refuses one that holds lone surrogates, which is how
+Python hands over a name that is not UTF-8 (see above), and such a name is a real file."""

@@ -17,6 +17,7 @@ from imgrag.drawing.draw_options import MAX_NEGATIVE_CHARS, MAX_PER_ROUND
 from imgrag.drawing.loras import MAX_LORA_WEIGHT, check_name
 from imgrag.drawing.schedulers import check_scheduler
 from imgrag.errors import SEED_MAX, UserError
+from imgrag.file_names import FilePath
 
 # Every section is a pydantic dataclass: validated (types, ranges, choices) when it is built, still a plain
 # dataclass for ``dataclasses.replace`` and ``asdict``. Unknown keys are refused; numbers read from TOML or the
@@ -74,7 +75,7 @@ class LoraSettings:
     (default: the file's stem). The file itself is checked when a drawing command starts, not here (``imgrag
     search`` needs no LoRA)."""
 
-    path: Annotated[str, Field(min_length=1)]
+    path: FilePath
     weight: Annotated[float, Field(ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT)] = 1.0
     name: str = ""
 

@@ -138,7 +138,12 @@ def test_index_and_search_on_the_command_line(capsys: pytest.CaptureFixture, tin
     code, out, err = run_cli(capsys, "search", "--image", str(odd), "-k", "1", "--profile", "tiny", "--store", store,
                              "--json")
     assert code == 0, err
-    assert json.loads(out)["results"][0]["path"] == str(odd)  # JSON's \u escapes carry the bytes through
+    first = json.loads(out)["results"][0]
+    assert first["path"] == str(odd)  # JSON's \u escapes carry the bytes through, for a Python reader
+    assert bytes.fromhex(first["path_bytes"]) == os.fsencode(odd)  # and the hex, for jq or JavaScript
+    code, out, err = run_cli(capsys, "search", "--image", str(folder / "p0.png"), "-k", "1", "--profile", "tiny",
+                             "--store", store, "--json")
+    assert "path_bytes" not in json.loads(out)["results"][0]  # a name that is text has no second form
     code, out, err = run_cli(capsys, "search", "--image", str(odd), "-k", "3", "--profile", "tiny", "--store", store)
     assert code == 0 and "caf\\xe9.png" in out.replace("\n", "")
 

@@ -231,3 +231,31 @@ def test_run_resume_without_profile_takes_the_runs_own(tiny_env, tmp_path: Path,
     assert "note: run 20261207-010101-abcdef started with the tiny profile; resuming with it" in err
     result = json.loads(out)
     assert result["run_id"] == "20261207-010101-abcdef" and result["status"] != "interrupted"
+
+
+# ----- a recipe whose reference's name is not UTF-8 -----
+
+def test_from_image_redraws_a_picture_guided_by_a_reference_whose_name_is_not_utf8(tiny_env, tmp_path: Path,
+                                                                                  capsys, monkeypatch) -> None:
+    import os
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    odd = Path(os.fsdecode(bytes(refs) + b"/caf\xe9.png"))  # Latin-1 "café.png", as an old camera names it
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(odd)
+    drawn = tmp_path / "first" / "drawn.png"
+    drawn.parent.mkdir()
+    code, _, err = run_cli(capsys, "generate", "a red kettle", "--ref", str(odd), "-o", str(drawn), "--steps", "1",
+                           "--size", "64x64")
+    assert code == 0, err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = run_cli(capsys, "generate", "--from-image", str(drawn), "-o", "again.png", "--json")
+    assert code == 0, err
+    assert (elsewhere / "again.png").exists()
+    # a recipe path that is not a string is still one line naming the field
+    from imgrag.records.recipes import Recipe
+
+    with pytest.raises(Exception, match=r"input should be a string \(a file.s path\), got a int"):
+        Recipe.model_validate({"schema": "imgrag.records.provenance/1", "prompt": "x", "references": [{"path": 3}]})

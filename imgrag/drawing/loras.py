@@ -44,7 +44,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imgrag.errors import UserError
-from imgrag.file_names import display_name
+from imgrag.file_names import FilePath, display_name
 from imgrag.weight_files import safetensors_header, weight_file_problem
 
 # A weight bounds a typo (10 for 1.0) without refusing the negative weights that slider LoRAs are made for.
@@ -69,7 +69,7 @@ class LoraChoice(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    path: Annotated[str, Field(min_length=1)]
+    path: FilePath
     weight: Annotated[float, Field(ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT)] = 1.0
     name: str = ""
 

@@ -14,6 +14,7 @@ from imgrag.drawing.draw_options import check_guidance
 from imgrag.drawing.loras import MAX_LORA_WEIGHT, check_name
 from imgrag.drawing.steering import check_mode, check_weight
 from imgrag.errors import UserError, check_seed
+from imgrag.file_names import FilePath
 from imgrag.records.provenance import read_provenance
 from imgrag.settings import MAX_IP_SCALE, check_drawing_bounds
 from imgrag.text import shorten
@@ -24,7 +25,7 @@ class RecipeReference(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    path: Annotated[str, StringConstraints(min_length=1)]
+    path: FilePath
     id: str | None = None
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
     weight: float = 1.0
@@ -36,7 +37,7 @@ class RecipeLora(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    path: Annotated[str, StringConstraints(min_length=1)]
+    path: FilePath
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
     weight: float = 1.0
     name: str = ""
@@ -48,7 +49,7 @@ class RecipeGeneratorFile(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    path: Annotated[str, StringConstraints(min_length=1)]
+    path: FilePath
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = None
     config: str = ""
 

@@ -43,6 +43,7 @@ from imgrag.models.safety import excluded_by, index_screen
 from imgrag.records.runs import disk_full_line, ensure_writable_dir, is_disk_full
 from imgrag.settings import Settings
 from imgrag.store import ReferenceStore, index_hint, is_server_uri
+from imgrag.text import shorten
 
 MAX_K = 1000
 MAX_BATCH = 1024
@@ -232,7 +233,7 @@ def search(
                                 for r in results]})
         return
     table = Table(title=f"{len(results)} of {total} pictures for "
-                        f"{('image ' + display_name(image)) if image else repr(text)}")
+                        f"{escape(('image ' + display_name(image)) if image else repr(shorten(text, 80)))}")
     for column in ("#", "score", "path", "caption"):
         table.add_column(column, overflow="fold")
     for rank, ref in enumerate(results, 1):  # a long caption is cut at a word, and says so ("…")
