@@ -259,3 +259,20 @@ def test_from_image_redraws_a_picture_guided_by_a_reference_whose_name_is_not_ut
 
     with pytest.raises(Exception, match=r"input should be a string \(a file.s path\), got a int"):
         Recipe.model_validate({"schema": "imgrag.records.provenance/1", "prompt": "x", "references": [{"path": 3}]})
+
+
+# ----- an error in a flag's value names the flag -----
+
+@pytest.mark.parametrize("argv, flag", [
+    (["generate", "a cat", "--size", "16384x16384"], "--size"),
+    (["generate", "a cat", "--size", "64x4096"], "--size"),
+    (["generate", "a cat", "--steps", "100000"], "--steps"),
+    (["generate", "a cat", "--ref", "picture.png", "--ip-scale", "2"], "--ip-scale"),
+    (["run", "a cat", "--fast", "turbo"], "--fast"),
+])
+def test_a_bad_flag_value_names_the_flag(argv, flag, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "picture.png")
+    code, _, err = run_cli(capsys, *argv, "--profile", "tiny", *(["-o", "x.png"] if argv[0] == "generate" else []))
+    line = one_error_line(err)
+    assert code == 1 and line.startswith(f"error: {flag}"), line

@@ -177,7 +177,31 @@ def settings_from_flags(
     try:
         return load_settings(profile=profile, config=config, overrides=_nest(overrides), check_device=check_device)
     except SettingsError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(_name_the_flag(str(exc), overrides)) from None
+
+
+# The flags that set a setting: an error in the command line's layer names the flag the user typed, not only the
+# setting behind it.
+FLAG_OF = {"generation.width": "--size", "generation.height": "--size", "generation.steps": "--steps",
+           "omnigen.steps": "--steps", "generation.seed": "--seed", "generation.ip_scale": "--ip-scale",
+           "generation.fast": "--fast", "generation.negative_prompt": "--negative",
+           "generation.scheduler": "--scheduler", "generation.per_round": "--per-round",
+           "generation.repair_with": "--repair-with", "budget.max_rounds": "--max-rounds", "store": "--store",
+           "output_dir": "--out"}
+_FIELD_WORDS = {"generation.width": "width", "generation.height": "height", "generation.steps": "steps",
+                "omnigen.steps": "steps"}
+
+
+def _name_the_flag(message: str, overrides: dict[str, Any]) -> str:
+    """``message`` (a settings error) with its "command line:" source named by the flag(s) whose setting it is
+    about, e.g. ``--size: generation: width 16384 is above generation.max_side …``."""
+    source = "command line: "
+    if not message.startswith(source):
+        return message
+    body = message[len(source):]
+    flags = {FLAG_OF[key] for key, value in overrides.items() if value is not None and key in FLAG_OF
+             and (key in body or f" {_FIELD_WORDS.get(key, key)} " in f" {body} ")}
+    return f"{' / '.join(sorted(flags))}: {body}" if flags else message
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
