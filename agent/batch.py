@@ -1,12 +1,12 @@
 """The batch record (``batch.json``), shared by the in-process batch (:meth:`agent.runner.Runner.batch`) and the
 Ray batch (:mod:`agent.frontends.ray_batch`): the prompt file read, a batch folder opened or resumed, and each item
-claimed,
-settled or failed. Every change is written atomically, so a killed batch resumes from its record.
+claimed, settled or failed. Every change is written atomically, so a killed batch resumes from its record.
 """
 
 from __future__ import annotations
 
 import difflib
+import glob
 import hashlib
 import json
 import time
@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError, field_validator
 
 from agent.memory_guide import check_user_references
+from agent.run_lookup import recorded_profile
 from imgrag.atomic_files import write_json_atomic
 from imgrag.drawing.draw_options import DrawOptions, parse_options
 from imgrag.drawing.loras import LoraChoice, check_lora_file
@@ -26,26 +27,56 @@ from tools.budget import check_rounds
 FINISHED = ("matched", "budget_exhausted")  # a batch item in one of these is never run again
 
 
-def open_batch(path: Path, output_dir: str | Path, *, resume: bool,
-               items: list[dict[str, Any]] | None = None) -> tuple[Path, dict[str, Any]]:
-    """The batch folder and its batch.json state: the latest one of this file (same name and content) with
-    ``resume``, else a new one with every prompt pending (``items``: the file's, already read and checked).
-    Raises UserError for a bad prompt file."""
-    items = read_prompt_file(path) if items is None else items
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
-    root = Path(output_dir)
+def _batch_prefix(path: Path) -> str:
+    """What the folders of this file's batches are named with: the file's name and a hash of its content."""
+    return f"batch-{path.stem}-{hashlib.sha256(path.read_bytes()).hexdigest()[:10]}-"
+
+
+def latest_batch(path: Path, output_dir: str | Path) -> Path | None:
+    """The folder of the latest batch of this file (same name and content) under ``output_dir``, or None."""
     # The batch's runs live beside it under names with the same prefix: only a folder with batch.json counts.
-    existing = sorted(p.parent for p in root.glob(f"batch-{path.stem}-{digest}-*/batch.json"))
-    if resume and existing:
-        batch_dir = existing[-1]
+    existing = sorted(p.parent for p in Path(output_dir).glob(f"{glob.escape(_batch_prefix(path))}*/batch.json"))
+    return existing[-1] if existing else None
+
+
+def open_batch(path: Path, output_dir: str | Path, *, resume: bool, items: list[dict[str, Any]] | None = None,
+               profile: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The batch folder and its batch.json state: the latest one of this file (same name and content) with
+    ``resume``, else a new one with every prompt pending (``items``: the file's, already read and checked) that
+    records ``profile``. Raises UserError for a bad prompt file, and for a resume under another profile than the
+    batch started with (:func:`agent.run_lookup.check_resume_profile`'s reason)."""
+    items = read_prompt_file(path) if items is None else items
+    batch_dir = latest_batch(path, output_dir) if resume else None
+    if batch_dir is not None:
         state = json.loads((batch_dir / "batch.json").read_text(encoding="utf-8"))
+        started = batch_profile(batch_dir, state)
+        if profile is not None and started is not None and started != profile:
+            raise UserError(f"the batch in {batch_dir} was started with the {started} profile, and the {profile} "
+                            f"profile's models would draw the rest; resume it with --profile {started}")
     else:
-        batch_dir = root / f"batch-{path.stem}-{digest}-{time.strftime('%Y%m%d-%H%M%S')}"
+        batch_dir = Path(output_dir) / f"{_batch_prefix(path)}{time.strftime('%Y%m%d-%H%M%S')}"
         batch_dir.mkdir(parents=True, exist_ok=True)
-        state = {"file": str(path), "items": [{**item, "index": i, "run_id": None, "status": "pending"}
-                                              for i, item in enumerate(items)]}
+        state = {"file": str(path), **({"profile": profile} if profile else {}),
+                 "items": [{**item, "index": i, "run_id": None, "status": "pending"} for i, item in enumerate(items)]}
         write_json_atomic(batch_dir / "batch.json", state)
     return batch_dir, state
+
+
+def batch_profile(batch_dir: Path, state: dict[str, Any] | None = None) -> str | None:
+    """The profile a batch started with: its batch.json's, else (a batch.json from before it was recorded) the
+    profile of its first run that has a trace; None when neither says."""
+    if state is None:
+        try:
+            state = json.loads((batch_dir / "batch.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    if isinstance(state.get("profile"), str):
+        return state["profile"]
+    for item in state.get("items") or []:
+        started = recorded_profile(batch_dir.parent / item["run_id"]) if item.get("run_id") else None
+        if started is not None:
+            return started
+    return None
 
 
 def claim_item(batch_dir: Path, state: dict[str, Any], item: dict[str, Any]) -> str:

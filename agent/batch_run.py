@@ -49,7 +49,8 @@ def run_batch(runner: BatchRunner, path: str | Path, *, resume: bool = False, pl
     ``options``: how every prompt is drawn (default the settings'); a .jsonl line's own keys change them for it."""
     path = Path(path)
     items = read_prompt_file(path, settings=runner.settings)  # every bad line named at once, before any run
-    batch_dir, state = open_batch(path, runner.settings.output_dir, resume=resume, items=items)
+    batch_dir, state = open_batch(path, runner.settings.output_dir, resume=resume, items=items,
+                                  profile=runner.settings.profile)
     start = time.perf_counter()
     if resume and (batch_dir / "summary.json").exists() and all(
             item["status"] in FINISHED for item in state["items"]):

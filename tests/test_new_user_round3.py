@@ -276,3 +276,26 @@ def test_a_bad_flag_value_names_the_flag(argv, flag, capsys, tmp_path, monkeypat
     code, _, err = run_cli(capsys, *argv, "--profile", "tiny", *(["-o", "x.png"] if argv[0] == "generate" else []))
     line = one_error_line(err)
     assert code == 1 and line.startswith(f"error: {flag}"), line
+
+
+def test_a_batch_resumes_under_the_profile_it_started_with(tiny_env, tmp_path: Path, capsys, monkeypatch) -> None:
+    from agent.runner import RunInterrupted
+    from imgrag.settings import load_settings
+
+    monkeypatch.setenv("IMGRAG_HOME", str(tmp_path / "home"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red kettle\na blue kettle\n", encoding="utf-8")
+    tiny = load_settings("tiny")
+    with pytest.raises(RunInterrupted):
+        fake_runner(tiny, tmp_path / "home", StopAfterFirstDrawing()).batch(prompts, planner="fixed", max_rounds=2)
+    batch_json = next((tmp_path / "home" / "runs").glob("batch-prompts-*/batch.json"))
+    assert json.loads(batch_json.read_text(encoding="utf-8"))["profile"] == "tiny"
+    monkeypatch.delenv("IMGRAG_PROFILE")
+    default = load_settings("default")
+    with pytest.raises(UserError, match="started with the tiny profile.*resume it with --profile tiny"):
+        fake_runner(default, tmp_path / "home").batch(prompts, resume=True, planner="fixed", max_rounds=2)
+    code, out, err = run_cli(capsys, "batch", str(prompts), "--resume", "--planner", "fixed", "--max-rounds", "2",
+                             "--json")
+    assert code == 0, err
+    assert "started with the tiny profile; resuming with it" in err
+    assert all(item["status"] in {"matched", "budget_exhausted"} for item in json.loads(out)["items"])

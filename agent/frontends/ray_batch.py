@@ -270,7 +270,7 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
     check_shared_services(settings)
     path = Path(path)
     items = read_prompt_file(path, settings=settings)  # every bad line named at once, before any worker starts
-    batch_dir, state = open_batch(path, settings.output_dir, resume=resume, items=items)
+    batch_dir, state = open_batch(path, settings.output_dir, resume=resume, items=items, profile=settings.profile)
     queue = deque(item for item in state["items"] if item["status"] not in FINISHED)
     if not queue:  # a resume with nothing left: no cluster, no worker, the record as it is
         return _summary(batch_dir, path, state, [], [], settings, address, {}, time.perf_counter())

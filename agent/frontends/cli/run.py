@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from agent.batch import batch_profile, latest_batch
 from agent.frontends.cli.common import (
     ConfigOpt,
     FastOpt,
@@ -157,18 +158,23 @@ def _make_runner(profile, config, store, out_dir, on_event, fast=None, gates=Non
     return Runner(settings, on_event=on_event, previews=previews), settings
 
 
-def _started_profile(run_id: str, out_dir: Path | None) -> str | None:
-    """The profile run ``run_id`` started with when it is not the one the settings would give (``run --resume``
-    without ``--profile`` goes on as the run began), said in a note; else None."""
+def _started_profile(run_id: str | None, batch_file: Path | None, out_dir: Path | None) -> str | None:
+    """The profile a resumed run (``run_id``) or batch (``batch_file``'s latest) started with, when it is not the
+    one the settings would give: ``--resume`` without ``--profile`` goes on as the run or batch began, said in a
+    note. None when the settings' profile is the one, or nothing records it."""
     settings = settings_from_flags(None, None, output_dir=str(out_dir) if out_dir else None)
-    folders = sorted(Path(settings.output_dir).glob(f"{glob.escape(run_id.strip())}*")) if run_id.strip() else []
-    exact = Path(settings.output_dir) / run_id.strip()
-    folder = exact if exact in folders else (folders[0] if len(folders) == 1 else None)
-    started = recorded_profile(folder) if folder is not None else None
+    root = Path(settings.output_dir)
+    if batch_file is not None:
+        folder = latest_batch(batch_file, root) if batch_file.is_file() else None
+        started, what = (batch_profile(folder) if folder else None), f"the batch in {folder}"
+    else:
+        text = (run_id or "").strip()
+        folders = sorted(root.glob(f"{glob.escape(text)}*")) if text else []
+        folder = root / text if root / text in folders else (folders[0] if len(folders) == 1 else None)
+        started, what = (recorded_profile(folder) if folder else None), f"run {folder.name if folder else text}"
     if started is None or started == settings.profile:
         return None
-    err.print(f"note: run {escape(folder.name)} started with the {started} profile; resuming with it",
-              soft_wrap=True)
+    err.print(f"note: {escape(what)} started with the {started} profile; resuming with it", soft_wrap=True)
     return started
 
 
@@ -249,7 +255,7 @@ def run(
                             f"drop {' and '.join(given)} (or start a new run without --resume)")
     planner = planner or "agent"
     if resume is not None and profile is None and config is None:
-        profile = _started_profile(resume, out_dir)
+        profile = _started_profile(resume, None, out_dir)
     from agent.runner import DiskFull, RunInterrupted
 
     # Until the run's folder exists (models loading, the store checked), Ctrl-C leaves nothing behind.
@@ -328,6 +334,8 @@ def batch(
     drawing = drawing_flags(negative, scheduler, per_round)
     # Read with the settings the batch will use (the exclusions), so every bad line, a missing reference among them,
     # is named in one error before any model loads.
+    if resume and profile is None and config is None:
+        profile = _started_profile(None, file, out_dir)
     items = read_prompt_file(file, settings=settings_from_flags(
         profile, config, store=store, **{**gate_flags(allow_retrieved, allow_flagged), **repair_flags(repair_with),
                                          **drawing}))
