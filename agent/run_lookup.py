@@ -49,10 +49,11 @@ def recorded_profile(run_dir: str | Path) -> str | None:
     return profile if isinstance(profile, str) else None
 
 
-def check_resume_profile(run_dir: str | Path, run_id: str, profile: str) -> None:
-    """Refuse to go on with run ``run_id`` under ``profile`` when it started under another one (see the module's
-    docstring); a run whose trace names no profile goes on."""
+def check_resume_profile(run_dir: str | Path, profile: str, what: str, how: str = "resume it with") -> None:
+    """Refuse to go on with ``what`` ("run ID", "thread ID"), recorded in ``run_dir``, under ``profile`` when it
+    started under another one (see the module's docstring); the error ends "``how`` --profile P". A run whose
+    trace names no profile goes on."""
     started = recorded_profile(run_dir)
     if started is not None and started != profile:
-        raise UserError(f"run {run_id} was started with the {started} profile, and the {profile} profile's models "
-                        f"would draw and judge the rest; resume it with --profile {started}")
+        raise UserError(f"{what} was started with the {started} profile, and the {profile} profile's models "
+                        f"would draw and judge the rest; {how} --profile {started}")

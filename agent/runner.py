@@ -217,7 +217,7 @@ class Runner:
             if finished and finished.get("status") != "interrupted":
                 self.on_event({"event": "already_finished", "run_id": run_id, "status": finished["status"]})
                 return finished
-        check_resume_profile(record.dir, run_id, self.settings.profile)
+        check_resume_profile(record.dir, self.settings.profile, f"run {run_id}")
         record.append_step({"event": "resume", "from_checkpoint": snapshot.config["configurable"].get("checkpoint_id")})
         return self._drive(None, run_id, record, snapshot.values)
 
@@ -229,7 +229,7 @@ class Runner:
         start = next((s for s in record.read_steps() if s.get("event") == "start"), None)
         if start is None:
             raise UserError(f"no run with thread id {run_id!r} in {self.settings.threads_db}")
-        check_resume_profile(record.dir, run_id, self.settings.profile)
+        check_resume_profile(record.dir, self.settings.profile, f"run {run_id}")
         # The references round 1 was to be guided by: the run's own (as its start line recorded them), and the
         # memory's as it stands now.
         user_refs = check_user_references(start.get("references"), self.settings)

@@ -550,3 +550,16 @@ def test_an_unusable_llm_reading_falls_back_to_the_regular_expressions(settings,
     result = session.send("add another picture frame on the wall")
     assert result["prompt"] == "a retriever and a cradle; add another picture frame on the wall"
     assert result["rounds"] == 2
+
+
+def test_a_thread_opens_only_under_the_profile_that_drew_it(settings, tmp_path: Path, tiny_kit) -> None:
+    session = make_session(settings, tmp_path)
+    session.rounds = 1
+    session.send("a retriever and a cradle")
+    thread = session.thread_id
+    tiny = load_settings("tiny", environ={"IMGRAG_HOME": str(tmp_path / "home"),
+                                          "IMGRAG_TINY_KIT_DIR": str(tiny_kit["generator"].parent)})
+    with pytest.raises(UserError, match=f"thread {thread} was started with the default profile.*"
+                                        f"open it with imgrag chat --thread {thread} --profile default"):
+        make_session(tiny, tmp_path).resume(thread)
+    assert make_session(settings, tmp_path).resume(thread)["requests"] == ["a retriever and a cradle"]

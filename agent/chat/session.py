@@ -34,6 +34,7 @@ from agent.chat.followups import (
 from agent.chat.photos import parse_use_photo, use_photo
 from agent.chat.threads import THREAD_PREFIX, list_threads, requests_of
 from agent.nodes import best_candidate, outcome
+from agent.run_lookup import check_resume_profile
 from agent.runner import PLANNERS, Runner
 from agent.thread_lock import busy_elsewhere, writes_thread
 from agent.thread_store import closest_thread_ids, match_thread_id, thread_ids
@@ -373,6 +374,10 @@ class ChatSession:
         found = self.match_thread(text)
         if found is None:
             raise self.no_thread(text)
+        run_dir = dict(self.runner.graph().get_state({"configurable": {"thread_id": found}}).values).get("run_dir")
+        if run_dir:  # a thread goes on with the models that drew it (agent/run_lookup.py)
+            check_resume_profile(run_dir, self.runner.settings.profile, f"thread {found}",
+                                 f"open it with imgrag chat --thread {found}")
         self.thread_id = found
         closed = self.settle_cut_off(include_paused=False)
         summary = self.summary()
