@@ -74,3 +74,19 @@ FilePath = Annotated[str, PlainValidator(_file_path)]
 """A file path in a pydantic record: a non-empty ``str`` (or a ``Path``), kept as it is. Not a constrained
 ``str`` (``min_length``, ``StringConstraints``): pydantic-core refuses one that holds lone surrogates, which is how
 Python hands over a name that is not UTF-8 (see above), and such a name is a real file."""
+
+
+def with_name_bytes(document: Any) -> Any:
+    """``document`` (JSON-shaped) with ``KEY_bytes`` beside every string value ``KEY`` that is not UTF-8 text: the
+    name's bytes as hex (:func:`stored_name`). JSON keeps such a name in ``\\udcNN`` escapes, which Python reads
+    back whole but jq or JavaScript turn into U+FFFD; the hex gives any reader the name that opens the file.
+    Everything else is as it was; a document without such a name comes back equal."""
+    if isinstance(document, dict):
+        copy = {key: with_name_bytes(value) for key, value in document.items()}
+        for key, value in document.items():
+            if isinstance(value, str) and not is_text_name(value):
+                copy.setdefault(f"{key}_bytes", stored_name(value)[1])
+        return copy
+    if isinstance(document, (list, tuple)):
+        return [with_name_bytes(value) for value in document]
+    return document

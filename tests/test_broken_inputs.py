@@ -274,6 +274,8 @@ def test_a_run_guided_by_a_reference_whose_name_is_not_utf8_checkpoints_and_resu
     assert guided, "the second round is drawn with the retrieved picture"
     used = {result["references"][ref_id]["path"] for c in guided for ref_id in c["reference_ids"]}
     assert used == {str(odd)}  # JSON's \u escapes carry the bytes through, the name still opens the file
+    hexes = {result["references"][ref_id]["path_bytes"] for c in guided for ref_id in c["reference_ids"]}
+    assert hexes == {os.fsencode(odd).hex()}  # and the hex beside it, for readers that cannot keep them
     run_dir = Path(result["final_image"]).parents[1]
     assert json.loads((run_dir / "result.json").read_text(encoding="utf-8")) == result
     run_id = Path(result["final_image"]).parents[1].name

@@ -23,6 +23,7 @@ from typing import Any
 
 from imgrag.atomic_files import atomic_path, write_json_atomic
 from imgrag.errors import UserError
+from imgrag.file_names import with_name_bytes
 from imgrag.records.provenance import save_kwargs
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -239,7 +240,9 @@ class RunRecord:
         return steps
 
     def write_result(self, result: dict[str, Any]) -> None:
-        write_json_atomic(self.result_path, result)
+        """Write result.json whole (atomically), a name that is not UTF-8 with its bytes beside it
+        (:func:`imgrag.file_names.with_name_bytes`), as ``--json`` prints it."""
+        write_json_atomic(self.result_path, with_name_bytes(result))
 
     def read_result(self) -> dict[str, Any] | None:
         if not self.result_path.exists():

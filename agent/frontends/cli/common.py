@@ -27,7 +27,7 @@ from imgrag.drawing.draw_options import DrawOptions, check_guidance
 from imgrag.drawing.loras import parse_lora_arg
 from imgrag.drawing.schedulers import check_scheduler
 from imgrag.errors import UserError, check_text
-from imgrag.file_names import is_text_name, stored_name
+from imgrag.file_names import with_name_bytes
 from imgrag.kits.tiny_kit import ensure_tiny_kit
 from imgrag.presets import builtin_presets
 from imgrag.settings import TINY_WARNING, Settings, SettingsError, load_settings
@@ -246,24 +246,10 @@ def print_json(document: Any) -> None:
 
     A file name that is not UTF-8 (imgrag.file_names) is a ``str`` with lone surrogates: JSON keeps it as
     ``\\udcNN`` escapes, which Python reads back whole but most readers (jq, JavaScript) turn into U+FFFD. So
-    beside every such value ``KEY`` the object also gets ``KEY_bytes``: the name's bytes as hex, which any reader
-    can turn back into the name that opens the file."""
+    beside every such value ``KEY`` the object also gets ``KEY_bytes`` (:func:`imgrag.file_names.with_name_bytes`),
+    as in result.json."""
     sys.stdout.write(json.dumps(with_name_bytes(document), indent=2, default=str) + "\n")
     sys.stdout.flush()
-
-
-def with_name_bytes(document: Any) -> Any:
-    """``document`` with ``KEY_bytes`` (hex) beside every string value ``KEY`` that is not UTF-8 text (see
-    :func:`print_json`); everything else as it is."""
-    if isinstance(document, dict):
-        copy = {key: with_name_bytes(value) for key, value in document.items()}
-        for key, value in document.items():
-            if isinstance(value, str) and not is_text_name(value):
-                copy.setdefault(f"{key}_bytes", stored_name(value)[1])
-        return copy
-    if isinstance(document, (list, tuple)):
-        return [with_name_bytes(value) for value in document]
-    return document
 
 
 class TerminalBar:
