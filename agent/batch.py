@@ -40,11 +40,16 @@ def latest_batch(path: Path, output_dir: str | Path) -> Path | None:
 
 
 def open_batch(path: Path, output_dir: str | Path, *, resume: bool, items: list[dict[str, Any]] | None = None,
-               profile: str | None = None) -> tuple[Path, dict[str, Any]]:
+               profile: str | None = None, planner: str | None = None,
+               max_rounds: int | None = None) -> tuple[Path, dict[str, Any]]:
     """The batch folder and its batch.json state: the latest one of this file (same name and content) with
     ``resume``, else a new one with every prompt pending (``items``: the file's, already read and checked) that
-    records ``profile``. Raises UserError for a bad prompt file, and for a resume under another profile than the
-    batch started with (:func:`agent.run_lookup.check_resume_profile`'s reason)."""
+    records ``profile``, ``planner`` (None: "agent") and ``max_rounds`` (None: each line's, else the settings').
+
+    A resumed batch goes on as it began: its recorded planner and max_rounds stand for the ones not given, and
+    the state holds them (``state["planner"]``, ``state.get("max_rounds")``). Raises UserError for a bad prompt
+    file, and for a resume under another profile, planner or max_rounds than the batch started with
+    (:func:`agent.run_lookup.check_resume_profile`'s reason)."""
     items = read_prompt_file(path) if items is None else items
     batch_dir = latest_batch(path, output_dir) if resume else None
     if batch_dir is not None:
@@ -53,10 +58,17 @@ def open_batch(path: Path, output_dir: str | Path, *, resume: bool, items: list[
         if profile is not None and started is not None and started != profile:
             raise UserError(f"the batch in {batch_dir} was started with the {started} profile, and the {profile} "
                             f"profile's models would draw the rest; resume it with --profile {started}")
+        for key, flag, given in (("planner", "--planner", planner), ("max_rounds", "--max-rounds", max_rounds)):
+            if given is not None and state.get(key) is not None and given != state[key]:
+                raise UserError(f"the batch in {batch_dir} was started with {flag} {state[key]}; resume it with "
+                                f"the same (or leave {flag} out), or start a new batch without --resume")
+        state["planner"] = state.get("planner") or planner or "agent"
+        state["max_rounds"] = state.get("max_rounds") if state.get("max_rounds") is not None else max_rounds
     else:
         batch_dir = Path(output_dir) / f"{_batch_prefix(path)}{time.strftime('%Y%m%d-%H%M%S')}"
         batch_dir.mkdir(parents=True, exist_ok=True)
-        state = {"file": str(path), **({"profile": profile} if profile else {}),
+        state = {"file": str(path), **({"profile": profile} if profile else {}), "planner": planner or "agent",
+                 "max_rounds": max_rounds,
                  "items": [{**item, "index": i, "run_id": None, "status": "pending"} for i, item in enumerate(items)]}
         write_json_atomic(batch_dir / "batch.json", state)
     return batch_dir, state
@@ -358,6 +370,10 @@ def _read_jsonl_line(obj: Any, path: Path, number: int, extra_keys: tuple[str, .
     return item
 
 
+# What a prompt file may be: text, one prompt a line (also without a suffix), or JSON Lines.
+PROMPT_FILE_SUFFIXES = ("", ".txt", ".jsonl")
+
+
 def read_prompt_file(path: Path, *, extra_keys: tuple[str, ...] = (), settings: Any = None) -> list[dict[str, Any]]:
     """Prompts from .txt (one per line; blank lines and # comments skipped) or .jsonl objects (:class:`BatchLine`:
     ``{"prompt", "seed"?, "max_rounds"?, "references"?: [{"path", "weight"?, "mode"?}], "negative_prompt"?
@@ -372,6 +388,10 @@ def read_prompt_file(path: Path, *, extra_keys: tuple[str, ...] = (), settings: 
     one line saying to re-save it as UTF-8."""
     if not path.exists():
         raise UserError(f"{path}: no such file")
+    kind = path.suffix.lower()
+    if kind not in PROMPT_FILE_SUFFIXES:  # a picture, a .json array or a .csv would run as prompts of raw text
+        raise UserError(f"{path}: a prompt file is .txt (one prompt a line) or .jsonl (one JSON object a line), "
+                        f"not {kind}; save the prompts as one of those")
     lines = read_user_text(path, "prompt file").splitlines()
     items: list[dict[str, Any]] = []
     problems: list[str] = []
@@ -379,7 +399,7 @@ def read_prompt_file(path: Path, *, extra_keys: tuple[str, ...] = (), settings: 
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if path.suffix != ".jsonl":
+        if kind != ".jsonl":
             items.append({"prompt": line, "seed": None, "max_rounds": None})
             continue
         reasons: list[str] = []

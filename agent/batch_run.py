@@ -41,16 +41,19 @@ class BatchRunner(Protocol):
     def loads_since(self, before: dict[str, int]) -> dict[str, int]: ...
 
 
-def run_batch(runner: BatchRunner, path: str | Path, *, resume: bool = False, planner: str = "agent",
+def run_batch(runner: BatchRunner, path: str | Path, *, resume: bool = False, planner: str | None = None,
               max_rounds: int | None = None, on_item: Callable[[dict], None] | None = None,
               options: DrawOptions | None = None) -> dict[str, Any]:
     """Run every prompt of a .txt (one a line) or .jsonl file; resumable, one failure never stops the rest.
 
-    ``options``: how every prompt is drawn (default the settings'); a .jsonl line's own keys change them for it."""
+    ``planner`` (None: "agent") and ``max_rounds`` are recorded in batch.json, and a resume goes on with them
+    (:func:`agent.batch.open_batch`). ``options``: how every prompt is drawn (default the settings'); a .jsonl
+    line's own keys change them for it."""
     path = Path(path)
     items = read_prompt_file(path, settings=runner.settings)  # every bad line named at once, before any run
     batch_dir, state = open_batch(path, runner.settings.output_dir, resume=resume, items=items,
-                                  profile=runner.settings.profile)
+                                  profile=runner.settings.profile, planner=planner, max_rounds=max_rounds)
+    planner, max_rounds = state["planner"], state.get("max_rounds")
     start = time.perf_counter()
     if resume and (batch_dir / "summary.json").exists() and all(
             item["status"] in FINISHED for item in state["items"]):

@@ -431,7 +431,7 @@ class Runner:
         return build_result(state, record, self.settings, self.manager.stats(), model_loads)
 
     # ----- batches -----
-    def batch(self, path: str | Path, *, resume: bool = False, planner: str = "agent",
+    def batch(self, path: str | Path, *, resume: bool = False, planner: str | None = None,
               max_rounds: int | None = None, on_item: Callable[[dict], None] | None = None,
               options: DrawOptions | None = None) -> dict[str, Any]:
         """Run every prompt of a .txt or .jsonl file with this runner's models (:func:`agent.batch_run.run_batch`)."""

@@ -299,3 +299,48 @@ def test_a_batch_resumes_under_the_profile_it_started_with(tiny_env, tmp_path: P
     assert code == 0, err
     assert "started with the tiny profile; resuming with it" in err
     assert all(item["status"] in {"matched", "budget_exhausted"} for item in json.loads(out)["items"])
+
+
+def test_a_resumed_batch_keeps_its_planner_and_budget(tmp_path: Path) -> None:
+    from agent.runner import RunInterrupted
+    from imgrag.settings import load_settings
+
+    settings = load_settings("default", environ={"IMGRAG_HOME": str(tmp_path / "home")})
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red kettle\na blue kettle\n", encoding="utf-8")
+    with pytest.raises(RunInterrupted):
+        fake_runner(settings, tmp_path, StopAfterFirstDrawing()).batch(prompts, planner="fixed", max_rounds=2)
+    with pytest.raises(UserError, match="started with --planner fixed"):
+        fake_runner(settings, tmp_path).batch(prompts, resume=True, planner="agent")
+    with pytest.raises(UserError, match="started with --max-rounds 2"):
+        fake_runner(settings, tmp_path).batch(prompts, resume=True, max_rounds=5)
+    summary = fake_runner(settings, tmp_path).batch(prompts, resume=True)  # no LLM in the fakes: fixed or fail
+    assert all(item["status"] in {"matched", "budget_exhausted"} for item in summary["items"]), summary
+    for item in summary["items"]:
+        result = json.loads((Path(settings.output_dir) / item["run_id"] / "result.json").read_text("utf-8"))
+        assert result["planner"] == "fixed" and result["rounds"] <= 2, result
+
+
+@pytest.mark.parametrize("name, content", [("pictures.png", b"\x89PNG\r\n\x1a\n...."),
+                                           ("prompts.json", b'[{"prompt": "a"}]'), ("prompts.csv", b"a,b\n")])
+def test_a_prompt_file_of_another_kind_is_one_line(name, content, tmp_path: Path, capsys) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    code, _, err = run_cli(capsys, "batch", str(path), "--profile", "tiny")
+    line = one_error_line(err)
+    assert code == 1 and "a prompt file is .txt (one prompt a line) or .jsonl" in line, line
+
+
+def test_batch_resume_with_no_earlier_batch_says_it_starts_one(tiny_env, tmp_path: Path, capsys,
+                                                               monkeypatch) -> None:
+    monkeypatch.setenv("IMGRAG_HOME", str(tmp_path / "home"))
+    prompts = tmp_path / "fresh.txt"
+    prompts.write_text("a red kettle\n", encoding="utf-8")
+    code, _, err = run_cli(capsys, "batch", str(prompts), "--resume", "--planner", "fixed", "--max-rounds", "1")
+    assert code == 0, err
+    assert f"note: no earlier batch of {prompts}" in err and "starting a new one" in err
+
+
+def test_run_resume_with_an_empty_id_asks_for_one(capsys) -> None:
+    code, _, err = run_cli(capsys, "run", "--resume", " ", "--profile", "tiny")
+    assert code == 1 and "--resume needs the run id" in one_error_line(err)

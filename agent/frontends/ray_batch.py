@@ -255,7 +255,7 @@ def _worker_resources(ray: Any, settings: Settings, workers: int | None) -> tupl
 
 
 def run_batch(settings: Settings, path: str | Path, *, address: str | None = None, workers: int | None = None,
-              resume: bool = False, planner: str = "agent", max_rounds: int | None = None,
+              resume: bool = False, planner: str | None = None, max_rounds: int | None = None,
               on_progress: Progress | None = None, options: Any = None) -> dict[str, Any]:
     """Run every prompt of ``path`` on Ray workers and return the batch summary (summary.json).
 
@@ -263,14 +263,16 @@ def run_batch(settings: Settings, path: str | Path, *, address: str | None = Non
     this machine. ``workers``: how many (default: one per GPU of the cluster, or 1 without GPUs).
     ``on_progress`` gets events: ``workers`` (their identities), ``item`` (a prompt settled, with its worker),
     ``worker_died``. ``options``: how every prompt is drawn (an :class:`imgrag.drawing.draw_options.DrawOptions`;
-    default the
-    settings'), changed by a .jsonl line's own keys. Raises UserError for an embedded store, a missing Ray, an
+    default the settings'), changed by a .jsonl line's own keys; ``planner`` and ``max_rounds`` as
+    :func:`agent.batch_run.run_batch` takes them. Raises UserError for an embedded store, a missing Ray, an
     unreachable cluster; a Ctrl-C saves batch.json (prompts in flight back to pending) and propagates."""
     progress = on_progress or (lambda event: None)
     check_shared_services(settings)
     path = Path(path)
     items = read_prompt_file(path, settings=settings)  # every bad line named at once, before any worker starts
-    batch_dir, state = open_batch(path, settings.output_dir, resume=resume, items=items, profile=settings.profile)
+    batch_dir, state = open_batch(path, settings.output_dir, resume=resume, items=items, profile=settings.profile,
+                                  planner=planner, max_rounds=max_rounds)
+    planner, max_rounds = state["planner"], state.get("max_rounds")  # a resume goes on as the batch began
     queue = deque(item for item in state["items"] if item["status"] not in FINISHED)
     if not queue:  # a resume with nothing left: no cluster, no worker, the record as it is
         return _summary(batch_dir, path, state, [], [], settings, address, {}, time.perf_counter())

@@ -243,6 +243,8 @@ def run(
         check_seed(seed, "--seed")
     if resume is None and not prompt:
         raise UserError("give a PROMPT, or --resume RUN_ID to continue a run")
+    if resume is not None and not resume.strip():
+        raise UserError("--resume needs the run id to continue (the stopped run's `resume with:` line names it)")
     if resume is not None:  # a resumed run goes on with its own recipe: a flag here would do nothing
         given = [name for name, value in (("a PROMPT", prompt), ("--seed", seed), ("--max-rounds", max_rounds),
                                           ("--planner", planner), ("--per-round", per_round),
@@ -300,7 +302,7 @@ def batch(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest batch of this file; finished "
                                          "prompts are skipped.")] = False,
     max_rounds: MaxRoundsOpt = None,
-    planner: PlannerOpt = "agent",
+    planner: PlannerOpt = None,
     out_dir: OutOpt = None,
     per_round: PerRoundOpt = None,
     negative: NegativeOpt = None,
@@ -336,6 +338,11 @@ def batch(
     # is named in one error before any model loads.
     if resume and profile is None and config is None:
         profile = _started_profile(None, file, out_dir)
+    if resume and file.is_file():
+        output_dir = settings_from_flags(profile, config, output_dir=str(out_dir) if out_dir else None).output_dir
+        if latest_batch(file, output_dir) is None:
+            err.print(f"note: no earlier batch of {escape(str(file))} in {escape(str(output_dir))} (same file, same "
+                      "content): starting a new one", soft_wrap=True)
     items = read_prompt_file(file, settings=settings_from_flags(
         profile, config, store=store, **{**gate_flags(allow_retrieved, allow_flagged), **repair_flags(repair_with),
                                          **drawing}))
@@ -351,7 +358,7 @@ def batch(
         from agent.runner import DiskFull, RunInterrupted
 
         command = ["imgrag", "batch", str(file), "--resume", *_shared_flags(profile, config, store, out_dir),
-                   *(["--planner", planner] if planner != "agent" else []),
+                   *(["--planner", planner] if planner else []),
                    *(["--max-rounds", str(max_rounds)] if max_rounds else []), *again]
         on_interrupt("prompts finished earlier are kept; continue with: " + " ".join(command))
         try:
@@ -366,7 +373,7 @@ def batch(
                                        options=options(settings))
         except RunInterrupted as stop:
             command = ["imgrag", "batch", str(file), "--resume", *_shared_flags(profile, config, store, out_dir),
-                       *(["--planner", planner] if planner != "agent" else []),
+                       *(["--planner", planner] if planner else []),
                        *(["--repair-with", repair_with] if repair_with else []),
                        *(["--max-rounds", str(max_rounds)] if max_rounds else []), *again]
             _interrupted(stop, command, as_json)
