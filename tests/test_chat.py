@@ -355,8 +355,9 @@ def test_show_refs_and_save(settings, tmp_path: Path) -> None:
     assert path.exists() and Image.open(path).format == "JPEG" and best["id"] == result["final_candidate"]
     _, folder_copy = session.save(str(tmp_path) + "/")
     assert folder_copy.parent == tmp_path and folder_copy.suffix == ".png"
-    with pytest.raises(UserError, match="unknown picture format"):
-        session.save(str(tmp_path / "best.txt"))
+    for name in ("best.txt", "best.gif", "best.bmp"):  # a format that would lose the picture's recipe
+        with pytest.raises(UserError, match=r"/save's file must end in one of \.png, \.jpg, \.jpeg, \.webp"):
+            session.save(str(tmp_path / name))
 
 
 class StoppedMidDrawing(FakeGenerator):

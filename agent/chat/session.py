@@ -43,8 +43,7 @@ from imgrag.drawing.draw_options import MAX_PER_ROUND, DrawOptions, check_guidan
 from imgrag.drawing.loras import parse_lora_arg
 from imgrag.drawing.schedulers import check_scheduler
 from imgrag.errors import UserError
-from imgrag.images import IMAGE_SUFFIXES
-from imgrag.records.provenance import copy_with_provenance
+from imgrag.records.provenance import check_picture_suffix, copy_with_provenance
 from imgrag.records.runs import RUN_ID_PATTERN, RunRecord, new_run_id
 from tools.answers import is_stale
 from tools.budget import check_rounds
@@ -458,8 +457,7 @@ class ChatSession:
             path = path / f"{self.thread_id}-{best['id']}.png"
         elif not path.suffix:
             path = path.with_suffix(".png")
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise UserError(f"{path}: unknown picture format {path.suffix!r} (use .png, .jpg or .webp)")
+        check_picture_suffix(path, "/save's file")
         if not path.parent.is_dir():  # a typo'd folder is refused, never made behind the user's back
             raise UserError(f"the folder {path.parent} does not exist; create it first, or /save into an existing one")
         try:

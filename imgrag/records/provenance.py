@@ -226,6 +226,21 @@ def parameters_line(doc: dict[str, Any]) -> str:
     return doc["prompt"] + tags + "\n" + negative + ", ".join(pairs)
 
 
+# The formats a picture imgrag writes may have: the ones whose metadata keeps its recipe (PNG's iTXt, JPEG's and
+# WebP's EXIF). A GIF, BMP or TIFF would lose how the picture was made.
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def check_picture_suffix(path: str | Path, what: str = "the output") -> Path:
+    """``path`` when its suffix is one of :data:`PICTURE_SUFFIXES`; else a one-line UserError naming ``what``."""
+    path = Path(path)
+    if path.suffix.lower() not in PICTURE_SUFFIXES:
+        shown = f"{path.suffix!r}" if path.suffix else "no suffix"
+        raise UserError(f"{path}: {what} must end in one of {', '.join(PICTURE_SUFFIXES)} (the formats that keep "
+                        f"the picture's recipe), not {shown}")
+    return path
+
+
 def save_kwargs(path: Path, doc: dict[str, Any] | None) -> dict[str, Any]:
     """The keyword arguments for ``Image.save`` that embed ``doc`` in a file of ``path``'s format."""
     if doc is None:
@@ -246,8 +261,9 @@ def save_kwargs(path: Path, doc: dict[str, Any] | None) -> dict[str, Any]:
 
 def save_image(image: Image.Image, path: str | Path, doc: dict[str, Any] | None) -> Path:
     """Write ``image`` to ``path`` atomically (:func:`imgrag.atomic_files.atomic_path`) with ``doc`` embedded; the
-    format follows the suffix. Returns the path."""
-    path = Path(path)
+    format follows the suffix, one of :data:`PICTURE_SUFFIXES` when there is a ``doc`` (UserError otherwise).
+    Returns the path."""
+    path = check_picture_suffix(path) if doc is not None else Path(path)
     with atomic_path(path) as tmp:
         image.save(tmp, **save_kwargs(path, doc))
     return path

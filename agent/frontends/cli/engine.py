@@ -60,6 +60,7 @@ from imgrag.models.embedder import prompt_length_notice
 from imgrag.models.fast import draw_plan
 from imgrag.models.omnigen import validate_omnigen_request
 from imgrag.records.provenance import (
+    check_picture_suffix,
     file_sha256,
     for_drawing,
     for_omnigen_drawing,
@@ -70,7 +71,6 @@ from imgrag.records.runs import ensure_writable_file
 from imgrag.settings import TINY_WARNING
 
 # Formats Pillow writes from the file name alone.
-OUTPUT_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
 def parse_size(text: str | None) -> tuple[int | None, int | None]:
@@ -193,8 +193,7 @@ def generate(
     check_with_fast(g.scheduler, plan.mode)
     n_steps = plan.steps if steps is None else steps
     guidance = guidance_flag if guidance_flag is not None else plan.guidance if guidance is None else guidance
-    if output.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise UserError(f"{output}: the output must end in one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
+    check_picture_suffix(output)
     ensure_writable_file(output, "output")  # before any model loads, not after the drawing
     references = [open_image(path) for path, _ in refs or []]
     validate_request(prompt, g.width, g.height, n_steps, g.ip_scale, references, generation=g)
@@ -279,8 +278,7 @@ def _generate_omnigen(settings: Any, prompt: str, refs: list[tuple[Path, Referen
     for flag, value in flags_without_effect.items():
         if value is not None:
             err.print(f"[yellow]warning:[/] {flag} does nothing on OmniGen (it is SDXL's); ignored")
-    if output.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise UserError(f"{output}: the output must end in one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
+    check_picture_suffix(output)
     ensure_writable_file(output, "output")
     g, o = settings.generation, settings.omnigen
     ids = [f"ref{n}" for n in range(1, len(refs) + 1)]
