@@ -344,3 +344,15 @@ def test_batch_resume_with_no_earlier_batch_says_it_starts_one(tiny_env, tmp_pat
 def test_run_resume_with_an_empty_id_asks_for_one(capsys) -> None:
     code, _, err = run_cli(capsys, "run", "--resume", " ", "--profile", "tiny")
     assert code == 1 and "--resume needs the run id" in one_error_line(err)
+
+
+# ----- an output path that cannot be one -----
+
+def test_an_output_folder_or_a_file_system_that_takes_no_files_is_one_line(tmp_path: Path) -> None:
+    from imgrag.records.runs import ensure_writable_file
+
+    with pytest.raises(UserError, match=r"is a directory; give a file name such as .*report\.html$"):
+        ensure_writable_file(tmp_path, "report", example="report.html")
+    if Path("/proc").is_dir():  # procfs: the folder exists, a file cannot be made in it
+        with pytest.raises(UserError, match="the folder exists, but its file system does not take new files"):
+            ensure_writable_file("/proc/out.png")

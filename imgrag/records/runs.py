@@ -40,6 +40,9 @@ def path_error(path: str | Path, exc: OSError, doing: str = "cannot write") -> U
     reason = exc.strerror or str(exc)
     if is_disk_full(exc):
         reason += space_left(path)
+    elif exc.errno == errno.ENOENT and Path(path).is_dir():
+        # The folder is there, yet a file cannot be made in it: a file system that takes none (/proc, /sys).
+        reason = "the folder exists, but its file system does not take new files (choose a folder on a disk)"
     return UserError(f"{path}: {doing}: {reason}")
 
 
@@ -114,12 +117,13 @@ def ensure_writable_dir(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
-def ensure_writable_file(path: str | Path, what: str = "output") -> Path:
+def ensure_writable_file(path: str | Path, what: str = "output", example: str = "out.png") -> Path:
     """Check, before any work, that ``path`` can be written: its folder is made and probed, and the file itself,
-    if it exists, is a file that may be replaced."""
+    if it exists, is a file that may be replaced. A folder given instead is a UserError suggesting ``example``
+    (the name of a file of the right kind) in it."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise UserError(f"{path}: is a directory; give a file name such as {path / 'out.png'}")
+        raise UserError(f"{path}: is a directory; give a file name such as {path / example}")
     ensure_writable_dir(path.parent if str(path.parent) else Path("."), f"folder of the {what}")
     return path
 

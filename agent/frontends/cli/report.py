@@ -47,7 +47,7 @@ def report(
     concepts, the references retrieved with scores, the timing of
     every step and the model loads. A batch folder gets an index of its prompts with each run inlined."""
     kind = folder_kind(folder)  # a folder that is neither is a one-line UserError
-    ensure_writable_file(output or folder / "report.html", "report")
+    ensure_writable_file(output or folder / "report.html", "report", example="report.html")
     target = write_report(folder, output)
     if as_json:
         print_json({"report": str(target), "kind": kind, "bytes": target.stat().st_size})
