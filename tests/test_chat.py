@@ -327,11 +327,13 @@ def test_threads_resume_and_undo_across_sessions(settings, tmp_path: Path) -> No
         named.open(typo)
     with pytest.raises(UserError, match=f"closest: {other}"):
         named.resume(typo)  # the chat's /resume says the same
-    assert named.open("my-fox", new=True) is None and named.thread_id == "my-fox"
+    assert named.open("my-fox", new=True) is None and named.thread_id == "chat-my-fox"  # so /threads lists it
     named.rounds = 1
-    assert named.send("a fox")["run_id"] == "my-fox"
+    assert named.send("a fox")["run_id"] == "chat-my-fox"
+    assert "chat-my-fox" in [t["id"] for t in named.threads()]
     with pytest.raises(UserError, match="already exists; drop --new"):
         named.open("my-fox", new=True)
+    assert make_session(settings, tmp_path).open("my-fox")["requests"] == ["a fox"]
     with pytest.raises(UserError, match="may hold only letters"):
         named.open("bad id!", new=True)
 
@@ -564,3 +566,21 @@ def test_a_thread_opens_only_under_the_profile_that_drew_it(settings, tmp_path: 
                                         f"open it with imgrag chat --thread {thread} --profile default"):
         make_session(tiny, tmp_path).resume(thread)
     assert make_session(settings, tmp_path).resume(thread)["requests"] == ["a retriever and a cradle"]
+
+
+def test_the_chat_opens_chat_threads_only(settings, tmp_path: Path) -> None:
+    from agent.runner import Runner, open_checkpointer
+    from tests.fakes import ScriptedJudge
+
+    models = {"generator": FakeGenerator(), "judge": ScriptedJudge([NO_CRADLE]), "embedder": FakeEmbedder()}
+    (tmp_path / "refs").mkdir(exist_ok=True)
+    runner = Runner(settings, manager=FakeManager(models), reference_store=MemoryStore(tmp_path / "refs"),
+                    checkpointer=open_checkpointer(tmp_path / "threads.sqlite"))
+    runner.run("a rocket on a pad", planner="fixed", max_rounds=1, run_id="20261207-013608-129944")
+    session = make_session(settings, tmp_path)
+    with pytest.raises(UserError, match="is a run, not a chat thread: continue it with imgrag run --resume"):
+        session.open("20261207-013608-129944")
+    with pytest.raises(UserError, match="no thread is saved yet"):  # the run is not offered as a close thread
+        session.open("20261207-013608-129945")
+    with pytest.raises(UserError, match="give a thread id"):
+        session.open("  ")

@@ -352,18 +352,25 @@ class ChatSession:
         """The chat threads, most recently active first: id, date, first request, number of requests, status."""
         return list_threads(self.runner.graph(), self.runner.checkpointer, limit)
 
+    def chat_thread_ids(self) -> list[str]:
+        """The chat's threads (ids starting 'chat-'), most recently active first: a plain ``imgrag run`` shares the
+        checkpoint database but is not a conversation, and ``run --resume`` is its way back."""
+        return [t for t in thread_ids(self.runner.checkpointer) if t.startswith(THREAD_PREFIX)]
+
     def match_thread(self, text: str) -> str | None:
-        """The thread a typed id names (exact, or a unique start, with or without 'chat-'); None if none does."""
+        """The chat thread a typed id names (exact, or a unique start, with or without 'chat-'); None if none does."""
         text = text.strip()
         if not text:
             raise UserError("give a thread id (/threads lists them)")
-        return match_thread_id(thread_ids(self.runner.checkpointer), text, THREAD_PREFIX)
+        return match_thread_id(self.chat_thread_ids(), text, THREAD_PREFIX)
 
     def no_thread(self, text: str, *, how: str = "/threads lists them") -> UserError:
-        """The error for a typed id that names no thread: the closest ids (the 'chat-' prefix ignored) and ``how``
-        to find the rest."""
+        """The error for a typed id that names no chat thread: the closest ids (the 'chat-' prefix ignored) and
+        ``how`` to find the rest; a run's id says to resume it as a run."""
         text = text.strip()
-        ids = thread_ids(self.runner.checkpointer)
+        ids = self.chat_thread_ids()
+        if text in thread_ids(self.runner.checkpointer):
+            return UserError(f"{text!r} is a run, not a chat thread: continue it with imgrag run --resume {text}")
         close = closest_thread_ids(ids, text, THREAD_PREFIX)
         hint = f"closest: {', '.join(close)}; " if close else ("no thread is saved yet; " if not ids else "")
         return UserError(f"no thread {text!r} ({hint}{how})")
@@ -385,17 +392,20 @@ class ChatSession:
 
     def open(self, text: str, *, new: bool = False) -> dict[str, Any] | None:
         """``imgrag chat --thread ID``: resume the saved thread ID names (a unique start is enough); with ``new``
-        (``--new``), name the thread the first message starts instead, and return None.
+        (``--new``), name the thread the first message starts instead (``chat-ID``: chat threads are the ids that
+        start so), and return None.
 
         A typo is never a new thread by accident: an ID that names no thread is a UserError listing the closest
         ids, and ``--new`` on an id already saved is one too."""
         found = self.match_thread(text)
         if new:
-            if found == text.strip():
-                raise UserError(f"thread {found!r} already exists; drop --new to continue it")
+            text = text.strip()
             if not RUN_ID_PATTERN.match(text):
                 raise UserError(f"thread id {text!r} may hold only letters, digits, '.', '_' and '-'")
-            self.thread_id = text
+            named = text if text.startswith(THREAD_PREFIX) else THREAD_PREFIX + text  # so /threads lists it
+            if named in thread_ids(self.runner.checkpointer):
+                raise UserError(f"thread {named!r} already exists; drop --new to continue it")
+            self.thread_id = named
             return None
         if found is None:
             raise self.no_thread(text, how=f"imgrag chat, then /threads, lists them; --thread {text.strip()} --new "

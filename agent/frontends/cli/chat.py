@@ -71,11 +71,11 @@ class ChatRepl:
     def run(self, thread: str | None, *, new: bool = False) -> None:
         s = self.session
         # A bad --thread ends the command with its one-line error, before the banner or any prompt.
-        summary = s.open(thread, new=new) if thread else None
+        summary = s.open(thread, new=new) if thread is not None else None
         out.print(f"[bold]imgrag chat[/] · profile {self.settings.profile} · planner {s.planner} · "
                   f"{s.rounds} round(s) per request. Describe a picture; later messages refine it. "
                   "/help lists the commands; Ctrl-C stops a request, Ctrl-D quits.")
-        if thread:
+        if thread is not None:
             self.show_opened(summary)
         while True:
             try:
@@ -372,7 +372,7 @@ def chat(
     messages continue from the best picture so far. /help inside lists the commands.
     """
     check_planner(planner)
-    if new and not thread:
+    if new and thread is None:
         raise UserError("--new names a new thread: give it with --thread NAME (without --thread every chat is new)")
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
                                    **{"generation.fast": fast, **gate_flags(allow_retrieved, allow_flagged),
