@@ -280,8 +280,11 @@ def test_doctor_checks_files_inside_local_folders(capsys, tiny_kit: dict[str, Pa
     (kit / "qwen2.5-instruct" / "tokenizer_config.json").unlink()
     monkeypatch.setenv("IMGRAG_TINY_KIT_DIR", str(kit))
     code, out, _ = run_cli(capsys, "doctor", "--profile", "tiny", "--json")
-    rows = json.loads(out)["checkpoints"]
-    assert code == 0
+    report = json.loads(out)
+    rows = report["checkpoints"]
+    # a built kit (its marker current) is not rebuilt on first use: a file gone from it is a problem
+    assert code == 1 and report["notes"] == []
+    assert [p.split(":")[0] for p in report["problems"]] == ["generator", "llm"]
     assert rows["generator"]["missing"] == ["vae/diffusion_pytorch_model.safetensors or "
                                             "vae/diffusion_pytorch_model.fp16.safetensors or vae/model.safetensors "
                                             "or vae/model.fp16.safetensors"]

@@ -108,7 +108,7 @@ def build_tiny_kit(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _kit_lock(out_dir):
-        marker = _read_marker(out_dir)
+        marker = read_kit_marker(out_dir)
         if not force and marker is not None and marker.get("seed") == seed:
             return tiny_kit_paths(out_dir)
         return _build_locked(out_dir, seed, progress)
@@ -120,11 +120,11 @@ def ensure_tiny_kit(out_dir: Path, progress: Callable[[str], None] | None = None
     A current kit of any seed is kept. Concurrent callers wait on a file lock; one of them builds.
     """
     out_dir = Path(out_dir)
-    if _read_marker(out_dir) is not None:
+    if read_kit_marker(out_dir) is not None:
         return tiny_kit_paths(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _kit_lock(out_dir):
-        if _read_marker(out_dir) is not None:  # another process built it while we waited
+        if read_kit_marker(out_dir) is not None:  # another process built it while we waited
             return tiny_kit_paths(out_dir)
         return _build_locked(out_dir, DEFAULT_SEED, progress)
 
@@ -138,8 +138,9 @@ def _kit_lock(out_dir: Path) -> FileLock:
     return FileLock(str(out_dir / LOCK_NAME))
 
 
-def _read_marker(out_dir: Path) -> dict[str, Any] | None:
-    """The marker if it is current (this KIT_VERSION, every model folder present), else None."""
+def read_kit_marker(out_dir: Path) -> dict[str, Any] | None:
+    """The kit marker of ``out_dir`` (a dict) if it is current (this KIT_VERSION, every model folder present), else
+    None: whether the kit is built, as ensure_tiny_kit and doctor decide it."""
     try:
         marker = json.loads((out_dir / MARKER_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):

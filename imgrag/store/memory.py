@@ -7,7 +7,9 @@ remembered references instead of drawing plain, being judged, and retrieving aga
 
 Wrong memories cannot stick: a remembered reference that guided a drawing the judge did not match is demoted (its
 ``mismatches`` count grows); one with at least as many mismatches as matches is not used again until a later match
-with it promotes it back. ``imgrag memory list`` shows the entries, ``imgrag memory forget CONCEPT`` drops one.
+with it promotes it back. ``imgrag memory list`` shows the entries, ``imgrag memory forget CONCEPT`` drops one;
+``imgrag memory forget --all`` starts over, even from a file that is not a valid memory: that one is set aside
+(renamed ``concept_memory.json.broken-<time>``, nothing deleted) and an empty memory is started.
 
 Format: one JSON document, ``concept_memory.json``, in the store's folder (``<output_dir>`` for a Chroma server),
 validated by a pydantic schema when read (it is a file a user or another program can edit: an invalid one is a
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +34,7 @@ from imgrag.atomic_files import write_json_atomic
 from imgrag.errors import UserError
 from imgrag.images import open_image
 from imgrag.records.provenance import file_sha256
+from imgrag.settings import imgrag_home
 from imgrag.text import first_line
 
 FILE_NAME = "concept_memory.json"
@@ -97,16 +101,38 @@ def memory_folder(settings: Any) -> Path:
     return Path(store).expanduser()
 
 
-class ConceptMemory:
-    """The memory file of one store (see the module docstring)."""
+def memory_flags(settings: Any) -> list[str]:
+    """The flags that make ``imgrag memory`` reach the memory of ``settings``' store: ``--profile P`` when the
+    profile is not the default, ``--store S`` when the store is not that profile's own default folder (given by
+    --store or a config file). For callers that do not have the command line's own flags (a run)."""
+    profile = str(settings.profile)
+    flags = [] if profile == "default" else ["--profile", profile]
+    suffix = "" if profile == "default" else f"-{profile}"  # the default store's name, as imgrag.settings makes it
+    if str(settings.store) != str(imgrag_home() / f"store{suffix}"):
+        flags += ["--store", str(settings.store)]
+    return flags
 
-    def __init__(self, folder: str | Path) -> None:
+
+class ConceptMemory:
+    """The memory file of one store (see the module docstring).
+
+    ``flags`` are the command-line flags that reach this same store (``--profile P``, ``--store S``): every
+    command this class names in a message carries them, so following it acts on this memory, not another one."""
+
+    def __init__(self, folder: str | Path, flags: list[str] | None = None) -> None:
         self.folder = Path(folder)
         self.path = self.folder / FILE_NAME
+        self.flags = list(flags or [])
 
     @classmethod
-    def for_settings(cls, settings: Any) -> ConceptMemory:
-        return cls(memory_folder(settings))
+    def for_settings(cls, settings: Any, flags: list[str] | None = None) -> ConceptMemory:
+        """The memory of ``settings``' store; ``flags`` as the command line gave them (default:
+        :func:`memory_flags`)."""
+        return cls(memory_folder(settings), memory_flags(settings) if flags is None else flags)
+
+    def command(self, *words: str) -> str:
+        """``imgrag memory WORDS...`` with this store's flags, in backticks: a command to follow as it is."""
+        return "`" + shlex.join(["imgrag", "memory", *words, *self.flags]) + "`"
 
     def read(self) -> MemoryFile:
         """The file's content (empty when there is none); a UserError of one line when it is not valid."""
@@ -116,8 +142,8 @@ class ConceptMemory:
             return MemoryFile.model_validate(json.loads(self.path.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValidationError) as exc:
             first = first_line(exc, 200)
-            raise UserError(f"{self.path}: not a valid concept memory ({first}); fix it or delete the file "
-                            "(`imgrag memory forget --all`)") from None
+            raise UserError(f"{self.path}: not a valid concept memory ({first}); fix it, or set it aside and start "
+                            f"an empty memory with {self.command('forget', '--all')}") from None
 
     @contextmanager
     def _editing(self) -> Iterator[MemoryFile]:
@@ -178,13 +204,35 @@ class ConceptMemory:
             return True
 
     def forget(self, concept: str | None) -> int:
-        """Drop one concept (None: all of them); how many concepts were dropped."""
+        """Drop one concept (None: all of them, as :meth:`start_over`); how many concepts were dropped."""
+        if concept is None:
+            return self.start_over()[0]
         with self._editing() as doc:
-            if concept is None:
-                dropped = len(doc.concepts)
-                doc.concepts.clear()
-                return dropped
             return 1 if doc.concepts.pop(concept_key(concept), None) is not None else 0
+
+    def start_over(self) -> tuple[int, Path | None]:
+        """Forget every concept and start an empty memory: (how many concepts were dropped, where a file that was
+        not a valid memory was set aside, else None). Such a file is renamed beside itself,
+        ``concept_memory.json.broken-YYYYmmdd-HHMMSS``, never deleted: a user may want what it held."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path) + ".lock", timeout=30):
+            try:
+                dropped, aside = len(self.read().concepts), None
+            except UserError:
+                dropped, aside = 0, self._set_aside()
+            write_json_atomic(self.path, MemoryFile().model_dump(by_alias=True))
+        return dropped, aside
+
+    def _set_aside(self) -> Path:
+        """Rename the memory file to a free ``.broken-<local time>`` name beside it; the new name."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.path.with_name(f"{FILE_NAME}.broken-{stamp}")
+        count = 1
+        while aside.exists():  # two in the same second: never overwrite the earlier one
+            count += 1
+            aside = self.path.with_name(f"{FILE_NAME}.broken-{stamp}-{count}")
+        self.path.rename(aside)
+        return aside
 
 
 def recall_references(memory: ConceptMemory, text: str, embedder: Any, min_score: float,

@@ -2,10 +2,14 @@
 
 Which references fixed which concept in earlier matched runs (imgrag/store/memory.py); a later prompt naming a
 concept starts guided by them (agent/memory_guide.py). Nothing here loads a model.
+
+Every command a message here names carries the flags that chose the store (``--profile``, ``--config``,
+``--store``, as given: :func:`_store_flags`), so following it reaches the same memory.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -31,11 +35,26 @@ memory_app = typer.Typer(help="The concept memory: which references fixed which 
 app.add_typer(memory_app, name="memory")
 
 
+def _store_flags(profile: str | None, config: Path | None, store: str | None) -> list[str]:
+    """The flags of this command that chose its store, to repeat in every command a message names: ``--profile``
+    (not for the default profile), ``--config`` (a file may set ``store``) and ``--store`` when given."""
+    flags = ["--profile", profile] if profile and profile != "default" else []
+    if config is not None:
+        flags += ["--config", str(config)]
+    return flags + (["--store", store] if store else [])
+
+
+def _memory(profile: str | None, config: Path | None, store: str | None) -> ConceptMemory:
+    """The concept memory these flags reach; the commands its messages name carry the same flags."""
+    return ConceptMemory.for_settings(settings_from_flags(profile, config, store=store),
+                                      flags=_store_flags(profile, config, store))
+
+
 @memory_app.command("list")
 def list_memory(profile: ProfileOpt = None, config: ConfigOpt = None, store: StoreOpt = None,
                 as_json: JsonOpt = False) -> None:
     """Every remembered concept with its references, their matches and mismatches (demoted ones are not used)."""
-    memory = ConceptMemory.for_settings(settings_from_flags(profile, config, store=store))
+    memory = _memory(profile, config, store)
     entries = memory.entries()
     if as_json:
         print_json({"file": str(memory.path), "concepts": [
@@ -63,14 +82,25 @@ def forget_memory(
     every: Annotated[bool, typer.Option("--all", help="Forget every concept.")] = False,
     profile: ProfileOpt = None, config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = False,
 ) -> None:
-    """Drop a remembered concept (or --all): later prompts naming it start from a plain drawing again."""
+    """Drop a remembered concept (or --all): later prompts naming it start from a plain drawing again.
+
+    --all also starts over from a file that is not a valid memory: it is set aside (renamed
+    concept_memory.json.broken-<time>, nothing deleted) and an empty memory is started."""
     if (concept is None) == (not every):
         raise UserError("give a CONCEPT to forget, or --all (not both)")
-    memory = ConceptMemory.for_settings(settings_from_flags(profile, config, store=store))
-    dropped = memory.forget(None if every else concept)
-    if not every and not dropped:
-        raise UserError(f"no remembered concept {concept!r}; `imgrag memory list` shows them")
+    memory = _memory(profile, config, store)
+    aside = None
+    if every:
+        dropped, aside = memory.start_over()
+    else:
+        dropped = memory.forget(concept)
+        if not dropped:
+            raise UserError(f"no remembered concept {concept!r}; {memory.command('list')} shows them")
     if as_json:
-        print_json({"forgotten": dropped, "file": str(memory.path)})
+        print_json({"forgotten": dropped, "file": str(memory.path), "set_aside": str(aside) if aside else None})
+        return
+    if aside is not None:
+        out.print(f"{escape(str(memory.path))} was not a valid concept memory: set it aside as "
+                  f"{escape(str(aside))} (nothing deleted); the concept memory is empty now", soft_wrap=True)
         return
     out.print(f"forgot {dropped} concept(s)")
