@@ -5,6 +5,7 @@ entry point: one line for every user mistake, the interrupt and disk-full lines,
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -245,7 +246,25 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     if code == 130:  # Typer turns Ctrl-C into Exit(130), silently: say what was kept and how to go on
         err.print(interrupted_line())
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if argv is None:  # the process is this command (not a caller's, such as a test's): its shutdown is ours
+        _exit_when_done(code)
+    sys.exit(code)
+
+
+def _exit_when_done(code: int) -> None:
+    """Exit with ``code`` once the command has finished. A Ctrl-C while the interpreter shuts down (model threads,
+    the store's clients closing) would otherwise end the process with 130 and nothing said although everything was
+    written: from here on it says so and exits with the command's own code."""
+    sys.stdout.flush()
+
+    def finished(signum: int, frame: object) -> None:
+        err.print("[yellow]interrupted[/] after the command had finished: everything it wrote is kept")
+        sys.stderr.flush()
+        os._exit(code)
+
+    signal.signal(signal.SIGINT, finished)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
