@@ -288,7 +288,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def _json_line(line: str) -> Any:
+def parse_json_line(line: str) -> Any:
     """A line's JSON, read strictly (no repeated key, no NaN or Infinity); ValueError with the reason."""
     try:
         return json.loads(line, object_pairs_hook=_strict_object, parse_constant=_no_constant)
@@ -309,8 +309,8 @@ def bad_lines_error(path: Path, problems: list[str]) -> UserError:
                                 *listed, *([f"… and {more} more bad line(s)"] if more else [])]))
 
 
-def _read_jsonl_line(obj: Any, path: Path, number: int, extra_keys: tuple[str, ...],
-                     reasons: list[str]) -> dict[str, Any] | None:
+def read_jsonl_line(obj: Any, path: Path, number: int, extra_keys: tuple[str, ...],
+                    reasons: list[str]) -> dict[str, Any] | None:
     """One parsed .jsonl line as a batch item, or None with ``reasons`` filled (each naming its key)."""
     where = f"{path}:{number}"
 
@@ -404,7 +404,7 @@ def read_prompt_file(path: Path, *, extra_keys: tuple[str, ...] = (), settings: 
             continue
         reasons: list[str] = []
         try:
-            item = _read_jsonl_line(_json_line(line), path, number, extra_keys, reasons)
+            item = read_jsonl_line(parse_json_line(line), path, number, extra_keys, reasons)
         except ValueError as exc:
             item, reasons = None, [str(exc)]
         if item is None:

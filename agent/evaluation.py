@@ -30,6 +30,7 @@ beside it). This lives in ``agent/`` because it drives the agent's runner.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,11 +39,13 @@ from typing import Any
 import numpy as np
 
 import prompts
-from agent.batch import bad_lines_error
+from agent.batch import BATCH_KEYS, bad_lines_error, parse_json_line, read_jsonl_line
 from agent.eval_arms import ARM_MODELS, ARMS, ArmContext, ArmResult, EvalItem
 from agent.runner import PLANNERS, Runner, read_prompt_file
 from imgrag.atomic_files import write_json_atomic
-from imgrag.errors import UserError
+from imgrag.errors import UserError, read_user_text
+from imgrag.file_names import display_name
+from imgrag.images import UnreadableImage, probe_image
 from imgrag.management.engine import ManagedEmbedder, register_omnigen
 from imgrag.models.dino import DinoScorer  # noqa: F401  (its old home; imported from here by callers)
 from imgrag.records.report import write_report
@@ -68,33 +71,86 @@ TINY_EVAL_NOTE = TINY_WARNING + " Every number below is plumbing, not a measurem
 # Reading the prompts
 # ----------------------------------------------------------------------------------------------
 
+# The keys of an eval .jsonl line; a batch line's other keys (references, drawing options, LoRAs) would do nothing
+# here, so they are refused like any unknown key.
+EVAL_KEYS = ("prompt", "seed", "gold", "max_rounds")
+
+
 def read_eval_file(path: str | Path) -> list[dict[str, Any]]:
     """Prompts to evaluate: ``.txt`` (one a line) or ``.jsonl`` objects ``{"prompt", "seed"?, "gold"?,
     "max_rounds"?}``. A ``gold`` path is taken relative to the prompt file's folder, else to the current
-    folder; a gold file that exists in neither is an error naming the line."""
+    folder, and must be a picture.
+
+    Every line is read before any is used, as ``imgrag batch`` reads its files (:func:`agent.batch.read_prompt_file`,
+    whose line reader this uses): one UserError lists every bad line, each ``FILE:LINE: reason``, a missing or
+    unreadable gold picture beside a bad seed or an unknown key (:func:`agent.batch.bad_lines_error`)."""
     path = Path(path)
-    items = read_prompt_file(path, extra_keys=("gold",))  # every line checked, every bad one named with its line
     if path.suffix != ".jsonl":
-        return [{**item, "gold": None} for item in items]
-    problems = []  # every bad gold named at once, as the lines' other keys are
-    for item in items:
-        number, gold = item["line"], item.get("gold")
-        if gold in (None, ""):
-            item["gold"] = None
+        return [{**item, "gold": None} for item in read_prompt_file(path)]
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    items: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for number, text in enumerate(read_user_text(path, "prompt file").splitlines(), start=1):
+        text = text.strip()
+        if not text or text.startswith("#"):
             continue
-        if not isinstance(gold, str):
-            problems.append(f"{path}:{number}: \"gold\" must be the path of an image")
+        try:
+            obj = parse_json_line(text)
+        except ValueError as exc:
+            problems.append(f"{path}:{number}: {exc}")
             continue
-        candidates = [Path(gold).expanduser()] if Path(gold).is_absolute() else [path.parent / gold, Path(gold)]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            problems.append(f"{path}:{number}: gold image {gold!r} not found (looked in "
-                            f"{', '.join(str(c) for c in candidates)})")
-            continue
-        item["gold"] = str(found.resolve())
+        reasons: list[str] = []
+        if isinstance(obj, dict):
+            reasons += [_unknown_key(key) for key in obj if key not in EVAL_KEYS]
+            known = {k: v for k, v in obj.items() if k in EVAL_KEYS}
+            gold = _gold_path(path, known.pop("gold", None), reasons)
+        else:
+            known, gold = obj, None
+        item = read_jsonl_line(known, path, number, (), reasons)  # the same rules as a batch line's
+        if reasons or item is None:
+            problems.append(f"{path}:{number}: {'; '.join(reasons)}")
+        else:
+            items.append({**item, "gold": gold})
     if problems:
         raise bad_lines_error(path, problems)
+    if not items:
+        raise UserError(f"{path}: no prompts in the file")
     return items
+
+
+def _unknown_key(key: str) -> str:
+    """Why a key of an eval line is refused: a batch key that does nothing here, or a key nobody reads."""
+    if key in BATCH_KEYS:
+        return f"\"{key}\" does nothing in imgrag eval (its lines take {', '.join(EVAL_KEYS)})"
+    close = difflib.get_close_matches(key, EVAL_KEYS, n=1)
+    hint = f"did you mean \"{close[0]}\"? " if close else ""
+    return f"unknown key \"{key}\" ({hint}accepted: {', '.join(EVAL_KEYS)})"
+
+
+def _gold_path(path: Path, gold: Any, reasons: list[str]) -> str | None:
+    """A line's ``gold`` as the resolved path of a readable picture, or None (none given, or ``reasons`` filled:
+    not found, with every place looked named once, or not a picture, with :mod:`imgrag.images`' reason)."""
+    if gold in (None, ""):
+        return None
+    if not isinstance(gold, str):
+        reasons.append("\"gold\" must be the path of an image")
+        return None
+    given = Path(gold).expanduser()
+    candidates = [given] if given.is_absolute() else [path.parent / given, given]
+    places: dict[str, Path] = {}  # each place once (the file's folder is often the current one)
+    for candidate in candidates:
+        places.setdefault(str(candidate.resolve()), candidate)
+    found = next((c for c in places.values() if c.is_file()), None)
+    if found is None:
+        reasons.append(f"gold image {gold!r} not found (looked in {', '.join(map(str, places.values()))})")
+        return None
+    try:
+        probe_image(found)
+    except UnreadableImage as exc:
+        reasons.append(f"gold image {gold!r} is not a usable picture: {exc.reason}")
+        return None
+    return str(found.resolve())
 
 
 def class_prompt(settings: Settings, class_name: str) -> str:
@@ -128,6 +184,20 @@ def default_arms(planner: str | None, settings: Settings) -> list[str]:
     return arms
 
 
+def choose_arms(arms: list[str] | tuple[str, ...] | None, planner: str | None, settings: Settings) -> list[str]:
+    """The arms an evaluation runs: ``arms`` (``--arms``) checked, else :func:`default_arms`. ``planner == "fixed"``
+    means no LLM, so naming an arm that needs one beside it contradicts it: a UserError, before any model loads."""
+    if arms is None:
+        return check_arms(default_arms(planner, settings))
+    chosen = check_arms(arms)
+    needs_llm = [arm for arm in chosen if "llm" in ARM_MODELS.get(arm, ())]
+    if planner == "fixed" and needs_llm:
+        raise UserError(f"--planner fixed runs only the arms that need no LLM, and {', '.join(needs_llm)} "
+                        f"need{'s' if len(needs_llm) == 1 else ''} it: drop {'it' if len(needs_llm) == 1 else 'them'} "
+                        "from --arms, or drop --planner fixed")
+    return chosen
+
+
 def check_arms(arms: list[str] | tuple[str, ...]) -> list[str]:
     """The arms asked for, in order, plain first; a UserError naming the known ones otherwise."""
     arms = list(dict.fromkeys(a.strip() for a in arms if a.strip()))
@@ -137,6 +207,21 @@ def check_arms(arms: list[str] | tuple[str, ...]) -> list[str]:
     if BASELINE not in arms:
         arms.insert(0, BASELINE)  # every difference is against plain generation
     return [BASELINE] + [a for a in arms if a != BASELINE]
+
+
+def read_splits(settings: Settings, folder: str | Path,
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> list[Any]:
+    """The class folder read and split by the ``eval.*`` settings (:func:`imgrag.scoring.class_folders.split_classes`);
+    each file that cannot be read as a picture is a ``note`` event (``skipped PATH: reason``, as ``imgrag index``
+    says it) as it is found, so a class refused for too few pictures is seen with the files that were unreadable."""
+    e = settings.eval
+
+    def skipped(path: str, reason: str) -> None:
+        if on_event is not None:
+            on_event({"event": "note", "text": f"skipped {display_name(path)}: {reason}"})
+
+    return split_classes(read_class_folder(folder), gold_per_class=e.gold_per_class,
+                         retrieval_per_class=e.retrieval_per_class, seed=e.split_seed, on_skip=skipped)
 
 
 def cosine(a: Any, b: Any) -> float:
@@ -189,7 +274,7 @@ class Evaluation:
         if planner is not None and planner not in PLANNERS:
             raise UserError(f"unknown planner {planner!r} (use {' or '.join(PLANNERS)})")
         check_rounds(max_rounds)
-        self.arms = check_arms(default_arms(planner, settings) if arms is None else arms)
+        self.arms = choose_arms(arms, planner, settings)
         self.settings = settings
         self.on_event = on_event or (lambda event: None)
         if runner is None:
@@ -225,12 +310,12 @@ class Evaluation:
                                                                   "gold_excluded": sorted(set(exclude))}}
         return self._evaluate(eval_dir, todo, settings, store, gold, info, on_item)
 
-    def run_classes(self, folder: str | Path, *, limit: int | None = None,
+    def run_classes(self, folder: str | Path, *, limit: int | None = None, splits: list[Any] | None = None,
                     on_item: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """ImageRAG's protocol on a folder per class (see the module docstring); return eval.json's document."""
+        """ImageRAG's protocol on a folder per class (see the module docstring); return eval.json's document.
+        ``splits``: the folder's :func:`read_splits`, when the caller has made them already (its notes said)."""
         e = self.settings.eval
-        splits = split_classes(read_class_folder(folder), gold_per_class=e.gold_per_class,
-                               retrieval_per_class=e.retrieval_per_class, seed=e.split_seed)
+        splits = read_splits(self.settings, folder, self.on_event) if splits is None else splits
         todo = class_items(self.settings, splits)
         todo = todo[:_limit(limit, len(todo))]
         gold = GoldSet([p for s in splits for p in s.gold])
@@ -257,6 +342,8 @@ class Evaluation:
             n += 1
             eval_dir = base.with_name(f"{base.name}-{n}")
         eval_dir.mkdir(parents=True)
+        # From here on something is on disk: a front-end says what Ctrl-C keeps (the folder, not a resumable state).
+        self.on_event({"event": "eval_dir", "eval_dir": str(eval_dir)})
         return eval_dir
 
     def _open_store(self) -> Any:
@@ -298,6 +385,9 @@ class Evaluation:
             for record in records:
                 _score(scorers, record)
             scoring_seconds = round(time.perf_counter() - scoring_start, 3)
+            for path, why in sorted(scorers.skipped.items()):  # named as the split names what it could not read
+                self.on_event({"event": "note", "text": f"gold picture {display_name(path)} could not be decoded "
+                                                        f"({why}); it is left out of the scores"})
         finally:
             self.runner.settings = original
         doc = {

@@ -65,7 +65,8 @@ def test_duplicates_stay_on_one_side_and_small_classes_are_one_line(tmp_path: Pa
         split = split_classes(read_class_folder(root), gold_per_class=1, seed=seed)[0]
         together = {"00.png", "copy.png"} & {Path(p).name for p in split.gold}
         assert together in (set(), {"00.png", "copy.png"})  # identical bytes never straddle the split
-    with pytest.raises(UserError, match=r"class 'fox' has 4 distinct picture\(s\); the protocol needs at least 5"):
+    with pytest.raises(UserError, match=r"class 'fox' has 4 distinct readable picture\(s\); the protocol needs "
+                                         r"at least 5 \(eval.gold_per_class = 4"):
         split_classes(read_class_folder(root), gold_per_class=4)
     with pytest.raises(UserError, match="no class folders with pictures"):
         read_class_folder(tmp_path / "classes" / "fox")
@@ -153,10 +154,11 @@ def test_eval_classes_runs_every_arm_and_never_retrieves_gold(tiny_settings, tmp
     assert stats["n"] == 1 and stats["ci_low"] == stats["mean_diff"] == stats["ci_high"]  # one prompt: no spread
     assert set(doc["per_arm"]) == set(doc["arms"]) and doc["per_arm"]["plain"]["seconds_per_prompt"] > 0
 
-    # eval.csv: the tiny note first, then one row per prompt and arm, the marked columns.
+    # eval.csv: a plain CSV (the header first), one row per prompt and arm, the marked columns, each row's profile.
     lines = (eval_dir / "eval.csv").read_text().splitlines()
-    assert lines[0].startswith("# tiny profile")
-    rows = list(csv.DictReader(lines[1:]))
+    assert lines[0].startswith("profile,index,prompt,")
+    rows = list(csv.DictReader(lines))
+    assert {r["profile"] for r in rows} == {"tiny"}
     assert len(rows) == 1 * 4 and "clip_text (agent selects with)" in rows[0] and "dino_gold_minus_plain" in rows[0]
     plain = next(r for r in rows if r["arm"] == "plain" and r["index"] == "0")
     agent = next(r for r in rows if r["arm"] == "loop-agent" and r["index"] == "0")
@@ -246,7 +248,8 @@ def test_prompt_file_mode_excludes_its_gold_pictures_from_retrieval(tmp_path: Pa
 def test_eval_refuses_bad_invocations_in_one_line(tmp_path: Path, capsys) -> None:
     root = make_classes(tmp_path / "classes", {"kite": 2})
     code, _, err = run_cli(capsys, "eval", "--classes", str(root), "--profile", "tiny")
-    assert code == 1 and "class 'kite' has 2 distinct picture(s)" in err and "Traceback" not in err
+    assert code == 1 and "Traceback" not in err
+    assert "class 'kite' has 2 distinct readable picture(s); the protocol needs at least 3" in err
     code, _, err = run_cli(capsys, "eval", "--profile", "tiny")
     assert code == 1 and "give a prompt FILE or --classes DIR" in err
     code, _, err = run_cli(capsys, "eval", "--classes", str(root), "--arms", "plain,omnigen-x", "--profile", "tiny")

@@ -17,10 +17,12 @@ from __future__ import annotations
 import os
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgrag.errors import UserError
+from imgrag.file_names import display_name
 from imgrag.images import IMAGE_SUFFIXES, UnreadableImage, probe_image  # what `imgrag index` takes
 from imgrag.store.walking import content_digest
 
@@ -79,17 +81,20 @@ def _pictures(folder: Path) -> list[str]:
 
 
 def split_classes(classes: dict[str, list[str]], *, gold_per_class: int, retrieval_per_class: int = 0,
-                  seed: int = 0) -> list[ClassSplit]:
+                  seed: int = 0, on_skip: Callable[[str, str], None] | None = None) -> list[ClassSplit]:
     """Split every class (see the module docstring); classes in sorted order.
 
-    A file that cannot be read as a picture is left out of both parts and listed in the split's ``skipped``. A class
-    with fewer than ``gold_per_class + 1`` distinct readable pictures is a UserError naming it (the protocol
-    needs at least one retrieval picture beside its gold ones). ``retrieval_per_class`` 0 keeps all the rest."""
+    A file that cannot be read as a picture is left out of both parts, listed in the split's ``skipped`` and handed
+    to ``on_skip(path, reason)`` as it is found (the reason is :mod:`imgrag.images`' one line, as ``imgrag index``
+    gives it). A class with fewer than ``gold_per_class + 1`` distinct readable pictures is refused: every such
+    class is checked first, then one UserError names them all, one a line, each with how many of its files were
+    unreadable (the protocol needs at least one retrieval picture beside its gold ones). ``retrieval_per_class`` 0
+    keeps all the rest."""
     if gold_per_class < 1:
         raise UserError(f"eval.gold_per_class must be at least 1, got {gold_per_class}")
     if retrieval_per_class < 0:
         raise UserError(f"eval.retrieval_per_class must be 0 (all the rest) or more, got {retrieval_per_class}")
-    splits = []
+    splits, problems = [], []
     for folder in sorted(classes):
         groups: dict[str, list[str]] = {}
         skipped: list[dict[str, str]] = []
@@ -98,15 +103,18 @@ def split_classes(classes: dict[str, list[str]], *, gold_per_class: int, retriev
                 probe_image(path)
                 digest = content_digest(Path(path).read_bytes())
             except UnreadableImage as exc:
-                skipped.append({"path": path, "reason": exc.reason})
-                continue
+                reason = exc.reason
             except OSError as exc:
-                skipped.append({"path": path, "reason": f"cannot read: {exc.strerror or exc}"})
+                reason = f"cannot read: {exc.strerror or exc}"
+            else:
+                groups.setdefault(digest, []).append(path)
                 continue
-            groups.setdefault(digest, []).append(path)
+            skipped.append({"path": path, "reason": reason})
+            if on_skip is not None:
+                on_skip(path, reason)
         if len(groups) < gold_per_class + 1:
-            raise UserError(f"class {folder!r} has {len(groups)} distinct picture(s); the protocol needs at least "
-                            f"{gold_per_class + 1} (eval.gold_per_class = {gold_per_class}, plus one to retrieve)")
+            problems.append(_too_few(folder, len(groups), skipped, gold_per_class))
+            continue
         order = sorted(groups, key=lambda d: groups[d][0])  # by first path: independent of hash order
         random.Random(f"{seed}:{folder}").shuffle(order)
         gold = order[:gold_per_class]
@@ -115,4 +123,19 @@ def split_classes(classes: dict[str, list[str]], *, gold_per_class: int, retriev
         splits.append(ClassSplit(folder, class_words(folder),
                                  retrieval=sorted(p for d in retrieval for p in groups[d]),
                                  gold=sorted(p for d in gold for p in groups[d]), skipped=skipped))
+    if problems:
+        raise UserError("\n".join(problems if len(problems) == 1 else
+                                  [f"{len(problems)} classes are too small for the protocol:", *problems]))
     return splits
+
+
+def _too_few(folder: str, readable: int, skipped: list[dict[str, str]], gold_per_class: int) -> str:
+    """The line of a class with too few readable pictures: how many, how many files could not be read (the first
+    named with its reason), and what the protocol needs."""
+    unreadable = ""
+    if skipped:
+        first = f"{display_name(skipped[0]['path'])}: {skipped[0]['reason']}"
+        unreadable = (f" and {len(skipped)} unreadable file{'s' if len(skipped) > 1 else ''} "
+                      f"({'the first ' if len(skipped) > 1 else ''}{first})")
+    return (f"class {folder!r} has {readable} distinct readable picture(s){unreadable}; the protocol needs at least "
+            f"{gold_per_class + 1} (eval.gold_per_class = {gold_per_class}, plus one to retrieve)")

@@ -97,13 +97,15 @@ def per_arm(records: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
     return out
 
 
-CSV_FIXED = ["index", "prompt", "seed", "class", "arm", "status", "rounds", "seconds", "model_loads", "image",
-             "retrieved", "run_id"]
+# "profile" first: a tiny-profile file says so in every row (its numbers are plumbing), in a column any CSV reader
+# takes as such, where a comment line would be read as the header.
+CSV_FIXED = ["profile", "index", "prompt", "seed", "class", "arm", "status", "rounds", "seconds", "model_loads",
+             "image", "retrieved", "run_id"]
 
 
 def csv_columns() -> list[str]:
-    """eval.csv's header: the fixed columns, each metric (marked when the agent selects with it), each metric's
-    difference against plain on the same seed, and the error."""
+    """eval.csv's header: the fixed columns (the profile first), each metric (marked when the agent selects with
+    it), each metric's difference against plain on the same seed, and the error."""
     return [*CSV_FIXED, *(m.column for m in METRICS), *(f"{m.key}_minus_plain" for m in METRICS), "error"]
 
 
@@ -114,8 +116,9 @@ def csv_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
         plain = (record["arms"].get(BASELINE) or {}).get("scores") or {}
         for arm, res in record["arms"].items():
             scores = res.get("scores") or {}
-            row = {"index": record["index"], "prompt": record["prompt"], "seed": record["seed"],
-                   "class": record.get("class"), "arm": arm, "status": res.get("status"), "rounds": res.get("rounds"),
+            row = {"profile": doc.get("profile"), "index": record["index"], "prompt": record["prompt"],
+                   "seed": record["seed"], "class": record.get("class"), "arm": arm, "status": res.get("status"),
+                   "rounds": res.get("rounds"),
                    "seconds": res.get("seconds"), "model_loads": sum((res.get("model_loads") or {}).values()),
                    "image": res.get("image"), "retrieved": len(res.get("retrieved") or []),
                    "run_id": res.get("run_id") or (Path(res["run_dir"]).name if res.get("run_dir") else None),
@@ -131,11 +134,10 @@ def csv_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_csv(path: Path, doc: dict[str, Any]) -> None:
-    """eval.csv, one row per prompt and arm (written to a temporary file, then renamed). The tiny profile's
-    note is its first line, a ``#`` comment, so no reader mistakes its numbers for a measurement."""
+    """eval.csv, one row per prompt and arm (written to a temporary file, then renamed): a plain CSV whose first
+    line is the header. Each row's ``profile`` says which models drew it (``tiny``: noise, the numbers are
+    plumbing; eval.json's ``note`` and the report say it in words)."""
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as fh:
-        if doc.get("note"):
-            fh.write(f"# {doc['note']}\n")
         writer = csv.DictWriter(fh, fieldnames=csv_columns())
         writer.writeheader()
         for row in csv_rows(doc):

@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         err.print(interrupted_line())
-        sys.exit(130)
+        _exit_interrupted(argv is None)
     except Exception as exc:
         if not is_disk_full(exc):  # a library's wrapped error of a full disk (SQLite, Chroma): one line too
             raise
@@ -246,10 +246,23 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     if code == 130:  # Typer turns Ctrl-C into Exit(130), silently: say what was kept and how to go on
         err.print(interrupted_line())
+        _exit_interrupted(argv is None)
     code = code if isinstance(code, int) else 0
     if argv is None:  # the process is this command (not a caller's, such as a test's): its shutdown is ours
         _exit_when_done(code)
     sys.exit(code)
+
+
+def _exit_interrupted(own_process: bool) -> None:
+    """Exit 130 after a Ctrl-C, everything worth keeping already written and said. The process's own exit is
+    ``os._exit``: a model thread may still be inside torch's C++ thread pool, and the interpreter's normal shutdown
+    around it ends in "terminate called without an active exception" (exit 134). A caller's process (a test's)
+    gets SystemExit instead."""
+    if not own_process:
+        sys.exit(130)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _exit_when_done(code: int) -> None:

@@ -3,8 +3,10 @@ plain generation on the same seeds, agent/evaluation.py)."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.table import Table
@@ -17,6 +19,8 @@ from agent.frontends.cli.common import (
     StoreOpt,
     app,
     err,
+    interrupted_line,
+    on_interrupt,
     out,
     prepare_models,
     print_json,
@@ -29,7 +33,6 @@ from imgrag.errors import UserError
 from imgrag.records.report import write_report
 from imgrag.records.report_html import folder_kind
 from imgrag.records.runs import ensure_writable_file
-from imgrag.scoring.class_folders import read_class_folder, split_classes
 
 
 @app.command()
@@ -56,7 +59,10 @@ def report(
 
 
 def _print_eval(doc: dict[str, Any]) -> None:
-    """The evaluation's headline on the terminal: per metric and arm, the mean and the paired difference."""
+    """The evaluation's headline on the terminal: per metric and arm, the mean and the paired difference. The tiny
+    profile's note comes first: it qualifies every number after it."""
+    if doc.get("note"):
+        out.print(doc["note"], markup=False)
     title = f"imgrag eval — {len(doc['items'])} prompts, arms {', '.join(doc['arms'])}"
     table = Table(title=title)
     for column in ("metric", "arm", "mean", "arm − plain [95% CI]", "improved/worsened", "n"):
@@ -79,9 +85,18 @@ def _print_eval(doc: dict[str, Any]) -> None:
     errors = sum(a["errors"] for a in doc["per_arm"].values())
     if errors:
         out.print(f"[red]{errors} arm run(s) had errors[/]: see eval.json")
-    if doc.get("note"):
-        out.print(doc["note"], markup=False)
     out.print(f"eval folder: {doc['eval_dir']} (eval.csv, eval.json, report.html)", markup=False)
+
+
+def _stop_on_ctrl_c() -> NoReturn:
+    """Ctrl-C while the arms run: the one ``interrupted:`` line (what was kept, see ``on_event``), then exit 130 at
+    once with os._exit, as ``imgrag run`` does. A model call may still be running on the model thread (a daemon
+    thread inside torch's C++ code): a normal interpreter exit would end that thread mid-call and abort with
+    "terminate called without an active exception" (exit 134). Everything kept is on disk already."""
+    err.print(interrupted_line())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 ArmsOpt = Annotated[str | None, typer.Option(
@@ -119,7 +134,7 @@ def eval_command(
     --classes DIR each class folder is split (eval.* settings) into retrieval pictures, indexed into the
     evaluation's own store, and gold pictures, never retrieved; the prompt is `a photo of a <class>`. With a
     prompt FILE the profile's store is used, its gold pictures excluded."""
-    from agent.evaluation import Evaluation, check_arms, default_arms, read_eval_file
+    from agent.evaluation import Evaluation, choose_arms, read_eval_file, read_splits
 
     if (file is None) == (classes is None):
         raise UserError("give a prompt FILE or --classes DIR (one of the two)")
@@ -127,16 +142,12 @@ def eval_command(
         raise UserError("--classes indexes its own store from the class folders; --store is for a prompt FILE")
     if planner is not None:
         check_planner(planner)
+    on_interrupt("nothing was written yet; run the same command again")  # until the eval folder exists
     items = read_eval_file(file) if file is not None else None  # a bad file fails before any model loads
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
                                    **repair_flags(repair_with))
-    chosen = check_arms(arms.split(",")) if arms else default_arms(planner, settings)
-    if classes is not None:
-        e = settings.eval  # a bad folder or split fails before any model loads too
-        split_classes(read_class_folder(classes), gold_per_class=e.gold_per_class,
-                      retrieval_per_class=e.retrieval_per_class, seed=e.split_seed)
-    check_outputs(settings)
-    prepare_models(settings)
+    # A contradiction (--planner fixed with an arm that needs the LLM) fails before any model loads.
+    chosen = choose_arms(arms.split(",") if arms else None, planner, settings)
 
     def on_item(record: dict[str, Any]) -> None:
         done = ", ".join(f"{arm} {r.get('status') or 'failed'}" for arm, r in record["arms"].items())
@@ -146,13 +157,23 @@ def eval_command(
         if event["event"] == "store":
             print_store(event)
         elif event["event"] == "note":
-            err.print(event["text"], markup=False)
+            err.print(event["text"], style="yellow" if event["text"].startswith("skipped ") else None, markup=False)
+        elif event["event"] == "eval_dir":
+            on_interrupt(f"the eval folder {event['eval_dir']} is kept with what was drawn so far (the loop arms' "
+                         "runs beside it), unscored; running the same command again starts a new evaluation")
 
-    evaluation = Evaluation(settings, arms=chosen, max_rounds=max_rounds, on_event=on_event)
-    if classes is not None:
-        doc = evaluation.run_classes(classes, limit=limit, on_item=on_item)
-    else:
-        doc = evaluation.run(file, limit=limit, items=items, on_item=on_item)
+    # A bad folder or split fails before any model loads too; its unreadable files are named as they are found.
+    splits = read_splits(settings, classes, on_event) if classes is not None else None
+    check_outputs(settings)
+    prepare_models(settings)
+    try:
+        evaluation = Evaluation(settings, arms=chosen, max_rounds=max_rounds, on_event=on_event)
+        if classes is not None:
+            doc = evaluation.run_classes(classes, limit=limit, splits=splits, on_item=on_item)
+        else:
+            doc = evaluation.run(file, limit=limit, items=items, on_item=on_item)
+    except KeyboardInterrupt:
+        _stop_on_ctrl_c()
     if as_json:
         print_json(doc)
         return
