@@ -170,14 +170,14 @@ def test_eval_csv_is_plain_csv_with_the_profile_in_every_row(tmp_path: Path) -> 
 
 
 def test_the_tiny_note_comes_before_the_numbers_it_qualifies(tmp_path: Path, capsys) -> None:
-    from agent.frontends.cli.report import _print_eval
+    from agent.frontends.cli.report import print_eval
 
     prompts = tmp_path / "ev.txt"
     prompts.write_text("a cat\n")
     evaluation, _ = make_evaluation(tmp_path)
     doc = evaluation.run(prompts)
     capsys.readouterr()
-    _print_eval({**doc, "note": "THE TINY NOTE"})
+    print_eval({**doc, "note": "THE TINY NOTE"})
     out = capsys.readouterr().out
     assert out.index("THE TINY NOTE") < out.index("imgrag eval —") < out.index("per arm, seconds")
 

@@ -58,7 +58,7 @@ def report(
     out.print(f"{kind} report: {target}", markup=False)
 
 
-def _print_eval(doc: dict[str, Any]) -> None:
+def print_eval(doc: dict[str, Any]) -> None:
     """The evaluation's headline on the terminal: per metric and arm, the mean and the paired difference. The tiny
     profile's note comes first: it qualifies every number after it."""
     if doc.get("note"):
@@ -177,4 +177,4 @@ def eval_command(
     if as_json:
         print_json(doc)
         return
-    _print_eval(doc)
+    print_eval(doc)
