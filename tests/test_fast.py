@@ -311,7 +311,7 @@ def test_batch_and_chat_take_fast(indexed_store: Path, tmp_path: Path, capsys, m
         def __init__(self, settings, planner, rounds) -> None:
             seen.append(settings)
 
-        def run(self, thread, new: bool = False) -> None:
+        def run(self, thread, new: bool = False, prepare=None) -> None:
             return None
 
     monkeypatch.setattr(cli_chat, "ChatRepl", Repl)

@@ -133,6 +133,7 @@ def test_chat_thread_that_names_nothing_is_one_line(tiny_env, tmp_path: Path, ca
     code, out, err = run_cli(capsys, "chat", "--thread", "nosuch")
     assert code == 1 and "Traceback" not in err
     assert out == "", "the error comes before the chat's banner"
+    assert err.startswith("error:"), "and before the tiny profile's warning"
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "nosuch" in lines[0], err
     assert "--thread nosuch --new" in lines[0], lines[0]

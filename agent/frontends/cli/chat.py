@@ -11,6 +11,7 @@ from __future__ import annotations
 import textwrap
 import time
 import traceback
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -68,10 +69,14 @@ class ChatRepl:
         self._hinted_preview = False
 
     # ----- the loop -----
-    def run(self, thread: str | None, *, new: bool = False) -> None:
+    def run(self, thread: str | None, *, new: bool = False, prepare: Callable[[], None] | None = None) -> None:
+        """The loop until Ctrl-D or /quit. ``thread`` (``--thread``) is opened first, so a bad one is its one-line
+        error before anything else is printed; then ``prepare`` (the models' first-use preparation, which prints
+        the tiny profile's warning) runs, then the banner."""
         s = self.session
-        # A bad --thread ends the command with its one-line error, before the banner or any prompt.
         summary = s.open(thread, new=new) if thread is not None else None
+        if prepare is not None:
+            prepare()
         out.print(f"[bold]imgrag chat[/] · profile {self.settings.profile} · planner {s.planner} · "
                   f"{s.rounds} round(s) per request. Describe a picture; later messages refine it. "
                   "/help lists the commands; Ctrl-C stops a request, Ctrl-D quits.")
@@ -377,5 +382,4 @@ def chat(
     settings = settings_from_flags(profile, config, store=store, output_dir=str(out_dir) if out_dir else None,
                                    **{"generation.fast": fast, **gate_flags(allow_retrieved, allow_flagged),
                                       **repair_flags(repair_with), **memory_flag(no_memory)})
-    prepare_models(settings)
-    ChatRepl(settings, planner, max_rounds).run(thread, new=new)
+    ChatRepl(settings, planner, max_rounds).run(thread, new=new, prepare=lambda: prepare_models(settings))
