@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -374,7 +375,13 @@ def read_jsonl_line(obj: Any, path: Path, number: int, extra_keys: tuple[str, ..
 PROMPT_FILE_SUFFIXES = ("", ".txt", ".jsonl")
 
 
-def read_prompt_file(path: Path, *, extra_keys: tuple[str, ...] = (), settings: Any = None) -> list[dict[str, Any]]:
+# Reads one parsed .jsonl line (the object, the file, the line's number) into an item, or None with the reasons
+# appended to its list; see read_prompt_file's ``read_line``.
+LineReader = Callable[[Any, Path, int, list[str]], "dict[str, Any] | None"]
+
+
+def read_prompt_file(path: Path, *, extra_keys: tuple[str, ...] = (), settings: Any = None,
+                     read_line: LineReader | None = None) -> list[dict[str, Any]]:
     """Prompts from .txt (one per line; blank lines and # comments skipped) or .jsonl objects (:class:`BatchLine`:
     ``{"prompt", "seed"?, "max_rounds"?, "references"?: [{"path", "weight"?, "mode"?}], "negative_prompt"?
     (or "negative"), "guidance"?, "scheduler"?, "per_round"?, "loras"?: [{"path", "weight"?}]}``; ``extra_keys`` are
@@ -385,7 +392,8 @@ def read_prompt_file(path: Path, *, extra_keys: tuple[str, ...] = (), settings: 
     that is not one). With ``settings``, each line's references are checked in the same pass (the file there, a
     picture, not excluded by ``safety.exclude``; :func:`agent.memory_guide.check_user_references`) and resolved, so
     a missing reference is listed with the other bad lines, not found on a second try. A file that is not UTF-8 is
-    one line saying to re-save it as UTF-8."""
+    one line saying to re-save it as UTF-8. ``read_line`` replaces the batch line reader (:func:`read_jsonl_line`)
+    for a command whose lines take other keys (``imgrag eval``'s), in the same pass and the same error."""
     if not path.exists():
         raise UserError(f"{path}: no such file")
     kind = path.suffix.lower()
@@ -404,7 +412,9 @@ def read_prompt_file(path: Path, *, extra_keys: tuple[str, ...] = (), settings: 
             continue
         reasons: list[str] = []
         try:
-            item = read_jsonl_line(parse_json_line(line), path, number, extra_keys, reasons)
+            obj = parse_json_line(line)
+            item = (read_line(obj, path, number, reasons) if read_line is not None
+                    else read_jsonl_line(obj, path, number, extra_keys, reasons))
         except ValueError as exc:
             item, reasons = None, [str(exc)]
         if item is None:

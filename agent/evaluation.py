@@ -30,7 +30,6 @@ beside it). This lives in ``agent/`` because it drives the agent's runner.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,13 +38,12 @@ from typing import Any
 import numpy as np
 
 import prompts
-from agent.batch import BATCH_KEYS, bad_lines_error, parse_json_line, read_jsonl_line
 from agent.eval_arms import ARM_MODELS, ARMS, ArmContext, ArmResult, EvalItem
-from agent.runner import PLANNERS, Runner, read_prompt_file
+from agent.eval_inputs import read_eval_file
+from agent.runner import PLANNERS, Runner
 from imgrag.atomic_files import write_json_atomic
-from imgrag.errors import UserError, read_user_text
+from imgrag.errors import UserError
 from imgrag.file_names import display_name
-from imgrag.images import UnreadableImage, probe_image
 from imgrag.management.engine import ManagedEmbedder, register_omnigen
 from imgrag.models.dino import DinoScorer  # noqa: F401  (its old home; imported from here by callers)
 from imgrag.records.report import write_report
@@ -65,92 +63,6 @@ FIXED_ARMS = ("plain", "imagerag", "loop-fixed")
 # ImageRAG-O's arms, added to the defaults by `--repair-with omnigen` (or named in --arms).
 OMNIGEN_ARMS = ("plain-omnigen", "imagerag-o")
 TINY_EVAL_NOTE = TINY_WARNING + " Every number below is plumbing, not a measurement: the scores are of noise."
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading the prompts
-# ----------------------------------------------------------------------------------------------
-
-# The keys of an eval .jsonl line; a batch line's other keys (references, drawing options, LoRAs) would do nothing
-# here, so they are refused like any unknown key.
-EVAL_KEYS = ("prompt", "seed", "gold", "max_rounds")
-
-
-def read_eval_file(path: str | Path) -> list[dict[str, Any]]:
-    """Prompts to evaluate: ``.txt`` (one a line) or ``.jsonl`` objects ``{"prompt", "seed"?, "gold"?,
-    "max_rounds"?}``. A ``gold`` path is taken relative to the prompt file's folder, else to the current
-    folder, and must be a picture.
-
-    Every line is read before any is used, as ``imgrag batch`` reads its files (:func:`agent.batch.read_prompt_file`,
-    whose line reader this uses): one UserError lists every bad line, each ``FILE:LINE: reason``, a missing or
-    unreadable gold picture beside a bad seed or an unknown key (:func:`agent.batch.bad_lines_error`)."""
-    path = Path(path)
-    if path.suffix != ".jsonl":
-        return [{**item, "gold": None} for item in read_prompt_file(path)]
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    items: list[dict[str, Any]] = []
-    problems: list[str] = []
-    for number, text in enumerate(read_user_text(path, "prompt file").splitlines(), start=1):
-        text = text.strip()
-        if not text or text.startswith("#"):
-            continue
-        try:
-            obj = parse_json_line(text)
-        except ValueError as exc:
-            problems.append(f"{path}:{number}: {exc}")
-            continue
-        reasons: list[str] = []
-        if isinstance(obj, dict):
-            reasons += [_unknown_key(key) for key in obj if key not in EVAL_KEYS]
-            known = {k: v for k, v in obj.items() if k in EVAL_KEYS}
-            gold = _gold_path(path, known.pop("gold", None), reasons)
-        else:
-            known, gold = obj, None
-        item = read_jsonl_line(known, path, number, (), reasons)  # the same rules as a batch line's
-        if reasons or item is None:
-            problems.append(f"{path}:{number}: {'; '.join(reasons)}")
-        else:
-            items.append({**item, "gold": gold})
-    if problems:
-        raise bad_lines_error(path, problems)
-    if not items:
-        raise UserError(f"{path}: no prompts in the file")
-    return items
-
-
-def _unknown_key(key: str) -> str:
-    """Why a key of an eval line is refused: a batch key that does nothing here, or a key nobody reads."""
-    if key in BATCH_KEYS:
-        return f"\"{key}\" does nothing in imgrag eval (its lines take {', '.join(EVAL_KEYS)})"
-    close = difflib.get_close_matches(key, EVAL_KEYS, n=1)
-    hint = f"did you mean \"{close[0]}\"? " if close else ""
-    return f"unknown key \"{key}\" ({hint}accepted: {', '.join(EVAL_KEYS)})"
-
-
-def _gold_path(path: Path, gold: Any, reasons: list[str]) -> str | None:
-    """A line's ``gold`` as the resolved path of a readable picture, or None (none given, or ``reasons`` filled:
-    not found, with every place looked named once, or not a picture, with :mod:`imgrag.images`' reason)."""
-    if gold in (None, ""):
-        return None
-    if not isinstance(gold, str):
-        reasons.append("\"gold\" must be the path of an image")
-        return None
-    given = Path(gold).expanduser()
-    candidates = [given] if given.is_absolute() else [path.parent / given, given]
-    places: dict[str, Path] = {}  # each place once (the file's folder is often the current one)
-    for candidate in candidates:
-        places.setdefault(str(candidate.resolve()), candidate)
-    found = next((c for c in places.values() if c.is_file()), None)
-    if found is None:
-        reasons.append(f"gold image {gold!r} not found (looked in {', '.join(map(str, places.values()))})")
-        return None
-    try:
-        probe_image(found)
-    except UnreadableImage as exc:
-        reasons.append(f"gold image {gold!r} is not a usable picture: {exc.reason}")
-        return None
-    return str(found.resolve())
 
 
 def class_prompt(settings: Settings, class_name: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from agent.evaluation import read_eval_file
+from agent.eval_inputs import read_eval_file
 from agent.runner import read_prompt_file
 from imgrag.errors import UserError
 from imgrag.images import IMAGE_SUFFIXES, open_image

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from agent.evaluation import Evaluation, cosine, read_eval_file
+from agent.eval_inputs import read_eval_file
+from agent.evaluation import Evaluation, cosine
 from agent.runner import Runner, open_checkpointer
 from imgrag.errors import UserError
 from imgrag.settings import load_settings

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from agent.evaluation import Evaluation, choose_arms, read_eval_file, read_splits
+from agent.eval_inputs import read_eval_file
+from agent.evaluation import Evaluation, choose_arms, read_splits
 from imgrag.errors import UserError
 from imgrag.images import UnreadableImage, probe_image
 from imgrag.scoring.class_folders import read_class_folder, split_classes

@@ -134,7 +134,8 @@ def eval_command(
     --classes DIR each class folder is split (eval.* settings) into retrieval pictures, indexed into the
     evaluation's own store, and gold pictures, never retrieved; the prompt is `a photo of a <class>`. With a
     prompt FILE the profile's store is used, its gold pictures excluded."""
-    from agent.evaluation import Evaluation, choose_arms, read_eval_file, read_splits
+    from agent.eval_inputs import read_eval_file
+    from agent.evaluation import Evaluation, choose_arms, read_splits
 
     if (file is None) == (classes is None):
         raise UserError("give a prompt FILE or --classes DIR (one of the two)")
