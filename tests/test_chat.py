@@ -334,6 +334,9 @@ def test_threads_resume_and_undo_across_sessions(settings, tmp_path: Path) -> No
     with pytest.raises(UserError, match="already exists; drop --new"):
         named.open("my-fox", new=True)
     assert make_session(settings, tmp_path).open("my-fox")["requests"] == ["a fox"]
+    # a new name that starts several saved ids is a new name, not an ambiguous typo
+    start = thread[len("chat-"):len("chat-") + 4]  # the year: both saved threads start with it
+    assert named.open(start, new=True) is None and named.thread_id == f"chat-{start}"
     with pytest.raises(UserError, match="may hold only letters"):
         named.open("bad id!", new=True)
 

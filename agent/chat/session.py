@@ -368,8 +368,9 @@ class ChatSession:
         """The error for a typed id that names no chat thread: the closest ids (the 'chat-' prefix ignored) and
         ``how`` to find the rest; a run's id says to resume it as a run."""
         text = text.strip()
-        ids = self.chat_thread_ids()
-        if text in thread_ids(self.runner.checkpointer):
+        every = thread_ids(self.runner.checkpointer)
+        ids = [t for t in every if t.startswith(THREAD_PREFIX)]
+        if text in every:
             return UserError(f"{text!r} is a run, not a chat thread: continue it with imgrag run --resume {text}")
         close = closest_thread_ids(ids, text, THREAD_PREFIX)
         hint = f"closest: {', '.join(close)}; " if close else ("no thread is saved yet; " if not ids else "")
@@ -397,9 +398,10 @@ class ChatSession:
 
         A typo is never a new thread by accident: an ID that names no thread is a UserError listing the closest
         ids, and ``--new`` on an id already saved is one too."""
-        found = self.match_thread(text)
         if new:
             text = text.strip()
+            if not text:
+                raise UserError("give a thread id (/threads lists them)")
             if not RUN_ID_PATTERN.match(text):
                 raise UserError(f"thread id {text!r} may hold only letters, digits, '.', '_' and '-'")
             named = text if text.startswith(THREAD_PREFIX) else THREAD_PREFIX + text  # so /threads lists it
@@ -407,6 +409,7 @@ class ChatSession:
                 raise UserError(f"thread {named!r} already exists; drop --new to continue it")
             self.thread_id = named
             return None
+        found = self.match_thread(text)
         if found is None:
             raise self.no_thread(text, how=f"imgrag chat, then /threads, lists them; --thread {text.strip()} --new "
                                            "starts a new thread of that name")
